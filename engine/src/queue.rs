@@ -244,7 +244,10 @@ mod tests {
         assert!(q.is_full(n, 0));
         assert!(!q.is_full(n - 1, 0));
         assert_eq!(q.pending(n, 0), Ok(n));
-        assert!(matches!(q.pending(n + 1, 0), Err(QueueError::Overrun { .. })));
+        assert!(matches!(
+            q.pending(n + 1, 0),
+            Err(QueueError::Overrun { .. })
+        ));
         assert_eq!(q.advance(2 * n - 1, 1), 0);
     }
 
@@ -268,7 +271,7 @@ mod tests {
         assert_eq!(cons_err(with_cons_err(0, 0xff)), 0x7f);
     }
 
-    /// The model: free-running u64 counters, pending = prod - cons, registers derived by masking.
+    // The model: free-running u64 counters, pending = prod - cons, registers derived by masking.
     proptest! {
         #[test]
         fn matches_counter_model(

@@ -100,7 +100,10 @@ pub(crate) fn insert(
     let mask = (u64::MAX >> (63 - (hi - lo))) << lo;
     let bits = match kind {
         FieldKind::Addr => value,
-        _ => value.checked_shl(lo as u32).filter(|b| b >> lo == value).ok_or(())?,
+        _ => value
+            .checked_shl(lo as u32)
+            .filter(|b| b >> lo == value)
+            .ok_or(())?,
     };
     if bits & !mask != 0 {
         return Err(());

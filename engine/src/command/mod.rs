@@ -7,6 +7,7 @@
 mod layout;
 mod raw;
 mod span;
+pub mod text;
 mod typed;
 
 pub use layout::{FieldDef, FieldKind, FieldRangeError, OpLayout};

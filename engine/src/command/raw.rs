@@ -8,7 +8,17 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 /// Alignment 1 so a slice of them can be viewed over any byte buffer; on x86-64 and AArch64 the
 /// unaligned little-endian loads compile to plain loads.
 #[derive(
-    Clone, Copy, PartialEq, Eq, Hash, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Default,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
 )]
 #[repr(C)]
 pub struct RawCommand {
@@ -108,6 +118,9 @@ mod tests {
         let bytes: Vec<u8> = (0..48u8).collect();
         let cmds = <[RawCommand]>::ref_from_bytes(&bytes).unwrap();
         assert_eq!(cmds.len(), 3);
-        assert_eq!(cmds[2].d0(), u64::from_le_bytes([32, 33, 34, 35, 36, 37, 38, 39]));
+        assert_eq!(
+            cmds[2].d0(),
+            u64::from_le_bytes([32, 33, 34, 35, 36, 37, 38, 39])
+        );
     }
 }
