@@ -1,6 +1,17 @@
-//! The `vcmdq` command-line program.
+//! The `vcmdq` command-line program. Each subcommand lives in its own module under `cli/`.
 
-fn main() {
-    eprintln!("vcmdq: no subcommands yet");
-    std::process::exit(2);
+mod cli;
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    match cli::run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vcmdq: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
