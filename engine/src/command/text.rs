@@ -108,9 +108,15 @@ fn write_fields(out: &mut impl fmt::Write, layout: &OpLayout, raw: &RawCommand) 
     Ok(())
 }
 
+/// The text form. A command built by hand with a value wider than its field (which
+/// [`decode`] never yields) has no text form; it shows as `NAME <unencodable: why>` rather than
+/// panicking, since formatting is used in error paths.
 impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_fields(f, self.layout(), &self.encode())
+        match self.try_encode() {
+            Ok(raw) => write_fields(f, self.layout(), &raw),
+            Err(e) => write!(f, "{} <unencodable: {e}>", self.name()),
+        }
     }
 }
 
