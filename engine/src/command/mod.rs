@@ -4,6 +4,7 @@
 //! invalidation are refused with an error naming the opcode and the bits. `encode(decode(x)) == x`
 //! for every `x` that decodes.
 
+pub mod json;
 mod layout;
 mod raw;
 mod span;
