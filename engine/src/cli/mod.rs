@@ -1,5 +1,8 @@
 //! Command-line parsing and dispatch. One module per subcommand.
 
+mod decode;
+mod encode;
+
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
@@ -15,9 +18,17 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-enum Cmd {}
+enum Cmd {
+    /// Decode commands given as two 64-bit hex words a line (`d0 d1`) to the text form or JSON.
+    Decode(decode::DecodeArgs),
+    /// Encode commands in the text form to the two hex words `decode` reads.
+    Encode(encode::EncodeArgs),
+}
 
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
-    match cli.cmd {}
+    match cli.cmd {
+        Cmd::Decode(a) => decode::run(a),
+        Cmd::Encode(a) => encode::run(a),
+    }
 }

@@ -1,0 +1,150 @@
+//! `vcmdq encode`: commands in the text form to the two hex words `vcmdq decode` reads.
+//!
+//! From arguments, a command starts at every word that names one (or `RAW`), so
+//! `vcmdq encode CMD_SYNC cs=1 TLBI_NH_ALL vmid=3` and
+//! `vcmdq encode 'CMD_SYNC cs=1' 'TLBI_NH_ALL vmid=3'` are the same two commands. Without
+//! arguments, standard input is read one command a line, blank lines and `#` comments skipped.
+//! A command that does not parse is reported on standard error (which command or line, and what
+//! is wrong), the others are still encoded, and the exit status is 1.
+
+use super::decode::words_line;
+use super::CliError;
+use clap::Args;
+use std::io::{self, BufRead, Write};
+use std::process::ExitCode;
+use vcmdq::command::{text, LAYOUTS};
+
+/// Arguments of `vcmdq encode`.
+#[derive(Args, Debug)]
+#[command(
+    after_help = "A command starts at each word that names one, so commands may be given \
+quoted or not: `vcmdq encode CMD_SYNC cs=1 TLBI_NH_ALL vmid=3`. Output: `0x<d0> 0x<d1>` a line, \
+what `vcmdq decode` reads. Exit status: 0 all encoded; 1 a command did not parse (reported on \
+standard error, the others still encoded); 2 a usage error."
+)]
+pub struct EncodeArgs {
+    /// Commands in the text form, e.g. `TLBI_NH_VA vmid=3 asid=7 addr=0x8000_0000 tg=4k num=3
+    /// leaf` or `RAW <d0> <d1>`. None: read standard input, one command a line.
+    text: Vec<String>,
+}
+
+/// Whether `word` starts a command: a spec name or `RAW`.
+fn is_command_name(word: &str) -> bool {
+    word.eq_ignore_ascii_case("RAW")
+        || LAYOUTS
+            .iter()
+            .flatten()
+            .any(|l| l.name.eq_ignore_ascii_case(word))
+}
+
+/// The commands in a list of arguments: a new one at each command name.
+fn group_args(args: &[String]) -> Vec<String> {
+    let mut cmds: Vec<String> = Vec::new();
+    for word in args.iter().flat_map(|a| a.split_whitespace()) {
+        match cmds.last_mut() {
+            Some(cur) if !is_command_name(word) => {
+                cur.push(' ');
+                cur.push_str(word);
+            }
+            _ => cmds.push(word.to_string()),
+        }
+    }
+    cmds
+}
+
+/// Encodes each `(label, text)`; reports failures on standard error. Returns whether all parsed.
+fn encode_all(
+    out: &mut impl Write,
+    items: impl Iterator<Item = io::Result<(String, String)>>,
+) -> io::Result<bool> {
+    let mut ok = true;
+    for item in items {
+        let (label, line) = item?;
+        let body = line.split_once('#').map_or(line.as_str(), |(b, _)| b);
+        if body.trim().is_empty() {
+            continue;
+        }
+        match text::parse(body) {
+            Ok(raw) => writeln!(out, "{}", words_line(&raw))?,
+            Err(e) => {
+                out.flush()?;
+                eprintln!("{label}: error: {e}: {:?}", body.trim());
+                ok = false;
+            }
+        }
+    }
+    Ok(ok)
+}
+
+/// Runs `vcmdq encode`.
+pub fn run(args: EncodeArgs) -> Result<ExitCode, CliError> {
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::new(stdout.lock());
+    let result = if args.text.is_empty() {
+        let lines = io::stdin()
+            .lock()
+            .lines()
+            .enumerate()
+            .map(|(i, l)| l.map(|l| (format!("line {}", i + 1), l)));
+        encode_all(&mut out, lines)
+    } else {
+        let cmds = group_args(&args.text);
+        let items = cmds
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| Ok((format!("command {}", i + 1), c)));
+        encode_all(&mut out, items)
+    }
+    .and_then(|ok| out.flush().map(|()| ok));
+    match result {
+        Ok(true) => Ok(ExitCode::SUCCESS),
+        Ok(false) => Ok(ExitCode::from(1)),
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        Err(e) => Err(format!("encode: {e}").into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn arguments_split_at_command_names() {
+        let quoted = group_args(&s(&["CMD_SYNC cs=1", "TLBI_NH_ALL vmid=3"]));
+        let bare = group_args(&s(&["CMD_SYNC", "cs=1", "tlbi_nh_all", "vmid=3"]));
+        assert_eq!(quoted, s(&["CMD_SYNC cs=1", "TLBI_NH_ALL vmid=3"]));
+        assert_eq!(bare, s(&["CMD_SYNC cs=1", "tlbi_nh_all vmid=3"]));
+        assert_eq!(
+            group_args(&s(&["RAW", "0x47", "0", "ATC_INV", "size=52"])),
+            s(&["RAW 0x47 0", "ATC_INV size=52"])
+        );
+        // A leading word that names nothing is still a command, so parse reports it.
+        assert_eq!(
+            group_args(&s(&["vmid=3", "TLBI_NH_ALL"])),
+            s(&["vmid=3", "TLBI_NH_ALL"])
+        );
+    }
+
+    #[test]
+    fn bad_command_is_reported_and_others_encoded() {
+        let mut out = Vec::new();
+        let items = [
+            ("line 1", "TLBI_NH_ALL vmid=3"),
+            ("line 2", "# comment"),
+            ("line 3", "CMD_SYNC cs=9"),
+            ("line 4", "TLBI_NH_ASID vmid=1 asid=2 # trailing"),
+        ]
+        .into_iter()
+        .map(|(a, b)| Ok((a.to_string(), b.to_string())));
+        let ok = encode_all(&mut out, items).unwrap();
+        assert!(!ok);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "0x0000000300000010 0x0000000000000000\n0x0002000100000011 0x0000000000000000\n"
+        );
+    }
+}
