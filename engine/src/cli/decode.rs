@@ -54,10 +54,14 @@ fn parse_hex_word(w: &str) -> Result<u64, String> {
     u64::from_str_radix(&clean, 16).map_err(|_| format!("{w:?} does not fit 64 bits"))
 }
 
+/// `line` without its `#` comment.
+pub(crate) fn strip_comment(line: &str) -> &str {
+    line.split_once('#').map_or(line, |(body, _)| body)
+}
+
 /// Reads one line of the decode input form.
 fn parse_line(line: &str) -> Line {
-    let body = line.split_once('#').map_or(line, |(b, _)| b);
-    let words: Vec<&str> = body.split_whitespace().collect();
+    let words: Vec<&str> = strip_comment(line).split_whitespace().collect();
     match words[..] {
         [] => Line::Skip,
         [d0, d1] => match (parse_hex_word(d0), parse_hex_word(d1)) {

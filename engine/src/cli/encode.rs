@@ -7,12 +7,12 @@
 //! A command that does not parse is reported on standard error (which command or line, and what
 //! is wrong), the others are still encoded, and the exit status is 1.
 
-use super::decode::words_line;
+use super::decode::{strip_comment, words_line};
 use super::CliError;
 use clap::Args;
 use std::io::{self, BufRead, Write};
 use std::process::ExitCode;
-use vcmdq::command::{text, LAYOUTS};
+use vcmdq::command::text;
 
 /// Arguments of `vcmdq encode`.
 #[derive(Args, Debug)]
@@ -28,21 +28,12 @@ pub struct EncodeArgs {
     text: Vec<String>,
 }
 
-/// Whether `word` starts a command: a spec name or `RAW`.
-fn is_command_name(word: &str) -> bool {
-    word.eq_ignore_ascii_case("RAW")
-        || LAYOUTS
-            .iter()
-            .flatten()
-            .any(|l| l.name.eq_ignore_ascii_case(word))
-}
-
 /// The commands in a list of arguments: a new one at each command name.
 fn group_args(args: &[String]) -> Vec<String> {
     let mut cmds: Vec<String> = Vec::new();
     for word in args.iter().flat_map(|a| a.split_whitespace()) {
         match cmds.last_mut() {
-            Some(cur) if !is_command_name(word) => {
+            Some(cur) if !text::is_command_name(word) => {
                 cur.push(' ');
                 cur.push_str(word);
             }
@@ -60,7 +51,7 @@ fn encode_all(
     let mut ok = true;
     for item in items {
         let (label, line) = item?;
-        let body = line.split_once('#').map_or(line.as_str(), |(b, _)| b);
+        let body = strip_comment(&line);
         if body.trim().is_empty() {
             continue;
         }

@@ -13,21 +13,18 @@ use serde_json::{Map, Value};
 /// The JSON object of a decoded command: `op`, `opcode` and every field of its layout.
 pub fn to_json(cmd: &Command) -> Value {
     let layout = cmd.layout();
+    let mut m = Map::new();
+    m.insert("op".into(), layout.name.into());
+    m.insert("opcode".into(), layout.opcode.into());
     // A decoded command always encodes; a hand-built one with an over-wide field has no bytes to
     // read the fields from, so it shows its error like a command that did not decode.
     let raw = match cmd.try_encode() {
         Ok(raw) => raw,
         Err(e) => {
-            let mut m = Map::new();
-            m.insert("op".into(), layout.name.into());
-            m.insert("opcode".into(), layout.opcode.into());
             m.insert("error".into(), e.to_string().into());
             return Value::Object(m);
         }
     };
-    let mut m = Map::new();
-    m.insert("op".into(), layout.name.into());
-    m.insert("opcode".into(), layout.opcode.into());
     for f in layout.fields {
         let v = f.get(&raw);
         let jv = match f.kind {

@@ -128,6 +128,21 @@ pub fn format_raw(raw: &RawCommand) -> String {
     }
 }
 
+/// The layout a command name of the text form stands for (case-insensitive).
+fn layout_named(name: &str) -> Option<&'static OpLayout> {
+    LAYOUTS
+        .iter()
+        .flatten()
+        .copied()
+        .find(|l| l.name.eq_ignore_ascii_case(name))
+}
+
+/// Whether `word` begins a command of the text form: a spec name or `RAW`, in any case. No field
+/// or value is ever such a word, so a run of words splits into commands at these.
+pub fn is_command_name(word: &str) -> bool {
+    word.eq_ignore_ascii_case("RAW") || layout_named(word).is_some()
+}
+
 /// Parses one line of the text form into its 16 bytes. A named command must decode; `RAW`
 /// takes any two words.
 pub fn parse(line: &str) -> Result<RawCommand, TextError> {
@@ -142,11 +157,7 @@ pub fn parse(line: &str) -> Result<RawCommand, TextError> {
         let d1 = parse_u64(d1).map_err(|e| TextError::BadRaw(format!("d1 {d1:?}: {e}")))?;
         return Ok(RawCommand::new(d0, d1));
     }
-    let layout = LAYOUTS
-        .iter()
-        .flatten()
-        .find(|l| l.name.eq_ignore_ascii_case(name))
-        .ok_or_else(|| TextError::UnknownName(name.to_string()))?;
+    let layout = layout_named(name).ok_or_else(|| TextError::UnknownName(name.to_string()))?;
     let mut w = [u64::from(layout.opcode), 0];
     let mut seen = 0u64;
     for word in words {
@@ -227,6 +238,18 @@ mod tests {
         assert_eq!(raw.d1(), 0x8000_0000 | 1 << 10 | 3 << 8 | 1);
         assert_eq!(format_raw(&raw), line);
         assert_eq!(parse(&format_raw(&raw)).unwrap(), raw);
+    }
+
+    #[test]
+    fn command_names_never_collide_with_fields() {
+        assert!(is_command_name("cmd_sync") && is_command_name("RAW") && is_command_name("raw"));
+        assert!(!is_command_name("vmid=3") && !is_command_name("4k") && !is_command_name(""));
+        for l in LAYOUTS.iter().flatten() {
+            assert!(is_command_name(l.name));
+            for f in l.fields {
+                assert!(!is_command_name(f.name), "{} is a field and a name", f.name);
+            }
+        }
     }
 
     #[test]
