@@ -303,7 +303,10 @@ impl PhysProducer {
         Some(HwError {
             pos: self.consumed(),
             cerror: CError::from_code(cons_err(cons)).unwrap_or(CError::Ill),
-            cmd: RawCommand::new(slot[0].load(Ordering::Relaxed), slot[1].load(Ordering::Relaxed)),
+            cmd: RawCommand::new(
+                slot[0].load(Ordering::Relaxed),
+                slot[1].load(Ordering::Relaxed),
+            ),
         })
     }
 
@@ -513,12 +516,15 @@ impl Hardware {
         let mut done = 0;
         while done < n {
             let slot = q.slot(self.cons);
-            let cmd = RawCommand::new(slot[0].load(Ordering::Relaxed), slot[1].load(Ordering::Relaxed));
+            let cmd = RawCommand::new(
+                slot[0].load(Ordering::Relaxed),
+                slot[1].load(Ordering::Relaxed),
+            );
             if self.pos >= self.next_fault_at {
                 match self.fire(&cmd) {
                     Some(Fired::Error(cerror)) => {
                         self.raise(cerror);
-                        return done;
+                        break;
                     }
                     Some(Fired::Stall(d)) => {
                         self.counters.stalls += 1;
@@ -536,7 +542,7 @@ impl Hardware {
             if !matches!(res0_bits(&cmd), Some([0, 0])) {
                 // An illegal opcode or a RES0 bit set: what the SMMU refuses.
                 self.raise(CError::Ill);
-                return done;
+                break;
             }
             if let Some(check) = &self.cfg.check {
                 if let Err(message) = check(&cmd) {
@@ -558,7 +564,8 @@ impl Hardware {
             done += 1;
         }
         self.counters.consumed += done as u64;
-        if done > 0 {
+        // After an error, `raise` has published CONS (with CONS.ERR) already.
+        if done > 0 && !self.halted {
             // Release: the producer that sees CONS past a slot may overwrite it; our loads of
             // it are done.
             q.cons.store(self.cons, Ordering::Release);

@@ -25,10 +25,9 @@ impl TempPath {
     fn new(name: &str) -> TempPath {
         static N: AtomicU64 = AtomicU64::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
-        TempPath(std::env::temp_dir().join(format!(
-            "vcmdq-ring-test-{}-{n}-{name}",
-            std::process::id()
-        )))
+        TempPath(
+            std::env::temp_dir().join(format!("vcmdq-ring-test-{}-{n}-{name}", std::process::id())),
+        )
     }
 }
 
@@ -278,13 +277,16 @@ fn words_the_engine_owns_are_never_read_back() {
     // The guest scribbles CONS, LOG2SIZE and the magic.
     guest.write_header_u32(OFF_CONS, 0x7fff_ffff);
     guest.write_header_u32(OFF_LOG2SIZE, 19);
-    guest.write_header_u32(OFF_MAGIC, 0);
+    guest.write_header_u64(OFF_MAGIC, 0);
+    guest.write_header_u64(layout::OFF_SYNC_COUNT, 99);
     assert_eq!(host.cons_ptr(), 0);
     assert_eq!(host.shape().log2size(), 3);
     assert_eq!(host.poll(&mut out).unwrap().n, 0);
     host.complete(3);
     assert_eq!(guest.cons(), (3, CError::None));
     assert_eq!(host.viommu_id(), 5);
+    host.signal_sync(0, 0);
+    assert_eq!(guest.sync_count(), 1);
 }
 
 #[test]
@@ -442,7 +444,7 @@ fn a_scribbling_guest_cannot_break_the_engine() {
                 x ^= x << 17;
                 guest.write_prod_raw(x as u32);
                 guest.write_slot((x >> 32) as u32, cmd(x));
-                if x % 7 == 0 {
+                if x.is_multiple_of(7) {
                     guest.ack_error();
                 }
                 writes += 1;
@@ -493,7 +495,9 @@ fn two_threads_two_mappings() {
                 std::thread::yield_now();
             }
         }
-        guest.wait_cons(guest.prod(), Duration::from_secs(120)).unwrap();
+        guest
+            .wait_cons(guest.prod(), Duration::from_secs(120))
+            .unwrap();
     });
     let mut out = vec![RawCommand::default(); 64];
     let mut got = 0;
@@ -563,12 +567,18 @@ fn bad_files_are_refused_with_their_name() {
     let mut b = ring_bytes(2);
     b[0] = b'X';
     let (err, msg) = attach_err(&b, "magic");
-    assert!(matches!(err, RingError::BadMagic { .. }) && msg.contains("magic"), "{msg}");
+    assert!(
+        matches!(err, RingError::BadMagic { .. }) && msg.contains("magic"),
+        "{msg}"
+    );
 
     let mut b = ring_bytes(2);
     b[OFF_VERSION] = 2;
     let (err, msg) = attach_err(&b, "version");
-    assert!(matches!(err, RingError::BadVersion { found: 2, .. }), "{msg}");
+    assert!(
+        matches!(err, RingError::BadVersion { found: 2, .. }),
+        "{msg}"
+    );
 
     let mut b = ring_bytes(2);
     b[12] = 64;
@@ -579,7 +589,10 @@ fn bad_files_are_refused_with_their_name() {
     let mut b = ring_bytes(2);
     b[OFF_LOG2SIZE] = 20;
     let (err, msg) = attach_err(&b, "log2size");
-    assert!(matches!(err, RingError::BadLog2Size { found: 20, .. }), "{msg}");
+    assert!(
+        matches!(err, RingError::BadLog2Size { found: 20, .. }),
+        "{msg}"
+    );
 
     let (err, msg) = attach_err(&[0u8; 100], "short");
     assert!(matches!(err, RingError::TooSmall { len: 100, .. }), "{msg}");

@@ -228,7 +228,10 @@ impl GuestRing {
     /// The error the ring is stopped on, if any: CONS (the failing slot) and CONS.ERR.
     pub fn error(&self) -> Option<(u32, CError)> {
         let err = self.region.u32_at(layout::OFF_ERR).load(Ordering::Acquire);
-        let ack = self.region.u32_at(layout::OFF_ERR_ACK).load(Ordering::Relaxed);
+        let ack = self
+            .region
+            .u32_at(layout::OFF_ERR_ACK)
+            .load(Ordering::Relaxed);
         ((err ^ ack) & 1 != 0).then(|| self.cons())
     }
 
@@ -261,13 +264,35 @@ impl GuestRing {
             .store(value, Ordering::Release);
     }
 
-    /// Stores `value` into the header word at byte `offset` (4-aligned, below 256): for tests
-    /// of guests that scribble over words the engine owns.
+    /// Stores `value` into the 32-bit header word at byte `offset`: for tests of guests that
+    /// scribble over words the engine owns.
     ///
     /// # Panics
-    /// If `offset` is unaligned or outside the header.
+    /// If `offset` is unaligned, outside the header, or inside a 64-bit field (MAGIC,
+    /// SYNC_COUNT; use [`GuestRing::write_header_u64`]): mixing access sizes on one word is
+    /// outside Rust's memory model.
     pub fn write_header_u32(&self, offset: usize, value: u32) {
-        assert!(offset < layout::HEADER_SIZE, "header offset {offset}");
+        assert!(
+            offset < layout::HEADER_SIZE && !is_u64_field(offset),
+            "header offset {offset} is not a 32-bit word"
+        );
         self.region.u32_at(offset).store(value, Ordering::Release);
     }
+
+    /// Stores `value` into a 64-bit header field (MAGIC at 0, SYNC_COUNT at 144).
+    ///
+    /// # Panics
+    /// If `offset` is not one of those.
+    pub fn write_header_u64(&self, offset: usize, value: u64) {
+        assert!(
+            offset == layout::OFF_MAGIC || offset == layout::OFF_SYNC_COUNT,
+            "header offset {offset} is not a 64-bit field"
+        );
+        self.region.u64_at(offset).store(value, Ordering::Release);
+    }
+}
+
+fn is_u64_field(offset: usize) -> bool {
+    (layout::OFF_MAGIC..layout::OFF_MAGIC + 8).contains(&offset)
+        || (layout::OFF_SYNC_COUNT..layout::OFF_SYNC_COUNT + 8).contains(&offset)
 }

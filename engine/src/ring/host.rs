@@ -116,7 +116,9 @@ impl HostRing {
         let cons_word = region.u32_at(layout::OFF_CONS).load(Ordering::Relaxed);
         let err = region.u32_at(layout::OFF_ERR).load(Ordering::Relaxed) & 1;
         let ack = region.u32_at(layout::OFF_ERR_ACK).load(Ordering::Acquire) & 1;
-        let syncs = region.u64_at(layout::OFF_SYNC_COUNT).load(Ordering::Relaxed);
+        let syncs = region
+            .u64_at(layout::OFF_SYNC_COUNT)
+            .load(Ordering::Relaxed);
         let cons = shape.ptr(cons_word);
         let mut ring = HostRing {
             region,
@@ -267,7 +269,10 @@ impl HostRing {
         };
         if let Some(stop) = self.stop {
             // Acquire: the slot the guest fixed before acknowledging is visible to the re-read.
-            let ack = self.region.u32_at(layout::OFF_ERR_ACK).load(Ordering::Acquire);
+            let ack = self
+                .region
+                .u32_at(layout::OFF_ERR_ACK)
+                .load(Ordering::Acquire);
             if ack & 1 != self.err {
                 return Ok(idle);
             }
@@ -296,7 +301,9 @@ impl HostRing {
         // At most two contiguous runs: up to the end of the slots, then from slot 0.
         let start = self.shape.index(self.read) as usize;
         let first_run = n.min(self.shape.entries() as usize - start);
-        let slots = self.region.slots(slot_offset(self.shape, self.read), first_run);
+        let slots = self
+            .region
+            .slots(slot_offset(self.shape, self.read), first_run);
         for (o, s) in out[..first_run].iter_mut().zip(slots) {
             *o = load_slot(s);
         }
@@ -379,7 +386,11 @@ impl HostRing {
         self.store_cons(with_cons_err(at, cerror.code()));
         // Raise the flag against whatever ERR_ACK holds now, so a guest that toggled ERR_ACK
         // early cannot pre-acknowledge the error.
-        let ack = self.region.u32_at(layout::OFF_ERR_ACK).load(Ordering::Relaxed) & 1;
+        let ack = self
+            .region
+            .u32_at(layout::OFF_ERR_ACK)
+            .load(Ordering::Relaxed)
+            & 1;
         self.err = ack ^ 1;
         // Release: a guest that sees the flag (Acquire) sees CONS and CONS.ERR.
         self.region

@@ -30,7 +30,7 @@ pub const OFF_VIOMMU_ID: usize = 20;
 pub const OFF_PROD: usize = 64;
 /// Offset of ERR_ACK (u32, guest): the GERRORN equivalent; bit 0 acknowledges an error.
 pub const OFF_ERR_ACK: usize = 68;
-/// Offset of CONS (u32, engine): index, wrap bit, CONS.ERR in bits [30:24].
+/// Offset of CONS (u32, engine): index, wrap bit, CONS.ERR in bits `[30:24]`.
 pub const OFF_CONS: usize = 128;
 /// Offset of ERR (u32, engine): the GERROR.CMDQ_ERR equivalent; bit 0 differs from ERR_ACK
 /// bit 0 while the ring is stopped on an error.
@@ -111,7 +111,13 @@ mod tests {
     #[test]
     fn lines_do_not_share_writers() {
         // Creator line, guest line, engine line: one 64-byte line each.
-        for off in [OFF_MAGIC, OFF_VERSION, OFF_HEADER_SIZE, OFF_LOG2SIZE, OFF_VIOMMU_ID] {
+        for off in [
+            OFF_MAGIC,
+            OFF_VERSION,
+            OFF_HEADER_SIZE,
+            OFF_LOG2SIZE,
+            OFF_VIOMMU_ID,
+        ] {
             assert!(off < 64);
         }
         for off in [OFF_PROD, OFF_ERR_ACK] {

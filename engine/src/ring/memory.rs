@@ -24,7 +24,7 @@ pub const RING_ALIGN: usize = 64;
 ///
 /// # Safety
 /// An implementation promises that `base()` is aligned to [`RING_ALIGN`] and valid for atomic
-/// reads and writes of `len()` bytes for as long as the value lives, that neither changes, and
+/// reads and writes of `mapped_len()` bytes for as long as the value lives, that neither changes, and
 /// that nothing in this process accesses those bytes other than through atomics. Other
 /// processes may write them at any time. If `sealed()` is false the backing file may shrink
 /// under the mapping, and touching a page past its new end raises SIGBUS: the caller keeps that
@@ -33,14 +33,14 @@ pub unsafe trait RingMemory: Send + Sync + fmt::Debug {
     /// The first byte.
     fn base(&self) -> NonNull<u8>;
     /// Bytes mapped.
-    fn len(&self) -> usize;
+    fn mapped_len(&self) -> usize;
     /// What to call it in an error message: the file's path, or `<heap>`.
     fn name(&self) -> &Path;
     /// Whether the bytes can never go away while mapped: heap memory, or a memfd sealed with
     /// F_SEAL_SHRINK.
     fn sealed(&self) -> bool;
     /// The current length of the backing object (a syscall for a file): a shrink below
-    /// `len()` means the next access to the lost pages would raise SIGBUS.
+    /// `mapped_len()` means the next access to the lost pages would raise SIGBUS.
     fn backing_len(&self) -> io::Result<u64>;
 }
 
@@ -85,7 +85,7 @@ unsafe impl RingMemory for HeapMemory {
     fn base(&self) -> NonNull<u8> {
         self.ptr
     }
-    fn len(&self) -> usize {
+    fn mapped_len(&self) -> usize {
         self.layout.size()
     }
     fn name(&self) -> &Path {
@@ -196,7 +196,7 @@ unsafe impl RingMemory for MmapMemory {
     fn base(&self) -> NonNull<u8> {
         NonNull::new(self.map.as_mut_ptr()).expect("mmap never returns null")
     }
-    fn len(&self) -> usize {
+    fn mapped_len(&self) -> usize {
         self.map.len()
     }
     fn name(&self) -> &Path {
@@ -231,7 +231,8 @@ fn memfd(label: &str, len: usize) -> Result<File, RingError> {
     let path = PathBuf::from(format!("memfd:{label}"));
     let name = CString::new(label.replace('\0', "_")).expect("NULs were replaced");
     // SAFETY: `name` is a NUL-terminated string that outlives the call; the flags are valid.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(io_err(&path, "memfd_create")(io::Error::last_os_error()));
     }
@@ -279,7 +280,7 @@ impl Region {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.mem.len()
+        self.mem.mapped_len()
     }
 
     /// The u32 at `off`.
@@ -289,7 +290,10 @@ impl Region {
     /// bug in this module, never guest input.
     #[inline]
     pub(crate) fn u32_at(&self, off: usize) -> &AtomicU32 {
-        assert!(off % 4 == 0 && off + 4 <= self.mem.len(), "ring offset {off}");
+        assert!(
+            off.is_multiple_of(4) && off + 4 <= self.mem.mapped_len(),
+            "ring offset {off}"
+        );
         // SAFETY: in bounds and 4-aligned (base is RING_ALIGN-aligned); RingMemory promises the
         // bytes stay valid while `self.mem` lives, which outlives the returned reference, and
         // that they are only accessed atomically in this process.
@@ -302,7 +306,10 @@ impl Region {
     /// As [`Region::u32_at`].
     #[inline]
     pub(crate) fn u64_at(&self, off: usize) -> &AtomicU64 {
-        assert!(off % 8 == 0 && off + 8 <= self.mem.len(), "ring offset {off}");
+        assert!(
+            off.is_multiple_of(8) && off + 8 <= self.mem.mapped_len(),
+            "ring offset {off}"
+        );
         // SAFETY: as in u32_at, with 8-byte alignment.
         unsafe { AtomicU64::from_ptr(self.mem.base().as_ptr().add(off).cast()) }
     }
@@ -314,13 +321,16 @@ impl Region {
     #[inline]
     pub(crate) fn slots(&self, off: usize, n: usize) -> &[[AtomicU64; 2]] {
         assert!(
-            off % 8 == 0 && off + n * SLOT_SIZE <= self.mem.len(),
+            off.is_multiple_of(8) && off + n * SLOT_SIZE <= self.mem.mapped_len(),
             "ring slots {off}+{n}"
         );
         // SAFETY: `n` 16-byte, 8-aligned elements inside the mapping; validity and atomic-only
         // access as in u32_at. [AtomicU64; 2] has size 16 and no padding.
         unsafe {
-            std::slice::from_raw_parts(self.mem.base().as_ptr().add(off).cast::<[AtomicU64; 2]>(), n)
+            std::slice::from_raw_parts(
+                self.mem.base().as_ptr().add(off).cast::<[AtomicU64; 2]>(),
+                n,
+            )
         }
     }
 }

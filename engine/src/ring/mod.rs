@@ -139,14 +139,18 @@ fn shape_for(log2size: u8) -> Result<QueueShape, RingError> {
 /// Writes the creator line of a fresh, zeroed ring.
 fn init_header(region: &Region, shape: QueueShape, viommu_id: u32) {
     // The memory is not shared yet: order does not matter, atomics only because it is ring memory.
-    region.u32_at(layout::OFF_VERSION).store(layout::VERSION, Ordering::Relaxed);
+    region
+        .u32_at(layout::OFF_VERSION)
+        .store(layout::VERSION, Ordering::Relaxed);
     region
         .u32_at(layout::OFF_HEADER_SIZE)
         .store(layout::HEADER_SIZE as u32, Ordering::Relaxed);
     region
         .u32_at(layout::OFF_LOG2SIZE)
         .store(shape.log2size().into(), Ordering::Relaxed);
-    region.u32_at(layout::OFF_VIOMMU_ID).store(viommu_id, Ordering::Relaxed);
+    region
+        .u32_at(layout::OFF_VIOMMU_ID)
+        .store(viommu_id, Ordering::Relaxed);
     region
         .u64_at(layout::OFF_MAGIC)
         .store(layout::MAGIC, Ordering::Release);
@@ -166,18 +170,30 @@ fn validate(region: &Region) -> Result<(QueueShape, u32), RingError> {
     let id = Identity {
         magic: region.u64_at(layout::OFF_MAGIC).load(Ordering::Acquire),
         version: region.u32_at(layout::OFF_VERSION).load(Ordering::Relaxed),
-        header_size: region.u32_at(layout::OFF_HEADER_SIZE).load(Ordering::Relaxed),
+        header_size: region
+            .u32_at(layout::OFF_HEADER_SIZE)
+            .load(Ordering::Relaxed),
         log2size: region.u32_at(layout::OFF_LOG2SIZE).load(Ordering::Relaxed),
         viommu_id: region.u32_at(layout::OFF_VIOMMU_ID).load(Ordering::Relaxed),
     };
     match id.validate(len) {
         Ok(shape) => Ok((shape, id.viommu_id)),
-        Err(IdentityError::Magic(found)) => Err(RingError::BadMagic { path: path(), found }),
-        Err(IdentityError::Version(found)) => Err(RingError::BadVersion { path: path(), found }),
-        Err(IdentityError::HeaderSize(found)) => {
-            Err(RingError::BadHeaderSize { path: path(), found })
-        }
-        Err(IdentityError::Log2Size(found)) => Err(RingError::BadLog2Size { path: path(), found }),
+        Err(IdentityError::Magic(found)) => Err(RingError::BadMagic {
+            path: path(),
+            found,
+        }),
+        Err(IdentityError::Version(found)) => Err(RingError::BadVersion {
+            path: path(),
+            found,
+        }),
+        Err(IdentityError::HeaderSize(found)) => Err(RingError::BadHeaderSize {
+            path: path(),
+            found,
+        }),
+        Err(IdentityError::Log2Size(found)) => Err(RingError::BadLog2Size {
+            path: path(),
+            found,
+        }),
         Err(IdentityError::TooSmall { need }) => Err(RingError::TooSmall {
             path: path(),
             len,
@@ -189,7 +205,10 @@ fn validate(region: &Region) -> Result<(QueueShape, u32), RingError> {
 /// Copies one slot out: two atomic loads, then the bytes are ours.
 #[inline]
 fn load_slot(slot: &[AtomicU64; 2]) -> RawCommand {
-    RawCommand::new(slot[0].load(Ordering::Relaxed), slot[1].load(Ordering::Relaxed))
+    RawCommand::new(
+        slot[0].load(Ordering::Relaxed),
+        slot[1].load(Ordering::Relaxed),
+    )
 }
 
 /// Writes one slot: two atomic stores.
