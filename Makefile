@@ -4,6 +4,8 @@ NIGHTLY ?= +nightly
 # Seconds each fuzz target runs in `make fuzz-smoke` (CI) and `make fuzz` (long runs).
 FUZZ_SMOKE_SECS ?= 20
 FUZZ_SECS ?= 3600
+# Preemptions loom explores per model (the models finish exhaustively in seconds without a bound).
+LOOM_MAX_PREEMPTIONS ?= 4
 FUZZ_TARGETS = $(notdir $(basename $(wildcard fuzz/fuzz_targets/*.rs)))
 VCMDQ = target/release/vcmdq
 
@@ -58,7 +60,7 @@ fuzz: fuzz-build ## Run every fuzz target for FUZZ_SECS seconds (long).
 	done
 
 loom: ## loom models of the physical queue's PROD/CONS and error paths (--cfg loom).
-	RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 $(CARGO) test -p vcmdq --release --test loom_pqueue --target-dir target/loom
+	RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=$(LOOM_MAX_PREEMPTIONS) $(CARGO) test -p vcmdq --release --test loom_pqueue --target-dir target/loom
 
 miri: ## Heap-backed ring and physical-queue tests under miri (nightly; installs the component).
 	rustup component list --toolchain nightly --installed | grep -q '^miri' || rustup component add miri rust-src --toolchain nightly

@@ -487,17 +487,17 @@ impl Hardware {
     /// Consumes at most `max` commands; the count consumed. 0 while halted on an error,
     /// stalled, or with nothing published.
     pub fn step(&mut self, max: usize) -> usize {
-        let q = self.q.clone();
+        // No Arc clone here: its count shares a line with what the producer reads.
         if self.halted {
             // Acquire: the slot the producer repaired before acknowledging is visible.
-            let gerrorn = q.gerrorn.load(Ordering::Acquire) & 1;
-            if gerrorn != q.gerror.load(Ordering::Relaxed) & 1 {
+            let gerrorn = self.q.gerrorn.load(Ordering::Acquire) & 1;
+            if gerrorn != self.q.gerror.load(Ordering::Relaxed) & 1 {
                 return 0;
             }
             self.halted = false;
-            q.cons.store(self.cons, Ordering::Release);
+            self.q.cons.store(self.cons, Ordering::Release);
         }
-        if q.stall.load(Ordering::Acquire) {
+        if self.q.stall.load(Ordering::Acquire) {
             return 0;
         }
         if let Some(until) = self.stalled_until {
@@ -506,16 +506,17 @@ impl Hardware {
             }
             self.stalled_until = None;
         }
-        let shape = q.shape;
-        let prod = shape.ptr(q.prod.load(Ordering::Acquire));
+        let shape = self.q.shape;
+        let prod = shape.ptr(self.q.prod.load(Ordering::Acquire));
         let pending = match shape.pending(prod, self.cons) {
             Ok(p) => p as usize,
             Err(e) => panic!("physical queue: the engine wrote a bad PROD: {e}"),
         };
         let n = pending.min(max);
+        let slow_ns = self.cfg.slow.map_or(0, |d| d.as_nanos() as u64);
         let mut done = 0;
         while done < n {
-            let slot = q.slot(self.cons);
+            let slot = self.q.slot(self.cons);
             let cmd = RawCommand::new(
                 slot[0].load(Ordering::Relaxed),
                 slot[1].load(Ordering::Relaxed),
@@ -533,7 +534,7 @@ impl Hardware {
                     }
                     Some(Fired::Hold) => {
                         self.counters.stalls += 1;
-                        q.stall.store(true, Ordering::Release);
+                        self.q.stall.store(true, Ordering::Release);
                         break;
                     }
                     None => {}
@@ -550,8 +551,7 @@ impl Hardware {
                 }
             }
             let op = cmd.opcode();
-            let cost = u64::from(self.cfg.cost_ns[op as usize])
-                + self.cfg.slow.map_or(0, |d| d.as_nanos() as u64);
+            let cost = u64::from(self.cfg.cost_ns[op as usize]) + slow_ns;
             if cost > 0 {
                 busy_wait(cost);
             }
@@ -568,7 +568,7 @@ impl Hardware {
         if done > 0 && !self.halted {
             // Release: the producer that sees CONS past a slot may overwrite it; our loads of
             // it are done.
-            q.cons.store(self.cons, Ordering::Release);
+            self.q.cons.store(self.cons, Ordering::Release);
         }
         done
     }

@@ -114,10 +114,20 @@ impl GuestRing {
     /// written. [`GuestRing::doorbell`] publishes.
     pub fn push(&mut self, cmds: &[RawCommand]) -> usize {
         let n = (self.free() as usize).min(cmds.len());
-        for cmd in &cmds[..n] {
-            self.write_slot(self.prod, *cmd);
-            self.prod = self.shape.advance(self.prod, 1);
+        // At most two contiguous runs: up to the end of the slots, then from slot 0.
+        let start = self.shape.index(self.prod) as usize;
+        let first_run = n.min(self.shape.entries() as usize - start);
+        let slots = self
+            .region
+            .slots(slot_offset(self.shape, self.prod), first_run);
+        for (s, c) in slots.iter().zip(&cmds[..first_run]) {
+            store_slot(s, c);
         }
+        let slots = self.region.slots(layout::HEADER_SIZE, n - first_run);
+        for (s, c) in slots.iter().zip(&cmds[first_run..n]) {
+            store_slot(s, c);
+        }
+        self.prod = self.shape.advance(self.prod, n as u32);
         n
     }
 
