@@ -4,6 +4,8 @@ NIGHTLY ?= +nightly
 # Seconds each fuzz target runs in `make fuzz-smoke` (CI) and `make fuzz` (long runs).
 FUZZ_SMOKE_SECS ?= 20
 FUZZ_SECS ?= 3600
+# Preemptions loom explores per model (the models finish exhaustively in seconds without a bound).
+LOOM_MAX_PREEMPTIONS ?= 4
 FUZZ_TARGETS = $(notdir $(basename $(wildcard fuzz/fuzz_targets/*.rs)))
 VCMDQ = target/release/vcmdq
 
@@ -18,7 +20,7 @@ build: ## Debug build of the workspace.
 release: ## Optimised build of the vcmdq binary.
 	$(CARGO) build --release -p vcmdq
 
-test: lint unit doc fuzz-smoke ## Everything CI checks.
+test: lint unit doc loom fuzz-smoke ## Everything CI checks.
 	@echo "make test: all checks passed"
 
 unit: ## Unit, property and integration tests.
@@ -60,6 +62,13 @@ fuzz: fuzz-build ## Run every fuzz target for FUZZ_SECS seconds (long).
 	@for t in $(FUZZ_TARGETS); do \
 	  (cd fuzz && $(CARGO) $(NIGHTLY) fuzz run $$t corpus/$$t -- -max_total_time=$(FUZZ_SECS)) || exit 1; \
 	done
+
+loom: ## loom models of the physical queue's PROD/CONS and error paths (--cfg loom).
+	RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=$(LOOM_MAX_PREEMPTIONS) $(CARGO) test -p vcmdq --release --test loom_pqueue --target-dir target/loom
+
+miri: ## Heap-backed ring and physical-queue tests under miri (nightly; installs the component).
+	rustup component list --toolchain nightly --installed | grep -q '^miri' || rustup component add miri rust-src --toolchain nightly
+	$(CARGO) $(NIGHTLY) miri test -p vcmdq --test ring --test pqueue --target-dir target/miri
 
 clean:
 	$(CARGO) clean

@@ -6,4 +6,7 @@
 //! See `docs/architecture.md` for the pipeline and `../shared/design` for the rules it keeps.
 
 pub mod command;
+pub mod pqueue;
 pub mod queue;
+pub mod ring;
+pub mod sync;

@@ -1,0 +1,641 @@
+//! The physical VCMDQ model: one SPSC command queue with the SMMUv3 PROD/CONS rules, fed by an
+//! engine worker ([`PhysProducer`]) and drained by a consumer that models the SMMU
+//! ([`Hardware`]).
+//!
+//! Each engine worker owns its own physical queue, so there is one producer and one consumer
+//! and no lock. The producer writes slots with Relaxed stores and publishes a whole batch with
+//! one Release store of PROD; the hardware reads PROD with Acquire, consumes, and publishes its
+//! progress with one Release store of CONS per step. Errors follow the spec: the consumer stops
+//! with CONS at the failing command, CONS.ERR set and the error flag (GERROR.CMDQ_ERR) toggled;
+//! the producer repairs the queue as Linux does ([`PhysProducer::recover`]) and acknowledges
+//! (the GERRORN toggle); consumption restarts at CONS.
+//!
+//! Positions are free-running u64 counts of entries since the queue was made: the engine keeps
+//! provenance by position, and a CMD_SYNC at position `p` has completed once
+//! [`PhysProducer::consumed`] is above `p`.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use crossbeam_utils::CachePadded;
+
+use crate::command::{opcode, res0_bits, RawCommand};
+use crate::queue::{cons_err, with_cons_err, CError, QueueError, QueueShape};
+use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+/// A check the hardware model runs on every command it consumes: `Err` names what is wrong
+/// (a VMID or StreamID the host never handed out, ...). A failure is an engine bug. A std `Arc`
+/// even under loom: it is configuration, not shared state the model explores.
+pub type CommandCheck = std::sync::Arc<dyn Fn(&RawCommand) -> Result<(), String> + Send + Sync>;
+
+/// What the hardware does when [`HwConfig::check`] fails.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnCheckFailure {
+    /// Panic with the position, the command and the message (tests).
+    #[default]
+    Panic,
+    /// Record it in [`Hardware::failures`], count it, and consume the command.
+    Record,
+}
+
+/// A fault to inject. Each fires once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The command at position `at` fails with CERROR_ILL.
+    Ill {
+        /// Free-running position.
+        at: u64,
+    },
+    /// Fetching the command at position `at` aborts: CERROR_ABT.
+    Abt {
+        /// Free-running position.
+        at: u64,
+    },
+    /// The first CMD_SYNC at or after position `at` fails with CERROR_ATC_INV_SYNC.
+    AtcInvSync {
+        /// Free-running position.
+        at: u64,
+    },
+    /// Before consuming position `at`, the consumer stalls for `for_`.
+    Stall {
+        /// Free-running position.
+        at: u64,
+        /// How long.
+        for_: Duration,
+    },
+    /// Before consuming position `at`, the consumer holds its [`StallSwitch`] until the test
+    /// releases it.
+    Hold {
+        /// Free-running position.
+        at: u64,
+    },
+}
+
+impl Fault {
+    fn at(&self) -> u64 {
+        match *self {
+            Fault::Ill { at }
+            | Fault::Abt { at }
+            | Fault::AtcInvSync { at }
+            | Fault::Stall { at, .. }
+            | Fault::Hold { at } => at,
+        }
+    }
+}
+
+/// How the hardware model behaves.
+#[derive(Clone)]
+pub struct HwConfig {
+    /// Run on every command consumed; `None` checks nothing beyond legality.
+    pub check: Option<CommandCheck>,
+    /// What a failed check does.
+    pub on_check_failure: OnCheckFailure,
+    /// Nanoseconds each opcode costs (a busy wait), indexed by opcode; all 0 by default.
+    pub cost_ns: Box<[u32; 256]>,
+    /// A further busy wait per command: a slow consumer.
+    pub slow: Option<Duration>,
+    /// Faults to inject.
+    pub faults: Vec<Fault>,
+}
+
+impl Default for HwConfig {
+    fn default() -> Self {
+        HwConfig {
+            check: None,
+            on_check_failure: OnCheckFailure::default(),
+            cost_ns: Box::new([0; 256]),
+            slow: None,
+            faults: Vec::new(),
+        }
+    }
+}
+
+impl fmt::Debug for HwConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HwConfig")
+            .field("check", &self.check.as_ref().map(|_| "<fn>"))
+            .field("on_check_failure", &self.on_check_failure)
+            .field(
+                "cost_ns",
+                &self
+                    .cost_ns
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| **c != 0)
+                    .collect::<Vec<_>>(),
+            )
+            .field("slow", &self.slow)
+            .field("faults", &self.faults)
+            .finish()
+    }
+}
+
+impl HwConfig {
+    /// With `check` run on every command.
+    pub fn with_check(
+        mut self,
+        check: impl Fn(&RawCommand) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        self.check = Some(std::sync::Arc::new(check));
+        self
+    }
+
+    /// With opcode `op` costing `ns` nanoseconds.
+    pub fn with_cost(mut self, op: u8, ns: u32) -> Self {
+        self.cost_ns[op as usize] = ns;
+        self
+    }
+
+    /// With `fault` injected.
+    pub fn with_fault(mut self, fault: Fault) -> Self {
+        self.faults.push(fault);
+        self
+    }
+}
+
+/// The queue the producer and the hardware share.
+#[derive(Debug)]
+pub struct PhysQueue {
+    shape: QueueShape,
+    slots: Box<[[AtomicU64; 2]]>,
+    /// Written by the producer (Release), read by the hardware (Acquire).
+    prod: CachePadded<AtomicU32>,
+    /// Written by the hardware (Release): index, wrap and CONS.ERR.
+    cons: CachePadded<AtomicU32>,
+    /// GERROR.CMDQ_ERR: bit 0 toggled by the hardware when it stops on an error.
+    gerror: CachePadded<AtomicU32>,
+    /// GERRORN.CMDQ_ERR: bit 0 made equal to GERROR's by the producer to acknowledge.
+    gerrorn: CachePadded<AtomicU32>,
+    /// Held: the consumer consumes nothing.
+    stall: AtomicBool,
+}
+
+impl PhysQueue {
+    /// A queue of 2^`log2size` entries: its producer end and its hardware end.
+    #[allow(clippy::new_ret_no_self)]
+    pub fn new(log2size: u8, cfg: HwConfig) -> Result<(PhysProducer, Hardware), QueueError> {
+        let shape = QueueShape::new(log2size)?;
+        let q = Arc::new(PhysQueue {
+            shape,
+            slots: (0..shape.entries())
+                .map(|_| [AtomicU64::new(0), AtomicU64::new(0)])
+                .collect(),
+            prod: CachePadded::new(AtomicU32::new(0)),
+            cons: CachePadded::new(AtomicU32::new(0)),
+            gerror: CachePadded::new(AtomicU32::new(0)),
+            gerrorn: CachePadded::new(AtomicU32::new(0)),
+            stall: AtomicBool::new(false),
+        });
+        let mut faults = cfg.faults.clone();
+        faults.sort_by_key(Fault::at);
+        let hw = Hardware {
+            q: q.clone(),
+            cons: 0,
+            pos: 0,
+            halted: false,
+            stalled_until: None,
+            next_fault_at: faults.first().map_or(u64::MAX, Fault::at),
+            faults: faults.into_iter().map(|f| (f, false)).collect(),
+            cfg,
+            counters: HwCounters::default(),
+            failures: Vec::new(),
+        };
+        let producer = PhysProducer {
+            q,
+            prod: 0,
+            gerrorn: 0,
+        };
+        Ok((producer, hw))
+    }
+
+    fn slot(&self, ptr: u32) -> &[AtomicU64; 2] {
+        &self.slots[self.shape.index(ptr) as usize]
+    }
+}
+
+/// The producer's `publish` did not fit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("physical queue full: {free} free slots for {wanted} commands")]
+pub struct Full {
+    /// Free slots.
+    pub free: u32,
+    /// Commands offered.
+    pub wanted: usize,
+}
+
+/// An error the hardware stopped on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HwError {
+    /// Free-running position of the failing command (CONS points at it).
+    pub pos: u64,
+    /// CONS.ERR.
+    pub cerror: CError,
+    /// The failing command as it was in the queue.
+    pub cmd: RawCommand,
+}
+
+/// The engine worker's end of a physical queue.
+#[derive(Debug)]
+pub struct PhysProducer {
+    q: Arc<PhysQueue>,
+    /// Free-running PROD.
+    prod: u64,
+    /// GERRORN as last written.
+    gerrorn: u32,
+}
+
+impl PhysProducer {
+    /// The queue geometry.
+    pub fn shape(&self) -> QueueShape {
+        self.q.shape
+    }
+
+    /// Slots free for `publish`.
+    pub fn free(&self) -> u32 {
+        self.q.shape.entries() - (self.prod - self.consumed()) as u32
+    }
+
+    /// Writes `cmds` and publishes them with one Release store of PROD: all or nothing.
+    /// Returns the position just after the last command (the new free-running PROD).
+    pub fn publish(&mut self, cmds: &[RawCommand]) -> Result<u64, Full> {
+        let free = self.free();
+        if cmds.len() > free as usize {
+            return Err(Full {
+                free,
+                wanted: cmds.len(),
+            });
+        }
+        let shape = self.q.shape;
+        let mut ptr = shape.ptr(self.prod as u32);
+        for cmd in cmds {
+            let slot = self.q.slot(ptr);
+            // Relaxed: the Release store of PROD below publishes them.
+            slot[0].store(cmd.d0(), Ordering::Relaxed);
+            slot[1].store(cmd.d1(), Ordering::Relaxed);
+            ptr = shape.advance(ptr, 1);
+        }
+        self.prod += cmds.len() as u64;
+        self.q.prod.store(ptr, Ordering::Release);
+        Ok(self.prod)
+    }
+
+    /// The free-running PROD: entries published so far.
+    pub fn published(&self) -> u64 {
+        self.prod
+    }
+
+    /// Entries the hardware has consumed, free-running: from CONS (Acquire) and the producer's
+    /// own PROD. Never above [`PhysProducer::published`].
+    pub fn consumed(&self) -> u64 {
+        let shape = self.q.shape;
+        let cons = shape.ptr(self.q.cons.load(Ordering::Acquire));
+        self.prod - shape.distance(self.prod as u32, cons) as u64
+    }
+
+    /// The error the hardware is stopped on, if any.
+    pub fn error(&self) -> Option<HwError> {
+        let gerror = self.q.gerror.load(Ordering::Acquire) & 1;
+        if gerror == self.gerrorn {
+            return None;
+        }
+        let cons = self.q.cons.load(Ordering::Acquire);
+        let slot = self.q.slot(cons);
+        Some(HwError {
+            pos: self.consumed(),
+            cerror: CError::from_code(cons_err(cons)).unwrap_or(CError::Ill),
+            cmd: RawCommand::new(
+                slot[0].load(Ordering::Relaxed),
+                slot[1].load(Ordering::Relaxed),
+            ),
+        })
+    }
+
+    /// Repairs the queue after an error as Linux does, acknowledges it, and returns it.
+    ///
+    /// CERROR_ILL (and any code Linux does not know, ILL_ACCESS included): the failing command
+    /// is overwritten with a CMD_SYNC (CS=none), so it is skipped and the commands after it
+    /// still run. CERROR_ABT: the fetch is retried, command unchanged. CERROR_ATC_INV_SYNC:
+    /// the CMD_SYNC is retried. Then GERRORN is toggled to match GERROR (Release, so the
+    /// hardware sees the repaired slot) and the hardware restarts at CONS.
+    pub fn recover(&mut self) -> Option<HwError> {
+        let err = self.error()?;
+        match err.cerror {
+            CError::Abt | CError::AtcInvSync => {}
+            CError::None | CError::Ill | CError::IllAccess => {
+                let cons = self.q.cons.load(Ordering::Acquire);
+                let slot = self.q.slot(cons);
+                slot[0].store(u64::from(opcode::CMD_SYNC), Ordering::Relaxed);
+                slot[1].store(0, Ordering::Relaxed);
+            }
+        }
+        self.gerrorn ^= 1;
+        self.q.gerrorn.store(self.gerrorn, Ordering::Release);
+        Some(err)
+    }
+}
+
+/// Counters of the hardware model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HwCounters {
+    /// Commands consumed, by opcode.
+    pub per_opcode: Box<[u64; 256]>,
+    /// Commands consumed.
+    pub consumed: u64,
+    /// CMD_SYNCs completed.
+    pub syncs: u64,
+    /// Errors raised, by CONS.ERR code.
+    pub errors: [u64; 8],
+    /// Failed checks ([`OnCheckFailure::Record`]).
+    pub check_failures: u64,
+    /// Stalls and holds injected.
+    pub stalls: u64,
+}
+
+impl Default for HwCounters {
+    fn default() -> Self {
+        HwCounters {
+            per_opcode: Box::new([0; 256]),
+            consumed: 0,
+            syncs: 0,
+            errors: [0; 8],
+            check_failures: 0,
+            stalls: 0,
+        }
+    }
+}
+
+impl HwCounters {
+    /// Errors raised of every kind.
+    pub fn total_errors(&self) -> u64 {
+        self.errors.iter().sum()
+    }
+}
+
+/// A failed [`HwConfig::check`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckFailure {
+    /// Free-running position of the command.
+    pub pos: u64,
+    /// The command.
+    pub cmd: RawCommand,
+    /// What the check said.
+    pub message: String,
+}
+
+/// Stops and restarts a [`Hardware`] consumer from another thread.
+#[derive(Clone, Debug)]
+pub struct StallSwitch {
+    q: Arc<PhysQueue>,
+}
+
+impl StallSwitch {
+    /// The consumer consumes nothing until released.
+    pub fn hold(&self) {
+        self.q.stall.store(true, Ordering::Release);
+    }
+
+    /// The consumer goes on.
+    pub fn release(&self) {
+        self.q.stall.store(false, Ordering::Release);
+    }
+
+    /// Whether the consumer is held.
+    pub fn is_held(&self) -> bool {
+        self.q.stall.load(Ordering::Acquire)
+    }
+}
+
+enum Fired {
+    Error(CError),
+    Stall(Duration),
+    Hold,
+}
+
+/// The consumer that models the SMMU: checks every command, charges its cost, completes
+/// CMD_SYNCs and raises injected faults.
+pub struct Hardware {
+    q: Arc<PhysQueue>,
+    /// CONS as index and wrap.
+    cons: u32,
+    /// Free-running CONS: entries consumed.
+    pos: u64,
+    /// Stopped on an error until GERRORN matches GERROR.
+    halted: bool,
+    stalled_until: Option<Instant>,
+    faults: Vec<(Fault, bool)>,
+    /// Smallest position of an unfired fault.
+    next_fault_at: u64,
+    cfg: HwConfig,
+    counters: HwCounters,
+    failures: Vec<CheckFailure>,
+}
+
+impl fmt::Debug for Hardware {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hardware")
+            .field("cons", &self.cons)
+            .field("pos", &self.pos)
+            .field("halted", &self.halted)
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Hardware {
+    /// Commands consumed so far (the free-running CONS).
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> &HwCounters {
+        &self.counters
+    }
+
+    /// Failed checks, in [`OnCheckFailure::Record`] mode.
+    pub fn failures(&self) -> &[CheckFailure] {
+        &self.failures
+    }
+
+    /// Whether the consumer is stopped on an error, waiting for the acknowledgement.
+    pub fn halted(&self) -> bool {
+        self.halted
+    }
+
+    /// A handle that stalls this consumer from another thread.
+    pub fn stall_switch(&self) -> StallSwitch {
+        StallSwitch { q: self.q.clone() }
+    }
+
+    /// Consumes until `stop` is set, spinning and then yielding while there is nothing to do.
+    pub fn run(&mut self, stop: &AtomicBool) {
+        let mut idle = 0u32;
+        while !stop.load(Ordering::Acquire) {
+            if self.step(256) > 0 {
+                idle = 0;
+            } else {
+                idle = idle.saturating_add(1);
+                if idle < 128 {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+
+    /// Consumes at most `max` commands; the count consumed. 0 while halted on an error,
+    /// stalled, or with nothing published.
+    pub fn step(&mut self, max: usize) -> usize {
+        // No Arc clone here: its count shares a line with what the producer reads.
+        if self.halted {
+            // Acquire: the slot the producer repaired before acknowledging is visible.
+            let gerrorn = self.q.gerrorn.load(Ordering::Acquire) & 1;
+            if gerrorn != self.q.gerror.load(Ordering::Relaxed) & 1 {
+                return 0;
+            }
+            self.halted = false;
+            self.q.cons.store(self.cons, Ordering::Release);
+        }
+        if self.q.stall.load(Ordering::Acquire) {
+            return 0;
+        }
+        if let Some(until) = self.stalled_until {
+            if Instant::now() < until {
+                return 0;
+            }
+            self.stalled_until = None;
+        }
+        let shape = self.q.shape;
+        let prod = shape.ptr(self.q.prod.load(Ordering::Acquire));
+        let pending = match shape.pending(prod, self.cons) {
+            Ok(p) => p as usize,
+            Err(e) => panic!("physical queue: the engine wrote a bad PROD: {e}"),
+        };
+        let n = pending.min(max);
+        let slow_ns = self.cfg.slow.map_or(0, |d| d.as_nanos() as u64);
+        let mut done = 0;
+        while done < n {
+            let slot = self.q.slot(self.cons);
+            let cmd = RawCommand::new(
+                slot[0].load(Ordering::Relaxed),
+                slot[1].load(Ordering::Relaxed),
+            );
+            if self.pos >= self.next_fault_at {
+                match self.fire(&cmd) {
+                    Some(Fired::Error(cerror)) => {
+                        self.raise(cerror);
+                        break;
+                    }
+                    Some(Fired::Stall(d)) => {
+                        self.counters.stalls += 1;
+                        self.stalled_until = Some(Instant::now() + d);
+                        break;
+                    }
+                    Some(Fired::Hold) => {
+                        self.counters.stalls += 1;
+                        self.q.stall.store(true, Ordering::Release);
+                        break;
+                    }
+                    None => {}
+                }
+            }
+            if !matches!(res0_bits(&cmd), Some([0, 0])) {
+                // An illegal opcode or a RES0 bit set: what the SMMU refuses.
+                self.raise(CError::Ill);
+                break;
+            }
+            if let Some(check) = &self.cfg.check {
+                if let Err(message) = check(&cmd) {
+                    self.check_failed(cmd, message);
+                }
+            }
+            let op = cmd.opcode();
+            let cost = u64::from(self.cfg.cost_ns[op as usize]) + slow_ns;
+            if cost > 0 {
+                busy_wait(cost);
+            }
+            self.counters.per_opcode[op as usize] += 1;
+            if op == opcode::CMD_SYNC {
+                self.counters.syncs += 1;
+            }
+            self.cons = shape.advance(self.cons, 1);
+            self.pos += 1;
+            done += 1;
+        }
+        self.counters.consumed += done as u64;
+        // After an error, `raise` has published CONS (with CONS.ERR) already.
+        if done > 0 && !self.halted {
+            // Release: the producer that sees CONS past a slot may overwrite it; our loads of
+            // it are done.
+            self.q.cons.store(self.cons, Ordering::Release);
+        }
+        done
+    }
+
+    fn raise(&mut self, cerror: CError) {
+        self.counters.errors[cerror.code() as usize & 7] += 1;
+        self.halted = true;
+        self.q
+            .cons
+            .store(with_cons_err(self.cons, cerror.code()), Ordering::Release);
+        let gerrorn = self.q.gerrorn.load(Ordering::Relaxed) & 1;
+        // Release: the producer that sees the flag sees CONS and CONS.ERR.
+        self.q.gerror.store(gerrorn ^ 1, Ordering::Release);
+    }
+
+    #[cold]
+    fn check_failed(&mut self, cmd: RawCommand, message: String) {
+        match self.cfg.on_check_failure {
+            OnCheckFailure::Panic => panic!(
+                "physical queue: command at position {} failed the hardware check (an engine bug): {cmd:?}: {message}",
+                self.pos
+            ),
+            OnCheckFailure::Record => {
+                self.counters.check_failures += 1;
+                self.failures.push(CheckFailure {
+                    pos: self.pos,
+                    cmd,
+                    message,
+                });
+            }
+        }
+    }
+
+    /// The unfired fault that applies to `cmd` at the current position, marked fired.
+    #[cold]
+    fn fire(&mut self, cmd: &RawCommand) -> Option<Fired> {
+        let pos = self.pos;
+        let mut fired = None;
+        for (fault, done) in self.faults.iter_mut().filter(|(_, d)| !*d) {
+            let hit = match *fault {
+                Fault::Ill { at } => (at == pos).then_some(Fired::Error(CError::Ill)),
+                Fault::Abt { at } => (at == pos).then_some(Fired::Error(CError::Abt)),
+                Fault::AtcInvSync { at } => (at <= pos && cmd.opcode() == opcode::CMD_SYNC)
+                    .then_some(Fired::Error(CError::AtcInvSync)),
+                Fault::Stall { at, for_ } => (at <= pos).then_some(Fired::Stall(for_)),
+                Fault::Hold { at } => (at <= pos).then_some(Fired::Hold),
+            };
+            if hit.is_some() {
+                *done = true;
+                fired = hit;
+                break;
+            }
+        }
+        self.next_fault_at = self
+            .faults
+            .iter()
+            .filter(|(_, d)| !*d)
+            .map(|(f, _)| f.at())
+            .min()
+            .unwrap_or(u64::MAX);
+        fired
+    }
+}
+
+fn busy_wait(ns: u64) {
+    let start = Instant::now();
+    while (start.elapsed().as_nanos() as u64) < ns {
+        std::hint::spin_loop();
+    }
+}

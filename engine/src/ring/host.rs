@@ -1,0 +1,449 @@
+//! The engine's side of a ring. The memory is hostile and shared: the guest may write any byte
+//! at any time, so the engine reads PROD once per poll, copies each slot out exactly once,
+//! masks every index, and keeps its own copies of the words it owns (CONS, ERR, SYNC_COUNT)
+//! instead of reading them back.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::layout::{self, slot_offset};
+use super::memory::{HeapMemory, MmapMemory, Region, RingMemory};
+use super::{load_slot, new_region, shape_for, validate, RingError};
+use crate::command::RawCommand;
+use crate::queue::{cons_err, with_cons_err, CError, QueueShape};
+
+/// How [`HostRing::attach_with`] treats a file it did not create.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttachOptions {
+    /// Accept a file that is not a memfd sealed with F_SEAL_SHRINK. Such a file can be
+    /// truncated under the engine, and the engine's next access to a lost page raises SIGBUS,
+    /// which ends the process: only for files the engine's own process or a trusted one
+    /// writes (tests, the trace replayer). The engine checks the size at attach, in
+    /// [`HostRing::check_size`], and every [`SIZE_CHECK_INTERVAL`] polls, which narrows but does
+    /// not close the window.
+    pub allow_unsealed: bool,
+}
+
+/// Polls of an unsealed ring between two checks of its file's size.
+pub const SIZE_CHECK_INTERVAL: u32 = 1024;
+
+/// What one [`HostRing::poll`] copied out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Polled {
+    /// The pointer (index and wrap) of `out[0]`; entry `i` came from `first + i`.
+    pub first: u32,
+    /// Entries copied into `out[..n]`; 0 when the ring is idle, stopped, or PROD is invalid.
+    pub n: usize,
+}
+
+/// What a ring has seen, for reports and tests. Counted by polls, not by events: a PROD left
+/// backwards for ten polls counts ten.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingStats {
+    /// Calls to `poll`.
+    pub polls: u64,
+    /// Entries copied out.
+    pub copied: u64,
+    /// Polls that found PROD behind the engine's read pointer but not behind CONS.
+    pub prod_backwards: u64,
+    /// Polls that found PROD more than 2^LOG2SIZE entries ahead of CONS (or behind it).
+    pub prod_overrun: u64,
+    /// Stops with an error.
+    pub stops: u64,
+    /// Error acknowledgements seen.
+    pub acks: u64,
+    /// Guest CMD_SYNCs signalled.
+    pub syncs: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Stop {
+    at: u32,
+    cerror: CError,
+    resume: u32,
+}
+
+/// The engine's end of one guest ring.
+///
+/// Pointers: CONS ≤ read ≤ PROD (in ring order). Entries in [CONS, read) have been copied out
+/// and belong to the engine until it [`complete`](HostRing::complete)s or
+/// [`stop`](HostRing::stop)s them; [read, PROD) are pending.
+#[derive(Debug)]
+pub struct HostRing {
+    region: Region,
+    shape: QueueShape,
+    viommu_id: u32,
+    read: u32,
+    cons: u32,
+    err: u32,
+    stop: Option<Stop>,
+    syncs: u64,
+    sealed: bool,
+    until_size_check: u32,
+    stats: RingStats,
+}
+
+impl HostRing {
+    /// Attaches a ring file the engine did not create; refuses an unsealed one (see
+    /// [`AttachOptions`]).
+    pub fn attach(path: impl AsRef<Path>) -> Result<HostRing, RingError> {
+        Self::attach_with(path, AttachOptions::default())
+    }
+
+    /// Attaches a ring file: maps it, checks magic, version, LOG2SIZE and size, and (unless
+    /// `opts` allow it) that it is sealed against shrinking.
+    pub fn attach_with(path: impl AsRef<Path>, opts: AttachOptions) -> Result<HostRing, RingError> {
+        Self::attach_memory(Arc::new(MmapMemory::open(path.as_ref())?), opts)
+    }
+
+    /// Attaches a ring in memory another handle shares (a [`GuestRing::memory`](super::GuestRing::memory)).
+    ///
+    /// The engine takes over where the ring is: CONS as the memory holds it (masked), its error
+    /// state, its sync count. A fresh ring starts at 0.
+    pub fn attach_memory(
+        mem: Arc<dyn RingMemory>,
+        opts: AttachOptions,
+    ) -> Result<HostRing, RingError> {
+        let sealed = mem.sealed();
+        if !sealed && !opts.allow_unsealed {
+            return Err(RingError::Unsealed {
+                path: mem.name().to_path_buf(),
+            });
+        }
+        let region = Region::new(mem);
+        let (shape, viommu_id) = validate(&region)?;
+        let cons_word = region.u32_at(layout::OFF_CONS).load(Ordering::Relaxed);
+        let err = region.u32_at(layout::OFF_ERR).load(Ordering::Relaxed) & 1;
+        let ack = region.u32_at(layout::OFF_ERR_ACK).load(Ordering::Acquire) & 1;
+        let syncs = region
+            .u64_at(layout::OFF_SYNC_COUNT)
+            .load(Ordering::Relaxed);
+        let cons = shape.ptr(cons_word);
+        let mut ring = HostRing {
+            region,
+            shape,
+            viommu_id,
+            read: cons,
+            cons,
+            err,
+            stop: None,
+            syncs,
+            sealed,
+            until_size_check: SIZE_CHECK_INTERVAL,
+            stats: RingStats::default(),
+        };
+        if err != ack {
+            // Stopped by an earlier engine and not yet acknowledged: stay stopped there.
+            let cerror = match CError::from_code(cons_err(cons_word)) {
+                None | Some(CError::None) => CError::Ill,
+                Some(e) => e,
+            };
+            ring.stop = Some(Stop {
+                at: cons,
+                cerror,
+                resume: cons,
+            });
+            ring.store_cons(with_cons_err(cons, cerror.code()));
+        } else {
+            ring.store_cons(cons);
+        }
+        Ok(ring)
+    }
+
+    /// Creates a ring in a memfd sealed against shrinking and growing, attached: the SIGBUS-safe
+    /// way to share a ring. A guest opens [`HostRing::path`] (`/proc/<pid>/fd/<n>`) with
+    /// [`GuestRing::open`](super::GuestRing::open) while this ring lives.
+    pub fn create_sealed(log2size: u8, viommu_id: u32) -> Result<HostRing, RingError> {
+        let shape = shape_for(log2size)?;
+        let mem = MmapMemory::create_sealed("vcmdq-ring", layout::ring_bytes(shape))?;
+        let region = new_region(Arc::new(mem), shape, viommu_id);
+        Self::attach_memory(region.memory().clone(), AttachOptions::default())
+    }
+
+    /// Creates a ring on the heap, attached; a guest side shares it through
+    /// [`HostRing::memory`] and [`GuestRing::from_memory`](super::GuestRing::from_memory).
+    pub fn create_heap(log2size: u8, viommu_id: u32) -> Result<HostRing, RingError> {
+        let shape = shape_for(log2size)?;
+        let mem = HeapMemory::new(layout::ring_bytes(shape));
+        let region = new_region(Arc::new(mem), shape, viommu_id);
+        Self::attach_memory(region.memory().clone(), AttachOptions::default())
+    }
+
+    /// The ring's memory.
+    pub fn memory(&self) -> Arc<dyn RingMemory> {
+        self.region.memory().clone()
+    }
+
+    /// The ring's file (`<heap>` for heap memory).
+    pub fn path(&self) -> &Path {
+        self.region.memory().name()
+    }
+
+    /// The vIOMMU named in the header when the ring was attached (read once: a guest
+    /// rewriting the header later changes nothing).
+    pub fn viommu_id(&self) -> u32 {
+        self.viommu_id
+    }
+
+    /// The queue geometry, read once at attach.
+    pub fn shape(&self) -> QueueShape {
+        self.shape
+    }
+
+    /// Whether the ring's memory cannot shrink (sealed memfd or heap).
+    pub fn sealed(&self) -> bool {
+        self.sealed
+    }
+
+    /// CONS as the engine last wrote it (index and wrap).
+    pub fn cons_ptr(&self) -> u32 {
+        self.cons
+    }
+
+    /// The engine's read pointer: the next slot `poll` copies.
+    pub fn read_ptr(&self) -> u32 {
+        self.read
+    }
+
+    /// The slot and error the ring is stopped on, until the guest acknowledges.
+    pub fn stopped(&self) -> Option<(u32, CError)> {
+        self.stop.map(|s| (s.at, s.cerror))
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> RingStats {
+        self.stats
+    }
+
+    /// Checks that the backing file still holds the ring: [`RingError::Shrunk`] when it was
+    /// truncated (the engine must detach without touching the memory again), or an I/O error.
+    /// Free for sealed memory.
+    pub fn check_size(&self) -> Result<(), RingError> {
+        if self.sealed {
+            return Ok(());
+        }
+        let mem = self.region.memory();
+        let need = layout::ring_bytes(self.shape) as u64;
+        let len = mem.backing_len().map_err(|source| RingError::Io {
+            path: mem.name().to_path_buf(),
+            op: "stat",
+            source,
+        })?;
+        if len < need {
+            return Err(RingError::Shrunk {
+                path: mem.name().to_path_buf(),
+                len,
+                need,
+            });
+        }
+        Ok(())
+    }
+
+    /// Copies up to `out.len()` new entries out of the ring.
+    ///
+    /// Reads PROD once (Acquire) and copies each entry between the read pointer and PROD with
+    /// atomic loads; the engine must look only at `out`, never at the ring. While the ring is
+    /// stopped it checks for the guest's acknowledgement instead and copies nothing until then;
+    /// the acknowledgement clears CONS.ERR and reading resumes (see [`HostRing::stop`]).
+    ///
+    /// A hostile PROD copies nothing: one more than 2^LOG2SIZE ahead of CONS (equivalently,
+    /// behind CONS) counts in [`RingStats::prod_overrun`]; one between CONS and the read
+    /// pointer counts in [`RingStats::prod_backwards`] and the entries already copied stay
+    /// taken. Polling goes on normally once PROD is valid again.
+    ///
+    /// Errors only for an unsealed file that shrank ([`HostRing::check_size`], run every
+    /// [`SIZE_CHECK_INTERVAL`] polls): the engine must detach the ring.
+    pub fn poll(&mut self, out: &mut [RawCommand]) -> Result<Polled, RingError> {
+        self.stats.polls += 1;
+        if !self.sealed {
+            self.until_size_check -= 1;
+            if self.until_size_check == 0 {
+                self.until_size_check = SIZE_CHECK_INTERVAL;
+                self.check_size()?;
+            }
+        }
+        let idle = Polled {
+            first: self.read,
+            n: 0,
+        };
+        if let Some(stop) = self.stop {
+            // Acquire: the slot the guest fixed before acknowledging is visible to the re-read.
+            let ack = self
+                .region
+                .u32_at(layout::OFF_ERR_ACK)
+                .load(Ordering::Acquire);
+            if ack & 1 != self.err {
+                return Ok(idle);
+            }
+            self.stop = None;
+            self.stats.acks += 1;
+            self.read = stop.resume;
+            self.store_cons(self.cons);
+        }
+        let prod = self
+            .shape
+            .ptr(self.region.u32_at(layout::OFF_PROD).load(Ordering::Acquire));
+        let ahead = self.shape.distance(prod, self.cons);
+        let taken = self.shape.distance(self.read, self.cons);
+        if ahead > self.shape.entries() {
+            self.stats.prod_overrun += 1;
+            return Ok(idle);
+        }
+        if ahead < taken {
+            self.stats.prod_backwards += 1;
+            return Ok(idle);
+        }
+        let n = ((ahead - taken) as usize).min(out.len());
+        if n == 0 {
+            return Ok(idle);
+        }
+        // At most two contiguous runs: up to the end of the slots, then from slot 0.
+        let start = self.shape.index(self.read) as usize;
+        let first_run = n.min(self.shape.entries() as usize - start);
+        let slots = self
+            .region
+            .slots(slot_offset(self.shape, self.read), first_run);
+        for (o, s) in out[..first_run].iter_mut().zip(slots) {
+            *o = load_slot(s);
+        }
+        if n > first_run {
+            let slots = self.region.slots(layout::HEADER_SIZE, n - first_run);
+            for (o, s) in out[first_run..n].iter_mut().zip(slots) {
+                *o = load_slot(s);
+            }
+        }
+        self.read = self.shape.advance(self.read, n as u32);
+        self.stats.copied += n as u64;
+        Ok(Polled {
+            first: idle.first,
+            n,
+        })
+    }
+
+    /// Moves CONS to `upto` (Release): the guest sees every entry before it consumed and may
+    /// reuse those slots. The engine must not move CONS past a guest CMD_SYNC it has not
+    /// completed: a guest that polls CONS takes that as the sync's completion.
+    ///
+    /// # Panics
+    /// If the ring is stopped or `upto` is not between CONS and the read pointer: a bug in the
+    /// engine, never something a guest can cause.
+    pub fn complete(&mut self, upto: u32) {
+        assert!(
+            self.stop.is_none(),
+            "HostRing::complete({upto:#x}) on a ring stopped at {:#x}",
+            self.cons
+        );
+        let upto = self.check_taken("complete", upto);
+        self.cons = upto;
+        self.store_cons(upto);
+    }
+
+    /// Stops the ring at `at` with `cerror`: CONS = `at` with CONS.ERR, then the error flag is
+    /// raised (ERR bit 0 made to differ from ERR_ACK bit 0). Entries before `at` count as
+    /// consumed, so the same caveat about guest CMD_SYNCs as for [`HostRing::complete`] holds.
+    ///
+    /// The read pointer goes back to `at`: entries the engine had copied at or after `at` are
+    /// dropped and, after the guest acknowledges, read again from the ring, starting with the
+    /// (possibly fixed) slot `at`. Right when nothing at or after `at` has been forwarded, the
+    /// case for a command the engine refuses itself. For a fault on a command already
+    /// forwarded, see [`HostRing::stop_resume_at`].
+    ///
+    /// # Panics
+    /// If `cerror` is `CError::None`, the ring is already stopped, or `at` is not between CONS
+    /// and the read pointer.
+    pub fn stop(&mut self, at: u32, cerror: CError) {
+        self.stop_resume_at(at, cerror, at);
+    }
+
+    /// Stops the ring at `at` as [`HostRing::stop`] does, but after the acknowledgement reading
+    /// resumes at `resume` (between `at` and the read pointer): entries in [`at`, `resume`)
+    /// are not read again, the fixed slot `at` included. For a physical-queue fault on a
+    /// command the engine had already forwarded along with the entries up to `resume`: the
+    /// guest sees the error at its slot, and nothing is forwarded twice. CONS stays at `at`
+    /// until the engine completes past `resume`.
+    ///
+    /// # Panics
+    /// As [`HostRing::stop`], and if `resume` is not between `at` and the read pointer.
+    pub fn stop_resume_at(&mut self, at: u32, cerror: CError, resume: u32) {
+        assert!(cerror != CError::None, "HostRing::stop with CERROR_NONE");
+        assert!(
+            self.stop.is_none(),
+            "HostRing::stop({at:#x}) on a ring already stopped at {:#x}",
+            self.cons
+        );
+        let at = self.check_taken("stop", at);
+        let resume = self.shape.ptr(resume);
+        assert!(
+            self.shape.distance(resume, at) <= self.shape.distance(self.read, at),
+            "HostRing::stop: resume {resume:#x} is not between {at:#x} and the read pointer {:#x}",
+            self.read
+        );
+        self.cons = at;
+        self.read = resume;
+        self.stop = Some(Stop { at, cerror, resume });
+        self.stats.stops += 1;
+        self.store_cons(with_cons_err(at, cerror.code()));
+        // Raise the flag against whatever ERR_ACK holds now, so a guest that toggled ERR_ACK
+        // early cannot pre-acknowledge the error.
+        let ack = self
+            .region
+            .u32_at(layout::OFF_ERR_ACK)
+            .load(Ordering::Relaxed)
+            & 1;
+        self.err = ack ^ 1;
+        // Release: a guest that sees the flag (Acquire) sees CONS and CONS.ERR.
+        self.region
+            .u32_at(layout::OFF_ERR)
+            .store(self.err, Ordering::Release);
+    }
+
+    /// Completes a guest CMD_SYNC: with CS=IRQ (1), MSIDATA goes into the completion word; for
+    /// every CS the sync count goes up by one (Release). The MSI address is a guest address
+    /// and is never written; nothing outside the ring is.
+    pub fn signal_sync(&mut self, cs: u8, msidata: u32) {
+        if cs == CS_IRQ {
+            self.region
+                .u32_at(layout::OFF_COMPLETION)
+                .store(msidata, Ordering::Relaxed);
+        }
+        self.syncs += 1;
+        self.stats.syncs += 1;
+        self.region
+            .u64_at(layout::OFF_SYNC_COUNT)
+            .store(self.syncs, Ordering::Release);
+    }
+
+    /// [`HostRing::signal_sync`] with CS (`d0[13:12]`) and MSIDATA (`d0[63:32]`) of a guest
+    /// CMD_SYNC.
+    pub fn signal_sync_of(&mut self, cmd_sync: &RawCommand) {
+        let d0 = cmd_sync.d0();
+        self.signal_sync(((d0 >> 12) & 3) as u8, (d0 >> 32) as u32);
+    }
+
+    /// Guest CMD_SYNCs completed on this ring.
+    pub fn sync_count(&self) -> u64 {
+        self.syncs
+    }
+
+    fn store_cons(&self, value: u32) {
+        self.region
+            .u32_at(layout::OFF_CONS)
+            .store(value, Ordering::Release);
+    }
+
+    /// `ptr` masked, after checking it lies in [CONS, read].
+    fn check_taken(&self, what: &str, ptr: u32) -> u32 {
+        let ptr = self.shape.ptr(ptr);
+        assert!(
+            self.shape.distance(ptr, self.cons) <= self.shape.distance(self.read, self.cons),
+            "HostRing::{what}({ptr:#x}) is not between CONS {:#x} and the read pointer {:#x}",
+            self.cons,
+            self.read
+        );
+        ptr
+    }
+}
+
+/// CMD_SYNC CS value for "signal with an MSI".
+const CS_IRQ: u8 = 1;

@@ -1,0 +1,226 @@
+//! Guest command queues in shared memory.
+//!
+//! A ring is a 256-byte header and 2^LOG2SIZE 16-byte slots in a memory-mapped file or memfd
+//! (`docs/ring-format.md` has the layout byte by byte). The guest side, [`GuestRing`], writes
+//! commands, moves PROD, waits for CONS or for its CMD_SYNCs and acknowledges errors. The engine
+//! side, [`HostRing`], treats the memory as hostile: it reads PROD once per [`HostRing::poll`],
+//! copies each entry out exactly once with atomic loads, never reads back a word it owns, and
+//! turns a PROD moved backwards or past a full ring into an idle poll and a counter.
+//!
+//! Both sides run over any [`RingMemory`]: a shared mapping ([`MmapMemory`]) or a heap block
+//! ([`HeapMemory`]) for tests, miri and single-process use.
+
+// Ring words are little-endian and are accessed as native atomics.
+#[cfg(not(target_endian = "little"))]
+compile_error!("vcmdq rings are little-endian; this host is not");
+
+mod guest;
+mod host;
+pub mod layout;
+mod memory;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use guest::GuestRing;
+pub use host::{AttachOptions, HostRing, Polled, RingStats, SIZE_CHECK_INTERVAL};
+pub use memory::{HeapMemory, MmapMemory, RingMemory, RING_ALIGN};
+
+use crate::command::RawCommand;
+use crate::queue::{CError, QueueShape};
+use layout::{Identity, IdentityError};
+use memory::Region;
+
+/// Why a ring could not be created, opened or attached, or why a guest wait ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum RingError {
+    /// A system call on the ring's file failed.
+    #[error("ring {}: {op} failed: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done: `open`, `create`, `map`, `stat`, `memfd_create`, `seal`, ...
+        op: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is shorter than the header, or than the header and slots its LOG2SIZE needs.
+    #[error("ring {}: file is {len} bytes, a ring needs at least {need}", path.display())]
+    TooSmall {
+        /// The file.
+        path: PathBuf,
+        /// Its length.
+        len: u64,
+        /// Bytes needed.
+        need: u64,
+    },
+    /// Bytes 0..8 are not `VCMDQRNG`.
+    #[error("ring {}: bad magic {found:#018x}, not a vcmdq ring (expected \"VCMDQRNG\")", path.display())]
+    BadMagic {
+        /// The file.
+        path: PathBuf,
+        /// Bytes 0..8 as a little-endian u64.
+        found: u64,
+    },
+    /// A format version this code does not read.
+    #[error("ring {}: format version {found}, this vcmdq reads version {}", path.display(), layout::VERSION)]
+    BadVersion {
+        /// The file.
+        path: PathBuf,
+        /// The VERSION field.
+        found: u32,
+    },
+    /// HEADER_SIZE is not 256.
+    #[error("ring {}: header size {found}, version 1 rings have {}", path.display(), layout::HEADER_SIZE)]
+    BadHeaderSize {
+        /// The file.
+        path: PathBuf,
+        /// The HEADER_SIZE field.
+        found: u32,
+    },
+    /// LOG2SIZE above 19.
+    #[error("ring {}: LOG2SIZE {found} is out of range 0..=19", path.display())]
+    BadLog2Size {
+        /// The file (or `<new>` for a ring being created).
+        path: PathBuf,
+        /// The LOG2SIZE asked for or found.
+        found: u32,
+    },
+    /// A file that could shrink under the engine (not a memfd sealed with F_SEAL_SHRINK).
+    #[error("ring {}: not sealed against shrinking; a guest truncating it would crash the engine with SIGBUS. Create rings with HostRing::create_sealed or GuestRing::create_sealed, or attach with allow_unsealed for trusted files", path.display())]
+    Unsealed {
+        /// The file.
+        path: PathBuf,
+    },
+    /// An unsealed file shrank below the ring after it was attached; the ring must be detached.
+    #[error("ring {}: file shrank to {len} bytes under the engine, the ring needs {need}; detach it", path.display())]
+    Shrunk {
+        /// The file.
+        path: PathBuf,
+        /// Its length now.
+        len: u64,
+        /// Bytes the ring needs.
+        need: u64,
+    },
+    /// A guest wait ended because the engine stopped the ring with an error at `slot`.
+    #[error("ring stopped at slot {slot:#x} with {cerror}")]
+    Stopped {
+        /// CONS: the slot of the failing command.
+        slot: u32,
+        /// CONS.ERR.
+        cerror: CError,
+    },
+    /// A guest wait timed out.
+    #[error("timed out after {waited:?} waiting for {what}")]
+    Timeout {
+        /// What was awaited.
+        what: &'static str,
+        /// How long.
+        waited: Duration,
+    },
+}
+
+/// A guest and an engine side sharing one heap ring: the quickest way to test ring logic.
+pub fn heap_pair(log2size: u8, viommu_id: u32) -> Result<(GuestRing, HostRing), RingError> {
+    let guest = GuestRing::heap(log2size, viommu_id)?;
+    let host = HostRing::attach_memory(guest.memory(), AttachOptions::default())?;
+    Ok((guest, host))
+}
+
+fn shape_for(log2size: u8) -> Result<QueueShape, RingError> {
+    QueueShape::new(log2size).map_err(|_| RingError::BadLog2Size {
+        path: PathBuf::from("<new>"),
+        found: log2size.into(),
+    })
+}
+
+/// Writes the creator line of a fresh, zeroed ring.
+fn init_header(region: &Region, shape: QueueShape, viommu_id: u32) {
+    // The memory is not shared yet: order does not matter, atomics only because it is ring memory.
+    region
+        .u32_at(layout::OFF_VERSION)
+        .store(layout::VERSION, Ordering::Relaxed);
+    region
+        .u32_at(layout::OFF_HEADER_SIZE)
+        .store(layout::HEADER_SIZE as u32, Ordering::Relaxed);
+    region
+        .u32_at(layout::OFF_LOG2SIZE)
+        .store(shape.log2size().into(), Ordering::Relaxed);
+    region
+        .u32_at(layout::OFF_VIOMMU_ID)
+        .store(viommu_id, Ordering::Relaxed);
+    region
+        .u64_at(layout::OFF_MAGIC)
+        .store(layout::MAGIC, Ordering::Release);
+}
+
+/// Reads the creator line once and checks it against the mapping: the ring's shape and vIOMMU.
+fn validate(region: &Region) -> Result<(QueueShape, u32), RingError> {
+    let path = || region.memory().name().to_path_buf();
+    let len = region.len() as u64;
+    if len < layout::HEADER_SIZE as u64 {
+        return Err(RingError::TooSmall {
+            path: path(),
+            len,
+            need: (layout::HEADER_SIZE + layout::SLOT_SIZE) as u64,
+        });
+    }
+    let id = Identity {
+        magic: region.u64_at(layout::OFF_MAGIC).load(Ordering::Acquire),
+        version: region.u32_at(layout::OFF_VERSION).load(Ordering::Relaxed),
+        header_size: region
+            .u32_at(layout::OFF_HEADER_SIZE)
+            .load(Ordering::Relaxed),
+        log2size: region.u32_at(layout::OFF_LOG2SIZE).load(Ordering::Relaxed),
+        viommu_id: region.u32_at(layout::OFF_VIOMMU_ID).load(Ordering::Relaxed),
+    };
+    match id.validate(len) {
+        Ok(shape) => Ok((shape, id.viommu_id)),
+        Err(IdentityError::Magic(found)) => Err(RingError::BadMagic {
+            path: path(),
+            found,
+        }),
+        Err(IdentityError::Version(found)) => Err(RingError::BadVersion {
+            path: path(),
+            found,
+        }),
+        Err(IdentityError::HeaderSize(found)) => Err(RingError::BadHeaderSize {
+            path: path(),
+            found,
+        }),
+        Err(IdentityError::Log2Size(found)) => Err(RingError::BadLog2Size {
+            path: path(),
+            found,
+        }),
+        Err(IdentityError::TooSmall { need }) => Err(RingError::TooSmall {
+            path: path(),
+            len,
+            need,
+        }),
+    }
+}
+
+/// Copies one slot out: two atomic loads, then the bytes are ours.
+#[inline]
+fn load_slot(slot: &[AtomicU64; 2]) -> RawCommand {
+    RawCommand::new(
+        slot[0].load(Ordering::Relaxed),
+        slot[1].load(Ordering::Relaxed),
+    )
+}
+
+/// Writes one slot: two atomic stores.
+#[inline]
+fn store_slot(slot: &[AtomicU64; 2], cmd: &RawCommand) {
+    slot[0].store(cmd.d0(), Ordering::Relaxed);
+    slot[1].store(cmd.d1(), Ordering::Relaxed);
+}
+
+/// The memory behind a new ring of `shape`, header written.
+fn new_region(mem: Arc<dyn RingMemory>, shape: QueueShape, viommu_id: u32) -> Region {
+    let region = Region::new(mem);
+    init_header(&region, shape, viommu_id);
+    region
+}

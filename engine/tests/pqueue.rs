@@ -1,0 +1,342 @@
+//! The physical VCMDQ model: publication, back-pressure, every injected fault and its
+//! recovery, the hardware check, counters, and a producer and consumer on two threads.
+// Under `--cfg loom` the queue's atomics are loom's and only work inside a loom model.
+#![cfg(not(loom))]
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vcmdq::command::{opcode, RawCommand};
+use vcmdq::pqueue::{Fault, Full, HwConfig, OnCheckFailure, PhysQueue};
+use vcmdq::queue::CError;
+
+/// A legal TLBI_NH_ASID whose ASID and VMID number it.
+fn tlbi(i: u64) -> RawCommand {
+    RawCommand::new(
+        u64::from(opcode::TLBI_NH_ASID) | ((i & 0xffff) << 48) | (((i >> 16) & 0xffff) << 32),
+        0,
+    )
+}
+
+fn sync() -> RawCommand {
+    RawCommand::new(u64::from(opcode::CMD_SYNC), 0)
+}
+
+/// A check that logs every command it sees.
+fn logging() -> (HwConfig, Arc<Mutex<Vec<RawCommand>>>) {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let l = log.clone();
+    let cfg = HwConfig::default().with_check(move |c| {
+        l.lock().unwrap().push(*c);
+        Ok(())
+    });
+    (cfg, log)
+}
+
+#[test]
+fn publish_and_consume() {
+    let (cfg, log) = logging();
+    let (mut p, mut hw) = PhysQueue::new(4, cfg).unwrap();
+    let cmds: Vec<_> = (0..10).map(tlbi).chain([sync()]).collect();
+    assert_eq!(p.free(), 16);
+    assert_eq!(p.publish(&cmds), Ok(11));
+    assert_eq!(p.free(), 5);
+    assert_eq!(p.consumed(), 0);
+    assert_eq!(hw.step(4), 4);
+    assert_eq!(p.consumed(), 4);
+    assert_eq!(hw.step(100), 7);
+    assert_eq!(hw.step(100), 0);
+    assert_eq!(p.consumed(), 11);
+    assert_eq!(p.free(), 16);
+    assert_eq!(*log.lock().unwrap(), cmds);
+    let c = hw.counters();
+    assert_eq!(c.per_opcode[opcode::TLBI_NH_ASID as usize], 10);
+    assert_eq!(c.per_opcode[opcode::CMD_SYNC as usize], 1);
+    assert_eq!((c.consumed, c.syncs, c.total_errors()), (11, 1, 0));
+    assert_eq!(hw.position(), 11);
+}
+
+#[test]
+fn wraps_over_many_laps() {
+    for log2 in [0u8, 1, 4] {
+        let (cfg, log) = logging();
+        let (mut p, mut hw) = PhysQueue::new(log2, cfg).unwrap();
+        let mut sent = 0u64;
+        let total = if cfg!(miri) { 50 } else { 5000 };
+        while sent < total {
+            let n = (p.free() as u64).min(total - sent).min(3);
+            let batch: Vec<_> = (sent..sent + n).map(tlbi).collect();
+            assert_eq!(p.publish(&batch), Ok(sent + n));
+            sent += n;
+            hw.step(2);
+            assert!(p.consumed() <= p.published());
+        }
+        while hw.step(64) > 0 {}
+        assert_eq!(p.consumed(), total);
+        let log = log.lock().unwrap();
+        assert!(log.iter().copied().eq((0..total).map(tlbi)));
+    }
+}
+
+#[test]
+fn a_full_queue_pushes_back() {
+    let (mut p, mut hw) = PhysQueue::new(2, HwConfig::default()).unwrap();
+    assert_eq!(p.publish(&[tlbi(0), tlbi(1), tlbi(2), tlbi(3)]), Ok(4));
+    assert_eq!(p.publish(&[tlbi(4)]), Err(Full { free: 0, wanted: 1 }));
+    assert_eq!(hw.step(2), 2);
+    assert_eq!(p.free(), 2);
+    // All or nothing.
+    assert_eq!(
+        p.publish(&[tlbi(4), tlbi(5), tlbi(6)]),
+        Err(Full { free: 2, wanted: 3 })
+    );
+    assert_eq!(p.published(), 4);
+    assert_eq!(p.publish(&[tlbi(4), tlbi(5)]), Ok(6));
+    assert_eq!(hw.step(10), 4);
+    assert_eq!(p.consumed(), 6);
+}
+
+#[test]
+fn ill_stops_at_the_command_and_recovery_skips_it() {
+    let (cfg, log) = logging();
+    let (mut p, mut hw) = PhysQueue::new(3, cfg.with_fault(Fault::Ill { at: 5 })).unwrap();
+    let cmds: Vec<_> = (0..7).map(tlbi).chain([sync()]).collect();
+    p.publish(&cmds).unwrap();
+    assert_eq!(hw.step(100), 5);
+    assert!(hw.halted());
+    assert_eq!(hw.step(100), 0);
+    let err = p.error().expect("an error");
+    assert_eq!((err.pos, err.cerror, err.cmd), (5, CError::Ill, tlbi(5)));
+    assert_eq!(p.consumed(), 5);
+    // Still halted until acknowledged, even with more published.
+    p.publish(&[tlbi(8)]).unwrap();
+    assert_eq!(hw.step(100), 0);
+    assert_eq!(p.recover(), Some(err));
+    assert_eq!(p.error(), None);
+    assert_eq!(hw.step(100), 4);
+    assert_eq!(p.consumed(), 9);
+    let mut want: Vec<_> = (0..5).map(tlbi).collect();
+    want.extend([sync(), tlbi(6), sync(), tlbi(8)]);
+    assert_eq!(*log.lock().unwrap(), want);
+    let c = hw.counters();
+    assert_eq!(c.errors[CError::Ill.code() as usize], 1);
+    assert_eq!(c.syncs, 2);
+    assert_eq!(c.consumed, 9);
+    assert_eq!(p.recover(), None);
+}
+
+#[test]
+fn abt_is_retried_with_the_command_unchanged() {
+    let (cfg, log) = logging();
+    let (mut p, mut hw) = PhysQueue::new(3, cfg.with_fault(Fault::Abt { at: 2 })).unwrap();
+    p.publish(&(0..4).map(tlbi).collect::<Vec<_>>()).unwrap();
+    assert_eq!(hw.step(100), 2);
+    let err = p.recover().unwrap();
+    assert_eq!((err.pos, err.cerror, err.cmd), (2, CError::Abt, tlbi(2)));
+    assert_eq!(hw.step(100), 2);
+    assert!(log.lock().unwrap().iter().copied().eq((0..4).map(tlbi)));
+}
+
+#[test]
+fn atc_inv_sync_fails_the_next_sync_once_and_the_sync_is_retried() {
+    let (cfg, log) = logging();
+    let (mut p, mut hw) = PhysQueue::new(3, cfg.with_fault(Fault::AtcInvSync { at: 1 })).unwrap();
+    let atc_inv = RawCommand::new(u64::from(opcode::ATC_INV) | (9 << 32), 52);
+    let cmds = [tlbi(0), atc_inv, tlbi(2), sync(), tlbi(4), sync()];
+    p.publish(&cmds).unwrap();
+    assert_eq!(hw.step(100), 3);
+    let err = p.error().unwrap();
+    assert_eq!(
+        (err.pos, err.cerror, err.cmd),
+        (3, CError::AtcInvSync, sync())
+    );
+    p.recover().unwrap();
+    assert_eq!(hw.step(100), 3);
+    assert_eq!(*log.lock().unwrap(), cmds);
+    assert_eq!(hw.counters().errors[CError::AtcInvSync.code() as usize], 1);
+    assert_eq!(hw.counters().syncs, 2);
+}
+
+#[test]
+fn an_illegal_or_malformed_command_is_cerror_ill() {
+    let (mut p, mut hw) = PhysQueue::new(2, HwConfig::default()).unwrap();
+    let illegal = RawCommand::new(0x07, 0);
+    let res0 = RawCommand::new(u64::from(opcode::TLBI_NH_ASID) | (1 << 8), 0);
+    p.publish(&[tlbi(0), illegal, res0]).unwrap();
+    assert_eq!(hw.step(10), 1);
+    assert_eq!(p.recover().unwrap().cmd, illegal);
+    assert_eq!(hw.step(10), 1);
+    let err = p.recover().unwrap();
+    assert_eq!((err.pos, err.cmd), (2, res0));
+    assert_eq!(hw.step(10), 1);
+    assert_eq!(hw.counters().errors[CError::Ill.code() as usize], 2);
+    assert_eq!(hw.counters().syncs, 2);
+}
+
+#[test]
+fn a_stall_stops_before_the_command_then_goes_on() {
+    let cfg = HwConfig::default().with_fault(Fault::Stall {
+        at: 3,
+        for_: Duration::from_millis(5),
+    });
+    let (mut p, mut hw) = PhysQueue::new(3, cfg).unwrap();
+    p.publish(&(0..6).map(tlbi).collect::<Vec<_>>()).unwrap();
+    assert_eq!(hw.step(100), 3);
+    let mut more = 0;
+    while more < 3 {
+        more += hw.step(100);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(p.consumed(), 6);
+    assert_eq!(hw.counters().stalls, 1);
+}
+
+#[test]
+fn a_hold_waits_for_the_test_to_release_it() {
+    let (mut p, mut hw) =
+        PhysQueue::new(3, HwConfig::default().with_fault(Fault::Hold { at: 2 })).unwrap();
+    let switch = hw.stall_switch();
+    p.publish(&(0..4).map(tlbi).collect::<Vec<_>>()).unwrap();
+    assert_eq!(hw.step(100), 2);
+    assert!(switch.is_held());
+    for _ in 0..10 {
+        assert_eq!(hw.step(100), 0);
+    }
+    switch.release();
+    assert_eq!(hw.step(100), 2);
+    // The switch also stalls at any time.
+    switch.hold();
+    p.publish(&[tlbi(4)]).unwrap();
+    assert_eq!(hw.step(100), 0);
+    switch.release();
+    assert_eq!(hw.step(100), 1);
+}
+
+#[test]
+fn costs_and_a_slow_consumer_take_at_least_their_time() {
+    let mut cfg = HwConfig::default().with_cost(opcode::CMD_SYNC, 200_000);
+    cfg.slow = Some(Duration::from_micros(100));
+    let (mut p, mut hw) = PhysQueue::new(3, cfg).unwrap();
+    p.publish(&[tlbi(0), sync(), tlbi(1)]).unwrap();
+    let start = std::time::Instant::now();
+    assert_eq!(hw.step(10), 3);
+    // A lower bound only: a busy wait never ends early.
+    assert!(start.elapsed() >= Duration::from_micros(500));
+}
+
+#[test]
+#[should_panic(expected = "failed the hardware check (an engine bug)")]
+fn a_failed_check_panics_by_default() {
+    let cfg = HwConfig::default().with_check(|c| {
+        if c.opcode() == opcode::TLBI_NH_ASID && (c.d0() >> 32) & 0xffff != 0 {
+            Err(format!(
+                "VMID {} was never handed out",
+                (c.d0() >> 32) & 0xffff
+            ))
+        } else {
+            Ok(())
+        }
+    });
+    let (mut p, mut hw) = PhysQueue::new(3, cfg).unwrap();
+    p.publish(&[tlbi(1), tlbi(1 << 16)]).unwrap();
+    hw.step(10);
+}
+
+#[test]
+fn a_failed_check_can_be_recorded() {
+    let mut cfg = HwConfig::default().with_check(|c| {
+        if (c.d0() >> 32) & 0xffff == 3 {
+            Err("VMID 3 was never handed out".into())
+        } else {
+            Ok(())
+        }
+    });
+    cfg.on_check_failure = OnCheckFailure::Record;
+    let (mut p, mut hw) = PhysQueue::new(3, cfg).unwrap();
+    p.publish(&[tlbi(1), tlbi(3 << 16), tlbi(2)]).unwrap();
+    assert_eq!(hw.step(10), 3);
+    let f = hw.failures();
+    assert_eq!(f.len(), 1);
+    assert_eq!((f[0].pos, f[0].cmd), (1, tlbi(3 << 16)));
+    assert!(f[0].message.contains("VMID 3"));
+    assert_eq!(hw.counters().check_failures, 1);
+}
+
+/// The engine's loop against a consumer thread, with faults of every kind: every command is
+/// consumed exactly once, in order, except the ILL ones which become CMD_SYNCs.
+#[test]
+fn two_threads_with_faults() {
+    let total: u64 = if cfg!(miri) { 200 } else { 100_000 };
+    let ill2 = total / 2 + 1;
+    let faults = [
+        Fault::Ill { at: 17 },
+        Fault::Abt { at: 100 },
+        Fault::AtcInvSync { at: 150 },
+        Fault::Ill { at: ill2 },
+        Fault::Stall {
+            at: total / 3,
+            for_: Duration::from_millis(1),
+        },
+    ];
+    let (mut cfg, log) = logging();
+    cfg.faults = faults.to_vec();
+    let (mut p, mut hw) = PhysQueue::new(5, cfg).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let consumer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            hw.run(&stop);
+            hw
+        })
+    };
+    let cmd_at = |i: u64| if i % 16 == 15 { sync() } else { tlbi(i) };
+    let mut sent = 0;
+    let mut errors = Vec::new();
+    while sent < total || p.consumed() < total {
+        if let Some(e) = p.recover() {
+            errors.push(e);
+        }
+        let n = (p.free() as u64).min(total - sent).min(24);
+        if n > 0 {
+            let batch: Vec<_> = (sent..sent + n).map(cmd_at).collect();
+            p.publish(&batch).unwrap();
+            sent += n;
+        }
+        assert!(p.consumed() <= p.published());
+        std::thread::yield_now();
+    }
+    stop.store(true, Ordering::Release);
+    let hw = consumer.join().unwrap();
+    let positions: Vec<_> = errors.iter().map(|e| (e.pos, e.cerror)).collect();
+    let sync_after_150 = (150..).find(|i| i % 16 == 15).unwrap();
+    let mut want = vec![
+        (17, CError::Ill),
+        (100, CError::Abt),
+        (sync_after_150, CError::AtcInvSync),
+        (ill2, CError::Ill),
+    ];
+    want.sort();
+    assert_eq!(positions, want);
+    for e in &errors {
+        assert_eq!(e.cmd, cmd_at(e.pos));
+    }
+    let log = log.lock().unwrap();
+    assert_eq!(log.len() as u64, total);
+    for (i, c) in log.iter().enumerate() {
+        let i = i as u64;
+        let want = if i == 17 || i == ill2 {
+            sync()
+        } else {
+            cmd_at(i)
+        };
+        assert_eq!(*c, want, "position {i}");
+    }
+    assert_eq!(hw.counters().total_errors(), 4);
+    assert_eq!(hw.counters().stalls, 1);
+}
+
+#[test]
+fn bad_log2size() {
+    assert!(PhysQueue::new(20, HwConfig::default()).is_err());
+}
