@@ -310,6 +310,25 @@ impl PhysProducer {
         })
     }
 
+    /// Overwrites the unconsumed command at `pos` with a CMD_SYNC (CS=none), a no-op, while the
+    /// hardware is stopped on an error: how the engine takes back commands it published for a
+    /// guest ring that the error stops, so that they are read and forwarded again once, after
+    /// the guest acknowledges. Returns false (and writes nothing) when the queue is not stopped
+    /// or `pos` is not in [error position, published).
+    pub fn retract(&mut self, pos: u64) -> bool {
+        let Some(err) = self.error() else {
+            return false;
+        };
+        if pos < err.pos || pos >= self.prod {
+            return false;
+        }
+        let slot = self.q.slot(self.q.shape.ptr(pos as u32));
+        // Relaxed: the hardware reads it only after the Release of GERRORN in `recover`.
+        slot[0].store(u64::from(opcode::CMD_SYNC), Ordering::Relaxed);
+        slot[1].store(0, Ordering::Relaxed);
+        true
+    }
+
     /// Repairs the queue after an error as Linux does, acknowledges it, and returns it.
     ///
     /// CERROR_ILL (and any code Linux does not know, ILL_ACCESS included): the failing command

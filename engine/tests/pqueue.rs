@@ -340,3 +340,25 @@ fn two_threads_with_faults() {
 fn bad_log2size() {
     assert!(PhysQueue::new(20, HwConfig::default()).is_err());
 }
+
+#[test]
+fn retract_only_while_stopped_and_only_unconsumed() {
+    let (cfg, log) = logging();
+    let (mut p, mut hw) = PhysQueue::new(4, cfg.with_fault(Fault::Ill { at: 2 })).unwrap();
+    let cmds: Vec<_> = (0..6).map(tlbi).collect();
+    p.publish(&cmds).unwrap();
+    assert!(!p.retract(4), "not stopped: nothing to retract");
+    hw.step(100);
+    let err = p.error().unwrap();
+    assert_eq!(err.pos, 2);
+    assert!(!p.retract(1), "already consumed");
+    assert!(!p.retract(6), "never published");
+    assert!(p.retract(4));
+    p.recover();
+    hw.step(100);
+    assert_eq!(p.consumed(), 6);
+    // 0 and 1 consumed, 2 failed then ran as CMD_SYNC, 3 and 5 as published, 4 retracted.
+    let seen = log.lock().unwrap().clone();
+    assert_eq!(seen[..2], cmds[..2]);
+    assert_eq!(&seen[seen.len() - 4..], &[sync(), cmds[3], sync(), cmds[5]]);
+}

@@ -659,3 +659,19 @@ fn bad_log2size_on_create() {
     let guest = GuestRing::from_memory(host.memory()).unwrap();
     assert_eq!((guest.viommu_id(), guest.shape().entries()), (4, 2));
 }
+
+#[test]
+fn rewind_gives_entries_back_to_be_read_again() {
+    let (mut guest, mut host) = heap_pair(3, 1).unwrap();
+    let cmds: Vec<_> = (0..5).map(cmd).collect();
+    guest.submit(&cmds);
+    let mut out = [RawCommand::default(); 8];
+    let p = host.poll(&mut out).unwrap();
+    assert_eq!(p.n, 5);
+    host.complete(1);
+    host.rewind(3);
+    assert_eq!(host.read_ptr(), 3);
+    let p = host.poll(&mut out).unwrap();
+    assert_eq!((p.first, p.n), (3, 2));
+    assert_eq!(out[..2], cmds[3..]);
+}

@@ -339,6 +339,20 @@ impl HostRing {
         self.store_cons(upto);
     }
 
+    /// Moves the read pointer back to `to` (between CONS and the read pointer): entries copied
+    /// at or after `to` are given back and read again by a later poll. For entries the engine
+    /// copied but did not act on, e.g. those after a trapped command the ring must pause at.
+    ///
+    /// # Panics
+    /// If the ring is stopped or `to` is not between CONS and the read pointer.
+    pub fn rewind(&mut self, to: u32) {
+        assert!(
+            self.stop.is_none(),
+            "HostRing::rewind({to:#x}) on a stopped ring"
+        );
+        self.read = self.check_taken("rewind", to);
+    }
+
     /// Stops the ring at `at` with `cerror`: CONS = `at` with CONS.ERR, then the error flag is
     /// raised (ERR bit 0 made to differ from ERR_ACK bit 0). Entries before `at` count as
     /// consumed, so the same caveat about guest CMD_SYNCs as for [`HostRing::complete`] holds.
