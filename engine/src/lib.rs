@@ -6,4 +6,7 @@
 //! See `docs/architecture.md` for the pipeline and `../shared/design` for the rules it keeps.
 
 pub mod command;
+pub mod oracle;
 pub mod queue;
+pub mod translate;
+pub mod viommu;
