@@ -1,5 +1,7 @@
 //! Command-line parsing and dispatch. One module per subcommand.
 
+mod translate;
+
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
@@ -15,9 +17,14 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-enum Cmd {}
+enum Cmd {
+    /// Run guest commands through one vIOMMU's translation policy and show what became of each.
+    Translate(translate::TranslateArgs),
+}
 
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
-    match cli.cmd {}
+    match cli.cmd {
+        Cmd::Translate(args) => translate::run(args),
+    }
 }
