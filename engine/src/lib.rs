@@ -6,7 +6,10 @@
 //! See `docs/architecture.md` for the pipeline and `../shared/design` for the rules it keeps.
 
 pub mod command;
+pub mod oracle;
 pub mod pqueue;
 pub mod queue;
 pub mod ring;
 pub mod sync;
+pub mod translate;
+pub mod viommu;

@@ -2,6 +2,7 @@
 
 mod decode;
 mod encode;
+mod translate;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -23,6 +24,8 @@ enum Cmd {
     Decode(decode::DecodeArgs),
     /// Encode commands in the text form to the two hex words `decode` reads.
     Encode(encode::EncodeArgs),
+    /// Run guest commands through one vIOMMU's translation policy and show what became of each.
+    Translate(translate::TranslateArgs),
 }
 
 /// Runs one parsed command line.
@@ -30,5 +33,6 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.cmd {
         Cmd::Decode(a) => decode::run(a),
         Cmd::Encode(a) => encode::run(a),
+        Cmd::Translate(args) => translate::run(args),
     }
 }

@@ -1,0 +1,362 @@
+//! `vcmdq translate`: runs guest commands through one vIOMMU's translation policy and says what
+//! became of each, for people debugging a guest.
+
+use super::CliError;
+use clap::Args;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use vcmdq::command::{text, RawCommand};
+use vcmdq::translate::{translate_all, SlotOutcome};
+use vcmdq::viommu::{DeviceId, Devices, GraceDomain, Profile, Viommu, ViommuConfig};
+
+/// The physical SMMU of the vIOMMU and of the devices the bindings create.
+const SMMU: u32 = 0;
+
+/// Arguments of `vcmdq translate`.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Input: one command per line, either `d0 d1` (two hex words, as `vcmdq decode` takes them) or the \
+text form (`TLBI_NH_VA vmid=3 asid=7 addr=0x8000_0000 tg=4k`, `RAW <d0> <d1>`). Blank lines and \
+`#` comments are skipped.
+
+Output: one line per command. With --json, one object per line: slot, line, outcome \
+(forwarded, sync, dropped, trapped, refused, not_reached), cerror and reason when refused, \
+reason when dropped or trapped, out ([d0, d1] hex) when forwarded, cs/msidata/msiaddr for a sync.
+
+Example:
+  echo 'ATC_INV sid=0x10 size=52' | vcmdq translate --vmid 5 --bind vsid=0x10,psid=0x800 --json")]
+pub struct TranslateArgs {
+    /// The VM's VMID on the physical SMMU.
+    #[arg(long, value_parser = parse_u16)]
+    vmid: u16,
+    /// The policy profile: kernel or tegra241.
+    #[arg(long, default_value_t = Profile::Kernel)]
+    profile: Profile,
+    /// vSID bits (SMMU_IDR1.SIDSIZE of the guest's SMMU), 1 to 32.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u8).range(1..=32))]
+    sidsize: u8,
+    /// The physical SMMU has no range invalidation: refuse TG/NUM/SCALE in guest TLBIs.
+    #[arg(long)]
+    no_range: bool,
+    /// A binding `vsid=0x10,psid=0x800` (repeatable).
+    #[arg(long = "bind", value_name = "vsid=V,psid=P", value_parser = parse_binding)]
+    binds: Vec<Binding>,
+    /// A file of bindings, one `vsid=V,psid=P` per line.
+    #[arg(long = "bindings", value_name = "FILE")]
+    bindings_file: Option<PathBuf>,
+    /// Go on after a refused command instead of stopping the queue there.
+    #[arg(long = "continue")]
+    keep_going: bool,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+    /// The commands; standard input when absent or `-`.
+    input: Option<PathBuf>,
+}
+
+/// One vSID -> pSID binding from the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Binding {
+    vsid: u32,
+    psid: u32,
+}
+
+/// A malformed binding or input line.
+#[derive(Debug, thiserror::Error)]
+enum InputError {
+    #[error("binding {0:?}: expected vsid=V,psid=P")]
+    BindingShape(String),
+    #[error("binding {text:?}: {field}: {why}")]
+    BindingValue {
+        text: String,
+        field: &'static str,
+        why: String,
+    },
+    #[error("{path}:{line}: {why}")]
+    BindingsFile {
+        path: String,
+        line: usize,
+        why: String,
+    },
+    #[error("line {line}: {why}")]
+    Command { line: usize, why: String },
+}
+
+fn parse_u16(s: &str) -> Result<u16, String> {
+    let v = text::parse_u64(s)?;
+    u16::try_from(v).map_err(|_| format!("{v} does not fit 16 bits"))
+}
+
+fn parse_u32(s: &str) -> Result<u32, String> {
+    let v = text::parse_u64(s)?;
+    u32::try_from(v).map_err(|_| format!("{v:#x} does not fit 32 bits"))
+}
+
+fn parse_binding(s: &str) -> Result<Binding, InputError> {
+    let (mut vsid, mut psid) = (None, None);
+    for part in s.split(',') {
+        let (k, v) = part
+            .trim()
+            .split_once('=')
+            .ok_or_else(|| InputError::BindingShape(s.to_string()))?;
+        let (slot, field) = match k.trim().to_ascii_lowercase().as_str() {
+            "vsid" => (&mut vsid, "vsid"),
+            "psid" => (&mut psid, "psid"),
+            _ => return Err(InputError::BindingShape(s.to_string())),
+        };
+        if slot.is_some() {
+            return Err(InputError::BindingShape(s.to_string()));
+        }
+        *slot = Some(parse_u32(v.trim()).map_err(|why| InputError::BindingValue {
+            text: s.to_string(),
+            field,
+            why,
+        })?);
+    }
+    match (vsid, psid) {
+        (Some(vsid), Some(psid)) => Ok(Binding { vsid, psid }),
+        _ => Err(InputError::BindingShape(s.to_string())),
+    }
+}
+
+fn read_bindings_file(path: &PathBuf) -> Result<Vec<Binding>, CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut v = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        v.push(parse_binding(line).map_err(|e| InputError::BindingsFile {
+            path: path.display().to_string(),
+            line: i + 1,
+            why: e.to_string(),
+        })?);
+    }
+    Ok(v)
+}
+
+fn is_hex_word(s: &str) -> bool {
+    let digits = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s);
+    !digits.is_empty() && digits.chars().all(|c| c.is_ascii_hexdigit() || c == '_')
+}
+
+fn hex_word(s: &str) -> Result<u64, String> {
+    let digits: String = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s)
+        .chars()
+        .filter(|&c| c != '_')
+        .collect();
+    u64::from_str_radix(&digits, 16).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// One input line: `d0 d1` in hex, or the text form.
+fn parse_command(line: &str) -> Result<RawCommand, String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    if let [d0, d1] = words[..] {
+        if is_hex_word(d0) && is_hex_word(d1) {
+            return Ok(RawCommand::new(hex_word(d0)?, hex_word(d1)?));
+        }
+    }
+    text::parse(line).map_err(|e| e.to_string())
+}
+
+/// The commands of the input with their 1-based line numbers.
+fn read_commands(input: Option<&PathBuf>) -> Result<Vec<(usize, RawCommand)>, CliError> {
+    let reader: Box<dyn BufRead> = match input {
+        Some(p) if p.as_os_str() != "-" => Box::new(std::io::BufReader::new(
+            std::fs::File::open(p).map_err(|e| format!("cannot open {}: {e}", p.display()))?,
+        )),
+        _ => Box::new(std::io::stdin().lock()),
+    };
+    let mut cmds = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        let line = line?;
+        let body = line.split('#').next().unwrap_or("").trim();
+        if body.is_empty() {
+            continue;
+        }
+        let cmd = parse_command(body).map_err(|why| InputError::Command { line: i + 1, why })?;
+        cmds.push((i + 1, cmd));
+    }
+    Ok(cmds)
+}
+
+fn hex(v: u64) -> String {
+    format!("{v:#018x}")
+}
+
+/// What happened to a dropped or trapped command, in words.
+fn rule_reason(o: &SlotOutcome, cmd: &RawCommand) -> Option<String> {
+    let name = vcmdq::command::opcode_name(cmd.opcode()).unwrap_or("?");
+    match o {
+        SlotOutcome::Dropped => Some(format!("{name} is a hint: dropped")),
+        SlotOutcome::Trapped(_) => Some(format!("{name} is handed to the control plane")),
+        _ => None,
+    }
+}
+
+fn json_line(slot: usize, line: usize, cmd: &RawCommand, o: &SlotOutcome) -> serde_json::Value {
+    use serde_json::json;
+    let mut v = json!({ "slot": slot, "line": line });
+    let m = v.as_object_mut().expect("a JSON object");
+    let outcome = match o {
+        SlotOutcome::Forwarded(c) => {
+            m.insert("out".into(), json!([hex(c.d0()), hex(c.d1())]));
+            "forwarded"
+        }
+        SlotOutcome::Sync {
+            cs,
+            msidata,
+            msiaddr,
+        } => {
+            m.insert("cs".into(), json!(cs));
+            m.insert("msidata".into(), json!(format!("{msidata:#x}")));
+            m.insert("msiaddr".into(), json!(format!("{msiaddr:#x}")));
+            "sync"
+        }
+        SlotOutcome::Dropped => "dropped",
+        SlotOutcome::Trapped(_) => "trapped",
+        SlotOutcome::Refused { cerror, reason } => {
+            m.insert("cerror".into(), json!(cerror.name()));
+            m.insert("reason".into(), json!(reason.to_string()));
+            "refused"
+        }
+        SlotOutcome::NotReached => "not_reached",
+    };
+    if let Some(r) = rule_reason(o, cmd) {
+        m.insert("reason".into(), json!(r));
+    }
+    m.insert("outcome".into(), json!(outcome));
+    v
+}
+
+fn text_line(slot: usize, cmd: &RawCommand, o: &SlotOutcome) -> String {
+    let what = match o {
+        SlotOutcome::Forwarded(c) => format!(
+            "forwarded    {}  ({} {})",
+            text::format_raw(c),
+            hex(c.d0()),
+            hex(c.d1())
+        ),
+        SlotOutcome::Sync {
+            cs,
+            msidata,
+            msiaddr,
+        } => format!(
+            "sync         completion point: cs={cs} msidata={msidata:#x} msiaddr={msiaddr:#x} (guest address, never forwarded)"
+        ),
+        SlotOutcome::Dropped | SlotOutcome::Trapped(_) => format!(
+            "{:<12} {}",
+            if matches!(o, SlotOutcome::Dropped) {
+                "dropped"
+            } else {
+                "trapped"
+            },
+            rule_reason(o, cmd).unwrap_or_default()
+        ),
+        SlotOutcome::Refused { cerror, reason } => format!("refused      {cerror}: {reason}"),
+        SlotOutcome::NotReached => "not reached  (the queue stopped at the refused command)".into(),
+    };
+    format!("slot {slot:>4}: {what}")
+}
+
+/// Runs `vcmdq translate`.
+pub fn run(args: TranslateArgs) -> Result<ExitCode, CliError> {
+    let cfg = ViommuConfig {
+        profile: args.profile,
+        sidsize: args.sidsize,
+        range_inv: !args.no_range,
+        ..ViommuConfig::new(1, args.vmid, SMMU)
+    };
+    let devices = Devices::new();
+    let viommu = Viommu::new(cfg, Arc::clone(&devices), GraceDomain::new())?;
+    let mut binds = args.binds.clone();
+    if let Some(p) = &args.bindings_file {
+        binds.extend(read_bindings_file(p)?);
+    }
+    for (i, b) in binds.iter().enumerate() {
+        let dev = DeviceId(i as u32);
+        devices
+            .add_device(dev, SMMU, b.psid)
+            .and_then(|()| viommu.set_dev_id(dev, b.vsid))
+            .map_err(|e| format!("binding vsid={:#x},psid={:#x}: {e}", b.vsid, b.psid))?;
+    }
+
+    let cmds = read_commands(args.input.as_ref())?;
+    let input: Vec<RawCommand> = cmds.iter().map(|&(_, c)| c).collect();
+    let outcomes = translate_all(&viommu, &input, args.keep_going);
+
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    for (slot, ((line, cmd), o)) in cmds.iter().zip(&outcomes).enumerate() {
+        if args.json {
+            writeln!(out, "{}", json_line(slot, *line, cmd, o))?;
+        } else {
+            writeln!(out, "{}", text_line(slot, cmd, o))?;
+        }
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bindings_parse_in_any_order() {
+        assert_eq!(
+            parse_binding("vsid=0x10,psid=0x800").unwrap(),
+            Binding {
+                vsid: 0x10,
+                psid: 0x800
+            }
+        );
+        assert_eq!(
+            parse_binding(" psid=2048 , vsid=16 ").unwrap(),
+            Binding {
+                vsid: 16,
+                psid: 2048
+            }
+        );
+        for bad in [
+            "vsid=1",
+            "vsid=1,psid=2,vsid=3",
+            "vsid=1;psid=2",
+            "sid=1,psid=2",
+            "vsid=0x1_0000_0000,psid=1",
+            "vsid=x,psid=1",
+        ] {
+            assert!(parse_binding(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn lines_are_hex_pairs_or_text() {
+        assert_eq!(
+            parse_command("0x12 0x1000").unwrap(),
+            RawCommand::new(0x12, 0x1000)
+        );
+        assert_eq!(parse_command("46 0").unwrap(), RawCommand::new(0x46, 0));
+        assert_eq!(
+            parse_command("TLBI_NH_ALL vmid=3").unwrap(),
+            RawCommand::new(0x10 | 3 << 32, 0)
+        );
+        assert_eq!(
+            parse_command("RAW 0x47 0x0").unwrap(),
+            RawCommand::new(0x47, 0)
+        );
+        assert!(parse_command("0x12").is_err());
+        assert!(parse_command("0x1_0000_0000_0000_0000 0").is_err());
+        assert!(parse_command("TLBI_NH_ALL bogus=1").is_err());
+    }
+}

@@ -1,0 +1,232 @@
+//! The sequential oracle of the translation policy: the rules of `translate` written a second
+//! time, for clarity and not for speed, straight from the spec text (`commands.md`, `engine.md`)
+//! with command names, named fields and a `HashMap` of bindings. Tests, the fuzz target and
+//! replay compare the fast path with it, slot by slot.
+//!
+//! It shares with the fast path only the field table (`LAYOUTS`), which has its own tests
+//! against the spec; it does not use the opcode dispatch table, the masks or the radix table.
+
+use crate::command::{opcode, FieldDef, OpLayout, RawCommand, LAYOUTS};
+use crate::queue::CError;
+use crate::translate::{RefuseReason, SlotOutcome};
+use crate::viommu::{Profile, ViommuConfig};
+use std::collections::HashMap;
+
+/// What the `kernel` profile forwards (after patching).
+const KERNEL_FORWARDS: &[&str] = &[
+    "TLBI_NH_ALL",
+    "TLBI_NH_ASID",
+    "TLBI_NH_VA",
+    "TLBI_NH_VAA",
+    "TLBI_NSNH_ALL",
+    "ATC_INV",
+    "CFGI_CD",
+    "CFGI_CD_ALL",
+];
+
+/// What a Tegra241 guest VCMDQ forwards.
+const TEGRA241_FORWARDS: &[&str] = &["TLBI_NH_ASID", "TLBI_NH_VA", "ATC_INV"];
+
+fn field(layout: &OpLayout, name: &str) -> &'static FieldDef {
+    match layout.field(name) {
+        Some(f) => f,
+        None => panic!("oracle: {} has no field {name}", layout.name),
+    }
+}
+
+fn get(layout: &OpLayout, cmd: &RawCommand, name: &str) -> u64 {
+    field(layout, name).get(cmd)
+}
+
+fn put(layout: &OpLayout, words: &mut [u64; 2], name: &str, value: u64) {
+    if let Err(e) = field(layout, name).put(words, value) {
+        panic!("oracle: {e}");
+    }
+}
+
+fn refuse(reason: RefuseReason) -> SlotOutcome {
+    SlotOutcome::Refused {
+        cerror: CError::Ill,
+        reason,
+    }
+}
+
+/// What the policy does with one command of a vIOMMU configured as `cfg` whose bindings are
+/// `bindings` (vSID -> pSID).
+pub fn translate_one(
+    cfg: &ViommuConfig,
+    bindings: &HashMap<u32, u32>,
+    cmd: RawCommand,
+) -> SlotOutcome {
+    let op = cmd.opcode();
+    let Some(layout) = LAYOUTS[op as usize] else {
+        return refuse(RefuseReason::IllegalOpcode { opcode: op });
+    };
+
+    // RES0: every bit that is neither the opcode byte nor inside one of the opcode's fields.
+    let mut named = [0xffu64, 0];
+    for f in layout.fields {
+        named[f.word as usize] |= f.mask();
+    }
+    let (x0, x1) = (cmd.d0() & !named[0], cmd.d1() & !named[1]);
+    if x0 != 0 || x1 != 0 {
+        return refuse(RefuseReason::Res0 {
+            opcode: op,
+            d0: x0,
+            d1: x1,
+        });
+    }
+
+    let name = layout.name;
+    let forwards = match cfg.profile {
+        Profile::Kernel => KERNEL_FORWARDS,
+        Profile::Tegra241 => TEGRA241_FORWARDS,
+    };
+    let mut w = [cmd.d0(), cmd.d1()];
+    let vmid = u64::from(cfg.vmid);
+    let translate_sid = |w: &mut [u64; 2]| -> Result<(), SlotOutcome> {
+        let vsid = get(layout, &cmd, "sid") as u32;
+        let fits = u64::from(vsid) < (1u64 << cfg.sidsize);
+        match bindings.get(&vsid) {
+            Some(&psid) if fits => {
+                put(layout, w, "sid", u64::from(psid));
+                Ok(())
+            }
+            _ => Err(refuse(RefuseReason::UnknownVsid { opcode: op, vsid })),
+        }
+    };
+
+    match name {
+        "CFGI_STE" | "CFGI_STE_RANGE" => {
+            if get(layout, &cmd, "ssec") != 0 {
+                return refuse(RefuseReason::Secure { opcode: op });
+            }
+            return SlotOutcome::Trapped(cmd);
+        }
+        "PREFETCH_CONFIG" | "PREFETCH_ADDR" => return SlotOutcome::Dropped,
+        "CMD_SYNC" => {
+            let cs = get(layout, &cmd, "cs") as u8;
+            if cs == 3 {
+                return refuse(RefuseReason::ReservedSyncCs);
+            }
+            return SlotOutcome::Sync {
+                cs,
+                msidata: get(layout, &cmd, "msidata") as u32,
+                msiaddr: get(layout, &cmd, "msiaddr"),
+            };
+        }
+        _ if !forwards.contains(&name) => {
+            return refuse(RefuseReason::NotAllowedByProfile { opcode: op });
+        }
+        "TLBI_NH_ALL" | "TLBI_NH_ASID" => put(layout, &mut w, "vmid", vmid),
+        "TLBI_NH_VA" | "TLBI_NH_VAA" => {
+            let tg = get(layout, &cmd, "tg");
+            let num = get(layout, &cmd, "num");
+            let scale = get(layout, &cmd, "scale");
+            if !cfg.range_inv && (tg != 0 || num != 0 || scale != 0) {
+                return refuse(RefuseReason::RangeUnsupported { opcode: op });
+            }
+            if tg == 0 && (num != 0 || scale != 0) {
+                return refuse(RefuseReason::MalformedRange { opcode: op });
+            }
+            put(layout, &mut w, "vmid", vmid);
+        }
+        "TLBI_NSNH_ALL" => {
+            let nh_all = LAYOUTS[opcode::TLBI_NH_ALL as usize].expect("TLBI_NH_ALL is legal");
+            w = [u64::from(opcode::TLBI_NH_ALL), 0];
+            put(nh_all, &mut w, "vmid", vmid);
+        }
+        "ATC_INV" => {
+            let size = get(layout, &cmd, "size");
+            if size > 52 {
+                return refuse(RefuseReason::AtcSizeTooLarge { size: size as u8 });
+            }
+            if let Err(o) = translate_sid(&mut w) {
+                return o;
+            }
+        }
+        "CFGI_CD" | "CFGI_CD_ALL" => {
+            if get(layout, &cmd, "ssec") != 0 {
+                return refuse(RefuseReason::Secure { opcode: op });
+            }
+            if let Err(o) = translate_sid(&mut w) {
+                return o;
+            }
+        }
+        other => unreachable!("oracle: {other} is forwarded but has no rule"),
+    }
+    SlotOutcome::Forwarded(RawCommand::new(w[0], w[1]))
+}
+
+/// Every slot's outcome for a whole batch, as `translate::translate_all` gives it.
+pub fn translate_all(
+    cfg: &ViommuConfig,
+    bindings: &HashMap<u32, u32>,
+    input: &[RawCommand],
+    continue_after_refuse: bool,
+) -> Vec<SlotOutcome> {
+    let mut res = Vec::with_capacity(input.len());
+    let mut stopped = false;
+    for &cmd in input {
+        if stopped {
+            res.push(SlotOutcome::NotReached);
+            continue;
+        }
+        let o = translate_one(cfg, bindings, cmd);
+        if matches!(o, SlotOutcome::Refused { .. }) && !continue_after_refuse {
+            stopped = true;
+        }
+        res.push(o);
+    }
+    res
+}
+
+/// Checks rule 1 on one command leaving the engine for vIOMMU `cfg`, whose bound pSIDs are
+/// `psids`: it is well formed, of a kind the profile forwards, a TLBI carries the vIOMMU's VMID
+/// and a SID-carrying command a pSID bound in it. The error says which part is broken.
+pub fn check_isolation(
+    cfg: &ViommuConfig,
+    psids: &std::collections::HashSet<u32>,
+    cmd: &RawCommand,
+) -> Result<(), String> {
+    let op = cmd.opcode();
+    let Some(layout) = LAYOUTS[op as usize] else {
+        return Err(format!("illegal opcode {op:#04x} forwarded"));
+    };
+    if crate::command::res0_bits(cmd) != Some([0, 0]) {
+        return Err(format!("{} forwarded with RES0 bits: {cmd:?}", layout.name));
+    }
+    let forwards = match cfg.profile {
+        Profile::Kernel => &KERNEL_FORWARDS[..4],
+        Profile::Tegra241 => &TEGRA241_FORWARDS[..2],
+    };
+    let name = layout.name;
+    if name.starts_with("TLBI_") {
+        if !forwards.contains(&name) {
+            return Err(format!("{name} forwarded by the {} profile", cfg.profile));
+        }
+        let vmid = get(layout, cmd, "vmid");
+        if vmid != u64::from(cfg.vmid) {
+            return Err(format!("{name} carries VMID {vmid}, not {}", cfg.vmid));
+        }
+        return Ok(());
+    }
+    let sid_carrying = match cfg.profile {
+        Profile::Kernel => ["ATC_INV", "CFGI_CD", "CFGI_CD_ALL"].contains(&name),
+        Profile::Tegra241 => name == "ATC_INV",
+    };
+    if !sid_carrying {
+        return Err(format!("{name} forwarded by the {} profile", cfg.profile));
+    }
+    if layout.field("ssec").is_some_and(|f| f.get(cmd) != 0) {
+        return Err(format!("{name} forwarded with SSEC"));
+    }
+    let sid = get(layout, cmd, "sid") as u32;
+    if !psids.contains(&sid) {
+        return Err(format!(
+            "{name} carries SID {sid:#x}, not a pSID bound in vIOMMU {}",
+            cfg.id
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,550 @@
+//! vIOMMU objects: one VM's view of one physical SMMU, its VMID there, its policy profile and
+//! its vSID -> pSID table, with the iommufd `set_dev_id` / `unset_dev_id` semantics.
+//!
+//! Devices are registered host-side in [`Devices`] with the physical SMMU they sit behind and
+//! their pSID. A device has at most one vSID in the whole host (as a device has at most one
+//! vdevice in iommufd): two VMs can never both reach one pSID.
+//!
+//! `unset_dev_id` is a barrier (rule 5): it removes the entry, waits for a grace period of the
+//! engine's [`GraceDomain`] (see [`grace`]) and only then returns and lets the device be bound
+//! elsewhere. Until then the device reads as still bound (EEXIST) so that no other vIOMMU gets it
+//! while commands translated with its pSID may still be in flight.
+
+pub mod grace;
+pub mod sid_table;
+mod sync;
+
+pub use grace::{GraceDomain, Pinned, Reader};
+pub use sid_table::{SidTable, TableStats};
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// A host device (an endpoint behind one physical SMMU).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceId(pub u32);
+
+impl core::fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "dev{}", self.0)
+    }
+}
+
+/// A registered device: where it sits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Device {
+    /// Its id.
+    pub id: DeviceId,
+    /// The physical SMMU it sits behind.
+    pub smmu: u32,
+    /// Its physical StreamID on that SMMU.
+    pub psid: u32,
+}
+
+/// The translation policy a vIOMMU applies to its guest's commands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Profile {
+    /// The kernel's vIOMMU invalidation rules (IOMMU_HWPT_INVALIDATE), with the RES0, Secure,
+    /// ATC size and range checks of newer kernels.
+    #[default]
+    Kernel,
+    /// What a guest-owned Tegra241 VCMDQ accepts: TLBI_NH_ASID, TLBI_NH_VA, ATC_INV, CMD_SYNC.
+    Tegra241,
+}
+
+impl Profile {
+    /// Both profiles.
+    pub const ALL: [Profile; 2] = [Profile::Kernel, Profile::Tegra241];
+
+    /// The profile's code in trace files: 0 kernel, 1 tegra241.
+    pub fn code(self) -> u8 {
+        match self {
+            Profile::Kernel => 0,
+            Profile::Tegra241 => 1,
+        }
+    }
+
+    /// The profile of a code; `None` for an unknown one.
+    pub fn from_code(code: u8) -> Option<Profile> {
+        match code {
+            0 => Some(Profile::Kernel),
+            1 => Some(Profile::Tegra241),
+            _ => None,
+        }
+    }
+
+    /// `kernel` or `tegra241`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Profile::Kernel => "kernel",
+            Profile::Tegra241 => "tegra241",
+        }
+    }
+}
+
+impl core::fmt::Display for Profile {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A profile name that is neither `kernel` nor `tegra241`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown profile {0:?}: the profiles are kernel and tegra241")]
+pub struct ProfileError(pub String);
+
+impl core::str::FromStr for Profile {
+    type Err = ProfileError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Profile::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| ProfileError(s.to_string()))
+    }
+}
+
+/// What a vIOMMU is created with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ViommuConfig {
+    /// The vIOMMU's id (unique among the host's vIOMMUs; used in errors and traces).
+    pub id: u32,
+    /// The VM's VMID on the physical SMMU.
+    pub vmid: u16,
+    /// The physical SMMU this vIOMMU is a view of.
+    pub smmu: u32,
+    /// The translation policy.
+    pub profile: Profile,
+    /// vSIDs have this many bits (1..=32), as the guest's SMMU_IDR1.SIDSIZE says.
+    pub sidsize: u8,
+    /// Whether the physical SMMU has range invalidation (SMMU_IDR3.RIL): without it, TG/NUM/SCALE
+    /// in a guest TLBI are refused.
+    pub range_inv: bool,
+}
+
+impl ViommuConfig {
+    /// A `kernel`-profile vIOMMU with 32-bit vSIDs on an SMMU with range invalidation.
+    pub fn new(id: u32, vmid: u16, smmu: u32) -> ViommuConfig {
+        ViommuConfig {
+            id,
+            vmid,
+            smmu,
+            profile: Profile::Kernel,
+            sidsize: 32,
+            range_inv: true,
+        }
+    }
+}
+
+/// A failed vIOMMU or device operation. Each carries the errno iommufd returns for it; the
+/// message starts with that name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ViommuError {
+    /// `set_dev_id`: the vSID is bound to another device of this vIOMMU.
+    #[error("EEXIST: vSID {vsid:#x} of vIOMMU {viommu} is already bound to {device}")]
+    VsidTaken {
+        /// The vIOMMU.
+        viommu: u32,
+        /// The vSID.
+        vsid: u32,
+        /// The device holding it.
+        device: DeviceId,
+    },
+    /// `set_dev_id`: the device already has a vSID (here or in another vIOMMU), or its unbind is
+    /// still waiting for its grace period.
+    #[error("EEXIST: {device} is already bound in vIOMMU {viommu}{}",
+        match vsid { Some(v) => format!(" as vSID {v:#x}"), None => " (unbind in progress)".into() })]
+    DeviceBound {
+        /// The device.
+        device: DeviceId,
+        /// The vIOMMU it is bound in.
+        viommu: u32,
+        /// Its vSID there; `None` while an unbind waits for its grace period.
+        vsid: Option<u32>,
+    },
+    /// `set_dev_id`: the device sits behind another physical SMMU than the vIOMMU.
+    #[error(
+        "EINVAL: {device} sits behind SMMU {device_smmu}, vIOMMU {viommu} is on SMMU {viommu_smmu}"
+    )]
+    WrongSmmu {
+        /// The device.
+        device: DeviceId,
+        /// Its SMMU.
+        device_smmu: u32,
+        /// The vIOMMU.
+        viommu: u32,
+        /// The vIOMMU's SMMU.
+        viommu_smmu: u32,
+    },
+    /// `set_dev_id`: the vSID needs more bits than the vIOMMU's SIDSIZE.
+    #[error("EINVAL: vSID {vsid:#x} does not fit the SIDSIZE {sidsize} of vIOMMU {viommu}")]
+    VsidTooLarge {
+        /// The vIOMMU.
+        viommu: u32,
+        /// The vSID.
+        vsid: u32,
+        /// The vIOMMU's SIDSIZE.
+        sidsize: u8,
+    },
+    /// `unset_dev_id`: the device is not bound in this vIOMMU.
+    #[error("ENOENT: {device} is not bound in vIOMMU {viommu}")]
+    NotBound {
+        /// The device.
+        device: DeviceId,
+        /// The vIOMMU.
+        viommu: u32,
+    },
+    /// No device has this id.
+    #[error("ENOENT: no device {device}")]
+    NoDevice {
+        /// The id.
+        device: DeviceId,
+    },
+    /// `add_device`: the id is taken.
+    #[error("EEXIST: {device} is already registered")]
+    DeviceExists {
+        /// The id.
+        device: DeviceId,
+    },
+    /// `add_device`: another device already has this pSID on this SMMU.
+    #[error("EEXIST: pSID {psid:#x} of SMMU {smmu} already belongs to {device}")]
+    PsidTaken {
+        /// The SMMU.
+        smmu: u32,
+        /// The pSID.
+        psid: u32,
+        /// The device that has it.
+        device: DeviceId,
+    },
+    /// `remove_device`: the device is bound.
+    #[error("EBUSY: {device} is bound in vIOMMU {viommu}")]
+    DeviceBusy {
+        /// The device.
+        device: DeviceId,
+        /// The vIOMMU it is bound in.
+        viommu: u32,
+    },
+    /// A vIOMMU configuration with SIDSIZE outside 1..=32.
+    #[error("EINVAL: SIDSIZE {0} is outside 1..=32")]
+    BadSidsize(u8),
+}
+
+impl ViommuError {
+    /// The errno name: `EEXIST`, `EINVAL`, `ENOENT` or `EBUSY`.
+    pub fn errno(&self) -> &'static str {
+        match self {
+            ViommuError::VsidTaken { .. }
+            | ViommuError::DeviceBound { .. }
+            | ViommuError::DeviceExists { .. }
+            | ViommuError::PsidTaken { .. } => "EEXIST",
+            ViommuError::WrongSmmu { .. }
+            | ViommuError::VsidTooLarge { .. }
+            | ViommuError::BadSidsize(_) => "EINVAL",
+            ViommuError::NotBound { .. } | ViommuError::NoDevice { .. } => "ENOENT",
+            ViommuError::DeviceBusy { .. } => "EBUSY",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Binding {
+    Free,
+    Bound {
+        viommu: u32,
+        vsid: u32,
+    },
+    /// Removed from the table; waiting for the grace period before the device is free.
+    Unbinding {
+        viommu: u32,
+    },
+}
+
+#[derive(Debug)]
+struct DeviceState {
+    smmu: u32,
+    psid: u32,
+    binding: Binding,
+}
+
+/// The host's devices: which SMMU each sits behind, its pSID, and where it is bound.
+#[derive(Debug, Default)]
+pub struct Devices {
+    inner: Mutex<DevicesInner>,
+}
+
+#[derive(Debug, Default)]
+struct DevicesInner {
+    by_id: HashMap<DeviceId, DeviceState>,
+    by_psid: HashMap<(u32, u32), DeviceId>,
+}
+
+impl Devices {
+    /// An empty registry.
+    pub fn new() -> Arc<Devices> {
+        Arc::new(Devices::default())
+    }
+
+    /// Registers a device behind `smmu` with `psid`. EEXIST if the id or the (SMMU, pSID) pair
+    /// is taken.
+    pub fn add_device(&self, id: DeviceId, smmu: u32, psid: u32) -> Result<(), ViommuError> {
+        let mut d = lock(&self.inner);
+        if d.by_id.contains_key(&id) {
+            return Err(ViommuError::DeviceExists { device: id });
+        }
+        if let Some(&device) = d.by_psid.get(&(smmu, psid)) {
+            return Err(ViommuError::PsidTaken { smmu, psid, device });
+        }
+        d.by_psid.insert((smmu, psid), id);
+        d.by_id.insert(
+            id,
+            DeviceState {
+                smmu,
+                psid,
+                binding: Binding::Free,
+            },
+        );
+        Ok(())
+    }
+
+    /// Forgets an unbound device. ENOENT if unknown, EBUSY if bound.
+    pub fn remove_device(&self, id: DeviceId) -> Result<(), ViommuError> {
+        let mut d = lock(&self.inner);
+        let st = d
+            .by_id
+            .get(&id)
+            .ok_or(ViommuError::NoDevice { device: id })?;
+        match st.binding {
+            Binding::Free => {}
+            Binding::Bound { viommu, .. } | Binding::Unbinding { viommu } => {
+                return Err(ViommuError::DeviceBusy { device: id, viommu })
+            }
+        }
+        let key = (st.smmu, st.psid);
+        d.by_psid.remove(&key);
+        d.by_id.remove(&id);
+        Ok(())
+    }
+
+    /// The device `id`, if registered.
+    pub fn get(&self, id: DeviceId) -> Option<Device> {
+        lock(&self.inner).by_id.get(&id).map(|s| Device {
+            id,
+            smmu: s.smmu,
+            psid: s.psid,
+        })
+    }
+
+    /// Registered devices.
+    pub fn len(&self) -> usize {
+        lock(&self.inner).by_id.len()
+    }
+
+    /// Whether no device is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn set_binding(&self, id: DeviceId, binding: Binding) {
+        if let Some(s) = lock(&self.inner).by_id.get_mut(&id) {
+            s.binding = binding;
+        }
+    }
+}
+
+/// One VM's view of one physical SMMU.
+pub struct Viommu {
+    cfg: ViommuConfig,
+    table: SidTable,
+    devices: Arc<Devices>,
+    grace: Arc<GraceDomain>,
+    /// device -> vSID of the devices bound here. Also the lock that serialises this vIOMMU's
+    /// updates; taken before the device registry's.
+    bound: Mutex<HashMap<DeviceId, u32>>,
+}
+
+impl Viommu {
+    /// A vIOMMU with no bindings. `devices` is the host's registry, `grace` the engine's domain
+    /// (shared by every vIOMMU whose commands the same workers translate).
+    pub fn new(
+        cfg: ViommuConfig,
+        devices: Arc<Devices>,
+        grace: Arc<GraceDomain>,
+    ) -> Result<Viommu, ViommuError> {
+        let table = SidTable::new(cfg.sidsize).ok_or(ViommuError::BadSidsize(cfg.sidsize))?;
+        Ok(Viommu {
+            cfg,
+            table,
+            devices,
+            grace,
+            bound: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ViommuConfig {
+        &self.cfg
+    }
+
+    /// The id.
+    pub fn id(&self) -> u32 {
+        self.cfg.id
+    }
+
+    /// The VM's VMID on the physical SMMU.
+    pub fn vmid(&self) -> u16 {
+        self.cfg.vmid
+    }
+
+    /// The policy profile.
+    pub fn profile(&self) -> Profile {
+        self.cfg.profile
+    }
+
+    /// The grace domain unbinds wait in.
+    pub fn grace(&self) -> &Arc<GraceDomain> {
+        &self.grace
+    }
+
+    /// The vSID table (for lookups and statistics).
+    pub fn table(&self) -> &SidTable {
+        &self.table
+    }
+
+    /// The pSID bound to `vsid`: lock-free, for translating threads.
+    #[inline]
+    pub fn lookup(&self, vsid: u32) -> Option<u32> {
+        self.table.get(vsid)
+    }
+
+    /// Every binding as `(device, vSID, pSID)`, sorted by vSID.
+    pub fn bindings(&self) -> Vec<(DeviceId, u32, u32)> {
+        let bound = lock(&self.bound);
+        let mut v: Vec<_> = bound
+            .iter()
+            .filter_map(|(&d, &vsid)| Some((d, vsid, self.table.get(vsid)?)))
+            .collect();
+        v.sort_by_key(|&(_, vsid, _)| vsid);
+        v
+    }
+
+    /// Binds `device` to `vsid` in this vIOMMU.
+    ///
+    /// Errors, checked in this order: ENOENT (no such device), EINVAL (the device sits behind
+    /// another SMMU; the vSID does not fit SIDSIZE), EEXIST (the device already has a vSID,
+    /// here or elsewhere, or is being unbound; the vSID is taken).
+    pub fn set_dev_id(&self, device: DeviceId, vsid: u32) -> Result<(), ViommuError> {
+        let viommu = self.cfg.id;
+        let mut bound = lock(&self.bound);
+        let mut devs = lock(&self.devices.inner);
+        let st = devs
+            .by_id
+            .get_mut(&device)
+            .ok_or(ViommuError::NoDevice { device })?;
+        if st.smmu != self.cfg.smmu {
+            return Err(ViommuError::WrongSmmu {
+                device,
+                device_smmu: st.smmu,
+                viommu,
+                viommu_smmu: self.cfg.smmu,
+            });
+        }
+        if !self.table.fits(vsid) {
+            return Err(ViommuError::VsidTooLarge {
+                viommu,
+                vsid,
+                sidsize: self.cfg.sidsize,
+            });
+        }
+        match st.binding {
+            Binding::Free => {}
+            Binding::Bound { viommu, vsid } => {
+                return Err(ViommuError::DeviceBound {
+                    device,
+                    viommu,
+                    vsid: Some(vsid),
+                })
+            }
+            Binding::Unbinding { viommu } => {
+                return Err(ViommuError::DeviceBound {
+                    device,
+                    viommu,
+                    vsid: None,
+                })
+            }
+        }
+        if self.table.get(vsid).is_some() {
+            let holder = bound
+                .iter()
+                .find(|&(_, &v)| v == vsid)
+                .map_or(DeviceId(u32::MAX), |(&d, _)| d);
+            return Err(ViommuError::VsidTaken {
+                viommu,
+                vsid,
+                device: holder,
+            });
+        }
+        // Both checks above ran under this vIOMMU's lock: the insert cannot fail.
+        if let Err(e) = self.table.insert(vsid, st.psid) {
+            unreachable!("checked under the lock: {e}");
+        }
+        st.binding = Binding::Bound { viommu, vsid };
+        bound.insert(device, vsid);
+        Ok(())
+    }
+
+    /// Unbinds `device` from this vIOMMU and returns the vSID it had. ENOENT if it is not bound
+    /// here.
+    ///
+    /// A barrier: when this returns, every batch that looked the old binding up has been
+    /// published, and no batch translated afterwards can see it. Blocks for one grace period of
+    /// the engine's [`GraceDomain`] (the time the workers take to finish their current batch).
+    pub fn unset_dev_id(&self, device: DeviceId) -> Result<u32, ViommuError> {
+        let vsid = {
+            let mut bound = lock(&self.bound);
+            let vsid = bound.remove(&device).ok_or(ViommuError::NotBound {
+                device,
+                viommu: self.cfg.id,
+            })?;
+            self.table.remove(vsid);
+            self.devices.set_binding(
+                device,
+                Binding::Unbinding {
+                    viommu: self.cfg.id,
+                },
+            );
+            vsid
+        };
+        // Outside the lock: other bindings of this vIOMMU may change meanwhile; only this
+        // device stays reserved until no batch can still carry its pSID.
+        self.grace.synchronize();
+        self.devices.set_binding(device, Binding::Free);
+        Ok(vsid)
+    }
+}
+
+impl Drop for Viommu {
+    fn drop(&mut self) {
+        // Nobody can be translating through a vIOMMU that is being dropped: its devices are free.
+        let bound = lock(&self.bound);
+        for &device in bound.keys() {
+            self.devices.set_binding(device, Binding::Free);
+        }
+    }
+}
+
+impl core::fmt::Debug for Viommu {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Viommu")
+            .field("cfg", &self.cfg)
+            .field("table", &self.table)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every update under these locks leaves the maps consistent at each step.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,179 @@
+//! `vcmdq translate` as a person runs it: commands on stdin, one result per line.
+
+use serde_json::Value;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn run(args: &[&str], stdin: &str) -> (i32, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vcmdq"))
+        .arg("translate")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("vcmdq runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+fn json(args: &[&str], stdin: &str) -> Vec<Value> {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    let (code, out, err) = run(&a, stdin);
+    assert_eq!(code, 0, "stderr: {err}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
+}
+
+const INPUT: &str = "\
+# a guest batch
+TLBI_NH_ALL vmid=9
+0x0000001000000040 0x34
+PREFETCH_CONFIG sid=0x10
+
+CFGI_STE sid=0x10
+CMD_SYNC cs=1 msidata=0x77 msiaddr=0x1000
+ATC_INV sid=0x12 size=52
+TLBI_NH_ASID asid=1
+";
+
+#[test]
+fn every_line_gets_its_outcome() {
+    let v = json(&["--vmid", "5", "--bind", "vsid=0x10,psid=0x800"], INPUT);
+    assert_eq!(v.len(), 7);
+    let outcomes: Vec<&str> = v.iter().map(|o| o["outcome"].as_str().unwrap()).collect();
+    assert_eq!(
+        outcomes,
+        [
+            "forwarded",
+            "forwarded",
+            "dropped",
+            "trapped",
+            "sync",
+            "refused",
+            "not_reached"
+        ]
+    );
+    for (i, o) in v.iter().enumerate() {
+        assert_eq!(o["slot"], i);
+    }
+    assert_eq!(v[0]["line"], 2);
+    assert_eq!(v[0]["out"][0], "0x0000000500000010");
+    assert_eq!(v[0]["out"][1], "0x0000000000000000");
+    assert_eq!(v[1]["out"][0], "0x0000080000000040");
+    assert_eq!(v[1]["out"][1], "0x0000000000000034");
+    assert_eq!(v[4]["msiaddr"], "0x1000");
+    assert_eq!(v[5]["cerror"], "ILL");
+    assert!(v[5]["reason"].as_str().unwrap().contains("vSID 0x12"));
+    assert!(v[6].get("out").is_none());
+}
+
+#[test]
+fn continue_goes_past_a_refusal() {
+    let v = json(
+        &[
+            "--vmid",
+            "5",
+            "--bind",
+            "vsid=0x10,psid=0x800",
+            "--continue",
+        ],
+        INPUT,
+    );
+    assert_eq!(v[6]["outcome"], "forwarded");
+    assert_eq!(v[6]["out"][0], "0x0001000500000011");
+}
+
+#[test]
+fn profile_and_range_flags() {
+    let input = "TLBI_NH_ALL\nTLBI_NH_VA asid=1 addr=0x1000 tg=4k\n";
+    let v = json(
+        &["--vmid", "5", "--profile", "tegra241", "--continue"],
+        input,
+    );
+    assert_eq!(v[0]["outcome"], "refused");
+    assert!(v[0]["reason"].as_str().unwrap().contains("profile"));
+    assert_eq!(v[1]["outcome"], "forwarded");
+    let v = json(&["--vmid", "5", "--no-range"], input);
+    assert_eq!(v[0]["outcome"], "forwarded");
+    assert_eq!(v[1]["outcome"], "refused");
+    assert!(v[1]["reason"].as_str().unwrap().contains("range"));
+}
+
+#[test]
+fn bindings_file() {
+    let dir = std::env::temp_dir().join(format!("vcmdq-cli-translate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("bindings");
+    std::fs::write(
+        &f,
+        "# vSID -> pSID\nvsid=0x10,psid=0x800\nvsid=0x11, psid=0x801\n",
+    )
+    .unwrap();
+    let v = json(
+        &["--vmid", "1", "--bindings", f.to_str().unwrap()],
+        "CFGI_CD_ALL sid=0x11\n",
+    );
+    assert_eq!(v[0]["out"][0], "0x0000080100000006");
+    std::fs::write(&f, "vsid=0x10\n").unwrap();
+    let (code, _, err) = run(&["--vmid", "1", "--bindings", f.to_str().unwrap()], "");
+    assert_eq!(code, 2);
+    assert!(err.contains(":1:"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn errors_are_named() {
+    let (code, _, err) = run(
+        &[
+            "--vmid",
+            "1",
+            "--sidsize",
+            "8",
+            "--bind",
+            "vsid=0x100,psid=1",
+        ],
+        "",
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("EINVAL"), "{err}");
+    let (code, _, err) = run(
+        &[
+            "--vmid",
+            "1",
+            "--bind",
+            "vsid=1,psid=1",
+            "--bind",
+            "vsid=1,psid=2",
+        ],
+        "",
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("EEXIST"), "{err}");
+    let (code, _, err) = run(&["--vmid", "1"], "TLBI_NH_ALL\nnonsense here\n");
+    assert_eq!(code, 2);
+    assert!(err.contains("line 2"), "{err}");
+}
+
+#[test]
+fn text_output_names_each_slot() {
+    let (code, out, _) = run(&["--vmid", "5", "--bind", "vsid=0x10,psid=0x800"], INPUT);
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 7);
+    assert!(lines[0].contains("forwarded") && lines[0].contains("TLBI_NH_ALL vmid=5"));
+    assert!(lines[5].contains("CERROR_ILL"));
+    assert!(lines[6].contains("not reached"));
+}
