@@ -6,6 +6,7 @@
 //! See `docs/architecture.md` for the pipeline and `../shared/design` for the rules it keeps.
 
 pub mod command;
+pub mod engine;
 pub mod oracle;
 pub mod pqueue;
 pub mod queue;

@@ -1,0 +1,414 @@
+//! The engine: workers that poll guest rings, translate in batches, publish into physical
+//! VCMDQs, and carry completions and errors back to the guests.
+//!
+//! Threads. `workers` translating threads; each owns one physical queue (so the publish path is
+//! single-producer: no lock, one PROD store per batch) and a set of guest rings (a ring is
+//! served by exactly one worker, so its order holds). The modelled hardware runs either inline,
+//! stepped by its worker between passes (the default: on a 2-core machine a third busy thread
+//! only steals time), or on a thread of its own per queue. The control plane (this type's
+//! methods: vIOMMUs, devices, bindings, rings, traps) reaches a worker through a lock-free
+//! queue the worker drains once per pass.
+//!
+//! One pass of a worker, per ring: read PROD once and copy up to the ring budget (bounded by the
+//! physical free space: each guest entry becomes at most one physical entry), translate the copy
+//! in batches of at most `batch_limit` under one grace-period pin, publish each batch with one
+//! PROD store, and queue a pending record per batch: the physical position that must be
+//! consumed before the guest's CONS may pass the batch, and what to do then (signal the guest's
+//! CMD_SYNC, stop the ring with CONS.ERR, hand a trapped command to the control plane). A batch
+//! that ends in a guest CMD_SYNC gets one physical CMD_SYNC; no other batch needs one, since a
+//! guest learns nothing from CONS but that its entries were read.
+//!
+//! Physical faults. The hardware stops at the failing command. Its provenance tag names the
+//! guest ring and slot; the worker takes back (retracts into no-op CMD_SYNCs) that ring's later
+//! commands still in the physical queue, stops the guest ring at the slot with the same CONS.ERR
+//! (so after the guest's acknowledgement, the fixed slot and everything after it are read and
+//! forwarded exactly once), and repairs the physical queue as Linux does. Other rings' commands
+//! in the same queue are untouched.
+
+mod stats;
+mod worker;
+
+pub use stats::{AuditRecord, EngineStats};
+
+use crate::command::RawCommand;
+use crate::pqueue::{HwConfig, HwCounters, PhysQueue};
+use crate::ring::{HostRing, RingError};
+use crate::viommu::{Devices, GraceDomain, Viommu, ViommuConfig, ViommuError};
+use crossbeam_queue::SegQueue;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// A guest ring attached to the engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RingId(pub u32);
+
+/// Where the modelled hardware consumer runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HwPlacement {
+    /// Stepped by its worker once per pass: no extra thread.
+    #[default]
+    Inline,
+    /// A thread per physical queue.
+    Thread,
+}
+
+/// How the engine runs.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Translating threads, each with its own physical queue.
+    pub workers: usize,
+    /// Guest entries translated and published as one batch at most (a guest CMD_SYNC closes a
+    /// batch early).
+    pub batch_limit: usize,
+    /// Guest entries taken from one ring per pass at most: a flooding guest gets its share and
+    /// no more.
+    pub ring_budget: usize,
+    /// LOG2SIZE of each physical queue.
+    pub phys_log2size: u8,
+    /// The hardware model of every physical queue.
+    pub hw: HwConfig,
+    /// Where the hardware model runs.
+    pub hardware: HwPlacement,
+    /// Record what became of every guest slot, every batch and every sync completion, with
+    /// times ([`EngineReport::audit`]): what replay checks against the oracle and measures
+    /// latency from. Costs an allocation now and then on the hot path, so benchmarks leave it off.
+    pub audit: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            workers: 1,
+            batch_limit: 64,
+            ring_budget: 256,
+            phys_log2size: 12,
+            hw: HwConfig::default(),
+            hardware: HwPlacement::Inline,
+            audit: false,
+        }
+    }
+}
+
+/// A command the engine handed to the control plane (CFGI_STE, CFGI_STE_RANGE). The ring it
+/// came from is paused at `slot` until [`Engine::complete_trap`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrapEvent {
+    /// The ring.
+    pub ring: RingId,
+    /// The ring's vIOMMU.
+    pub viommu: u32,
+    /// The guest pointer of the trapped command.
+    pub slot: u32,
+    /// Its sequence number in the ring since attach.
+    pub seq: u64,
+    /// The command as the guest wrote it.
+    pub cmd: RawCommand,
+}
+
+/// A failed control-plane operation.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A vIOMMU or device operation failed.
+    #[error(transparent)]
+    Viommu(#[from] ViommuError),
+    /// No vIOMMU has this id.
+    #[error("ENOENT: no vIOMMU {0}")]
+    UnknownViommu(u32),
+    /// The id is taken.
+    #[error("EEXIST: vIOMMU {0} exists")]
+    ViommuExists(u32),
+    /// The vIOMMU still has rings attached.
+    #[error("EBUSY: vIOMMU {viommu} still has {rings} ring(s) attached; detach them first")]
+    ViommuBusy {
+        /// The vIOMMU.
+        viommu: u32,
+        /// Rings attached.
+        rings: usize,
+    },
+    /// No ring has this id.
+    #[error("ENOENT: no ring {0:?}")]
+    UnknownRing(RingId),
+    /// The worker did not hand the ring back in time.
+    #[error("ETIMEDOUT: ring {0:?} still has commands in flight")]
+    DetachTimeout(RingId),
+    /// A ring could not be read.
+    #[error(transparent)]
+    Ring(#[from] RingError),
+    /// The physical queue geometry is invalid.
+    #[error("physical queue: {0}")]
+    PhysQueue(crate::queue::QueueError),
+}
+
+/// A control message for one worker.
+enum Ctrl {
+    Attach {
+        id: RingId,
+        host: Box<HostRing>,
+        viommu: Arc<Viommu>,
+    },
+    Detach {
+        id: RingId,
+    },
+    TrapDone {
+        id: RingId,
+    },
+}
+
+/// What the control plane and the workers share.
+struct Shared {
+    grace: Arc<GraceDomain>,
+    ctrl: Vec<SegQueue<Ctrl>>,
+    traps: SegQueue<TrapEvent>,
+    /// Rings handed back by workers (detached, or failed), by id.
+    detached: Mutex<HashMap<RingId, (HostRing, Option<RingError>)>>,
+    stopping: AtomicBool,
+    stats: Vec<stats::Shared>,
+    epoch: Instant,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking worker cannot leave these maps half-updated: every critical section is one
+    // insert or remove.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What [`Engine::shutdown`] returns.
+#[derive(Debug, Default)]
+pub struct EngineReport {
+    /// Counters summed over workers.
+    pub stats: EngineStats,
+    /// Every worker's audit, concatenated (empty unless [`EngineConfig::audit`]).
+    pub audit: Vec<AuditRecord>,
+    /// Each physical queue's hardware counters.
+    pub hardware: Vec<HwCounters>,
+    /// When the engine started: the zero of every audit time.
+    pub epoch: Option<Instant>,
+}
+
+/// A running engine.
+pub struct Engine {
+    shared: Arc<Shared>,
+    devices: Arc<Devices>,
+    viommus: Mutex<HashMap<u32, Arc<Viommu>>>,
+    /// Attached rings: their worker and vIOMMU.
+    rings: Mutex<HashMap<RingId, (usize, u32)>>,
+    next_ring: AtomicU32,
+    workers: Vec<JoinHandle<worker::Report>>,
+    hw_threads: Vec<JoinHandle<HwCounters>>,
+    hw_stop: Arc<AtomicBool>,
+}
+
+impl Engine {
+    /// Starts the workers (and hardware threads) with no vIOMMU and no ring.
+    pub fn start(cfg: EngineConfig) -> Result<Engine, EngineError> {
+        let n = cfg.workers.max(1);
+        let shared = Arc::new(Shared {
+            grace: GraceDomain::new(),
+            ctrl: (0..n).map(|_| SegQueue::new()).collect(),
+            traps: SegQueue::new(),
+            detached: Mutex::new(HashMap::new()),
+            stopping: AtomicBool::new(false),
+            stats: (0..n).map(|_| stats::Shared::default()).collect(),
+            epoch: Instant::now(),
+        });
+        let hw_stop = Arc::new(AtomicBool::new(false));
+        let mut workers = Vec::with_capacity(n);
+        let mut hw_threads = Vec::new();
+        for index in 0..n {
+            let (producer, mut hardware) = PhysQueue::new(cfg.phys_log2size, cfg.hw.clone())
+                .map_err(EngineError::PhysQueue)?;
+            let inline = match cfg.hardware {
+                HwPlacement::Inline => Some(hardware),
+                HwPlacement::Thread => {
+                    let stop = hw_stop.clone();
+                    hw_threads.push(
+                        std::thread::Builder::new()
+                            .name(format!("vcmdq-hw{index}"))
+                            .spawn(move || {
+                                hardware.run(&stop);
+                                hardware.counters().clone()
+                            })
+                            .expect("spawn a hardware thread"),
+                    );
+                    None
+                }
+            };
+            let w = worker::Worker::new(index, &cfg, shared.clone(), producer, inline);
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("vcmdq-worker{index}"))
+                    .spawn(move || w.run())
+                    .expect("spawn a worker thread"),
+            );
+        }
+        Ok(Engine {
+            shared,
+            devices: Devices::new(),
+            viommus: Mutex::new(HashMap::new()),
+            rings: Mutex::new(HashMap::new()),
+            next_ring: AtomicU32::new(0),
+            workers,
+            hw_threads,
+            hw_stop,
+        })
+    }
+
+    /// The host's devices: add them here before binding them in a vIOMMU.
+    pub fn devices(&self) -> &Arc<Devices> {
+        &self.devices
+    }
+
+    /// Creates a vIOMMU whose commands this engine's workers translate.
+    pub fn create_viommu(&self, cfg: ViommuConfig) -> Result<Arc<Viommu>, EngineError> {
+        let mut map = lock(&self.viommus);
+        if map.contains_key(&cfg.id) {
+            return Err(EngineError::ViommuExists(cfg.id));
+        }
+        let v = Arc::new(Viommu::new(
+            cfg,
+            self.devices.clone(),
+            self.shared.grace.clone(),
+        )?);
+        map.insert(cfg.id, v.clone());
+        Ok(v)
+    }
+
+    /// The vIOMMU `id`; bind and unbind devices through it (`set_dev_id`, `unset_dev_id`).
+    pub fn viommu(&self, id: u32) -> Option<Arc<Viommu>> {
+        lock(&self.viommus).get(&id).cloned()
+    }
+
+    /// Removes a vIOMMU that has no ring attached, unbinding its devices first (each unbind a
+    /// barrier).
+    pub fn remove_viommu(&self, id: u32) -> Result<(), EngineError> {
+        let rings = lock(&self.rings).values().filter(|(_, v)| *v == id).count();
+        if rings > 0 {
+            return Err(EngineError::ViommuBusy { viommu: id, rings });
+        }
+        let v = lock(&self.viommus)
+            .remove(&id)
+            .ok_or(EngineError::UnknownViommu(id))?;
+        for (device, _, _) in v.bindings() {
+            v.unset_dev_id(device)?;
+        }
+        Ok(())
+    }
+
+    /// Attaches a guest ring to the vIOMMU its header names; a worker starts serving it.
+    pub fn attach_ring(&self, host: HostRing) -> Result<RingId, EngineError> {
+        let viommu_id = host.viommu_id();
+        let viommu = self
+            .viommu(viommu_id)
+            .ok_or(EngineError::UnknownViommu(viommu_id))?;
+        let id = RingId(self.next_ring.fetch_add(1, Ordering::Relaxed));
+        let worker = id.0 as usize % self.shared.ctrl.len();
+        lock(&self.rings).insert(id, (worker, viommu_id));
+        self.shared.ctrl[worker].push(Ctrl::Attach {
+            id,
+            host: Box::new(host),
+            viommu,
+        });
+        Ok(id)
+    }
+
+    /// Detaches a ring once nothing of it is in flight and gives it back.
+    pub fn detach_ring(&self, id: RingId, timeout: Duration) -> Result<HostRing, EngineError> {
+        let (worker, _) = *lock(&self.rings)
+            .get(&id)
+            .ok_or(EngineError::UnknownRing(id))?;
+        self.shared.ctrl[worker].push(Ctrl::Detach { id });
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((host, _)) = lock(&self.shared.detached).remove(&id) {
+                lock(&self.rings).remove(&id);
+                return Ok(host);
+            }
+            if Instant::now() > deadline {
+                return Err(EngineError::DetachTimeout(id));
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    /// Rings a worker gave up on (their memory failed, e.g. an unsealed file shrank), with why.
+    pub fn failed_rings(&self) -> Vec<(RingId, RingError)> {
+        let mut d = lock(&self.shared.detached);
+        let failed: Vec<RingId> = d
+            .iter()
+            .filter(|(_, (_, e))| e.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        let mut rings = lock(&self.rings);
+        failed
+            .into_iter()
+            .filter_map(|id| {
+                rings.remove(&id);
+                d.remove(&id).and_then(|(_, e)| e.map(|e| (id, e)))
+            })
+            .collect()
+    }
+
+    /// The next trapped command, in the order each ring issued them.
+    pub fn next_trap(&self) -> Option<TrapEvent> {
+        self.shared.traps.pop()
+    }
+
+    /// The control plane is done with the trapped command of `ring`: its CONS moves past it and
+    /// the ring is served again.
+    pub fn complete_trap(&self, ring: RingId) -> Result<(), EngineError> {
+        let (worker, _) = *lock(&self.rings)
+            .get(&ring)
+            .ok_or(EngineError::UnknownRing(ring))?;
+        self.shared.ctrl[worker].push(Ctrl::TrapDone { id: ring });
+        Ok(())
+    }
+
+    /// Counters summed over workers, as of their last pass.
+    pub fn stats(&self) -> EngineStats {
+        self.shared.stats.iter().map(stats::Shared::load).sum()
+    }
+
+    /// Stops taking new guest entries, publishes and completes everything already taken, and
+    /// stops the threads.
+    pub fn shutdown(mut self) -> EngineReport {
+        self.shared.stopping.store(true, Ordering::Release);
+        let mut report = EngineReport {
+            epoch: Some(self.shared.epoch),
+            ..Default::default()
+        };
+        for w in self.workers.drain(..) {
+            match w.join() {
+                Ok(r) => {
+                    report.audit.extend(r.audit);
+                    report.hardware.extend(r.hardware);
+                }
+                Err(p) => std::panic::resume_unwind(p),
+            }
+        }
+        self.hw_stop.store(true, Ordering::Release);
+        for h in self.hw_threads.drain(..) {
+            match h.join() {
+                Ok(c) => report.hardware.push(c),
+                Err(p) => std::panic::resume_unwind(p),
+            }
+        }
+        report.stats = self.stats();
+        report
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        self.hw_stop.store(true, Ordering::Release);
+        for h in self.hw_threads.drain(..) {
+            let _ = h.join();
+        }
+    }
+}

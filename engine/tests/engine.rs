@@ -1,0 +1,337 @@
+//! The engine end to end over heap rings: forwarding, guest CMD_SYNC completion, refusal and
+//! resume, traps, physical faults, shutdown; every run checked against the oracle through the
+//! audit trail, and every physical command checked by the hardware model for isolation.
+#![cfg(not(loom))]
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vcmdq::command::{opcode, text, RawCommand};
+use vcmdq::engine::{AuditRecord, Engine, EngineConfig, RingId};
+use vcmdq::oracle;
+use vcmdq::pqueue::{Fault, HwConfig};
+use vcmdq::queue::CError;
+use vcmdq::ring::{heap_pair, AttachOptions, GuestRing, HostRing, RingError};
+use vcmdq::translate::SlotOutcome;
+use vcmdq::viommu::{DeviceId, ViommuConfig};
+
+const T: Duration = Duration::from_secs(10);
+
+fn c(s: &str) -> RawCommand {
+    text::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"))
+}
+
+/// Every command the hardware consumed, and a check that none carries a VMID or pSID the host
+/// did not hand out, and that no guest CMD_SYNC (with its guest MSI address) reaches it.
+fn hw(vmids: &[u16], psids: &[u32]) -> (HwConfig, Arc<Mutex<Vec<RawCommand>>>) {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let l = log.clone();
+    let vmids: HashSet<u16> = vmids.iter().copied().collect();
+    let psids: HashSet<u32> = psids.iter().copied().collect();
+    let cfg = HwConfig::default().with_check(move |cmd| {
+        l.lock().unwrap().push(*cmd);
+        let op = cmd.opcode();
+        let vmid = (cmd.d0() >> 32) as u16;
+        let sid = (cmd.d0() >> 32) as u32;
+        match op {
+            opcode::TLBI_NH_ALL
+            | opcode::TLBI_NH_ASID
+            | opcode::TLBI_NH_VA
+            | opcode::TLBI_NH_VAA
+                if !vmids.contains(&vmid) =>
+            {
+                Err(format!("VMID {vmid} was never handed out"))
+            }
+            opcode::ATC_INV | opcode::CFGI_CD | opcode::CFGI_CD_ALL if !psids.contains(&sid) => {
+                Err(format!("pSID {sid:#x} was never handed out"))
+            }
+            opcode::CMD_SYNC if *cmd != RawCommand::new(0x46, 0) => {
+                Err(format!("a CMD_SYNC the engine did not make: {cmd:?}"))
+            }
+            _ => Ok(()),
+        }
+    });
+    (cfg, log)
+}
+
+struct Vm {
+    ring: RingId,
+    guest: GuestRing,
+}
+
+/// An engine with vIOMMU 1 (VMID 5) binding vSID 0x10 -> pSID 0x800 and vSID 0x11 -> 0x801,
+/// and vIOMMU 2 (VMID 6) binding vSID 0x10 -> pSID 0x900; one 2^log2 ring on each.
+fn setup(hwcfg: HwConfig, log2: u8) -> (Engine, Vm, Vm) {
+    let engine = Engine::start(EngineConfig {
+        hw: hwcfg,
+        audit: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let d = engine.devices();
+    d.add_device(DeviceId(1), 0, 0x800).unwrap();
+    d.add_device(DeviceId(2), 0, 0x801).unwrap();
+    d.add_device(DeviceId(3), 0, 0x900).unwrap();
+    let v1 = engine.create_viommu(ViommuConfig::new(1, 5, 0)).unwrap();
+    v1.set_dev_id(DeviceId(1), 0x10).unwrap();
+    v1.set_dev_id(DeviceId(2), 0x11).unwrap();
+    let v2 = engine.create_viommu(ViommuConfig::new(2, 6, 0)).unwrap();
+    v2.set_dev_id(DeviceId(3), 0x10).unwrap();
+    let vm = |v: u32| {
+        let (guest, host) = heap_pair(log2, v).unwrap();
+        let ring = engine.attach_ring(host).unwrap();
+        Vm { ring, guest }
+    };
+    let (a, b) = (vm(1), vm(2));
+    (engine, a, b)
+}
+
+/// The final outcome of each entry of `ring`, in ring order, after physical faults voided
+/// what followed them.
+fn outcomes(audit: &[AuditRecord], ring: RingId) -> Vec<SlotOutcome> {
+    let mut by_seq: Vec<Option<SlotOutcome>> = Vec::new();
+    for rec in audit {
+        match *rec {
+            AuditRecord::Slot {
+                ring: r,
+                seq,
+                outcome,
+            } if r == ring => {
+                let seq = seq as usize;
+                if by_seq.len() <= seq {
+                    by_seq.resize(seq + 1, None);
+                }
+                by_seq[seq] = Some(outcome);
+            }
+            AuditRecord::PhysFault { ring: r, seq, .. } if r == ring => {
+                by_seq.truncate(seq as usize);
+            }
+            _ => {}
+        }
+    }
+    by_seq
+        .into_iter()
+        .map(|o| o.expect("a gap in the audit"))
+        .collect()
+}
+
+fn bindings(pairs: &[(u32, u32)]) -> HashMap<u32, u32> {
+    pairs.iter().copied().collect()
+}
+
+#[test]
+fn forwards_patched_commands_and_completes_the_guest_sync() {
+    let (hwcfg, log) = hw(&[5, 6], &[0x800, 0x801, 0x900]);
+    let (engine, mut a, mut b) = setup(hwcfg, 4);
+    let cmds_a = [
+        c("TLBI_NH_VA vmid=6 asid=7 addr=0x8000_0000 tg=4k num=3 scale=0 ttl=3 leaf"),
+        c("ATC_INV sid=0x11 addr=0x1000 size=0"),
+        c("PREFETCH_CONFIG sid=0x10"),
+        c("TLBI_NSNH_ALL"),
+        c("CMD_SYNC cs=1 msidata=0xcafe msiaddr=0xfee0_0000"),
+    ];
+    let cmds_b = [c("ATC_INV sid=0x10 size=52"), c("CMD_SYNC cs=2")];
+    assert_eq!(a.guest.submit(&cmds_a), 5);
+    assert_eq!(b.guest.submit(&cmds_b), 2);
+    a.guest.wait_syncs(1, T).unwrap();
+    b.guest.wait_syncs(1, T).unwrap();
+    assert_eq!(a.guest.completion(), 0xcafe, "CS=IRQ writes MSIDATA");
+    assert_eq!(a.guest.cons(), (5, CError::None));
+    assert_eq!(b.guest.cons(), (2, CError::None));
+    let report = engine.shutdown();
+    let want_a = oracle::translate_all(
+        &ViommuConfig::new(1, 5, 0),
+        &bindings(&[(0x10, 0x800), (0x11, 0x801)]),
+        &cmds_a,
+        false,
+    );
+    assert_eq!(outcomes(&report.audit, a.ring), want_a);
+    let want_b = oracle::translate_all(
+        &ViommuConfig::new(2, 6, 0),
+        &bindings(&[(0x10, 0x900)]),
+        &cmds_b,
+        false,
+    );
+    assert_eq!(outcomes(&report.audit, b.ring), want_b);
+    // The VMID the guest wrote (6, another VM's) was replaced by its own.
+    let seen = log.lock().unwrap().clone();
+    assert!(seen.contains(&c(
+        "TLBI_NH_VA vmid=5 asid=7 addr=0x8000_0000 tg=4k num=3 scale=0 ttl=3 leaf"
+    )));
+    assert!(seen.contains(&c("TLBI_NH_ALL vmid=5")));
+    assert!(seen.contains(&c("ATC_INV sid=0x801 addr=0x1000 size=0")));
+    assert!(seen.contains(&c("ATC_INV sid=0x900 size=52")));
+    assert_eq!(report.stats.forwarded, 4);
+    assert_eq!(report.stats.dropped, 1);
+    assert_eq!(report.stats.guest_syncs, 2);
+    assert_eq!(
+        report.stats.phys_syncs, 2,
+        "one physical CMD_SYNC per guest CMD_SYNC batch"
+    );
+}
+
+#[test]
+fn a_refused_command_stops_its_ring_alone_and_it_resumes_after_the_ack() {
+    let (hwcfg, log) = hw(&[5, 6], &[0x800, 0x801, 0x900]);
+    let (engine, mut a, mut b) = setup(hwcfg, 3);
+    let bad = c("ATC_INV sid=0x99");
+    let cmds = [
+        c("TLBI_NH_ASID asid=1"),
+        bad,
+        c("TLBI_NH_ASID asid=2"),
+        c("CMD_SYNC"),
+    ];
+    a.guest.submit(&cmds);
+    match a.guest.wait_syncs(1, T) {
+        Err(RingError::Stopped { slot, cerror }) => assert_eq!((slot, cerror), (1, CError::Ill)),
+        other => panic!("expected a stop at slot 1, got {other:?}"),
+    }
+    // The other guest is not affected.
+    b.guest.submit(&[c("TLBI_NH_ASID asid=9"), c("CMD_SYNC")]);
+    b.guest.wait_syncs(1, T).unwrap();
+    assert_eq!(a.guest.error(), Some((1, CError::Ill)));
+    // As Linux does: overwrite the faulting command with a CMD_SYNC, acknowledge.
+    a.guest.write_slot(1, c("CMD_SYNC"));
+    a.guest.ack_error();
+    a.guest.wait_syncs(2, T).unwrap();
+    assert_eq!(a.guest.cons(), (4, CError::None));
+    let report = engine.shutdown();
+    let seen = log.lock().unwrap().clone();
+    let asid = |n| {
+        seen.iter()
+            .filter(|&&x| x == c(&format!("TLBI_NH_ASID vmid=5 asid={n}")))
+            .count()
+    };
+    assert_eq!((asid(1), asid(2)), (1, 1), "nothing lost, nothing doubled");
+    assert_eq!(report.stats.refused, 1);
+    let got = outcomes(&report.audit, a.ring);
+    let fixed = [cmds[0], c("CMD_SYNC"), cmds[2], cmds[3]];
+    let want = oracle::translate_all(
+        &ViommuConfig::new(1, 5, 0),
+        &bindings(&[(0x10, 0x800), (0x11, 0x801)]),
+        &fixed,
+        false,
+    );
+    assert_eq!(got, want);
+}
+
+#[test]
+fn a_trapped_command_pauses_its_ring_until_the_control_plane_is_done() {
+    let (hwcfg, log) = hw(&[5, 6], &[0x800, 0x801, 0x900]);
+    let (engine, mut a, _b) = setup(hwcfg, 4);
+    let ste = c("CFGI_STE sid=0x10 leaf");
+    a.guest.submit(&[
+        c("TLBI_NH_ASID asid=1"),
+        ste,
+        c("TLBI_NH_ASID asid=2"),
+        c("CMD_SYNC"),
+    ]);
+    let trap = loop {
+        if let Some(t) = engine.next_trap() {
+            break t;
+        }
+        std::thread::yield_now();
+    };
+    assert_eq!(
+        (trap.ring, trap.slot, trap.seq, trap.cmd),
+        (a.ring, 1, 1, ste)
+    );
+    assert_eq!(
+        a.guest.wait_cons(1, T).unwrap(),
+        1,
+        "CONS waits at the trapped command"
+    );
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(a.guest.cons().0, 1);
+    assert!(
+        !log.lock()
+            .unwrap()
+            .contains(&c("TLBI_NH_ASID vmid=5 asid=2")),
+        "nothing after the trap runs before the control plane is done"
+    );
+    engine.complete_trap(a.ring).unwrap();
+    a.guest.wait_syncs(1, T).unwrap();
+    assert_eq!(a.guest.cons().0, 4);
+    let report = engine.shutdown();
+    assert_eq!(report.stats.trapped, 1);
+    assert!(log
+        .lock()
+        .unwrap()
+        .contains(&c("TLBI_NH_ASID vmid=5 asid=2")));
+}
+
+#[test]
+fn a_physical_fault_stops_only_the_guest_whose_command_failed() {
+    // Physical positions: ring a's four TLBIs are 0..4 if a is served first; the fault is on
+    // whichever command lands at position 2, and the test finds its owner from the guest side.
+    let (hwcfg, log) = hw(&[5, 6], &[0x800, 0x801, 0x900]);
+    let (engine, mut a, mut b) = setup(hwcfg.with_fault(Fault::Ill { at: 2 }), 4);
+    let cmds: Vec<_> = (1..=4)
+        .map(|n| c(&format!("TLBI_NH_ASID asid={n}")))
+        .collect();
+    a.guest.submit(&cmds);
+    let stop = match a.guest.wait_cons(4, T) {
+        Err(RingError::Stopped { slot, cerror }) => (slot, cerror),
+        other => panic!("expected a stop, got {other:?}"),
+    };
+    assert_eq!(
+        stop,
+        (2, CError::Ill),
+        "the third command failed in the physical queue"
+    );
+    b.guest.submit(&[c("TLBI_NH_ASID asid=7"), c("CMD_SYNC")]);
+    b.guest.wait_syncs(1, T).unwrap();
+    // The guest fixes nothing (the command was fine): acknowledging re-reads it.
+    a.guest.ack_error();
+    a.guest.wait_cons(4, T).unwrap();
+    a.guest.submit(&[c("CMD_SYNC")]);
+    a.guest.wait_syncs(1, T).unwrap();
+    let report = engine.shutdown();
+    let seen = log.lock().unwrap().clone();
+    // asid=3 failed (the model fails it before its check sees it; the repair runs a CMD_SYNC
+    // in its place), asid=4 was taken back, and both ran once after the ack.
+    for n in 1..=4 {
+        let x = c(&format!("TLBI_NH_ASID vmid=5 asid={n}"));
+        assert_eq!(
+            seen.iter().filter(|&&y| y == x).count(),
+            1,
+            "asid {n} exactly once"
+        );
+    }
+    assert_eq!(report.stats.phys_faults, 1);
+    assert_eq!(outcomes(&report.audit, a.ring).len(), 5);
+}
+
+#[test]
+fn shutdown_completes_everything_taken() {
+    let (hwcfg, _log) = hw(&[5, 6], &[0x800, 0x801, 0x900]);
+    let (engine, mut a, _b) = setup(hwcfg, 8);
+    let cmds: Vec<_> = (0..200)
+        .map(|n| c(&format!("TLBI_NH_ASID asid={n}")))
+        .collect();
+    a.guest.submit(&cmds);
+    std::thread::sleep(Duration::from_millis(5));
+    let report = engine.shutdown();
+    assert_eq!(
+        u64::from(a.guest.cons().0),
+        report.stats.taken,
+        "CONS covers exactly what the engine took"
+    );
+}
+
+#[test]
+fn detach_and_remove_viommu() {
+    let (hwcfg, _log) = hw(&[5, 6], &[0x800, 0x801, 0x900]);
+    let (engine, mut a, _b) = setup(hwcfg, 4);
+    a.guest.submit(&[c("TLBI_NH_ASID asid=1"), c("CMD_SYNC")]);
+    a.guest.wait_syncs(1, T).unwrap();
+    assert!(engine.remove_viommu(1).is_err(), "a ring is still attached");
+    let host: HostRing = engine.detach_ring(a.ring, T).unwrap();
+    assert_eq!(host.cons_ptr(), 2);
+    engine.remove_viommu(1).unwrap();
+    assert!(engine.viommu(1).is_none());
+    let (_g, h) = heap_pair(2, 1).unwrap();
+    assert!(engine.attach_ring(h).is_err(), "vIOMMU 1 is gone");
+    let _ = AttachOptions::default();
+}
