@@ -7,3 +7,4 @@
 
 pub mod command;
 pub mod queue;
+pub mod trace;

@@ -1,5 +1,8 @@
 //! Command-line parsing and dispatch. One module per subcommand.
 
+mod gen;
+mod trace;
+
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
@@ -15,9 +18,17 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-enum Cmd {}
+enum Cmd {
+    /// Look into trace files and make them: dump, build, info, import-qemu.
+    Trace(trace::TraceArgs),
+    /// Generate a workload trace (deterministic from its parameters).
+    Gen(gen::GenArgs),
+}
 
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
-    match cli.cmd {}
+    match cli.cmd {
+        Cmd::Trace(a) => trace::run(a),
+        Cmd::Gen(a) => gen::run(a),
+    }
 }
