@@ -7,7 +7,7 @@ FUZZ_SECS ?= 3600
 FUZZ_TARGETS = $(notdir $(basename $(wildcard fuzz/fuzz_targets/*.rs)))
 VCMDQ = target/release/vcmdq
 
-.PHONY: help build release test unit lint fmt clippy doc demo bench fuzz-build fuzz-smoke fuzz miri loom soak clean
+.PHONY: help build release test unit lint fmt clippy doc demo traces bench fuzz-build fuzz-smoke fuzz miri loom soak clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -38,6 +38,13 @@ doc: ## API docs, warnings as errors.
 
 demo: release ## Replay a bundled trace through the real pipeline and show what happened.
 	$(VCMDQ) decode traces/sample-queue.txt
+
+# The bundled workload traces; `cargo test` checks that regenerating them gives the same bytes.
+TRACE_WORKLOADS = dma-unmap ats sva-churn noisy-neighbour hot-unplug hostile mixed
+
+traces: release ## Regenerate the bundled traces in traces/ (deterministic, byte for byte).
+	@for w in $(TRACE_WORKLOADS); do $(VCMDQ) gen $$w -o traces/$$w.vct || exit 1; done
+	$(VCMDQ) trace import-qemu traces/qemu-sample.log -o traces/qemu-sample.vct
 
 bench: ## Full criterion suites (long).
 	$(CARGO) bench -p vcmdq-bench

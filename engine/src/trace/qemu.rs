@@ -142,7 +142,8 @@ struct Fields {
 
 struct Obs {
     pos: Pos,
-    cmd: RawCommand,
+    fields: Fields,
+    name: String,
 }
 
 struct Pass {
@@ -264,11 +265,11 @@ fn opcode_of(name: &str) -> Option<u8> {
     }
 }
 
-/// The 16 bytes of a command from what the log said of it.
-fn rebuild(f: &Fields, unknown: &str) -> RawCommand {
-    let op =
-        f.op.unwrap_or(if unknown == "UNKNOWN" { 0x08 } else { 0x00 });
-    let sid = f.sid.unwrap_or(0);
+/// The 16 bytes of a command from what the log said of it; `default_sid` stands in for a SID
+/// the log does not give.
+fn rebuild(f: &Fields, name: &str, default_sid: u32) -> RawCommand {
+    let op = f.op.unwrap_or(if name == "UNKNOWN" { 0x08 } else { 0x00 });
+    let sid = f.sid.unwrap_or(default_sid);
     let vmid = f.vmid;
     let asid = f.asid;
     let addr = f.addr.unwrap_or(0) & !0xfff;
@@ -337,6 +338,28 @@ fn rebuild(f: &Fields, unknown: &str) -> RawCommand {
             leaf,
         },
         opcode::TLBI_S12_VMALL => Command::TlbiS12Vmall { vmid },
+        // QEMU does not model ATS: nothing of an ATC_INV is logged but its opcode. Invalidating
+        // everything is the safe reading.
+        opcode::ATC_INV => Command::AtcInv {
+            sid,
+            ssv: false,
+            ssid: 0,
+            global: false,
+            addr: 0,
+            size: 52,
+        },
+        opcode::PREFETCH_CONFIG => Command::PrefetchConfig {
+            ssv: false,
+            ssid: 0,
+            sid,
+        },
+        opcode::PREFETCH_ADDR => Command::PrefetchAddr {
+            ssv: false,
+            ssid: 0,
+            sid,
+            size: 0,
+            addr: 0,
+        },
         opcode::TLBI_S2_IPA => Command::TlbiS2Ipa {
             vmid,
             addr: addr & ((1 << 52) - 1),
@@ -351,6 +374,22 @@ fn rebuild(f: &Fields, unknown: &str) -> RawCommand {
     };
     cmd.try_encode()
         .unwrap_or_else(|_| RawCommand::new(u64::from(op), 0))
+}
+
+/// Whether commands of `op` carry a StreamID.
+fn uses_sid(op: Option<u8>) -> bool {
+    matches!(
+        op,
+        Some(
+            opcode::CFGI_STE
+                | opcode::CFGI_STE_RANGE
+                | opcode::CFGI_CD
+                | opcode::CFGI_CD_ALL
+                | opcode::ATC_INV
+                | opcode::PREFETCH_CONFIG
+                | opcode::PREFETCH_ADDR
+        )
+    )
 }
 
 /// The command being consumed: its position and what the log has said of it so far.
@@ -383,8 +422,11 @@ impl Parser {
             // stopped before reading the slot.
             return;
         }
-        let cmd = rebuild(&cur.fields, &cur.name);
-        pass.obs.push(Obs { pos: cur.pos, cmd });
+        pass.obs.push(Obs {
+            pos: cur.pos,
+            fields: cur.fields,
+            name: cur.name,
+        });
         self.stats.commands += 1;
     }
 
@@ -632,11 +674,29 @@ fn emit<W: Write + Seek>(mut p: Parser, out: W) -> Result<(W, ImportStats), Impo
 
     // Every observation in log order, and for each slot the observations' positions in it, to
     // find what a slot held when PROD was written: its first consumption afterwards.
+    // A SID the log does not give is taken to be the lowest SID it shows (a device of this
+    // VM), or 0 bound to a placeholder device when it shows none, so that a command QEMU
+    // consumed without error is not refused on replay for want of a binding.
+    let needs_default = passes
+        .iter()
+        .flat_map(|p| &p.obs)
+        .any(|o| o.fields.sid.is_none() && uses_sid(o.fields.op));
+    if p.sids.is_empty() && needs_default {
+        p.sids.insert(0);
+    }
+    let default_sid = p.sids.iter().next().copied().unwrap_or(0);
     let mut all: Vec<(u32, RawCommand)> = Vec::new();
     let mut pass_start = Vec::new();
+    let mut cmds_of: Vec<Vec<RawCommand>> = Vec::new();
     for pass in &passes {
         pass_start.push(all.len());
-        all.extend(pass.obs.iter().map(|o| (rebase(o.pos), o.cmd)));
+        let cmds: Vec<RawCommand> = pass
+            .obs
+            .iter()
+            .map(|o| rebuild(&o.fields, &o.name, default_sid))
+            .collect();
+        all.extend(pass.obs.iter().zip(&cmds).map(|(o, c)| (rebase(o.pos), *c)));
+        cmds_of.push(cmds);
     }
     let mut by_slot: HashMap<u32, Vec<usize>> = HashMap::new();
     for (i, (slot, _)) in all.iter().enumerate() {
@@ -686,11 +746,11 @@ fn emit<W: Write + Seek>(mut p: Parser, out: W) -> Result<(W, ImportStats), Impo
         let in_new = |slot: u32| shape.distance(slot, written) < new;
         // The guest rewrote slots QEMU had stopped at: GuestFix, then its acknowledgement.
         let fix_ts = ack.unwrap_or(pass.ts).max(w.last_timestamp());
-        for o in &pass.obs {
+        for (o, &cmd) in pass.obs.iter().zip(&cmds_of[pass_no - 1]) {
             let slot = rebase(o.pos);
-            if !in_new(slot) && content.get(&slot).is_some_and(|c| *c != o.cmd) {
-                w.guest_fix(fix_ts, 0, slot, o.cmd)?;
-                content.insert(slot, o.cmd);
+            if !in_new(slot) && content.get(&slot).is_some_and(|c| *c != cmd) {
+                w.guest_fix(fix_ts, 0, slot, cmd)?;
+                content.insert(slot, cmd);
                 p.stats.fixes += 1;
             }
         }

@@ -234,8 +234,8 @@ mod tests {
         assert!(matches!(
             decode(c[0]).unwrap(),
             Command::TlbiNhVa {
-                num: 1,
-                scale: 0,
+                num: 0,
+                scale: 1,
                 ttl: 0,
                 leaf: false,
                 ..
