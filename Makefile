@@ -9,7 +9,7 @@ LOOM_MAX_PREEMPTIONS ?= 4
 FUZZ_TARGETS = $(notdir $(basename $(wildcard fuzz/fuzz_targets/*.rs)))
 VCMDQ = target/release/vcmdq
 
-.PHONY: help build release test unit lint fmt clippy doc demo bench fuzz-build fuzz-smoke fuzz miri loom soak clean
+.PHONY: help build release test unit lint fmt clippy doc demo traces bench fuzz-build fuzz-smoke fuzz miri loom soak clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -42,6 +42,13 @@ demo: release ## Decode the bundled sample queue (until `vcmdq replay` exists).
 	@echo "make demo: replay is not built yet; decoding the bundled guest queue traces/sample-queue.txt"
 	@echo "           (it holds one illegal command on purpose: decode reports it and goes on)"
 	@$(VCMDQ) decode traces/sample-queue.txt; test $$? -le 1
+
+# The bundled workload traces; `cargo test` checks that regenerating them gives the same bytes.
+TRACE_WORKLOADS = dma-unmap ats sva-churn noisy-neighbour hot-unplug hostile mixed
+
+traces: release ## Regenerate the bundled traces in traces/ (deterministic, byte for byte).
+	@for w in $(TRACE_WORKLOADS); do $(VCMDQ) gen $$w -o traces/$$w.vct || exit 1; done
+	$(VCMDQ) trace import-qemu traces/qemu-sample.log -o traces/qemu-sample.vct
 
 bench: ## Full criterion suites (long).
 	$(CARGO) bench -p vcmdq-bench

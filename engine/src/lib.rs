@@ -12,5 +12,6 @@ pub mod pqueue;
 pub mod queue;
 pub mod ring;
 pub mod sync;
+pub mod trace;
 pub mod translate;
 pub mod viommu;

@@ -3,6 +3,8 @@
 mod decode;
 mod encode;
 mod translate;
+mod gen;
+mod trace;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -26,6 +28,10 @@ enum Cmd {
     Encode(encode::EncodeArgs),
     /// Run guest commands through one vIOMMU's translation policy and show what became of each.
     Translate(translate::TranslateArgs),
+    /// Look into trace files and make them: dump, build, info, import-qemu.
+    Trace(trace::TraceArgs),
+    /// Generate a workload trace (deterministic from its parameters).
+    Gen(gen::GenArgs),
 }
 
 /// Runs one parsed command line.
@@ -34,5 +40,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Cmd::Decode(a) => decode::run(a),
         Cmd::Encode(a) => encode::run(a),
         Cmd::Translate(args) => translate::run(args),
+        Cmd::Trace(a) => trace::run(a),
+        Cmd::Gen(a) => gen::run(a),
     }
 }

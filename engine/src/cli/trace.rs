@@ -1,0 +1,200 @@
+//! `vcmdq trace`: look into trace files and make them: `dump` (binary to text), `build` (text
+//! to binary), `info` (check and count), `import-qemu` (a QEMU `smmuv3_*` log to a trace).
+//!
+//! Exit status: 0 success; 1 the trace (or text, or log) is malformed or refers to things that
+//! do not exist, reported with the byte offset or line; 2 a file could not be read or written,
+//! or a usage error.
+
+use super::CliError;
+use clap::{Args, Subcommand};
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use vcmdq::trace::{qemu, text, validate, TraceError, TraceFile};
+
+/// Arguments of `vcmdq trace`.
+#[derive(Args, Debug)]
+pub struct TraceArgs {
+    #[command(subcommand)]
+    cmd: TraceCmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum TraceCmd {
+    /// Print a trace in its text form, one event a line (commands in the codec's text form).
+    Dump {
+        /// The trace file.
+        file: PathBuf,
+    },
+    /// Build a trace from its text form (what `dump` prints, or written by hand).
+    Build {
+        /// The text file; `-` or none: standard input.
+        text: Option<PathBuf>,
+        /// The trace file to write.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Check a trace (format and references) and print what it holds.
+    Info {
+        /// The trace file.
+        file: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import a QEMU log taken with `-trace 'smmuv3_*'` (see traces/FORMAT.md for what is
+    /// reconstructed and what is approximated).
+    ImportQemu {
+        /// The QEMU log; `-`: standard input.
+        log: PathBuf,
+        /// The trace file to write.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+/// Runs `vcmdq trace`.
+pub fn run(args: TraceArgs) -> Result<ExitCode, CliError> {
+    match args.cmd {
+        TraceCmd::Dump { file } => dump(&file),
+        TraceCmd::Build { text, output } => build(text.as_deref(), &output),
+        TraceCmd::Info { file, json } => info(&file, json),
+        TraceCmd::ImportQemu { log, output } => import(&log, &output),
+    }
+}
+
+/// A trace error: content problems exit 1, I/O exits 2.
+fn trace_failure(e: TraceError) -> Result<ExitCode, CliError> {
+    match e {
+        TraceError::Io { .. } => Err(e.into()),
+        _ => {
+            eprintln!("vcmdq: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn dump(file: &Path) -> Result<ExitCode, CliError> {
+    let f = match TraceFile::open(file) {
+        Ok(f) => f,
+        Err(e) => return trace_failure(e),
+    };
+    let trace = match f.trace() {
+        Ok(t) => t,
+        Err(e) => return trace_failure(e),
+    };
+    let stdout = io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    let r = text::dump(&trace, &mut out).and_then(|()| out.flush().map_err(Into::into));
+    match r {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        // `vcmdq trace dump x | head` is not an error.
+        Err(text::DumpError::Io(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(text::DumpError::Io(e)) => Err(e.into()),
+        Err(text::DumpError::Trace(e)) => trace_failure(e),
+    }
+}
+
+fn read_input(path: Option<&Path>) -> Result<String, CliError> {
+    let mut s = String::new();
+    match path {
+        None => io::stdin().read_to_string(&mut s)?,
+        Some(p) if p == Path::new("-") => io::stdin().read_to_string(&mut s)?,
+        Some(p) => File::open(p)
+            .and_then(|mut f| f.read_to_string(&mut s))
+            .map_err(|e| format!("{}: {e}", p.display()))?,
+    };
+    Ok(s)
+}
+
+/// Writes `output` through a temporary file beside it, renamed into place only when `f`
+/// succeeds, so a failure never leaves half a trace (or clobbers a trace being read). The outer
+/// error is I/O on the files; the inner one is `f`'s.
+pub(super) fn write_atomically<T, E>(
+    output: &Path,
+    f: impl FnOnce(BufWriter<File>) -> Result<T, E>,
+) -> Result<Result<T, E>, CliError> {
+    let mut tmp = output.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let file = File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let r = f(BufWriter::new(file));
+    if r.is_ok() {
+        std::fs::rename(&tmp, output).map_err(|e| format!("{}: {e}", output.display()))?;
+    } else {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    Ok(r)
+}
+
+fn build(input: Option<&Path>, output: &Path) -> Result<ExitCode, CliError> {
+    let src = read_input(input)?;
+    let name = input.map_or("<stdin>".to_string(), |p| p.display().to_string());
+    let r = write_atomically(output, |w| {
+        let mut w = text::build(&src, w).map_err(|e| e.to_string())?;
+        w.flush().map_err(|e| format!("{}: {e}", output.display()))
+    })?;
+    match r {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("vcmdq: {name}: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn info(file: &Path, json: bool) -> Result<ExitCode, CliError> {
+    let f = match TraceFile::open(file) {
+        Ok(f) => f,
+        Err(e) => return trace_failure(e),
+    };
+    let summary = match f.trace().and_then(|t| {
+        let meta = t.meta();
+        validate(&t).map(|s| (meta, s))
+    }) {
+        Ok(s) => s,
+        Err(e) => return trace_failure(e),
+    };
+    let (meta, s) = summary;
+    if json {
+        let mut v = s.to_json();
+        v["file"] = file.display().to_string().into();
+        v["synthetic"] = (meta.flags & vcmdq::trace::format::FLAG_SYNTHETIC != 0).into();
+        v["imported"] = (meta.flags & vcmdq::trace::format::FLAG_IMPORTED != 0).into();
+        v["created_unix_ns"] = meta.created_unix_ns.into();
+        println!("{v}");
+    } else {
+        println!("{}: {}", file.display(), text::header_line(&meta));
+        print!("{s}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn import(log: &Path, output: &Path) -> Result<ExitCode, CliError> {
+    let reader: Box<dyn io::BufRead> = if log == Path::new("-") {
+        Box::new(BufReader::new(io::stdin()))
+    } else {
+        Box::new(BufReader::new(
+            File::open(log).map_err(|e| format!("{}: {e}", log.display()))?,
+        ))
+    };
+    let r = write_atomically(output, |w| {
+        let (mut w, stats) = qemu::import(reader, w).map_err(|e| e.to_string())?;
+        w.flush()
+            .map_err(|e| format!("{}: {e}", output.display()))?;
+        Ok::<_, String>(stats)
+    })?;
+    match r {
+        Ok(stats) => {
+            eprintln!("{}: {stats}", output.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("vcmdq: {}: {e}", log.display());
+            Ok(ExitCode::from(1))
+        }
+    }
+}
