@@ -9,7 +9,7 @@ LOOM_MAX_PREEMPTIONS ?= 4
 FUZZ_TARGETS = $(notdir $(basename $(wildcard fuzz/fuzz_targets/*.rs)))
 VCMDQ = target/release/vcmdq
 
-.PHONY: help build release test unit lint fmt clippy doc demo traces bench fuzz-build fuzz-smoke fuzz miri loom soak clean
+.PHONY: replay-check expected help build release test unit lint fmt clippy doc demo traces bench fuzz-build fuzz-smoke fuzz miri loom soak clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -20,7 +20,7 @@ build: ## Debug build of the workspace.
 release: ## Optimised build of the vcmdq binary.
 	$(CARGO) build --release -p vcmdq
 
-test: lint unit doc loom fuzz-smoke ## Everything CI checks.
+test: lint unit doc loom replay-check fuzz-smoke ## Everything CI checks.
 	@echo "make test: all checks passed"
 
 unit: ## Unit, property and integration tests.
@@ -38,13 +38,23 @@ clippy:
 doc: ## API docs, warnings as errors.
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps
 
-demo: release ## Decode the bundled sample queue (until `vcmdq replay` exists).
-	@echo "make demo: replay is not built yet; decoding the bundled guest queue traces/sample-queue.txt"
-	@echo "           (it holds one illegal command on purpose: decode reports it and goes on)"
-	@$(VCMDQ) decode traces/sample-queue.txt; test $$? -le 1
+demo: release ## Replay the bundled mixed trace through the real pipeline and show what happened.
+	@echo "make demo: replaying traces/mixed.vct (six VMs: Linux range unmaps, ATS, SVA, a hostile guest,"
+	@echo "           a Tegra241 guest, an SMMU without range invalidation) through shared-memory rings,"
+	@echo "           the engine and the physical queue model, then checking it against the oracle"
+	$(VCMDQ) replay traces/mixed.vct --per-viommu
 
 # The bundled workload traces; `cargo test` checks that regenerating them gives the same bytes.
 TRACE_WORKLOADS = dma-unmap ats sva-churn noisy-neighbour hot-unplug hostile mixed
+
+replay-check: release ## Replay every bundled trace and compare with its expected summary.
+	@for t in traces/*.vct; do \
+	  echo "replay-check: $$t"; \
+	  $(VCMDQ) replay $$t --expect $${t%.vct}.expected.json > /dev/null || exit 1; \
+	done
+
+expected: release ## Rewrite the expected replay summaries (review the diff before committing).
+	@for t in traces/*.vct; do $(VCMDQ) replay $$t --write-expected $${t%.vct}.expected.json > /dev/null || exit 1; done
 
 traces: release ## Regenerate the bundled traces in traces/ (deterministic, byte for byte).
 	@for w in $(TRACE_WORKLOADS); do $(VCMDQ) gen $$w -o traces/$$w.vct || exit 1; done

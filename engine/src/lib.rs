@@ -10,6 +10,7 @@ pub mod engine;
 pub mod oracle;
 pub mod pqueue;
 pub mod queue;
+pub mod replay;
 pub mod ring;
 pub mod sync;
 pub mod trace;

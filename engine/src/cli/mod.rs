@@ -2,9 +2,10 @@
 
 mod decode;
 mod encode;
-mod translate;
 mod gen;
+mod replay;
 mod trace;
+mod translate;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -28,6 +29,9 @@ enum Cmd {
     Encode(encode::EncodeArgs),
     /// Run guest commands through one vIOMMU's translation policy and show what became of each.
     Translate(translate::TranslateArgs),
+    /// Replay a trace through the real pipeline, check it against the oracle, and show
+    /// throughput, latency and what became of every command.
+    Replay(replay::ReplayArgs),
     /// Look into trace files and make them: dump, build, info, import-qemu.
     Trace(trace::TraceArgs),
     /// Generate a workload trace (deterministic from its parameters).
@@ -40,6 +44,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Cmd::Decode(a) => decode::run(a),
         Cmd::Encode(a) => encode::run(a),
         Cmd::Translate(args) => translate::run(args),
+        Cmd::Replay(a) => replay::run(a),
         Cmd::Trace(a) => trace::run(a),
         Cmd::Gen(a) => gen::run(a),
     }

@@ -366,6 +366,11 @@ impl Engine {
         Ok(())
     }
 
+    /// When the engine started: the zero of every audit time.
+    pub fn epoch(&self) -> Instant {
+        self.shared.epoch
+    }
+
     /// Counters summed over workers, as of their last pass.
     pub fn stats(&self) -> EngineStats {
         self.shared.stats.iter().map(stats::Shared::load).sum()

@@ -1,0 +1,724 @@
+//! Replay: a trace fed through the real pipeline (sealed shared-memory rings, the engine's
+//! workers, the physical queue model), then checked against the sequential oracle.
+//!
+//! The replayer plays every guest and the VMM: it writes each Commands record into the ring's
+//! shared memory (waiting, as a guest must, while the slots are not yet free), moves PROD at each
+//! Doorbell, acknowledges and fixes stopped rings at GuestAck/GuestFix (after waiting for the
+//! engine to report the stop), completes trapped commands in the order they arrive, and applies
+//! binds and unbinds once every ring of the vIOMMU is idle, so the order of the trace is the
+//! order of their effects and the oracle's verdict is exact. Timing: as fast as possible, or
+//! `speed` times the recorded pace.
+//!
+//! The check: per ring, the engine's audit (what became of every entry it read, in order) must
+//! equal the model's history (`model.rs`); every command the hardware consumed must carry a VMID
+//! and a pSID the host handed out, and no guest CMD_SYNC may reach it; the hardware must have
+//! consumed exactly what was forwarded plus the engine's CMD_SYNCs.
+
+mod model;
+
+use crate::command::{opcode, RawCommand};
+use crate::engine::{AuditRecord, Engine, EngineConfig, EngineStats, RingId};
+use crate::pqueue::{HwConfig, OnCheckFailure};
+use crate::queue::QueueShape;
+use crate::ring::{GuestRing, HostRing, RingError};
+use crate::trace::{Event, Trace, TraceError};
+use crate::translate::SlotOutcome;
+use crate::viommu::{DeviceId, Profile, ViommuConfig};
+use hdrhistogram::Histogram;
+use model::RingModel;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How to replay.
+#[derive(Clone, Debug)]
+pub struct ReplayOptions {
+    /// `None`: as fast as possible; `Some(x)`: x times the recorded pace.
+    pub speed: Option<f64>,
+    /// Engine workers.
+    pub workers: usize,
+    /// Guest entries per batch at most.
+    pub batch_limit: usize,
+    /// How long a guest waits for the engine (free slots, a stop, idle rings) before the replay
+    /// gives up.
+    pub stall_timeout: Duration,
+}
+
+impl Default for ReplayOptions {
+    fn default() -> Self {
+        ReplayOptions {
+            speed: None,
+            workers: 1,
+            batch_limit: 64,
+            stall_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Why a replay could not run to the end.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// The trace is damaged.
+    #[error(transparent)]
+    Trace(#[from] TraceError),
+    /// The trace asks for something the engine refuses (a vIOMMU with a bad SIDSIZE, a bind of
+    /// an unknown device, ...).
+    #[error("{at}: {what}")]
+    Control {
+        /// Where in the trace.
+        at: String,
+        /// What failed.
+        what: String,
+    },
+    /// A ring could not be set up.
+    #[error("{at}: ring: {err}")]
+    Ring {
+        /// Where in the trace.
+        at: String,
+        /// What failed.
+        err: RingError,
+    },
+    /// The engine did not do what a guest waited for.
+    #[error("{at}: {what}")]
+    Stalled {
+        /// Where in the trace.
+        at: String,
+        /// What the guest waited for.
+        what: String,
+    },
+}
+
+/// Counts of what became of guest commands.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outcomes {
+    /// Entries the engine read (an entry read again after a stop counts again).
+    pub read: u64,
+    /// Forwarded to the physical queue.
+    pub forwarded: u64,
+    /// Guest CMD_SYNCs.
+    pub syncs: u64,
+    /// Dropped by rule.
+    pub dropped: u64,
+    /// Trapped to the control plane.
+    pub trapped: u64,
+    /// Refused, by reason kind.
+    pub refused: BTreeMap<String, u64>,
+}
+
+impl Outcomes {
+    fn add(&mut self, o: &SlotOutcome) {
+        self.read += 1;
+        match o {
+            SlotOutcome::Forwarded(_) => self.forwarded += 1,
+            SlotOutcome::Sync { .. } => self.syncs += 1,
+            SlotOutcome::Dropped => self.dropped += 1,
+            SlotOutcome::Trapped(_) => self.trapped += 1,
+            SlotOutcome::Refused { reason, .. } => {
+                *self.refused.entry(reason_kind(reason)).or_default() += 1
+            }
+            SlotOutcome::NotReached => {}
+        }
+    }
+
+    /// Refused commands of every reason.
+    pub fn refused_total(&self) -> u64 {
+        self.refused.values().sum()
+    }
+}
+
+/// The variant name of a refusal reason: `UnknownVsid`, `Res0`, ...
+fn reason_kind(reason: &impl std::fmt::Debug) -> String {
+    let s = format!("{reason:?}");
+    s.split([' ', '{', '('])
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// One disagreement between the engine and the oracle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mismatch {
+    /// The trace's ring id.
+    pub ring: u32,
+    /// The entry's sequence number in the ring.
+    pub seq: u64,
+    /// What the oracle expected (`None`: nothing more).
+    pub expected: Option<SlotOutcome>,
+    /// What the engine did (`None`: nothing more).
+    pub got: Option<SlotOutcome>,
+}
+
+/// What a replay did and found.
+#[derive(Debug)]
+pub struct ReplayReport {
+    /// Guest commands the trace writes (Commands records).
+    pub commands: u64,
+    /// Rings in the trace.
+    pub rings: usize,
+    /// vIOMMUs in the trace.
+    pub viommus: usize,
+    /// Outcomes over all rings, from the engine's audit.
+    pub outcomes: Outcomes,
+    /// Outcomes per vIOMMU.
+    pub per_viommu: BTreeMap<u32, Outcomes>,
+    /// The engine's counters.
+    pub stats: EngineStats,
+    /// Commands the hardware consumed.
+    pub hw_consumed: u64,
+    /// From the first event to the last ring going idle.
+    pub wall: Duration,
+    /// Nanoseconds from the guest's doorbell to the physical publish, per entry.
+    pub publish_latency: Histogram<u64>,
+    /// Nanoseconds from the guest's doorbell to its CMD_SYNC's completion, per sync.
+    pub sync_latency: Histogram<u64>,
+    /// Disagreements with the oracle (the first 100) and how many in all.
+    pub mismatches: Vec<Mismatch>,
+    /// All disagreements.
+    pub mismatch_count: u64,
+    /// What the hardware's isolation check refused (the first 100) and how many in all.
+    pub isolation: Vec<String>,
+    /// All isolation failures.
+    pub isolation_count: u64,
+    /// Other broken invariants (hardware consumed more or less than was forwarded, traps out of
+    /// order, ...).
+    pub invariant_failures: Vec<String>,
+}
+
+impl ReplayReport {
+    /// The engine agreed with the oracle and broke no rule.
+    pub fn ok(&self) -> bool {
+        self.mismatch_count == 0 && self.isolation_count == 0 && self.invariant_failures.is_empty()
+    }
+
+    /// Guest entries the engine read per second of wall time.
+    pub fn rate(&self) -> f64 {
+        self.outcomes.read as f64 / self.wall.as_secs_f64().max(1e-9)
+    }
+}
+
+struct RingRt {
+    guest: GuestRing,
+    viommu: u32,
+    shape: QueueShape,
+    prod: u32,
+    prod_seq: u64,
+    /// `(sequence end, ns since the engine's epoch)` of each doorbell.
+    doorbells: Vec<(u64, u64)>,
+    model: RingModel,
+    last_trap_seq: Option<u64>,
+}
+
+struct Replayer<'e> {
+    engine: &'e Engine,
+    opts: ReplayOptions,
+    rings: HashMap<u32, RingRt>,
+    by_engine_id: HashMap<RingId, u32>,
+    viommus: HashMap<u32, (ViommuConfig, HashMap<u32, u32>)>,
+    devices: HashMap<u32, u32>,
+    invariant_failures: Vec<String>,
+}
+
+/// How many commands the hardware's isolation check refused, and the first 100 of them.
+type IsolationLog = Arc<Mutex<(u64, Vec<String>)>>;
+
+/// A hardware check: VMIDs and pSIDs the trace hands out, and no guest CMD_SYNC.
+fn isolation_check(
+    trace: &Trace<'_>,
+) -> Result<(HwConfig, IsolationLog), TraceError> {
+    let mut vmids = vec![false; 1 << 16];
+    let mut psids = HashSet::new();
+    for r in trace.records() {
+        match r?.event {
+            Event::ViommuCreate { vmid, .. } => vmids[vmid as usize] = true,
+            Event::DeviceAdd { psid, .. } => {
+                psids.insert(psid);
+            }
+            _ => {}
+        }
+    }
+    let seen = Arc::new(Mutex::new((0u64, Vec::new())));
+    let s = seen.clone();
+    let check = move |cmd: &RawCommand| {
+        let field = (cmd.d0() >> 32) as u32;
+        let bad = match cmd.opcode() {
+            opcode::TLBI_NH_ALL
+            | opcode::TLBI_NH_ASID
+            | opcode::TLBI_NH_VA
+            | opcode::TLBI_NH_VAA => (!vmids[field as u16 as usize])
+                .then(|| format!("VMID {} never handed out", field as u16)),
+            opcode::ATC_INV | opcode::CFGI_CD | opcode::CFGI_CD_ALL => {
+                (!psids.contains(&field)).then(|| format!("pSID {field:#x} never handed out"))
+            }
+            opcode::CMD_SYNC => (*cmd != RawCommand::new(u64::from(opcode::CMD_SYNC), 0))
+                .then(|| "a guest CMD_SYNC reached the hardware".to_string()),
+            _ => None,
+        };
+        match bad {
+            None => Ok(()),
+            Some(why) => {
+                let mut g = s.lock().unwrap_or_else(|e| e.into_inner());
+                g.0 += 1;
+                if g.1.len() < 100 {
+                    g.1.push(format!("{cmd:?}: {why}"));
+                }
+                Err(why)
+            }
+        }
+    };
+    let mut hw = HwConfig::default().with_check(check);
+    hw.on_check_failure = OnCheckFailure::Record;
+    Ok((hw, seen))
+}
+
+/// Replays `trace` and checks the result. `progress` is called with the number of guest
+/// commands written so far, every few thousand.
+pub fn replay(
+    trace: &Trace<'_>,
+    opts: &ReplayOptions,
+    mut progress: impl FnMut(u64),
+) -> Result<ReplayReport, ReplayError> {
+    let (hw, isolation) = isolation_check(trace)?;
+    let engine = Engine::start(EngineConfig {
+        workers: opts.workers,
+        batch_limit: opts.batch_limit,
+        hw,
+        audit: true,
+        ..Default::default()
+    })
+    .map_err(|e| ReplayError::Control {
+        at: "start".into(),
+        what: e.to_string(),
+    })?;
+    let mut rp = Replayer {
+        engine: &engine,
+        opts: opts.clone(),
+        rings: HashMap::new(),
+        by_engine_id: HashMap::new(),
+        viommus: HashMap::new(),
+        devices: HashMap::new(),
+        invariant_failures: Vec::new(),
+    };
+    let start = Instant::now();
+    let mut first_ts = None;
+    let mut commands = 0u64;
+    let mut next_progress = 0u64;
+    for (n, rec) in trace.records().enumerate() {
+        let rec = rec?;
+        let at = format!(
+            "{}offset {}",
+            trace.name().map(|n| format!("{n}: ")).unwrap_or_default(),
+            rec.offset
+        );
+        if let Some(speed) = opts.speed {
+            let t0 = *first_ts.get_or_insert(rec.timestamp_ns);
+            let due = Duration::from_nanos(((rec.timestamp_ns - t0) as f64 / speed) as u64);
+            while start.elapsed() < due {
+                rp.pump();
+                std::thread::sleep((due - start.elapsed()).min(Duration::from_millis(1)));
+            }
+        }
+        if n % 64 == 0 {
+            rp.pump();
+        }
+        if let Event::Commands { cmds, .. } = rec.event {
+            commands += cmds.len() as u64;
+            if commands >= next_progress {
+                progress(commands);
+                next_progress = commands + 4096;
+            }
+        }
+        rp.event(&at, rec.event)?;
+    }
+    progress(commands);
+    rp.wait_all_idle("end of trace")?;
+    let wall = start.elapsed();
+    let Replayer {
+        rings,
+        by_engine_id,
+        viommus,
+        mut invariant_failures,
+        ..
+    } = rp;
+    let report = engine.shutdown();
+    let epoch_rings = rings.len();
+    let (isolation_count, isolation) = {
+        let g = isolation.lock().unwrap_or_else(|e| e.into_inner());
+        (g.0, g.1.clone())
+    };
+    let hw_consumed: u64 = report.hardware.iter().map(|h| h.consumed).sum();
+    let expected_hw = report.stats.forwarded + report.stats.phys_syncs;
+    if hw_consumed != expected_hw {
+        invariant_failures.push(format!(
+            "the hardware consumed {hw_consumed} commands, the engine published {expected_hw}"
+        ));
+    }
+    // The audit, per trace ring, in order.
+    let mut got: HashMap<u32, Vec<(u64, SlotOutcome)>> = HashMap::new();
+    let mut published: HashMap<u32, Vec<(u64, u64, u64)>> = HashMap::new();
+    let mut synced: Vec<(u32, u64, u64)> = Vec::new();
+    for rec in &report.audit {
+        match *rec {
+            AuditRecord::Slot { ring, seq, outcome } => got
+                .entry(by_engine_id[&ring])
+                .or_default()
+                .push((seq, outcome)),
+            AuditRecord::Published {
+                ring,
+                first,
+                end,
+                t,
+            } => published
+                .entry(by_engine_id[&ring])
+                .or_default()
+                .push((first, end, t)),
+            AuditRecord::SyncDone { ring, seq, t } => synced.push((by_engine_id[&ring], seq, t)),
+            AuditRecord::PhysFault { ring, seq, .. } => invariant_failures.push(format!(
+                "ring {}: an unexpected physical fault at entry {seq}",
+                by_engine_id[&ring]
+            )),
+        }
+    }
+    let mut mismatches = Vec::new();
+    let mut mismatch_count = 0u64;
+    let mut outcomes = Outcomes::default();
+    let mut per_viommu: BTreeMap<u32, Outcomes> = BTreeMap::new();
+    let mut publish_latency = latency_histogram();
+    let mut sync_latency = latency_histogram();
+    let mut ids: Vec<u32> = rings.keys().copied().collect();
+    ids.sort_unstable();
+    for id in ids {
+        let rt = &rings[&id];
+        let g = got.remove(&id).unwrap_or_default();
+        let e = &rt.model.expected;
+        let per = per_viommu.entry(rt.viommu).or_default();
+        for (_, o) in &g {
+            outcomes.add(o);
+            per.add(o);
+        }
+        for i in 0..g.len().max(e.len()) {
+            let (eg, ee) = (g.get(i), e.get(i));
+            if eg != ee {
+                mismatch_count += 1;
+                if mismatches.len() < 100 {
+                    mismatches.push(Mismatch {
+                        ring: id,
+                        seq: eg.or(ee).map_or(0, |x| x.0),
+                        expected: ee.map(|x| x.1),
+                        got: eg.map(|x| x.1),
+                    });
+                }
+            }
+        }
+        let doorbell_t = |seq: u64| -> Option<u64> {
+            let i = rt.doorbells.partition_point(|&(end, _)| end <= seq);
+            rt.doorbells.get(i).map(|&(_, t)| t)
+        };
+        for &(first, end, t) in published.get(&id).map_or(&[][..], |v| v) {
+            for seq in first..end {
+                if let Some(td) = doorbell_t(seq) {
+                    publish_latency.saturating_record(t.saturating_sub(td).max(1));
+                }
+            }
+        }
+        for &(_, seq, t) in synced.iter().filter(|s| s.0 == id) {
+            if let Some(td) = doorbell_t(seq) {
+                sync_latency.saturating_record(t.saturating_sub(td).max(1));
+            }
+        }
+    }
+    Ok(ReplayReport {
+        commands,
+        rings: epoch_rings,
+        viommus: viommus.len(),
+        outcomes,
+        per_viommu,
+        stats: report.stats,
+        hw_consumed,
+        wall,
+        publish_latency,
+        sync_latency,
+        mismatches,
+        mismatch_count,
+        isolation,
+        isolation_count,
+        invariant_failures,
+    })
+}
+
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid histogram bounds")
+}
+
+impl Replayer<'_> {
+    fn now(&self) -> u64 {
+        self.engine.epoch().elapsed().as_nanos() as u64
+    }
+
+    /// Completes trapped commands, checking they arrive in ring order.
+    fn pump(&mut self) {
+        while let Some(t) = self.engine.next_trap() {
+            if let Some(id) = self.by_engine_id.get(&t.ring) {
+                let rt = self.rings.get_mut(id).expect("ring of a trap");
+                if rt.last_trap_seq.is_some_and(|s| s >= t.seq) {
+                    self.invariant_failures.push(format!(
+                        "ring {id}: trap at entry {} after one at {:?}",
+                        t.seq, rt.last_trap_seq
+                    ));
+                }
+                rt.last_trap_seq = Some(t.seq);
+            }
+            // A ring detached meanwhile has nothing to resume.
+            let _ = self.engine.complete_trap(t.ring);
+        }
+    }
+
+    /// Waits for `done` (pumping traps), or fails after the stall timeout.
+    fn wait(
+        &mut self,
+        at: &str,
+        what: impl Fn() -> String,
+        mut done: impl FnMut(&mut Self) -> bool,
+    ) -> Result<(), ReplayError> {
+        let deadline = Instant::now() + self.opts.stall_timeout;
+        let mut spins = 0u32;
+        while !done(self) {
+            self.pump();
+            if Instant::now() > deadline {
+                return Err(ReplayError::Stalled {
+                    at: at.to_string(),
+                    what: what(),
+                });
+            }
+            spins += 1;
+            if spins < 256 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        Ok(())
+    }
+
+    fn ring(&mut self, at: &str, ring: u32) -> Result<&mut RingRt, ReplayError> {
+        self.rings
+            .get_mut(&ring)
+            .ok_or_else(|| ReplayError::Control {
+                at: at.to_string(),
+                what: format!("ring {ring} was never created"),
+            })
+    }
+
+    /// A ring is idle: the engine consumed everything published, or it stopped on an error the
+    /// guest has not acknowledged, or PROD is not a value it reads. (An acknowledged stop is not
+    /// idle: CONS.ERR stays set until the engine sees the acknowledgement and reads on.)
+    fn idle(rt: &RingRt) -> bool {
+        let cons = rt.guest.cons().0;
+        rt.guest.error().is_some()
+            || rt.shape.distance(rt.prod, cons) == 0
+            || rt.shape.distance(rt.prod, cons) > rt.shape.entries()
+    }
+
+    fn wait_all_idle(&mut self, at: &str) -> Result<(), ReplayError> {
+        let ids: Vec<u32> = self.rings.keys().copied().collect();
+        for id in ids {
+            self.wait(
+                at,
+                || format!("ring {id} to consume what it was given"),
+                |rp| Self::idle(&rp.rings[&id]),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn control_err(at: &str, e: impl std::fmt::Display) -> ReplayError {
+        ReplayError::Control {
+            at: at.to_string(),
+            what: e.to_string(),
+        }
+    }
+
+    fn event(&mut self, at: &str, ev: Event<'_>) -> Result<(), ReplayError> {
+        match ev {
+            Event::ViommuCreate {
+                viommu,
+                vmid,
+                smmu,
+                profile,
+                sidsize,
+                range_inv,
+            } => {
+                let cfg = ViommuConfig {
+                    id: viommu,
+                    vmid,
+                    smmu,
+                    profile: Profile::from_code(profile.code())
+                        .ok_or_else(|| Self::control_err(at, "unknown profile"))?,
+                    sidsize,
+                    range_inv,
+                };
+                self.engine
+                    .create_viommu(cfg)
+                    .map_err(|e| Self::control_err(at, e))?;
+                self.viommus.insert(viommu, (cfg, HashMap::new()));
+            }
+            Event::DeviceAdd { device, smmu, psid } => {
+                self.engine
+                    .devices()
+                    .add_device(DeviceId(device), smmu, psid)
+                    .map_err(|e| Self::control_err(at, e))?;
+                self.devices.insert(device, psid);
+            }
+            Event::Bind {
+                viommu,
+                device,
+                vsid,
+            } => {
+                self.quiesce(at, viommu)?;
+                let v = self
+                    .engine
+                    .viommu(viommu)
+                    .ok_or_else(|| Self::control_err(at, format!("no vIOMMU {viommu}")))?;
+                v.set_dev_id(DeviceId(device), vsid)
+                    .map_err(|e| Self::control_err(at, e))?;
+                let psid = self.devices[&device];
+                if let Some((_, b)) = self.viommus.get_mut(&viommu) {
+                    b.insert(vsid, psid);
+                }
+            }
+            Event::Unbind { viommu, device } => {
+                self.quiesce(at, viommu)?;
+                let v = self
+                    .engine
+                    .viommu(viommu)
+                    .ok_or_else(|| Self::control_err(at, format!("no vIOMMU {viommu}")))?;
+                let vsid = v
+                    .unset_dev_id(DeviceId(device))
+                    .map_err(|e| Self::control_err(at, e))?;
+                if let Some((_, b)) = self.viommus.get_mut(&viommu) {
+                    b.remove(&vsid);
+                }
+            }
+            Event::RingCreate {
+                ring,
+                viommu,
+                log2size,
+            } => {
+                let host =
+                    HostRing::create_sealed(log2size, viommu).map_err(|err| ReplayError::Ring {
+                        at: at.to_string(),
+                        err,
+                    })?;
+                let guest = GuestRing::open(host.path()).map_err(|err| ReplayError::Ring {
+                    at: at.to_string(),
+                    err,
+                })?;
+                let shape = host.shape();
+                let id = self
+                    .engine
+                    .attach_ring(host)
+                    .map_err(|e| Self::control_err(at, e))?;
+                self.by_engine_id.insert(id, ring);
+                self.rings.insert(
+                    ring,
+                    RingRt {
+                        guest,
+                        viommu,
+                        shape,
+                        prod: 0,
+                        prod_seq: 0,
+                        doorbells: Vec::new(),
+                        model: RingModel::new(shape),
+                        last_trap_seq: None,
+                    },
+                );
+            }
+            Event::Commands { ring, slot, cmds } => {
+                let rt = self.ring(at, ring)?;
+                let shape = rt.shape;
+                let end = shape.advance(slot, cmds.len() as u32);
+                // A guest writes a slot only once CONS has freed it.
+                self.wait(
+                    at,
+                    || format!("ring {ring}: slots up to {end:#x} to be free (is it stopped without an ack in the trace?)"),
+                    |rp| {
+                        let rt = &rp.rings[&ring];
+                        let cons = rt.guest.cons().0;
+                        shape.distance(end, cons) <= shape.entries()
+                    },
+                )?;
+                let rt = self.ring(at, ring)?;
+                for (i, &cmd) in cmds.iter().enumerate() {
+                    let p = shape.advance(slot, i as u32);
+                    rt.guest.write_slot(p, cmd);
+                    rt.model.write(p, cmd);
+                }
+            }
+            Event::Doorbell { ring, prod } => {
+                let t = self.now();
+                let rt = self.ring(at, ring)?;
+                let masked = rt.shape.ptr(prod);
+                let d = rt.shape.distance(masked, rt.prod);
+                if d <= rt.shape.entries() {
+                    rt.prod_seq += u64::from(d);
+                    rt.prod = masked;
+                    rt.doorbells.push((rt.prod_seq, t));
+                }
+                rt.guest.write_prod_raw(prod);
+                let viommu = rt.viommu;
+                let (cfg, b) = &self.viommus[&viommu];
+                let (cfg, b) = (*cfg, b.clone());
+                self.ring(at, ring)?.model.doorbell(prod, &cfg, &b);
+            }
+            Event::GuestAck { ring } => {
+                // The guest acknowledged a stop it saw: wait for the engine's. An ack with no
+                // stop (a hostile or confused guest) goes straight in; the engine ignores it.
+                if self.ring(at, ring)?.model.stopped() {
+                    self.wait(
+                        at,
+                        || format!("ring {ring} to stop with CONS.ERR, as the guest saw it do"),
+                        |rp| rp.rings[&ring].guest.error().is_some(),
+                    )?;
+                }
+                let viommu = self.ring(at, ring)?.viommu;
+                let (cfg, b) = &self.viommus[&viommu];
+                let (cfg, b) = (*cfg, b.clone());
+                let rt = self.ring(at, ring)?;
+                rt.guest.ack_error();
+                rt.model.ack(&cfg, &b);
+            }
+            Event::GuestFix { ring, slot, cmd } => {
+                if self.ring(at, ring)?.model.stopped() {
+                    self.wait(
+                        at,
+                        || format!("ring {ring} to stop at {slot:#x}, as the guest saw it do"),
+                        |rp| rp.rings[&ring].guest.error().is_some(),
+                    )?;
+                }
+                let rt = self.ring(at, ring)?;
+                rt.guest.write_slot(slot, cmd);
+                rt.model.write(slot, cmd);
+            }
+            Event::Outcome { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// Waits until every ring of `viommu` is idle, so a binding changes between commands
+    /// exactly where the trace puts it.
+    fn quiesce(&mut self, at: &str, viommu: u32) -> Result<(), ReplayError> {
+        let ids: Vec<u32> = self
+            .rings
+            .iter()
+            .filter(|(_, r)| r.viommu == viommu)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.wait(
+                at,
+                || format!("ring {id} to go idle before a bind or unbind"),
+                |rp| Self::idle(&rp.rings[&id]),
+            )?;
+        }
+        Ok(())
+    }
+}
