@@ -26,6 +26,7 @@ use crate::translate::SlotOutcome;
 use crate::viommu::{DeviceId, Profile, ViommuConfig};
 use hdrhistogram::Histogram;
 use model::RingModel;
+use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -117,6 +118,17 @@ impl Outcomes {
                 *self.refused.entry(reason_kind(reason)).or_default() += 1
             }
             SlotOutcome::NotReached => {}
+        }
+    }
+
+    fn merge(&mut self, o: &Outcomes) {
+        self.read += o.read;
+        self.forwarded += o.forwarded;
+        self.syncs += o.syncs;
+        self.dropped += o.dropped;
+        self.trapped += o.trapped;
+        for (k, v) in &o.refused {
+            *self.refused.entry(k.clone()).or_default() += v;
         }
     }
 
@@ -355,7 +367,7 @@ pub fn replay(
     // The audit, per trace ring, in order.
     let mut got: HashMap<u32, Vec<(u64, SlotOutcome)>> = HashMap::new();
     let mut published: HashMap<u32, Vec<(u64, u64, u64)>> = HashMap::new();
-    let mut synced: Vec<(u32, u64, u64)> = Vec::new();
+    let mut synced: HashMap<u32, Vec<(u64, u64)>> = HashMap::new();
     for rec in &report.audit {
         match *rec {
             AuditRecord::Slot { ring, seq, outcome } => got
@@ -371,60 +383,44 @@ pub fn replay(
                 .entry(by_engine_id[&ring])
                 .or_default()
                 .push((first, end, t)),
-            AuditRecord::SyncDone { ring, seq, t } => synced.push((by_engine_id[&ring], seq, t)),
+            AuditRecord::SyncDone { ring, seq, t } => synced
+                .entry(by_engine_id[&ring])
+                .or_default()
+                .push((seq, t)),
             AuditRecord::PhysFault { ring, seq, .. } => invariant_failures.push(format!(
                 "ring {}: an unexpected physical fault at entry {seq}",
                 by_engine_id[&ring]
             )),
         }
     }
+    // The comparison, ring by ring across cores (rings of different vIOMMUs are independent).
+    let mut per_ring: Vec<RingCheckInput> = rings
+        .into_iter()
+        .map(|(id, rt)| RingCheckInput {
+            id,
+            viommu: rt.viommu,
+            expected: rt.model.expected,
+            doorbells: rt.doorbells,
+            got: got.remove(&id).unwrap_or_default(),
+            published: published.remove(&id).unwrap_or_default(),
+            synced: synced.remove(&id).unwrap_or_default(),
+        })
+        .collect();
+    per_ring.sort_unstable_by_key(|r| r.id);
+    let checked: Vec<RingCheck> = per_ring.par_iter().map(check_ring).collect();
     let mut mismatches = Vec::new();
     let mut mismatch_count = 0u64;
     let mut outcomes = Outcomes::default();
     let mut per_viommu: BTreeMap<u32, Outcomes> = BTreeMap::new();
     let mut publish_latency = latency_histogram();
     let mut sync_latency = latency_histogram();
-    let mut ids: Vec<u32> = rings.keys().copied().collect();
-    ids.sort_unstable();
-    for id in ids {
-        let rt = &rings[&id];
-        let g = got.remove(&id).unwrap_or_default();
-        let e = &rt.model.expected;
-        let per = per_viommu.entry(rt.viommu).or_default();
-        for (_, o) in &g {
-            outcomes.add(o);
-            per.add(o);
-        }
-        for i in 0..g.len().max(e.len()) {
-            let (eg, ee) = (g.get(i), e.get(i));
-            if eg != ee {
-                mismatch_count += 1;
-                if mismatches.len() < 100 {
-                    mismatches.push(Mismatch {
-                        ring: id,
-                        seq: eg.or(ee).map_or(0, |x| x.0),
-                        expected: ee.map(|x| x.1),
-                        got: eg.map(|x| x.1),
-                    });
-                }
-            }
-        }
-        let doorbell_t = |seq: u64| -> Option<u64> {
-            let i = rt.doorbells.partition_point(|&(end, _)| end <= seq);
-            rt.doorbells.get(i).map(|&(_, t)| t)
-        };
-        for &(first, end, t) in published.get(&id).map_or(&[][..], |v| v) {
-            for seq in first..end {
-                if let Some(td) = doorbell_t(seq) {
-                    publish_latency.saturating_record(t.saturating_sub(td).max(1));
-                }
-            }
-        }
-        for &(_, seq, t) in synced.iter().filter(|s| s.0 == id) {
-            if let Some(td) = doorbell_t(seq) {
-                sync_latency.saturating_record(t.saturating_sub(td).max(1));
-            }
-        }
+    for (input, c) in per_ring.iter().zip(checked) {
+        outcomes.merge(&c.outcomes);
+        per_viommu.entry(input.viommu).or_default().merge(&c.outcomes);
+        mismatch_count += c.mismatch_count;
+        mismatches.extend(c.mismatches.into_iter().take(100 - mismatches.len().min(100)));
+        publish_latency.add(&c.publish_latency).expect("same histogram bounds");
+        sync_latency.add(&c.sync_latency).expect("same histogram bounds");
     }
     Ok(ReplayReport {
         commands,
@@ -443,6 +439,72 @@ pub fn replay(
         isolation_count,
         invariant_failures,
     })
+}
+
+/// What the check of one ring needs.
+struct RingCheckInput {
+    id: u32,
+    viommu: u32,
+    expected: Vec<(u64, SlotOutcome)>,
+    doorbells: Vec<(u64, u64)>,
+    got: Vec<(u64, SlotOutcome)>,
+    published: Vec<(u64, u64, u64)>,
+    synced: Vec<(u64, u64)>,
+}
+
+/// What the check of one ring found.
+struct RingCheck {
+    outcomes: Outcomes,
+    mismatches: Vec<Mismatch>,
+    mismatch_count: u64,
+    publish_latency: Histogram<u64>,
+    sync_latency: Histogram<u64>,
+}
+
+/// Compares one ring's audit with its model, and measures its latencies.
+fn check_ring(r: &RingCheckInput) -> RingCheck {
+    let mut c = RingCheck {
+        outcomes: Outcomes::default(),
+        mismatches: Vec::new(),
+        mismatch_count: 0,
+        publish_latency: latency_histogram(),
+        sync_latency: latency_histogram(),
+    };
+    for (_, o) in &r.got {
+        c.outcomes.add(o);
+    }
+    for i in 0..r.got.len().max(r.expected.len()) {
+        let (g, e) = (r.got.get(i), r.expected.get(i));
+        if g != e {
+            c.mismatch_count += 1;
+            if c.mismatches.len() < 100 {
+                c.mismatches.push(Mismatch {
+                    ring: r.id,
+                    seq: g.or(e).map_or(0, |x| x.0),
+                    expected: e.map(|x| x.1),
+                    got: g.map(|x| x.1),
+                });
+            }
+        }
+    }
+    // The doorbell that published entry `seq`: the first whose new PROD is past it.
+    let doorbell_t = |seq: u64| -> Option<u64> {
+        let i = r.doorbells.partition_point(|&(end, _)| end <= seq);
+        r.doorbells.get(i).map(|&(_, t)| t)
+    };
+    for &(first, end, t) in &r.published {
+        for seq in first..end {
+            if let Some(td) = doorbell_t(seq) {
+                c.publish_latency.saturating_record(t.saturating_sub(td).max(1));
+            }
+        }
+    }
+    for &(seq, t) in &r.synced {
+        if let Some(td) = doorbell_t(seq) {
+            c.sync_latency.saturating_record(t.saturating_sub(td).max(1));
+        }
+    }
+    c
 }
 
 fn latency_histogram() -> Histogram<u64> {
