@@ -22,12 +22,20 @@ fn all_small() -> Vec<(Workload, GenParams)> {
 fn same_parameters_same_bytes_whatever_the_threads() {
     for (w, p) in all_small() {
         let a = generate_vec(w, &p).unwrap();
-        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
         let b = one.install(|| generate_vec(w, &p).unwrap());
         assert_eq!(a, b, "{}", w.name());
         let mut q = p;
         q.seed += 1;
-        assert_ne!(a, generate_vec(w, &q).unwrap(), "{}: the seed changes nothing", w.name());
+        assert_ne!(
+            a,
+            generate_vec(w, &q).unwrap(),
+            "{}: the seed changes nothing",
+            w.name()
+        );
     }
 }
 
@@ -38,7 +46,10 @@ fn bad_parameters_are_refused() {
     assert!(generate_vec(Workload::DmaUnmap, &p).is_err());
     let mut p = Workload::DmaUnmap.defaults();
     p.vms = 0;
-    assert!(generate_vec(Workload::DmaUnmap, &p).unwrap_err().to_string().contains("vms=0"));
+    assert!(generate_vec(Workload::DmaUnmap, &p)
+        .unwrap_err()
+        .to_string()
+        .contains("vms=0"));
     let mut p = Workload::DmaUnmap.defaults();
     p.commands = u64::MAX;
     assert!(generate_vec(Workload::DmaUnmap, &p).is_err());
@@ -108,10 +119,20 @@ fn check(bytes: &[u8], name: &str) -> Seen {
     for r in t.records() {
         let r = r.unwrap();
         match r.event {
-            Event::ViommuCreate { viommu, profile, range_inv, vmid, .. } => {
+            Event::ViommuCreate {
+                viommu,
+                profile,
+                range_inv,
+                vmid,
+                ..
+            } => {
                 viommus.insert(viommu, (profile, range_inv, vmid));
             }
-            Event::Bind { viommu, device, vsid } => {
+            Event::Bind {
+                viommu,
+                device,
+                vsid,
+            } => {
                 devices.insert(device, (viommu, vsid));
                 bound.entry(viommu).or_default().insert(vsid);
                 unbound.entry(viommu).or_default().remove(&vsid);
@@ -122,7 +143,11 @@ fn check(bytes: &[u8], name: &str) -> Seen {
                 unbound.entry(viommu).or_default().insert(vsid);
                 seen.unbinds += 1;
             }
-            Event::RingCreate { ring, viommu, log2size } => {
+            Event::RingCreate {
+                ring,
+                viommu,
+                log2size,
+            } => {
                 rings.insert(
                     ring,
                     RingCheck {
@@ -141,7 +166,10 @@ fn check(bytes: &[u8], name: &str) -> Seen {
                     "{name}: ring {ring} written while stopped at {:?}",
                     rc.expected
                 );
-                assert!(rc.doorbelled || rc.prod == 0, "{name}: batch not doorbelled");
+                assert!(
+                    rc.doorbelled || rc.prod == 0,
+                    "{name}: batch not doorbelled"
+                );
                 // Linux batches: at most 63 commands and a closing CMD_SYNC.
                 assert!(cmds.len() <= 64, "{name}: batch of {}", cmds.len());
                 assert_eq!(cmds.last().unwrap().opcode(), opcode::CMD_SYNC, "{name}");
@@ -197,7 +225,11 @@ fn check(bytes: &[u8], name: &str) -> Seen {
             Event::Doorbell { ring, prod } => {
                 let rc = rings.get_mut(&ring).unwrap();
                 let shape = rc.shape.unwrap();
-                assert_eq!(shape.ptr(prod), rc.prod, "{name}: doorbell is not the batch's end");
+                assert_eq!(
+                    shape.ptr(prod),
+                    rc.prod,
+                    "{name}: doorbell is not the batch's end"
+                );
                 if prod != shape.ptr(prod) {
                     seen.junk_prod += 1;
                 }
@@ -205,7 +237,11 @@ fn check(bytes: &[u8], name: &str) -> Seen {
             }
             Event::GuestFix { ring, slot, cmd } => {
                 let rc = rings.get_mut(&ring).unwrap();
-                assert_eq!(rc.expected.pop_front(), Some(slot), "{name}: fix of a slot that is not refused");
+                assert_eq!(
+                    rc.expected.pop_front(),
+                    Some(slot),
+                    "{name}: fix of a slot that is not refused"
+                );
                 assert_eq!(cmd.opcode(), opcode::CMD_SYNC);
                 rc.fixes += 1;
                 seen.fixes += 1;
@@ -220,7 +256,11 @@ fn check(bytes: &[u8], name: &str) -> Seen {
         }
     }
     for (id, rc) in &rings {
-        assert!(rc.expected.is_empty(), "{name}: ring {id} left stopped at {:?}", rc.expected);
+        assert!(
+            rc.expected.is_empty(),
+            "{name}: ring {id} left stopped at {:?}",
+            rc.expected
+        );
     }
     assert_eq!(seen.refused, seen.fixes, "{name}");
     seen
@@ -245,8 +285,14 @@ fn workloads_keep_their_promises() {
             Workload::Hostile | Workload::Mixed => {
                 assert!(seen.refused > 5, "{seen:?}");
                 assert!(seen.acks > seen.fixes, "one ack before its fix: {seen:?}");
-                assert!(seen.illegal > 0 && seen.res0 > 0 && seen.range_without_tg > 0, "{seen:?}");
-                assert!(seen.foreign_vmid > 0 && seen.trapped > 0 && seen.prefetch > 0, "{seen:?}");
+                assert!(
+                    seen.illegal > 0 && seen.res0 > 0 && seen.range_without_tg > 0,
+                    "{seen:?}"
+                );
+                assert!(
+                    seen.foreign_vmid > 0 && seen.trapped > 0 && seen.prefetch > 0,
+                    "{seen:?}"
+                );
                 if w == Workload::Hostile {
                     assert!(seen.junk_prod > 0, "{seen:?}");
                 }
@@ -256,13 +302,40 @@ fn workloads_keep_their_promises() {
 }
 
 #[test]
+fn one_device_hot_unplug_terminates() {
+    // With its only device unplugged a guest has nothing to unmap; the run must still end.
+    for w in [
+        Workload::HotUnplug,
+        Workload::Hostile,
+        Workload::SvaChurn,
+        Workload::Mixed,
+    ] {
+        let mut p = w.defaults();
+        p.devices = 1;
+        p.commands = 1000;
+        check(
+            &generate_vec(w, &p).unwrap(),
+            &format!("{} with one device", w.name()),
+        );
+    }
+}
+
+#[test]
 fn tiny_rings_still_hold_the_capacity_rule() {
     for log2size in [2, 3, 5] {
-        for w in [Workload::Hostile, Workload::DmaUnmap, Workload::SvaChurn, Workload::HotUnplug] {
+        for w in [
+            Workload::Hostile,
+            Workload::DmaUnmap,
+            Workload::SvaChurn,
+            Workload::HotUnplug,
+        ] {
             let mut p = w.defaults();
             p.log2size = log2size;
             p.commands = 1500;
-            check(&generate_vec(w, &p).unwrap(), &format!("{} log2size={log2size}", w.name()));
+            check(
+                &generate_vec(w, &p).unwrap(),
+                &format!("{} log2size={log2size}", w.name()),
+            );
         }
     }
 }
@@ -273,7 +346,12 @@ fn noisy_neighbour_floods_from_one_vm() {
     let bytes = generate_vec(Workload::NoisyNeighbour, &p).unwrap();
     let s = validate(&Trace::parse(&bytes).unwrap()).unwrap();
     let flooder = s.commands_by_ring[&0];
-    let others: u64 = s.commands_by_ring.iter().filter(|(r, _)| **r != 0).map(|(_, n)| n).sum();
+    let others: u64 = s
+        .commands_by_ring
+        .iter()
+        .filter(|(r, _)| **r != 0)
+        .map(|(_, n)| n)
+        .sum();
     assert!(flooder > 3 * others, "flooder {flooder}, others {others}");
     assert_eq!(s.count(Kind::ViommuCreate), u64::from(p.vms));
     assert!(s.commands_by_ring.len() == p.vms as usize);
@@ -282,11 +360,20 @@ fn noisy_neighbour_floods_from_one_vm() {
 #[test]
 fn every_opcode_written_is_named_or_deliberately_illegal() {
     // Outside the hostile workloads nothing illegal is written.
-    for w in [Workload::DmaUnmap, Workload::Ats, Workload::SvaChurn, Workload::NoisyNeighbour] {
+    for w in [
+        Workload::DmaUnmap,
+        Workload::Ats,
+        Workload::SvaChurn,
+        Workload::NoisyNeighbour,
+    ] {
         let bytes = generate_vec(w, &w.defaults()).unwrap();
         let s = validate(&Trace::parse(&bytes).unwrap()).unwrap();
         for op in s.commands_by_opcode.keys() {
-            assert!(LAYOUTS.iter().flatten().any(|l| l.name == op), "{}: {op}", w.name());
+            assert!(
+                LAYOUTS.iter().flatten().any(|l| l.name == op),
+                "{}: {op}",
+                w.name()
+            );
         }
     }
 }
@@ -299,6 +386,10 @@ fn bundled_traces_regenerate_byte_for_byte() {
         let path = dir.join(format!("{}.vct", w.name()));
         let on_disk = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let fresh = generate_vec(w, &w.defaults()).unwrap();
-        assert!(on_disk == fresh, "{} differs from a fresh generation: run `make traces`", path.display());
+        assert!(
+            on_disk == fresh,
+            "{} differs from a fresh generation: run `make traces`",
+            path.display()
+        );
     }
 }

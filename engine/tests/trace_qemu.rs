@@ -61,8 +61,15 @@ fn the_sample_log_imports_as_documented() {
     assert!(!stats.log2size_inferred);
     assert_eq!(stats.unobserved, 0);
     // The bundled import is this one.
-    let bundled = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../traces/qemu-sample.vct")).unwrap();
-    assert!(bundled == bytes, "traces/qemu-sample.vct is stale: run `make traces`");
+    let bundled = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../traces/qemu-sample.vct"
+    ))
+    .unwrap();
+    assert!(
+        bundled == bytes,
+        "traces/qemu-sample.vct is stale: run `make traces`"
+    );
 }
 
 #[test]
@@ -86,13 +93,20 @@ fn without_timestamps_or_queue_base() {
             .map(|l| l.split_once(' ').map_or(l, |(_, r)| r).to_string())
             .collect()
     };
-    assert_eq!(strip_ts(&dump_to_string(&t).unwrap()), strip_ts(SAMPLE_DUMP));
+    assert_eq!(
+        strip_ts(&dump_to_string(&t).unwrap()),
+        strip_ts(SAMPLE_DUMP)
+    );
     let first_cmd = t
         .records()
         .map(Result::unwrap)
         .find(|r| matches!(r.event, Event::Commands { .. }))
         .unwrap();
-    assert_eq!(first_cmd.timestamp_ns, 2 * 1000, "the first consume line is line 2");
+    assert_eq!(
+        first_cmd.timestamp_ns,
+        2 * 1000,
+        "the first consume line is line 2"
+    );
 }
 
 #[test]
@@ -108,7 +122,10 @@ fn slots_never_consumed_are_filled_and_counted() {
     assert_eq!(stats.unobserved, 1);
     let t = Trace::parse(&bytes).unwrap();
     let text = dump_to_string(&t).unwrap();
-    assert!(text.contains("@1900000 cmd ring=0 slot=11 CMD_SYNC cs=0"), "{text}");
+    assert!(
+        text.contains("@1900000 cmd ring=0 slot=11 CMD_SYNC cs=0"),
+        "{text}"
+    );
     assert!(!text.contains(" ack "));
 }
 
@@ -127,6 +144,15 @@ fn malformed_logs_are_refused_with_the_line() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("prod.wrap"), "{e}");
+    let e = import(
+        Cursor::new("smmuv3_cmdq_consume prod=-1 cons=0 prod.wrap=0 cons.wrap=0\n"),
+        Cursor::new(Vec::new()),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e.problem, ImportProblem::OutOfRange { value: -1, .. }),
+        "{e}"
+    );
     let e = import(Cursor::new("nothing here\n"), Cursor::new(Vec::new())).unwrap_err();
     assert!(matches!(e.problem, ImportProblem::NoActivity));
 }
@@ -138,12 +164,24 @@ fn qemu_lines(cmd: RawCommand, index: u32, wrap: u32, prod: (u32, u32)) -> Strin
         prod.0, prod.1
     );
     let c = decode(cmd).unwrap();
-    s += &format!("smmuv3_cmdq_opcode <--- SMMU_CMD_{}\n", match c {
-        Command::CmdSync { .. } => "SYNC",
-        _ => c.name(),
-    });
+    s += &format!(
+        "smmuv3_cmdq_opcode <--- SMMU_CMD_{}\n",
+        match c {
+            Command::CmdSync { .. } => "SYNC",
+            _ => c.name(),
+        }
+    );
     match c {
-        Command::TlbiNhVa { asid, addr, tg, num, scale, ttl, leaf, .. } => {
+        Command::TlbiNhVa {
+            asid,
+            addr,
+            tg,
+            num,
+            scale,
+            ttl,
+            leaf,
+            ..
+        } => {
             if tg == 0 {
                 s += &format!("smmuv3_range_inval vmid=-1 asid={asid} addr={addr:#x} tg=0 num_pages=0x1 ttl={ttl} leaf={} stage=1\n", u8::from(leaf));
             } else {
@@ -176,10 +214,28 @@ fn linux_range_invalidations_survive_qemus_split() {
     // same 16 bytes: QEMU's per-chunk lines add up to the command's range, and Linux's choice of
     // NUM and SCALE is the one the importer makes.
     let mut cmds = Vec::new();
-    for pages in [1u64, 2, 3, 5, 31, 32, 33, 64, 96, 100, 511, 512, 4096, 12345] {
-        cmds.extend(linux::tlbi_va(0, 9, 0x4000_0000, pages << 12, 4096, true, true));
+    for pages in [
+        1u64, 2, 3, 5, 31, 32, 33, 64, 96, 100, 511, 512, 4096, 12345,
+    ] {
+        cmds.extend(linux::tlbi_va(
+            0,
+            9,
+            0x4000_0000,
+            pages << 12,
+            4096,
+            true,
+            true,
+        ));
     }
-    cmds.extend(linux::tlbi_va(0, 9, 0x4000_0000, 3 << 12, 4096, true, false));
+    cmds.extend(linux::tlbi_va(
+        0,
+        9,
+        0x4000_0000,
+        3 << 12,
+        4096,
+        true,
+        false,
+    ));
     cmds.push(linux::tlbi_asid(0, 9));
     cmds.push(linux::cfgi_cd(0x20, 0));
     cmds.push(RawCommand::new(0x46, 0));
@@ -187,11 +243,17 @@ fn linux_range_invalidations_survive_qemus_split() {
     let n = cmds.len() as u32;
     assert!(n <= 1 << log2size);
     let prod = (n & ((1 << log2size) - 1), n >> log2size);
-    let mut log = format!("smmuv3_write_mmio addr: 0x90 val:{:#x} size: 0x8(0)\n", 0x4000_0000u64 | u64::from(log2size));
+    let mut log = format!(
+        "smmuv3_write_mmio addr: 0x90 val:{:#x} size: 0x8(0)\n",
+        0x4000_0000u64 | u64::from(log2size)
+    );
     for (i, c) in cmds.iter().enumerate() {
         log += &qemu_lines(*c, i as u32, 0, prod);
     }
-    log += &format!("smmuv3_cmdq_consume_out prod:{}, cons:{}, prod_wrap:{}, cons_wrap:{}\n", prod.0, prod.0, prod.1, prod.1);
+    log += &format!(
+        "smmuv3_cmdq_consume_out prod:{}, cons:{}, prod_wrap:{}, cons_wrap:{}\n",
+        prod.0, prod.0, prod.1, prod.1
+    );
     let (bytes, _) = import_str(&log);
     let t = Trace::parse(&bytes).unwrap();
     let got: Vec<RawCommand> = t
@@ -205,9 +267,91 @@ fn linux_range_invalidations_survive_qemus_split() {
     // CFGI_CD: QEMU does not log SSID or LEAF; the importer writes 0 for both.
     let mut want = cmds.clone();
     let cd = want.len() - 2;
-    want[cd] = Command::CfgiCd { ssec: false, ssid: 0, sid: 0x20, leaf: false }.encode();
+    want[cd] = Command::CfgiCd {
+        ssec: false,
+        ssid: 0,
+        sid: 0x20,
+        leaf: false,
+    }
+    .encode();
     assert_eq!(got.len(), want.len());
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert_eq!(g, w, "command {i}: {} vs {}", vcmdq::command::text::format_raw(g), vcmdq::command::text::format_raw(w));
+        assert_eq!(
+            g,
+            w,
+            "command {i}: {} vs {}",
+            vcmdq::command::text::format_raw(g),
+            vcmdq::command::text::format_raw(w)
+        );
+    }
+}
+
+mod no_panic {
+    use super::*;
+    use proptest::prelude::*;
+
+    const EVENTS: &[&str] = &[
+        "smmuv3_cmdq_consume prod={a} cons={b} prod.wrap={c} cons.wrap={d}",
+        "smmuv3_cmdq_opcode <--- SMMU_CMD_{op}",
+        "smmuv3_cmdq_consume_out prod:{a}, cons:{b}, prod_wrap:{c}, cons_wrap:{d} ",
+        "smmuv3_cmdq_consume_error Error on SMMU_CMD_{op} command execution: {a}",
+        "smmuv3_range_inval vmid={a} asid={b} addr={x} tg={c} num_pages={x} ttl={d} leaf={c} stage=1",
+        "smmuv3_cmdq_cfgi_ste_range start={x} - end={x}",
+        "smmuv3_cmdq_cfgi_cd sid={x}",
+        "smmuv3_cmdq_tlbi_nh_asid asid={a}",
+        "smmuv3_unhandled_cmd Unhandled command type={a}",
+        "smmuv3_write_gerrorn acked=0x1, new GERRORN=0x1",
+        "smmuv3_write_mmio addr: 0x90 val:{l} size: 0x8(0)",
+        "smmuv3_trigger_irq irq={a}",
+        "Illegal command type: {a}",
+        "smmuv3_cmdq_consume prod={a}",
+        "garbage {x}",
+    ];
+    const OPS: &[&str] = &[
+        "SYNC",
+        "TLBI_NH_VA",
+        "CFGI_STE_RANGE",
+        "ATC_INV",
+        "INVALID",
+        "UNKNOWN",
+        "CFGI_ALL",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any sequence of plausible and implausible lines imports or is refused, never panics,
+        /// and what imports is a valid trace.
+        #[test]
+        fn any_log(lines in prop::collection::vec((0usize..15, 0usize..7, any::<[i64; 4]>(), any::<u64>(), any::<bool>()), 0..60)) {
+            let mut log = String::new();
+            for (e, op, v, x, ts) in lines {
+                if ts {
+                    log += &format!("1@{}.{:06}:", v[0].unsigned_abs() % 100, v[1].unsigned_abs() % 1_000_000);
+                }
+                let small = |i: usize| {
+                    if v[i] % 7 == 0 {
+                        "-1".to_string()
+                    } else {
+                        (v[i].unsigned_abs() % 40).to_string()
+                    }
+                };
+                log += &EVENTS[e]
+                    .replace("{op}", OPS[op])
+                    .replace("{a}", &small(0))
+                    .replace("{b}", &small(1))
+                    .replace("{c}", &(v[2] & 1).to_string())
+                    .replace("{d}", &(v[3] & 3).to_string())
+                    // LOG2SIZE up to 8: larger rings only make each case slower.
+                    .replace("{l}", &format!("{:#x}", 0x4000_0000 | (v[0].unsigned_abs() % 9)))
+                    .replace("{x}", &format!("{x:#x}"));
+                log.push('\n');
+            }
+            if let Ok((out, _)) = import(Cursor::new(log), Cursor::new(Vec::new())) {
+                let bytes = out.into_inner();
+                let t = Trace::parse(&bytes).unwrap();
+                validate(&t).unwrap();
+            }
+        }
     }
 }

@@ -41,7 +41,7 @@ pub enum TlbiSpan {
     /// TG=0, the non-range form: the one leaf entry that translates `addr`, whatever its size
     /// (TTL, when not 0, names the level of that entry).
     Entry {
-        /// The address, bits [11:0] zero.
+        /// The address, bits `[11:0]` zero.
         addr: u64,
         /// The level of the leaf, 0 when unknown.
         ttl: u8,

@@ -21,7 +21,7 @@ macro_rules! commands {
                 $(#[doc = $doc])*
                 $variant {
                     $(
-                        #[doc = concat!("`", stringify!($field), "`: d", $word, "[", $hi, ":", $lo, "]")]
+                        #[doc = concat!("`", stringify!($field), "`: `d", $word, "[", $hi, ":", $lo, "]`")]
                         $field: $ty,
                     )*
                 },

@@ -426,9 +426,11 @@ fn header(rest: &str) -> Result<TraceMeta, BuildProblem> {
             Some(("created", v)) => meta.created_unix_ns = number("created", v)?,
             None if word == "synthetic" => meta.flags |= FLAG_SYNTHETIC,
             None if word == "imported" => meta.flags |= FLAG_IMPORTED,
-            _ => return Err(BuildProblem::Header(format!(
+            _ => {
+                return Err(BuildProblem::Header(format!(
                 "unknown word {word:?}; the header takes version=, created=, synthetic, imported"
-            ))),
+            )))
+            }
         }
     }
     Ok(meta)
