@@ -302,6 +302,25 @@ fn workloads_keep_their_promises() {
 }
 
 #[test]
+fn one_device_hot_unplug_terminates() {
+    // With its only device unplugged a guest has nothing to unmap; the run must still end.
+    for w in [
+        Workload::HotUnplug,
+        Workload::Hostile,
+        Workload::SvaChurn,
+        Workload::Mixed,
+    ] {
+        let mut p = w.defaults();
+        p.devices = 1;
+        p.commands = 1000;
+        check(
+            &generate_vec(w, &p).unwrap(),
+            &format!("{} with one device", w.name()),
+        );
+    }
+}
+
+#[test]
 fn tiny_rings_still_hold_the_capacity_rule() {
     for log2size in [2, 3, 5] {
         for w in [

@@ -144,6 +144,15 @@ fn malformed_logs_are_refused_with_the_line() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("prod.wrap"), "{e}");
+    let e = import(
+        Cursor::new("smmuv3_cmdq_consume prod=-1 cons=0 prod.wrap=0 cons.wrap=0\n"),
+        Cursor::new(Vec::new()),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e.problem, ImportProblem::OutOfRange { value: -1, .. }),
+        "{e}"
+    );
     let e = import(Cursor::new("nothing here\n"), Cursor::new(Vec::new())).unwrap_err();
     assert!(matches!(e.problem, ImportProblem::NoActivity));
 }
@@ -274,5 +283,75 @@ fn linux_range_invalidations_survive_qemus_split() {
             vcmdq::command::text::format_raw(g),
             vcmdq::command::text::format_raw(w)
         );
+    }
+}
+
+mod no_panic {
+    use super::*;
+    use proptest::prelude::*;
+
+    const EVENTS: &[&str] = &[
+        "smmuv3_cmdq_consume prod={a} cons={b} prod.wrap={c} cons.wrap={d}",
+        "smmuv3_cmdq_opcode <--- SMMU_CMD_{op}",
+        "smmuv3_cmdq_consume_out prod:{a}, cons:{b}, prod_wrap:{c}, cons_wrap:{d} ",
+        "smmuv3_cmdq_consume_error Error on SMMU_CMD_{op} command execution: {a}",
+        "smmuv3_range_inval vmid={a} asid={b} addr={x} tg={c} num_pages={x} ttl={d} leaf={c} stage=1",
+        "smmuv3_cmdq_cfgi_ste_range start={x} - end={x}",
+        "smmuv3_cmdq_cfgi_cd sid={x}",
+        "smmuv3_cmdq_tlbi_nh_asid asid={a}",
+        "smmuv3_unhandled_cmd Unhandled command type={a}",
+        "smmuv3_write_gerrorn acked=0x1, new GERRORN=0x1",
+        "smmuv3_write_mmio addr: 0x90 val:{l} size: 0x8(0)",
+        "smmuv3_trigger_irq irq={a}",
+        "Illegal command type: {a}",
+        "smmuv3_cmdq_consume prod={a}",
+        "garbage {x}",
+    ];
+    const OPS: &[&str] = &[
+        "SYNC",
+        "TLBI_NH_VA",
+        "CFGI_STE_RANGE",
+        "ATC_INV",
+        "INVALID",
+        "UNKNOWN",
+        "CFGI_ALL",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any sequence of plausible and implausible lines imports or is refused, never panics,
+        /// and what imports is a valid trace.
+        #[test]
+        fn any_log(lines in prop::collection::vec((0usize..15, 0usize..7, any::<[i64; 4]>(), any::<u64>(), any::<bool>()), 0..60)) {
+            let mut log = String::new();
+            for (e, op, v, x, ts) in lines {
+                if ts {
+                    log += &format!("1@{}.{:06}:", v[0].unsigned_abs() % 100, v[1].unsigned_abs() % 1_000_000);
+                }
+                let small = |i: usize| {
+                    if v[i] % 7 == 0 {
+                        "-1".to_string()
+                    } else {
+                        (v[i].unsigned_abs() % 40).to_string()
+                    }
+                };
+                log += &EVENTS[e]
+                    .replace("{op}", OPS[op])
+                    .replace("{a}", &small(0))
+                    .replace("{b}", &small(1))
+                    .replace("{c}", &(v[2] & 1).to_string())
+                    .replace("{d}", &(v[3] & 3).to_string())
+                    // LOG2SIZE up to 8: larger rings only make each case slower.
+                    .replace("{l}", &format!("{:#x}", 0x4000_0000 | (v[0].unsigned_abs() % 9)))
+                    .replace("{x}", &format!("{x:#x}"));
+                log.push('\n');
+            }
+            if let Ok((out, _)) = import(Cursor::new(log), Cursor::new(Vec::new())) {
+                let bytes = out.into_inner();
+                let t = Trace::parse(&bytes).unwrap();
+                validate(&t).unwrap();
+            }
+        }
     }
 }

@@ -83,6 +83,16 @@ pub enum ImportProblem {
         /// The text.
         value: String,
     },
+    /// A queue index beyond the largest command queue.
+    #[error("{event}: {field}={value} is not a queue index (0 to 2^19 - 1)")]
+    OutOfRange {
+        /// The event.
+        event: String,
+        /// The field.
+        field: &'static str,
+        /// The value.
+        value: i64,
+    },
     /// A recognised event lacks a field it always has.
     #[error("{event} has no {field}")]
     Missing {
@@ -295,9 +305,10 @@ fn rebuild(f: &Fields, name: &str, default_sid: u32) -> RawCommand {
             leaf: false,
         },
         opcode::CFGI_STE_RANGE => {
+            // QEMU prints the block's first and last SID: 2^(RANGE+1) SIDs.
             let n = f
                 .range_end
-                .map_or(0, |e| e.wrapping_sub(sid).wrapping_add(1));
+                .map_or(0, |e| u64::from(e.wrapping_sub(sid)) + 1);
             let range = if n.is_power_of_two() && n >= 2 {
                 (n.trailing_zeros() - 1) as u8
             } else {
@@ -443,8 +454,16 @@ impl Parser {
             }
         }
         let pos = |idx: &[&'static str], wrap: &[&'static str]| -> Result<Pos, ImportProblem> {
+            let index = a.need(idx)?;
+            if !(0..1 << MAX_LOG2SIZE).contains(&index) {
+                return Err(ImportProblem::OutOfRange {
+                    event: name.to_string(),
+                    field: idx[0],
+                    value: index,
+                });
+            }
             Ok(Pos {
-                index: a.need(idx)? as u32,
+                index: index as u32,
                 wrap: a.need(wrap)? & 1 == 1,
             })
         };

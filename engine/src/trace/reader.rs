@@ -83,11 +83,22 @@ impl TraceFile {
 }
 
 /// A trace over bytes whose header has been checked.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct Trace<'a> {
     bytes: &'a [u8],
     name: Option<&'a str>,
     header: &'a FileHeader,
+}
+
+impl core::fmt::Debug for Trace<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        // Not the bytes: a trace can be hundreds of megabytes.
+        f.debug_struct("Trace")
+            .field("name", &self.name)
+            .field("len", &self.bytes.len())
+            .field("header", self.header)
+            .finish()
+    }
 }
 
 impl<'a> Trace<'a> {

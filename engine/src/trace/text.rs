@@ -361,6 +361,74 @@ fn cerror_by_name(s: &str) -> Option<CError> {
         .find(|e| e.name().eq_ignore_ascii_case(name))
 }
 
+/// The events [`keyed`] reads.
+const KEYED: [&str; 7] = [
+    "viommu", "device", "bind", "unbind", "ring", "doorbell", "ack",
+];
+
+/// The static name of an event word that [`keyed`] reads.
+fn verb_name(verb: &str) -> Result<&'static str, BuildProblem> {
+    KEYED
+        .into_iter()
+        .find(|v| *v == verb)
+        .ok_or_else(|| BuildProblem::UnknownEvent(verb.to_string()))
+}
+
+/// An event written as an id and `key=value` words.
+fn keyed(a: &mut Words<'_>) -> Result<Event<'static>, BuildProblem> {
+    Ok(match a.event {
+        "viommu" => {
+            let viommu = a.positional("vIOMMU id")?;
+            let vmid = a.num("vmid")?;
+            let smmu = a.num("smmu")?;
+            let p = a.value("profile").ok_or(BuildProblem::Missing {
+                event: "viommu",
+                field: "profile",
+            })?;
+            let profile = Profile::from_name(p).ok_or_else(|| BuildProblem::BadValue {
+                field: "profile",
+                value: p.to_string(),
+                why: "profiles are kernel and tegra241".into(),
+            })?;
+            Event::ViommuCreate {
+                viommu,
+                vmid,
+                smmu,
+                profile,
+                sidsize: a.num("sidsize")?,
+                range_inv: a.flag("range"),
+            }
+        }
+        "device" => Event::DeviceAdd {
+            device: a.positional("device id")?,
+            smmu: a.num("smmu")?,
+            psid: a.num("psid")?,
+        },
+        "bind" => Event::Bind {
+            viommu: a.num("viommu")?,
+            device: a.num("device")?,
+            vsid: a.num("vsid")?,
+        },
+        "unbind" => Event::Unbind {
+            viommu: a.num("viommu")?,
+            device: a.num("device")?,
+        },
+        "ring" => Event::RingCreate {
+            ring: a.positional("ring id")?,
+            viommu: a.num("viommu")?,
+            log2size: a.num("log2size")?,
+        },
+        "doorbell" => Event::Doorbell {
+            ring: a.num("ring")?,
+            prod: a.num("prod")?,
+        },
+        "ack" => Event::GuestAck {
+            ring: a.num("ring")?,
+        },
+        other => return Err(BuildProblem::UnknownEvent(other.to_string())),
+    })
+}
+
 /// Commands lines waiting to be joined into one record.
 struct Pending {
     ts: u64,
@@ -483,90 +551,6 @@ fn line<W: Write + Seek>(
         w.commands(p.ts, p.ring, p.slot, &p.cmds)?;
     }
     let event = match verb {
-        "viommu" => {
-            let mut a = Words::new("viommu", rest);
-            let viommu = a.positional("vIOMMU id")?;
-            let vmid = a.num("vmid")?;
-            let smmu = a.num("smmu")?;
-            let p = a.value("profile").ok_or(BuildProblem::Missing {
-                event: "viommu",
-                field: "profile",
-            })?;
-            let profile = Profile::from_name(p).ok_or_else(|| BuildProblem::BadValue {
-                field: "profile",
-                value: p.to_string(),
-                why: "profiles are kernel and tegra241".into(),
-            })?;
-            let sidsize = a.num("sidsize")?;
-            let range_inv = a.flag("range");
-            a.done()?;
-            Event::ViommuCreate {
-                viommu,
-                vmid,
-                smmu,
-                profile,
-                sidsize,
-                range_inv,
-            }
-        }
-        "device" => {
-            let mut a = Words::new("device", rest);
-            let device = a.positional("device id")?;
-            let e = Event::DeviceAdd {
-                device,
-                smmu: a.num("smmu")?,
-                psid: a.num("psid")?,
-            };
-            a.done()?;
-            e
-        }
-        "bind" => {
-            let mut a = Words::new("bind", rest);
-            let e = Event::Bind {
-                viommu: a.num("viommu")?,
-                device: a.num("device")?,
-                vsid: a.num("vsid")?,
-            };
-            a.done()?;
-            e
-        }
-        "unbind" => {
-            let mut a = Words::new("unbind", rest);
-            let e = Event::Unbind {
-                viommu: a.num("viommu")?,
-                device: a.num("device")?,
-            };
-            a.done()?;
-            e
-        }
-        "ring" => {
-            let mut a = Words::new("ring", rest);
-            let ring = a.positional("ring id")?;
-            let e = Event::RingCreate {
-                ring,
-                viommu: a.num("viommu")?,
-                log2size: a.num("log2size")?,
-            };
-            a.done()?;
-            e
-        }
-        "doorbell" => {
-            let mut a = Words::new("doorbell", rest);
-            let e = Event::Doorbell {
-                ring: a.num("ring")?,
-                prod: a.num("prod")?,
-            };
-            a.done()?;
-            e
-        }
-        "ack" => {
-            let mut a = Words::new("ack", rest);
-            let e = Event::GuestAck {
-                ring: a.num("ring")?,
-            };
-            a.done()?;
-            e
-        }
         "fix" => {
             let (ring, slot, cmd) = ring_slot_rest("fix", &rest)?;
             Event::GuestFix {
@@ -607,7 +591,12 @@ fn line<W: Write + Seek>(
                 outcome,
             }
         }
-        other => return Err(BuildProblem::UnknownEvent(other.to_string())),
+        other => {
+            let mut a = Words::new(verb_name(other)?, rest);
+            let e = keyed(&mut a)?;
+            a.done()?;
+            e
+        }
     };
     rings.learn(&event);
     w.write(ts, &event)?;

@@ -1,6 +1,6 @@
 //! Workload generators: traces modelled on what real guests send, deterministic from a seed.
 //!
-//! Each VM of a workload has a role (see [`workloads`]) and produces its own stream of events
+//! Each VM of a workload has a role (see `workloads.rs`) and produces its own stream of events
 //! from its own random generator (the seed forked by VM index), so VMs are generated in parallel
 //! with rayon and merged by timestamp (ties broken by VM index, then by order within the VM).
 //! The same parameters give the same bytes on any machine and with any number of threads.

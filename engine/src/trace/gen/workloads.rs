@@ -98,6 +98,7 @@ impl Role {
     pub fn run(self, vm: &mut Vm, budget: u64, deadline: u64) {
         let mut state = State::default();
         while vm.entries < budget && vm.now < deadline {
+            let before = vm.stream.events.len();
             match self {
                 Role::DmaRange
                 | Role::DmaNoRange
@@ -120,6 +121,12 @@ impl Role {
                     unplug_turn(vm, &mut state, budget, self == Role::UnplugLate)
                 }
                 Role::HostileKernel | Role::HostileTegra => hostile_turn(vm, &mut state),
+            }
+            if vm.stream.events.len() == before {
+                // Nothing happened: no device is left to work on (all unplugged). The guest
+                // still flushes its TLB now and then, and the run moves towards its budget.
+                let ring = vm.any_ring();
+                vm.submit_ok(ring, &[linux::tlbi_asid(0, 1)]);
             }
             let g = vm.rng.gap(self.gap());
             vm.now += g;

@@ -1,0 +1,125 @@
+//! `vcmdq trace` and `vcmdq gen` as a person runs them: exit statuses, messages, files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn vcmdq(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vcmdq"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vcmdq-cli-trace-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn bundled(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../traces")
+        .join(name)
+}
+
+#[test]
+fn gen_defaults_reproduce_the_bundled_trace() {
+    let d = tmpdir("gen");
+    let out = d.join("hostile.vct");
+    let o = vcmdq(&["gen", "hostile", "-o", s(&out)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(bundled("hostile.vct")).unwrap()
+    );
+    let o = vcmdq(&["gen", "hostile", "-o", s(&out), "--log2size", "1"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("log2size=1 is out of range"));
+    let o = vcmdq(&["gen", "nonsense", "-o", s(&out)]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("workloads: dma-unmap"));
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn dump_build_info_round_trip_through_files() {
+    let d = tmpdir("rt");
+    let src = bundled("mixed.vct");
+    let o = vcmdq(&["trace", "dump", s(&src)]);
+    assert!(o.status.success());
+    let text = d.join("mixed.txt");
+    std::fs::write(&text, &o.stdout).unwrap();
+    let built = d.join("mixed.vct");
+    let o = vcmdq(&["trace", "build", s(&text), "-o", s(&built)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(&built).unwrap(), std::fs::read(&src).unwrap());
+    let o = vcmdq(&["trace", "info", s(&built), "--json"]);
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["commands"], 10272);
+    assert_eq!(v["synthetic"], true);
+    let o = vcmdq(&["trace", "info", s(&built)]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("GuestFix"));
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn damaged_inputs_exit_1_with_the_place() {
+    let d = tmpdir("bad");
+    let mut bytes = std::fs::read(bundled("qemu-sample.vct")).unwrap();
+    bytes.truncate(bytes.len() - 4);
+    let bad = d.join("cut.vct");
+    std::fs::write(&bad, &bytes).unwrap();
+    for sub in ["info", "dump"] {
+        let o = vcmdq(&["trace", sub, s(&bad)]);
+        assert_eq!(o.status.code(), Some(1), "{sub}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(&format!("{}: offset ", bad.display())),
+            "{err}"
+        );
+        assert!(err.contains("remain in the file"), "{err}");
+    }
+    // A text that does not build leaves no output behind, not even a partial one.
+    let text = d.join("bad.txt");
+    std::fs::write(&text, "@1 doorbell ring=0 prod=1\n@2 nonsense\n").unwrap();
+    let out = d.join("out.vct");
+    let o = vcmdq(&["trace", "build", s(&text), "-o", s(&out)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("line 2: unknown event"));
+    assert!(!out.exists());
+    assert!(!d.join("out.vct.tmp").exists());
+    // A missing file is an I/O error: exit 2.
+    let o = vcmdq(&["trace", "info", s(&d.join("missing.vct"))]);
+    assert_eq!(o.status.code(), Some(2));
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn import_qemu_writes_the_bundled_sample() {
+    let d = tmpdir("qemu");
+    let out = d.join("q.vct");
+    let o = vcmdq(&[
+        "trace",
+        "import-qemu",
+        s(&bundled("qemu-sample.log")),
+        "-o",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("1 fixes, 1 acks, 1 errors"));
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(bundled("qemu-sample.vct")).unwrap()
+    );
+    let log = d.join("empty.log");
+    std::fs::write(&log, "nothing\n").unwrap();
+    let o = vcmdq(&["trace", "import-qemu", s(&log), "-o", s(&d.join("e.vct"))]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(!d.join("e.vct").exists());
+    std::fs::remove_dir_all(&d).unwrap();
+}
