@@ -25,6 +25,7 @@
 //! forwarded exactly once), and repairs the physical queue as Linux does. Other rings' commands
 //! in the same queue are untouched.
 
+mod capture;
 mod stats;
 mod worker;
 
@@ -33,9 +34,11 @@ pub use stats::{AuditRecord, EngineStats};
 use crate::command::RawCommand;
 use crate::pqueue::{HwConfig, HwCounters, PhysQueue};
 use crate::ring::{HostRing, RingError};
-use crate::viommu::{Devices, GraceDomain, Viommu, ViommuConfig, ViommuError};
+use crate::viommu::{DeviceId, Devices, GraceDomain, Viommu, ViommuConfig, ViommuError};
 use crossbeam_queue::SegQueue;
+use capture::{Capture, CaptureEvent};
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -76,6 +79,9 @@ pub struct EngineConfig {
     /// times ([`EngineReport::audit`]): what replay checks against the oracle and measures
     /// latency from. Costs an allocation now and then on the hot path, so benchmarks leave it off.
     pub audit: bool,
+    /// Record what guests submit and what the control plane does as a trace in this file
+    /// (`vcmdq replay` reads it back). See `capture.rs` for what it can and cannot see.
+    pub capture: Option<PathBuf>,
 }
 
 impl Default for EngineConfig {
@@ -88,6 +94,7 @@ impl Default for EngineConfig {
             hw: HwConfig::default(),
             hardware: HwPlacement::Inline,
             audit: false,
+            capture: None,
         }
     }
 }
@@ -137,6 +144,14 @@ pub enum EngineError {
     /// A ring could not be read.
     #[error(transparent)]
     Ring(#[from] RingError),
+    /// The capture file could not be written.
+    #[error("capture to {}: {why}", path.display())]
+    Capture {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        why: String,
+    },
     /// The physical queue geometry is invalid.
     #[error("physical queue: {0}")]
     PhysQueue(crate::queue::QueueError),
@@ -167,6 +182,19 @@ struct Shared {
     stopping: AtomicBool,
     stats: Vec<stats::Shared>,
     epoch: Instant,
+    capture: Option<Arc<SegQueue<CaptureEvent>>>,
+}
+
+impl Shared {
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    fn capture(&self, ev: impl FnOnce(u64) -> CaptureEvent) {
+        if let Some(q) = &self.capture {
+            q.push(ev(self.now()));
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -186,6 +214,8 @@ pub struct EngineReport {
     pub hardware: Vec<HwCounters>,
     /// When the engine started: the zero of every audit time.
     pub epoch: Option<Instant>,
+    /// With [`EngineConfig::capture`]: the records written, or why the capture failed.
+    pub capture: Option<Result<u64, String>>,
 }
 
 /// A running engine.
@@ -199,12 +229,20 @@ pub struct Engine {
     workers: Vec<JoinHandle<worker::Report>>,
     hw_threads: Vec<JoinHandle<HwCounters>>,
     hw_stop: Arc<AtomicBool>,
+    capture: Option<Capture>,
 }
 
 impl Engine {
     /// Starts the workers (and hardware threads) with no vIOMMU and no ring.
     pub fn start(cfg: EngineConfig) -> Result<Engine, EngineError> {
         let n = cfg.workers.max(1);
+        let capture = match &cfg.capture {
+            Some(path) => Some(Capture::start(path).map_err(|e| EngineError::Capture {
+                path: path.clone(),
+                why: e.to_string(),
+            })?),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             grace: GraceDomain::new(),
             ctrl: (0..n).map(|_| SegQueue::new()).collect(),
@@ -213,6 +251,7 @@ impl Engine {
             stopping: AtomicBool::new(false),
             stats: (0..n).map(|_| stats::Shared::default()).collect(),
             epoch: Instant::now(),
+            capture: capture.as_ref().map(|c| c.queue.clone()),
         });
         let hw_stop = Arc::new(AtomicBool::new(false));
         let mut workers = Vec::with_capacity(n);
@@ -253,6 +292,7 @@ impl Engine {
             workers,
             hw_threads,
             hw_stop,
+            capture,
         })
     }
 
@@ -273,7 +313,35 @@ impl Engine {
             self.shared.grace.clone(),
         )?);
         map.insert(cfg.id, v.clone());
+        self.shared.capture(|t| CaptureEvent::Viommu(t, cfg));
         Ok(v)
+    }
+
+    /// Adds a host device behind physical SMMU `smmu` with StreamID `psid`.
+    pub fn add_device(&self, device: DeviceId, smmu: u32, psid: u32) -> Result<(), EngineError> {
+        self.devices.add_device(device, smmu, psid)?;
+        self.shared
+            .capture(|t| CaptureEvent::Device(t, device.0, smmu, psid));
+        Ok(())
+    }
+
+    /// `set_dev_id`: `device` becomes the guest's `vsid` in vIOMMU `viommu`.
+    pub fn set_dev_id(&self, viommu: u32, device: DeviceId, vsid: u32) -> Result<(), EngineError> {
+        let v = self.viommu(viommu).ok_or(EngineError::UnknownViommu(viommu))?;
+        v.set_dev_id(device, vsid)?;
+        self.shared
+            .capture(|t| CaptureEvent::Bind(t, viommu, device.0, vsid));
+        Ok(())
+    }
+
+    /// `unset_dev_id`: a barrier; when it returns, nothing translated through the binding is
+    /// still to be published. Returns the vSID the device had.
+    pub fn unset_dev_id(&self, viommu: u32, device: DeviceId) -> Result<u32, EngineError> {
+        let v = self.viommu(viommu).ok_or(EngineError::UnknownViommu(viommu))?;
+        let vsid = v.unset_dev_id(device)?;
+        self.shared
+            .capture(|t| CaptureEvent::Unbind(t, viommu, device.0));
+        Ok(vsid)
     }
 
     /// The vIOMMU `id`; bind and unbind devices through it (`set_dev_id`, `unset_dev_id`).
@@ -306,6 +374,9 @@ impl Engine {
         let id = RingId(self.next_ring.fetch_add(1, Ordering::Relaxed));
         let worker = id.0 as usize % self.shared.ctrl.len();
         lock(&self.rings).insert(id, (worker, viommu_id));
+        let log2size = host.shape().log2size();
+        self.shared
+            .capture(|t| CaptureEvent::Ring(t, id.0, viommu_id, log2size));
         self.shared.ctrl[worker].push(Ctrl::Attach {
             id,
             host: Box::new(host),
@@ -401,6 +472,7 @@ impl Engine {
             }
         }
         report.stats = self.stats();
+        report.capture = self.capture.as_mut().map(Capture::finish);
         report
     }
 }
@@ -414,6 +486,9 @@ impl Drop for Engine {
         self.hw_stop.store(true, Ordering::Release);
         for h in self.hw_threads.drain(..) {
             let _ = h.join();
+        }
+        if let Some(c) = self.capture.as_mut() {
+            let _ = c.finish();
         }
     }
 }

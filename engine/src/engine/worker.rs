@@ -64,6 +64,11 @@ struct RingState {
     read_seq: u64,
     /// The ring's memory failed; it leaves at the end of the pass.
     failed: Option<RingError>,
+    /// Capture: the ring was stopped here, and the guest's fix and acknowledgement are still to
+    /// be recorded.
+    stopped_at: Option<u32>,
+    /// Capture: entries before this sequence number are recorded.
+    captured_seq: u64,
 }
 
 impl RingState {
@@ -219,6 +224,8 @@ impl Worker {
                     pause: Pause::Running,
                     detach: false,
                     failed: None,
+                    stopped_at: None,
+                    captured_seq: 0,
                 }),
                 Ctrl::Detach { id } => {
                     if let Some(r) = self.rings.iter_mut().find(|r| r.id == id) {
@@ -279,6 +286,7 @@ impl Lane {
                 }
                 Action::Stop { cerror } => {
                     r.host.stop(p.guest_end, cerror);
+                    r.stopped_at = Some(p.guest_end);
                     r.pause = Pause::Running;
                 }
                 Action::Trap { cmd } => {
@@ -332,6 +340,9 @@ impl Lane {
         // One pin per pass: lookups and publication of every batch below happen inside it, so
         // an unbind that returns has seen them all published (rule 5).
         let pin = reader.pin();
+        if self.shared.capture.is_some() {
+            self.capture(r, polled.first, polled.n, seq0);
+        }
         let mut done = 0usize;
         while done < polled.n {
             let chunk = (polled.n - done).min(self.batch_limit);
@@ -423,6 +434,32 @@ impl Lane {
         true
     }
 
+    /// Capture: what the guest did that this poll shows. Entries recorded before (read again
+    /// after a stop or a trap) are not recorded twice.
+    fn capture(&mut self, r: &mut RingState, first: u32, n: usize, seq0: u64) {
+        let shape = r.host.shape();
+        let ring = r.id.0;
+        if let Some(at) = r.stopped_at.take() {
+            if first == at {
+                let fixed = self.inbuf[0];
+                self.shared
+                    .capture(|t| super::CaptureEvent::Fix(t, ring, at, fixed));
+            }
+            self.shared.capture(|t| super::CaptureEvent::Ack(t, ring));
+        }
+        let skip = (r.captured_seq.saturating_sub(seq0) as usize).min(n);
+        if skip < n {
+            let cmds = self.inbuf[skip..n].to_vec();
+            let slot = shape.advance(first, skip as u32);
+            self.shared
+                .capture(|t| super::CaptureEvent::Commands(t, ring, slot, cmds));
+            let prod = shape.advance(first, n as u32);
+            self.shared
+                .capture(|t| super::CaptureEvent::Doorbell(t, ring, prod));
+            r.captured_seq = seq0 + n as u64;
+        }
+    }
+
     /// Audit: what became of each input entry `translate` handled.
     fn record(&mut self, ring: RingId, seq0: u64, done: usize, end: &crate::translate::BatchEnd) {
         let seq0 = seq0 + done as u64;
@@ -503,6 +540,7 @@ impl Lane {
             let seq = r.seq_of(tag.ptr);
             r.read_seq = seq;
             r.host.stop(tag.ptr, cerror);
+            r.stopped_at = Some(tag.ptr);
             if self.audit_on {
                 self.audit.push(AuditRecord::PhysFault {
                     ring: r.id,

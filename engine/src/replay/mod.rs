@@ -43,6 +43,8 @@ pub struct ReplayOptions {
     /// How long a guest waits for the engine (free slots, a stop, idle rings) before the replay
     /// gives up.
     pub stall_timeout: Duration,
+    /// Capture what the replay's guests submit into this trace file (see the engine's capture).
+    pub capture: Option<std::path::PathBuf>,
 }
 
 impl Default for ReplayOptions {
@@ -52,6 +54,7 @@ impl Default for ReplayOptions {
             workers: 1,
             batch_limit: 64,
             stall_timeout: Duration::from_secs(20),
+            capture: None,
         }
     }
 }
@@ -295,6 +298,7 @@ pub fn replay(
         batch_limit: opts.batch_limit,
         hw,
         audit: true,
+        capture: opts.capture.clone(),
         ..Default::default()
     })
     .map_err(|e| ReplayError::Control {
@@ -352,6 +356,9 @@ pub fn replay(
         ..
     } = rp;
     let report = engine.shutdown();
+    if let Some(Err(why)) = &report.capture {
+        invariant_failures.push(format!("capture failed: {why}"));
+    }
     let epoch_rings = rings.len();
     let (isolation_count, isolation) = {
         let g = isolation.lock().unwrap_or_else(|e| e.into_inner());
@@ -625,7 +632,6 @@ impl Replayer<'_> {
             }
             Event::DeviceAdd { device, smmu, psid } => {
                 self.engine
-                    .devices()
                     .add_device(DeviceId(device), smmu, psid)
                     .map_err(|e| Self::control_err(at, e))?;
                 self.devices.insert(device, psid);
@@ -636,11 +642,8 @@ impl Replayer<'_> {
                 vsid,
             } => {
                 self.quiesce(at, viommu)?;
-                let v = self
-                    .engine
-                    .viommu(viommu)
-                    .ok_or_else(|| Self::control_err(at, format!("no vIOMMU {viommu}")))?;
-                v.set_dev_id(DeviceId(device), vsid)
+                self.engine
+                    .set_dev_id(viommu, DeviceId(device), vsid)
                     .map_err(|e| Self::control_err(at, e))?;
                 let psid = self.devices[&device];
                 if let Some((_, b)) = self.viommus.get_mut(&viommu) {
@@ -649,12 +652,9 @@ impl Replayer<'_> {
             }
             Event::Unbind { viommu, device } => {
                 self.quiesce(at, viommu)?;
-                let v = self
+                let vsid = self
                     .engine
-                    .viommu(viommu)
-                    .ok_or_else(|| Self::control_err(at, format!("no vIOMMU {viommu}")))?;
-                let vsid = v
-                    .unset_dev_id(DeviceId(device))
+                    .unset_dev_id(viommu, DeviceId(device))
                     .map_err(|e| Self::control_err(at, e))?;
                 if let Some((_, b)) = self.viommus.get_mut(&viommu) {
                     b.remove(&vsid);
