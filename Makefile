@@ -57,6 +57,9 @@ fuzz: fuzz-build ## Run every fuzz target for FUZZ_SECS seconds (long).
 	  (cd fuzz && $(CARGO) $(NIGHTLY) fuzz run $$t corpus/$$t -- -max_total_time=$(FUZZ_SECS)) || exit 1; \
 	done
 
+loom: ## Loom model of the unbind barrier (own target dir: the cfg rebuilds everything).
+	CARGO_TARGET_DIR=target/loom RUSTFLAGS="--cfg loom" $(CARGO) test -p vcmdq --release --test loom_grace
+
 clean:
 	$(CARGO) clean
 	rm -rf fuzz/target
