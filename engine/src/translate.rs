@@ -226,9 +226,14 @@ enum Action {
 
 /// One entry per opcode: its allowed bits and what the profile does with it, so that the RES0
 /// check and the dispatch cost one table load.
+///
+/// `accept` is the opcode's allowed bits minus the bits the policy refuses on a command the
+/// profile takes: SSEC of CFGI_* and, on an SMMU without range invalidation, TG/NUM/SCALE of
+/// TLBI_NH_VA/VAA. One mask test then covers RES0, Secure and range support; the cold path
+/// tells them apart.
 #[derive(Clone, Copy)]
 struct Rule {
-    allowed: [u64; 2],
+    accept: [u64; 2],
     action: Action,
     /// `F_*`: which checks and patches a forwarded command needs.
     flags: u8,
@@ -238,30 +243,36 @@ struct Rule {
 
 /// Forwarded after the checks and patches below; every other action takes the slow match.
 const F_FORWARD: u8 = 1;
-/// TG/NUM/SCALE checks.
+/// NUM/SCALE need TG != 0.
 const F_RANGE: u8 = 2;
-/// SSEC must be 0.
-const F_SSEC: u8 = 4;
 /// ATC_INV SIZE check.
 const F_ATC: u8 = 8;
 /// SID is a vSID to replace with its pSID.
 const F_SID: u8 = 16;
 
-const fn set(t: &mut [Rule; 256], op: u8, action: Action) {
+const fn set(t: &mut [Rule; 256], op: u8, action: Action, range_inv: bool) {
     let r = &mut t[op as usize];
     r.action = action;
     (r.flags, r.vmid_mask) = match action {
         Action::Tlbi => (F_FORWARD, VMID_MASK),
         Action::TlbiRange => (F_FORWARD | F_RANGE, VMID_MASK),
         Action::AtcInv => (F_FORWARD | F_ATC | F_SID, 0),
-        Action::CfgiSid => (F_FORWARD | F_SSEC | F_SID, 0),
+        Action::CfgiSid => (F_FORWARD | F_SID, 0),
         _ => (0, 0),
     };
+    match action {
+        Action::CfgiSid | Action::Trap => r.accept[0] &= !SSEC,
+        Action::TlbiRange if !range_inv => {
+            r.accept[0] &= !NUM_SCALE_MASK;
+            r.accept[1] &= !TG_MASK;
+        }
+        _ => {}
+    }
 }
 
-const fn rules(profile: Profile) -> [Rule; 256] {
+const fn rules(profile: Profile, range_inv: bool) -> [Rule; 256] {
     let mut t = [Rule {
-        allowed: [0, 0],
+        accept: [0, 0],
         action: Action::Illegal,
         flags: 0,
         vmid_mask: 0,
@@ -270,7 +281,7 @@ const fn rules(profile: Profile) -> [Rule; 256] {
     while op < 256 {
         if let Some(l) = LAYOUTS[op] {
             t[op] = Rule {
-                allowed: l.allowed,
+                accept: l.allowed,
                 action: Action::NotAllowed,
                 flags: 0,
                 vmid_mask: 0,
@@ -278,26 +289,32 @@ const fn rules(profile: Profile) -> [Rule; 256] {
         }
         op += 1;
     }
-    set(&mut t, opcode::CFGI_STE, Action::Trap);
-    set(&mut t, opcode::CFGI_STE_RANGE, Action::Trap);
-    set(&mut t, opcode::PREFETCH_CONFIG, Action::Drop);
-    set(&mut t, opcode::PREFETCH_ADDR, Action::Drop);
-    set(&mut t, opcode::CMD_SYNC, Action::Sync);
-    set(&mut t, opcode::TLBI_NH_ASID, Action::Tlbi);
-    set(&mut t, opcode::TLBI_NH_VA, Action::TlbiRange);
-    set(&mut t, opcode::ATC_INV, Action::AtcInv);
+    let r = range_inv;
+    set(&mut t, opcode::CFGI_STE, Action::Trap, r);
+    set(&mut t, opcode::CFGI_STE_RANGE, Action::Trap, r);
+    set(&mut t, opcode::PREFETCH_CONFIG, Action::Drop, r);
+    set(&mut t, opcode::PREFETCH_ADDR, Action::Drop, r);
+    set(&mut t, opcode::CMD_SYNC, Action::Sync, r);
+    set(&mut t, opcode::TLBI_NH_ASID, Action::Tlbi, r);
+    set(&mut t, opcode::TLBI_NH_VA, Action::TlbiRange, r);
+    set(&mut t, opcode::ATC_INV, Action::AtcInv, r);
     if let Profile::Kernel = profile {
-        set(&mut t, opcode::TLBI_NH_ALL, Action::Tlbi);
-        set(&mut t, opcode::TLBI_NH_VAA, Action::TlbiRange);
-        set(&mut t, opcode::TLBI_NSNH_ALL, Action::Nsnh);
-        set(&mut t, opcode::CFGI_CD, Action::CfgiSid);
-        set(&mut t, opcode::CFGI_CD_ALL, Action::CfgiSid);
+        set(&mut t, opcode::TLBI_NH_ALL, Action::Tlbi, r);
+        set(&mut t, opcode::TLBI_NH_VAA, Action::TlbiRange, r);
+        set(&mut t, opcode::TLBI_NSNH_ALL, Action::Nsnh, r);
+        set(&mut t, opcode::CFGI_CD, Action::CfgiSid, r);
+        set(&mut t, opcode::CFGI_CD_ALL, Action::CfgiSid, r);
     }
     t
 }
 
-static KERNEL_RULES: [Rule; 256] = rules(Profile::Kernel);
-static TEGRA241_RULES: [Rule; 256] = rules(Profile::Tegra241);
+/// The rule tables, by profile and by range support.
+static KERNEL_RULES: [[Rule; 256]; 2] =
+    [rules(Profile::Kernel, false), rules(Profile::Kernel, true)];
+static TEGRA241_RULES: [[Rule; 256]; 2] = [
+    rules(Profile::Tegra241, false),
+    rules(Profile::Tegra241, true),
+];
 
 /// VMID, `d0[47:32]`.
 const VMID_MASK: u64 = 0xffff << 32;
@@ -318,36 +335,37 @@ const CS_SHIFT: u32 = 12;
 /// CMD_SYNC MSIADDR, `d1[51:2]`.
 const MSIADDR_MASK: u64 = ((1 << 52) - 1) & !0b11;
 
+/// Why a command failed the mask test: a RES0 bit (by the opcode's layout) first, then the
+/// policy bits folded into the mask (the precedence of the module docs).
 #[cold]
-fn malformed(rule: &Rule, d0: u64, d1: u64) -> RefuseReason {
+fn rejected(rule: &Rule, d0: u64, d1: u64) -> RefuseReason {
     let opcode = d0 as u8;
-    if rule.action == Action::Illegal {
-        RefuseReason::IllegalOpcode { opcode }
-    } else {
-        RefuseReason::Res0 {
+    let Some(layout) = LAYOUTS[opcode as usize] else {
+        return RefuseReason::IllegalOpcode { opcode };
+    };
+    let (x0, x1) = (d0 & !layout.allowed[0], d1 & !layout.allowed[1]);
+    if x0 | x1 != 0 {
+        return RefuseReason::Res0 {
             opcode,
-            d0: d0 & !rule.allowed[0],
-            d1: d1 & !rule.allowed[1],
-        }
+            d0: x0,
+            d1: x1,
+        };
+    }
+    match rule.action {
+        Action::TlbiRange => RefuseReason::RangeUnsupported { opcode },
+        _ => RefuseReason::Secure { opcode },
     }
 }
 
-/// Which field check of a forwarded command failed (the precedence of the module docs).
+/// Which value check of a forwarded command failed.
 #[cold]
-fn field_reason(flags: u8, d0: u64, d1: u64, range_inv: bool) -> RefuseReason {
-    let opcode = d0 as u8;
-    if flags & F_SSEC != 0 && d0 & SSEC != 0 {
-        return RefuseReason::Secure { opcode };
-    }
+fn field_reason(flags: u8, d0: u64, d1: u64) -> RefuseReason {
     if flags & F_ATC != 0 {
-        return RefuseReason::AtcSizeTooLarge {
+        RefuseReason::AtcSizeTooLarge {
             size: (d1 & ATC_SIZE_MASK) as u8,
-        };
-    }
-    if !range_inv {
-        RefuseReason::RangeUnsupported { opcode }
+        }
     } else {
-        RefuseReason::MalformedRange { opcode }
+        RefuseReason::MalformedRange { opcode: d0 as u8 }
     }
 }
 
@@ -367,12 +385,12 @@ pub fn translate(
     out: &mut [RawCommand],
     prov: &mut [u32],
 ) -> BatchEnd {
+    let range_inv = v.config().range_inv;
     let rules = match v.profile() {
-        Profile::Kernel => &KERNEL_RULES,
-        Profile::Tegra241 => &TEGRA241_RULES,
+        Profile::Kernel => &KERNEL_RULES[usize::from(range_inv)],
+        Profile::Tegra241 => &TEGRA241_RULES[usize::from(range_inv)],
     };
     let vmid = u64::from(v.vmid()) << 32;
-    let range_inv = v.config().range_inv;
     let table = v.table();
     let cap = out.len().min(prov.len());
     let mut produced = 0;
@@ -389,21 +407,17 @@ pub fn translate(
         let (d0, d1) = (cmd.d0(), cmd.d1());
         let op = d0 as u8;
         let rule = &rules[op as usize];
-        if (d0 & !rule.allowed[0]) | (d1 & !rule.allowed[1]) != 0 {
-            return refused(i, produced, malformed(rule, d0, d1));
+        if (d0 & !rule.accept[0]) | (d1 & !rule.accept[1]) != 0 {
+            return refused(i, produced, rejected(rule, d0, d1));
         }
         let (o0, o1) = if rule.flags & F_FORWARD != 0 {
             // The common case, with as few branches as possible: a guest's mix of TLBIs and
             // ATC_INVs would otherwise mispredict a dispatch per command.
             let f = rule.flags;
-            let tg = d1 & TG_MASK;
-            let num_scale = d0 & NUM_SCALE_MASK;
-            let bad_range = (f & F_RANGE != 0)
-                & ((!range_inv & (tg | num_scale != 0)) | (tg == 0 && num_scale != 0));
-            let bad_ssec = (f & F_SSEC != 0) & (d0 & SSEC != 0);
+            let bad_range = (f & F_RANGE != 0) & (d0 & NUM_SCALE_MASK != 0) & (d1 & TG_MASK == 0);
             let bad_size = (f & F_ATC != 0) & (d1 & ATC_SIZE_MASK > ATC_SIZE_ALL);
-            if bad_range | bad_ssec | bad_size {
-                return refused(i, produced, field_reason(f, d0, d1, range_inv));
+            if bad_range | bad_size {
+                return refused(i, produced, field_reason(f, d0, d1));
             }
             let mut o0 = (d0 & !rule.vmid_mask) | (vmid & rule.vmid_mask);
             if f & F_SID != 0 {
@@ -418,9 +432,6 @@ pub fn translate(
             match rule.action {
                 Action::Nsnh => (u64::from(opcode::TLBI_NH_ALL) | vmid, 0),
                 Action::Trap => {
-                    if d0 & SSEC != 0 {
-                        return refused(i, produced, RefuseReason::Secure { opcode: op });
-                    }
                     return BatchEnd {
                         consumed: i + 1,
                         produced,
