@@ -1,1 +1,223 @@
-//! Baselines the benchmarks compare vcmdq with: the copy limit and the naive floor.
+//! Baselines the benchmarks compare vcmdq with: the copy limit and the naive floor, plus the
+//! inputs they share.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use vcmdq::command::{decode, opcode, Command, RawCommand};
+
+/// The limit: copy 16-byte commands from one buffer to another, touching nothing.
+#[inline]
+pub fn copy_limit(input: &[RawCommand], out: &mut [RawCommand]) -> usize {
+    let n = input.len().min(out.len());
+    out[..n].copy_from_slice(&input[..n]);
+    n
+}
+
+/// The floor: what a first, obvious translator does. Per command it takes a lock, decodes into
+/// the typed form, looks the vSID up in a SipHash `HashMap` and encodes again. Kernel profile,
+/// forwards only; stops at the first command it does not forward.
+pub struct NaiveTranslator {
+    vmid: u16,
+    map: Mutex<HashMap<u32, u32>>,
+}
+
+impl NaiveTranslator {
+    /// A translator for VMID `vmid` with these vSID -> pSID bindings.
+    pub fn new(vmid: u16, bindings: impl IntoIterator<Item = (u32, u32)>) -> NaiveTranslator {
+        NaiveTranslator {
+            vmid,
+            map: Mutex::new(bindings.into_iter().collect()),
+        }
+    }
+
+    /// Translates into `out`; returns how many commands it forwarded.
+    pub fn translate(&self, input: &[RawCommand], out: &mut [RawCommand]) -> usize {
+        let vmid = self.vmid;
+        for (i, (raw, o)) in input.iter().zip(out.iter_mut()).enumerate() {
+            let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+            let psid = |sid: u32| map.get(&sid).copied();
+            let cmd = match decode(*raw) {
+                Ok(Command::TlbiNhAll { .. }) | Ok(Command::TlbiNsnhAll {}) => {
+                    Command::TlbiNhAll { vmid }
+                }
+                Ok(Command::TlbiNhAsid { asid, .. }) => Command::TlbiNhAsid { vmid, asid },
+                Ok(Command::TlbiNhVa {
+                    asid,
+                    addr,
+                    tg,
+                    num,
+                    scale,
+                    ttl,
+                    leaf,
+                    ..
+                }) => Command::TlbiNhVa {
+                    vmid,
+                    asid,
+                    addr,
+                    tg,
+                    num,
+                    scale,
+                    ttl,
+                    leaf,
+                },
+                Ok(Command::AtcInv {
+                    sid,
+                    ssv,
+                    ssid,
+                    global,
+                    addr,
+                    size,
+                }) if size <= 52 => match psid(sid) {
+                    Some(sid) => Command::AtcInv {
+                        sid,
+                        ssv,
+                        ssid,
+                        global,
+                        addr,
+                        size,
+                    },
+                    None => return i,
+                },
+                Ok(Command::CfgiCd {
+                    ssec: false,
+                    ssid,
+                    sid,
+                    leaf,
+                }) => match psid(sid) {
+                    Some(sid) => Command::CfgiCd {
+                        ssec: false,
+                        ssid,
+                        sid,
+                        leaf,
+                    },
+                    None => return i,
+                },
+                _ => return i,
+            };
+            *o = cmd.encode();
+        }
+        input.len().min(out.len())
+    }
+}
+
+/// A small, fast, deterministic generator (xorshift64*), so runs compare.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from a non-zero seed.
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A value below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
+    }
+}
+
+/// `n` distinct vSIDs: `0..n` when `sequential`, else drawn uniformly from `[0, 2^sidsize)`.
+pub fn vsids(n: usize, sequential: bool, sidsize: u8, rng: &mut Rng) -> Vec<u32> {
+    if sequential {
+        return (0..n as u32).collect();
+    }
+    let mut seen = std::collections::HashSet::with_capacity(n);
+    let mut v = Vec::with_capacity(n);
+    while v.len() < n {
+        let s = rng.below(1 << sidsize) as u32;
+        if seen.insert(s) {
+            v.push(s);
+        }
+    }
+    v
+}
+
+/// The pSID the benchmarks bind a vSID to.
+pub fn psid_of(vsid: u32) -> u32 {
+    vsid ^ 0x00ab_cdef
+}
+
+/// A guest's invalidation traffic: 50% TLBI_NH_VA, 25% ATC_INV, 15% TLBI_NH_ASID, 10% CFGI_CD,
+/// SIDs drawn from `vsids`. No CMD_SYNC: the benchmarks measure the translation loop.
+pub fn guest_mix(len: usize, vsids: &[u32], rng: &mut Rng) -> Vec<RawCommand> {
+    (0..len)
+        .map(|_| {
+            let sid = u64::from(vsids[rng.below(vsids.len() as u64) as usize]) << 32;
+            let asid = rng.below(1 << 16) << 48;
+            let addr = rng.below(1 << 36) << 12;
+            match rng.below(20) {
+                0..=9 => RawCommand::new(
+                    u64::from(opcode::TLBI_NH_VA) | asid | 7 << 32,
+                    addr | 1 << 10 | 3 << 8 | 1,
+                ),
+                10..=14 => RawCommand::new(u64::from(opcode::ATC_INV) | sid, addr | 2),
+                15..=17 => RawCommand::new(u64::from(opcode::TLBI_NH_ASID) | asid, 0),
+                _ => RawCommand::new(u64::from(opcode::CFGI_CD) | sid | 5 << 12, 1),
+            }
+        })
+        .collect()
+}
+
+/// `len` ATC_INVs with SIDs drawn from `vsids`: every command needs a lookup.
+pub fn atc_only(len: usize, vsids: &[u32], rng: &mut Rng) -> Vec<RawCommand> {
+    (0..len)
+        .map(|_| {
+            let sid = u64::from(vsids[rng.below(vsids.len() as u64) as usize]) << 32;
+            RawCommand::new(u64::from(opcode::ATC_INV) | sid, 52)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use vcmdq::translate::{translate_all, SlotOutcome};
+    use vcmdq::viommu::{DeviceId, Devices, GraceDomain, Viommu, ViommuConfig};
+
+    #[test]
+    fn the_floor_translates_like_vcmdq() {
+        let mut rng = Rng::new(7);
+        let vs = vsids(64, false, 20, &mut rng);
+        let input = guest_mix(1000, &vs, &mut rng);
+        let naive = NaiveTranslator::new(3, vs.iter().map(|&v| (v, psid_of(v))));
+        let mut out = vec![RawCommand::default(); input.len()];
+        assert_eq!(naive.translate(&input, &mut out), input.len());
+
+        let devices = Devices::new();
+        let v = Viommu::new(
+            ViommuConfig::new(1, 3, 0),
+            Arc::clone(&devices),
+            GraceDomain::new(),
+        )
+        .unwrap();
+        for (i, &vsid) in vs.iter().enumerate() {
+            devices
+                .add_device(DeviceId(i as u32), 0, psid_of(vsid))
+                .unwrap();
+            v.set_dev_id(DeviceId(i as u32), vsid).unwrap();
+        }
+        let fast = translate_all(&v, &input, false);
+        for (o, n) in fast.iter().zip(&out) {
+            assert_eq!(*o, SlotOutcome::Forwarded(*n));
+        }
+    }
+
+    #[test]
+    fn vsids_are_distinct_and_in_range() {
+        let mut rng = Rng::new(1);
+        let v = vsids(5000, false, 16, &mut rng);
+        let set: std::collections::HashSet<_> = v.iter().collect();
+        assert_eq!(set.len(), 5000);
+        assert!(v.iter().all(|&s| s < 1 << 16));
+        assert_eq!(vsids(3, true, 16, &mut rng), [0, 1, 2]);
+    }
+}

@@ -226,51 +226,95 @@ enum Action {
 
 /// One entry per opcode: its allowed bits and what the profile does with it, so that the RES0
 /// check and the dispatch cost one table load.
+///
+/// `accept` is the opcode's allowed bits minus the bits the policy refuses on a command the
+/// profile takes: SSEC of CFGI_* and, on an SMMU without range invalidation, TG/NUM/SCALE of
+/// TLBI_NH_VA/VAA. One mask test then covers RES0, Secure and range support; the cold path
+/// tells them apart.
 #[derive(Clone, Copy)]
 struct Rule {
-    allowed: [u64; 2],
+    accept: [u64; 2],
     action: Action,
+    /// `F_*`: which checks and patches a forwarded command needs.
+    flags: u8,
+    /// The bits the vIOMMU's VMID replaces (VMID for TLBIs, else 0).
+    vmid_mask: u64,
 }
 
-const fn set(t: &mut [Rule; 256], op: u8, action: Action) {
-    t[op as usize].action = action;
+/// Forwarded after the checks and patches below; every other action takes the slow match.
+const F_FORWARD: u8 = 1;
+/// NUM/SCALE need TG != 0.
+const F_RANGE: u8 = 2;
+/// ATC_INV SIZE check.
+const F_ATC: u8 = 8;
+/// SID is a vSID to replace with its pSID.
+const F_SID: u8 = 16;
+
+const fn set(t: &mut [Rule; 256], op: u8, action: Action, range_inv: bool) {
+    let r = &mut t[op as usize];
+    r.action = action;
+    (r.flags, r.vmid_mask) = match action {
+        Action::Tlbi => (F_FORWARD, VMID_MASK),
+        Action::TlbiRange => (F_FORWARD | F_RANGE, VMID_MASK),
+        Action::AtcInv => (F_FORWARD | F_ATC | F_SID, 0),
+        Action::CfgiSid => (F_FORWARD | F_SID, 0),
+        _ => (0, 0),
+    };
+    match action {
+        Action::CfgiSid | Action::Trap => r.accept[0] &= !SSEC,
+        Action::TlbiRange if !range_inv => {
+            r.accept[0] &= !NUM_SCALE_MASK;
+            r.accept[1] &= !TG_MASK;
+        }
+        _ => {}
+    }
 }
 
-const fn rules(profile: Profile) -> [Rule; 256] {
+const fn rules(profile: Profile, range_inv: bool) -> [Rule; 256] {
     let mut t = [Rule {
-        allowed: [0, 0],
+        accept: [0, 0],
         action: Action::Illegal,
+        flags: 0,
+        vmid_mask: 0,
     }; 256];
     let mut op = 0;
     while op < 256 {
         if let Some(l) = LAYOUTS[op] {
             t[op] = Rule {
-                allowed: l.allowed,
+                accept: l.allowed,
                 action: Action::NotAllowed,
+                flags: 0,
+                vmid_mask: 0,
             };
         }
         op += 1;
     }
-    set(&mut t, opcode::CFGI_STE, Action::Trap);
-    set(&mut t, opcode::CFGI_STE_RANGE, Action::Trap);
-    set(&mut t, opcode::PREFETCH_CONFIG, Action::Drop);
-    set(&mut t, opcode::PREFETCH_ADDR, Action::Drop);
-    set(&mut t, opcode::CMD_SYNC, Action::Sync);
-    set(&mut t, opcode::TLBI_NH_ASID, Action::Tlbi);
-    set(&mut t, opcode::TLBI_NH_VA, Action::TlbiRange);
-    set(&mut t, opcode::ATC_INV, Action::AtcInv);
+    let r = range_inv;
+    set(&mut t, opcode::CFGI_STE, Action::Trap, r);
+    set(&mut t, opcode::CFGI_STE_RANGE, Action::Trap, r);
+    set(&mut t, opcode::PREFETCH_CONFIG, Action::Drop, r);
+    set(&mut t, opcode::PREFETCH_ADDR, Action::Drop, r);
+    set(&mut t, opcode::CMD_SYNC, Action::Sync, r);
+    set(&mut t, opcode::TLBI_NH_ASID, Action::Tlbi, r);
+    set(&mut t, opcode::TLBI_NH_VA, Action::TlbiRange, r);
+    set(&mut t, opcode::ATC_INV, Action::AtcInv, r);
     if let Profile::Kernel = profile {
-        set(&mut t, opcode::TLBI_NH_ALL, Action::Tlbi);
-        set(&mut t, opcode::TLBI_NH_VAA, Action::TlbiRange);
-        set(&mut t, opcode::TLBI_NSNH_ALL, Action::Nsnh);
-        set(&mut t, opcode::CFGI_CD, Action::CfgiSid);
-        set(&mut t, opcode::CFGI_CD_ALL, Action::CfgiSid);
+        set(&mut t, opcode::TLBI_NH_ALL, Action::Tlbi, r);
+        set(&mut t, opcode::TLBI_NH_VAA, Action::TlbiRange, r);
+        set(&mut t, opcode::TLBI_NSNH_ALL, Action::Nsnh, r);
+        set(&mut t, opcode::CFGI_CD, Action::CfgiSid, r);
+        set(&mut t, opcode::CFGI_CD_ALL, Action::CfgiSid, r);
     }
     t
 }
 
-static KERNEL_RULES: [Rule; 256] = rules(Profile::Kernel);
-static TEGRA241_RULES: [Rule; 256] = rules(Profile::Tegra241);
+/// The rule tables, by profile and by range support.
+static KERNEL_RULES: [[Rule; 256]; 2] =
+    [rules(Profile::Kernel, false), rules(Profile::Kernel, true)];
+static TEGRA241_RULES: [[Rule; 256]; 2] = [
+    rules(Profile::Tegra241, false),
+    rules(Profile::Tegra241, true),
+];
 
 /// VMID, `d0[47:32]`.
 const VMID_MASK: u64 = 0xffff << 32;
@@ -291,17 +335,37 @@ const CS_SHIFT: u32 = 12;
 /// CMD_SYNC MSIADDR, `d1[51:2]`.
 const MSIADDR_MASK: u64 = ((1 << 52) - 1) & !0b11;
 
+/// Why a command failed the mask test: a RES0 bit (by the opcode's layout) first, then the
+/// policy bits folded into the mask (the precedence of the module docs).
 #[cold]
-fn malformed(rule: &Rule, d0: u64, d1: u64) -> RefuseReason {
+fn rejected(rule: &Rule, d0: u64, d1: u64) -> RefuseReason {
     let opcode = d0 as u8;
-    if rule.action == Action::Illegal {
-        RefuseReason::IllegalOpcode { opcode }
-    } else {
-        RefuseReason::Res0 {
+    let Some(layout) = LAYOUTS[opcode as usize] else {
+        return RefuseReason::IllegalOpcode { opcode };
+    };
+    let (x0, x1) = (d0 & !layout.allowed[0], d1 & !layout.allowed[1]);
+    if x0 | x1 != 0 {
+        return RefuseReason::Res0 {
             opcode,
-            d0: d0 & !rule.allowed[0],
-            d1: d1 & !rule.allowed[1],
+            d0: x0,
+            d1: x1,
+        };
+    }
+    match rule.action {
+        Action::TlbiRange => RefuseReason::RangeUnsupported { opcode },
+        _ => RefuseReason::Secure { opcode },
+    }
+}
+
+/// Which value check of a forwarded command failed.
+#[cold]
+fn field_reason(flags: u8, d0: u64, d1: u64) -> RefuseReason {
+    if flags & F_ATC != 0 {
+        RefuseReason::AtcSizeTooLarge {
+            size: (d1 & ATC_SIZE_MASK) as u8,
         }
+    } else {
+        RefuseReason::MalformedRange { opcode: d0 as u8 }
     }
 }
 
@@ -321,12 +385,12 @@ pub fn translate(
     out: &mut [RawCommand],
     prov: &mut [u32],
 ) -> BatchEnd {
+    let range_inv = v.config().range_inv;
     let rules = match v.profile() {
-        Profile::Kernel => &KERNEL_RULES,
-        Profile::Tegra241 => &TEGRA241_RULES,
+        Profile::Kernel => &KERNEL_RULES[usize::from(range_inv)],
+        Profile::Tegra241 => &TEGRA241_RULES[usize::from(range_inv)],
     };
     let vmid = u64::from(v.vmid()) << 32;
-    let range_inv = v.config().range_inv;
     let table = v.table();
     let cap = out.len().min(prov.len());
     let mut produced = 0;
@@ -343,84 +407,63 @@ pub fn translate(
         let (d0, d1) = (cmd.d0(), cmd.d1());
         let op = d0 as u8;
         let rule = &rules[op as usize];
-        if (d0 & !rule.allowed[0]) | (d1 & !rule.allowed[1]) != 0 {
-            return refused(i, produced, malformed(rule, d0, d1));
+        if (d0 & !rule.accept[0]) | (d1 & !rule.accept[1]) != 0 {
+            return refused(i, produced, rejected(rule, d0, d1));
         }
-        let (o0, o1) = match rule.action {
-            Action::Tlbi => ((d0 & !VMID_MASK) | vmid, d1),
-            Action::TlbiRange => {
-                let tg = d1 & TG_MASK;
-                let num_scale = d0 & NUM_SCALE_MASK;
-                if !range_inv && (tg | num_scale) != 0 {
-                    return refused(i, produced, RefuseReason::RangeUnsupported { opcode: op });
-                }
-                if tg == 0 && num_scale != 0 {
-                    return refused(i, produced, RefuseReason::MalformedRange { opcode: op });
-                }
-                ((d0 & !VMID_MASK) | vmid, d1)
+        let (o0, o1) = if rule.flags & F_FORWARD != 0 {
+            // The common case, with as few branches as possible: a guest's mix of TLBIs and
+            // ATC_INVs would otherwise mispredict a dispatch per command.
+            let f = rule.flags;
+            let bad_range = (f & F_RANGE != 0) & (d0 & NUM_SCALE_MASK != 0) & (d1 & TG_MASK == 0);
+            let bad_size = (f & F_ATC != 0) & (d1 & ATC_SIZE_MASK > ATC_SIZE_ALL);
+            if bad_range | bad_size {
+                return refused(i, produced, field_reason(f, d0, d1));
             }
-            Action::Nsnh => (u64::from(opcode::TLBI_NH_ALL) | vmid, 0),
-            Action::AtcInv => {
-                let size = d1 & ATC_SIZE_MASK;
-                if size > ATC_SIZE_ALL {
+            let mut o0 = (d0 & !rule.vmid_mask) | (vmid & rule.vmid_mask);
+            if f & F_SID != 0 {
+                let vsid = (d0 >> SID_SHIFT) as u32;
+                let Some(psid) = table.get(vsid) else {
+                    return refused(i, produced, RefuseReason::UnknownVsid { opcode: op, vsid });
+                };
+                o0 = (o0 & 0xffff_ffff) | (u64::from(psid) << SID_SHIFT);
+            }
+            (o0, d1)
+        } else {
+            match rule.action {
+                Action::Nsnh => (u64::from(opcode::TLBI_NH_ALL) | vmid, 0),
+                Action::Trap => {
+                    return BatchEnd {
+                        consumed: i + 1,
+                        produced,
+                        stop: Stop::Trap { slot: i, cmd: *cmd },
+                    };
+                }
+                Action::Drop => continue,
+                Action::Sync => {
+                    let cs = ((d0 >> CS_SHIFT) & 0b11) as u8;
+                    if cs == 3 {
+                        return refused(i, produced, RefuseReason::ReservedSyncCs);
+                    }
+                    return BatchEnd {
+                        consumed: i + 1,
+                        produced,
+                        stop: Stop::Sync {
+                            slot: i,
+                            cs,
+                            msidata: (d0 >> 32) as u32,
+                            msiaddr: d1 & MSIADDR_MASK,
+                        },
+                    };
+                }
+                Action::NotAllowed => {
                     return refused(
                         i,
                         produced,
-                        RefuseReason::AtcSizeTooLarge { size: size as u8 },
-                    );
+                        RefuseReason::NotAllowedByProfile { opcode: op },
+                    )
                 }
-                let vsid = (d0 >> SID_SHIFT) as u32;
-                let Some(psid) = table.get(vsid) else {
-                    return refused(i, produced, RefuseReason::UnknownVsid { opcode: op, vsid });
-                };
-                ((d0 & 0xffff_ffff) | (u64::from(psid) << SID_SHIFT), d1)
-            }
-            Action::CfgiSid => {
-                if d0 & SSEC != 0 {
-                    return refused(i, produced, RefuseReason::Secure { opcode: op });
-                }
-                let vsid = (d0 >> SID_SHIFT) as u32;
-                let Some(psid) = table.get(vsid) else {
-                    return refused(i, produced, RefuseReason::UnknownVsid { opcode: op, vsid });
-                };
-                ((d0 & 0xffff_ffff) | (u64::from(psid) << SID_SHIFT), d1)
-            }
-            Action::Trap => {
-                if d0 & SSEC != 0 {
-                    return refused(i, produced, RefuseReason::Secure { opcode: op });
-                }
-                return BatchEnd {
-                    consumed: i + 1,
-                    produced,
-                    stop: Stop::Trap { slot: i, cmd: *cmd },
-                };
-            }
-            Action::Drop => continue,
-            Action::Sync => {
-                let cs = ((d0 >> CS_SHIFT) & 0b11) as u8;
-                if cs == 3 {
-                    return refused(i, produced, RefuseReason::ReservedSyncCs);
-                }
-                return BatchEnd {
-                    consumed: i + 1,
-                    produced,
-                    stop: Stop::Sync {
-                        slot: i,
-                        cs,
-                        msidata: (d0 >> 32) as u32,
-                        msiaddr: d1 & MSIADDR_MASK,
-                    },
-                };
-            }
-            Action::NotAllowed => {
-                return refused(
-                    i,
-                    produced,
-                    RefuseReason::NotAllowedByProfile { opcode: op },
-                )
-            }
-            Action::Illegal => {
-                return refused(i, produced, RefuseReason::IllegalOpcode { opcode: op })
+                // F_FORWARD actions never get here; an illegal opcode with all-zero words does.
+                _ => return refused(i, produced, RefuseReason::IllegalOpcode { opcode: op }),
             }
         };
         if produced == cap {
