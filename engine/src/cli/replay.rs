@@ -49,6 +49,9 @@ pub struct ReplayArgs {
     /// Write the deterministic part of the summary as expected JSON here.
     #[arg(long, value_name = "FILE")]
     write_expected: Option<PathBuf>,
+    /// Capture what the replay's guests submit, as the engine sees it, into this trace file.
+    #[arg(long, value_name = "FILE")]
+    capture: Option<PathBuf>,
     /// Show a progress bar even when standard error is not a terminal.
     #[arg(long)]
     progress: bool,
@@ -76,6 +79,7 @@ pub fn run(a: ReplayArgs) -> Result<ExitCode, CliError> {
         speed: a.speed,
         workers: a.workers,
         batch_limit: a.batch,
+        capture: a.capture.clone(),
         ..Default::default()
     };
     let report = replay(&trace, &opts, |n| bar.set_position(n))?;

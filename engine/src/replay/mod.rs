@@ -709,16 +709,22 @@ impl Replayer<'_> {
                 let rt = self.ring(at, ring)?;
                 let shape = rt.shape;
                 let end = shape.advance(slot, cmds.len() as u32);
-                // A guest writes a slot only once CONS has freed it.
-                self.wait(
-                    at,
-                    || format!("ring {ring}: slots up to {end:#x} to be free (is it stopped without an ack in the trace?)"),
-                    |rp| {
-                        let rt = &rp.rings[&ring];
-                        let cons = rt.guest.cons().0;
-                        shape.distance(end, cons) <= shape.entries()
-                    },
-                )?;
+                // A guest writes a slot only once CONS has freed it. Counted from PROD, which
+                // is within a lap of CONS, so a record two laps ahead of a slow engine cannot
+                // alias a free slot. A record reaching more than a ring past PROD rewrites old
+                // slots (a hostile guest): nothing to wait for.
+                let prod = self.ring(at, ring)?.prod;
+                let past_prod = shape.distance(end, prod);
+                if past_prod <= shape.entries() {
+                    self.wait(
+                        at,
+                        || format!("ring {ring}: slots up to {end:#x} to be free (is it stopped without an ack in the trace?)"),
+                        |rp| {
+                            let cons = rp.rings[&ring].guest.cons().0;
+                            shape.distance(prod, cons) + past_prod <= shape.entries()
+                        },
+                    )?;
+                }
                 let rt = self.ring(at, ring)?;
                 for (i, &cmd) in cmds.iter().enumerate() {
                     let p = shape.advance(slot, i as u32);
