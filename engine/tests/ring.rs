@@ -926,6 +926,28 @@ fn ring_fuzz_seeds() {
             ],
         ),
         (
+            // ERR raised without a CONS.ERR code (0, then one no engine writes): the new engine
+            // stays stopped with CERROR_ILL.
+            "reattach-flag-without-code",
+            2,
+            vec![
+                push(3, true),
+                poll(4),
+                scribble(33, 1),
+                reattach.clone(),
+                poll(4),
+                ack.clone(),
+                poll(4),
+                complete(3),
+                scribble(32, 0x7f00_0001),
+                scribble(33, 0),
+                reattach.clone(),
+                poll(4),
+                ack.clone(),
+                poll(4),
+            ],
+        ),
+        (
             "sync-count-wraps",
             2,
             vec![
