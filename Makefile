@@ -83,9 +83,10 @@ fuzz: fuzz-build ## Run every fuzz target for FUZZ_SECS seconds (long).
 loom: ## loom models of the physical queue's PROD/CONS and error paths and of the unbind barrier (--cfg loom).
 	RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=$(LOOM_MAX_PREEMPTIONS) $(CARGO) test -p vcmdq --release --test loom_pqueue --test loom_grace --target-dir target/loom
 
-miri: ## Heap-backed ring and physical-queue tests under miri (nightly; installs the component).
+miri: ## Ring, physical-queue and codec tests under miri (nightly; installs the component).
 	rustup component list --toolchain nightly --installed | grep -q '^miri' || rustup component add miri rust-src --toolchain nightly
-	$(CARGO) $(NIGHTLY) miri test -p vcmdq --test ring --test pqueue --target-dir target/miri
+	$(CARGO) $(NIGHTLY) miri test -p vcmdq --test ring --test pqueue --test codec --bin vcmdq --target-dir target/miri
+	$(CARGO) $(NIGHTLY) miri test -p vcmdq --lib --target-dir target/miri -- command::
 
 clean:
 	$(CARGO) clean

@@ -856,8 +856,22 @@ fn legal_words() -> impl Strategy<Value = (u64, u64)> {
     })
 }
 
+/// `cases` per property natively; under Miri, which runs a case thousands of times slower, a
+/// handful, and no regression file (its isolation forbids the file system).
+fn config(cases: u32) -> ProptestConfig {
+    if cfg!(miri) {
+        ProptestConfig {
+            cases: 8,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    } else {
+        ProptestConfig::with_cases(cases)
+    }
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2048))]
+    #![proptest_config(config(2048))]
 
     /// Any 16 bytes: decode agrees with the spec's verdict, and what decodes encodes back.
     #[test]
@@ -903,6 +917,7 @@ proptest! {
 /// must be refused. `VCMDQ_WRITE_SEEDS=1 cargo test --test codec fuzz_seeds` writes them; without
 /// it the test checks that the committed files are exactly these.
 #[test]
+#[cfg_attr(miri, ignore)]
 fn fuzz_seeds() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
     let mut decode_seeds: BTreeMap<String, Vec<u8>> = BTreeMap::new();

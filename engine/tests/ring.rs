@@ -418,6 +418,25 @@ fn sync_completion_word_and_counter() {
     ));
 }
 
+/// Found by the `ring` fuzz target: the engine takes SYNC_COUNT over at attach, so a guest that
+/// scribbled it to u64::MAX made the next CMD_SYNC overflow the engine's counter (a panic in
+/// debug builds).
+#[test]
+fn a_scribbled_sync_count_wraps_instead_of_panicking() {
+    let (guest, mut host) = heap_pair(2, 0).unwrap();
+    guest.write_header_u64(layout::OFF_SYNC_COUNT, u64::MAX);
+    drop(host);
+    host = HostRing::attach_memory(guest.memory(), AttachOptions::default()).unwrap();
+    assert_eq!(host.sync_count(), u64::MAX);
+    host.signal_sync(1, 7);
+    assert_eq!(host.sync_count(), 0);
+    assert_eq!(guest.sync_count(), 0);
+    assert_eq!(guest.completion(), 7);
+    host.signal_sync(0, 8);
+    assert_eq!(guest.sync_count(), 1);
+    assert_eq!(host.stats().syncs, 2);
+}
+
 #[test]
 #[should_panic(expected = "not between CONS")]
 fn completing_past_the_read_pointer_is_an_engine_bug() {
@@ -674,4 +693,303 @@ fn rewind_gives_entries_back_to_be_read_again() {
     let p = host.poll(&mut out).unwrap();
     assert_eq!((p.first, p.n), (3, 2));
     assert_eq!(out[..2], cmds[3..]);
+}
+
+/// The `ring` fuzz target's seeds, one scenario each, in the byte format `arbitrary` 1.x decodes
+/// the target's `Input` from: LOG2SIZE, then per operation a continue byte (odd) and the
+/// operation (a u32 choosing the variant, then its fields little-endian), then a stop byte.
+/// `VCMDQ_WRITE_SEEDS=1 cargo test --test ring ring_fuzz_seeds` writes them; without it the
+/// test checks the committed files are exactly these. `cargo fuzz fmt ring <file>` prints one.
+#[test]
+#[cfg_attr(miri, ignore)]
+fn ring_fuzz_seeds() {
+    /// The target's `Op` variants, in declaration order (the variant index is the encoding).
+    const OPS: [&str; 11] = [
+        "WriteSlot",
+        "Push",
+        "WriteProd",
+        "Scribble",
+        "AckError",
+        "Poll",
+        "Complete",
+        "Stop",
+        "StopResumeAt",
+        "SignalSync",
+        "Reattach",
+    ];
+    /// The target's `Code` variants.
+    const CODES: [&str; 4] = ["Ill", "Abt", "AtcInvSync", "IllAccess"];
+    /// The u32 that `arbitrary`'s derive maps to variant `i` of `count`: `(x * count) >> 32`.
+    fn variant(names: &[&str], name: &str) -> Vec<u8> {
+        let i = names.iter().position(|n| *n == name).unwrap() as u64;
+        let x = if i == 0 {
+            0
+        } else {
+            (i << 32) / names.len() as u64 + 1
+        };
+        (x as u32).to_le_bytes().to_vec()
+    }
+    fn op(name: &str, fields: &[&[u8]]) -> Vec<u8> {
+        let mut b = vec![1];
+        b.extend(variant(&OPS, name));
+        fields.iter().for_each(|f| b.extend_from_slice(f));
+        b
+    }
+    let write = |ptr: u32, d0: u64, d1: u64| {
+        op(
+            "WriteSlot",
+            &[&ptr.to_le_bytes(), &d0.to_le_bytes(), &d1.to_le_bytes()],
+        )
+    };
+    let push = |n: u8, doorbell: bool| op("Push", &[&[n, doorbell.into()]]);
+    let prod = |v: u32| op("WriteProd", &[&v.to_le_bytes()]);
+    // Header word `w` (of 64; 16 is LOG2SIZE, 17 ERR_ACK, 32 CONS, 33 ERR, 36 SYNC_COUNT).
+    let scribble = |w: u8, v: u64| op("Scribble", &[&[w], &v.to_le_bytes()]);
+    let ack = op("AckError", &[]);
+    let poll = |k: u8| op("Poll", &[&[k]]);
+    // The engine's picks are `lo + x % (hi - lo + 1)` over [CONS, read] (and [at, read]).
+    let complete = |x: u8| op("Complete", &[&[x]]);
+    let stop = |at: u8, code: &str| op("Stop", &[&[at], &variant(&CODES, code)]);
+    let stop_resume = |at: u8, resume: u8, code: &str| {
+        op("StopResumeAt", &[&[at, resume], &variant(&CODES, code)])
+    };
+    let sync = |cs: u8, msidata: u32| op("SignalSync", &[&[cs], &msidata.to_le_bytes()]);
+    let reattach = op("Reattach", &[]);
+
+    let seeds: Vec<(&str, u8, Vec<Vec<u8>>)> = vec![
+        (
+            "round-trip",
+            4,
+            vec![
+                push(5, true),
+                poll(8),
+                complete(5),
+                poll(8),
+                push(3, false),
+                poll(8),
+                push(0, true),
+                poll(8),
+                complete(3),
+            ],
+        ),
+        (
+            "laps",
+            2,
+            (0..6)
+                .flat_map(|_| [push(3, true), poll(2), poll(8), complete(3)])
+                .collect(),
+        ),
+        (
+            "full-one-entry",
+            0,
+            vec![
+                push(1, true),
+                push(1, true),
+                poll(4),
+                poll(4),
+                complete(1),
+                push(1, true),
+                poll(0),
+                poll(1),
+                complete(1),
+            ],
+        ),
+        (
+            "full-64",
+            6,
+            vec![
+                push(64, true),
+                poll(71),
+                push(1, true),
+                complete(64),
+                push(64, true),
+                poll(32),
+                poll(32),
+                complete(64),
+            ],
+        ),
+        (
+            "stop-fix-ack",
+            3,
+            vec![
+                push(6, true),
+                poll(8),
+                stop(3, "Ill"),
+                push(1, true),
+                poll(8),
+                write(3, 0x46, 0),
+                ack.clone(),
+                poll(8),
+                complete(4),
+            ],
+        ),
+        (
+            "stop-resume-at",
+            3,
+            vec![
+                push(6, true),
+                poll(8),
+                complete(1),
+                stop_resume(1, 3, "AtcInvSync"),
+                ack.clone(),
+                poll(8),
+                complete(5),
+            ],
+        ),
+        (
+            "early-ack",
+            2,
+            vec![
+                push(2, true),
+                poll(4),
+                scribble(17, 1),
+                stop(1, "Ill"),
+                poll(4),
+                ack.clone(),
+                poll(4),
+                complete(1),
+            ],
+        ),
+        (
+            "prod-backwards",
+            4,
+            vec![
+                push(8, true),
+                poll(16),
+                complete(2),
+                prod(5),
+                poll(16),
+                prod(8),
+                poll(16),
+                write(8, 100, 100),
+                prod(9),
+                poll(16),
+                complete(7),
+            ],
+        ),
+        (
+            "prod-overrun",
+            4,
+            vec![
+                push(4, true),
+                poll(64),
+                complete(4),
+                prod(4 + 17),
+                poll(64),
+                prod(3),
+                poll(64),
+                prod(0xdead_be05),
+                poll(64),
+                complete(1),
+                prod(5 + 16),
+                poll(64),
+            ],
+        ),
+        (
+            "scribble-engine-words",
+            3,
+            vec![
+                push(4, true),
+                poll(8),
+                scribble(32, 0x7fff_ffff),
+                scribble(33, 1),
+                scribble(34, 0x1234),
+                scribble(36, 99),
+                scribble(4, 19),
+                scribble(0, 0),
+                poll(8),
+                complete(3),
+                sync(1, 0xabcd),
+                sync(0, 1),
+                ack.clone(),
+                poll(8),
+            ],
+        ),
+        (
+            "reattach-stopped",
+            2,
+            vec![
+                push(2, true),
+                poll(4),
+                stop(1, "Ill"),
+                reattach.clone(),
+                poll(4),
+                ack.clone(),
+                poll(4),
+                complete(1),
+            ],
+        ),
+        (
+            "reattach-scribbled",
+            4,
+            vec![
+                push(6, true),
+                poll(8),
+                complete(2),
+                scribble(32, 0x0300_000b),
+                scribble(33, 1),
+                reattach.clone(),
+                poll(8),
+                ack.clone(),
+                poll(8),
+                scribble(4, 2),
+                reattach.clone(),
+                push(3, true),
+                poll(8),
+                scribble(0, 1),
+                reattach.clone(),
+                poll(8),
+            ],
+        ),
+        (
+            // ERR raised without a CONS.ERR code (0, then one no engine writes): the new engine
+            // stays stopped with CERROR_ILL.
+            "reattach-flag-without-code",
+            2,
+            vec![
+                push(3, true),
+                poll(4),
+                scribble(33, 1),
+                reattach.clone(),
+                poll(4),
+                ack.clone(),
+                poll(4),
+                complete(3),
+                scribble(32, 0x7f00_0001),
+                scribble(33, 0),
+                reattach.clone(),
+                poll(4),
+                ack.clone(),
+                poll(4),
+            ],
+        ),
+        (
+            "sync-count-wraps",
+            2,
+            vec![
+                scribble(36, u64::MAX),
+                reattach.clone(),
+                sync(1, 7),
+                sync(2, 8),
+            ],
+        ),
+    ];
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/ring");
+    let write_seeds = std::env::var_os("VCMDQ_WRITE_SEEDS").is_some();
+    if write_seeds {
+        std::fs::create_dir_all(&dir).unwrap();
+    }
+    for (name, log2size, ops) in seeds {
+        let mut bytes = vec![log2size];
+        ops.iter().for_each(|o| bytes.extend(o));
+        bytes.push(0);
+        let p = dir.join(format!("seed-{name}"));
+        if write_seeds {
+            std::fs::write(&p, &bytes).unwrap();
+        } else {
+            let have = std::fs::read(&p)
+                .unwrap_or_else(|e| panic!("{}: {e}; VCMDQ_WRITE_SEEDS=1 writes it", p.display()));
+            assert_eq!(have, bytes, "{} is stale", p.display());
+        }
+    }
 }

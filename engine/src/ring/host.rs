@@ -421,7 +421,9 @@ impl HostRing {
                 .u32_at(layout::OFF_COMPLETION)
                 .store(msidata, Ordering::Relaxed);
         }
-        self.syncs += 1;
+        // The count is taken over from the header at attach, so a guest chooses where it
+        // starts: it wraps, as a 64-bit hardware counter would.
+        self.syncs = self.syncs.wrapping_add(1);
         self.stats.syncs += 1;
         self.region
             .u64_at(layout::OFF_SYNC_COUNT)
