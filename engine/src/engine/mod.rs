@@ -228,7 +228,9 @@ pub struct Engine {
     next_ring: AtomicU32,
     workers: Vec<JoinHandle<worker::Report>>,
     hw_threads: Vec<JoinHandle<HwCounters>>,
-    hw_stop: Arc<AtomicBool>,
+    /// The hardware model's stop flag: `crate::sync`'s type, which `Hardware::run` takes (loom's
+    /// under `--cfg loom`, where the engine is built but only the queue models run).
+    hw_stop: Arc<crate::sync::AtomicBool>,
     capture: Option<Capture>,
 }
 
@@ -253,7 +255,7 @@ impl Engine {
             epoch: Instant::now(),
             capture: capture.as_ref().map(|c| c.queue.clone()),
         });
-        let hw_stop = Arc::new(AtomicBool::new(false));
+        let hw_stop = Arc::new(crate::sync::AtomicBool::new(false));
         let mut workers = Vec::with_capacity(n);
         let mut hw_threads = Vec::new();
         for index in 0..n {
@@ -468,7 +470,7 @@ impl Engine {
                 Err(p) => std::panic::resume_unwind(p),
             }
         }
-        self.hw_stop.store(true, Ordering::Release);
+        self.hw_stop.store(true, crate::sync::Ordering::Release);
         for h in self.hw_threads.drain(..) {
             match h.join() {
                 Ok(c) => report.hardware.push(c),
@@ -487,7 +489,7 @@ impl Drop for Engine {
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
-        self.hw_stop.store(true, Ordering::Release);
+        self.hw_stop.store(true, crate::sync::Ordering::Release);
         for h in self.hw_threads.drain(..) {
             let _ = h.join();
         }
