@@ -154,10 +154,12 @@ pub fn run_cli(a: SoakArgs) -> Result<ExitCode, CliError> {
         ..SoakConfig::default()
     };
     let quiet = a.progress_secs == 0;
+    let mut last = (Duration::ZERO, 0u64);
     let report = run(&cfg, |p| {
         if !quiet {
-            progress_line(p)
+            progress_line(p, last);
         }
+        last = (p.elapsed, p.submitted);
     })?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&to_json(&report))?);
@@ -171,15 +173,18 @@ pub fn run_cli(a: SoakArgs) -> Result<ExitCode, CliError> {
     })
 }
 
-fn progress_line(p: &Progress) {
+/// One line per report: totals, the rate since the start and since the last line.
+fn progress_line(p: &Progress, (t0, n0): (Duration, u64)) {
     let s = p.elapsed.as_secs_f64();
+    let dt = p.elapsed.saturating_sub(t0).as_secs_f64().max(1e-9);
     eprintln!(
-        "soak {:>7.1}s: {:>7.1}M written, {:>7.1}M verified, {:.2} M/s; faults {} (retracted {}), \
-         refused {}, traps {}, violations {}",
+        "soak {:>7.1}s: {:>7.1}M written, {:>7.1}M verified, {:.2} M/s (now {:.2}); faults {} \
+         (retracted {}), refused {}, traps {}, violations {}",
         s,
         p.submitted as f64 / 1e6,
         p.verified as f64 / 1e6,
         p.submitted as f64 / 1e6 / s.max(1e-9),
+        p.submitted.saturating_sub(n0) as f64 / 1e6 / dt,
         p.engine.phys_faults,
         p.engine.retracted,
         p.engine.refused,
