@@ -35,8 +35,8 @@ use crate::command::RawCommand;
 use crate::pqueue::{HwConfig, HwCounters, PhysQueue};
 use crate::ring::{HostRing, RingError};
 use crate::viommu::{DeviceId, Devices, GraceDomain, Viommu, ViommuConfig, ViommuError};
-use crossbeam_queue::SegQueue;
 use capture::{Capture, CaptureEvent};
+use crossbeam_queue::SegQueue;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -327,7 +327,9 @@ impl Engine {
 
     /// `set_dev_id`: `device` becomes the guest's `vsid` in vIOMMU `viommu`.
     pub fn set_dev_id(&self, viommu: u32, device: DeviceId, vsid: u32) -> Result<(), EngineError> {
-        let v = self.viommu(viommu).ok_or(EngineError::UnknownViommu(viommu))?;
+        let v = self
+            .viommu(viommu)
+            .ok_or(EngineError::UnknownViommu(viommu))?;
         v.set_dev_id(device, vsid)?;
         self.shared
             .capture(|t| CaptureEvent::Bind(t, viommu, device.0, vsid));
@@ -337,7 +339,9 @@ impl Engine {
     /// `unset_dev_id`: a barrier; when it returns, nothing translated through the binding is
     /// still to be published. Returns the vSID the device had.
     pub fn unset_dev_id(&self, viommu: u32, device: DeviceId) -> Result<u32, EngineError> {
-        let v = self.viommu(viommu).ok_or(EngineError::UnknownViommu(viommu))?;
+        let v = self
+            .viommu(viommu)
+            .ok_or(EngineError::UnknownViommu(viommu))?;
         let vsid = v.unset_dev_id(device)?;
         self.shared
             .capture(|t| CaptureEvent::Unbind(t, viommu, device.0));
