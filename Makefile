@@ -87,7 +87,7 @@ miri: ## Heap-backed ring and physical-queue tests under miri (nightly; installs
 	rustup component list --toolchain nightly --installed | grep -q '^miri' || rustup component add miri rust-src --toolchain nightly
 	$(CARGO) $(NIGHTLY) miri test -p vcmdq --test ring --test pqueue --target-dir target/miri
 
-# Guest commands `make soak` writes (1e9 took about 5 minutes on the shared 2-core machine).
+# Guest commands `make soak` writes (1e9 took about 4 minutes on the shared, loaded 2-core machine).
 SOAK_COMMANDS ?= 1e9
 
 soak: release ## A billion commands of mixed, hostile traffic with physical faults, checked online against the oracle (minutes; not in test).
