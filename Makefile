@@ -9,7 +9,7 @@ LOOM_MAX_PREEMPTIONS ?= 4
 FUZZ_TARGETS = $(notdir $(basename $(wildcard fuzz/fuzz_targets/*.rs)))
 VCMDQ = target/release/vcmdq
 
-.PHONY: replay-check expected help build release test unit lint fmt clippy doc demo traces bench fuzz-build fuzz-smoke fuzz miri loom soak clean
+.PHONY: replay-check expected help build release test unit lint fmt clippy doc demo traces bench fuzz-build fuzz-smoke fuzz miri loom soak soak-smoke clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -20,7 +20,7 @@ build: ## Debug build of the workspace.
 release: ## Optimised build of the vcmdq binary.
 	$(CARGO) build --release -p vcmdq
 
-test: lint unit doc loom replay-check fuzz-smoke ## Everything CI checks.
+test: lint unit doc loom replay-check fuzz-smoke soak-smoke ## Everything CI checks.
 	@echo "make test: all checks passed"
 
 unit: ## Unit, property and integration tests.
@@ -87,6 +87,16 @@ miri: ## Ring, physical-queue and codec tests under miri (nightly; installs the 
 	rustup component list --toolchain nightly --installed | grep -q '^miri' || rustup component add miri rust-src --toolchain nightly
 	$(CARGO) $(NIGHTLY) miri test -p vcmdq --test ring --test pqueue --test codec --bin vcmdq --target-dir target/miri
 	$(CARGO) $(NIGHTLY) miri test -p vcmdq --lib --target-dir target/miri -- command::
+
+# Guest commands `make soak` writes (1e9 took about 4 minutes on the shared, loaded 2-core machine).
+SOAK_COMMANDS ?= 1e9
+
+soak: release ## A billion commands of mixed, hostile traffic with physical faults, checked online against the oracle (minutes; not in test).
+	$(VCMDQ) soak --commands $(SOAK_COMMANDS)
+
+soak-smoke: release ## Five million soak commands on each of two engine setups, faults every 20000 positions (seconds).
+	$(VCMDQ) soak --commands 5M --fault-every 20000 --progress-secs 0
+	$(VCMDQ) soak --commands 5M --fault-every 20000 --workers 2 --hardware thread --guests 2 --seed 2 --progress-secs 0
 
 clean:
 	$(CARGO) clean

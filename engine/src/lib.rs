@@ -12,6 +12,7 @@ pub mod pqueue;
 pub mod queue;
 pub mod replay;
 pub mod ring;
+pub mod soak;
 pub mod sync;
 pub mod trace;
 pub mod translate;

@@ -196,6 +196,7 @@ impl PhysQueue {
             stalled_until: None,
             next_fault_at: faults.first().map_or(u64::MAX, Fault::at),
             faults: faults.into_iter().map(|f| (f, false)).collect(),
+            first_unfired: 0,
             cfg,
             counters: HwCounters::default(),
             failures: Vec::new(),
@@ -441,7 +442,10 @@ pub struct Hardware {
     /// Stopped on an error until GERRORN matches GERROR.
     halted: bool,
     stalled_until: Option<Instant>,
+    /// Faults sorted by position, each with whether it fired.
     faults: Vec<(Fault, bool)>,
+    /// Every fault before this index has fired.
+    first_unfired: usize,
     /// Smallest position of an unfired fault.
     next_fault_at: u64,
     cfg: HwConfig,
@@ -626,7 +630,20 @@ impl Hardware {
     fn fire(&mut self, cmd: &RawCommand) -> Option<Fired> {
         let pos = self.pos;
         let mut fired = None;
-        for (fault, done) in self.faults.iter_mut().filter(|(_, d)| !*d) {
+        // Sorted by position: only faults at or before `pos` can fire, and those before the
+        // first unfired one have all fired. A long soak schedules many thousands; scanning them
+        // all on every command while a CERROR_ATC_INV_SYNC waits for its CMD_SYNC was
+        // quadratic.
+        while self.faults.get(self.first_unfired).is_some_and(|f| f.1) {
+            self.first_unfired += 1;
+        }
+        for (fault, done) in self.faults[self.first_unfired..].iter_mut() {
+            if fault.at() > pos {
+                break;
+            }
+            if *done {
+                continue;
+            }
             let hit = match *fault {
                 Fault::Ill { at } => (at == pos).then_some(Fired::Error(CError::Ill)),
                 Fault::Abt { at } => (at == pos).then_some(Fired::Error(CError::Abt)),
@@ -641,13 +658,13 @@ impl Hardware {
                 break;
             }
         }
+        while self.faults.get(self.first_unfired).is_some_and(|f| f.1) {
+            self.first_unfired += 1;
+        }
         self.next_fault_at = self
             .faults
-            .iter()
-            .filter(|(_, d)| !*d)
-            .map(|(f, _)| f.at())
-            .min()
-            .unwrap_or(u64::MAX);
+            .get(self.first_unfired)
+            .map_or(u64::MAX, |(f, _)| f.at());
         fired
     }
 }

@@ -335,3 +335,59 @@ fn detach_and_remove_viommu() {
     assert!(engine.attach_ring(h).is_err(), "vIOMMU 1 is gone");
     let _ = AttachOptions::default();
 }
+
+/// Two faults on one physical slot: the first stops the guest ring there; the second hits what
+/// the repair left in the slot (a CMD_SYNC for CERROR_ILL, the retried fetch for CERROR_ABT),
+/// which carries nothing of the guest any more. It must be recovered without blaming the ring
+/// again (found by the soak: the engine stopped the already stopped ring and panicked).
+#[test]
+fn a_second_fault_on_a_repaired_slot_blames_no_ring() {
+    let cases = [
+        (Fault::Ill { at: 2 }, CError::Ill),
+        (Fault::Abt { at: 2 }, CError::Abt),
+    ]
+    .into_iter()
+    .flat_map(|first| {
+        [
+            Fault::Ill { at: 2 },
+            Fault::Abt { at: 2 },
+            Fault::AtcInvSync { at: 2 },
+        ]
+        .map(|second| (first, second))
+    });
+    for ((first, cerror), second) in cases {
+        let (hwcfg, log) = hw(&[5, 6], &[0x800, 0x801, 0x900]);
+        let hwcfg = hwcfg.with_fault(first).with_fault(second);
+        let second = (first, second);
+        let (engine, mut a, _b) = setup(hwcfg, 4);
+        let cmds: Vec<_> = (1..=4)
+            .map(|n| c(&format!("TLBI_NH_ASID asid={n}")))
+            .collect();
+        a.guest.submit(&cmds);
+        match a.guest.wait_cons(4, T) {
+            Err(RingError::Stopped { slot, cerror: got }) => {
+                assert_eq!((slot, got), (2, cerror), "{second:?}")
+            }
+            other => panic!("{second:?}: expected a stop, got {other:?}"),
+        }
+        // Let the hardware reach the repaired slot (and the second fault) before the ack.
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(a.guest.error(), Some((2, cerror)), "{second:?}");
+        a.guest.ack_error();
+        a.guest.submit(&[c("CMD_SYNC")]);
+        a.guest.wait_syncs(1, T).unwrap();
+        assert_eq!(a.guest.cons(), (5, CError::None), "{second:?}");
+        let report = engine.shutdown();
+        let seen = log.lock().unwrap().clone();
+        for n in 1..=4 {
+            let x = c(&format!("TLBI_NH_ASID vmid=5 asid={n}"));
+            assert_eq!(
+                seen.iter().filter(|&&y| y == x).count(),
+                1,
+                "{second:?}: asid {n} exactly once"
+            );
+        }
+        assert_eq!(report.stats.phys_faults, 2, "{second:?}");
+        assert_eq!(report.hardware[0].total_errors(), 2, "{second:?}");
+    }
+}

@@ -362,3 +362,37 @@ fn retract_only_while_stopped_and_only_unconsumed() {
     assert_eq!(seen[..2], cmds[..2]);
     assert_eq!(&seen[seen.len() - 4..], &[sync(), cmds[3], sync(), cmds[5]]);
 }
+
+/// Faults fire in position order whatever order they were given in, several on one position
+/// one after the other, and a CERROR_ATC_INV_SYNC waiting for its CMD_SYNC takes the first one
+/// there is, even the one a CERROR_ILL repair wrote.
+#[test]
+fn faults_fire_in_position_order_and_several_on_one_slot() {
+    let cfg = HwConfig::default()
+        .with_fault(Fault::Ill { at: 4 })
+        .with_fault(Fault::Ill { at: 2 })
+        .with_fault(Fault::Abt { at: 2 })
+        .with_fault(Fault::AtcInvSync { at: 1 })
+        .with_fault(Fault::Ill { at: 100 });
+    let (mut p, mut hw) = PhysQueue::new(3, cfg).unwrap();
+    p.publish(&[tlbi(0), tlbi(1), tlbi(2), tlbi(3), tlbi(4), tlbi(5), sync()])
+        .unwrap();
+    let mut errors = Vec::new();
+    for _ in 0..20 {
+        hw.step(100);
+        if let Some(e) = p.recover() {
+            errors.push((e.pos, e.cerror));
+        }
+    }
+    assert_eq!(
+        errors,
+        [
+            (2, CError::Ill),
+            (2, CError::AtcInvSync),
+            (2, CError::Abt),
+            (4, CError::Ill)
+        ]
+    );
+    assert_eq!(p.consumed(), 7);
+    assert_eq!(hw.counters().total_errors(), 4);
+}

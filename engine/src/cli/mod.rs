@@ -4,6 +4,7 @@ mod decode;
 mod encode;
 mod gen;
 mod replay;
+mod soak;
 mod trace;
 mod translate;
 
@@ -36,6 +37,9 @@ enum Cmd {
     Trace(trace::TraceArgs),
     /// Generate a workload trace (deterministic from its parameters).
     Gen(gen::GenArgs),
+    /// Soak: mixed, partly hostile traffic with physical faults, every forwarded command
+    /// checked online against the oracle, until a command count or a duration.
+    Soak(soak::SoakArgs),
 }
 
 /// Runs one parsed command line.
@@ -47,5 +51,6 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Cmd::Replay(a) => replay::run(a),
         Cmd::Trace(a) => trace::run(a),
         Cmd::Gen(a) => gen::run(a),
+        Cmd::Soak(a) => soak::run_cli(a),
     }
 }

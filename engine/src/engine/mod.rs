@@ -448,6 +448,13 @@ impl Engine {
         self.shared.epoch
     }
 
+    /// Worker and hardware threads that have ended before shutdown: each one a panic (an engine
+    /// bug), its rings no longer served. 0 while the engine is healthy.
+    pub fn dead_threads(&self) -> usize {
+        self.workers.iter().filter(|h| h.is_finished()).count()
+            + self.hw_threads.iter().filter(|h| h.is_finished()).count()
+    }
+
     /// Counters summed over workers, as of their last pass.
     pub fn stats(&self) -> EngineStats {
         self.shared.stats.iter().map(stats::Shared::load).sum()

@@ -512,18 +512,26 @@ impl Lane {
             return false;
         };
         let mask = self.tags.len() as u64 - 1;
-        let tag = self.tags[(err.pos & mask) as usize];
+        // Whatever the repair leaves in the failing slot (a CMD_SYNC for CERROR_ILL, the retried
+        // fetch or CMD_SYNC otherwise) carries nothing of the ring any more: its command is
+        // read again after the guest's acknowledgement. A second fault on that slot must blame
+        // no ring, or it would stop the ring again (or, still stopped, twice).
+        let tag = std::mem::replace(
+            &mut self.tags[(err.pos & mask) as usize],
+            Tag {
+                ring: NO_RING,
+                ptr: 0,
+            },
+        );
         self.stats.phys_faults += 1;
         if let Some(r) = rings.iter_mut().find(|r| r.id.0 == tag.ring) {
             // Everything before the failing command has been consumed: complete it first.
             self.retire(r);
             // CERROR_ABT is retried by the repair: take the failing command back too.
-            let from = if err.cerror == CError::Abt {
-                err.pos
-            } else {
-                err.pos + 1
-            };
-            for pos in from..self.producer.published() {
+            if err.cerror == CError::Abt && self.producer.retract(err.pos) {
+                self.stats.retracted += 1;
+            }
+            for pos in err.pos + 1..self.producer.published() {
                 let t = &mut self.tags[(pos & mask) as usize];
                 if t.ring == tag.ring && self.producer.retract(pos) {
                     // A no-op now: a later fault on it blames no ring.

@@ -1,0 +1,378 @@
+//! `vcmdq soak`: a long run of mixed, partly hostile traffic with physical faults injected,
+//! every forwarded command checked online against the oracle (see `vcmdq::soak`).
+
+use super::CliError;
+use clap::{Args, ValueEnum};
+use serde_json::{json, Value};
+use std::process::ExitCode;
+use std::time::Duration;
+use vcmdq::engine::HwPlacement;
+use vcmdq::soak::{run, Hostile, Mix, Progress, SoakConfig, SoakReport};
+
+/// Where the modelled hardware runs.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Hardware {
+    /// Stepped by its worker between passes.
+    Inline,
+    /// A thread per physical queue.
+    Thread,
+}
+
+/// Arguments of `vcmdq soak`.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Exit status: 0 when every check held, 1 on any violation (the first ones are printed), 2 when \
+the soak could not be set up.
+
+Examples:
+  vcmdq soak --commands 1000000000          (what `make soak` runs)
+  vcmdq soak --duration 10m --workers 2 --hardware thread
+  vcmdq soak --commands 5000000 --fault-every 20000 --json")]
+pub struct SoakArgs {
+    /// Guest commands to write over all rings (default 1e9 unless --duration is given; with
+    /// both, whichever comes first). Accepts 1e9, 5_000_000, 2M, 1G.
+    #[arg(long, value_parser = parse_count)]
+    commands: Option<u64>,
+    /// How long the guests write: 90s, 10m, 1h, or seconds.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Seed of the streams and the fault schedule.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Guest threads.
+    #[arg(long, default_value_t = 1)]
+    guests: usize,
+    /// Guest rings (spread over the vIOMMUs and the guest threads).
+    #[arg(long, default_value_t = 8)]
+    rings: usize,
+    /// vIOMMUs (alternately kernel and tegra241 profile).
+    #[arg(long, default_value_t = 4)]
+    viommus: usize,
+    /// LOG2SIZE of each guest ring.
+    #[arg(long, default_value_t = 10)]
+    ring_log2size: u8,
+    /// Engine workers, each with its own physical queue.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Where the hardware model runs.
+    #[arg(long, value_enum, default_value_t = Hardware::Inline)]
+    hardware: Hardware,
+    /// Guest entries per batch at most.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// About one physical fault every this many physical positions (0: none).
+    #[arg(long, default_value_t = 1_000_000, value_parser = parse_count)]
+    fault_every: u64,
+    /// Longest injected stall, in microseconds.
+    #[arg(long, default_value_t = 20)]
+    max_stall_us: u64,
+    /// A slow SMMU: a busy wait of this many nanoseconds per physical command (off by default).
+    #[arg(long)]
+    slow_ns: Option<u64>,
+    /// Hostile entries per million.
+    #[arg(long, default_value_t = Mix::default().hostile_ppm)]
+    hostile_ppm: u32,
+    /// Trapped entries (CFGI_STE*) per million.
+    #[arg(long, default_value_t = Mix::default().trap_ppm)]
+    trap_ppm: u32,
+    /// Dropped entries (PREFETCH_*) per million.
+    #[arg(long, default_value_t = Mix::default().prefetch_ppm)]
+    prefetch_ppm: u32,
+    /// Seconds between progress lines on standard error (0: none).
+    #[arg(long, default_value_t = 5)]
+    progress_secs: u64,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_count(s: &str) -> Result<u64, String> {
+    let t = s.replace('_', "");
+    let (num, mult) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 1e3),
+        Some('M') => (&t[..t.len() - 1], 1e6),
+        Some('G') => (&t[..t.len() - 1], 1e9),
+        _ => (&t[..], 1.0),
+    };
+    if let Ok(n) = num.parse::<u64>() {
+        return Ok(n * mult as u64);
+    }
+    match num.parse::<f64>() {
+        Ok(f) if f >= 0.0 && (f * mult).fract() == 0.0 && f * mult < 1.8e19 => {
+            Ok((f * mult) as u64)
+        }
+        _ => Err(format!("{s:?} is not a count (e.g. 1000000, 1e9, 5M)")),
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let secs = match unit {
+        "ms" => 1e-3,
+        "s" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("{s:?}: unit {unit:?} is not ms, s, m or h")),
+    };
+    match num.parse::<f64>() {
+        Ok(f) if f > 0.0 && f * secs < 1e9 => Ok(Duration::from_secs_f64(f * secs)),
+        _ => Err(format!("{s:?} is not a duration (e.g. 90s, 10m)")),
+    }
+}
+
+/// Runs `vcmdq soak`.
+pub fn run_cli(a: SoakArgs) -> Result<ExitCode, CliError> {
+    let cfg = SoakConfig {
+        commands: match (a.commands, a.duration) {
+            (None, None) => Some(1_000_000_000),
+            (c, _) => c,
+        },
+        duration: a.duration,
+        seed: a.seed,
+        guests: a.guests,
+        rings: a.rings,
+        viommus: a.viommus,
+        ring_log2size: a.ring_log2size,
+        workers: a.workers,
+        hardware: match a.hardware {
+            Hardware::Inline => HwPlacement::Inline,
+            Hardware::Thread => HwPlacement::Thread,
+        },
+        batch_limit: a.batch,
+        fault_every: a.fault_every,
+        max_stall: Duration::from_micros(a.max_stall_us),
+        slow: a.slow_ns.map(Duration::from_nanos),
+        mix: Mix {
+            hostile_ppm: a.hostile_ppm,
+            trap_ppm: a.trap_ppm,
+            prefetch_ppm: a.prefetch_ppm,
+        },
+        progress_every: Duration::from_secs(a.progress_secs.max(1)),
+        ..SoakConfig::default()
+    };
+    let quiet = a.progress_secs == 0;
+    let mut last = (Duration::ZERO, 0u64);
+    let report = run(&cfg, |p| {
+        if !quiet {
+            progress_line(p, last);
+        }
+        last = (p.elapsed, p.submitted);
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&to_json(&report))?);
+    } else {
+        print_human(&report);
+    }
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// One line per report: totals, the rate since the start and since the last line.
+fn progress_line(p: &Progress, (t0, n0): (Duration, u64)) {
+    let s = p.elapsed.as_secs_f64();
+    let dt = p.elapsed.saturating_sub(t0).as_secs_f64().max(1e-9);
+    eprintln!(
+        "soak {:>7.1}s: {:>7.1}M written, {:>7.1}M verified, {:.2} M/s (now {:.2}); faults {} \
+         (retracted {}), refused {}, traps {}, violations {}",
+        s,
+        p.submitted as f64 / 1e6,
+        p.verified as f64 / 1e6,
+        p.submitted as f64 / 1e6 / s.max(1e-9),
+        p.submitted.saturating_sub(n0) as f64 / 1e6 / dt,
+        p.engine.phys_faults,
+        p.engine.retracted,
+        p.engine.refused,
+        p.traps,
+        p.violations
+    );
+}
+
+fn hostile_json(counts: &[u64]) -> Value {
+    Hostile::ALL
+        .iter()
+        .zip(counts)
+        .map(|(h, n)| (h.name().to_string(), json!(n)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+fn to_json(r: &SoakReport) -> Value {
+    let c = &r.config;
+    let g = &r.guests;
+    let e = &r.engine;
+    json!({
+        "ok": r.ok(),
+        "config": {
+            "commands": c.commands,
+            "duration_s": c.duration.map(|d| d.as_secs_f64()),
+            "seed": c.seed,
+            "guests": c.guests,
+            "rings": c.rings,
+            "viommus": c.viommus,
+            "ring_log2size": c.ring_log2size,
+            "workers": c.workers,
+            "hardware": format!("{:?}", c.hardware).to_lowercase(),
+            "batch_limit": c.batch_limit,
+            "fault_every": c.fault_every,
+            "max_stall_us": c.max_stall.as_micros() as u64,
+            "slow_ns": c.slow.map(|d| d.as_nanos() as u64),
+            "hostile_ppm": c.mix.hostile_ppm,
+            "trap_ppm": c.mix.trap_ppm,
+            "prefetch_ppm": c.mix.prefetch_ppm,
+        },
+        "elapsed_s": r.elapsed.as_secs_f64(),
+        "commands_per_s": r.rate(),
+        "submitted": g.submitted,
+        "doorbells": g.doorbells,
+        "verified": {
+            "entries": r.tally.entries(),
+            "forwarded_matching_oracle": r.tally.forwarded,
+            "spoofed_vmids_replaced": r.tally.spoofed,
+            "dropped": r.tally.dropped,
+            "guest_syncs": r.tally.syncs,
+            "trapped": r.tally.trapped,
+            "refused": r.tally.refused,
+        },
+        "guests": {
+            "syncs_written": g.syncs,
+            "irq_syncs_written": g.irq_syncs,
+            "sync_order_checks": g.sync_order_checks,
+            "blocking_waits": g.blocking_waits,
+            "hostile_written": hostile_json(&g.hostile),
+            "refusals_fixed": hostile_json(&g.refused),
+            "phys_stops_acked": {"ill": g.phys_stops[0], "abt": g.phys_stops[1], "atc_inv_sync": g.phys_stops[2]},
+        },
+        "traps_completed": r.traps,
+        "faults": {
+            "scheduled": {"ill": r.faults_scheduled.ill, "abt": r.faults_scheduled.abt, "atc_inv_sync": r.faults_scheduled.atc_inv_sync, "stall": r.faults_scheduled.stall},
+            "fired": {"ill": r.hw_errors.ill, "abt": r.hw_errors.abt, "atc_inv_sync": r.hw_errors.atc_inv_sync, "stall": r.hw_stalls},
+            "recovered": e.phys_faults,
+            "retracted": e.retracted,
+        },
+        "engine": {
+            "taken": e.taken,
+            "forwarded": e.forwarded,
+            "dropped": e.dropped,
+            "trapped": e.trapped,
+            "refused": e.refused,
+            "guest_syncs": e.guest_syncs,
+            "phys_syncs": e.phys_syncs,
+            "batches": e.batches,
+        },
+        "hardware": {"consumed": r.hw_consumed, "syncs": r.hw_syncs},
+        "violation_count": r.violation_count,
+        "violations": r.violations,
+    })
+}
+
+fn print_human(r: &SoakReport) {
+    let c = &r.config;
+    let g = &r.guests;
+    let e = &r.engine;
+    let t = &r.tally;
+    println!(
+        "soak: {} guest thread(s), {} rings on {} vIOMMUs (kernel/tegra241), {} worker(s), hardware {:?}, seed {}",
+        c.guests, c.rings, c.viommus, c.workers, c.hardware, c.seed
+    );
+    println!(
+        "  written   {:>14} entries in {:.1} s: {:.2} M entries/s ({} doorbells)",
+        g.submitted,
+        r.elapsed.as_secs_f64(),
+        r.rate() / 1e6,
+        g.doorbells
+    );
+    println!(
+        "  verified  {:>14} entries accounted for: {} forwarded (each equal to the oracle's \
+         translation, in ring order; {} spoofed VMIDs replaced), {} dropped, {} guest CMD_SYNCs, \
+         {} trapped, {} refused",
+        t.entries(),
+        t.forwarded,
+        t.spoofed,
+        t.dropped,
+        t.syncs,
+        t.trapped,
+        t.refused
+    );
+    let hostile: Vec<String> = Hostile::ALL
+        .iter()
+        .zip(&g.refused)
+        .filter(|(_, n)| **n > 0)
+        .map(|(h, n)| format!("{} {n}", h.name()))
+        .collect();
+    println!(
+        "  refusals  {:>14} stopped at exactly the expected slot, fixed, acknowledged ({})",
+        g.refused_total(),
+        hostile.join(", ")
+    );
+    println!(
+        "  syncs     {:>14} completions checked after the hardware verified what preceded them; {} \
+         blocking waits (CONS = PROD, completion word)",
+        g.sync_order_checks, g.blocking_waits
+    );
+    println!(
+        "  traps     {:>14} completed by the control plane, each once and in ring order",
+        r.traps
+    );
+    let s = &r.faults_scheduled;
+    println!(
+        "  faults    {:>14} fired of {} scheduled: ILL {}/{}, ABT {}/{}, ATC_INV_SYNC {}/{}, stalls {}/{}",
+        r.hw_errors.total() + r.hw_stalls,
+        s.total(),
+        r.hw_errors.ill,
+        s.ill,
+        r.hw_errors.abt,
+        s.abt,
+        r.hw_errors.atc_inv_sync,
+        s.atc_inv_sync,
+        r.hw_stalls,
+        s.stall
+    );
+    println!(
+        "            {:>14} errors recovered by the engine, {} guest stops acknowledged (ILL {}, ABT {}, \
+         ATC_INV_SYNC {}), {} commands retracted and forwarded again",
+        e.phys_faults,
+        g.phys_stops_total(),
+        g.phys_stops[0],
+        g.phys_stops[1],
+        g.phys_stops[2],
+        e.retracted
+    );
+    println!(
+        "  engine    {:>14} taken, {} forwarded, {} batches, {} physical CMD_SYNCs; hardware consumed {}",
+        e.taken, e.forwarded, e.batches, e.phys_syncs, r.hw_consumed
+    );
+    if r.ok() {
+        println!("  result: every check held");
+    } else {
+        println!("  result: {} violation(s); the first:", r.violation_count);
+        for v in &r.violations {
+            println!("    {v}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_durations() {
+        assert_eq!(parse_count("1e9"), Ok(1_000_000_000));
+        assert_eq!(parse_count("5_000_000"), Ok(5_000_000));
+        assert_eq!(parse_count("2M"), Ok(2_000_000));
+        assert_eq!(parse_count("1.5k"), Ok(1500));
+        assert!(parse_count("x").is_err());
+        assert!(parse_count("-1").is_err());
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("3 days").is_err());
+        assert!(parse_duration("0s").is_err());
+    }
+}

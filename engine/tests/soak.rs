@@ -1,0 +1,182 @@
+//! The soak: a small one in-process (every check it makes must hold, and every path it is
+//! meant to exercise must have been taken), and its hardware check in isolation, fed planted
+//! violations it must catch.
+#![cfg(not(loom))]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use vcmdq::command::{opcode, RawCommand};
+use vcmdq::engine::HwPlacement;
+use vcmdq::oracle;
+use vcmdq::soak::{run, Checker, Mix, Plan, SoakConfig, Stream, Violations};
+use vcmdq::translate::SlotOutcome;
+
+fn small(workers: usize, hardware: HwPlacement, guests: usize) -> SoakConfig {
+    SoakConfig {
+        commands: Some(250_000),
+        seed: 11,
+        guests,
+        rings: 6,
+        viommus: 3,
+        ring_log2size: 6,
+        workers,
+        hardware,
+        fault_every: 1_500,
+        mix: Mix {
+            hostile_ppm: 4_000,
+            trap_ppm: 4_000,
+            prefetch_ppm: 10_000,
+        },
+        stall_timeout: Duration::from_secs(30),
+        ..SoakConfig::default()
+    }
+}
+
+#[test]
+fn a_small_soak_holds_and_takes_every_path() {
+    for cfg in [
+        small(1, HwPlacement::Inline, 1),
+        small(2, HwPlacement::Thread, 2),
+    ] {
+        let r = run(&cfg, |_| {}).unwrap();
+        assert!(r.ok(), "{:#?}", r.violations);
+        let label = format!("workers {} {:?}", cfg.workers, cfg.hardware);
+        assert!(r.guests.submitted >= 250_000, "{label}");
+        assert_eq!(r.tally.entries(), r.guests.submitted, "{label}");
+        assert!(r.tally.forwarded > 200_000, "{label}: {:?}", r.tally);
+        assert!(r.tally.spoofed > 0 && r.tally.dropped > 0, "{label}");
+        assert!(r.tally.trapped > 0 && r.traps == r.tally.trapped, "{label}");
+        assert!(r.guests.refused_total() > 0, "{label}");
+        assert!(r.guests.blocking_waits > 0, "{label}");
+        assert!(r.guests.sync_order_checks > 0, "{label}");
+        // Faults of every kind fired and reached guests.
+        assert!(
+            r.hw_errors.ill > 0 && r.hw_errors.abt > 0,
+            "{label}: {:?}",
+            r.hw_errors
+        );
+        assert!(r.hw_errors.atc_inv_sync > 0, "{label}: {:?}", r.hw_errors);
+        assert!(r.hw_stalls > 0, "{label}");
+        assert!(
+            r.guests.phys_stops.iter().all(|&n| n > 0),
+            "{label}: {:?}",
+            r.guests.phys_stops
+        );
+        assert_eq!(r.engine.phys_faults, r.hw_errors.total(), "{label}");
+    }
+}
+
+/// Ring 0 of a two-vIOMMU plan: its first `n` entries, and the commands the engine must forward
+/// for them (entry, command), in order.
+fn forwarded(n: u64) -> (Arc<Plan>, Arc<Stream>, Vec<(u64, RawCommand)>) {
+    let plan = Arc::new(Plan::new(2, 2).unwrap());
+    let stream = Arc::new(Stream::new(&plan, 5, Mix::default()));
+    let v = plan.viommu_of(0);
+    let fwd = (0..n)
+        .filter_map(
+            |s| match oracle::translate_one(&v.cfg, &v.bindings, stream.entry(0, s).cmd) {
+                SlotOutcome::Forwarded(c) => Some((s, c)),
+                _ => None,
+            },
+        )
+        .collect();
+    (plan, stream, fwd)
+}
+
+fn checker(plan: &Arc<Plan>, stream: &Arc<Stream>, submitted: u64) -> (Checker, Arc<Violations>) {
+    let v = Arc::new(Violations::default());
+    let c = Checker::new(plan.clone(), stream.clone(), v.clone());
+    c.set_submitted(0, submitted);
+    (c, v)
+}
+
+#[test]
+fn the_checker_passes_the_oracles_commands_in_order() {
+    let (plan, stream, fwd) = forwarded(300);
+    let (c, v) = checker(&plan, &stream, 300);
+    for (i, (s, cmd)) in fwd.iter().enumerate() {
+        assert_eq!(c.check(cmd), Ok(()), "entry {s}");
+        assert_eq!(c.cursor(0), s + 1);
+        assert_eq!(c.verified(), i as u64 + 1);
+        // The engine's own CMD_SYNCs pass anywhere.
+        assert_eq!(
+            c.check(&RawCommand::new(u64::from(opcode::CMD_SYNC), 0)),
+            Ok(())
+        );
+    }
+    let t = c.finish();
+    assert_eq!(v.count(), 0, "{:?}", v.first());
+    assert_eq!(t.entries(), 300);
+    assert_eq!(t.forwarded, fwd.len() as u64);
+}
+
+#[test]
+fn the_checker_catches_a_doubled_command() {
+    let (plan, stream, fwd) = forwarded(300);
+    let (c, v) = checker(&plan, &stream, 300);
+    c.check(&fwd[0].1).unwrap();
+    c.check(&fwd[1].1).unwrap();
+    let e = c.check(&fwd[1].1).unwrap_err();
+    assert!(
+        e.contains("doubled") || e.contains("the oracle forwards"),
+        "{e}"
+    );
+    assert_eq!(v.count(), 1);
+    // The check goes on: the next one is still expected.
+    c.check(&fwd[2].1).unwrap();
+}
+
+#[test]
+fn the_checker_catches_reordered_and_lost_commands() {
+    let (plan, stream, fwd) = forwarded(300);
+    let (c, v) = checker(&plan, &stream, 300);
+    c.check(&fwd[0].1).unwrap();
+    assert!(c.check(&fwd[2].1).is_err(), "entry 2 before entry 1");
+    // Entry 1 after it is refused too when entry 2 carried its sequence number (the check
+    // moved past it); otherwise entry 1 is still the one due.
+    let _ = c.check(&fwd[1].1);
+    assert!(v.count() >= 1);
+
+    // A command that never arrives is found at the end.
+    let (c, v) = checker(&plan, &stream, 300);
+    for (i, (_, cmd)) in fwd.iter().enumerate() {
+        if i != fwd.len() - 1 {
+            c.check(cmd).unwrap();
+        }
+    }
+    c.finish();
+    assert_eq!(v.count(), 1);
+    assert!(v.first()[0].contains("lost"), "{:?}", v.first());
+}
+
+#[test]
+fn the_checker_catches_broken_isolation_and_invented_commands() {
+    let (plan, stream, fwd) = forwarded(300);
+    let vmid = plan.viommu_of(0).cfg.vmid;
+    // A TLBI with the other vIOMMU's VMID.
+    let (c, _) = checker(&plan, &stream, 300);
+    let (_, tlbi) = *fwd
+        .iter()
+        .find(|(_, c)| c.opcode() == opcode::TLBI_NH_VA)
+        .unwrap();
+    let mut spoofed = tlbi;
+    spoofed.set_d0(tlbi.d0() & !(0xffff << 32) | (u64::from(vmid + 1) << 32));
+    assert!(c.check(&spoofed).unwrap_err().contains("isolation"));
+    // An ATC_INV with a pSID no ring owns.
+    let atc = RawCommand::new(u64::from(opcode::ATC_INV) | (0x9999 << 32), 0);
+    assert!(c.check(&atc).unwrap_err().contains("isolation"));
+    // A guest's CMD_SYNC (with its MSI) reaching the hardware.
+    let guest_sync = RawCommand::new(u64::from(opcode::CMD_SYNC) | (1 << 12), 0xfee0_0000);
+    assert!(c.check(&guest_sync).is_err());
+    // An opcode the engine never forwards.
+    assert!(c
+        .check(&RawCommand::new(u64::from(opcode::TLBI_S12_VMALL), 0))
+        .is_err());
+    // A command past what the ring wrote.
+    let (c, v) = checker(&plan, &stream, fwd[2].0);
+    c.check(&fwd[0].1).unwrap();
+    c.check(&fwd[1].1).unwrap();
+    assert!(c.check(&fwd[2].1).unwrap_err().contains("invented"));
+    assert_eq!(v.count(), 1);
+}
