@@ -198,7 +198,9 @@ pub struct Engine {
     next_ring: AtomicU32,
     workers: Vec<JoinHandle<worker::Report>>,
     hw_threads: Vec<JoinHandle<HwCounters>>,
-    hw_stop: Arc<AtomicBool>,
+    /// `Hardware::run`'s stop flag: the atomic of `crate::sync`, loom's under `--cfg loom`
+    /// (the engine itself never runs under loom, but it must build for `make loom`).
+    hw_stop: Arc<crate::sync::AtomicBool>,
 }
 
 impl Engine {
@@ -214,7 +216,7 @@ impl Engine {
             stats: (0..n).map(|_| stats::Shared::default()).collect(),
             epoch: Instant::now(),
         });
-        let hw_stop = Arc::new(AtomicBool::new(false));
+        let hw_stop = Arc::new(crate::sync::AtomicBool::new(false));
         let mut workers = Vec::with_capacity(n);
         let mut hw_threads = Vec::new();
         for index in 0..n {
