@@ -143,7 +143,7 @@ pub enum Stop {
         cs: u8,
         /// MSIDATA.
         msidata: u32,
-        /// MSIADDR, bits [51:2] in place.
+        /// MSIADDR, bits `[51:2]` in place.
         msiaddr: u64,
     },
     /// A command for the control plane at `slot`; the ring pauses until it is handled.
