@@ -2,6 +2,9 @@
 
 mod decode;
 mod encode;
+mod guest;
+mod serve;
+mod spec;
 mod translate;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +29,10 @@ enum Cmd {
     Encode(encode::EncodeArgs),
     /// Run guest commands through one vIOMMU's translation policy and show what became of each.
     Translate(translate::TranslateArgs),
+    /// Run the engine over guest rings (files, or sealed memfds it creates), with live counters.
+    Serve(serve::ServeArgs),
+    /// Drive a ring as a guest: batches ended by CMD_SYNC, errors handled as Linux does.
+    Guest(guest::GuestArgs),
 }
 
 /// Runs one parsed command line.
@@ -34,5 +41,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Cmd::Decode(a) => decode::run(a),
         Cmd::Encode(a) => encode::run(a),
         Cmd::Translate(args) => translate::run(args),
+        Cmd::Serve(args) => serve::run(args),
+        Cmd::Guest(args) => guest::run(args),
     }
 }
