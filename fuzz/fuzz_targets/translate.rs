@@ -181,7 +181,9 @@ fuzz_target!(|input: Input| {
                 assert_eq!(slot, end.consumed);
                 assert!(matches!(fast[start], SlotOutcome::Refused { .. }));
                 if !input.keep_going {
-                    assert!(fast[start + 1..].iter().all(|o| *o == SlotOutcome::NotReached));
+                    assert!(fast[start + 1..]
+                        .iter()
+                        .all(|o| *o == SlotOutcome::NotReached));
                     break;
                 }
                 start += 1;
