@@ -523,12 +523,11 @@ fn physical_faults_with_a_hardware_thread_and_a_hostile_guest_lose_and_double_no
 }
 
 /// A guest that keeps its ring full beside a quiet guest that sends one command and a
-/// CMD_SYNC, one worker, a slow consumer. Between the quiet guest's doorbell and its sync's
-/// completion the flooder gets a few ring budgets published, not a physical queue's worth:
-/// without the budget the flooder would fill the physical queue each pass and the quiet sync
-/// would wait behind all of it.
-#[test]
-fn a_flooding_guest_gets_its_budget_and_the_quiet_one_is_served_beside_it() {
+/// CMD_SYNC, one worker, a slow consumer (inline or on its own thread). Between the quiet
+/// guest's doorbell and its sync's completion the flooder gets a few ring budgets published,
+/// not a physical queue's worth: without the budget (per pass, and of entries in flight) the
+/// flooder would fill the physical queue and the quiet sync would wait behind all of it.
+fn flood(placement: HwPlacement) {
     const BUDGET: usize = 32;
     let (mut hwcfg, _log) = hw(&[11, 12], &[]);
     hwcfg.slow = Some(Duration::from_micros(5));
@@ -538,7 +537,7 @@ fn a_flooding_guest_gets_its_budget_and_the_quiet_one_is_served_beside_it() {
         batch_limit: BUDGET,
         phys_log2size: 10,
         hw: hwcfg,
-        hardware: HwPlacement::Inline,
+        hardware: placement,
         audit: true,
     })
     .unwrap();
@@ -620,6 +619,19 @@ fn a_flooding_guest_gets_its_budget_and_the_quiet_one_is_served_beside_it() {
         })
         .sum();
     assert!(flooded > 0, "the flooder was served beside the quiet guest");
+}
+
+#[test]
+fn a_flooding_guest_gets_its_budget_and_the_quiet_one_is_served_beside_it() {
+    flood(HwPlacement::Inline);
+}
+
+/// The hardware on its own thread: passes come fast while it works, so the budget per pass
+/// alone would let the flooder fill the physical queue; its budget of entries in flight holds
+/// it to its share.
+#[test]
+fn a_flooding_guest_is_held_to_its_share_of_a_hardware_thread() {
+    flood(HwPlacement::Thread);
 }
 
 /// A physical queue of 4, 8 and 16 entries under guest rings of 1024 and batches of up to 63

@@ -71,7 +71,8 @@ pub struct ServeArgs {
     /// Guest entries per batch at most [default: 64].
     #[arg(long = "batch")]
     batch_limit: Option<usize>,
-    /// Guest entries taken from one ring per pass at most [default: 256].
+    /// Guest entries taken from one ring per pass, and of its entries in a physical queue, at
+    /// most [default: 256].
     #[arg(long = "budget")]
     ring_budget: Option<usize>,
     /// LOG2SIZE of each physical queue [default: 12].
