@@ -3,57 +3,17 @@
 //! audit trail, and every physical command checked by the hardware model for isolation.
 #![cfg(not(loom))]
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+mod common;
+
 use std::time::Duration;
 
-use vcmdq::command::{opcode, text, RawCommand};
-use vcmdq::engine::{AuditRecord, Engine, EngineConfig, RingId};
+use common::{bindings, c, hw, outcomes, T};
+use vcmdq::engine::{Engine, EngineConfig, RingId};
 use vcmdq::oracle;
 use vcmdq::pqueue::{Fault, HwConfig};
 use vcmdq::queue::CError;
 use vcmdq::ring::{heap_pair, AttachOptions, GuestRing, HostRing, RingError};
-use vcmdq::translate::SlotOutcome;
 use vcmdq::viommu::{DeviceId, ViommuConfig};
-
-const T: Duration = Duration::from_secs(10);
-
-fn c(s: &str) -> RawCommand {
-    text::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"))
-}
-
-/// Every command the hardware consumed, and a check that none carries a VMID or pSID the host
-/// did not hand out, and that no guest CMD_SYNC (with its guest MSI address) reaches it.
-fn hw(vmids: &[u16], psids: &[u32]) -> (HwConfig, Arc<Mutex<Vec<RawCommand>>>) {
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let l = log.clone();
-    let vmids: HashSet<u16> = vmids.iter().copied().collect();
-    let psids: HashSet<u32> = psids.iter().copied().collect();
-    let cfg = HwConfig::default().with_check(move |cmd| {
-        l.lock().unwrap().push(*cmd);
-        let op = cmd.opcode();
-        let vmid = (cmd.d0() >> 32) as u16;
-        let sid = (cmd.d0() >> 32) as u32;
-        match op {
-            opcode::TLBI_NH_ALL
-            | opcode::TLBI_NH_ASID
-            | opcode::TLBI_NH_VA
-            | opcode::TLBI_NH_VAA
-                if !vmids.contains(&vmid) =>
-            {
-                Err(format!("VMID {vmid} was never handed out"))
-            }
-            opcode::ATC_INV | opcode::CFGI_CD | opcode::CFGI_CD_ALL if !psids.contains(&sid) => {
-                Err(format!("pSID {sid:#x} was never handed out"))
-            }
-            opcode::CMD_SYNC if *cmd != RawCommand::new(0x46, 0) => {
-                Err(format!("a CMD_SYNC the engine did not make: {cmd:?}"))
-            }
-            _ => Ok(()),
-        }
-    });
-    (cfg, log)
-}
 
 struct Vm {
     ring: RingId,
@@ -85,39 +45,6 @@ fn setup(hwcfg: HwConfig, log2: u8) -> (Engine, Vm, Vm) {
     };
     let (a, b) = (vm(1), vm(2));
     (engine, a, b)
-}
-
-/// The final outcome of each entry of `ring`, in ring order, after physical faults voided
-/// what followed them.
-fn outcomes(audit: &[AuditRecord], ring: RingId) -> Vec<SlotOutcome> {
-    let mut by_seq: Vec<Option<SlotOutcome>> = Vec::new();
-    for rec in audit {
-        match *rec {
-            AuditRecord::Slot {
-                ring: r,
-                seq,
-                outcome,
-            } if r == ring => {
-                let seq = seq as usize;
-                if by_seq.len() <= seq {
-                    by_seq.resize(seq + 1, None);
-                }
-                by_seq[seq] = Some(outcome);
-            }
-            AuditRecord::PhysFault { ring: r, seq, .. } if r == ring => {
-                by_seq.truncate(seq as usize);
-            }
-            _ => {}
-        }
-    }
-    by_seq
-        .into_iter()
-        .map(|o| o.expect("a gap in the audit"))
-        .collect()
-}
-
-fn bindings(pairs: &[(u32, u32)]) -> HashMap<u32, u32> {
-    pairs.iter().copied().collect()
 }
 
 #[test]

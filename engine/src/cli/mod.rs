@@ -3,8 +3,11 @@
 mod decode;
 mod encode;
 mod gen;
+mod guest;
 mod replay;
+mod serve;
 mod soak;
+mod spec;
 mod trace;
 mod translate;
 
@@ -40,6 +43,10 @@ enum Cmd {
     /// Soak: mixed, partly hostile traffic with physical faults, every forwarded command
     /// checked online against the oracle, until a command count or a duration.
     Soak(soak::SoakArgs),
+    /// Run the engine over guest rings (files, or sealed memfds it creates), with live counters.
+    Serve(serve::ServeArgs),
+    /// Drive a ring as a guest: batches ended by CMD_SYNC, errors handled as Linux does.
+    Guest(guest::GuestArgs),
 }
 
 /// Runs one parsed command line.
@@ -52,5 +59,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Cmd::Trace(a) => trace::run(a),
         Cmd::Gen(a) => gen::run(a),
         Cmd::Soak(a) => soak::run_cli(a),
+        Cmd::Serve(args) => serve::run(args),
+        Cmd::Guest(args) => guest::run(args),
     }
 }

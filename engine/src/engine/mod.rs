@@ -10,7 +10,8 @@
 //! queue the worker drains once per pass.
 //!
 //! One pass of a worker, per ring: read PROD once and copy up to the ring budget (bounded by the
-//! physical free space: each guest entry becomes at most one physical entry), translate the copy
+//! physical free space: each guest entry becomes at most one physical entry, and by what is left
+//! of the ring's budget of physical entries in flight), translate the copy
 //! in batches of at most `batch_limit` under one grace-period pin, publish each batch with one
 //! PROD store, and queue a pending record per batch: the physical position that must be
 //! consumed before the guest's CONS may pass the batch, and what to do then (signal the guest's
@@ -66,8 +67,9 @@ pub struct EngineConfig {
     /// Guest entries translated and published as one batch at most (a guest CMD_SYNC closes a
     /// batch early).
     pub batch_limit: usize,
-    /// Guest entries taken from one ring per pass at most: a flooding guest gets its share and
-    /// no more.
+    /// Guest entries taken from one ring per pass at most, and physical entries of one ring
+    /// waiting in its physical queue at most: a flooding guest gets its share and no more, even
+    /// while the hardware (on its own thread) is slower than the worker's passes.
     pub ring_budget: usize,
     /// LOG2SIZE of each physical queue.
     pub phys_log2size: u8,

@@ -38,6 +38,8 @@ struct Pending {
     phys: u64,
     /// Guest pointer CONS moves to.
     guest_end: u32,
+    /// Physical entries the batch took (its commands and its CMD_SYNC).
+    entries: u32,
     action: Action,
 }
 
@@ -69,9 +71,25 @@ struct RingState {
     stopped_at: Option<u32>,
     /// Capture: entries before this sequence number are recorded.
     captured_seq: u64,
+    /// Physical entries of this ring published and not yet retired: at most the ring budget,
+    /// so that a flooding ring holds no more of the physical queue than one pass's share
+    /// however fast passes come while the hardware works.
+    phys_inflight: usize,
 }
 
 impl RingState {
+    /// Queues a pending record and counts its physical entries in flight.
+    fn track(&mut self, p: Pending) {
+        self.phys_inflight += p.entries as usize;
+        self.inflight.push_back(p);
+    }
+
+    /// Forgets every pending record (a fault or a failure voided them).
+    fn clear_inflight(&mut self) {
+        self.inflight.clear();
+        self.phys_inflight = 0;
+    }
+
     /// Sequence number of the guest pointer `ptr`, which lies between CONS and the read pointer.
     fn seq_of(&self, ptr: u32) -> u64 {
         let shape = self.host.shape();
@@ -226,6 +244,7 @@ impl Worker {
                     failed: None,
                     stopped_at: None,
                     captured_seq: 0,
+                    phys_inflight: 0,
                 }),
                 Ctrl::Detach { id } => {
                     if let Some(r) = self.rings.iter_mut().find(|r| r.id == id) {
@@ -270,6 +289,7 @@ impl Lane {
                 break;
             }
             r.inflight.pop_front();
+            r.phys_inflight -= p.entries as usize;
             work = true;
             match p.action {
                 Action::Advance => r.host.complete(p.guest_end),
@@ -311,8 +331,10 @@ impl Lane {
             return false;
         }
         // Each guest entry becomes at most one physical entry (a guest CMD_SYNC becomes the
-        // physical CMD_SYNC), so the free space bounds what may be taken.
-        let room = (self.producer.free() as usize).min(self.ring_budget);
+        // physical CMD_SYNC), so the free space bounds what may be taken; and so does what is
+        // left of the ring's budget of entries in flight.
+        let room =
+            (self.producer.free() as usize).min(self.ring_budget.saturating_sub(r.phys_inflight));
         if room == 0 {
             return false;
         }
@@ -326,7 +348,7 @@ impl Lane {
                 self.stats.ring_failures += 1;
                 r.detach = true;
                 r.failed = Some(e);
-                r.inflight.clear();
+                r.clear_inflight();
                 return true;
             }
         };
@@ -371,9 +393,10 @@ impl Lane {
             self.stats.dropped += (end.consumed - end.produced - usize::from(special)) as u64;
             self.stats.batches += 1;
             match end.stop {
-                Stop::Drained | Stop::OutputFull => r.inflight.push_back(Pending {
+                Stop::Drained | Stop::OutputFull => r.track(Pending {
                     phys,
                     guest_end,
+                    entries: (phys - pos0) as u32,
                     action: Action::Advance,
                 }),
                 Stop::Sync {
@@ -385,9 +408,10 @@ impl Lane {
                     };
                     phys = publish(&mut self.producer, &[PHYS_SYNC]);
                     self.stats.phys_syncs += 1;
-                    r.inflight.push_back(Pending {
+                    r.track(Pending {
                         phys,
                         guest_end,
+                        entries: (phys - pos0) as u32,
                         action: Action::Sync { cs, msidata },
                     });
                 }
@@ -395,9 +419,10 @@ impl Lane {
                     // The ring pauses at the trapped slot: what was read after it is given
                     // back and read again once the control plane is done.
                     self.stats.trapped += 1;
-                    r.inflight.push_back(Pending {
+                    r.track(Pending {
                         phys,
                         guest_end: shape.advance(first, slot as u32),
+                        entries: (phys - pos0) as u32,
                         action: Action::Trap { cmd },
                     });
                     r.host.rewind(guest_end);
@@ -408,9 +433,10 @@ impl Lane {
                 Stop::Refused { slot, cerror, .. } => {
                     self.stats.refused += 1;
                     let at = shape.advance(first, slot as u32);
-                    r.inflight.push_back(Pending {
+                    r.track(Pending {
                         phys,
                         guest_end: at,
+                        entries: (phys - pos0) as u32,
                         action: Action::Stop { cerror },
                     });
                     r.host.rewind(at);
@@ -543,7 +569,7 @@ impl Lane {
                 CError::None => CError::Ill,
                 e => e,
             };
-            r.inflight.clear();
+            r.clear_inflight();
             r.pause = Pause::Running;
             let seq = r.seq_of(tag.ptr);
             r.read_seq = seq;

@@ -1,0 +1,554 @@
+//! `vcmdq serve`: runs the engine over guest rings named on the command line (or created by
+//! it), with live counters, until a duration passes, Ctrl-C, or standard input closes; then
+//! drains what it took and prints a summary. Trapped commands (CFGI_STE*) are completed at once:
+//! serve stands in for the VMM.
+
+use super::decode::strip_comment;
+use super::spec::{self, BindSpec, CreateRingSpec, DeviceSpec};
+use super::CliError;
+use clap::Parser;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vcmdq::command::text;
+use vcmdq::engine::{Engine, EngineConfig, EngineStats, HwPlacement, RingId};
+use vcmdq::ring::{AttachOptions, HostRing};
+use vcmdq::viommu::{DeviceId, ViommuConfig};
+
+/// Arguments of `vcmdq serve`.
+#[derive(Parser, Debug, Default)]
+#[command(
+    name = "serve",
+    after_help = "\
+Each ring is printed on standard output as it is attached, e.g.
+  ring 0 viommu=1 log2size=8 path=/proc/4242/fd/3
+A guest process opens that path (`vcmdq guest /proc/4242/fd/3 ...`) while serve runs.
+
+serve stops after --duration, at Ctrl-C (SIGINT) or SIGTERM, or, without --duration, when its \
+standard input (a terminal or a pipe) reaches end of file (Ctrl-D). It then completes what it \
+took and prints a summary (--json: one object). Counters go to standard error once a second \
+when it is a terminal (or with --progress).
+
+A config file holds the same options, one per line, without the leading `--`:
+  viommu id=1,vmid=5,smmu=0
+  device id=1,smmu=0,psid=0x800
+  bind viommu=1,device=1,vsid=0x10
+  create-ring viommu=1,log2size=8
+  workers 2"
+)]
+pub struct ServeArgs {
+    /// A vIOMMU `id=N,vmid=N,smmu=N[,profile=kernel|tegra241][,sidsize=1..32][,norange]`
+    /// (repeatable).
+    #[arg(long = "viommu", value_name = "SPEC", value_parser = spec::parse_viommu)]
+    viommus: Vec<ViommuConfig>,
+    /// A host device `id=N,smmu=N,psid=N` (repeatable).
+    #[arg(long = "device", value_name = "SPEC", value_parser = spec::parse_device)]
+    devices: Vec<DeviceSpec>,
+    /// Bind a device in a vIOMMU: `viommu=N,device=N,vsid=N` (repeatable).
+    #[arg(long = "bind", value_name = "SPEC", value_parser = spec::parse_bind)]
+    binds: Vec<BindSpec>,
+    /// Attach an existing ring file; its header names its vIOMMU (repeatable). Plain files
+    /// need --allow-unsealed.
+    #[arg(long = "ring", value_name = "PATH")]
+    rings: Vec<PathBuf>,
+    /// Create a ring in a sealed memfd for a guest process to open: `viommu=N[,log2size=8]`
+    /// (repeatable).
+    #[arg(long = "create-ring", value_name = "SPEC", value_parser = spec::parse_create_ring)]
+    create_rings: Vec<CreateRingSpec>,
+    /// Accept ring files that are not sealed memfds. A guest that truncates one crashes the
+    /// engine (SIGBUS): only for trusted guests.
+    #[arg(long)]
+    allow_unsealed: bool,
+    /// Read options from FILE, one per line (see below).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Translating threads, each with its own physical queue [default: 1].
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Guest entries per batch at most [default: 64].
+    #[arg(long = "batch")]
+    batch_limit: Option<usize>,
+    /// Guest entries taken from one ring per pass, and of its entries in a physical queue, at
+    /// most [default: 256].
+    #[arg(long = "budget")]
+    ring_budget: Option<usize>,
+    /// LOG2SIZE of each physical queue [default: 12].
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=19))]
+    phys_log2size: Option<u8>,
+    /// Run each physical queue's hardware model on a thread of its own.
+    #[arg(long)]
+    hw_thread: bool,
+    /// Stop after SECS seconds.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    duration: Option<f64>,
+    /// Counters on standard error once a second even when it is not a terminal.
+    #[arg(long)]
+    progress: bool,
+    /// Print each trapped command as it is completed.
+    #[arg(short, long)]
+    verbose: bool,
+    /// The final summary as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..1e9).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds")),
+    }
+}
+
+/// A config file line that is not an option serve takes.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}:{line}: {why}")]
+struct ConfigError {
+    path: String,
+    line: usize,
+    why: String,
+}
+
+impl ServeArgs {
+    /// Adds the options of `other` (a config file's) before this command line's: lists are
+    /// concatenated, a value given here wins.
+    fn merge_config(&mut self, other: ServeArgs) {
+        fn front<T>(mine: &mut Vec<T>, mut theirs: Vec<T>) {
+            theirs.append(mine);
+            *mine = theirs;
+        }
+        front(&mut self.viommus, other.viommus);
+        front(&mut self.devices, other.devices);
+        front(&mut self.binds, other.binds);
+        front(&mut self.rings, other.rings);
+        front(&mut self.create_rings, other.create_rings);
+        self.allow_unsealed |= other.allow_unsealed;
+        self.workers = self.workers.or(other.workers);
+        self.batch_limit = self.batch_limit.or(other.batch_limit);
+        self.ring_budget = self.ring_budget.or(other.ring_budget);
+        self.phys_log2size = self.phys_log2size.or(other.phys_log2size);
+        self.hw_thread |= other.hw_thread;
+        self.duration = self.duration.or(other.duration);
+        self.progress |= other.progress;
+        self.verbose |= other.verbose;
+        self.json |= other.json;
+    }
+}
+
+/// Reads a config file: each line `[--]option [value]`, parsed as that option would be on the
+/// command line.
+fn read_config(path: &Path) -> Result<ServeArgs, CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+    let mut args = ServeArgs::default();
+    for (i, line) in text.lines().enumerate() {
+        let body = strip_comment(line).trim();
+        if body.is_empty() {
+            continue;
+        }
+        let err = |why: String| ConfigError {
+            path: path.display().to_string(),
+            line: i + 1,
+            why,
+        };
+        let (key, value) = match body.split_once(char::is_whitespace) {
+            Some((k, v)) => (k, Some(v.trim())),
+            None => (body, None),
+        };
+        let key = key.trim_start_matches('-');
+        if key == "config" {
+            return Err(err("a config file cannot name another".into()).into());
+        }
+        let mut argv = vec!["serve".to_string(), format!("--{key}")];
+        argv.extend(value.map(str::to_string));
+        let one = ServeArgs::try_parse_from(&argv).map_err(|e| {
+            let msg = e.to_string();
+            let first = msg
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim_start_matches("error: ");
+            err(first.to_string())
+        })?;
+        let mut merged = one;
+        merged.merge_config(args);
+        args = merged;
+    }
+    Ok(args)
+}
+
+/// Set by SIGINT and SIGTERM.
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_sig: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    SIGNALLED.store(true, Ordering::Relaxed);
+}
+
+/// Makes SIGINT and SIGTERM ask for a clean stop instead of killing the process, so that what
+/// was taken is completed and the summary printed.
+fn catch_signals() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: `on_signal` is an `extern "C" fn(c_int)` that only stores to a static atomic,
+        // which is async-signal-safe; installing a handler has no other precondition.
+        unsafe {
+            libc::signal(
+                sig,
+                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            );
+        }
+    }
+}
+
+/// Whether to stop when standard input ends: a pipe or socket, or a terminal this process is
+/// in the foreground of (reading the terminal from the background would stop the process).
+/// Not a regular file or /dev/null: those end at once.
+fn stdin_is_a_stop_switch() -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        // SAFETY: plain queries of the calling process and of descriptor 0; no memory is passed.
+        return unsafe { libc::tcgetpgrp(0) == libc::getpgrp() };
+    }
+    std::fs::metadata("/proc/self/fd/0")
+        .map(|m| m.file_type().is_fifo() || m.file_type().is_socket())
+        .unwrap_or(false)
+}
+
+/// A thread that raises `stop` when standard input reaches end of file.
+fn watch_stdin(stop: Arc<AtomicBool>) {
+    std::thread::Builder::new()
+        .name("vcmdq-stdin".into())
+        .spawn(move || {
+            let mut buf = [0u8; 256];
+            let mut stdin = std::io::stdin().lock();
+            loop {
+                match std::io::Read::read(&mut stdin, &mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+        })
+        .expect("spawn the stdin watcher");
+}
+
+/// One attached ring.
+struct Attached {
+    id: RingId,
+    viommu: u32,
+    log2size: u8,
+    path: PathBuf,
+}
+
+/// Builds the host side: devices, vIOMMUs, bindings, rings.
+fn set_up(engine: &Engine, args: &ServeArgs) -> Result<Vec<Attached>, CliError> {
+    for d in &args.devices {
+        engine
+            .devices()
+            .add_device(DeviceId(d.id), d.smmu, d.psid)
+            .map_err(|e| format!("--device id={}: {e}", d.id))?;
+    }
+    for v in &args.viommus {
+        engine
+            .create_viommu(*v)
+            .map_err(|e| format!("--viommu id={}: {e}", v.id))?;
+    }
+    for b in &args.binds {
+        let v = engine
+            .viommu(b.viommu)
+            .ok_or_else(|| format!("--bind viommu={}: no such vIOMMU", b.viommu))?;
+        v.set_dev_id(DeviceId(b.device), b.vsid).map_err(|e| {
+            format!(
+                "--bind viommu={},device={},vsid={:#x}: {e}",
+                b.viommu, b.device, b.vsid
+            )
+        })?;
+    }
+    let mut hosts = Vec::new();
+    for path in &args.rings {
+        let host = HostRing::attach_with(
+            path,
+            AttachOptions {
+                allow_unsealed: args.allow_unsealed,
+            },
+        )?;
+        hosts.push(host);
+    }
+    for c in &args.create_rings {
+        hosts.push(HostRing::create_sealed(c.log2size, c.viommu)?);
+    }
+    let mut attached = Vec::new();
+    for host in hosts {
+        let (viommu, log2size, path) = (
+            host.viommu_id(),
+            host.shape().log2size(),
+            host.path().to_path_buf(),
+        );
+        let id = engine
+            .attach_ring(host)
+            .map_err(|e| format!("ring {}: {e}", path.display()))?;
+        attached.push(Attached {
+            id,
+            viommu,
+            log2size,
+            path,
+        });
+    }
+    Ok(attached)
+}
+
+/// Rate per second, as people read it.
+fn per_sec(n: u64, secs: f64) -> String {
+    let r = if secs > 0.0 { n as f64 / secs } else { 0.0 };
+    if r >= 1e6 {
+        format!("{:.2} M/s", r / 1e6)
+    } else if r >= 1e3 {
+        format!("{:.1} k/s", r / 1e3)
+    } else {
+        format!("{r:.0}/s")
+    }
+}
+
+fn counters_line(s: &EngineStats, secs: f64, rate: &str) -> String {
+    format!(
+        "serve: {secs:>6.1}s  forwarded {} ({rate})  syncs {}  dropped {}  trapped {}  refused {}  faults {}",
+        s.forwarded, s.guest_syncs, s.dropped, s.trapped, s.refused, s.phys_faults
+    )
+}
+
+fn summary_json(s: &EngineStats, secs: f64, rings: usize, workers: usize) -> serde_json::Value {
+    serde_json::json!({
+        "seconds": secs,
+        "rings": rings,
+        "workers": workers,
+        "taken": s.taken,
+        "forwarded": s.forwarded,
+        "dropped": s.dropped,
+        "trapped": s.trapped,
+        "refused": s.refused,
+        "guest_syncs": s.guest_syncs,
+        "phys_syncs": s.phys_syncs,
+        "batches": s.batches,
+        "phys_faults": s.phys_faults,
+        "retracted": s.retracted,
+        "ring_failures": s.ring_failures,
+        "forwarded_per_sec": if secs > 0.0 { s.forwarded as f64 / secs } else { 0.0 },
+    })
+}
+
+fn summary_text(s: &EngineStats, secs: f64, rings: usize, workers: usize) -> String {
+    let rows = [
+        (
+            "taken",
+            s.taken,
+            "guest entries copied out (re-reads after a trap or error count again)",
+        ),
+        (
+            "forwarded",
+            s.forwarded,
+            "commands into the physical queues",
+        ),
+        ("dropped", s.dropped, "PREFETCH_*"),
+        ("trapped", s.trapped, "CFGI_STE*, completed by serve"),
+        ("refused", s.refused, "rings stopped with CERROR_ILL"),
+        ("guest syncs", s.guest_syncs, "guest CMD_SYNCs completed"),
+        ("phys syncs", s.phys_syncs, "CMD_SYNCs the engine added"),
+        ("batches", s.batches, ""),
+        (
+            "phys faults",
+            s.phys_faults,
+            "physical queue errors recovered",
+        ),
+        (
+            "ring failures",
+            s.ring_failures,
+            "rings detached because their file shrank",
+        ),
+    ];
+    let mut out = format!(
+        "serve: {secs:.2} s, {rings} ring(s), {workers} worker(s), {} forwarded\n",
+        per_sec(s.forwarded, secs)
+    );
+    for (name, n, what) in rows {
+        out.push_str(&format!("  {name:<14}{n:>12}  {what}\n"));
+    }
+    out
+}
+
+/// Runs `vcmdq serve`.
+pub fn run(mut args: ServeArgs) -> Result<ExitCode, CliError> {
+    // Before any ring path is printed: a guest side may signal as soon as it sees one.
+    catch_signals();
+    if let Some(path) = args.config.take() {
+        let from_file = read_config(&path)?;
+        args.merge_config(from_file);
+    }
+    if args.rings.is_empty() && args.create_rings.is_empty() {
+        return Err("no rings to serve: give --ring PATH or --create-ring viommu=N".into());
+    }
+    let workers = args.workers.unwrap_or(1).max(1);
+    let defaults = EngineConfig::default();
+    let engine = Engine::start(EngineConfig {
+        workers,
+        batch_limit: args.batch_limit.unwrap_or(defaults.batch_limit),
+        ring_budget: args.ring_budget.unwrap_or(defaults.ring_budget),
+        phys_log2size: args.phys_log2size.unwrap_or(defaults.phys_log2size),
+        hardware: if args.hw_thread {
+            HwPlacement::Thread
+        } else {
+            HwPlacement::Inline
+        },
+        ..defaults
+    })?;
+    let attached = set_up(&engine, &args)?;
+    {
+        let mut out = std::io::stdout().lock();
+        for a in &attached {
+            writeln!(
+                out,
+                "ring {} viommu={} log2size={} path={}",
+                a.id.0,
+                a.viommu,
+                a.log2size,
+                a.path.display()
+            )?;
+        }
+        out.flush()?;
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    if args.duration.is_none() && stdin_is_a_stop_switch() {
+        watch_stdin(stop.clone());
+    }
+    let stderr_tty = std::io::stderr().is_terminal();
+    let live = stderr_tty || args.progress;
+    let start = Instant::now();
+    let deadline = args.duration.map(|d| start + Duration::from_secs_f64(d));
+    let mut next_tick = start + Duration::from_secs(1);
+    let mut last = (start, 0u64);
+    loop {
+        let mut traps = 0;
+        while let Some(t) = engine.next_trap() {
+            traps += 1;
+            if args.verbose {
+                eprintln!(
+                    "trap: ring {} viommu {} slot {:#x} entry {}: {}",
+                    t.ring.0,
+                    t.viommu,
+                    t.slot,
+                    t.seq,
+                    text::format_raw(&t.cmd)
+                );
+            }
+            // The ring may have failed meanwhile: nothing then waits for the trap.
+            let _ = engine.complete_trap(t.ring);
+        }
+        for (ring, e) in engine.failed_rings() {
+            eprintln!("serve: ring {} detached: {e}", ring.0);
+        }
+        let now = Instant::now();
+        if stop.load(Ordering::Relaxed)
+            || SIGNALLED.load(Ordering::Relaxed)
+            || deadline.is_some_and(|d| now >= d)
+        {
+            break;
+        }
+        if live && now >= next_tick {
+            let s = engine.stats();
+            let rate = per_sec(
+                s.forwarded - last.1,
+                now.duration_since(last.0).as_secs_f64(),
+            );
+            last = (now, s.forwarded);
+            let line = counters_line(&s, now.duration_since(start).as_secs_f64(), &rate);
+            if stderr_tty {
+                eprint!("\r{line}\x1b[K");
+            } else {
+                eprintln!("{line}");
+            }
+            next_tick += Duration::from_secs(1);
+        }
+        // A trapped command pauses its ring until it is completed: poll often, and at once
+        // again after a trap (guests that trap tend to trap again).
+        if traps == 0 {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    if live && stderr_tty {
+        eprintln!();
+    }
+    let report = engine.shutdown();
+    let secs = start.elapsed().as_secs_f64();
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(
+            out,
+            "{}",
+            summary_json(&report.stats, secs, attached.len(), workers)
+        )?;
+    } else {
+        write!(
+            out,
+            "{}",
+            summary_text(&report.stats, secs, attached.len(), workers)
+        )?;
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_lines_parse_like_options_and_the_command_line_wins() {
+        let dir = std::env::temp_dir().join(format!("vcmdq-serve-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("serve.conf");
+        std::fs::write(
+            &path,
+            "# host\nviommu id=1,vmid=5,smmu=0\n--device id=1,smmu=0,psid=0x800\n\
+             bind viommu=1,device=1,vsid=0x10\ncreate-ring viommu=1,log2size=4\n\
+             workers 2\nallow-unsealed\n",
+        )
+        .unwrap();
+        let cfg = read_config(&path).unwrap();
+        assert_eq!(cfg.viommus, vec![ViommuConfig::new(1, 5, 0)]);
+        assert_eq!(cfg.devices.len(), 1);
+        assert_eq!(cfg.binds.len(), 1);
+        assert_eq!(cfg.create_rings[0].log2size, 4);
+        assert_eq!(cfg.workers, Some(2));
+        assert!(cfg.allow_unsealed);
+        let mut cli = ServeArgs::try_parse_from([
+            "serve",
+            "--workers",
+            "3",
+            "--viommu",
+            "id=2,vmid=6,smmu=0",
+        ])
+        .unwrap();
+        cli.merge_config(cfg);
+        assert_eq!(cli.workers, Some(3));
+        assert_eq!(cli.viommus.iter().map(|v| v.id).collect::<Vec<_>>(), [1, 2]);
+
+        std::fs::write(&path, "viommu id=1,vmid=5,smmu=0\nviommu id=1,vmid=5\n").unwrap();
+        let e = read_config(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("serve.conf:2:") && e.contains("smmu is missing"),
+            "{e}"
+        );
+        std::fs::write(&path, "frobnicate 3\n").unwrap();
+        let e = read_config(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("serve.conf:1:") && e.contains("frobnicate"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

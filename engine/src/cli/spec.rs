@@ -1,0 +1,328 @@
+//! The `key=value,...` specs `vcmdq serve` takes for vIOMMUs, devices, bindings and rings.
+//! Command-line text is untrusted: every malformed spec is a typed error naming the spec and
+//! the key.
+
+use vcmdq::command::text;
+use vcmdq::viommu::{Profile, ViommuConfig};
+
+/// A malformed spec.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    /// A part that is not `key=value` (or a known flag).
+    #[error("{spec:?}: {part:?} is not key=value (expected {expected})")]
+    Shape {
+        /// The whole spec.
+        spec: String,
+        /// The part.
+        part: String,
+        /// The keys the spec takes.
+        expected: &'static str,
+    },
+    /// A key the spec does not take.
+    #[error("{spec:?}: unknown key {key:?} (expected {expected})")]
+    UnknownKey {
+        /// The whole spec.
+        spec: String,
+        /// The key.
+        key: String,
+        /// The keys the spec takes.
+        expected: &'static str,
+    },
+    /// A key given twice.
+    #[error("{spec:?}: {key} given twice")]
+    Repeated {
+        /// The whole spec.
+        spec: String,
+        /// The key.
+        key: &'static str,
+    },
+    /// A required key is missing.
+    #[error("{spec:?}: {key} is missing (expected {expected})")]
+    Missing {
+        /// The whole spec.
+        spec: String,
+        /// The key.
+        key: &'static str,
+        /// The keys the spec takes.
+        expected: &'static str,
+    },
+    /// A value that does not parse or does not fit.
+    #[error("{spec:?}: {key}: {why}")]
+    Value {
+        /// The whole spec.
+        spec: String,
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+/// A host device: `id=1,smmu=0,psid=0x800`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceSpec {
+    /// Its id.
+    pub id: u32,
+    /// The physical SMMU it sits behind.
+    pub smmu: u32,
+    /// Its physical StreamID.
+    pub psid: u32,
+}
+
+/// A binding: `viommu=1,device=1,vsid=0x10`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BindSpec {
+    /// The vIOMMU.
+    pub viommu: u32,
+    /// The device.
+    pub device: u32,
+    /// The vSID it gets there.
+    pub vsid: u32,
+}
+
+/// A ring the engine creates: `viommu=1,log2size=8`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CreateRingSpec {
+    /// The vIOMMU whose commands it carries.
+    pub viommu: u32,
+    /// 2^log2size slots.
+    pub log2size: u8,
+}
+
+/// The parts of one spec, each key known and given once.
+struct Parts<'a> {
+    spec: &'a str,
+    expected: &'static str,
+    values: Vec<(&'static str, &'a str)>,
+    flags: Vec<&'static str>,
+}
+
+impl<'a> Parts<'a> {
+    /// Splits `spec` at commas into `key=value` pairs of `keys` and bare `flags`.
+    fn parse(
+        spec: &'a str,
+        keys: &[&'static str],
+        flags: &[&'static str],
+        expected: &'static str,
+    ) -> Result<Parts<'a>, SpecError> {
+        let mut p = Parts {
+            spec,
+            expected,
+            values: Vec::new(),
+            flags: Vec::new(),
+        };
+        for part in spec.split(',').map(str::trim) {
+            if let Some(&flag) = flags.iter().find(|f| f.eq_ignore_ascii_case(part)) {
+                if p.flags.contains(&flag) {
+                    return Err(p.repeated(flag));
+                }
+                p.flags.push(flag);
+                continue;
+            }
+            let Some((k, v)) = part.split_once('=') else {
+                return Err(SpecError::Shape {
+                    spec: spec.to_string(),
+                    part: part.to_string(),
+                    expected,
+                });
+            };
+            let k = k.trim();
+            let Some(&key) = keys.iter().find(|x| x.eq_ignore_ascii_case(k)) else {
+                return Err(SpecError::UnknownKey {
+                    spec: spec.to_string(),
+                    key: k.to_string(),
+                    expected,
+                });
+            };
+            if p.values.iter().any(|(x, _)| *x == key) {
+                return Err(p.repeated(key));
+            }
+            p.values.push((key, v.trim()));
+        }
+        Ok(p)
+    }
+
+    fn repeated(&self, key: &'static str) -> SpecError {
+        SpecError::Repeated {
+            spec: self.spec.to_string(),
+            key,
+        }
+    }
+
+    fn get(&self, key: &'static str) -> Option<&'a str> {
+        self.values.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+    }
+
+    fn flag(&self, flag: &'static str) -> bool {
+        self.flags.contains(&flag)
+    }
+
+    fn value_err(&self, key: &'static str, why: String) -> SpecError {
+        SpecError::Value {
+            spec: self.spec.to_string(),
+            key,
+            why,
+        }
+    }
+
+    /// The number under `key`, at most `max`; `None` if absent.
+    fn num(&self, key: &'static str, max: u64) -> Result<Option<u64>, SpecError> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        let n = text::parse_u64(v).map_err(|why| self.value_err(key, why))?;
+        if n > max {
+            return Err(self.value_err(key, format!("{v} is above {max}")));
+        }
+        Ok(Some(n))
+    }
+
+    /// The number under `key`, which must be there.
+    fn required(&self, key: &'static str, max: u64) -> Result<u64, SpecError> {
+        self.num(key, max)?.ok_or_else(|| SpecError::Missing {
+            spec: self.spec.to_string(),
+            key,
+            expected: self.expected,
+        })
+    }
+}
+
+const U32: u64 = u32::MAX as u64;
+
+/// `id=1,vmid=5,smmu=0[,profile=kernel|tegra241][,sidsize=16][,norange]`.
+pub fn parse_viommu(spec: &str) -> Result<ViommuConfig, SpecError> {
+    const EXPECTED: &str = "id=N,vmid=N,smmu=N[,profile=kernel|tegra241][,sidsize=1..32][,norange]";
+    let p = Parts::parse(
+        spec,
+        &["id", "vmid", "smmu", "profile", "sidsize"],
+        &["norange"],
+        EXPECTED,
+    )?;
+    let mut cfg = ViommuConfig::new(
+        p.required("id", U32)? as u32,
+        p.required("vmid", u64::from(u16::MAX))? as u16,
+        p.required("smmu", U32)? as u32,
+    );
+    if let Some(v) = p.get("profile") {
+        cfg.profile = v
+            .parse::<Profile>()
+            .map_err(|e| p.value_err("profile", e.to_string()))?;
+    }
+    if let Some(s) = p.num("sidsize", 32)? {
+        if s == 0 {
+            return Err(p.value_err("sidsize", "0 is below 1".into()));
+        }
+        cfg.sidsize = s as u8;
+    }
+    cfg.range_inv = !p.flag("norange");
+    Ok(cfg)
+}
+
+/// `id=1,smmu=0,psid=0x800`.
+pub fn parse_device(spec: &str) -> Result<DeviceSpec, SpecError> {
+    let p = Parts::parse(spec, &["id", "smmu", "psid"], &[], "id=N,smmu=N,psid=N")?;
+    Ok(DeviceSpec {
+        id: p.required("id", U32)? as u32,
+        smmu: p.required("smmu", U32)? as u32,
+        psid: p.required("psid", U32)? as u32,
+    })
+}
+
+/// `viommu=1,device=1,vsid=0x10`.
+pub fn parse_bind(spec: &str) -> Result<BindSpec, SpecError> {
+    let p = Parts::parse(
+        spec,
+        &["viommu", "device", "vsid"],
+        &[],
+        "viommu=N,device=N,vsid=N",
+    )?;
+    Ok(BindSpec {
+        viommu: p.required("viommu", U32)? as u32,
+        device: p.required("device", U32)? as u32,
+        vsid: p.required("vsid", U32)? as u32,
+    })
+}
+
+/// `viommu=1[,log2size=8]` (2^8 slots by default).
+pub fn parse_create_ring(spec: &str) -> Result<CreateRingSpec, SpecError> {
+    let p = Parts::parse(
+        spec,
+        &["viommu", "log2size"],
+        &[],
+        "viommu=N[,log2size=0..19]",
+    )?;
+    Ok(CreateRingSpec {
+        viommu: p.required("viommu", U32)? as u32,
+        log2size: p.num("log2size", 19)?.unwrap_or(8) as u8,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn viommu_specs() {
+        let v = parse_viommu("id=1,vmid=5,smmu=0").unwrap();
+        assert_eq!(v, ViommuConfig::new(1, 5, 0));
+        let v =
+            parse_viommu(" smmu=2 , id=0x10, vmid=7,profile=Tegra241,sidsize=16,norange").unwrap();
+        assert_eq!(
+            (v.id, v.vmid, v.smmu, v.profile, v.sidsize, v.range_inv),
+            (16, 7, 2, Profile::Tegra241, 16, false)
+        );
+        for bad in [
+            "id=1,vmid=5",
+            "id=1,vmid=70000,smmu=0",
+            "id=1,vmid=5,smmu=0,profile=linux",
+            "id=1,vmid=5,smmu=0,sidsize=0",
+            "id=1,vmid=5,smmu=0,sidsize=33",
+            "id=1,vmid=5,smmu=0,id=2",
+            "id=1,vmid=5,smmu=0,norange,norange",
+            "id=1,vmid=5,smmu=0,colour=red",
+            "id=1,vmid=5,smmu=0,range",
+            "id=x,vmid=5,smmu=0",
+            "",
+        ] {
+            assert!(parse_viommu(bad).is_err(), "{bad:?}");
+        }
+        let e = parse_viommu("id=1,vmid=5").unwrap_err().to_string();
+        assert!(e.contains("smmu is missing"), "{e}");
+    }
+
+    #[test]
+    fn device_bind_and_ring_specs() {
+        assert_eq!(
+            parse_device("id=1,smmu=0,psid=0x800").unwrap(),
+            DeviceSpec {
+                id: 1,
+                smmu: 0,
+                psid: 0x800
+            }
+        );
+        assert_eq!(
+            parse_bind("vsid=0x10,device=3,viommu=2").unwrap(),
+            BindSpec {
+                viommu: 2,
+                device: 3,
+                vsid: 0x10
+            }
+        );
+        assert_eq!(
+            parse_create_ring("viommu=1").unwrap(),
+            CreateRingSpec {
+                viommu: 1,
+                log2size: 8
+            }
+        );
+        assert_eq!(
+            parse_create_ring("viommu=1,log2size=0").unwrap().log2size,
+            0
+        );
+        for bad in ["viommu=1,log2size=20", "log2size=4", "viommu=1,size=4"] {
+            assert!(parse_create_ring(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_device("id=1,smmu=0,psid=0x1_0000_0000").is_err());
+        assert!(parse_bind("viommu=1,device=1").is_err());
+    }
+}
