@@ -329,3 +329,55 @@ fn bad_options_are_reported_with_what_is_wrong() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/ring"));
 }
+
+/// `serve --capture` records a hostile guest process's traffic, and replaying the capture
+/// agrees with the oracle and sees every entry the guest wrote.
+#[test]
+fn serve_capture_replays_against_the_oracle() {
+    let cap = std::env::temp_dir().join(format!("vcmdq-serve-capture-{}.vct", std::process::id()));
+    let mut serve = Serve::start(&[
+        "--viommu",
+        "id=1,vmid=5,smmu=0",
+        "--device",
+        "id=1,smmu=0,psid=0x800",
+        "--bind",
+        "viommu=1,device=1,vsid=0x10",
+        "--create-ring",
+        "viommu=1,log2size=6",
+        "--capture",
+        cap.to_str().unwrap(),
+    ]);
+    let paths = serve.ring_paths(1);
+    let g = guest(
+        &paths[0],
+        &[
+            "--workload",
+            "hostile",
+            "--commands",
+            "3000",
+            "--vsid",
+            "0x10",
+        ],
+    );
+    let (status, _, err) = serve.stop();
+    assert_eq!(status, 0, "{err}");
+    assert!(err.contains("captured"), "{err}");
+    let out = Command::new(BIN)
+        .args(["replay", cap.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&cap);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(r["oracle_ok"], Value::Bool(true));
+    assert!(
+        n(&r["outcomes"], "refused") > 0,
+        "the hostile guest's refusals are in the capture"
+    );
+    assert!(n(&r, "commands") >= n(&g, "commands"), "{r}\n{g}");
+}

@@ -93,6 +93,10 @@ pub struct ServeArgs {
     /// The final summary as one JSON object.
     #[arg(long)]
     json: bool,
+    /// Record what the guests submit and the control-plane events as a trace (`vcmdq replay`
+    /// reads it back).
+    #[arg(long, value_name = "FILE")]
+    capture: Option<PathBuf>,
 }
 
 fn parse_secs(s: &str) -> Result<f64, String> {
@@ -249,7 +253,6 @@ struct Attached {
 fn set_up(engine: &Engine, args: &ServeArgs) -> Result<Vec<Attached>, CliError> {
     for d in &args.devices {
         engine
-            .devices()
             .add_device(DeviceId(d.id), d.smmu, d.psid)
             .map_err(|e| format!("--device id={}: {e}", d.id))?;
     }
@@ -259,15 +262,14 @@ fn set_up(engine: &Engine, args: &ServeArgs) -> Result<Vec<Attached>, CliError> 
             .map_err(|e| format!("--viommu id={}: {e}", v.id))?;
     }
     for b in &args.binds {
-        let v = engine
-            .viommu(b.viommu)
-            .ok_or_else(|| format!("--bind viommu={}: no such vIOMMU", b.viommu))?;
-        v.set_dev_id(DeviceId(b.device), b.vsid).map_err(|e| {
-            format!(
-                "--bind viommu={},device={},vsid={:#x}: {e}",
-                b.viommu, b.device, b.vsid
-            )
-        })?;
+        engine
+            .set_dev_id(b.viommu, DeviceId(b.device), b.vsid)
+            .map_err(|e| {
+                format!(
+                    "--bind viommu={},device={},vsid={:#x}: {e}",
+                    b.viommu, b.device, b.vsid
+                )
+            })?;
     }
     let mut hosts = Vec::new();
     for path in &args.rings {
@@ -403,6 +405,7 @@ pub fn run(mut args: ServeArgs) -> Result<ExitCode, CliError> {
         } else {
             HwPlacement::Inline
         },
+        capture: args.capture.clone(),
         ..defaults
     })?;
     let attached = set_up(&engine, &args)?;
@@ -484,6 +487,15 @@ pub fn run(mut args: ServeArgs) -> Result<ExitCode, CliError> {
     }
     let report = engine.shutdown();
     let secs = start.elapsed().as_secs_f64();
+    match (&report.capture, &args.capture) {
+        (Some(Ok(records)), Some(path)) => {
+            eprintln!("serve: captured {records} records to {}", path.display())
+        }
+        (Some(Err(why)), Some(path)) => {
+            return Err(format!("capture to {}: {why}", path.display()).into())
+        }
+        _ => {}
+    }
     let mut out = std::io::stdout().lock();
     if args.json {
         writeln!(
