@@ -1,25 +1,14 @@
 //! `vcmdq translate` as a person runs it: commands on stdin, one result per line.
 
+mod common;
+
+use common::vcmdq;
 use serde_json::Value;
-use std::io::Write;
-use std::process::{Command, Stdio};
 
 fn run(args: &[&str], stdin: &str) -> (i32, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vcmdq"))
-        .arg("translate")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("vcmdq runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let mut a = vec!["translate"];
+    a.extend_from_slice(args);
+    let out = vcmdq(&a, stdin);
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8(out.stdout).unwrap(),

@@ -364,3 +364,23 @@ pub fn backoff(spins: u32) {
         std::thread::sleep(Duration::from_micros(20));
     }
 }
+
+/// Runs the `vcmdq` binary with `args`, `stdin` on its standard input.
+pub fn vcmdq(args: &[&str], stdin: &str) -> std::process::Output {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vcmdq"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run vcmdq");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
