@@ -5,7 +5,10 @@
 use vcmdq::replay::{replay, ReplayOptions};
 use vcmdq::trace::{validate, TraceFile};
 
-fn outcomes_of(path: &std::path::Path, capture: Option<std::path::PathBuf>) -> vcmdq::replay::ReplayReport {
+fn outcomes_of(
+    path: &std::path::Path,
+    capture: Option<std::path::PathBuf>,
+) -> vcmdq::replay::ReplayReport {
     let f = TraceFile::open(path).unwrap();
     let t = f.trace().unwrap();
     let r = replay(
@@ -17,7 +20,13 @@ fn outcomes_of(path: &std::path::Path, capture: Option<std::path::PathBuf>) -> v
         |_| {},
     )
     .unwrap();
-    assert!(r.ok(), "{}: {:?} {:?}", path.display(), r.mismatches, r.invariant_failures);
+    assert!(
+        r.ok(),
+        "{}: {:?} {:?}",
+        path.display(),
+        r.mismatches,
+        r.invariant_failures
+    );
     r
 }
 
@@ -31,7 +40,10 @@ fn a_captured_replay_replays_to_the_same_outcomes() {
         let original = outcomes_of(&root.join(name), Some(out.clone()));
         let f = TraceFile::open(&out).unwrap();
         let summary = validate(&f.trace().unwrap()).unwrap();
-        assert_eq!(summary.commands, original.commands, "{name}: every entry captured once");
+        assert_eq!(
+            summary.commands, original.commands,
+            "{name}: every entry captured once"
+        );
         let again = outcomes_of(&out, None);
         assert_eq!(again.outcomes, original.outcomes, "{name}");
         assert_eq!(again.per_viommu, original.per_viommu, "{name}");

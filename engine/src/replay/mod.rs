@@ -237,9 +237,7 @@ struct Replayer<'e> {
 type IsolationLog = Arc<Mutex<(u64, Vec<String>)>>;
 
 /// A hardware check: VMIDs and pSIDs the trace hands out, and no guest CMD_SYNC.
-fn isolation_check(
-    trace: &Trace<'_>,
-) -> Result<(HwConfig, IsolationLog), TraceError> {
+fn isolation_check(trace: &Trace<'_>) -> Result<(HwConfig, IsolationLog), TraceError> {
     let mut vmids = vec![false; 1 << 16];
     let mut psids = HashSet::new();
     for r in trace.records() {
@@ -423,11 +421,22 @@ pub fn replay(
     let mut sync_latency = latency_histogram();
     for (input, c) in per_ring.iter().zip(checked) {
         outcomes.merge(&c.outcomes);
-        per_viommu.entry(input.viommu).or_default().merge(&c.outcomes);
+        per_viommu
+            .entry(input.viommu)
+            .or_default()
+            .merge(&c.outcomes);
         mismatch_count += c.mismatch_count;
-        mismatches.extend(c.mismatches.into_iter().take(100 - mismatches.len().min(100)));
-        publish_latency.add(&c.publish_latency).expect("same histogram bounds");
-        sync_latency.add(&c.sync_latency).expect("same histogram bounds");
+        mismatches.extend(
+            c.mismatches
+                .into_iter()
+                .take(100 - mismatches.len().min(100)),
+        );
+        publish_latency
+            .add(&c.publish_latency)
+            .expect("same histogram bounds");
+        sync_latency
+            .add(&c.sync_latency)
+            .expect("same histogram bounds");
     }
     Ok(ReplayReport {
         commands,
@@ -502,13 +511,15 @@ fn check_ring(r: &RingCheckInput) -> RingCheck {
     for &(first, end, t) in &r.published {
         for seq in first..end {
             if let Some(td) = doorbell_t(seq) {
-                c.publish_latency.saturating_record(t.saturating_sub(td).max(1));
+                c.publish_latency
+                    .saturating_record(t.saturating_sub(td).max(1));
             }
         }
     }
     for &(seq, t) in &r.synced {
         if let Some(td) = doorbell_t(seq) {
-            c.sync_latency.saturating_record(t.saturating_sub(td).max(1));
+            c.sync_latency
+                .saturating_record(t.saturating_sub(td).max(1));
         }
     }
     c
