@@ -29,14 +29,14 @@ mod capture;
 mod stats;
 mod worker;
 
-pub use stats::{AuditRecord, EngineStats};
+pub use stats::{AuditRecord, EngineStats, RingProgress};
 
 use crate::command::RawCommand;
 use crate::pqueue::{HwConfig, HwCounters, PhysQueue};
 use crate::ring::{HostRing, RingError};
 use crate::viommu::{DeviceId, Devices, GraceDomain, Viommu, ViommuConfig, ViommuError};
-use crossbeam_queue::SegQueue;
 use capture::{Capture, CaptureEvent};
+use crossbeam_queue::SegQueue;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -163,6 +163,7 @@ enum Ctrl {
         id: RingId,
         host: Box<HostRing>,
         viommu: Arc<Viommu>,
+        progress: Arc<RingProgress>,
     },
     Detach {
         id: RingId,
@@ -225,6 +226,8 @@ pub struct Engine {
     viommus: Mutex<HashMap<u32, Arc<Viommu>>>,
     /// Attached rings: their worker and vIOMMU.
     rings: Mutex<HashMap<RingId, (usize, u32)>>,
+    /// Attached rings: how far their worker has published them.
+    progress: Mutex<HashMap<RingId, Arc<RingProgress>>>,
     next_ring: AtomicU32,
     workers: Vec<JoinHandle<worker::Report>>,
     hw_threads: Vec<JoinHandle<HwCounters>>,
@@ -288,6 +291,7 @@ impl Engine {
             devices: Devices::new(),
             viommus: Mutex::new(HashMap::new()),
             rings: Mutex::new(HashMap::new()),
+            progress: Mutex::new(HashMap::new()),
             next_ring: AtomicU32::new(0),
             workers,
             hw_threads,
@@ -327,7 +331,9 @@ impl Engine {
 
     /// `set_dev_id`: `device` becomes the guest's `vsid` in vIOMMU `viommu`.
     pub fn set_dev_id(&self, viommu: u32, device: DeviceId, vsid: u32) -> Result<(), EngineError> {
-        let v = self.viommu(viommu).ok_or(EngineError::UnknownViommu(viommu))?;
+        let v = self
+            .viommu(viommu)
+            .ok_or(EngineError::UnknownViommu(viommu))?;
         v.set_dev_id(device, vsid)?;
         self.shared
             .capture(|t| CaptureEvent::Bind(t, viommu, device.0, vsid));
@@ -337,7 +343,9 @@ impl Engine {
     /// `unset_dev_id`: a barrier; when it returns, nothing translated through the binding is
     /// still to be published. Returns the vSID the device had.
     pub fn unset_dev_id(&self, viommu: u32, device: DeviceId) -> Result<u32, EngineError> {
-        let v = self.viommu(viommu).ok_or(EngineError::UnknownViommu(viommu))?;
+        let v = self
+            .viommu(viommu)
+            .ok_or(EngineError::UnknownViommu(viommu))?;
         let vsid = v.unset_dev_id(device)?;
         self.shared
             .capture(|t| CaptureEvent::Unbind(t, viommu, device.0));
@@ -374,6 +382,8 @@ impl Engine {
         let id = RingId(self.next_ring.fetch_add(1, Ordering::Relaxed));
         let worker = id.0 as usize % self.shared.ctrl.len();
         lock(&self.rings).insert(id, (worker, viommu_id));
+        let progress = Arc::new(RingProgress::default());
+        lock(&self.progress).insert(id, progress.clone());
         let log2size = host.shape().log2size();
         self.shared
             .capture(|t| CaptureEvent::Ring(t, id.0, viommu_id, log2size));
@@ -381,8 +391,15 @@ impl Engine {
             id,
             host: Box::new(host),
             viommu,
+            progress,
         });
         Ok(id)
+    }
+
+    /// How far the engine has published ring `id` (see [`RingProgress`]); `None` for a ring
+    /// not attached.
+    pub fn ring_progress(&self, id: RingId) -> Option<Arc<RingProgress>> {
+        lock(&self.progress).get(&id).cloned()
     }
 
     /// Detaches a ring once nothing of it is in flight and gives it back.
@@ -395,6 +412,7 @@ impl Engine {
         loop {
             if let Some((host, _)) = lock(&self.shared.detached).remove(&id) {
                 lock(&self.rings).remove(&id);
+                lock(&self.progress).remove(&id);
                 return Ok(host);
             }
             if Instant::now() > deadline {
@@ -417,6 +435,7 @@ impl Engine {
             .into_iter()
             .filter_map(|id| {
                 rings.remove(&id);
+                lock(&self.progress).remove(&id);
                 d.remove(&id).and_then(|(_, e)| e.map(|e| (id, e)))
             })
             .collect()
