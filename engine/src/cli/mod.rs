@@ -3,6 +3,8 @@
 mod decode;
 mod encode;
 mod gen;
+mod loadtest;
+mod plot;
 mod replay;
 mod trace;
 mod translate;
@@ -36,6 +38,9 @@ enum Cmd {
     Trace(trace::TraceArgs),
     /// Generate a workload trace (deterministic from its parameters).
     Gen(gen::GenArgs),
+    /// Latency under load: saturation throughput, then an open-loop generator at fractions of
+    /// it, percentiles from guest doorbell to physical publish and to CMD_SYNC completion.
+    Loadtest(loadtest::LoadtestArgs),
 }
 
 /// Runs one parsed command line.
@@ -47,5 +52,6 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Cmd::Replay(a) => replay::run(a),
         Cmd::Trace(a) => trace::run(a),
         Cmd::Gen(a) => gen::run(a),
+        Cmd::Loadtest(a) => loadtest::run(a),
     }
 }
