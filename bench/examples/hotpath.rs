@@ -20,11 +20,23 @@ fn arg(i: usize, default: u64) -> u64 {
 
 fn main() {
     match std::env::args().nth(1).as_deref() {
-        Some("translate") => {
+        Some(which @ ("translate" | "translate-atc" | "translate-tlbi")) => {
             let n = arg(2, 1 << 20);
             let mut rng = Rng::new(16);
             let keys = vsids(16, true, 24, &mut rng);
-            let input = guest_mix(4096, &keys, &mut rng);
+            let input = match which {
+                "translate-atc" => vcmdq_bench::atc_only(4096, &keys, &mut rng),
+                "translate-tlbi" => guest_mix(4096, &keys, &mut rng)
+                    .into_iter()
+                    .filter(|c| {
+                        c.opcode() != vcmdq::command::opcode::ATC_INV
+                            && c.opcode() != vcmdq::command::opcode::CFGI_CD
+                    })
+                    .cycle()
+                    .take(4096)
+                    .collect(),
+                _ => guest_mix(4096, &keys, &mut rng),
+            };
             let grace = GraceDomain::new();
             let devices = Devices::new();
             let v = Viommu::new(ViommuConfig::new(1, 7, 0), devices.clone(), grace.clone())
@@ -40,6 +52,7 @@ fn main() {
             let mut out = [RawCommand::default(); 64];
             let mut prov = [0u32; 64];
             let mut total = 0u64;
+            let t = std::time::Instant::now();
             for _ in 0..n / 4096 {
                 for pass in input.chunks(256) {
                     let _pin = reader.pin();
@@ -52,7 +65,11 @@ fn main() {
                     }
                 }
             }
-            println!("translated {total}");
+            let t = t.elapsed();
+            println!(
+                "translated {total} in {t:?}: {:.2} ns/cmd",
+                t.as_nanos() as f64 / total as f64
+            );
         }
         Some(which @ ("e2e" | "e2e-copy" | "e2e-naive")) => {
             let rings = arg(2, 1) as usize;

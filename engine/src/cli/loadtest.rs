@@ -488,7 +488,7 @@ pub fn run(a: LoadtestArgs) -> Result<ExitCode, CliError> {
             });
         }
         let title = format!(
-            "vcmdq: latency from guest doorbell, {} ring(s), {}-command batches, saturation {:.0} M cmd/s",
+            "vcmdq: latency from guest doorbell, {} ring(s), {}-command batches, saturation {:.1} M cmd/s",
             a.rings,
             a.batch,
             saturation / 1e6

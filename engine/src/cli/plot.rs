@@ -48,6 +48,8 @@ fn label_ns(exp: i32) -> String {
         6 => "1 ms".into(),
         7 => "10 ms".into(),
         8 => "100 ms".into(),
+        9 => "1 s".into(),
+        10 => "10 s".into(),
         e => format!("1e{e} ns"),
     }
 }

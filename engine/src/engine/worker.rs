@@ -357,20 +357,23 @@ impl Lane {
             let end = translate(&r.viommu, input, &mut self.out, &mut self.prov);
             let first = shape.advance(polled.first, done as u32);
             let pos0 = self.producer.published();
-            let mask = self.tags.len() as u64 - 1;
-            tag_batch(
-                &mut self.tags,
-                pos0,
-                r.id.0,
-                first,
-                shape,
-                &self.prov[..end.produced],
-            );
-            let mut phys = pos0;
-            if end.produced > 0 {
-                phys = publish(&mut self.producer, &self.out[..end.produced]);
-                self.stats.forwarded += end.produced as u64;
+            // A batch that ends in a guest CMD_SYNC carries its physical CMD_SYNC: one PROD
+            // store for both. There is room: the guest's sync took an input slot, so fewer
+            // than `batch_limit` commands were produced.
+            let mut n = end.produced;
+            if let Stop::Sync { slot, .. } = end.stop {
+                self.out[n] = PHYS_SYNC;
+                self.prov[n] = slot as u32;
+                n += 1;
+                self.stats.phys_syncs += 1;
             }
+            tag_batch(&mut self.tags, pos0, r.id.0, first, shape, &self.prov[..n]);
+            let phys = if n > 0 {
+                publish(&mut self.producer, &self.out[..n])
+            } else {
+                pos0
+            };
+            self.stats.forwarded += end.produced as u64;
             if self.audit_on {
                 self.record(r.id, seq0, done, &end);
             }
@@ -385,15 +388,7 @@ impl Lane {
                     guest_end,
                     action: Action::Advance,
                 }),
-                Stop::Sync {
-                    slot, cs, msidata, ..
-                } => {
-                    self.tags[(phys & mask) as usize] = Tag {
-                        ring: r.id.0,
-                        ptr: shape.advance(first, slot as u32),
-                    };
-                    phys = publish(&mut self.producer, &[PHYS_SYNC]);
-                    self.stats.phys_syncs += 1;
+                Stop::Sync { cs, msidata, .. } => {
                     r.inflight.push_back(Pending {
                         phys,
                         guest_end,
