@@ -64,11 +64,11 @@ traces: release ## Regenerate the bundled traces in traces/ (deterministic, byte
 BENCH_QUICK ?= --warm-up-time 0.3 --measurement-time 0.7 --noplot
 
 bench: ## Criterion suites (~10 min on 2 cores), then the ratios to the limit and the floor.
-	$(CARGO) bench -p vcmdq-bench --benches
+	$(CARGO) bench -p vcmdq-bench
 	@$(MAKE) --no-print-directory ratios
 
 bench-quick: ## The same suites with short warm-up and measurement (~2 min), then the ratios.
-	$(CARGO) bench -p vcmdq-bench --benches -- $(BENCH_QUICK)
+	$(CARGO) bench -p vcmdq-bench -- $(BENCH_QUICK)
 	@$(MAKE) --no-print-directory ratios
 
 ratios: ## vcmdq against the copy limit and the naive floor, from the last criterion run.

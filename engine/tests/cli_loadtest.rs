@@ -56,6 +56,13 @@ fn a_short_run_reports_every_level_and_draws_it() {
             assert!(q("p50_ns") <= q("p90_ns") && q("p90_ns") <= q("p99_ns"));
             assert!(q("p99_ns") <= q("p999_ns") && q("p999_ns") <= q("max_ns"));
         }
+        // The two diagnostics: one sample per doorbell rung, and per batch published.
+        assert!(l["generator_late"]["count"].as_u64() >= l["batches"].as_u64());
+        assert_eq!(l["rung_to_publish"]["count"], l["batches"]);
+        // Measured from the doorbell as rung, a latency is no longer than from the schedule.
+        assert!(
+            l["rung_to_publish"]["max_ns"].as_u64() <= l["doorbell_to_publish"]["max_ns"].as_u64()
+        );
         // A batch's sync completes after it is published.
         assert!(
             l["doorbell_to_sync"]["max_ns"].as_u64() >= l["doorbell_to_publish"]["max_ns"].as_u64()

@@ -10,7 +10,9 @@
 //! bound vSIDs; batches of B commands of a guest's invalidation mix, each ending in a CMD_SYNC.
 //! Publication is seen through [`RingProgress`] (one store per batch in the worker, no clock
 //! read); the generator, which spins between sends, timestamps what it sees, so a latency is
-//! exact to one turn of its loop (well under a microsecond with few rings).
+//! exact to one turn of its loop (well under a microsecond with few rings). Two diagnostics
+//! split a tail between the sides: how late the generator rang each doorbell (the OS
+//! preempting it), and the time from the doorbell as actually rung to publication.
 
 use super::plot::{percentile_svg, Series};
 use super::CliError;
@@ -120,6 +122,8 @@ struct Ring {
 struct Pending {
     /// Scheduled doorbell, ns since the rig's start.
     due: u64,
+    /// When the doorbell was rung.
+    sent: u64,
     /// The batch is published once the ring's published count reaches this.
     end: u64,
     /// Its CMD_SYNC has completed once the ring's sync count reaches this.
@@ -200,49 +204,44 @@ impl Rig {
         Some((ring.seq, ring.syncs))
     }
 
-    /// Waits until every ring's CONS has caught up with its PROD.
-    fn drain(&self) -> Result<(), CliError> {
-        for ring in &self.rings {
-            ring.guest
-                .wait_cons(ring.guest.prod(), DRAIN)
-                .map_err(|e| format!("the engine did not finish: {e}"))?;
-        }
-        Ok(())
-    }
-
-    /// Closed loop for `secs`: commands per second the engine took.
+    /// Closed loop for `secs`: the commands per second this rig sustains. The same loop as
+    /// the open one, every batch due at once, so that the generator's own cost (its clock
+    /// reads, its looks at the engine's counters) is in the saturation it scales from.
     fn saturate(&mut self, secs: f64) -> Result<f64, CliError> {
-        let n = self.rings.len();
-        let t0 = Instant::now();
-        let mut cmds = 0u64;
-        let mut r = 0;
-        while t0.elapsed().as_secs_f64() < secs {
-            if self.submit(r).is_some() {
-                cmds += self.batch as u64;
-            }
-            r = (r + 1) % n;
-        }
-        self.drain()?;
-        Ok(cmds as f64 / t0.elapsed().as_secs_f64())
+        Ok(self.open_loop(None, secs)?.achieved)
     }
 
-    /// Open loop at `rate` commands/s for `secs` (plus the warm-up).
-    fn open_loop(&mut self, rate: f64, secs: f64) -> Result<Level, CliError> {
+    /// Open loop at `rate` commands/s (closed with `None`) for `secs`, after the warm-up.
+    fn open_loop(&mut self, rate: Option<f64>, secs: f64) -> Result<Level, CliError> {
         let n = self.rings.len();
-        let interval = self.batch as f64 * 1e9 / rate;
-        let total = ((secs + WARMUP.as_secs_f64()) * 1e9 / interval).ceil() as u64;
+        let interval = rate.map_or(0.0, |r| self.batch as f64 * 1e9 / r);
+        let total = match rate {
+            Some(_) => ((secs + WARMUP.as_secs_f64()) * 1e9 / interval).ceil() as u64,
+            None => u64::MAX,
+        };
         let t0 = self.now() + 1_000_000;
+        let stop_at =
+            t0 + Duration::from_secs_f64(secs).as_nanos() as u64 + WARMUP.as_nanos() as u64;
+        let mut total = total;
         let measure_from = t0 + WARMUP.as_nanos() as u64;
-        let mut level = Level::new(rate);
+        let mut level = Level::new(rate.unwrap_or(0.0));
         let mut k = 0u64;
-        let deadline = Instant::now() + Duration::from_secs_f64(secs) + WARMUP + DRAIN;
+        // Set once everything is sent: how long the engine gets to finish.
+        let mut deadline = None;
         let mut open = 0usize;
         loop {
             let now = self.now();
+            if rate.is_none() && now >= stop_at {
+                total = k;
+            }
             // Every batch that is due, oldest first; a full ring holds the rest back (they
             // stay due, and their latency grows).
             while k < total {
-                let due = t0 + (k as f64 * interval) as u64;
+                // Closed, a batch is due when the generator gets to it.
+                let due = match rate {
+                    Some(_) => t0 + (k as f64 * interval) as u64,
+                    None => now.max(t0),
+                };
                 if due > now {
                     break;
                 }
@@ -251,8 +250,15 @@ impl Rig {
                     level.ring_full += 1;
                     break;
                 };
+                let sent = self.now();
+                if due >= measure_from {
+                    level
+                        .late
+                        .saturating_record(sent.saturating_sub(due).max(1));
+                }
                 self.rings[r].inflight.push_back(Pending {
                     due,
+                    sent,
                     end,
                     sync,
                     published: false,
@@ -275,6 +281,9 @@ impl Rig {
                             level
                                 .publish
                                 .saturating_record(now.saturating_sub(p.due).max(1));
+                            level
+                                .engine
+                                .saturating_record(now.saturating_sub(p.sent).max(1));
                         }
                     }
                     if !p.published || synced < p.sync {
@@ -293,11 +302,14 @@ impl Rig {
             if k == total && open == 0 {
                 break;
             }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "the engine did not complete {open} batches within {DRAIN:?} of the end"
-                )
-                .into());
+            if k == total {
+                let d = *deadline.get_or_insert_with(|| Instant::now() + DRAIN);
+                if Instant::now() > d {
+                    return Err(format!(
+                        "the engine did not complete {open} batches within {DRAIN:?} of the last"
+                    )
+                    .into());
+                }
             }
             if let Some((slot, cerror)) = self.rings.iter().find_map(|r| r.guest.error()) {
                 return Err(format!("the engine stopped a ring at {slot:#x} with {cerror}").into());
@@ -319,6 +331,11 @@ struct Level {
     ring_full: u64,
     publish: Histogram<u64>,
     sync: Histogram<u64>,
+    /// How late the generator rang each doorbell: its share of the latencies above (the OS
+    /// preempting it), not the engine's.
+    late: Histogram<u64>,
+    /// From the doorbell as rung to publication: the engine's share.
+    engine: Histogram<u64>,
 }
 
 impl Level {
@@ -332,6 +349,8 @@ impl Level {
             ring_full: 0,
             publish: h(),
             sync: h(),
+            late: h(),
+            engine: h(),
         }
     }
 }
@@ -398,9 +417,17 @@ pub fn run(a: LoadtestArgs) -> Result<ExitCode, CliError> {
         Some(s) => (s, false),
         None => (rig.saturate(a.secs)?, true),
     };
+    if !(saturation >= 1000.0) {
+        return Err(
+            format!("saturation measured at {saturation:.0} commands/s: nothing to scale").into(),
+        );
+    }
     let mut levels = Vec::new();
     for &load in &a.loads {
-        levels.push((load, rig.open_loop(saturation * load / 100.0, a.secs)?));
+        levels.push((
+            load,
+            rig.open_loop(Some(saturation * load / 100.0), a.secs)?,
+        ));
     }
     let submitted: u64 = rig.rings.iter().map(|r| r.seq).sum();
     let syncs: u64 = rig.rings.iter().map(|r| r.syncs).sum();
@@ -434,6 +461,8 @@ pub fn run(a: LoadtestArgs) -> Result<ExitCode, CliError> {
                 "ring_full": l.ring_full,
                 "doorbell_to_publish": percentiles(&l.publish),
                 "doorbell_to_sync": percentiles(&l.sync),
+                "generator_late": percentiles(&l.late),
+                "rung_to_publish": percentiles(&l.engine),
             })).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&j)?);
@@ -468,6 +497,8 @@ pub fn run(a: LoadtestArgs) -> Result<ExitCode, CliError> {
             );
             line("to physical publish", &l.publish);
             line("to guest CMD_SYNC done", &l.sync);
+            line("(generator late by)", &l.late);
+            line("(rung doorbell to publish)", &l.engine);
         }
     }
     if let Some(path) = &a.svg {
