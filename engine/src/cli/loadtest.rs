@@ -417,7 +417,7 @@ pub fn run(a: LoadtestArgs) -> Result<ExitCode, CliError> {
         Some(s) => (s, false),
         None => (rig.saturate(a.secs)?, true),
     };
-    if !(saturation >= 1000.0) {
+    if saturation.is_nan() || saturation < 1000.0 {
         return Err(
             format!("saturation measured at {saturation:.0} commands/s: nothing to scale").into(),
         );
