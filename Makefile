@@ -60,11 +60,13 @@ traces: release ## Regenerate the bundled traces in traces/ (deterministic, byte
 	@for w in $(TRACE_WORKLOADS); do $(VCMDQ) gen $$w -o traces/$$w.vct || exit 1; done
 	$(VCMDQ) trace import-qemu traces/qemu-sample.log -o traces/qemu-sample.vct
 
-# Criterion's own options for `make bench-quick` (see BENCHMARKS.md).
+# Criterion's own options (see BENCHMARKS.md). `make bench BENCH_ARGS=` draws criterion's HTML
+# reports too, which adds minutes.
+BENCH_ARGS ?= --noplot
 BENCH_QUICK ?= --warm-up-time 0.3 --measurement-time 0.7 --noplot
 
-bench: ## Criterion suites (~10 min on 2 cores), then the ratios to the limit and the floor.
-	$(CARGO) bench -p vcmdq-bench
+bench: ## Criterion suites (~5 min on 2 cores), then the ratios to the limit and the floor.
+	$(CARGO) bench -p vcmdq-bench -- $(BENCH_ARGS)
 	@$(MAKE) --no-print-directory ratios
 
 bench-quick: ## The same suites with short warm-up and measurement (~2 min), then the ratios.
