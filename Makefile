@@ -9,7 +9,7 @@ LOOM_MAX_PREEMPTIONS ?= 4
 FUZZ_TARGETS = $(notdir $(basename $(wildcard fuzz/fuzz_targets/*.rs)))
 VCMDQ = target/release/vcmdq
 
-.PHONY: replay-check expected help build release test unit lint fmt clippy doc demo traces bench fuzz-build fuzz-smoke fuzz miri loom soak soak-smoke clean
+.PHONY: replay-check expected help build release test unit lint fmt clippy doc demo traces bench bench-quick ratios loadtest fuzz-build fuzz-smoke fuzz miri loom soak soak-smoke clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -60,8 +60,24 @@ traces: release ## Regenerate the bundled traces in traces/ (deterministic, byte
 	@for w in $(TRACE_WORKLOADS); do $(VCMDQ) gen $$w -o traces/$$w.vct || exit 1; done
 	$(VCMDQ) trace import-qemu traces/qemu-sample.log -o traces/qemu-sample.vct
 
-bench: ## Full criterion suites (long).
-	$(CARGO) bench -p vcmdq-bench
+# Criterion's own options (see BENCHMARKS.md). `make bench BENCH_ARGS=` draws criterion's HTML
+# reports too, which adds minutes.
+BENCH_ARGS ?= --noplot
+BENCH_QUICK ?= --warm-up-time 0.3 --measurement-time 0.7 --noplot
+
+bench: ## Criterion suites (~5 min on 2 cores), then the ratios to the limit and the floor.
+	$(CARGO) bench -p vcmdq-bench -- $(BENCH_ARGS)
+	@$(MAKE) --no-print-directory ratios
+
+bench-quick: ## The same suites with short warm-up and measurement (~2 min), then the ratios.
+	$(CARGO) bench -p vcmdq-bench -- $(BENCH_QUICK)
+	@$(MAKE) --no-print-directory ratios
+
+ratios: ## vcmdq against the copy limit and the naive floor, from the last criterion run.
+	$(CARGO) run --release -q -p vcmdq-bench --bin ratios
+
+loadtest: release ## Latency under load: 10/50/90% of saturation, plot in docs/latency.svg.
+	$(VCMDQ) loadtest --svg docs/latency.svg
 
 fuzz-build: ## Build every fuzz target (nightly, cargo-fuzz).
 	cd fuzz && $(CARGO) $(NIGHTLY) fuzz build

@@ -1,10 +1,11 @@
 //! vSID lookup: the radix table against a std `HashMap` and a flat array indexed by vSID, with
-//! 16, 4,096 and 1,000,000 bound vSIDs, sequential (vSIDs 0..n, looked up in order) and random
+//! 16, 4,096, 65,536 and 1,000,000 bound vSIDs, sequential (vSIDs 0..n, looked up in order) and random
 //! (n vSIDs scattered over 24 bits, looked up in random order).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::collections::HashMap;
 use std::hint::black_box;
+use std::time::Duration;
 use vcmdq::viommu::SidTable;
 use vcmdq_bench::{psid_of, vsids, Rng};
 
@@ -17,7 +18,7 @@ const VALID: u64 = 1 << 32;
 fn lookup(c: &mut Criterion) {
     let mut g = c.benchmark_group("lookup");
     g.throughput(Throughput::Elements(LOOKUPS as u64));
-    for n in [16usize, 4096, 1_000_000] {
+    for n in [16usize, 4096, 65_536, 1_000_000] {
         for (pattern, sequential) in [("seq", true), ("random", false)] {
             let mut rng = Rng::new(n as u64 * 2 + u64::from(sequential));
             let keys = vsids(n, sequential, SIDSIZE, &mut rng);
@@ -36,7 +37,7 @@ fn lookup(c: &mut Criterion) {
                 map.insert(k, psid_of(k));
                 flat[k as usize] = VALID | u64::from(psid_of(k));
             }
-            let id = format!("{pattern}/{n}");
+            let id = format!("{pattern}_{n}");
             g.bench_with_input(BenchmarkId::new("radix", &id), &stream, |b, s| {
                 b.iter(|| {
                     let mut acc = 0u64;
@@ -85,5 +86,12 @@ fn lookup(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, lookup);
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(30);
+    targets = lookup
+}
 criterion_main!(benches);

@@ -1,10 +1,20 @@
-//! Translation, ns per command: the copy limit, vcmdq's `translate` (alone, and with a grace
-//! period pin per 64-command batch as the pipeline does it), and the naive floor
-//! (lock + decode + HashMap + encode per command).
+//! Translation on one core, commands from memory: group `translate`, functions `copy_limit`
+//! (copy the 16-byte records, touching nothing), `naive` (lock + decode + SipHash HashMap +
+//! encode per command) and `vcmdq` (the engine's `translate` as a worker runs it: one grace
+//! period pin per 256-entry pass, `translate` in 64-entry batches). Every benchmark moves
+//! `LEN` commands per iteration, `Throughput::Elements(LEN)`, so the estimates compare directly.
+//!
+//! Inputs (the benchmark's parameter): `mix` is a guest's invalidation traffic (`guest_mix`:
+//! half TLBI_NH_VA, a quarter ATC_INV, TLBI_NH_ASID, CFGI_CD), `atc` only ATC_INVs (a lookup
+//! each). `<n>` vSIDs are bound, scattered over 24 bits (sequential 0..16 for 16); `hot` streams
+//! name 16 of them (a guest invalidating for the devices it is busy with), `uniform` streams
+//! any of them at random (the worst case: a cache miss per lookup once the table outgrows the
+//! caches).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
 use std::sync::Arc;
+use std::time::Duration;
 use vcmdq::command::RawCommand;
 use vcmdq::translate::translate;
 use vcmdq::viommu::{DeviceId, Devices, GraceDomain, Viommu, ViommuConfig};
@@ -12,8 +22,10 @@ use vcmdq_bench::{atc_only, copy_limit, guest_mix, psid_of, vsids, NaiveTranslat
 
 /// Commands per iteration.
 const LEN: usize = 4096;
-/// Output room per `translate` call: a kernel-sized batch.
+/// Output room per `translate` call: the engine's default batch limit.
 const BATCH: usize = 64;
+/// Entries per grace-period pin: the engine's default ring budget (one pin per pass).
+const PASS: usize = 256;
 const SIDSIZE: u8 = 24;
 
 fn viommu(keys: &[u32], grace: Arc<GraceDomain>) -> Viommu {
@@ -33,6 +45,7 @@ fn viommu(keys: &[u32], grace: Arc<GraceDomain>) -> Viommu {
     v
 }
 
+/// `input` through `translate` in batches of `BATCH`; commands produced.
 fn run(v: &Viommu, input: &[RawCommand], out: &mut [RawCommand], prov: &mut [u32]) -> usize {
     let mut start = 0;
     let mut total = 0;
@@ -45,48 +58,92 @@ fn run(v: &Viommu, input: &[RawCommand], out: &mut [RawCommand], prov: &mut [u32
     total
 }
 
+/// One input: its name, its bound vSIDs, and the commands.
+struct Input {
+    name: String,
+    keys: Vec<u32>,
+    cmds: Vec<RawCommand>,
+}
+
+fn inputs() -> Vec<Input> {
+    let mut v = Vec::new();
+    for (bound, kinds) in [
+        (16usize, &["mix", "atc"][..]),
+        (4096, &["mix_hot", "mix_uniform"][..]),
+        (1_000_000, &["mix_hot", "mix_uniform", "atc_uniform"][..]),
+    ] {
+        let mut rng = Rng::new(bound as u64);
+        let keys = vsids(bound, bound == 16, SIDSIZE, &mut rng);
+        for &kind in kinds {
+            let named = if kind.ends_with("hot") {
+                &keys[..16]
+            } else {
+                &keys[..]
+            };
+            let cmds = if kind.starts_with("atc") {
+                atc_only(LEN, named, &mut rng)
+            } else {
+                guest_mix(LEN, named, &mut rng)
+            };
+            let (what, how) = kind.split_once('_').unwrap_or((kind, ""));
+            let name = match how {
+                "" => format!("{what}_{bound}"),
+                _ => format!("{what}_{bound}_{how}"),
+            };
+            v.push(Input {
+                name,
+                keys: keys.clone(),
+                cmds,
+            });
+        }
+    }
+    v
+}
+
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("translate");
     g.throughput(Throughput::Elements(LEN as u64));
-    for (bound, sequential) in [(16usize, true), (1_000_000, false)] {
-        let mut rng = Rng::new(bound as u64);
-        let keys = vsids(bound, sequential, SIDSIZE, &mut rng);
+    for input in inputs() {
         let grace = GraceDomain::new();
-        let v = viommu(&keys, grace.clone());
-        let naive = NaiveTranslator::new(7, keys.iter().map(|&k| (k, psid_of(k))));
-        for (mix, input) in [
-            ("mix", guest_mix(LEN, &keys, &mut rng)),
-            ("atc", atc_only(LEN, &keys, &mut rng)),
-        ] {
-            let id = format!("{mix}/{bound}");
-            let mut out = vec![RawCommand::default(); LEN];
-            let mut prov = vec![0u32; LEN];
-            assert_eq!(run(&v, &input, &mut out, &mut prov), LEN, "all forwarded");
-            g.bench_with_input(BenchmarkId::new("copy", &id), &input, |b, i| {
-                b.iter(|| copy_limit(i, &mut out))
-            });
-            g.bench_with_input(BenchmarkId::new("vcmdq", &id), &input, |b, i| {
-                b.iter(|| run(&v, i, &mut out, &mut prov))
-            });
-            let mut reader = grace.register();
-            g.bench_with_input(BenchmarkId::new("vcmdq_pinned", &id), &input, |b, i| {
-                b.iter(|| {
-                    let mut total = 0;
-                    for chunk in i.chunks(BATCH) {
-                        let _guard = reader.pin();
-                        total += run(&v, chunk, &mut out, &mut prov);
-                    }
-                    total
-                })
-            });
-            drop(reader);
-            g.bench_with_input(BenchmarkId::new("naive", &id), &input, |b, i| {
-                b.iter(|| naive.translate(i, &mut out))
-            });
-        }
+        let v = viommu(&input.keys, grace.clone());
+        let naive = NaiveTranslator::new(7, input.keys.iter().map(|&k| (k, psid_of(k))));
+        let mut out = vec![RawCommand::default(); LEN];
+        let mut prov = vec![0u32; LEN];
+        assert_eq!(
+            run(&v, &input.cmds, &mut out, &mut prov),
+            LEN,
+            "all forwarded"
+        );
+        assert_eq!(naive.translate(&input.cmds, &mut out), LEN, "all forwarded");
+        let id = &input.name;
+        g.bench_with_input(BenchmarkId::new("copy_limit", id), &input.cmds, |b, i| {
+            b.iter(|| copy_limit(i, &mut out))
+        });
+        g.bench_with_input(BenchmarkId::new("naive", id), &input.cmds, |b, i| {
+            b.iter(|| naive.translate(i, &mut out))
+        });
+        let mut reader = grace.register();
+        g.bench_with_input(BenchmarkId::new("vcmdq", id), &input.cmds, |b, i| {
+            b.iter(|| {
+                let mut total = 0;
+                for pass in i.chunks(PASS) {
+                    let _pin = reader.pin();
+                    total += run(&v, pass, &mut out, &mut prov);
+                }
+                total
+            })
+        });
+        drop(reader);
     }
     g.finish();
 }
 
-criterion_group!(benches, bench);
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(30);
+    targets = bench
+}
 criterion_main!(benches);

@@ -1,6 +1,9 @@
 //! Baselines the benchmarks compare vcmdq with: the copy limit and the naive floor, plus the
 //! inputs they share.
 
+pub mod e2e;
+pub mod report;
+
 use std::collections::HashMap;
 use std::sync::Mutex;
 use vcmdq::command::{decode, opcode, Command, RawCommand};

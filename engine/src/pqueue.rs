@@ -96,6 +96,12 @@ pub struct HwConfig {
     pub slow: Option<Duration>,
     /// Faults to inject.
     pub faults: Vec<Fault>,
+    /// A consumer that costs nothing: it takes whatever is published without reading it (no
+    /// legality check, no per-opcode or CMD_SYNC counts; [`HwCounters::consumed`] still
+    /// counts). What the end-to-end benchmarks model: the SMMU's own work is not the engine's
+    /// CPU time, even when the model is stepped inline by a worker. Has no effect when a
+    /// check, a cost, a slow consumer or a fault is configured.
+    pub free: bool,
 }
 
 impl Default for HwConfig {
@@ -106,6 +112,7 @@ impl Default for HwConfig {
             cost_ns: Box::new([0; 256]),
             slow: None,
             faults: Vec::new(),
+            free: false,
         }
     }
 }
@@ -126,11 +133,29 @@ impl fmt::Debug for HwConfig {
             )
             .field("slow", &self.slow)
             .field("faults", &self.faults)
+            .field("free", &self.free)
             .finish()
     }
 }
 
 impl HwConfig {
+    /// The zero-cost consumer ([`HwConfig::free`]).
+    pub fn zero_cost() -> Self {
+        HwConfig {
+            free: true,
+            ..HwConfig::default()
+        }
+    }
+
+    /// Whether the consumer may take commands without reading them.
+    fn is_free(&self) -> bool {
+        self.free
+            && self.check.is_none()
+            && self.slow.is_none()
+            && self.faults.is_empty()
+            && self.cost_ns.iter().all(|&c| c == 0)
+    }
+
     /// With `check` run on every command.
     pub fn with_check(
         mut self,
@@ -197,6 +222,7 @@ impl PhysQueue {
             next_fault_at: faults.first().map_or(u64::MAX, Fault::at),
             faults: faults.into_iter().map(|f| (f, false)).collect(),
             first_unfired: 0,
+            free: cfg.is_free(),
             cfg,
             counters: HwCounters::default(),
             failures: Vec::new(),
@@ -267,16 +293,25 @@ impl PhysProducer {
             });
         }
         let shape = self.q.shape;
-        let mut ptr = shape.ptr(self.prod as u32);
-        for cmd in cmds {
-            let slot = self.q.slot(ptr);
-            // Relaxed: the Release store of PROD below publishes them.
-            slot[0].store(cmd.d0(), Ordering::Relaxed);
-            slot[1].store(cmd.d1(), Ordering::Relaxed);
-            ptr = shape.advance(ptr, 1);
+        let ptr = shape.ptr(self.prod as u32);
+        // At most two contiguous runs: up to the end of the slots, then from slot 0.
+        let start = shape.index(ptr) as usize;
+        let first = cmds.len().min(self.q.slots.len() - start);
+        let runs = [
+            (&self.q.slots[start..start + first], &cmds[..first]),
+            (&self.q.slots[..cmds.len() - first], &cmds[first..]),
+        ];
+        for (slots, cmds) in runs {
+            for (slot, cmd) in slots.iter().zip(cmds) {
+                // Relaxed: the Release store of PROD below publishes them.
+                slot[0].store(cmd.d0(), Ordering::Relaxed);
+                slot[1].store(cmd.d1(), Ordering::Relaxed);
+            }
         }
         self.prod += cmds.len() as u64;
-        self.q.prod.store(ptr, Ordering::Release);
+        self.q
+            .prod
+            .store(shape.advance(ptr, cmds.len() as u32), Ordering::Release);
         Ok(self.prod)
     }
 
@@ -449,6 +484,8 @@ pub struct Hardware {
     /// Smallest position of an unfired fault.
     next_fault_at: u64,
     cfg: HwConfig,
+    /// [`HwConfig::free`] in effect.
+    free: bool,
     counters: HwCounters,
     failures: Vec<CheckFailure>,
 }
@@ -536,6 +573,16 @@ impl Hardware {
             Err(e) => panic!("physical queue: the engine wrote a bad PROD: {e}"),
         };
         let n = pending.min(max);
+        if self.free {
+            if n > 0 {
+                self.cons = shape.advance(self.cons, n as u32);
+                self.pos += n as u64;
+                self.counters.consumed += n as u64;
+                // Release: the producer that sees CONS past a slot may overwrite it.
+                self.q.cons.store(self.cons, Ordering::Release);
+            }
+            return n;
+        }
         let slow_ns = self.cfg.slow.map_or(0, |d| d.as_nanos() as u64);
         let mut done = 0;
         while done < n {

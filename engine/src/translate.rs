@@ -27,7 +27,7 @@
 
 use crate::command::{opcode, RawCommand, LAYOUTS};
 use crate::queue::CError;
-use crate::viommu::{Profile, Viommu};
+use crate::viommu::{Profile, Viommu, WithLookup};
 
 /// Why a command was refused. Every refusal is CERROR_ILL at that slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -227,26 +227,27 @@ enum Action {
 /// One entry per opcode: its allowed bits and what the profile does with it, so that the RES0
 /// check and the dispatch cost one table load.
 ///
-/// `accept` is the opcode's allowed bits minus the bits the policy refuses on a command the
-/// profile takes: SSEC of CFGI_* and, on an SMMU without range invalidation, TG/NUM/SCALE of
-/// TLBI_NH_VA/VAA. One mask test then covers RES0, Secure and range support; the cold path
-/// tells them apart.
+/// `reject` is the complement of the opcode's allowed bits, plus the bits the policy refuses on
+/// a command the profile takes: SSEC of CFGI_* and, on an SMMU without range invalidation,
+/// TG/NUM/SCALE of TLBI_NH_VA/VAA. One mask test then covers RES0, Secure and range support;
+/// the cold path tells them apart. The value checks of a forwarded command are data too (`range_mask`,
+/// `size_max`), so the hot loop tests them without asking which opcode it has.
 #[derive(Clone, Copy)]
 struct Rule {
-    accept: [u64; 2],
-    action: Action,
-    /// `F_*`: which checks and patches a forwarded command needs.
-    flags: u8,
+    reject: [u64; 2],
     /// The bits the vIOMMU's VMID replaces (VMID for TLBIs, else 0).
     vmid_mask: u64,
+    /// NUM and SCALE for TLBI_NH_VA/VAA (which need TG != 0 with them), else 0.
+    range_mask: u32,
+    /// The largest `d1[5:0]` allowed: 52 for ATC_INV's SIZE, 63 (no check) otherwise.
+    size_max: u8,
+    action: Action,
+    /// `F_*`: forwarded by the hot loop, and whether its SID is a vSID.
+    flags: u8,
 }
 
 /// Forwarded after the checks and patches below; every other action takes the slow match.
 const F_FORWARD: u8 = 1;
-/// NUM/SCALE need TG != 0.
-const F_RANGE: u8 = 2;
-/// ATC_INV SIZE check.
-const F_ATC: u8 = 8;
 /// SID is a vSID to replace with its pSID.
 const F_SID: u8 = 16;
 
@@ -255,16 +256,22 @@ const fn set(t: &mut [Rule; 256], op: u8, action: Action, range_inv: bool) {
     r.action = action;
     (r.flags, r.vmid_mask) = match action {
         Action::Tlbi => (F_FORWARD, VMID_MASK),
-        Action::TlbiRange => (F_FORWARD | F_RANGE, VMID_MASK),
-        Action::AtcInv => (F_FORWARD | F_ATC | F_SID, 0),
+        Action::TlbiRange => {
+            r.range_mask = NUM_SCALE_MASK as u32;
+            (F_FORWARD, VMID_MASK)
+        }
+        Action::AtcInv => {
+            r.size_max = ATC_SIZE_ALL as u8;
+            (F_FORWARD | F_SID, 0)
+        }
         Action::CfgiSid => (F_FORWARD | F_SID, 0),
         _ => (0, 0),
     };
     match action {
-        Action::CfgiSid | Action::Trap => r.accept[0] &= !SSEC,
+        Action::CfgiSid | Action::Trap => r.reject[0] |= SSEC,
         Action::TlbiRange if !range_inv => {
-            r.accept[0] &= !NUM_SCALE_MASK;
-            r.accept[1] &= !TG_MASK;
+            r.reject[0] |= NUM_SCALE_MASK;
+            r.reject[1] |= TG_MASK;
         }
         _ => {}
     }
@@ -272,20 +279,18 @@ const fn set(t: &mut [Rule; 256], op: u8, action: Action, range_inv: bool) {
 
 const fn rules(profile: Profile, range_inv: bool) -> [Rule; 256] {
     let mut t = [Rule {
-        accept: [0, 0],
+        reject: [!0, !0],
+        vmid_mask: 0,
+        range_mask: 0,
+        size_max: ATC_SIZE_MASK as u8,
         action: Action::Illegal,
         flags: 0,
-        vmid_mask: 0,
     }; 256];
     let mut op = 0;
     while op < 256 {
         if let Some(l) = LAYOUTS[op] {
-            t[op] = Rule {
-                accept: l.allowed,
-                action: Action::NotAllowed,
-                flags: 0,
-                vmid_mask: 0,
-            };
+            t[op].reject = [!l.allowed[0], !l.allowed[1]];
+            t[op].action = Action::NotAllowed;
         }
         op += 1;
     }
@@ -359,8 +364,8 @@ fn rejected(rule: &Rule, d0: u64, d1: u64) -> RefuseReason {
 
 /// Which value check of a forwarded command failed.
 #[cold]
-fn field_reason(flags: u8, d0: u64, d1: u64) -> RefuseReason {
-    if flags & F_ATC != 0 {
+fn field_reason(rule: &Rule, d0: u64, d1: u64) -> RefuseReason {
+    if rule.action == Action::AtcInv {
         RefuseReason::AtcSizeTooLarge {
             size: (d1 & ATC_SIZE_MASK) as u8,
         }
@@ -390,97 +395,238 @@ pub fn translate(
         Profile::Kernel => &KERNEL_RULES[usize::from(range_inv)],
         Profile::Tegra241 => &TEGRA241_RULES[usize::from(range_inv)],
     };
-    let vmid = u64::from(v.vmid()) << 32;
-    let table = v.table();
-    let cap = out.len().min(prov.len());
-    let mut produced = 0;
-    let refused = |slot: usize, produced: usize, reason: RefuseReason| BatchEnd {
-        consumed: slot,
-        produced,
-        stop: Stop::Refused {
-            slot,
-            cerror: CError::Ill,
-            reason,
-        },
-    };
-    for (i, cmd) in input.iter().enumerate() {
-        let (d0, d1) = (cmd.d0(), cmd.d1());
-        let op = d0 as u8;
-        let rule = &rules[op as usize];
-        if (d0 & !rule.accept[0]) | (d1 & !rule.accept[1]) != 0 {
-            return refused(i, produced, rejected(rule, d0, d1));
-        }
-        let (o0, o1) = if rule.flags & F_FORWARD != 0 {
-            // The common case, with as few branches as possible: a guest's mix of TLBIs and
-            // ATC_INVs would otherwise mispredict a dispatch per command.
-            let f = rule.flags;
-            let bad_range = (f & F_RANGE != 0) & (d0 & NUM_SCALE_MASK != 0) & (d1 & TG_MASK == 0);
-            let bad_size = (f & F_ATC != 0) & (d1 & ATC_SIZE_MASK > ATC_SIZE_ALL);
-            if bad_range | bad_size {
-                return refused(i, produced, field_reason(f, d0, d1));
-            }
-            let mut o0 = (d0 & !rule.vmid_mask) | (vmid & rule.vmid_mask);
-            if f & F_SID != 0 {
-                let vsid = (d0 >> SID_SHIFT) as u32;
-                let Some(psid) = table.get(vsid) else {
-                    return refused(i, produced, RefuseReason::UnknownVsid { opcode: op, vsid });
-                };
-                o0 = (o0 & 0xffff_ffff) | (u64::from(psid) << SID_SHIFT);
-            }
-            (o0, d1)
-        } else {
-            match rule.action {
-                Action::Nsnh => (u64::from(opcode::TLBI_NH_ALL) | vmid, 0),
-                Action::Trap => {
-                    return BatchEnd {
-                        consumed: i + 1,
-                        produced,
-                        stop: Stop::Trap { slot: i, cmd: *cmd },
-                    };
-                }
-                Action::Drop => continue,
-                Action::Sync => {
-                    let cs = ((d0 >> CS_SHIFT) & 0b11) as u8;
-                    if cs == 3 {
-                        return refused(i, produced, RefuseReason::ReservedSyncCs);
-                    }
-                    return BatchEnd {
-                        consumed: i + 1,
-                        produced,
-                        stop: Stop::Sync {
-                            slot: i,
-                            cs,
-                            msidata: (d0 >> 32) as u32,
-                            msiaddr: d1 & MSIADDR_MASK,
-                        },
-                    };
-                }
-                Action::NotAllowed => {
-                    return refused(
-                        i,
-                        produced,
-                        RefuseReason::NotAllowedByProfile { opcode: op },
-                    )
-                }
-                // F_FORWARD actions never get here; an illegal opcode with all-zero words does.
-                _ => return refused(i, produced, RefuseReason::IllegalOpcode { opcode: op }),
-            }
-        };
-        if produced == cap {
-            return BatchEnd {
-                consumed: i,
-                produced,
-                stop: Stop::OutputFull,
+    v.table().with_lookup(Batch {
+        rules,
+        vmid: u64::from(v.vmid()) << 32,
+        input,
+        out,
+        prov,
+    })
+}
+
+/// One `translate` call, run with a lookup specialised to the vIOMMU's table.
+struct Batch<'a> {
+    rules: &'a [Rule; 256],
+    vmid: u64,
+    input: &'a [RawCommand],
+    out: &'a mut [RawCommand],
+    prov: &'a mut [u32],
+}
+
+impl WithLookup for Batch<'_> {
+    type Output = BatchEnd;
+
+    #[inline(always)]
+    fn run(self, lookup: impl Fn(u32) -> Option<u32>) -> BatchEnd {
+        let Batch {
+            rules,
+            vmid,
+            input,
+            out,
+            prov,
+        } = self;
+        let cap = out.len().min(prov.len());
+        let nsnh = u64::from(opcode::TLBI_NH_ALL) | vmid;
+        // Each input command produces at most one output, so the first `cap` inputs cannot
+        // fill the output: those loops need no room check (the engine's batches never go
+        // further).
+        let fits = input.len().min(cap);
+        // While every command is forwarded, input i becomes output i: the loop walks the
+        // three slices together, with no index to check. Anything else (a drop, a sync, a
+        // trap, a refusal, TLBI_NSNH_ALL) leaves it for the general loops below.
+        let mut produced = forwards(rules, vmid, &input[..fits], out, prov, &lookup);
+        let (o, p) = (&mut out[..fits], &mut prov[..fits]);
+        for (i, cmd) in input[..fits].iter().enumerate().skip(produced) {
+            let (o0, o1) = match step(&rules[cmd.d0() as u8 as usize], cmd, vmid, &lookup) {
+                Ok(o) => o,
+                Err(Special::Nsnh) => (nsnh, 0),
+                Err(Special::Drop) => continue,
+                Err(s) => return ended(i, produced, s, cmd),
             };
+            o[produced] = RawCommand::new(o0, o1);
+            p[produced] = i as u32;
+            produced += 1;
         }
-        out[produced] = RawCommand::new(o0, o1);
-        prov[produced] = i as u32;
-        produced += 1;
+        for (i, cmd) in input.iter().enumerate().skip(fits) {
+            let (o0, o1) = match step(&rules[cmd.d0() as u8 as usize], cmd, vmid, &lookup) {
+                Ok(o) => o,
+                Err(Special::Nsnh) => (nsnh, 0),
+                Err(Special::Drop) => continue,
+                Err(s) => return ended(i, produced, s, cmd),
+            };
+            if produced == cap {
+                return BatchEnd {
+                    consumed: i,
+                    produced,
+                    stop: Stop::OutputFull,
+                };
+            }
+            out[produced] = RawCommand::new(o0, o1);
+            prov[produced] = i as u32;
+            produced += 1;
+        }
+        BatchEnd {
+            consumed: input.len(),
+            produced,
+            stop: Stop::Drained,
+        }
     }
+}
+
+/// What a command other than a well-formed, forwarded one does. Kept apart from the forward's
+/// two words so that those stay in registers.
+enum Special {
+    /// TLBI_NSNH_ALL: forwarded as TLBI_NH_ALL with the VMID.
+    Nsnh,
+    Drop,
+    Trap,
+    Sync {
+        cs: u8,
+        msidata: u32,
+        msiaddr: u64,
+    },
+    Refuse(RefuseReason),
+}
+
+/// Forwards commands from the start of `input` while each is forwarded as it is, input i to
+/// output i; returns how many. A function of its own so that its loop gets the registers.
+#[inline(never)]
+fn forwards(
+    rules: &[Rule; 256],
+    vmid: u64,
+    input: &[RawCommand],
+    out: &mut [RawCommand],
+    prov: &mut [u32],
+    lookup: &impl Fn(u32) -> Option<u32>,
+) -> usize {
+    let mut n = 0;
+    for ((cmd, o), p) in input.iter().zip(out).zip(prov) {
+        let Some((o0, o1)) = forward(&rules[cmd.d0() as u8 as usize], cmd, vmid, lookup) else {
+            break;
+        };
+        *o = RawCommand::new(o0, o1);
+        *p = n as u32;
+        n += 1;
+    }
+    n
+}
+
+/// The physical command's two words when `cmd` is a well-formed command the profile forwards
+/// as it is (with its VMID or pSID), else `None`: the common case, in as few branches as
+/// possible (a guest's mix of opcodes would otherwise mispredict a dispatch per command).
+#[inline(always)]
+fn forward(
+    rule: &Rule,
+    cmd: &RawCommand,
+    vmid: u64,
+    lookup: &impl Fn(u32) -> Option<u32>,
+) -> Option<(u64, u64)> {
+    let (d0, d1) = (cmd.d0(), cmd.d1());
+    let illegal = (d0 & rule.reject[0]) | (d1 & rule.reject[1]) != 0;
+    let bad_range = (d0 & u64::from(rule.range_mask) != 0) & (d1 & TG_MASK == 0);
+    let bad_size = d1 & ATC_SIZE_MASK > u64::from(rule.size_max);
+    if illegal | bad_range | bad_size | (rule.flags & F_FORWARD == 0) {
+        return None;
+    }
+    let o0 = (d0 & !rule.vmid_mask) | (vmid & rule.vmid_mask);
+    if rule.flags & F_SID == 0 {
+        return Some((o0, d1));
+    }
+    let psid = lookup((d0 >> SID_SHIFT) as u32)?;
+    Some(((o0 & 0xffff_ffff) | (u64::from(psid) << SID_SHIFT), d1))
+}
+
+/// The policy for one command under its opcode's `rule`: the physical command's two words, or
+/// what else to do.
+#[inline(always)]
+fn step(
+    rule: &Rule,
+    cmd: &RawCommand,
+    vmid: u64,
+    lookup: &impl Fn(u32) -> Option<u32>,
+) -> Result<(u64, u64), Special> {
+    let (d0, d1) = (cmd.d0(), cmd.d1());
+    // The common case (a well-formed command the profile forwards) costs one well-predicted
+    // branch, and a second for SID commands: a guest's mix of opcodes would otherwise
+    // mispredict a dispatch per command.
+    let illegal = (d0 & rule.reject[0]) | (d1 & rule.reject[1]) != 0;
+    let bad_range = (d0 & u64::from(rule.range_mask) != 0) & (d1 & TG_MASK == 0);
+    let bad_size = d1 & ATC_SIZE_MASK > u64::from(rule.size_max);
+    let o0 = (d0 & !rule.vmid_mask) | (vmid & rule.vmid_mask);
+    if illegal | bad_range | bad_size | (rule.flags & F_FORWARD == 0) {
+        return Err(special(rule, d0, d1, illegal));
+    }
+    if rule.flags & F_SID == 0 {
+        return Ok((o0, d1));
+    }
+    let vsid = (d0 >> SID_SHIFT) as u32;
+    match lookup(vsid) {
+        Some(psid) => Ok(((o0 & 0xffff_ffff) | (u64::from(psid) << SID_SHIFT), d1)),
+        None => Err(Special::Refuse(RefuseReason::UnknownVsid {
+            opcode: d0 as u8,
+            vsid,
+        })),
+    }
+}
+
+/// Everything but a well-formed forwarded command: refusals, TLBI_NSNH_ALL, traps, drops, syncs.
+#[inline(never)]
+fn special(rule: &Rule, d0: u64, d1: u64, illegal: bool) -> Special {
+    let opcode = d0 as u8;
+    if illegal {
+        return Special::Refuse(rejected(rule, d0, d1));
+    }
+    match rule.action {
+        _ if rule.flags & F_FORWARD != 0 => Special::Refuse(field_reason(rule, d0, d1)),
+        Action::Nsnh => Special::Nsnh,
+        Action::Trap => Special::Trap,
+        Action::Drop => Special::Drop,
+        Action::Sync => match ((d0 >> CS_SHIFT) & 0b11) as u8 {
+            3 => Special::Refuse(RefuseReason::ReservedSyncCs),
+            cs => Special::Sync {
+                cs,
+                msidata: (d0 >> 32) as u32,
+                msiaddr: d1 & MSIADDR_MASK,
+            },
+        },
+        Action::NotAllowed => Special::Refuse(RefuseReason::NotAllowedByProfile { opcode }),
+        // Forwarding actions are handled above; an illegal opcode with all-zero words gets here.
+        _ => Special::Refuse(RefuseReason::IllegalOpcode { opcode }),
+    }
+}
+
+/// The end of a batch at input `slot` (a trap, a sync or a refusal), `produced` forwarded.
+#[cold]
+fn ended(slot: usize, produced: usize, s: Special, cmd: &RawCommand) -> BatchEnd {
+    let (consumed, stop) = match s {
+        Special::Trap => (slot + 1, Stop::Trap { slot, cmd: *cmd }),
+        Special::Sync {
+            cs,
+            msidata,
+            msiaddr,
+        } => (
+            slot + 1,
+            Stop::Sync {
+                slot,
+                cs,
+                msidata,
+                msiaddr,
+            },
+        ),
+        Special::Refuse(reason) => (
+            slot,
+            Stop::Refused {
+                slot,
+                cerror: CError::Ill,
+                reason,
+            },
+        ),
+        Special::Nsnh | Special::Drop => unreachable!("the loops handle forwards and drops"),
+    };
     BatchEnd {
-        consumed: input.len(),
+        consumed,
         produced,
-        stop: Stop::Drained,
+        stop,
     }
 }
 

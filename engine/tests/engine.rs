@@ -318,3 +318,59 @@ fn a_second_fault_on_a_repaired_slot_blames_no_ring() {
         assert_eq!(report.hardware[0].total_errors(), 2, "{second:?}");
     }
 }
+
+/// Waits until `f` holds.
+fn until(mut f: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < T, "timed out");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn ring_progress_counts_what_each_ring_has_published() {
+    let (hwcfg, _log) = hw(&[5, 6], &[0x800, 0x801, 0x900]);
+    let (engine, mut a, mut b) = setup(hwcfg, 4);
+    let pa = engine.ring_progress(a.ring).unwrap();
+    let pb = engine.ring_progress(b.ring).unwrap();
+    assert_eq!((pa.published(), pb.published()), (0, 0));
+    a.guest.submit(&[
+        c("TLBI_NH_ASID asid=1"),
+        c("PREFETCH_CONFIG sid=0x10"),
+        c("CMD_SYNC"),
+    ]);
+    a.guest.wait_syncs(1, T).unwrap();
+    // A completed sync was published first, with everything before it.
+    assert_eq!(pa.published(), 3);
+    assert_eq!(pb.published(), 0, "the other ring's counter is its own");
+    // A trapped command: published up to it, not past it, until the control plane is done.
+    a.guest.submit(&[
+        c("TLBI_NH_ASID asid=2"),
+        c("CFGI_STE sid=0x10"),
+        c("CMD_SYNC"),
+    ]);
+    until(|| engine.next_trap().is_some());
+    assert_eq!(pa.published(), 4);
+    engine.complete_trap(a.ring).unwrap();
+    a.guest.wait_syncs(2, T).unwrap();
+    assert_eq!(pa.published(), 6);
+    // A refused command: published up to it; after the fix and the acknowledgement, on.
+    a.guest.submit(&[
+        c("TLBI_NH_ASID asid=3"),
+        c("ATC_INV sid=0x99"),
+        c("CMD_SYNC"),
+    ]);
+    until(|| a.guest.error().is_some());
+    until(|| pa.published() == 7);
+    a.guest.write_slot(7, c("CMD_SYNC"));
+    a.guest.ack_error();
+    a.guest.wait_syncs(4, T).unwrap();
+    assert_eq!(pa.published(), 9);
+    b.guest.submit(&[c("TLBI_NH_ALL"), c("CMD_SYNC")]);
+    b.guest.wait_syncs(1, T).unwrap();
+    assert_eq!((pa.published(), pb.published()), (9, 2));
+    engine.detach_ring(b.ring, T).unwrap();
+    assert!(engine.ring_progress(b.ring).is_none());
+    engine.shutdown();
+}

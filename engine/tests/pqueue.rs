@@ -159,6 +159,35 @@ fn atc_inv_sync_fails_the_next_sync_once_and_the_sync_is_retried() {
 }
 
 #[test]
+fn the_zero_cost_consumer_takes_everything_unread() {
+    let (mut p, mut hw) = PhysQueue::new(3, HwConfig::zero_cost()).unwrap();
+    // Even a command the full model refuses: this consumer does not read what it takes.
+    let illegal = RawCommand::new(0x07, 0);
+    for lap in 0..5u64 {
+        p.publish(&[tlbi(lap), illegal, sync()]).unwrap();
+        assert_eq!(hw.step(2), 2);
+        assert_eq!(hw.step(100), 1);
+        assert_eq!(hw.step(100), 0);
+        assert_eq!(p.consumed(), 3 * (lap + 1));
+        assert!(p.error().is_none());
+    }
+    let c = hw.counters();
+    assert_eq!((c.consumed, c.syncs, c.total_errors()), (15, 0, 0));
+    assert_eq!(c.per_opcode.iter().sum::<u64>(), 0);
+    // A configured check, cost or fault turns the full model back on.
+    for cfg in [
+        HwConfig::zero_cost().with_check(|_| Ok(())),
+        HwConfig::zero_cost().with_cost(opcode::CMD_SYNC, 1),
+        HwConfig::zero_cost().with_fault(Fault::Ill { at: 100 }),
+    ] {
+        let (mut p, mut hw) = PhysQueue::new(3, cfg).unwrap();
+        p.publish(&[tlbi(0), illegal]).unwrap();
+        assert_eq!(hw.step(10), 1);
+        assert_eq!(p.error().map(|e| e.cerror), Some(CError::Ill));
+    }
+}
+
+#[test]
 fn an_illegal_or_malformed_command_is_cerror_ill() {
     let (mut p, mut hw) = PhysQueue::new(2, HwConfig::default()).unwrap();
     let illegal = RawCommand::new(0x07, 0);

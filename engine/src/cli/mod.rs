@@ -4,6 +4,8 @@ mod decode;
 mod encode;
 mod gen;
 mod guest;
+mod loadtest;
+mod plot;
 mod replay;
 mod serve;
 mod soak;
@@ -47,6 +49,9 @@ enum Cmd {
     Serve(serve::ServeArgs),
     /// Drive a ring as a guest: batches ended by CMD_SYNC, errors handled as Linux does.
     Guest(guest::GuestArgs),
+    /// Latency under load: saturation throughput, then an open-loop generator at fractions of
+    /// it, percentiles from guest doorbell to physical publish and to CMD_SYNC completion.
+    Loadtest(loadtest::LoadtestArgs),
 }
 
 /// Runs one parsed command line.
@@ -61,5 +66,6 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Cmd::Soak(a) => soak::run_cli(a),
         Cmd::Serve(args) => serve::run(args),
         Cmd::Guest(args) => guest::run(args),
+        Cmd::Loadtest(a) => loadtest::run(a),
     }
 }

@@ -30,7 +30,7 @@ mod capture;
 mod stats;
 mod worker;
 
-pub use stats::{AuditRecord, EngineStats};
+pub use stats::{AuditRecord, EngineStats, RingProgress};
 
 use crate::command::RawCommand;
 use crate::pqueue::{HwConfig, HwCounters, PhysQueue};
@@ -165,6 +165,7 @@ enum Ctrl {
         id: RingId,
         host: Box<HostRing>,
         viommu: Arc<Viommu>,
+        progress: Arc<RingProgress>,
     },
     Detach {
         id: RingId,
@@ -227,6 +228,8 @@ pub struct Engine {
     viommus: Mutex<HashMap<u32, Arc<Viommu>>>,
     /// Attached rings: their worker and vIOMMU.
     rings: Mutex<HashMap<RingId, (usize, u32)>>,
+    /// Attached rings: how far their worker has published them.
+    progress: Mutex<HashMap<RingId, Arc<RingProgress>>>,
     next_ring: AtomicU32,
     workers: Vec<JoinHandle<worker::Report>>,
     hw_threads: Vec<JoinHandle<HwCounters>>,
@@ -292,6 +295,7 @@ impl Engine {
             devices: Devices::new(),
             viommus: Mutex::new(HashMap::new()),
             rings: Mutex::new(HashMap::new()),
+            progress: Mutex::new(HashMap::new()),
             next_ring: AtomicU32::new(0),
             workers,
             hw_threads,
@@ -382,6 +386,8 @@ impl Engine {
         let id = RingId(self.next_ring.fetch_add(1, Ordering::Relaxed));
         let worker = id.0 as usize % self.shared.ctrl.len();
         lock(&self.rings).insert(id, (worker, viommu_id));
+        let progress = Arc::new(RingProgress::default());
+        lock(&self.progress).insert(id, progress.clone());
         let log2size = host.shape().log2size();
         self.shared
             .capture(|t| CaptureEvent::Ring(t, id.0, viommu_id, log2size));
@@ -389,8 +395,15 @@ impl Engine {
             id,
             host: Box::new(host),
             viommu,
+            progress,
         });
         Ok(id)
+    }
+
+    /// How far the engine has published ring `id` (see [`RingProgress`]); `None` for a ring
+    /// not attached.
+    pub fn ring_progress(&self, id: RingId) -> Option<Arc<RingProgress>> {
+        lock(&self.progress).get(&id).cloned()
     }
 
     /// Detaches a ring once nothing of it is in flight and gives it back.
@@ -403,6 +416,7 @@ impl Engine {
         loop {
             if let Some((host, _)) = lock(&self.shared.detached).remove(&id) {
                 lock(&self.rings).remove(&id);
+                lock(&self.progress).remove(&id);
                 return Ok(host);
             }
             if Instant::now() > deadline {
@@ -425,6 +439,7 @@ impl Engine {
             .into_iter()
             .filter_map(|id| {
                 rings.remove(&id);
+                lock(&self.progress).remove(&id);
                 d.remove(&id).and_then(|(_, e)| e.map(|e| (id, e)))
             })
             .collect()

@@ -64,6 +64,34 @@ counters! {
     ring_failures,
 }
 
+/// How far the engine has got with one ring, for an observer on another thread (a load test):
+/// the worker serving the ring stores it once per published batch, with no clock read and no
+/// read-modify-write, so it costs the hot path one store. Get it with
+/// [`Engine::ring_progress`](super::Engine::ring_progress).
+#[derive(Debug, Default)]
+pub struct RingProgress {
+    published: CachePadded<AtomicU64>,
+}
+
+impl RingProgress {
+    /// Entries of the ring, counted since attach, whose batch is in the physical queue: entry
+    /// `seq` was forwarded (or dropped, or is a guest CMD_SYNC whose physical CMD_SYNC was
+    /// queued) and published once `published() > seq`. Never goes back: entries read again
+    /// after a stop or a physical fault count once.
+    pub fn published(&self) -> u64 {
+        self.published.load(Ordering::Acquire)
+    }
+
+    /// The worker's store after publishing a batch that ends before entry `end`.
+    pub(super) fn advance(&self, end: u64) {
+        // Single writer: a plain load and store, no read-modify-write. Release: an observer
+        // that sees the count sees the batch in the physical queue.
+        if end > self.published.load(Ordering::Relaxed) {
+            self.published.store(end, Ordering::Release);
+        }
+    }
+}
+
 impl core::iter::Sum for EngineStats {
     fn sum<I: Iterator<Item = EngineStats>>(iter: I) -> Self {
         let mut t = EngineStats::default();

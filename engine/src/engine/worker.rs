@@ -1,10 +1,10 @@
 //! One translating worker: its rings, its physical queue, its pass loop.
 
-use super::stats::{AuditRecord, EngineStats};
+use super::stats::{AuditRecord, EngineStats, RingProgress};
 use super::{lock, Ctrl, EngineConfig, RingId, Shared, TrapEvent};
 use crate::command::{opcode, RawCommand};
 use crate::pqueue::{Hardware, HwCounters, PhysProducer};
-use crate::queue::CError;
+use crate::queue::{CError, QueueShape};
 use crate::ring::{HostRing, RingError};
 use crate::translate::{translate, SlotOutcome, Stop};
 use crate::viommu::{Reader, Viommu};
@@ -59,6 +59,7 @@ struct RingState {
     id: RingId,
     host: HostRing,
     viommu: Arc<Viommu>,
+    progress: Arc<RingProgress>,
     inflight: VecDeque<Pending>,
     pause: Pause,
     detach: bool,
@@ -233,8 +234,14 @@ impl Worker {
         while let Some(msg) = self.lane.shared.ctrl[self.index].pop() {
             work = true;
             match msg {
-                Ctrl::Attach { id, host, viommu } => self.rings.push(RingState {
+                Ctrl::Attach {
                     id,
+                    host,
+                    viommu,
+                    progress,
+                } => self.rings.push(RingState {
+                    id,
+                    progress,
                     read_seq: 0,
                     host: *host,
                     viommu,
@@ -372,18 +379,23 @@ impl Lane {
             let end = translate(&r.viommu, input, &mut self.out, &mut self.prov);
             let first = shape.advance(polled.first, done as u32);
             let pos0 = self.producer.published();
-            let mask = self.tags.len() as u64 - 1;
-            for (j, &p) in self.prov[..end.produced].iter().enumerate() {
-                self.tags[((pos0 + j as u64) & mask) as usize] = Tag {
-                    ring: r.id.0,
-                    ptr: shape.advance(first, p),
-                };
+            // A batch that ends in a guest CMD_SYNC carries its physical CMD_SYNC: one PROD
+            // store for both. There is room: the guest's sync took an input slot, so fewer
+            // than `batch_limit` commands were produced.
+            let mut n = end.produced;
+            if let Stop::Sync { slot, .. } = end.stop {
+                self.out[n] = PHYS_SYNC;
+                self.prov[n] = slot as u32;
+                n += 1;
+                self.stats.phys_syncs += 1;
             }
-            let mut phys = pos0;
-            if end.produced > 0 {
-                phys = publish(&mut self.producer, &self.out[..end.produced]);
-                self.stats.forwarded += end.produced as u64;
-            }
+            tag_batch(&mut self.tags, pos0, r.id.0, first, shape, &self.prov[..n]);
+            let phys = if n > 0 {
+                publish(&mut self.producer, &self.out[..n])
+            } else {
+                pos0
+            };
+            self.stats.forwarded += end.produced as u64;
             if self.audit_on {
                 self.record(r.id, seq0, done, &end);
             }
@@ -399,15 +411,7 @@ impl Lane {
                     entries: (phys - pos0) as u32,
                     action: Action::Advance,
                 }),
-                Stop::Sync {
-                    slot, cs, msidata, ..
-                } => {
-                    self.tags[(phys & mask) as usize] = Tag {
-                        ring: r.id.0,
-                        ptr: shape.advance(first, slot as u32),
-                    };
-                    phys = publish(&mut self.producer, &[PHYS_SYNC]);
-                    self.stats.phys_syncs += 1;
+                Stop::Sync { cs, msidata, .. } => {
                     r.track(Pending {
                         phys,
                         guest_end,
@@ -428,6 +432,7 @@ impl Lane {
                     r.host.rewind(guest_end);
                     r.read_seq = seq0 + (done + end.consumed) as u64;
                     r.pause = Pause::Draining;
+                    r.progress.advance(seq0 + (done + slot) as u64);
                     break;
                 }
                 Stop::Refused { slot, cerror, .. } => {
@@ -442,10 +447,12 @@ impl Lane {
                     r.host.rewind(at);
                     r.read_seq = seq0 + (done + slot) as u64;
                     r.pause = Pause::Draining;
+                    r.progress.advance(seq0 + (done + slot) as u64);
                     break;
                 }
             }
             done += end.consumed;
+            r.progress.advance(seq0 + done as u64);
         }
         if self.audit_on {
             let t = self.now();
@@ -585,6 +592,24 @@ impl Lane {
         }
         self.producer.recover();
         true
+    }
+}
+
+/// Provenance of a batch about to be published at physical position `pos0`: the physical slot
+/// of output j came from guest pointer `first + prov[j]` of `ring`.
+fn tag_batch(tags: &mut [Tag], pos0: u64, ring: u32, first: u32, shape: QueueShape, prov: &[u32]) {
+    // At most two contiguous runs, as in the physical queue itself.
+    let start = (pos0 & (tags.len() as u64 - 1)) as usize;
+    let (a, b) = prov.split_at(prov.len().min(tags.len() - start));
+    let tag = |&p: &u32| Tag {
+        ring,
+        ptr: shape.advance(first, p),
+    };
+    for (t, p) in tags[start..start + a.len()].iter_mut().zip(a) {
+        *t = tag(p);
+    }
+    for (t, p) in tags[..b.len()].iter_mut().zip(b) {
+        *t = tag(p);
     }
 }
 

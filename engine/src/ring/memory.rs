@@ -265,14 +265,26 @@ fn memfd(label: &str, _len: usize) -> Result<File, RingError> {
 
 /// Checked atomic access to a ring's memory: the only place that turns its address into
 /// references, each an atomic over bytes inside the mapping.
+///
+/// The base and length are read from the memory once: `RingMemory` promises they never change,
+/// and asking a trait object for them on every access costs the hot path two indirect calls.
 #[derive(Clone, Debug)]
 pub(crate) struct Region {
     mem: Arc<dyn RingMemory>,
+    base: NonNull<u8>,
+    len: usize,
 }
+
+// SAFETY: `base` is a copy of `mem.base()`, which `mem` (Send + Sync) keeps valid; the region
+// hands out only atomics over it, as the memory itself would.
+unsafe impl Send for Region {}
+// SAFETY: as for Send.
+unsafe impl Sync for Region {}
 
 impl Region {
     pub(crate) fn new(mem: Arc<dyn RingMemory>) -> Region {
-        Region { mem }
+        let (base, len) = (mem.base(), mem.mapped_len());
+        Region { mem, base, len }
     }
 
     pub(crate) fn memory(&self) -> &Arc<dyn RingMemory> {
@@ -280,7 +292,7 @@ impl Region {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.mem.mapped_len()
+        self.len
     }
 
     /// The u32 at `off`.
@@ -291,13 +303,13 @@ impl Region {
     #[inline]
     pub(crate) fn u32_at(&self, off: usize) -> &AtomicU32 {
         assert!(
-            off.is_multiple_of(4) && off + 4 <= self.mem.mapped_len(),
+            off.is_multiple_of(4) && off + 4 <= self.len,
             "ring offset {off}"
         );
         // SAFETY: in bounds and 4-aligned (base is RING_ALIGN-aligned); RingMemory promises the
         // bytes stay valid while `self.mem` lives, which outlives the returned reference, and
         // that they are only accessed atomically in this process.
-        unsafe { AtomicU32::from_ptr(self.mem.base().as_ptr().add(off).cast()) }
+        unsafe { AtomicU32::from_ptr(self.base.as_ptr().add(off).cast()) }
     }
 
     /// The u64 at `off`.
@@ -307,11 +319,11 @@ impl Region {
     #[inline]
     pub(crate) fn u64_at(&self, off: usize) -> &AtomicU64 {
         assert!(
-            off.is_multiple_of(8) && off + 8 <= self.mem.mapped_len(),
+            off.is_multiple_of(8) && off + 8 <= self.len,
             "ring offset {off}"
         );
         // SAFETY: as in u32_at, with 8-byte alignment.
-        unsafe { AtomicU64::from_ptr(self.mem.base().as_ptr().add(off).cast()) }
+        unsafe { AtomicU64::from_ptr(self.base.as_ptr().add(off).cast()) }
     }
 
     /// `n` slots starting at `off`, each two little-endian u64 words.
@@ -321,16 +333,13 @@ impl Region {
     #[inline]
     pub(crate) fn slots(&self, off: usize, n: usize) -> &[[AtomicU64; 2]] {
         assert!(
-            off.is_multiple_of(8) && off + n * SLOT_SIZE <= self.mem.mapped_len(),
+            off.is_multiple_of(8) && off + n * SLOT_SIZE <= self.len,
             "ring slots {off}+{n}"
         );
         // SAFETY: `n` 16-byte, 8-aligned elements inside the mapping; validity and atomic-only
         // access as in u32_at. [AtomicU64; 2] has size 16 and no padding.
         unsafe {
-            std::slice::from_raw_parts(
-                self.mem.base().as_ptr().add(off).cast::<[AtomicU64; 2]>(),
-                n,
-            )
+            std::slice::from_raw_parts(self.base.as_ptr().add(off).cast::<[AtomicU64; 2]>(), n)
         }
     }
 }

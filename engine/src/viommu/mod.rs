@@ -15,7 +15,7 @@ pub mod sid_table;
 mod sync;
 
 pub use grace::{GraceDomain, Pinned, Reader};
-pub use sid_table::{SidTable, TableStats};
+pub use sid_table::{SidTable, TableStats, WithLookup};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
