@@ -173,6 +173,17 @@ fn full_json(r: &ReplayReport, name: &str) -> Value {
         "doorbell_to_publish": percentiles(&r.publish_latency),
         "doorbell_to_sync_complete": percentiles(&r.sync_latency),
     });
+    j["latency_per_viommu"] = r
+        .per_viommu_latency
+        .iter()
+        .map(|(v, (p, s))| {
+            (
+                v.to_string(),
+                json!({"doorbell_to_publish": percentiles(p), "doorbell_to_sync_complete": percentiles(s)}),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into();
     j["engine"] = json!({
         "batches": r.stats.batches,
         "phys_syncs": r.stats.phys_syncs,
@@ -232,6 +243,10 @@ fn print_human(r: &ReplayReport, name: &str, per_viommu: bool) {
         for (v, o) in &r.per_viommu {
             println!("  vIOMMU {v}:");
             print_outcomes(o, "    ");
+            if let Some((p, s)) = r.per_viommu_latency.get(v) {
+                latency_line("  doorbell -> publish", p);
+                latency_line("  doorbell -> sync done", s);
+            }
         }
     }
     println!(

@@ -176,6 +176,8 @@ pub struct ReplayReport {
     pub outcomes: Outcomes,
     /// Outcomes per vIOMMU.
     pub per_viommu: BTreeMap<u32, Outcomes>,
+    /// Doorbell-to-publish and doorbell-to-sync-completion latency per vIOMMU.
+    pub per_viommu_latency: BTreeMap<u32, (Histogram<u64>, Histogram<u64>)>,
     /// The engine's counters.
     pub stats: EngineStats,
     /// Commands the hardware consumed.
@@ -417,6 +419,7 @@ pub fn replay(
     let mut mismatch_count = 0u64;
     let mut outcomes = Outcomes::default();
     let mut per_viommu: BTreeMap<u32, Outcomes> = BTreeMap::new();
+    let mut per_viommu_latency: BTreeMap<u32, (Histogram<u64>, Histogram<u64>)> = BTreeMap::new();
     let mut publish_latency = latency_histogram();
     let mut sync_latency = latency_histogram();
     for (input, c) in per_ring.iter().zip(checked) {
@@ -425,6 +428,11 @@ pub fn replay(
             .entry(input.viommu)
             .or_default()
             .merge(&c.outcomes);
+        let (p, y) = per_viommu_latency
+            .entry(input.viommu)
+            .or_insert_with(|| (latency_histogram(), latency_histogram()));
+        p.add(&c.publish_latency).expect("same histogram bounds");
+        y.add(&c.sync_latency).expect("same histogram bounds");
         mismatch_count += c.mismatch_count;
         mismatches.extend(
             c.mismatches
@@ -444,6 +452,7 @@ pub fn replay(
         viommus: viommus.len(),
         outcomes,
         per_viommu,
+        per_viommu_latency,
         stats: report.stats,
         hw_consumed,
         wall,
