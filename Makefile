@@ -9,7 +9,7 @@ LOOM_MAX_PREEMPTIONS ?= 4
 FUZZ_TARGETS = $(notdir $(basename $(wildcard fuzz/fuzz_targets/*.rs)))
 VCMDQ = target/release/vcmdq
 
-.PHONY: replay-check expected help build release test unit lint fmt clippy doc demo traces bench bench-quick ratios loadtest fuzz-build fuzz-smoke fuzz miri loom soak soak-smoke clean
+.PHONY: replay-check expected help build release test test-plan fuzz-setup unit lint fmt clippy doc demo traces bench bench-quick ratios loadtest fuzz-build fuzz-smoke fuzz miri loom soak soak-smoke clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -20,8 +20,13 @@ build: ## Debug build of the workspace.
 release: ## Optimised build of the vcmdq binary.
 	$(CARGO) build --release -p vcmdq
 
-test: lint unit doc loom replay-check fuzz-smoke soak-smoke ## Everything CI checks.
+test: test-plan fuzz-setup lint unit doc loom replay-check fuzz-smoke soak-smoke ## Everything CI checks (installs cargo-fuzz if missing).
 	@echo "make test: all checks passed"
+
+test-plan:
+	@echo "make test: fmt, clippy, unit and integration tests, docs, loom models, every bundled trace replayed,"
+	@echo "           $(FUZZ_SMOKE_SECS) s of each fuzz target, a short soak. Cold on 2 cores: about 12 minutes, of which"
+	@echo "           cargo-fuzz's one-time install (crates.io) is 2; warm: about 5 minutes."
 
 unit: ## Unit, property and integration tests.
 	$(CARGO) test --workspace
@@ -79,21 +84,24 @@ ratios: ## vcmdq against the copy limit and the naive floor, from the last crite
 loadtest: release ## Latency under load: 10/50/90% of saturation, plot in docs/latency.svg.
 	$(VCMDQ) loadtest --svg docs/latency.svg
 
-fuzz-build: ## Build every fuzz target (nightly, cargo-fuzz).
-	cd fuzz && $(CARGO) $(NIGHTLY) fuzz build
+fuzz-setup: ## Install cargo-fuzz (and nightly, if rustup can) when missing; say what the fuzz steps use.
+	fuzz/fuzz.sh setup
+
+fuzz-build: ## Build every fuzz target (cargo-fuzz; nightly with ASan, else stable without a sanitizer).
+	fuzz/fuzz.sh build
 
 fuzz-smoke: fuzz-build ## Run every fuzz target for FUZZ_SMOKE_SECS seconds on its seed corpus.
 	@for t in $(FUZZ_TARGETS); do \
 	  mkdir -p fuzz/corpus/$$t; \
 	  echo "fuzz-smoke: $$t for $(FUZZ_SMOKE_SECS)s"; \
 	  log=fuzz/target/fuzz-smoke-$$t.log; \
-	  if (cd fuzz && $(CARGO) $(NIGHTLY) fuzz run $$t corpus/$$t -- -max_total_time=$(FUZZ_SMOKE_SECS) -print_final_stats=1) >$$log 2>&1; \
+	  if fuzz/fuzz.sh run $$t corpus/$$t -- -max_total_time=$(FUZZ_SMOKE_SECS) -print_final_stats=1 >$$log 2>&1; \
 	  then tail -n 3 $$log; else tail -n 40 $$log; echo "fuzz-smoke: $$t FAILED (full log: $$log)"; exit 1; fi; \
 	done
 
 fuzz: fuzz-build ## Run every fuzz target for FUZZ_SECS seconds (long).
 	@for t in $(FUZZ_TARGETS); do \
-	  (cd fuzz && $(CARGO) $(NIGHTLY) fuzz run $$t corpus/$$t -- -max_total_time=$(FUZZ_SECS)) || exit 1; \
+	  fuzz/fuzz.sh run $$t corpus/$$t -- -max_total_time=$(FUZZ_SECS) || exit 1; \
 	done
 
 loom: ## loom models of PROD/CONS publication, the completion and error paths and the unbind barrier (--cfg loom).

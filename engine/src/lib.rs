@@ -3,7 +3,7 @@
 //! Guests write SMMUv3 commands into command queues in shared memory; vcmdq reads them, checks
 //! them against the policy of the guest's vIOMMU, turns virtual StreamIDs into physical ones and
 //! the guest's VMID into the VM's, batches them and pushes them into a modelled physical VCMDQ.
-//! See `docs/architecture.md` for the pipeline and `../shared/design` for the rules it keeps.
+//! See `docs/architecture.md` for the pipeline and `docs/rules.md` for the rules it keeps.
 
 pub mod command;
 pub mod engine;
