@@ -11,8 +11,9 @@
 //! so an unbind (which waits for the pin) is always recorded after the commands translated
 //! through the binding it removes.
 //!
-//! What a capture cannot see: when exactly a guest rang the doorbell (a Doorbell record carries
-//! the PROD the engine found and the time it found it), PROD values the engine read nothing at
+//! What a capture cannot see: when exactly a guest rang the doorbell, or how far (a Doorbell
+//! record carries the PROD up to the last entry the engine acted on, and the time it read
+//! them: a PROD beyond a trapped or refused entry shows up at the read after it), PROD values the engine read nothing at
 //! (hostile PROD writes), and physical-queue faults (they are not the guest's doing; entries
 //! after a faulting command that the guest rewrites before they are read again keep their first
 //! version in the capture).
