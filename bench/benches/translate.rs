@@ -32,6 +32,9 @@ fn viommu(keys: &[u32], grace: Arc<GraceDomain>) -> Viommu {
     let devices = Devices::new();
     let cfg = ViommuConfig {
         sidsize: SIDSIZE,
+        // A million vSIDs scattered over 24 bits: beyond a VM's default limits on purpose.
+        max_vsids: u32::MAX,
+        max_table_bytes: u64::MAX,
         ..ViommuConfig::new(1, 7, 0)
     };
     let v = Viommu::new(cfg, Arc::clone(&devices), grace).expect("valid config");

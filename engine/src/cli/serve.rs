@@ -260,6 +260,13 @@ fn set_up(engine: &Engine, args: &ServeArgs) -> Result<Vec<Attached>, CliError> 
         engine
             .create_viommu(*v)
             .map_err(|e| format!("--viommu id={}: {e}", v.id))?;
+        if let Some(with) = v.shares_vmid_with {
+            eprintln!(
+                "serve: vIOMMU {} shares VMID {} on SMMU {} with vIOMMU {with} (one stage 2: \
+                 their TLB invalidations reach each other's entries)",
+                v.id, v.vmid, v.smmu
+            );
+        }
     }
     for b in &args.binds {
         engine

@@ -189,12 +189,23 @@ impl<'a> Parts<'a> {
 
 const U32: u64 = u32::MAX as u64;
 
-/// `id=1,vmid=5,smmu=0[,profile=kernel|tegra241][,sidsize=16][,norange]`.
+/// `id=1,vmid=5,smmu=0[,profile=kernel|tegra241][,sidsize=16][,norange][,max-vsids=N]
+/// [,max-table-bytes=N][,shares-vmid-with=ID]`.
 pub fn parse_viommu(spec: &str) -> Result<ViommuConfig, SpecError> {
-    const EXPECTED: &str = "id=N,vmid=N,smmu=N[,profile=kernel|tegra241][,sidsize=1..32][,norange]";
+    const EXPECTED: &str = "id=N,vmid=N,smmu=N[,profile=kernel|tegra241][,sidsize=1..32][,norange]\
+        [,max-vsids=N][,max-table-bytes=N][,shares-vmid-with=ID]";
     let p = Parts::parse(
         spec,
-        &["id", "vmid", "smmu", "profile", "sidsize"],
+        &[
+            "id",
+            "vmid",
+            "smmu",
+            "profile",
+            "sidsize",
+            "max-vsids",
+            "max-table-bytes",
+            "shares-vmid-with",
+        ],
         &["norange"],
         EXPECTED,
     )?;
@@ -215,6 +226,16 @@ pub fn parse_viommu(spec: &str) -> Result<ViommuConfig, SpecError> {
         cfg.sidsize = s as u8;
     }
     cfg.range_inv = !p.flag("norange");
+    if let Some(n) = p.num("max-vsids", U32)? {
+        if n == 0 {
+            return Err(p.value_err("max-vsids", "0 is below 1".into()));
+        }
+        cfg.max_vsids = n as u32;
+    }
+    if let Some(n) = p.num("max-table-bytes", u64::MAX)? {
+        cfg.max_table_bytes = n;
+    }
+    cfg.shares_vmid_with = p.num("shares-vmid-with", U32)?.map(|n| n as u32);
     Ok(cfg)
 }
 
@@ -288,6 +309,37 @@ mod tests {
         }
         let e = parse_viommu("id=1,vmid=5").unwrap_err().to_string();
         assert!(e.contains("smmu is missing"), "{e}");
+    }
+
+    #[test]
+    fn viommu_limits_and_vmid_sharing() {
+        let v = parse_viommu("id=2,vmid=5,smmu=0").unwrap();
+        assert_eq!(
+            (v.max_vsids, v.max_table_bytes, v.shares_vmid_with),
+            (
+                vcmdq::viommu::DEFAULT_MAX_VSIDS,
+                vcmdq::viommu::DEFAULT_MAX_TABLE_BYTES,
+                None
+            )
+        );
+        let v = parse_viommu(
+            "id=2,vmid=5,smmu=0,max-vsids=1_000_000,max-table-bytes=0x1000_0000,shares-vmid-with=1",
+        )
+        .unwrap();
+        assert_eq!(
+            (v.max_vsids, v.max_table_bytes, v.shares_vmid_with),
+            (1_000_000, 0x1000_0000, Some(1))
+        );
+        for bad in [
+            "id=1,vmid=5,smmu=0,max-vsids=0",
+            "id=1,vmid=5,smmu=0,max-vsids=0x1_0000_0000",
+            "id=1,vmid=5,smmu=0,max-vsids=-1",
+            "id=1,vmid=5,smmu=0,max-table-bytes=lots",
+            "id=1,vmid=5,smmu=0,shares-vmid-with=",
+            "id=1,vmid=5,smmu=0,shares-vmid-with=1,shares-vmid-with=2",
+        ] {
+            assert!(parse_viommu(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -1,17 +1,22 @@
 //! `capture`: the engine records what guests submitted and what the control plane did, as a
 //! trace that `vcmdq replay` reads back.
 //!
-//! Workers record the entries they copy out of a ring (each entry once, however often a stop or
-//! a trap makes them read it again) and the PROD they saw, a guest's fix and acknowledgement of a
-//! stop, and the control plane records vIOMMUs, devices, bindings and rings. Events go through a
+//! Workers record the entries they act on, as the read they acted on saw them (an entry read
+//! after a trapped or refused one is given back and recorded when it is read again and judged,
+//! so a guest that rewrites it meanwhile is captured with what the engine forwarded), each entry
+//! once, the PROD up to what they acted on, a guest's fix and acknowledgement of a stop; the
+//! control plane records vIOMMUs, devices, bindings and rings. Events go through a
 //! lock-free queue to a writer thread, so a worker pays a copy of what it read and one queue
 //! push per pass, never a lock or a write to a file. A worker pushes inside its grace-period pin,
 //! so an unbind (which waits for the pin) is always recorded after the commands translated
 //! through the binding it removes.
 //!
-//! What a capture cannot see: when exactly a guest rang the doorbell (a Doorbell record carries
-//! the PROD the engine found and the time it found it), PROD values the engine read nothing at
-//! (hostile PROD writes), and physical-queue faults (they are not the guest's doing).
+//! What a capture cannot see: when exactly a guest rang the doorbell, or how far (a Doorbell
+//! record carries the PROD up to the last entry the engine acted on, and the time it read
+//! them: a PROD beyond a trapped or refused entry shows up at the read after it), PROD values the engine read nothing at
+//! (hostile PROD writes), and physical-queue faults (they are not the guest's doing; entries
+//! after a faulting command that the guest rewrites before they are read again keep their first
+//! version in the capture).
 
 use crate::command::RawCommand;
 use crate::trace::{Event, Profile, TraceMeta, TraceWriter, WriteError};

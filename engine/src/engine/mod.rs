@@ -129,6 +129,20 @@ pub enum EngineError {
     /// The id is taken.
     #[error("EEXIST: vIOMMU {0} exists")]
     ViommuExists(u32),
+    /// A capture was asked for and a vIOMMU shares a VMID: trace format version 1 has no field
+    /// for it, and a replay of the capture would refuse the second vIOMMU.
+    #[error(
+        "vIOMMU {viommu} shares VMID {vmid} with vIOMMU {with}, which a capture cannot record \
+         (the trace format has no field for it); capture without shares-vmid-with, or do not capture"
+    )]
+    CaptureSharedVmid {
+        /// The vIOMMU.
+        viommu: u32,
+        /// Its VMID.
+        vmid: u16,
+        /// The vIOMMU it shares it with.
+        with: u32,
+    },
     /// The vIOMMU still has rings attached.
     #[error("EBUSY: vIOMMU {viommu} still has {rings} ring(s) attached; detach them first")]
     ViommuBusy {
@@ -309,11 +323,21 @@ impl Engine {
         &self.devices
     }
 
-    /// Creates a vIOMMU whose commands this engine's workers translate.
+    /// Creates a vIOMMU whose commands this engine's workers translate. Its VMID must be its
+    /// own on its SMMU (EEXIST), unless [`ViommuConfig::shares_vmid_with`] names a vIOMMU with
+    /// that VMID there; a removed vIOMMU's VMID is free again.
     pub fn create_viommu(&self, cfg: ViommuConfig) -> Result<Arc<Viommu>, EngineError> {
         let mut map = lock(&self.viommus);
         if map.contains_key(&cfg.id) {
             return Err(EngineError::ViommuExists(cfg.id));
+        }
+        crate::viommu::check_vmid(&cfg, map.values().map(|v| v.config()))?;
+        if let (Some(with), Some(_)) = (cfg.shares_vmid_with, &self.shared.capture) {
+            return Err(EngineError::CaptureSharedVmid {
+                viommu: cfg.id,
+                vmid: cfg.vmid,
+                with,
+            });
         }
         let v = Arc::new(Viommu::new(
             cfg,

@@ -369,9 +369,8 @@ impl Lane {
         // One pin per pass: lookups and publication of every batch below happen inside it, so
         // an unbind that returns has seen them all published (rule 5).
         let pin = reader.pin();
-        if self.shared.capture.is_some() {
-            self.capture(r, polled.first, polled.n, seq0);
-        }
+        // Capture: entries of this poll the engine acted on (judged), as this poll read them.
+        let mut acted = polled.n;
         let mut done = 0usize;
         while done < polled.n {
             let chunk = (polled.n - done).min(self.batch_limit);
@@ -430,6 +429,7 @@ impl Lane {
                         action: Action::Trap { cmd },
                     });
                     r.host.rewind(guest_end);
+                    acted = done + end.consumed;
                     r.read_seq = seq0 + (done + end.consumed) as u64;
                     r.pause = Pause::Draining;
                     r.progress.advance(seq0 + (done + slot) as u64);
@@ -445,6 +445,8 @@ impl Lane {
                         action: Action::Stop { cerror },
                     });
                     r.host.rewind(at);
+                    // The refused entry was acted on too (its refusal is what the guest sees).
+                    acted = done + slot + 1;
                     r.read_seq = seq0 + (done + slot) as u64;
                     r.pause = Pause::Draining;
                     r.progress.advance(seq0 + (done + slot) as u64);
@@ -453,6 +455,9 @@ impl Lane {
             }
             done += end.consumed;
             r.progress.advance(seq0 + done as u64);
+        }
+        if self.shared.capture.is_some() {
+            self.capture(r, polled.first, acted, seq0);
         }
         if self.audit_on {
             let t = self.now();
@@ -467,8 +472,12 @@ impl Lane {
         true
     }
 
-    /// Capture: what the guest did that this poll shows. Entries recorded before (read again
-    /// after a stop or a trap) are not recorded twice.
+    /// Capture: what the guest did that this poll shows, for the first `n` entries it read:
+    /// those the engine acted on. Entries read after a trapped or refused one are given back
+    /// and recorded only at the read that is acted on, since the guest may rewrite them while
+    /// the ring waits (a replay must see the bytes the engine judged, not an earlier version).
+    /// Entries recorded before (a refused entry read again after the guest's acknowledgement)
+    /// are not recorded twice; a rewrite of the stopped slot is the guest's fix.
     fn capture(&mut self, r: &mut RingState, first: u32, n: usize, seq0: u64) {
         let shape = r.host.shape();
         let ring = r.id.0;

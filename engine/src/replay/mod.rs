@@ -644,6 +644,8 @@ impl Replayer<'_> {
                         .ok_or_else(|| Self::control_err(at, "unknown profile"))?,
                     sidsize,
                     range_inv,
+                    // A trace carries no limits and no VMID sharing: the defaults apply.
+                    ..Default::default()
                 };
                 self.engine
                     .create_viommu(cfg)

@@ -5,6 +5,17 @@
 //! their pSID. A device has at most one vSID in the whole host (as a device has at most one
 //! vdevice in iommufd): two VMs can never both reach one pSID.
 //!
+//! Limits. A vIOMMU holds at most [`ViommuConfig::max_vsids`] bindings (ENOSPC beyond, as
+//! iommufd says of a full table) and its vSID table at most [`ViommuConfig::max_table_bytes`]
+//! (ENOMEM for a bind whose radix nodes would take it past that; nodes stay allocated until the
+//! vIOMMU goes, so scattering vSIDs and unbinding them does not reset the count). Both are
+//! checked before anything is allocated.
+//!
+//! VMIDs. A VMID tags one stage 2 on one physical SMMU: two vIOMMUs of the same SMMU with the
+//! same VMID would invalidate each other's TLB entries. [`check_vmid`] refuses that (EEXIST)
+//! unless the configuration says the second shares the first one's stage 2
+//! ([`ViommuConfig::shares_vmid_with`]). VMIDs of different SMMUs are independent.
+//!
 //! `unset_dev_id` is a barrier (rule 5): it removes the entry, waits for a grace period of the
 //! engine's [`GraceDomain`] (see [`grace`]) and only then returns and lets the device be bound
 //! elsewhere. Until then the device reads as still bound (EEXIST) so that no other vIOMMU gets it
@@ -120,10 +131,31 @@ pub struct ViommuConfig {
     /// Whether the physical SMMU has range invalidation (SMMU_IDR3.RIL): without it, TG/NUM/SCALE
     /// in a guest TLBI are refused.
     pub range_inv: bool,
+    /// vSIDs bound at once at most (at least 1): `set_dev_id` beyond is ENOSPC. Default
+    /// [`DEFAULT_MAX_VSIDS`].
+    pub max_vsids: u32,
+    /// Bytes the vSID table may take, root included: a `set_dev_id` whose radix nodes would
+    /// take it further is ENOMEM. It must hold at least one binding of any vSID. Default
+    /// [`DEFAULT_MAX_TABLE_BYTES`].
+    pub max_table_bytes: u64,
+    /// The vIOMMU (same SMMU, same VMID) whose stage 2 this one shares, and so its VMID: the
+    /// operator's word that their invalidations may hit each other's entries. `None`: the VMID
+    /// must be this vIOMMU's alone on its SMMU.
+    pub shares_vmid_with: Option<u32>,
 }
 
+/// Default [`ViommuConfig::max_vsids`]: 65,536, a full 16-bit PCI BDF space.
+pub const DEFAULT_MAX_VSIDS: u32 = 1 << 16;
+
+/// Default [`ViommuConfig::max_table_bytes`]: 16 MiB. [`DEFAULT_MAX_VSIDS`] consecutive vSIDs
+/// take under 1 MiB at any SIDSIZE; 16 MiB also holds a few hundred vSIDs scattered over the
+/// 32-bit space (about 66 KiB each in the worst case), and bounds what a VMM binding vSIDs all
+/// over that space can make the host allocate (without a limit: up to 32 GiB per vIOMMU).
+pub const DEFAULT_MAX_TABLE_BYTES: u64 = 16 << 20;
+
 impl ViommuConfig {
-    /// A `kernel`-profile vIOMMU with 32-bit vSIDs on an SMMU with range invalidation.
+    /// A `kernel`-profile vIOMMU with 32-bit vSIDs on an SMMU with range invalidation, the
+    /// default limits and a VMID of its own.
     pub fn new(id: u32, vmid: u16, smmu: u32) -> ViommuConfig {
         ViommuConfig {
             id,
@@ -132,7 +164,62 @@ impl ViommuConfig {
             profile: Profile::Kernel,
             sidsize: 32,
             range_inv: true,
+            max_vsids: DEFAULT_MAX_VSIDS,
+            max_table_bytes: DEFAULT_MAX_TABLE_BYTES,
+            shares_vmid_with: None,
         }
+    }
+}
+
+impl Default for ViommuConfig {
+    /// [`ViommuConfig::new`]`(0, 0, 0)`: for filling in the fields a caller does not set.
+    fn default() -> Self {
+        ViommuConfig::new(0, 0, 0)
+    }
+}
+
+/// Whether a vIOMMU `cfg` may have its VMID next to the vIOMMUs `others` already has: EEXIST if
+/// one on the same SMMU has the same VMID and `cfg` does not say it shares that one's stage 2;
+/// ENOENT if it names a vIOMMU that does not exist; EINVAL if that one has another VMID or SMMU.
+pub fn check_vmid<'a>(
+    cfg: &ViommuConfig,
+    others: impl IntoIterator<Item = &'a ViommuConfig>,
+) -> Result<(), ViommuError> {
+    let mut holder: Option<u32> = None;
+    let mut shared = None;
+    for o in others {
+        if Some(o.id) == cfg.shares_vmid_with {
+            shared = Some(*o);
+        }
+        if o.smmu == cfg.smmu && o.vmid == cfg.vmid {
+            holder = Some(holder.map_or(o.id, |h| h.min(o.id)));
+        }
+    }
+    match (cfg.shares_vmid_with, shared) {
+        (Some(with), None) => Err(ViommuError::ShareUnknown {
+            viommu: cfg.id,
+            with,
+        }),
+        (Some(with), Some(o)) if o.smmu != cfg.smmu || o.vmid != cfg.vmid => {
+            Err(ViommuError::ShareMismatch {
+                viommu: cfg.id,
+                vmid: cfg.vmid,
+                smmu: cfg.smmu,
+                with,
+                with_vmid: o.vmid,
+                with_smmu: o.smmu,
+            })
+        }
+        (Some(_), Some(_)) => Ok(()),
+        (None, _) => match holder {
+            Some(holder) => Err(ViommuError::VmidTaken {
+                viommu: cfg.id,
+                vmid: cfg.vmid,
+                smmu: cfg.smmu,
+                holder,
+            }),
+            None => Ok(()),
+        },
     }
 }
 
@@ -227,21 +314,118 @@ pub enum ViommuError {
     /// A vIOMMU configuration with SIDSIZE outside 1..=32.
     #[error("EINVAL: SIDSIZE {0} is outside 1..=32")]
     BadSidsize(u8),
+    /// `set_dev_id`: the vIOMMU has as many vSIDs bound as its configuration allows.
+    #[error(
+        "ENOSPC: vIOMMU {viommu} already has {max} vSIDs bound, its limit; unbind one or raise \
+         max_vsids (serve: max-vsids=N in the --viommu spec)"
+    )]
+    VsidsFull {
+        /// The vIOMMU.
+        viommu: u32,
+        /// Its [`ViommuConfig::max_vsids`].
+        max: u32,
+    },
+    /// `set_dev_id`: the radix nodes the vSID needs would take the vSID table past its limit.
+    #[error(
+        "ENOMEM: vSID {vsid:#x} needs {need} more bytes of vSID table in vIOMMU {viommu}, which \
+         has {used} of its {max} in use; bind vSIDs closer together or raise max_table_bytes \
+         (serve: max-table-bytes=N in the --viommu spec)"
+    )]
+    TableFull {
+        /// The vIOMMU.
+        viommu: u32,
+        /// The vSID.
+        vsid: u32,
+        /// Bytes its nodes would add.
+        need: u64,
+        /// Bytes the table has.
+        used: u64,
+        /// Its [`ViommuConfig::max_table_bytes`].
+        max: u64,
+    },
+    /// A vIOMMU configuration whose limits cannot hold one binding.
+    #[error(
+        "EINVAL: vIOMMU {viommu}: max_vsids {max_vsids} and max_table_bytes {max_table_bytes} \
+         cannot hold one binding (at least 1 vSID and, at SIDSIZE {sidsize}, {need} bytes)"
+    )]
+    BadLimits {
+        /// The vIOMMU.
+        viommu: u32,
+        /// Its SIDSIZE.
+        sidsize: u8,
+        /// Its [`ViommuConfig::max_vsids`].
+        max_vsids: u32,
+        /// Its [`ViommuConfig::max_table_bytes`].
+        max_table_bytes: u64,
+        /// The bytes a table with one binding may take at this SIDSIZE.
+        need: u64,
+    },
+    /// A new vIOMMU's VMID is in use on its SMMU by a vIOMMU it does not say it shares with.
+    #[error(
+        "EEXIST: VMID {vmid} on SMMU {smmu} belongs to vIOMMU {holder}; vIOMMU {viommu} needs a \
+         VMID of its own there, or, if it shares vIOMMU {holder}'s stage 2, to say so \
+         (shares_vmid_with; serve: shares-vmid-with={holder} in the --viommu spec)"
+    )]
+    VmidTaken {
+        /// The new vIOMMU.
+        viommu: u32,
+        /// The VMID.
+        vmid: u16,
+        /// The SMMU.
+        smmu: u32,
+        /// The vIOMMU that has it (the lowest id, when several share it).
+        holder: u32,
+    },
+    /// A new vIOMMU says it shares the stage 2 of a vIOMMU that does not exist.
+    #[error("ENOENT: vIOMMU {viommu} would share the VMID of vIOMMU {with}, which does not exist")]
+    ShareUnknown {
+        /// The new vIOMMU.
+        viommu: u32,
+        /// The vIOMMU named.
+        with: u32,
+    },
+    /// A new vIOMMU says it shares the stage 2 of a vIOMMU with another VMID or SMMU.
+    #[error(
+        "EINVAL: vIOMMU {viommu} (VMID {vmid} on SMMU {smmu}) would share the stage 2 of \
+         vIOMMU {with}, which has VMID {with_vmid} on SMMU {with_smmu}: sharing needs the same \
+         VMID on the same SMMU"
+    )]
+    ShareMismatch {
+        /// The new vIOMMU.
+        viommu: u32,
+        /// Its VMID.
+        vmid: u16,
+        /// Its SMMU.
+        smmu: u32,
+        /// The vIOMMU named.
+        with: u32,
+        /// That one's VMID.
+        with_vmid: u16,
+        /// That one's SMMU.
+        with_smmu: u32,
+    },
 }
 
 impl ViommuError {
-    /// The errno name: `EEXIST`, `EINVAL`, `ENOENT` or `EBUSY`.
+    /// The errno name: `EEXIST`, `EINVAL`, `ENOENT`, `EBUSY`, `ENOSPC` or `ENOMEM`.
     pub fn errno(&self) -> &'static str {
         match self {
             ViommuError::VsidTaken { .. }
             | ViommuError::DeviceBound { .. }
             | ViommuError::DeviceExists { .. }
-            | ViommuError::PsidTaken { .. } => "EEXIST",
+            | ViommuError::PsidTaken { .. }
+            | ViommuError::VmidTaken { .. } => "EEXIST",
             ViommuError::WrongSmmu { .. }
             | ViommuError::VsidTooLarge { .. }
-            | ViommuError::BadSidsize(_) => "EINVAL",
-            ViommuError::NotBound { .. } | ViommuError::NoDevice { .. } => "ENOENT",
+            | ViommuError::BadSidsize(_)
+            | ViommuError::BadLimits { .. }
+            | ViommuError::ShareMismatch { .. } => "EINVAL",
+            ViommuError::NotBound { .. }
+            | ViommuError::NoDevice { .. }
+            | ViommuError::ShareUnknown { .. } => "ENOENT",
             ViommuError::DeviceBusy { .. } => "EBUSY",
+            ViommuError::VsidsFull { .. } => "ENOSPC",
+            ViommuError::TableFull { .. } => "ENOMEM",
         }
     }
 }
@@ -371,6 +555,16 @@ impl Viommu {
         grace: Arc<GraceDomain>,
     ) -> Result<Viommu, ViommuError> {
         let table = SidTable::new(cfg.sidsize).ok_or(ViommuError::BadSidsize(cfg.sidsize))?;
+        let need = (table.stats().bytes + table.growth_max()) as u64;
+        if cfg.max_vsids == 0 || cfg.max_table_bytes < need {
+            return Err(ViommuError::BadLimits {
+                viommu: cfg.id,
+                sidsize: cfg.sidsize,
+                max_vsids: cfg.max_vsids,
+                max_table_bytes: cfg.max_table_bytes,
+                need,
+            });
+        }
         Ok(Viommu {
             cfg,
             table,
@@ -431,7 +625,8 @@ impl Viommu {
     ///
     /// Errors, checked in this order: ENOENT (no such device), EINVAL (the device sits behind
     /// another SMMU; the vSID does not fit SIDSIZE), EEXIST (the device already has a vSID,
-    /// here or elsewhere, or is being unbound; the vSID is taken).
+    /// here or elsewhere, or is being unbound; the vSID is taken), ENOSPC (`max_vsids` are
+    /// bound), ENOMEM (the vSID's table nodes would pass `max_table_bytes`).
     pub fn set_dev_id(&self, device: DeviceId, vsid: u32) -> Result<(), ViommuError> {
         let viommu = self.cfg.id;
         let mut bound = lock(&self.bound);
@@ -481,6 +676,25 @@ impl Viommu {
                 viommu,
                 vsid,
                 device: holder,
+            });
+        }
+        // The limits, before the insert allocates anything; under this vIOMMU's lock, so the
+        // table cannot grow between the check and the insert.
+        if bound.len() >= self.cfg.max_vsids as usize {
+            return Err(ViommuError::VsidsFull {
+                viommu,
+                max: self.cfg.max_vsids,
+            });
+        }
+        let need = self.table.growth(vsid) as u64;
+        let used = self.table.stats().bytes as u64;
+        if need > 0 && used + need > self.cfg.max_table_bytes {
+            return Err(ViommuError::TableFull {
+                viommu,
+                vsid,
+                need,
+                used,
+                max: self.cfg.max_table_bytes,
             });
         }
         // Both checks above ran under this vIOMMU's lock: the insert cannot fail.

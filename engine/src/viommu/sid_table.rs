@@ -17,7 +17,9 @@
 //! Memory: the root is allocated with the table; mid nodes and leaves on first use, and kept
 //! until the table is dropped (freeing them would need a grace period per node; keeping them
 //! bounds memory by the largest set ever bound, and makes rebinding in the same range free).
-//! [`SidTable::stats`] reports what is allocated.
+//! [`SidTable::stats`] reports what is allocated, [`SidTable::growth`] what an insert would add:
+//! a vIOMMU checks it against its memory limit before inserting (32-bit vSIDs scattered one per
+//! mid node would otherwise cost 66 KiB each, 32 GiB in all).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -237,6 +239,36 @@ impl SidTable {
                 let leaf = mid[(v >> LEAF_BITS) & MID_MASK].get_or_init(new_leaf);
                 Some(&leaf[v & LEAF_MASK])
             }
+        }
+    }
+
+    /// Bytes inserting `vsid` would allocate (the nodes on its path not allocated yet); 0 for
+    /// a vSID beyond SIDSIZE, which allocates nothing.
+    pub fn growth(&self, vsid: u32) -> usize {
+        let v = vsid as usize;
+        match &self.root {
+            Root::Flat(_) => 0,
+            Root::Two(root) => match root.get(v >> LEAF_BITS) {
+                Some(leaf) if leaf.get().is_none() => LEAF_BYTES,
+                _ => 0,
+            },
+            Root::Three(root) => match root.get(v >> (LEAF_BITS + MID_BITS)) {
+                None => 0,
+                Some(mid) => match mid.get() {
+                    None => MID_BYTES + LEAF_BYTES,
+                    Some(mid) if mid[(v >> LEAF_BITS) & MID_MASK].get().is_none() => LEAF_BYTES,
+                    Some(_) => 0,
+                },
+            },
+        }
+    }
+
+    /// The most one insert can allocate at this table's SIDSIZE.
+    pub fn growth_max(&self) -> usize {
+        match &self.root {
+            Root::Flat(_) => 0,
+            Root::Two(_) => LEAF_BYTES,
+            Root::Three(_) => MID_BYTES + LEAF_BYTES,
         }
     }
 
@@ -494,7 +526,12 @@ mod tests {
                         m.insert(vsid, psid);
                         Ok(())
                     };
+                    // `growth` is what the insert allocates, whether it succeeds or not.
+                    let (before, growth) = (t.stats().bytes, t.growth(vsid));
                     prop_assert_eq!(t.insert(vsid, psid), want);
+                    let grown = t.stats().bytes - before;
+                    prop_assert_eq!(grown, growth);
+                    prop_assert!(growth <= t.growth_max());
                 } else {
                     prop_assert_eq!(t.remove(vsid), m.remove(&vsid));
                 }

@@ -414,3 +414,213 @@ fn unbind_is_a_barrier_under_racing_translators() {
         }
     }
 }
+
+/// A host with `n` devices on `SMMU`, ids 0.., pSIDs 0x10000...
+fn host_with_many_devices(n: u32) -> Host {
+    let h = Host::new();
+    for i in 0..n {
+        h.devices
+            .add_device(DeviceId(i), SMMU, 0x1_0000 + i)
+            .unwrap();
+    }
+    h
+}
+
+/// vSID number `i` of a sequence scattered over the whole 32-bit space (an odd multiplier: no
+/// two alike).
+fn scattered(i: u32) -> u32 {
+    i.wrapping_mul(0x9e37_79b9)
+}
+
+/// Binds scattered vSIDs, one device each, until a bind fails; returns how many were bound and
+/// the error.
+fn bind_scattered_until_refused(v: &Viommu, devices: u32) -> (u32, ViommuError) {
+    for i in 0..devices {
+        if let Err(e) = v.set_dev_id(DeviceId(i), scattered(i)) {
+            return (i, e);
+        }
+    }
+    panic!("{devices} scattered vSIDs were all bound: no limit stopped them")
+}
+
+#[test]
+fn scattered_vsids_stop_at_the_table_memory_limit_with_enomem_and_memory_stays_bounded() {
+    let h = host_with_many_devices(4096);
+    let v = h.viommu(1, 5, SMMU, 32);
+    let (bound, e) = bind_scattered_until_refused(&v, 4096);
+    assert_eq!(e.errno(), "ENOMEM", "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("max_table_bytes") && msg.contains("max-table-bytes=N"),
+        "the error says how to raise the limit: {msg}"
+    );
+    let stats = v.table().stats();
+    assert_eq!(stats.bound, bound as usize);
+    assert!(
+        stats.bytes as u64 <= DEFAULT_MAX_TABLE_BYTES,
+        "{stats:?} beyond the limit"
+    );
+    // Go on scattering: a refused bind allocates nothing; one that needs only a leaf in an
+    // existing mid node may still fit; the table never passes the limit.
+    let mut refused = 0;
+    let mut taken = vec![];
+    for i in bound..4096 {
+        let before = v.table().stats().bytes;
+        match v.set_dev_id(DeviceId(i), scattered(i)) {
+            Ok(()) => taken.push(i),
+            Err(e) => {
+                assert_eq!(e.errno(), "ENOMEM", "{e}");
+                assert_eq!(v.table().stats().bytes, before, "a refused bind allocated");
+                refused += 1;
+            }
+        }
+        assert!(v.table().stats().bytes as u64 <= DEFAULT_MAX_TABLE_BYTES);
+    }
+    assert!(refused > 3000, "{refused} refused");
+    // A vSID whose nodes exist still binds.
+    let spare = (bound..4096).find(|i| !taken.contains(i)).unwrap();
+    v.set_dev_id(DeviceId(spare), scattered(0) ^ 1).unwrap();
+    // Unbinding keeps the nodes: the count does not reset.
+    let used = v.table().stats().bytes;
+    v.unset_dev_id(DeviceId(0)).unwrap();
+    assert_eq!(v.table().stats().bytes, used);
+}
+
+#[test]
+fn the_table_memory_limit_can_be_raised() {
+    let h = host_with_many_devices(4096);
+    let small = h.viommu(1, 5, SMMU, 32);
+    let (at_default, _) = bind_scattered_until_refused(&small, 4096);
+    drop(small);
+    let cfg = ViommuConfig {
+        max_table_bytes: 4 * DEFAULT_MAX_TABLE_BYTES,
+        ..ViommuConfig::new(2, 5, SMMU)
+    };
+    let big = Viommu::new(cfg, h.devices.clone(), h.grace.clone()).unwrap();
+    let (bound, e) = bind_scattered_until_refused(&big, 4096);
+    assert_eq!(e.errno(), "ENOMEM");
+    assert!(bound > 3 * at_default, "{bound} vs {at_default}");
+    assert!(big.table().stats().bytes as u64 <= 4 * DEFAULT_MAX_TABLE_BYTES);
+}
+
+#[test]
+fn the_default_vsid_count_fits_sequential_vsids_and_the_next_is_enospc() {
+    let n = DEFAULT_MAX_VSIDS;
+    let h = host_with_many_devices(n + 1);
+    let v = h.viommu(1, 5, SMMU, 32);
+    // Not aligned to a leaf or a mid node: the most nodes a run of this length can touch.
+    let base = (1 << 20) - 1;
+    for i in 0..n {
+        v.set_dev_id(DeviceId(i), base + i).unwrap();
+    }
+    let e = v.set_dev_id(DeviceId(n), base + n).unwrap_err();
+    assert_eq!(
+        e,
+        ViommuError::VsidsFull {
+            viommu: 1,
+            max: DEFAULT_MAX_VSIDS
+        }
+    );
+    assert_eq!(e.errno(), "ENOSPC");
+    assert!(e.to_string().contains("max-vsids=N"), "{e}");
+    assert!(v.table().stats().bytes < 1 << 20, "{:?}", v.table().stats());
+}
+
+#[test]
+fn the_vsid_count_limit_is_enospc_until_one_is_unbound_and_can_be_raised() {
+    let h = host_with_many_devices(8);
+    for max in [3u32, 5] {
+        let cfg = ViommuConfig {
+            max_vsids: max,
+            ..ViommuConfig::new(max, 5, SMMU)
+        };
+        let v = Viommu::new(cfg, h.devices.clone(), h.grace.clone()).unwrap();
+        for i in 0..max {
+            v.set_dev_id(DeviceId(i), scattered(i)).unwrap();
+        }
+        assert_eq!(
+            v.set_dev_id(DeviceId(max), 0x10),
+            Err(ViommuError::VsidsFull { viommu: max, max })
+        );
+        // A taken vSID is still EEXIST: the errno says what the caller got wrong first.
+        assert_eq!(
+            v.set_dev_id(DeviceId(max), scattered(0))
+                .map_err(|e| e.errno()),
+            Err("EEXIST")
+        );
+        v.unset_dev_id(DeviceId(0)).unwrap();
+        v.set_dev_id(DeviceId(max), 0x10).unwrap();
+    }
+}
+
+#[test]
+fn limits_that_cannot_hold_one_binding_are_einval() {
+    let h = Host::new();
+    for (sidsize, max_vsids, max_table_bytes) in [
+        (32u8, 0u32, DEFAULT_MAX_TABLE_BYTES),
+        (32, 1, 64 << 10),
+        (16, 1, 1024),
+        (8, 1, 100),
+    ] {
+        let cfg = ViommuConfig {
+            sidsize,
+            max_vsids,
+            max_table_bytes,
+            ..ViommuConfig::new(1, 1, SMMU)
+        };
+        let e = Viommu::new(cfg, h.devices.clone(), h.grace.clone()).unwrap_err();
+        assert!(matches!(e, ViommuError::BadLimits { .. }), "{e}");
+        assert_eq!(e.errno(), "EINVAL");
+    }
+    // The smallest that holds one binding of any vSID does.
+    let h = host_with_devices();
+    let probe = SidTable::new(32).unwrap();
+    let cfg = ViommuConfig {
+        max_vsids: 1,
+        max_table_bytes: (probe.stats().bytes + probe.growth_max()) as u64,
+        ..ViommuConfig::new(1, 1, SMMU)
+    };
+    let v = Viommu::new(cfg, h.devices.clone(), h.grace.clone()).unwrap();
+    v.set_dev_id(DeviceId(0), u32::MAX).unwrap();
+}
+
+#[test]
+fn a_vmid_belongs_to_one_viommu_per_smmu_unless_sharing_is_declared() {
+    let a = ViommuConfig::new(1, 5, 0);
+    let e = check_vmid(&ViommuConfig::new(2, 5, 0), [&a]).unwrap_err();
+    assert_eq!(
+        e,
+        ViommuError::VmidTaken {
+            viommu: 2,
+            vmid: 5,
+            smmu: 0,
+            holder: 1
+        }
+    );
+    assert_eq!(e.errno(), "EEXIST");
+    check_vmid(&ViommuConfig::new(2, 5, 1), [&a]).unwrap();
+    check_vmid(&ViommuConfig::new(2, 6, 0), [&a]).unwrap();
+    let shares = |id, with| ViommuConfig {
+        shares_vmid_with: Some(with),
+        ..ViommuConfig::new(id, 5, 0)
+    };
+    check_vmid(&shares(2, 1), [&a]).unwrap();
+    let b = shares(2, 1);
+    check_vmid(&shares(3, 2), [&a, &b]).unwrap();
+    assert_eq!(
+        check_vmid(&shares(3, 9), [&a, &b]).map_err(|e| e.errno()),
+        Err("ENOENT")
+    );
+    let other_smmu = ViommuConfig::new(4, 5, 1);
+    assert_eq!(
+        check_vmid(&shares(3, 4), [&a, &other_smmu]),
+        Err(ViommuError::ShareMismatch {
+            viommu: 3,
+            vmid: 5,
+            smmu: 0,
+            with: 4,
+            with_vmid: 5,
+            with_smmu: 1
+        })
+    );
+}
