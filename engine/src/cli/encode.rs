@@ -8,9 +8,10 @@
 //! is wrong), the others are still encoded, and the exit status is 1.
 
 use super::decode::{strip_comment, words_line};
-use super::CliError;
+use super::input::{LineError, Lines};
+use super::{out, CliError};
 use clap::Args;
-use std::io::{self, BufRead, Write};
+use std::io::{self, Write};
 use std::process::ExitCode;
 use vcmdq::command::text;
 
@@ -44,13 +45,20 @@ fn group_args(args: &[String]) -> Vec<String> {
 }
 
 /// Encodes each `(label, text)`; reports failures on standard error. Returns whether all parsed.
+/// An error reading the input is `Ok(Err(..))`; an error writing the output is `Err`.
 fn encode_all(
     out: &mut impl Write,
-    items: impl Iterator<Item = io::Result<(String, String)>>,
-) -> io::Result<bool> {
+    items: impl Iterator<Item = Result<(String, String), LineError>>,
+) -> io::Result<Result<bool, LineError>> {
     let mut ok = true;
     for item in items {
-        let (label, line) = item?;
+        let (label, line) = match item {
+            Ok(i) => i,
+            Err(e) => {
+                out.flush()?;
+                return Ok(Err(e));
+            }
+        };
         let body = strip_comment(&line);
         if body.trim().is_empty() {
             continue;
@@ -64,19 +72,20 @@ fn encode_all(
             }
         }
     }
-    Ok(ok)
+    Ok(Ok(ok))
 }
 
 /// Runs `vcmdq encode`.
 pub fn run(args: EncodeArgs) -> Result<ExitCode, CliError> {
-    let stdout = io::stdout();
-    let mut out = io::BufWriter::new(stdout.lock());
+    let mut out = io::BufWriter::new(out::stdout());
     let result = if args.text.is_empty() {
-        let lines = io::stdin()
-            .lock()
-            .lines()
-            .enumerate()
-            .map(|(i, l)| l.map(|l| (format!("line {}", i + 1), l)));
+        // One line at a time, each bounded: any length of input in constant memory.
+        let mut input = Lines::new(io::stdin().lock());
+        let lines = std::iter::from_fn(move || {
+            input
+                .next_str()
+                .map(|r| r.map(|(n, l)| (format!("line {n}"), l.to_string())))
+        });
         encode_all(&mut out, lines)
     } else {
         let cmds = group_args(&args.text);
@@ -88,8 +97,10 @@ pub fn run(args: EncodeArgs) -> Result<ExitCode, CliError> {
     }
     .and_then(|ok| out.flush().map(|()| ok));
     match result {
-        Ok(true) => Ok(ExitCode::SUCCESS),
-        Ok(false) => Ok(ExitCode::from(1)),
+        Ok(Ok(true)) => Ok(ExitCode::SUCCESS),
+        Ok(Ok(false)) => Ok(ExitCode::from(1)),
+        Ok(Err(e)) => Err(format!("standard input: {e}").into()),
+        // The reader went away (`vcmdq encode | head`): nobody is left to tell.
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
         Err(e) => Err(format!("encode: {e}").into()),
     }
@@ -131,7 +142,7 @@ mod tests {
         ]
         .into_iter()
         .map(|(a, b)| Ok((a.to_string(), b.to_string())));
-        let ok = encode_all(&mut out, items).unwrap();
+        let ok = encode_all(&mut out, items).unwrap().unwrap();
         assert!(!ok);
         assert_eq!(
             String::from_utf8(out).unwrap(),
