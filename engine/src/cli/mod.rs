@@ -71,3 +71,30 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Cmd::Loadtest(a) => loadtest::run(a),
     }
 }
+
+/// An engine limit said in the terms of a command's flags: `flags` maps each
+/// [`vcmdq::engine::EngineConfig`] field to the flag that sets it.
+pub(crate) fn engine_limit(e: &vcmdq::engine::ConfigLimit, flags: &[(&str, &str)]) -> String {
+    let flag = flags
+        .iter()
+        .find(|(setting, _)| *setting == e.setting)
+        .map_or(e.setting, |(_, f)| f);
+    if e.value == 0 {
+        format!("{flag} 0: must be at least 1")
+    } else {
+        format!(
+            "{flag} {} is above {}, the most the engine takes (vcmdq::engine::{}, a build-time \
+             constant: raise it there and rebuild)",
+            e.value, e.max, e.max_name
+        )
+    }
+}
+
+/// At most `max` characters of `s` for an error message, saying how long it was when cut:
+/// a huge value is never echoed whole.
+pub(crate) fn clip(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        None => s.to_string(),
+        Some((i, _)) => format!("{}... ({} bytes)", &s[..i], s.len()),
+    }
+}

@@ -1,15 +1,20 @@
 //! The `key=value,...` specs `vcmdq serve` takes for vIOMMUs, devices, bindings and rings.
-//! Command-line text is untrusted: every malformed spec is a typed error naming the spec and
-//! the key.
+//! Command-line text is untrusted: every malformed spec is a typed error naming the key. The
+//! message does not repeat the spec (clap and the config reader already show it, once), and
+//! what it quotes is cut to [`SHOWN`] characters, so a huge bad value is never echoed whole.
 
+use super::clip;
 use vcmdq::command::text;
+
+/// The most characters of a part of a spec an error message quotes.
+pub const SHOWN: usize = 64;
 use vcmdq::viommu::{Profile, ViommuConfig};
 
 /// A malformed spec.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
     /// A part that is not `key=value` (or a known flag).
-    #[error("{spec:?}: {part:?} is not key=value (expected {expected})")]
+    #[error("{part:?} is not key=value (expected {expected})")]
     Shape {
         /// The whole spec.
         spec: String,
@@ -19,7 +24,7 @@ pub enum SpecError {
         expected: &'static str,
     },
     /// A key the spec does not take.
-    #[error("{spec:?}: unknown key {key:?} (expected {expected})")]
+    #[error("unknown key {key:?} (expected {expected})")]
     UnknownKey {
         /// The whole spec.
         spec: String,
@@ -29,7 +34,7 @@ pub enum SpecError {
         expected: &'static str,
     },
     /// A key given twice.
-    #[error("{spec:?}: {key} given twice")]
+    #[error("{key} given twice")]
     Repeated {
         /// The whole spec.
         spec: String,
@@ -37,7 +42,7 @@ pub enum SpecError {
         key: &'static str,
     },
     /// A required key is missing.
-    #[error("{spec:?}: {key} is missing (expected {expected})")]
+    #[error("{key} is missing (expected {expected})")]
     Missing {
         /// The whole spec.
         spec: String,
@@ -47,7 +52,7 @@ pub enum SpecError {
         expected: &'static str,
     },
     /// A value that does not parse or does not fit.
-    #[error("{spec:?}: {key}: {why}")]
+    #[error("{key}: {why}")]
     Value {
         /// The whole spec.
         spec: String,
@@ -121,16 +126,16 @@ impl<'a> Parts<'a> {
             }
             let Some((k, v)) = part.split_once('=') else {
                 return Err(SpecError::Shape {
-                    spec: spec.to_string(),
-                    part: part.to_string(),
+                    spec: clip(spec, SHOWN),
+                    part: clip(part, SHOWN),
                     expected,
                 });
             };
             let k = k.trim();
             let Some(&key) = keys.iter().find(|x| x.eq_ignore_ascii_case(k)) else {
                 return Err(SpecError::UnknownKey {
-                    spec: spec.to_string(),
-                    key: k.to_string(),
+                    spec: clip(spec, SHOWN),
+                    key: clip(k, SHOWN),
                     expected,
                 });
             };
@@ -144,7 +149,7 @@ impl<'a> Parts<'a> {
 
     fn repeated(&self, key: &'static str) -> SpecError {
         SpecError::Repeated {
-            spec: self.spec.to_string(),
+            spec: clip(self.spec, SHOWN),
             key,
         }
     }
@@ -159,9 +164,9 @@ impl<'a> Parts<'a> {
 
     fn value_err(&self, key: &'static str, why: String) -> SpecError {
         SpecError::Value {
-            spec: self.spec.to_string(),
+            spec: clip(self.spec, SHOWN),
             key,
-            why,
+            why: clip(&why, 2 * SHOWN),
         }
     }
 
@@ -172,7 +177,7 @@ impl<'a> Parts<'a> {
         };
         let n = text::parse_u64(v).map_err(|why| self.value_err(key, why))?;
         if n > max {
-            return Err(self.value_err(key, format!("{v} is above {max}")));
+            return Err(self.value_err(key, format!("{n} is above {max}")));
         }
         Ok(Some(n))
     }
@@ -180,7 +185,7 @@ impl<'a> Parts<'a> {
     /// The number under `key`, which must be there.
     fn required(&self, key: &'static str, max: u64) -> Result<u64, SpecError> {
         self.num(key, max)?.ok_or_else(|| SpecError::Missing {
-            spec: self.spec.to_string(),
+            spec: clip(self.spec, SHOWN),
             key,
             expected: self.expected,
         })
