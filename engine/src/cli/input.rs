@@ -26,7 +26,9 @@ pub enum LineError {
         max: usize,
     },
     /// The file is larger than [`MAX_FILE_BYTES`].
-    #[error("larger than {max} bytes (MAX_FILE_BYTES), the most a config or bindings file may hold")]
+    #[error(
+        "larger than {max} bytes (MAX_FILE_BYTES), the most a config or bindings file may hold"
+    )]
     FileTooLarge {
         /// [`MAX_FILE_BYTES`].
         max: u64,
@@ -117,7 +119,11 @@ impl<R: BufRead> Lines<R> {
     /// The next line as text.
     pub fn next_str(&mut self) -> Option<Result<(u64, &str), LineError>> {
         match self.next_bytes()? {
-            Ok((n, b)) => Some(std::str::from_utf8(b).map(|s| (n, s)).map_err(|_| LineError::NotUtf8 { line: n })),
+            Ok((n, b)) => Some(
+                std::str::from_utf8(b)
+                    .map(|s| (n, s))
+                    .map_err(|_| LineError::NotUtf8 { line: n }),
+            ),
             Err(e) => Some(Err(e)),
         }
     }
@@ -165,7 +171,12 @@ mod tests {
     fn lines_end_at_newline_crlf_or_end_of_input() {
         assert_eq!(
             all(b"ab\r\ncd\n\nef", 4),
-            vec![Ok("ab".into()), Ok("cd".into()), Ok("".into()), Ok("ef".into())]
+            vec![
+                Ok("ab".into()),
+                Ok("cd".into()),
+                Ok("".into()),
+                Ok("ef".into())
+            ]
         );
         assert_eq!(all(b"abcd\r\n", 4), vec![Ok("abcd".into())]);
         assert!(all(b"", 4).is_empty());

@@ -48,7 +48,12 @@ pub struct LoadtestArgs {
     #[arg(long, default_value_t = 3.0, allow_negative_numbers = true)]
     secs: f64,
     /// Load levels in percent of the saturation throughput (above 0, at most 100).
-    #[arg(long, value_delimiter = ',', default_value = "10,50,90", allow_negative_numbers = true)]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "10,50,90",
+        allow_negative_numbers = true
+    )]
     loads: Vec<f64>,
     /// Use this saturation throughput (commands/s, 1000 to 1e9) instead of measuring it.
     #[arg(long, allow_negative_numbers = true)]

@@ -152,8 +152,8 @@ impl ServeArgs {
 /// Reads a config file: each line `[--]option [value]`, parsed as that option would be on the
 /// command line. The file and its lines are bounded (`MAX_FILE_BYTES`, `MAX_LINE_BYTES`).
 fn read_config(path: &Path) -> Result<ServeArgs, CliError> {
-    let lines = read_small_file(path)
-        .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+    let lines =
+        read_small_file(path).map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
     let mut args = ServeArgs::default();
     for (n, line) in lines {
         let body = strip_comment(&line).trim();
@@ -197,11 +197,17 @@ fn read_config(path: &Path) -> Result<ServeArgs, CliError> {
                     if value.is_some() && std::error::Error::source(&e).is_some() =>
                 {
                     let why = std::error::Error::source(&e).map(ToString::to_string);
-                    err(format!(
-                        "{key} {}: {}",
-                        clip(value.unwrap_or_default(), SHOWN),
-                        clip(&why.unwrap_or_default(), 4 * SHOWN)
-                    ))
+                    let why = clip(&why.unwrap_or_default(), 4 * SHOWN);
+                    // A spec's error quotes the part that is wrong: the line number and that
+                    // say enough without the whole value again.
+                    if ["viommu", "device", "bind", "create-ring"].contains(&key) {
+                        err(format!("{key}: {why}"))
+                    } else {
+                        err(format!(
+                            "{key} {}: {why}",
+                            clip(value.unwrap_or_default(), SHOWN)
+                        ))
+                    }
                 }
                 _ => {
                     let msg = e.to_string();

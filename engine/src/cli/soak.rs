@@ -148,9 +148,9 @@ fn validate(a: &SoakArgs) -> Result<(), CliError> {
         ring_budget: SoakConfig::default().ring_budget,
         ..Default::default()
     };
-    engine
-        .validate()
-        .map_err(|e| super::engine_limit(&e, &[("workers", "--workers"), ("batch_limit", "--batch")]))?;
+    engine.validate().map_err(|e| {
+        super::engine_limit(&e, &[("workers", "--workers"), ("batch_limit", "--batch")])
+    })?;
     let range = |flag: &str, v: u64, lo: u64, hi: u64| -> Result<(), CliError> {
         if (lo..=hi).contains(&v) {
             Ok(())
@@ -176,7 +176,12 @@ fn validate(a: &SoakArgs) -> Result<(), CliError> {
         .into());
     }
     let ppm = u64::from(a.hostile_ppm) + u64::from(a.trap_ppm) + u64::from(a.prefetch_ppm);
-    range("--hostile-ppm + --trap-ppm + --prefetch-ppm", ppm, 0, 1_000_000)?;
+    range(
+        "--hostile-ppm + --trap-ppm + --prefetch-ppm",
+        ppm,
+        0,
+        1_000_000,
+    )?;
     Ok(())
 }
 

@@ -10,9 +10,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use vcmdq::command::{text, RawCommand};
 use vcmdq::translate::{translate_all, SlotOutcome};
-use vcmdq::viommu::{
-    DeviceId, Devices, GraceDomain, Profile, Viommu, ViommuConfig, ViommuError,
-};
+use vcmdq::viommu::{DeviceId, Devices, GraceDomain, Profile, Viommu, ViommuConfig, ViommuError};
 
 /// The physical SMMU of the vIOMMU and of the devices the bindings create.
 const SMMU: u32 = 0;
@@ -146,12 +144,7 @@ fn read_bindings_file(path: &Path) -> Result<Vec<(Binding, String)>, CliError> {
 
 /// Why a binding could not be made, in the terms of the bindings the user gave: the vIOMMU
 /// and the devices are this command's own, named nowhere on its command line.
-fn binding_error(
-    e: &ViommuError,
-    here: &str,
-    binds: &[(Binding, String)],
-    sidsize: u8,
-) -> String {
+fn binding_error(e: &ViommuError, here: &str, binds: &[(Binding, String)], sidsize: u8) -> String {
     let origin = |d: &DeviceId| {
         binds
             .get(d.0 as usize)

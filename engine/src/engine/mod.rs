@@ -334,8 +334,7 @@ impl Engine {
             }
         };
         for index in 0..n {
-            let (producer, mut hardware) = match PhysQueue::new(cfg.phys_log2size, cfg.hw.clone())
-            {
+            let (producer, mut hardware) = match PhysQueue::new(cfg.phys_log2size, cfg.hw.clone()) {
                 Ok(q) => q,
                 Err(e) => {
                     undo(workers, hw_threads);
