@@ -729,7 +729,7 @@ fn translate_binding_errors_name_the_bindings_the_user_gave() {
     );
     assert_eq!(r.code, Some(2), "{}", r.stderr);
     assert!(
-        r.stderr.contains("--bind vsid=0x10,psid=0x801: vSID 0x10 is already bound by --bind vsid=0x10,psid=0x800"),
+        r.stderr.contains("--bind vsid=0x10,psid=0x801: EEXIST: vSID 0x10 is already bound by --bind vsid=0x10,psid=0x800"),
         "{}",
         r.stderr
     );
@@ -750,7 +750,7 @@ fn translate_binding_errors_name_the_bindings_the_user_gave() {
     );
     assert_eq!(r.code, Some(2), "{}", r.stderr);
     assert!(
-        r.stderr.contains("binds.txt:2 (vsid=0x20,psid=0x800): pSID 0x800 is already bound by --bind vsid=0x10,psid=0x800"),
+        r.stderr.contains("binds.txt:2 (vsid=0x20,psid=0x800): EEXIST: pSID 0x800 is already bound by --bind vsid=0x10,psid=0x800"),
         "{}",
         r.stderr
     );

@@ -160,9 +160,9 @@ fn binding_error(e: &ViommuError, here: &str, binds: &[(Binding, String)], sidsi
         ViommuError::VsidTooLarge { vsid, .. } => {
             format!("vSID {vsid:#x} does not fit --sidsize {sidsize} (vSIDs below 2^{sidsize})")
         }
-        other => format!("{} ({other})", other.errno()),
+        other => return format!("{here}: {other}"),
     };
-    format!("{here}: {why}")
+    format!("{here}: {}: {why}", e.errno())
 }
 
 fn is_hex_word(s: &str) -> bool {
