@@ -10,7 +10,11 @@ use std::time::{Duration, Instant};
 
 use vcmdq::engine::{Engine, EngineConfig, EngineError, MAX_BATCH, MAX_BUDGET, MAX_WORKERS};
 
-const BIN: &str = env!("CARGO_BIN_EXE_vcmdq");
+/// The binary under test; `VCMDQ_BIN` points these tests at another build (e.g. one without a
+/// fix, to see its test fail).
+fn bin() -> String {
+    std::env::var("VCMDQ_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_vcmdq").to_string())
+}
 
 /// The longest any one run of the binary may take before its test calls it hung (a debug
 /// build on a loaded machine).
@@ -77,7 +81,7 @@ fn spawn(args: &[&str], input: Input<'_>, stdout: Stdio) -> Child {
         Input::Zeros => Stdio::from(std::fs::File::open("/dev/zero").unwrap()),
         Input::Bytes(_) | Input::Forever(_) => Stdio::piped(),
     };
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(bin())
         .args(args)
         .stdin(stdin)
         .stdout(stdout)
@@ -247,7 +251,7 @@ struct Serve {
 
 impl Serve {
     fn start(ring: &str) -> Serve {
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .args([
                 "serve",
                 "--viommu",
@@ -404,7 +408,7 @@ fn serve_refuses_workers_batch_and_budget_beyond_the_engine_naming_the_flag_and_
 #[test]
 fn a_thread_the_system_will_not_start_is_an_error_not_a_panic() {
     // A stack no system maps: every thread spawn fails, as under a thread limit.
-    let child = Command::new(BIN)
+    let child = Command::new(bin())
         .args([
             "serve",
             "--viommu",
@@ -533,7 +537,7 @@ fn decode_and_encode_answer_each_line_before_their_input_ends() {
         (vec!["decode"], "0x10 0\n"),
         (vec!["encode"], "TLBI_NH_ALL vmid=3\n"),
     ] {
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .args(&args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
