@@ -630,4 +630,66 @@ mod tests {
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// A value each option takes in a config file, so that a new option without one fails
+    /// the test below until it is given one.
+    fn sample(id: &str) -> Option<&'static str> {
+        Some(match id {
+            "viommu" => "id=1,vmid=5,smmu=0",
+            "device" => "id=1,smmu=0,psid=0x800",
+            "bind" => "viommu=1,device=1,vsid=0x10",
+            "ring" => "/tmp/ring",
+            "create-ring" => "viommu=1",
+            "workers" => "2",
+            "batch" => "8",
+            "budget" => "16",
+            "phys-log2size" => "4",
+            "duration" => "1",
+            "capture" => "/tmp/capture.vct",
+            "config" => "/tmp/other.conf",
+            _ => return None,
+        })
+    }
+
+    #[test]
+    fn every_option_in_a_config_file_reaches_the_command_or_is_refused() {
+        use clap::CommandFactory;
+        let dir = std::env::temp_dir().join(format!("vcmdq-serve-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("serve.conf");
+        // What a config file gives, as `run` merges it into an empty command line.
+        let merged = |body: &str| {
+            std::fs::write(&path, body).unwrap();
+            let mut cli = ServeArgs::default();
+            read_config(&path).map(|cfg| {
+                cli.merge_config(cfg);
+                format!("{cli:?}")
+            })
+        };
+        let cmd = ServeArgs::command();
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if ["help", "version"].contains(&long) {
+                continue;
+            }
+            // Another line after it: a later line must not undo an earlier one.
+            let follower = if long == "verbose" { "progress" } else { "verbose" };
+            let line = if arg.get_action().takes_values() {
+                let v = sample(long).unwrap_or_else(|| panic!("give --{long} a sample value"));
+                format!("{long} {v}")
+            } else {
+                long.to_string()
+            };
+            let got = merged(&format!("{line}\n{follower}\n"));
+            if long == "config" {
+                assert!(got.is_err(), "a config file naming another is refused");
+                continue;
+            }
+            let got = got.unwrap_or_else(|e| panic!("{line}: {e}"));
+            let without = merged(&format!("{follower}\n")).unwrap();
+            assert_ne!(got, without, "`{line}` in a config file changed nothing");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
 }
