@@ -201,4 +201,24 @@ mod tests {
             Some(Err(LineError::TooLong { line: 1, .. }))
         ));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn lines_within_the_limit_read_as_split_at_newlines(
+            lines in proptest::collection::vec("[ -~]{0,40}", 0..20),
+            max in 40usize..60,
+            chunk in 1usize..16,
+        ) {
+            let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+            // A tiny buffer: lines cross many fill_buf calls.
+            let mut l = Lines::with_max(io::BufReader::with_capacity(chunk, text.as_bytes()), max);
+            let mut got = Vec::new();
+            while let Some(r) = l.next_bytes() {
+                let (n, b) = r.unwrap();
+                proptest::prop_assert_eq!(n as usize, got.len() + 1);
+                got.push(String::from_utf8(b.to_vec()).unwrap());
+            }
+            proptest::prop_assert_eq!(got, lines);
+        }
+    }
 }

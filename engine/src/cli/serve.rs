@@ -673,7 +673,11 @@ mod tests {
                 continue;
             }
             // Another line after it: a later line must not undo an earlier one.
-            let follower = if long == "verbose" { "progress" } else { "verbose" };
+            let follower = if long == "verbose" {
+                "progress"
+            } else {
+                "verbose"
+            };
             let line = if arg.get_action().takes_values() {
                 let v = sample(long).unwrap_or_else(|| panic!("give --{long} a sample value"));
                 format!("{long} {v}")
@@ -691,5 +695,4 @@ mod tests {
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
-
 }

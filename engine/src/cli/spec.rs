@@ -330,4 +330,64 @@ mod tests {
         assert!(parse_device("id=1,smmu=0,psid=0x1_0000_0000").is_err());
         assert!(parse_bind("viommu=1,device=1").is_err());
     }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// Longest message a spec error may have whatever the input: what it quotes is cut to
+        /// SHOWN characters, the rest is fixed text.
+        const MAX_MESSAGE: usize = 4 * SHOWN + 200;
+
+        fn all(s: &str) -> Vec<Result<(), SpecError>> {
+            vec![
+                parse_viommu(s).map(drop),
+                parse_device(s).map(drop),
+                parse_bind(s).map(drop),
+                parse_create_ring(s).map(drop),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn any_text_parses_or_gets_a_bounded_error(s in ".{0,2000}") {
+                for r in all(&s) {
+                    if let Err(e) = r {
+                        prop_assert!(e.to_string().len() <= MAX_MESSAGE, "{}", e);
+                    }
+                }
+            }
+
+            #[test]
+            fn specs_made_of_known_keys_and_junk_never_panic(
+                parts in prop::collection::vec(
+                    prop_oneof![
+                        "(id|vmid|smmu|psid|viommu|device|vsid|log2size|sidsize|profile)=[0-9a-fx_]{0,24}",
+                        Just("norange".to_string()),
+                        ".{0,30}",
+                    ],
+                    0..8,
+                )
+            ) {
+                let s = parts.join(",");
+                for r in all(&s) {
+                    if let Err(e) = r {
+                        prop_assert!(e.to_string().len() <= MAX_MESSAGE, "{}", e);
+                    }
+                }
+            }
+
+            #[test]
+            fn written_specs_read_back(id: u32, vmid: u16, smmu: u32, psid: u32, vsid: u32, log2 in 0u8..=19) {
+                let v = parse_viommu(&format!("id={id},vmid={vmid:#x},smmu={smmu}")).unwrap();
+                prop_assert_eq!((v.id, v.vmid, v.smmu), (id, vmid, smmu));
+                let d = parse_device(&format!("psid={psid:#x},id={id},smmu={smmu}")).unwrap();
+                prop_assert_eq!(d, DeviceSpec { id, smmu, psid });
+                let b = parse_bind(&format!("viommu={id},device={smmu},vsid={vsid}")).unwrap();
+                prop_assert_eq!(b, BindSpec { viommu: id, device: smmu, vsid });
+                let c = parse_create_ring(&format!("viommu={id},log2size={log2}")).unwrap();
+                prop_assert_eq!(c, CreateRingSpec { viommu: id, log2size: log2 });
+            }
+        }
+    }
 }
