@@ -168,6 +168,20 @@ fn encode_ends_quietly_with_status_0_when_its_reader_is_gone() {
 }
 
 #[test]
+fn decode_and_encode_keep_the_status_of_a_bad_line_read_before_the_reader_went() {
+    for (args, bad, good) in [
+        ("decode", "not hex\n", "0x10 0\n"),
+        ("encode", "NOT_A_COMMAND\n", "TLBI_NH_ALL vmid=3\n"),
+    ] {
+        let mut input = bad.as_bytes().to_vec();
+        input.extend(lines(good, 100_000));
+        let r = with_closed_stdout(&[args], Input::Bytes(&input));
+        assert!(!r.stderr.contains("panicked"), "{args}: {}", r.stderr);
+        assert_eq!(r.code, Some(1), "{args}: {}", r.stderr);
+    }
+}
+
+#[test]
 fn translate_ends_quietly_with_status_0_when_its_reader_is_gone() {
     let input = lines("TLBI_NH_ALL vmid=0\n", 20_000);
     let r = with_closed_stdout(&["translate", "--vmid", "5"], Input::Bytes(&input));

@@ -48,9 +48,9 @@ fn group_args(args: &[String]) -> Vec<String> {
 /// An error reading the input is `Ok(Err(..))`; an error writing the output is `Err`.
 fn encode_all(
     out: &mut impl Write,
+    failed: &mut bool,
     items: impl Iterator<Item = Result<(String, String), LineError>>,
 ) -> io::Result<Result<bool, LineError>> {
-    let mut ok = true;
     for item in items {
         let (label, line) = match item {
             Ok(i) => i,
@@ -68,16 +68,17 @@ fn encode_all(
             Err(e) => {
                 out.flush()?;
                 eprintln!("{label}: error: {e}: {:?}", body.trim());
-                ok = false;
+                *failed = true;
             }
         }
     }
-    Ok(Ok(ok))
+    Ok(Ok(!*failed))
 }
 
 /// Runs `vcmdq encode`.
 pub fn run(args: EncodeArgs) -> Result<ExitCode, CliError> {
     let mut out = io::BufWriter::new(out::stdout());
+    let mut failed = false;
     let result = if args.text.is_empty() {
         // One line at a time, each bounded: any length of input in constant memory.
         let mut input = Lines::new(io::stdin().lock());
@@ -86,22 +87,23 @@ pub fn run(args: EncodeArgs) -> Result<ExitCode, CliError> {
                 .next_str()
                 .map(|r| r.map(|(n, l)| (format!("line {n}"), l.to_string())))
         });
-        encode_all(&mut out, lines)
+        encode_all(&mut out, &mut failed, lines)
     } else {
         let cmds = group_args(&args.text);
         let items = cmds
             .into_iter()
             .enumerate()
             .map(|(i, c)| Ok((format!("command {}", i + 1), c)));
-        encode_all(&mut out, items)
+        encode_all(&mut out, &mut failed, items)
     }
     .and_then(|ok| out.flush().map(|()| ok));
     match result {
         Ok(Ok(true)) => Ok(ExitCode::SUCCESS),
         Ok(Ok(false)) => Ok(ExitCode::from(1)),
         Ok(Err(e)) => Err(format!("standard input: {e}").into()),
-        // The reader went away (`vcmdq encode | head`): nobody is left to tell.
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        // The reader went away (`vcmdq encode | head`): nobody is left to tell; the status is
+        // the one the commands read so far earned.
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(ExitCode::from(u8::from(failed))),
         Err(e) => Err(format!("encode: {e}").into()),
     }
 }
@@ -142,7 +144,7 @@ mod tests {
         ]
         .into_iter()
         .map(|(a, b)| Ok((a.to_string(), b.to_string())));
-        let ok = encode_all(&mut out, items).unwrap().unwrap();
+        let ok = encode_all(&mut out, &mut false, items).unwrap().unwrap();
         assert!(!ok);
         assert_eq!(
             String::from_utf8(out).unwrap(),

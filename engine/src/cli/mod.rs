@@ -23,7 +23,16 @@ pub type CliError = Box<dyn std::error::Error>;
 
 /// vcmdq: a software VCMDQ for SMMUv3 command queues.
 #[derive(Parser, Debug)]
-#[command(name = "vcmdq", version, about, long_about = None)]
+#[command(
+    name = "vcmdq",
+    version,
+    about,
+    long_about = None,
+    after_help = "A closed standard output (`vcmdq ... | head`) ends a command quietly: commands \
+that stream stop, long-running ones (serve, soak, replay, loadtest, guest) finish and complete \
+what they took; the exit status is the one the command would have had. `vcmdq COMMAND --help` \
+gives each command's exit statuses."
+)]
 pub struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
