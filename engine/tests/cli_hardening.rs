@@ -420,6 +420,19 @@ fn serve_refuses_workers_batch_and_budget_beyond_the_engine_naming_the_flag_and_
 }
 
 #[test]
+fn serve_refuses_more_rings_than_it_serves_before_making_any() {
+    let mut body = String::from("viommu id=1,vmid=5,smmu=0\nduration 0.1\n");
+    body.push_str(&"create-ring viommu=1\n".repeat(1025));
+    let r = serve_config("many-rings", &body);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("1025 rings") && r.stderr.contains("MAX_RINGS"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
 fn a_thread_the_system_will_not_start_is_an_error_not_a_panic() {
     // A stack no system maps: every thread spawn fails, as under a thread limit.
     let child = Command::new(bin())

@@ -70,7 +70,7 @@ pub fn print(args: std::fmt::Arguments<'_>, newline: bool) {
             Ok(())
         }
     });
-    if let Err(e) = r.and_then(|()| if newline { Ok(()) } else { out.flush() }) {
+    if let Err(e) = r {
         if e.kind() == io::ErrorKind::BrokenPipe {
             CLOSED.store(true, Ordering::Relaxed);
         }

@@ -100,6 +100,9 @@ pub struct ServeArgs {
     capture: Option<PathBuf>,
 }
 
+/// The most rings one serve attaches (each a mapping and a descriptor, polled every pass).
+const MAX_RINGS: usize = 1024;
+
 /// The longest `--duration`, in seconds (about 31 years).
 const MAX_DURATION_SECS: f64 = 1e9;
 
@@ -441,6 +444,14 @@ pub fn run(mut args: ServeArgs) -> Result<ExitCode, CliError> {
     }
     if args.rings.is_empty() && args.create_rings.is_empty() {
         return Err("no rings to serve: give --ring PATH or --create-ring viommu=N".into());
+    }
+    let rings = args.rings.len() + args.create_rings.len();
+    if rings > MAX_RINGS {
+        return Err(format!(
+            "{rings} rings (--ring and --create-ring): one serve serves at most {MAX_RINGS} \
+             (MAX_RINGS); run another serve for the rest"
+        )
+        .into());
     }
     let workers = args.workers.unwrap_or(1);
     let defaults = EngineConfig::default();

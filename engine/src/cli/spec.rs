@@ -16,7 +16,7 @@ pub enum SpecError {
     /// A part that is not `key=value` (or a known flag).
     #[error("{part:?} is not key=value (expected {expected})")]
     Shape {
-        /// The whole spec.
+        /// The spec, cut to [`SHOWN`] characters.
         spec: String,
         /// The part.
         part: String,
@@ -26,7 +26,7 @@ pub enum SpecError {
     /// A key the spec does not take.
     #[error("unknown key {key:?} (expected {expected})")]
     UnknownKey {
-        /// The whole spec.
+        /// The spec, cut to [`SHOWN`] characters.
         spec: String,
         /// The key.
         key: String,
@@ -36,7 +36,7 @@ pub enum SpecError {
     /// A key given twice.
     #[error("{key} given twice")]
     Repeated {
-        /// The whole spec.
+        /// The spec, cut to [`SHOWN`] characters.
         spec: String,
         /// The key.
         key: &'static str,
@@ -44,7 +44,7 @@ pub enum SpecError {
     /// A required key is missing.
     #[error("{key} is missing (expected {expected})")]
     Missing {
-        /// The whole spec.
+        /// The spec, cut to [`SHOWN`] characters.
         spec: String,
         /// The key.
         key: &'static str,
@@ -54,7 +54,7 @@ pub enum SpecError {
     /// A value that does not parse or does not fit.
     #[error("{key}: {why}")]
     Value {
-        /// The whole spec.
+        /// The spec, cut to [`SHOWN`] characters.
         spec: String,
         /// The key.
         key: &'static str,
