@@ -420,6 +420,16 @@ fn serve_refuses_workers_batch_and_budget_beyond_the_engine_naming_the_flag_and_
 }
 
 #[test]
+fn replay_gets_the_engine_limits_from_the_library() {
+    let trace = repo("traces/dma-unmap.vct");
+    for workers in ["10000", "0"] {
+        let r = run(&["replay", &trace, "--workers", workers], Input::Null);
+        assert_eq!(r.code, Some(2), "--workers {workers}: {}", r.stderr);
+        assert!(r.stderr.contains("MAX_WORKERS"), "{}", r.stderr);
+    }
+}
+
+#[test]
 fn serve_refuses_more_rings_than_it_serves_before_making_any() {
     let mut body = String::from("viommu id=1,vmid=5,smmu=0\nduration 0.1\n");
     body.push_str(&"create-ring viommu=1\n".repeat(1025));
