@@ -182,6 +182,27 @@ fn decode_and_encode_keep_the_status_of_a_bad_line_read_before_the_reader_went()
 }
 
 #[test]
+fn a_closed_standard_error_loses_the_reports_but_not_the_run() {
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    let mut child = Command::new(bin())
+        .arg("encode")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(writer))
+        .spawn()
+        .unwrap();
+    let mut w = child.stdin.take().unwrap();
+    std::thread::spawn(move || {
+        let _ = w.write_all(b"NOT_A_COMMAND\nTLBI_NH_ALL vmid=3\n");
+    });
+    let r = finish(child, "encode with standard error closed");
+    // The bad line is still counted, the good one still encoded.
+    assert_eq!(r.code, Some(1));
+    assert_eq!(r.stdout, "0x0000000300000010 0x0000000000000000\n");
+}
+
+#[test]
 fn translate_ends_quietly_with_status_0_when_its_reader_is_gone() {
     let input = lines("TLBI_NH_ALL vmid=0\n", 20_000);
     let r = with_closed_stdout(&["translate", "--vmid", "5"], Input::Bytes(&input));
