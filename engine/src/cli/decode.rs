@@ -8,6 +8,8 @@
 //! decode, 2 when a file could not be read (the other files are still decoded) or on a usage
 //! error.
 
+use super::input::{LineError, Lines};
+use super::out;
 use super::CliError;
 use clap::Args;
 use std::io::{self, BufRead, BufReader, Write};
@@ -136,17 +138,19 @@ impl<W: Write> Printer<W> {
         }
     }
 
-    /// Decodes every line of `input`. An I/O error reading it is returned as `Ok(Err(..))` so
-    /// the caller can go on with the next file; an error writing output is `Err`.
-    fn read(&mut self, file: &str, input: impl BufRead) -> io::Result<Result<(), io::Error>> {
-        for (i, line) in input.split(b'\n').enumerate() {
-            let n = i as u64 + 1;
-            let bytes = match line {
-                Ok(b) => b,
+    /// Decodes every line of `input`, one at a time (so any length of input is decoded in
+    /// constant memory). An error reading it (or a line longer than [`super::input::MAX_LINE_BYTES`]) is
+    /// returned as `Ok(Err(..))` so the caller can go on with the next file; an error writing
+    /// output is `Err`.
+    fn read(&mut self, file: &str, input: impl BufRead) -> io::Result<Result<(), LineError>> {
+        let mut lines = Lines::new(input);
+        while let Some(line) = lines.next_bytes() {
+            let (n, bytes) = match line {
+                Ok(l) => l,
                 Err(e) => return Ok(Err(e)),
             };
-            match std::str::from_utf8(&bytes) {
-                Ok(s) => self.line(file, n, s.strip_suffix('\r').unwrap_or(s))?,
+            match std::str::from_utf8(bytes) {
+                Ok(s) => self.line(file, n, s)?,
                 Err(_) => {
                     self.failed = true;
                     self.error(file, n, "not UTF-8 text", None)?;
@@ -159,9 +163,8 @@ impl<W: Write> Printer<W> {
 
 /// Runs `vcmdq decode`.
 pub fn run(args: DecodeArgs) -> Result<ExitCode, CliError> {
-    let stdout = io::stdout();
     let mut p = Printer {
-        out: io::BufWriter::new(stdout.lock()),
+        out: io::BufWriter::new(out::stdout()),
         json: args.json,
         with_file: !args.files.is_empty(),
         failed: false,
@@ -180,7 +183,7 @@ pub fn run(args: DecodeArgs) -> Result<ExitCode, CliError> {
             } else {
                 match std::fs::File::open(path) {
                     Ok(f) => p.read(&name, BufReader::new(f))?,
-                    Err(e) => Err(e),
+                    Err(e) => Err(e.into()),
                 }
             };
             if let Err(e) = read {

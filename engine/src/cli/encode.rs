@@ -8,9 +8,10 @@
 //! is wrong), the others are still encoded, and the exit status is 1.
 
 use super::decode::{strip_comment, words_line};
-use super::CliError;
+use super::input::{LineError, Lines};
+use super::{out, CliError};
 use clap::Args;
-use std::io::{self, BufRead, Write};
+use std::io::{self, Write};
 use std::process::ExitCode;
 use vcmdq::command::text;
 
@@ -44,13 +45,20 @@ fn group_args(args: &[String]) -> Vec<String> {
 }
 
 /// Encodes each `(label, text)`; reports failures on standard error. Returns whether all parsed.
+/// An error reading the input is `Ok(Err(..))`; an error writing the output is `Err`.
 fn encode_all(
     out: &mut impl Write,
-    items: impl Iterator<Item = io::Result<(String, String)>>,
-) -> io::Result<bool> {
-    let mut ok = true;
+    failed: &mut bool,
+    items: impl Iterator<Item = Result<(String, String), LineError>>,
+) -> io::Result<Result<bool, LineError>> {
     for item in items {
-        let (label, line) = item?;
+        let (label, line) = match item {
+            Ok(i) => i,
+            Err(e) => {
+                out.flush()?;
+                return Ok(Err(e));
+            }
+        };
         let body = strip_comment(&line);
         if body.trim().is_empty() {
             continue;
@@ -60,37 +68,42 @@ fn encode_all(
             Err(e) => {
                 out.flush()?;
                 eprintln!("{label}: error: {e}: {:?}", body.trim());
-                ok = false;
+                *failed = true;
             }
         }
     }
-    Ok(ok)
+    Ok(Ok(!*failed))
 }
 
 /// Runs `vcmdq encode`.
 pub fn run(args: EncodeArgs) -> Result<ExitCode, CliError> {
-    let stdout = io::stdout();
-    let mut out = io::BufWriter::new(stdout.lock());
+    let mut out = io::BufWriter::new(out::stdout());
+    let mut failed = false;
     let result = if args.text.is_empty() {
-        let lines = io::stdin()
-            .lock()
-            .lines()
-            .enumerate()
-            .map(|(i, l)| l.map(|l| (format!("line {}", i + 1), l)));
-        encode_all(&mut out, lines)
+        // One line at a time, each bounded: any length of input in constant memory.
+        let mut input = Lines::new(io::stdin().lock());
+        let lines = std::iter::from_fn(move || {
+            input
+                .next_str()
+                .map(|r| r.map(|(n, l)| (format!("line {n}"), l.to_string())))
+        });
+        encode_all(&mut out, &mut failed, lines)
     } else {
         let cmds = group_args(&args.text);
         let items = cmds
             .into_iter()
             .enumerate()
             .map(|(i, c)| Ok((format!("command {}", i + 1), c)));
-        encode_all(&mut out, items)
+        encode_all(&mut out, &mut failed, items)
     }
     .and_then(|ok| out.flush().map(|()| ok));
     match result {
-        Ok(true) => Ok(ExitCode::SUCCESS),
-        Ok(false) => Ok(ExitCode::from(1)),
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        Ok(Ok(true)) => Ok(ExitCode::SUCCESS),
+        Ok(Ok(false)) => Ok(ExitCode::from(1)),
+        Ok(Err(e)) => Err(format!("standard input: {e}").into()),
+        // The reader went away (`vcmdq encode | head`): nobody is left to tell; the status is
+        // the one the commands read so far earned.
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(ExitCode::from(u8::from(failed))),
         Err(e) => Err(format!("encode: {e}").into()),
     }
 }
@@ -131,7 +144,7 @@ mod tests {
         ]
         .into_iter()
         .map(|(a, b)| Ok((a.to_string(), b.to_string())));
-        let ok = encode_all(&mut out, items).unwrap();
+        let ok = encode_all(&mut out, &mut false, items).unwrap().unwrap();
         assert!(!ok);
         assert_eq!(
             String::from_utf8(out).unwrap(),

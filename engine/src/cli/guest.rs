@@ -57,8 +57,8 @@ pub struct GuestArgs {
     /// Seed of the workload's random addresses and choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Seconds to wait for one CMD_SYNC before giving up.
-    #[arg(long, default_value_t = 10.0)]
+    /// Seconds to wait for one CMD_SYNC before giving up (above 0, at most 1e6).
+    #[arg(long, default_value_t = 10.0, value_parser = parse_timeout, allow_negative_numbers = true)]
     timeout: f64,
     /// The report as one JSON object.
     #[arg(long)]
@@ -68,6 +68,19 @@ pub struct GuestArgs {
 fn parse_u32(s: &str) -> Result<u32, String> {
     let v = text::parse_u64(s)?;
     u32::try_from(v).map_err(|_| format!("{v:#x} does not fit 32 bits"))
+}
+
+/// The longest --timeout, in seconds.
+const MAX_TIMEOUT_SECS: f64 = 1e6;
+
+fn parse_timeout(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= MAX_TIMEOUT_SECS => Ok(v),
+        Ok(_) => Err(format!(
+            "a timeout must be positive seconds, at most {MAX_TIMEOUT_SECS:e}"
+        )),
+        Err(_) => Err("not a number of seconds (e.g. 10 or 0.5)".into()),
+    }
 }
 
 fn parse_u16(s: &str) -> Result<u16, String> {
@@ -90,6 +103,13 @@ enum GuestError {
         "ring {path}: the ring has {entries} slot(s); a batch and its CMD_SYNC need at least 2"
     )]
     TooSmall { path: String, entries: u32 },
+    #[error("ring {path}: --batch {batch} does not fit: the ring has {entries} slots, so a batch \
+and its CMD_SYNC take at most {entries} (--batch {max} at most)", max = entries - 1)]
+    BatchTooLarge {
+        path: String,
+        batch: u64,
+        entries: u32,
+    },
     #[error(
         "CMD_SYNC {n} did not complete within {secs} s (is vcmdq serve running on this ring?)"
     )]
@@ -360,8 +380,16 @@ pub fn run(args: GuestArgs) -> Result<ExitCode, CliError> {
     if entries < 2 {
         return Err(GuestError::TooSmall { path, entries }.into());
     }
-    let batch = args.batch.min(u64::from(entries) - 1) as usize;
-    let timeout = Duration::from_secs_f64(args.timeout.clamp(0.001, 1e6));
+    if args.batch > u64::from(entries) - 1 {
+        return Err(GuestError::BatchTooLarge {
+            path,
+            batch: args.batch,
+            entries,
+        }
+        .into());
+    }
+    let batch = args.batch as usize;
+    let timeout = Duration::from_secs_f64(args.timeout);
     let mut gen = Generator {
         workload: args.workload,
         rng: Rng(args.seed),
@@ -452,7 +480,7 @@ pub fn run(args: GuestArgs) -> Result<ExitCode, CliError> {
         secs: start.elapsed().as_secs_f64(),
         latency,
     };
-    let mut out = std::io::stdout().lock();
+    let mut out = super::out::stdout();
     if args.json {
         writeln!(out, "{}", report.json())?;
     } else {

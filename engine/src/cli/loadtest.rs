@@ -43,14 +43,20 @@ pub struct LoadtestArgs {
     /// Commands per batch; each batch ends in a CMD_SYNC.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1000))]
     batch: u32,
-    /// Seconds of measurement per load level (and for the saturation run).
-    #[arg(long, default_value_t = 3.0)]
+    /// Seconds of measurement per load level (and for the saturation run), above 0 and at most
+    /// 600. Every level ends then, whether or not the engine kept up.
+    #[arg(long, default_value_t = 3.0, allow_negative_numbers = true)]
     secs: f64,
-    /// Load levels in percent of the saturation throughput.
-    #[arg(long, value_delimiter = ',', default_value = "10,50,90")]
+    /// Load levels in percent of the saturation throughput (above 0, at most 100).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "10,50,90",
+        allow_negative_numbers = true
+    )]
     loads: Vec<f64>,
-    /// Use this saturation throughput (commands/s) instead of measuring it.
-    #[arg(long)]
+    /// Use this saturation throughput (commands/s, 1000 to 1e9) instead of measuring it.
+    #[arg(long, allow_negative_numbers = true)]
     saturation: Option<f64>,
     /// Print the results as JSON.
     #[arg(long)]
@@ -68,6 +74,12 @@ const VSIDS: u32 = 16;
 const POOL: usize = 256;
 /// Measurement starts this long after a level starts: the first batches warm caches up.
 const WARMUP: Duration = Duration::from_millis(200);
+/// The longest --secs.
+const MAX_SECS: f64 = 600.0;
+/// The lowest and highest --saturation, in commands/s: far beyond what one engine worker
+/// does, so an open-loop level's schedule stays countable.
+const MIN_SATURATION: f64 = 1e3;
+const MAX_SATURATION: f64 = 1e9;
 /// Longest wait for the engine to finish what was submitted.
 const DRAIN: Duration = Duration::from_secs(10);
 
@@ -231,7 +243,12 @@ impl Rig {
         let mut open = 0usize;
         loop {
             let now = self.now();
-            if rate.is_none() && now >= stop_at {
+            // The level ends at its deadline whatever the rate: batches still due then were
+            // never sent (the engine or the generator fell behind), and are counted.
+            if now >= stop_at && k < total {
+                if rate.is_some() {
+                    level.unsent = total - k;
+                }
                 total = k;
             }
             // Every batch that is due, oldest first; a full ring holds the rest back (they
@@ -329,6 +346,8 @@ struct Level {
     batches: u64,
     /// Times the generator found a ring full when a batch was due.
     ring_full: u64,
+    /// Batches of the schedule not sent by the level's deadline.
+    unsent: u64,
     publish: Histogram<u64>,
     sync: Histogram<u64>,
     /// How late the generator rang each doorbell: its share of the latencies above (the OS
@@ -347,6 +366,7 @@ impl Level {
             elapsed: Duration::ZERO,
             batches: 0,
             ring_full: 0,
+            unsent: 0,
             publish: h(),
             sync: h(),
             late: h(),
@@ -400,15 +420,18 @@ const COLORS: [&str; 6] = [
 
 /// Runs `vcmdq loadtest`.
 pub fn run(a: LoadtestArgs) -> Result<ExitCode, CliError> {
-    if !(a.secs > 0.0 && a.secs <= 600.0) {
-        return Err("--secs must be above 0 and at most 600".into());
+    if !(a.secs > 0.0 && a.secs <= MAX_SECS) {
+        return Err(format!("--secs {}: must be above 0 and at most {MAX_SECS}", a.secs).into());
     }
     if a.loads.is_empty() || a.loads.iter().any(|l| !(*l > 0.0 && *l <= 100.0)) {
         return Err("--loads must be percentages above 0 and at most 100".into());
     }
     if let Some(s) = a.saturation {
-        if !(s.is_finite() && s >= 1000.0) {
-            return Err("--saturation must be at least 1000 commands/s".into());
+        if !(MIN_SATURATION..=MAX_SATURATION).contains(&s) {
+            return Err(format!(
+                "--saturation {s:e}: must be {MIN_SATURATION:e} to {MAX_SATURATION:e} commands/s"
+            )
+            .into());
         }
     }
     let load_before = loadavg();
@@ -459,6 +482,7 @@ pub fn run(a: LoadtestArgs) -> Result<ExitCode, CliError> {
                 "achieved_cmd_per_s": l.achieved,
                 "batches": l.batches,
                 "ring_full": l.ring_full,
+                "unsent_at_deadline": l.unsent,
                 "doorbell_to_publish": percentiles(&l.publish),
                 "doorbell_to_sync": percentiles(&l.sync),
                 "generator_late": percentiles(&l.late),
@@ -491,6 +515,13 @@ pub fn run(a: LoadtestArgs) -> Result<ExitCode, CliError> {
                     String::new()
                 }
             );
+            if l.unsent > 0 {
+                println!(
+                    "    {} scheduled batches were not sent by the level's end: the rate was not \
+                     reached",
+                    l.unsent
+                );
+            }
             println!(
                 "    {:<26} {:>9} {:>9} {:>9} {:>9} {:>10}",
                 "latency (µs) from doorbell", "p50", "p90", "p99", "p99.9", "max"

@@ -4,7 +4,9 @@ mod decode;
 mod encode;
 mod gen;
 mod guest;
+mod input;
 mod loadtest;
+pub mod out;
 mod plot;
 mod replay;
 mod serve;
@@ -21,7 +23,16 @@ pub type CliError = Box<dyn std::error::Error>;
 
 /// vcmdq: a software VCMDQ for SMMUv3 command queues.
 #[derive(Parser, Debug)]
-#[command(name = "vcmdq", version, about, long_about = None)]
+#[command(
+    name = "vcmdq",
+    version,
+    about,
+    long_about = None,
+    after_help = "A closed standard output (`vcmdq ... | head`) ends a command quietly: commands \
+that stream stop, long-running ones (serve, soak, replay, loadtest, guest) finish and complete \
+what they took; the exit status is the one the command would have had. `vcmdq COMMAND --help` \
+gives each command's exit statuses."
+)]
 pub struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -67,5 +78,32 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Cmd::Serve(args) => serve::run(args),
         Cmd::Guest(args) => guest::run(args),
         Cmd::Loadtest(a) => loadtest::run(a),
+    }
+}
+
+/// An engine limit said in the terms of a command's flags: `flags` maps each
+/// [`vcmdq::engine::EngineConfig`] field to the flag that sets it.
+pub(crate) fn engine_limit(e: &vcmdq::engine::ConfigLimit, flags: &[(&str, &str)]) -> String {
+    let flag = flags
+        .iter()
+        .find(|(setting, _)| *setting == e.setting)
+        .map_or(e.setting, |(_, f)| f);
+    if e.value == 0 {
+        format!("{flag} 0: must be at least 1")
+    } else {
+        format!(
+            "{flag} {} is above {}, the most the engine takes (vcmdq::engine::{}, a build-time \
+             constant: raise it there and rebuild)",
+            e.value, e.max, e.max_name
+        )
+    }
+}
+
+/// At most `max` characters of `s` for an error message, saying how long it was when cut:
+/// a huge value is never echoed whole.
+pub(crate) fn clip(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        None => s.to_string(),
+        Some((i, _)) => format!("{}... ({} bytes)", &s[..i], s.len()),
     }
 }

@@ -4,8 +4,9 @@
 //! serve stands in for the VMM.
 
 use super::decode::strip_comment;
-use super::spec::{self, BindSpec, CreateRingSpec, DeviceSpec};
-use super::CliError;
+use super::input::read_small_file;
+use super::spec::{self, BindSpec, CreateRingSpec, DeviceSpec, SHOWN};
+use super::{clip, engine_limit, out, CliError};
 use clap::Parser;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -81,8 +82,8 @@ pub struct ServeArgs {
     /// Run each physical queue's hardware model on a thread of its own.
     #[arg(long)]
     hw_thread: bool,
-    /// Stop after SECS seconds.
-    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    /// Stop after SECS seconds (above 0, at most 1e9).
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, allow_negative_numbers = true)]
     duration: Option<f64>,
     /// Counters on standard error once a second even when it is not a terminal.
     #[arg(long)]
@@ -99,10 +100,19 @@ pub struct ServeArgs {
     capture: Option<PathBuf>,
 }
 
+/// The most rings one serve attaches (each a mapping and a descriptor, polled every pass).
+const MAX_RINGS: usize = 1024;
+
+/// The longest `--duration`, in seconds (about 31 years).
+const MAX_DURATION_SECS: f64 = 1e9;
+
 fn parse_secs(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(v) if (0.0..1e9).contains(&v) => Ok(v),
-        _ => Err(format!("{s:?} is not a number of seconds")),
+        Ok(v) if v > 0.0 && v <= MAX_DURATION_SECS => Ok(v),
+        Ok(_) => Err(format!(
+            "a duration must be positive seconds, at most {MAX_DURATION_SECS:e} (e.g. 10 or 0.5)"
+        )),
+        Err(_) => Err("not a number of seconds (e.g. 10 or 0.5)".into()),
     }
 }
 
@@ -138,23 +148,24 @@ impl ServeArgs {
         self.progress |= other.progress;
         self.verbose |= other.verbose;
         self.json |= other.json;
+        self.capture = self.capture.take().or(other.capture);
     }
 }
 
 /// Reads a config file: each line `[--]option [value]`, parsed as that option would be on the
-/// command line.
+/// command line. The file and its lines are bounded (`MAX_FILE_BYTES`, `MAX_LINE_BYTES`).
 fn read_config(path: &Path) -> Result<ServeArgs, CliError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+    let lines =
+        read_small_file(path).map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
     let mut args = ServeArgs::default();
-    for (i, line) in text.lines().enumerate() {
-        let body = strip_comment(line).trim();
+    for (n, line) in lines {
+        let body = strip_comment(&line).trim();
         if body.is_empty() {
             continue;
         }
         let err = |why: String| ConfigError {
             path: path.display().to_string(),
-            line: i + 1,
+            line: n as usize,
             why,
         };
         let (key, value) = match body.split_once(char::is_whitespace) {
@@ -165,16 +176,56 @@ fn read_config(path: &Path) -> Result<ServeArgs, CliError> {
         if key == "config" {
             return Err(err("a config file cannot name another".into()).into());
         }
+        let not_an_option = || {
+            err(format!(
+                "{:?} is not an option serve takes (`vcmdq serve --help` lists them; a config \
+                 line is an option without its `--`)",
+                clip(key, SHOWN)
+            ))
+        };
+        // Would print clap's help or version text under a file:line instead of an error.
+        if ["help", "h", "version", "V"].contains(&key) {
+            return Err(not_an_option().into());
+        }
         let mut argv = vec!["serve".to_string(), format!("--{key}")];
         argv.extend(value.map(str::to_string));
         let one = ServeArgs::try_parse_from(&argv).map_err(|e| {
-            let msg = e.to_string();
-            let first = msg
-                .lines()
-                .next()
-                .unwrap_or("")
-                .trim_start_matches("error: ");
-            err(first.to_string())
+            use clap::error::ErrorKind;
+            match e.kind() {
+                ErrorKind::UnknownArgument | ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                    not_an_option()
+                }
+                // The value once, cut short; then why it is wrong.
+                ErrorKind::ValueValidation | ErrorKind::InvalidValue
+                    if value.is_some() && std::error::Error::source(&e).is_some() =>
+                {
+                    let why = std::error::Error::source(&e).map(ToString::to_string);
+                    let why = clip(&why.unwrap_or_default(), 4 * SHOWN);
+                    // A spec's error quotes the part that is wrong: the line number and that
+                    // say enough without the whole value again.
+                    if ["viommu", "device", "bind", "create-ring"].contains(&key) {
+                        err(format!("{key}: {why}"))
+                    } else {
+                        err(format!(
+                            "{key} {}: {why}",
+                            clip(value.unwrap_or_default(), SHOWN)
+                        ))
+                    }
+                }
+                _ => {
+                    let msg = e.to_string();
+                    let first = msg
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .trim_start_matches("error: ");
+                    let first = match value {
+                        Some(v) if !v.is_empty() => first.replace(v, &clip(v, SHOWN)),
+                        _ => first.to_string(),
+                    };
+                    err(clip(&first, 4 * SHOWN))
+                }
+            }
         })?;
         let mut merged = one;
         merged.merge_config(args);
@@ -222,7 +273,7 @@ fn stdin_is_a_stop_switch() -> bool {
 }
 
 /// A thread that raises `stop` when standard input reaches end of file.
-fn watch_stdin(stop: Arc<AtomicBool>) {
+fn watch_stdin(stop: Arc<AtomicBool>) -> Result<(), CliError> {
     std::thread::Builder::new()
         .name("vcmdq-stdin".into())
         .spawn(move || {
@@ -238,7 +289,8 @@ fn watch_stdin(stop: Arc<AtomicBool>) {
             }
             stop.store(true, Ordering::Relaxed);
         })
-        .expect("spawn the stdin watcher");
+        .map_err(|e| format!("cannot start the standard input watcher thread: {e}"))?;
+    Ok(())
 }
 
 /// One attached ring.
@@ -400,9 +452,17 @@ pub fn run(mut args: ServeArgs) -> Result<ExitCode, CliError> {
     if args.rings.is_empty() && args.create_rings.is_empty() {
         return Err("no rings to serve: give --ring PATH or --create-ring viommu=N".into());
     }
-    let workers = args.workers.unwrap_or(1).max(1);
+    let rings = args.rings.len() + args.create_rings.len();
+    if rings > MAX_RINGS {
+        return Err(format!(
+            "{rings} rings (--ring and --create-ring): one serve serves at most {MAX_RINGS} \
+             (MAX_RINGS); run another serve for the rest"
+        )
+        .into());
+    }
+    let workers = args.workers.unwrap_or(1);
     let defaults = EngineConfig::default();
-    let engine = Engine::start(EngineConfig {
+    let cfg = EngineConfig {
         workers,
         batch_limit: args.batch_limit.unwrap_or(defaults.batch_limit),
         ring_budget: args.ring_budget.unwrap_or(defaults.ring_budget),
@@ -414,10 +474,22 @@ pub fn run(mut args: ServeArgs) -> Result<ExitCode, CliError> {
         },
         capture: args.capture.clone(),
         ..defaults
+    };
+    // Checked here too so the error names serve's flags; a config file line sets the same.
+    cfg.validate().map_err(|e| {
+        engine_limit(
+            &e,
+            &[
+                ("workers", "--workers"),
+                ("batch_limit", "--batch"),
+                ("ring_budget", "--budget"),
+            ],
+        )
     })?;
+    let engine = Engine::start(cfg)?;
     let attached = set_up(&engine, &args)?;
-    {
-        let mut out = std::io::stdout().lock();
+    let listed = (|| -> std::io::Result<()> {
+        let mut out = out::stdout();
         for a in &attached {
             writeln!(
                 out,
@@ -428,12 +500,18 @@ pub fn run(mut args: ServeArgs) -> Result<ExitCode, CliError> {
                 a.path.display()
             )?;
         }
-        out.flush()?;
+        out.flush()
+    })();
+    match listed {
+        // Nobody reads the paths (`serve | head -0`): serve still serves the rings, which a
+        // guest may know of otherwise (--ring), and stops as it would have.
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.into()),
+        _ => {}
     }
 
     let stop = Arc::new(AtomicBool::new(false));
     if args.duration.is_none() && stdin_is_a_stop_switch() {
-        watch_stdin(stop.clone());
+        watch_stdin(stop.clone())?;
     }
     let stderr_tty = std::io::stderr().is_terminal();
     let live = stderr_tty || args.progress;
@@ -503,7 +581,7 @@ pub fn run(mut args: ServeArgs) -> Result<ExitCode, CliError> {
         }
         _ => {}
     }
-    let mut out = std::io::stdout().lock();
+    let mut out = out::stdout();
     if args.json {
         writeln!(
             out,
@@ -568,6 +646,71 @@ mod tests {
             e.contains("serve.conf:1:") && e.contains("frobnicate"),
             "{e}"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A value each option takes in a config file, so that a new option without one fails
+    /// the test below until it is given one.
+    fn sample(id: &str) -> Option<&'static str> {
+        Some(match id {
+            "viommu" => "id=1,vmid=5,smmu=0",
+            "device" => "id=1,smmu=0,psid=0x800",
+            "bind" => "viommu=1,device=1,vsid=0x10",
+            "ring" => "/tmp/ring",
+            "create-ring" => "viommu=1",
+            "workers" => "2",
+            "batch" => "8",
+            "budget" => "16",
+            "phys-log2size" => "4",
+            "duration" => "1",
+            "capture" => "/tmp/capture.vct",
+            "config" => "/tmp/other.conf",
+            _ => return None,
+        })
+    }
+
+    #[test]
+    fn every_option_in_a_config_file_reaches_the_command_or_is_refused() {
+        use clap::CommandFactory;
+        let dir = std::env::temp_dir().join(format!("vcmdq-serve-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("serve.conf");
+        // What a config file gives, as `run` merges it into an empty command line.
+        let merged = |body: &str| {
+            std::fs::write(&path, body).unwrap();
+            let mut cli = ServeArgs::default();
+            read_config(&path).map(|cfg| {
+                cli.merge_config(cfg);
+                format!("{cli:?}")
+            })
+        };
+        let cmd = ServeArgs::command();
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if ["help", "version"].contains(&long) {
+                continue;
+            }
+            // Another line after it: a later line must not undo an earlier one.
+            let follower = if long == "verbose" {
+                "progress"
+            } else {
+                "verbose"
+            };
+            let line = if arg.get_action().takes_values() {
+                let v = sample(long).unwrap_or_else(|| panic!("give --{long} a sample value"));
+                format!("{long} {v}")
+            } else {
+                long.to_string()
+            };
+            let got = merged(&format!("{line}\n{follower}\n"));
+            if long == "config" {
+                assert!(got.is_err(), "a config file naming another is refused");
+                continue;
+            }
+            let got = got.unwrap_or_else(|e| panic!("{line}: {e}"));
+            let without = merged(&format!("{follower}\n")).unwrap();
+            assert_ne!(got, without, "`{line}` in a config file changed nothing");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -34,7 +34,7 @@ pub struct SoakArgs {
     #[arg(long, value_parser = parse_count)]
     commands: Option<u64>,
     /// How long the guests write: 90s, 10m, 1h, or seconds.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = parse_duration, allow_negative_numbers = true)]
     duration: Option<Duration>,
     /// Seed of the streams and the fault schedule.
     #[arg(long, default_value_t = 1)]
@@ -119,12 +119,75 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     };
     match num.parse::<f64>() {
         Ok(f) if f > 0.0 && f * secs < 1e9 => Ok(Duration::from_secs_f64(f * secs)),
-        _ => Err(format!("{s:?} is not a duration (e.g. 90s, 10m)")),
+        Ok(f) if f.is_finite() && f * secs < 1e9 => {
+            Err("a duration must be positive (e.g. 90s, 10m)".into())
+        }
+        Ok(_) => Err("a duration must be below 1e9 seconds (e.g. 90s, 10m)".into()),
+        Err(_) => Err(format!("{s:?} is not a duration (e.g. 90s, 10m)")),
     }
+}
+
+/// The most guest threads a soak runs.
+const MAX_GUESTS: usize = 64;
+/// The most guest rings (and vIOMMUs) of a soak.
+const MAX_RINGS: usize = 1024;
+/// The most memory all guest rings of a soak may take together: --rings x 16 x
+/// 2^--ring-log2size bytes.
+const MAX_RING_BYTES: u64 = 1 << 30;
+/// The longest injected stall, in microseconds (--max-stall-us).
+const MAX_STALL_US: u64 = 1_000_000;
+/// The longest busy wait per physical command, in nanoseconds (--slow-ns).
+const MAX_SLOW_NS: u64 = 1_000_000;
+
+/// Refuses what the soak would otherwise clamp, hang on or allocate without bound, naming the
+/// flag and its bound.
+fn validate(a: &SoakArgs) -> Result<(), CliError> {
+    let engine = vcmdq::engine::EngineConfig {
+        workers: a.workers,
+        batch_limit: a.batch,
+        ring_budget: SoakConfig::default().ring_budget,
+        ..Default::default()
+    };
+    engine.validate().map_err(|e| {
+        super::engine_limit(&e, &[("workers", "--workers"), ("batch_limit", "--batch")])
+    })?;
+    let range = |flag: &str, v: u64, lo: u64, hi: u64| -> Result<(), CliError> {
+        if (lo..=hi).contains(&v) {
+            Ok(())
+        } else {
+            Err(format!("{flag} {v} is outside {lo}..={hi}").into())
+        }
+    };
+    range("--guests", a.guests as u64, 1, MAX_GUESTS as u64)?;
+    range("--rings", a.rings as u64, 1, MAX_RINGS as u64)?;
+    range("--viommus", a.viommus as u64, 1, MAX_RINGS as u64)?;
+    range("--ring-log2size", u64::from(a.ring_log2size), 1, 19)?;
+    range("--max-stall-us", a.max_stall_us, 0, MAX_STALL_US)?;
+    if let Some(ns) = a.slow_ns {
+        range("--slow-ns", ns, 0, MAX_SLOW_NS)?;
+    }
+    let bytes = (a.rings as u64) << (4 + a.ring_log2size);
+    if bytes > MAX_RING_BYTES {
+        return Err(format!(
+            "--rings {} of --ring-log2size {} need {bytes} bytes, above the soak's {MAX_RING_BYTES} \
+             (give fewer or smaller rings)",
+            a.rings, a.ring_log2size
+        )
+        .into());
+    }
+    let ppm = u64::from(a.hostile_ppm) + u64::from(a.trap_ppm) + u64::from(a.prefetch_ppm);
+    range(
+        "--hostile-ppm + --trap-ppm + --prefetch-ppm",
+        ppm,
+        0,
+        1_000_000,
+    )?;
+    Ok(())
 }
 
 /// Runs `vcmdq soak`.
 pub fn run_cli(a: SoakArgs) -> Result<ExitCode, CliError> {
+    validate(&a)?;
     let cfg = SoakConfig {
         commands: match (a.commands, a.duration) {
             (None, None) => Some(1_000_000_000),

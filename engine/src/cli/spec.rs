@@ -1,17 +1,22 @@
 //! The `key=value,...` specs `vcmdq serve` takes for vIOMMUs, devices, bindings and rings.
-//! Command-line text is untrusted: every malformed spec is a typed error naming the spec and
-//! the key.
+//! Command-line text is untrusted: every malformed spec is a typed error naming the key. The
+//! message does not repeat the spec (clap and the config reader already show it, once), and
+//! what it quotes is cut to [`SHOWN`] characters, so a huge bad value is never echoed whole.
 
+use super::clip;
 use vcmdq::command::text;
+
+/// The most characters of a part of a spec an error message quotes.
+pub const SHOWN: usize = 64;
 use vcmdq::viommu::{Profile, ViommuConfig};
 
 /// A malformed spec.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
     /// A part that is not `key=value` (or a known flag).
-    #[error("{spec:?}: {part:?} is not key=value (expected {expected})")]
+    #[error("{part:?} is not key=value (expected {expected})")]
     Shape {
-        /// The whole spec.
+        /// The spec, cut to [`SHOWN`] characters.
         spec: String,
         /// The part.
         part: String,
@@ -19,9 +24,9 @@ pub enum SpecError {
         expected: &'static str,
     },
     /// A key the spec does not take.
-    #[error("{spec:?}: unknown key {key:?} (expected {expected})")]
+    #[error("unknown key {key:?} (expected {expected})")]
     UnknownKey {
-        /// The whole spec.
+        /// The spec, cut to [`SHOWN`] characters.
         spec: String,
         /// The key.
         key: String,
@@ -29,17 +34,17 @@ pub enum SpecError {
         expected: &'static str,
     },
     /// A key given twice.
-    #[error("{spec:?}: {key} given twice")]
+    #[error("{key} given twice")]
     Repeated {
-        /// The whole spec.
+        /// The spec, cut to [`SHOWN`] characters.
         spec: String,
         /// The key.
         key: &'static str,
     },
     /// A required key is missing.
-    #[error("{spec:?}: {key} is missing (expected {expected})")]
+    #[error("{key} is missing (expected {expected})")]
     Missing {
-        /// The whole spec.
+        /// The spec, cut to [`SHOWN`] characters.
         spec: String,
         /// The key.
         key: &'static str,
@@ -47,9 +52,9 @@ pub enum SpecError {
         expected: &'static str,
     },
     /// A value that does not parse or does not fit.
-    #[error("{spec:?}: {key}: {why}")]
+    #[error("{key}: {why}")]
     Value {
-        /// The whole spec.
+        /// The spec, cut to [`SHOWN`] characters.
         spec: String,
         /// The key.
         key: &'static str,
@@ -121,16 +126,16 @@ impl<'a> Parts<'a> {
             }
             let Some((k, v)) = part.split_once('=') else {
                 return Err(SpecError::Shape {
-                    spec: spec.to_string(),
-                    part: part.to_string(),
+                    spec: clip(spec, SHOWN),
+                    part: clip(part, SHOWN),
                     expected,
                 });
             };
             let k = k.trim();
             let Some(&key) = keys.iter().find(|x| x.eq_ignore_ascii_case(k)) else {
                 return Err(SpecError::UnknownKey {
-                    spec: spec.to_string(),
-                    key: k.to_string(),
+                    spec: clip(spec, SHOWN),
+                    key: clip(k, SHOWN),
                     expected,
                 });
             };
@@ -144,7 +149,7 @@ impl<'a> Parts<'a> {
 
     fn repeated(&self, key: &'static str) -> SpecError {
         SpecError::Repeated {
-            spec: self.spec.to_string(),
+            spec: clip(self.spec, SHOWN),
             key,
         }
     }
@@ -159,9 +164,9 @@ impl<'a> Parts<'a> {
 
     fn value_err(&self, key: &'static str, why: String) -> SpecError {
         SpecError::Value {
-            spec: self.spec.to_string(),
+            spec: clip(self.spec, SHOWN),
             key,
-            why,
+            why: clip(&why, 2 * SHOWN),
         }
     }
 
@@ -172,7 +177,7 @@ impl<'a> Parts<'a> {
         };
         let n = text::parse_u64(v).map_err(|why| self.value_err(key, why))?;
         if n > max {
-            return Err(self.value_err(key, format!("{v} is above {max}")));
+            return Err(self.value_err(key, format!("{n} is above {max}")));
         }
         Ok(Some(n))
     }
@@ -180,7 +185,7 @@ impl<'a> Parts<'a> {
     /// The number under `key`, which must be there.
     fn required(&self, key: &'static str, max: u64) -> Result<u64, SpecError> {
         self.num(key, max)?.ok_or_else(|| SpecError::Missing {
-            spec: self.spec.to_string(),
+            spec: clip(self.spec, SHOWN),
             key,
             expected: self.expected,
         })
@@ -376,5 +381,65 @@ mod tests {
         }
         assert!(parse_device("id=1,smmu=0,psid=0x1_0000_0000").is_err());
         assert!(parse_bind("viommu=1,device=1").is_err());
+    }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// Longest message a spec error may have whatever the input: what it quotes is cut to
+        /// SHOWN characters, the rest is fixed text.
+        const MAX_MESSAGE: usize = 4 * SHOWN + 200;
+
+        fn all(s: &str) -> Vec<Result<(), SpecError>> {
+            vec![
+                parse_viommu(s).map(drop),
+                parse_device(s).map(drop),
+                parse_bind(s).map(drop),
+                parse_create_ring(s).map(drop),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn any_text_parses_or_gets_a_bounded_error(s in ".{0,2000}") {
+                for r in all(&s) {
+                    if let Err(e) = r {
+                        prop_assert!(e.to_string().len() <= MAX_MESSAGE, "{}", e);
+                    }
+                }
+            }
+
+            #[test]
+            fn specs_made_of_known_keys_and_junk_never_panic(
+                parts in prop::collection::vec(
+                    prop_oneof![
+                        "(id|vmid|smmu|psid|viommu|device|vsid|log2size|sidsize|profile)=[0-9a-fx_]{0,24}",
+                        Just("norange".to_string()),
+                        ".{0,30}",
+                    ],
+                    0..8,
+                )
+            ) {
+                let s = parts.join(",");
+                for r in all(&s) {
+                    if let Err(e) = r {
+                        prop_assert!(e.to_string().len() <= MAX_MESSAGE, "{}", e);
+                    }
+                }
+            }
+
+            #[test]
+            fn written_specs_read_back(id: u32, vmid: u16, smmu: u32, psid: u32, vsid: u32, log2 in 0u8..=19) {
+                let v = parse_viommu(&format!("id={id},vmid={vmid:#x},smmu={smmu}")).unwrap();
+                prop_assert_eq!((v.id, v.vmid, v.smmu), (id, vmid, smmu));
+                let d = parse_device(&format!("psid={psid:#x},id={id},smmu={smmu}")).unwrap();
+                prop_assert_eq!(d, DeviceSpec { id, smmu, psid });
+                let b = parse_bind(&format!("viommu={id},device={smmu},vsid={vsid}")).unwrap();
+                prop_assert_eq!(b, BindSpec { viommu: id, device: smmu, vsid });
+                let c = parse_create_ring(&format!("viommu={id},log2size={log2}")).unwrap();
+                prop_assert_eq!(c, CreateRingSpec { viommu: id, log2size: log2 });
+            }
+        }
     }
 }

@@ -1,15 +1,16 @@
 //! `vcmdq translate`: runs guest commands through one vIOMMU's translation policy and says what
 //! became of each, for people debugging a guest.
 
-use super::CliError;
+use super::input::{read_small_file, Lines};
+use super::{out, CliError};
 use clap::Args;
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use vcmdq::command::{text, RawCommand};
 use vcmdq::translate::{translate_all, SlotOutcome};
-use vcmdq::viommu::{DeviceId, Devices, GraceDomain, Profile, Viommu, ViommuConfig};
+use vcmdq::viommu::{DeviceId, Devices, GraceDomain, Profile, Viommu, ViommuConfig, ViommuError};
 
 /// The physical SMMU of the vIOMMU and of the devices the bindings create.
 const SMMU: u32 = 0;
@@ -121,22 +122,47 @@ fn parse_binding(s: &str) -> Result<Binding, InputError> {
     }
 }
 
-fn read_bindings_file(path: &PathBuf) -> Result<Vec<Binding>, CliError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+/// The bindings of a file, each with where it came from (`FILE:LINE`).
+fn read_bindings_file(path: &Path) -> Result<Vec<(Binding, String)>, CliError> {
+    let lines =
+        read_small_file(path).map_err(|e| format!("bindings file {}: {e}", path.display()))?;
     let mut v = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    for (n, line) in lines {
         let line = line.split('#').next().unwrap_or("").trim();
         if line.is_empty() {
             continue;
         }
-        v.push(parse_binding(line).map_err(|e| InputError::BindingsFile {
+        let b = parse_binding(line).map_err(|e| InputError::BindingsFile {
             path: path.display().to_string(),
-            line: i + 1,
+            line: n as usize,
             why: e.to_string(),
-        })?);
+        })?;
+        v.push((b, format!("{}:{n} ({line})", path.display())));
     }
     Ok(v)
+}
+
+/// Why a binding could not be made, in the terms of the bindings the user gave: the vIOMMU
+/// and the devices are this command's own, named nowhere on its command line.
+fn binding_error(e: &ViommuError, here: &str, binds: &[(Binding, String)], sidsize: u8) -> String {
+    let origin = |d: &DeviceId| {
+        binds
+            .get(d.0 as usize)
+            .map_or_else(|| "an earlier binding".to_string(), |(_, o)| o.clone())
+    };
+    let why = match e {
+        ViommuError::VsidTaken { vsid, device, .. } => {
+            format!("vSID {vsid:#x} is already bound by {}", origin(device))
+        }
+        ViommuError::PsidTaken { psid, device, .. } => {
+            format!("pSID {psid:#x} is already bound by {}", origin(device))
+        }
+        ViommuError::VsidTooLarge { vsid, .. } => {
+            format!("vSID {vsid:#x} does not fit --sidsize {sidsize} (vSIDs below 2^{sidsize})")
+        }
+        other => return format!("{here}: {other}"),
+    };
+    format!("{here}: {}: {why}", e.errno())
 }
 
 fn is_hex_word(s: &str) -> bool {
@@ -169,23 +195,39 @@ fn parse_command(line: &str) -> Result<RawCommand, String> {
     text::parse(line).map_err(|e| e.to_string())
 }
 
+/// The most commands one `vcmdq translate` takes: they are translated as one queue, so all are
+/// held at once.
+pub const MAX_COMMANDS: usize = 1 << 20;
+
 /// The commands of the input with their 1-based line numbers.
 fn read_commands(input: Option<&PathBuf>) -> Result<Vec<(usize, RawCommand)>, CliError> {
-    let reader: Box<dyn BufRead> = match input {
-        Some(p) if p.as_os_str() != "-" => Box::new(std::io::BufReader::new(
-            std::fs::File::open(p).map_err(|e| format!("cannot open {}: {e}", p.display()))?,
-        )),
-        _ => Box::new(std::io::stdin().lock()),
+    let (name, reader): (String, Box<dyn BufRead>) = match input {
+        Some(p) if p.as_os_str() != "-" => (
+            p.display().to_string(),
+            Box::new(std::io::BufReader::new(
+                std::fs::File::open(p).map_err(|e| format!("cannot open {}: {e}", p.display()))?,
+            )),
+        ),
+        _ => ("standard input".into(), Box::new(std::io::stdin().lock())),
     };
+    let mut lines = Lines::new(reader);
     let mut cmds = Vec::new();
-    for (i, line) in reader.lines().enumerate() {
-        let line = line?;
+    while let Some(line) = lines.next_str() {
+        let (n, line) = line.map_err(|e| format!("{name}: {e}"))?;
+        let n = n as usize;
         let body = line.split('#').next().unwrap_or("").trim();
         if body.is_empty() {
             continue;
         }
-        let cmd = parse_command(body).map_err(|why| InputError::Command { line: i + 1, why })?;
-        cmds.push((i + 1, cmd));
+        if cmds.len() == MAX_COMMANDS {
+            return Err(format!(
+                "{name}: line {n}: more than {MAX_COMMANDS} commands (MAX_COMMANDS), the most one \
+                 translate takes; split the input"
+            )
+            .into());
+        }
+        let cmd = parse_command(body).map_err(|why| InputError::Command { line: n, why })?;
+        cmds.push((n, cmd));
     }
     Ok(cmds)
 }
@@ -279,24 +321,27 @@ pub fn run(args: TranslateArgs) -> Result<ExitCode, CliError> {
     };
     let devices = Devices::new();
     let viommu = Viommu::new(cfg, Arc::clone(&devices), GraceDomain::new())?;
-    let mut binds = args.binds.clone();
+    let mut binds: Vec<(Binding, String)> = args
+        .binds
+        .iter()
+        .map(|b| (*b, format!("--bind vsid={:#x},psid={:#x}", b.vsid, b.psid)))
+        .collect();
     if let Some(p) = &args.bindings_file {
         binds.extend(read_bindings_file(p)?);
     }
-    for (i, b) in binds.iter().enumerate() {
+    for (i, (b, here)) in binds.iter().enumerate() {
         let dev = DeviceId(i as u32);
         devices
             .add_device(dev, SMMU, b.psid)
             .and_then(|()| viommu.set_dev_id(dev, b.vsid))
-            .map_err(|e| format!("binding vsid={:#x},psid={:#x}: {e}", b.vsid, b.psid))?;
+            .map_err(|e| binding_error(&e, here, &binds, args.sidsize))?;
     }
 
     let cmds = read_commands(args.input.as_ref())?;
     let input: Vec<RawCommand> = cmds.iter().map(|&(_, c)| c).collect();
     let outcomes = translate_all(&viommu, &input, args.keep_going);
 
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut out = std::io::BufWriter::new(out::stdout());
     for (slot, ((line, cmd), o)) in cmds.iter().zip(&outcomes).enumerate() {
         if args.json {
             writeln!(out, "{}", json_line(slot, *line, cmd, o))?;

@@ -86,6 +86,51 @@ pub struct EngineConfig {
     pub capture: Option<PathBuf>,
 }
 
+/// The most workers (translating threads, each with its own physical queue) one engine runs.
+pub const MAX_WORKERS: usize = 64;
+/// The largest [`EngineConfig::batch_limit`]: each worker holds buffers of this many commands.
+pub const MAX_BATCH: usize = 1 << 16;
+/// The largest [`EngineConfig::ring_budget`]: each worker holds a buffer of this many commands.
+pub const MAX_BUDGET: usize = 1 << 16;
+
+/// An [`EngineConfig`] setting outside what the engine takes. Every setting is checked before
+/// anything is allocated or any thread started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("EINVAL: {setting} = {value} is outside 1..={max} ({max_name})")]
+pub struct ConfigLimit {
+    /// The [`EngineConfig`] field.
+    pub setting: &'static str,
+    /// The value given.
+    pub value: usize,
+    /// The largest value taken.
+    pub max: usize,
+    /// The name of the constant that holds `max`: [`MAX_WORKERS`], [`MAX_BATCH`] or
+    /// [`MAX_BUDGET`].
+    pub max_name: &'static str,
+}
+
+impl EngineConfig {
+    /// Checks `workers`, `batch_limit` and `ring_budget` against their bounds (1 to
+    /// [`MAX_WORKERS`], [`MAX_BATCH`], [`MAX_BUDGET`]); [`Engine::start`] does the same first.
+    pub fn validate(&self) -> Result<(), ConfigLimit> {
+        for (setting, value, max, max_name) in [
+            ("workers", self.workers, MAX_WORKERS, "MAX_WORKERS"),
+            ("batch_limit", self.batch_limit, MAX_BATCH, "MAX_BATCH"),
+            ("ring_budget", self.ring_budget, MAX_BUDGET, "MAX_BUDGET"),
+        ] {
+            if !(1..=max).contains(&value) {
+                return Err(ConfigLimit {
+                    setting,
+                    value,
+                    max,
+                    max_name,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
@@ -171,6 +216,18 @@ pub enum EngineError {
     /// The physical queue geometry is invalid.
     #[error("physical queue: {0}")]
     PhysQueue(crate::queue::QueueError),
+    /// A setting is out of bounds.
+    #[error(transparent)]
+    Config(#[from] ConfigLimit),
+    /// A worker or hardware thread could not be started (e.g. a thread limit); the threads
+    /// already started were stopped.
+    #[error("cannot start thread {thread}: {why}")]
+    Spawn {
+        /// The thread's name.
+        thread: String,
+        /// What the system said.
+        why: std::io::Error,
+    },
 }
 
 /// A control message for one worker.
@@ -256,7 +313,8 @@ pub struct Engine {
 impl Engine {
     /// Starts the workers (and hardware threads) with no vIOMMU and no ring.
     pub fn start(cfg: EngineConfig) -> Result<Engine, EngineError> {
-        let n = cfg.workers.max(1);
+        cfg.validate()?;
+        let n = cfg.workers;
         let capture = match &cfg.capture {
             Some(path) => Some(Capture::start(path).map_err(|e| EngineError::Capture {
                 path: path.clone(),
@@ -277,32 +335,58 @@ impl Engine {
         let hw_stop = Arc::new(crate::sync::AtomicBool::new(false));
         let mut workers = Vec::with_capacity(n);
         let mut hw_threads = Vec::new();
+        // Any failure below stops what was started, so a failed start leaves no thread behind.
+        let undo = |workers: Vec<JoinHandle<worker::Report>>,
+                    hw_threads: Vec<JoinHandle<HwCounters>>| {
+            shared.stopping.store(true, Ordering::Release);
+            for w in workers {
+                let _ = w.join();
+            }
+            hw_stop.store(true, crate::sync::Ordering::Release);
+            for h in hw_threads {
+                let _ = h.join();
+            }
+        };
         for index in 0..n {
-            let (producer, mut hardware) = PhysQueue::new(cfg.phys_log2size, cfg.hw.clone())
-                .map_err(EngineError::PhysQueue)?;
+            let (producer, mut hardware) = match PhysQueue::new(cfg.phys_log2size, cfg.hw.clone()) {
+                Ok(q) => q,
+                Err(e) => {
+                    undo(workers, hw_threads);
+                    return Err(EngineError::PhysQueue(e));
+                }
+            };
             let inline = match cfg.hardware {
                 HwPlacement::Inline => Some(hardware),
                 HwPlacement::Thread => {
                     let stop = hw_stop.clone();
-                    hw_threads.push(
-                        std::thread::Builder::new()
-                            .name(format!("vcmdq-hw{index}"))
-                            .spawn(move || {
-                                hardware.run(&stop);
-                                hardware.counters().clone()
-                            })
-                            .expect("spawn a hardware thread"),
-                    );
+                    let thread = format!("vcmdq-hw{index}");
+                    match std::thread::Builder::new()
+                        .name(thread.clone())
+                        .spawn(move || {
+                            hardware.run(&stop);
+                            hardware.counters().clone()
+                        }) {
+                        Ok(h) => hw_threads.push(h),
+                        Err(why) => {
+                            undo(workers, hw_threads);
+                            return Err(EngineError::Spawn { thread, why });
+                        }
+                    }
                     None
                 }
             };
             let w = worker::Worker::new(index, &cfg, shared.clone(), producer, inline);
-            workers.push(
-                std::thread::Builder::new()
-                    .name(format!("vcmdq-worker{index}"))
-                    .spawn(move || w.run())
-                    .expect("spawn a worker thread"),
-            );
+            let thread = format!("vcmdq-worker{index}");
+            match std::thread::Builder::new()
+                .name(thread.clone())
+                .spawn(move || w.run())
+            {
+                Ok(h) => workers.push(h),
+                Err(why) => {
+                    undo(workers, hw_threads);
+                    return Err(EngineError::Spawn { thread, why });
+                }
+            }
         }
         Ok(Engine {
             shared,
