@@ -11,7 +11,7 @@ use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use vcmdq::trace::{qemu, text, validate, TraceError, TraceFile};
+use vcmdq::trace::{qemu, text, validate_with, Limits, TraceError, TraceFile, DEFAULT_MAX_RING_MEMORY};
 
 /// Arguments of `vcmdq trace`.
 #[derive(Args, Debug)]
@@ -26,6 +26,9 @@ enum TraceCmd {
     Dump {
         /// The trace file.
         file: PathBuf,
+        /// Bytes of guest ring slots the trace may declare in all.
+        #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_RING_MEMORY)]
+        max_ring_memory: u64,
     },
     /// Build a trace from its text form (what `dump` prints, or written by hand).
     Build {
@@ -34,14 +37,21 @@ enum TraceCmd {
         /// The trace file to write.
         #[arg(short, long)]
         output: PathBuf,
+        /// Bytes of guest ring slots the trace may declare in all.
+        #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_RING_MEMORY)]
+        max_ring_memory: u64,
     },
-    /// Check a trace (format and references) and print what it holds.
+    /// Check a trace (format, references, what the control plane accepts, acks and fixes only
+    /// on stopped rings: what replay checks first) and print what it holds.
     Info {
         /// The trace file.
         file: PathBuf,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Bytes of guest ring slots the trace may declare in all.
+        #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_RING_MEMORY)]
+        max_ring_memory: u64,
     },
     /// Import a QEMU log taken with `-trace 'smmuv3_*'` (see traces/FORMAT.md for what is
     /// reconstructed and what is approximated).
@@ -57,11 +67,26 @@ enum TraceCmd {
 /// Runs `vcmdq trace`.
 pub fn run(args: TraceArgs) -> Result<ExitCode, CliError> {
     match args.cmd {
-        TraceCmd::Dump { file } => dump(&file),
-        TraceCmd::Build { text, output } => build(text.as_deref(), &output),
-        TraceCmd::Info { file, json } => info(&file, json),
+        TraceCmd::Dump {
+            file,
+            max_ring_memory,
+        } => dump(&file, &limits(max_ring_memory)),
+        TraceCmd::Build {
+            text,
+            output,
+            max_ring_memory,
+        } => build(text.as_deref(), &output, &limits(max_ring_memory)),
+        TraceCmd::Info {
+            file,
+            json,
+            max_ring_memory,
+        } => info(&file, json, &limits(max_ring_memory)),
         TraceCmd::ImportQemu { log, output } => import(&log, &output),
     }
+}
+
+fn limits(max_ring_memory: u64) -> Limits {
+    Limits { max_ring_memory }
 }
 
 /// A trace error: content problems exit 1, I/O exits 2.
@@ -75,7 +100,7 @@ fn trace_failure(e: TraceError) -> Result<ExitCode, CliError> {
     }
 }
 
-fn dump(file: &Path) -> Result<ExitCode, CliError> {
+fn dump(file: &Path, limits: &Limits) -> Result<ExitCode, CliError> {
     let f = match TraceFile::open(file) {
         Ok(f) => f,
         Err(e) => return trace_failure(e),
@@ -86,7 +111,7 @@ fn dump(file: &Path) -> Result<ExitCode, CliError> {
     };
     let stdout = io::stdout();
     let mut out = BufWriter::new(stdout.lock());
-    let r = text::dump(&trace, &mut out).and_then(|()| out.flush().map_err(Into::into));
+    let r = text::dump_with(&trace, &mut out, limits).and_then(|()| out.flush().map_err(Into::into));
     match r {
         Ok(()) => Ok(ExitCode::SUCCESS),
         // `vcmdq trace dump x | head` is not an error.
@@ -130,11 +155,11 @@ pub(super) fn write_atomically<T, E>(
     Ok(r)
 }
 
-fn build(input: Option<&Path>, output: &Path) -> Result<ExitCode, CliError> {
+fn build(input: Option<&Path>, output: &Path, limits: &Limits) -> Result<ExitCode, CliError> {
     let src = read_input(input)?;
     let name = input.map_or("<stdin>".to_string(), |p| p.display().to_string());
     let r = write_atomically(output, |w| {
-        let mut w = text::build(&src, w).map_err(|e| e.to_string())?;
+        let mut w = text::build_with(&src, w, limits).map_err(|e| e.to_string())?;
         w.flush().map_err(|e| format!("{}: {e}", output.display()))
     })?;
     match r {
@@ -146,14 +171,14 @@ fn build(input: Option<&Path>, output: &Path) -> Result<ExitCode, CliError> {
     }
 }
 
-fn info(file: &Path, json: bool) -> Result<ExitCode, CliError> {
+fn info(file: &Path, json: bool, limits: &Limits) -> Result<ExitCode, CliError> {
     let f = match TraceFile::open(file) {
         Ok(f) => f,
         Err(e) => return trace_failure(e),
     };
     let summary = match f.trace().and_then(|t| {
         let meta = t.meta();
-        validate(&t).map(|s| (meta, s))
+        validate_with(&t, limits).map(|s| (meta, s))
     }) {
         Ok(s) => s,
         Err(e) => return trace_failure(e),
