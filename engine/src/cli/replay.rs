@@ -16,9 +16,7 @@ use vcmdq::replay::{
 use vcmdq::trace::{validate_with, Limits, TraceFile, DEFAULT_MAX_RING_MEMORY};
 
 fn speed(s: &str) -> Result<f64, String> {
-    let v: f64 = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number"))?;
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
     check_speed(v)
 }
 

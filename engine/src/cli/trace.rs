@@ -11,7 +11,9 @@ use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use vcmdq::trace::{qemu, text, validate_with, Limits, TraceError, TraceFile, DEFAULT_MAX_RING_MEMORY};
+use vcmdq::trace::{
+    qemu, text, validate_with, Limits, TraceError, TraceFile, DEFAULT_MAX_RING_MEMORY,
+};
 
 /// Arguments of `vcmdq trace`.
 #[derive(Args, Debug)]
@@ -111,7 +113,8 @@ fn dump(file: &Path, limits: &Limits) -> Result<ExitCode, CliError> {
     };
     let stdout = io::stdout();
     let mut out = BufWriter::new(stdout.lock());
-    let r = text::dump_with(&trace, &mut out, limits).and_then(|()| out.flush().map_err(Into::into));
+    let r =
+        text::dump_with(&trace, &mut out, limits).and_then(|()| out.flush().map_err(Into::into));
     match r {
         Ok(()) => Ok(ExitCode::SUCCESS),
         // `vcmdq trace dump x | head` is not an error.

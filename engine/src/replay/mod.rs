@@ -428,9 +428,8 @@ pub fn replay_validated(
         );
         if let Some(speed) = opts.speed {
             let t0 = *first_ts.get_or_insert(rec.timestamp_ns);
-            let due = Duration::from_nanos(
-                (rec.timestamp_ns.saturating_sub(t0) as f64 / speed) as u64,
-            );
+            let due =
+                Duration::from_nanos((rec.timestamp_ns.saturating_sub(t0) as f64 / speed) as u64);
             while let Some(pause) = pace_step(due, start.elapsed(), Duration::from_millis(1)) {
                 rp.pump();
                 std::thread::sleep(pause);

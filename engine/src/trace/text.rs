@@ -180,6 +180,12 @@ pub fn dump_with(
     limits: &super::Limits,
 ) -> Result<(), DumpError> {
     super::validate_with(trace, limits)?;
+    dump_unvalidated(trace, out)
+}
+
+/// The text form of `trace` whether or not it validates (the format alone: for looking into a
+/// trace that [`dump`] refuses, and for tests of the text form).
+pub fn dump_unvalidated(trace: &Trace<'_>, out: &mut dyn Write) -> Result<(), DumpError> {
     writeln!(out, "{}", header_line(&trace.meta()))?;
     let mut rings = Rings::default();
     let mut line = String::new();
@@ -193,10 +199,10 @@ pub fn dump_with(
     Ok(())
 }
 
-/// The text form of `trace` as a string.
+/// The text form of `trace` as a string, as [`dump_unvalidated`] writes it.
 pub fn dump_to_string(trace: &Trace<'_>) -> Result<String, TraceError> {
     let mut out = Vec::new();
-    match dump(trace, &mut out) {
+    match dump_unvalidated(trace, &mut out) {
         Ok(()) => Ok(String::from_utf8_lossy(&out).into_owned()),
         Err(DumpError::Trace(e)) => Err(e),
         // Writing into a Vec cannot fail.
@@ -492,6 +498,12 @@ pub fn build_with<W: Write + Seek>(
             problem: BuildProblem::Write(WriteError::Io(e)),
         })?;
     Ok(out)
+}
+
+/// Builds a trace from its text form whether or not it validates (the format alone: for tests
+/// of the text form and for making damaged traces on purpose).
+pub fn build_unvalidated<W: Write + Seek>(text: &str, out: W) -> Result<W, BuildError> {
+    build_unchecked(text, out, &mut Vec::new())
 }
 
 /// Builds without validating; `lines` gets the line of each record written.

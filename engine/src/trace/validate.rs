@@ -362,8 +362,8 @@ impl State {
                     sidsize,
                     range_inv,
                 };
-                let v = Viommu::new(cfg, self.devices.clone(), self.grace.clone())
-                    .map_err(refused)?;
+                let v =
+                    Viommu::new(cfg, self.devices.clone(), self.grace.clone()).map_err(refused)?;
                 self.viommus.insert(
                     viommu,
                     ViommuState {
