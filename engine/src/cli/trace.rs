@@ -63,6 +63,16 @@ enum TraceCmd {
         /// The trace file to write.
         #[arg(short, long)]
         output: PathBuf,
+        /// Print what the import made of the log (counts, skipped lines, approximations) as
+        /// JSON on standard output.
+        #[arg(long)]
+        json: bool,
+        /// Slots written but never consumed that one pass may fill with CMD_SYNC.
+        #[arg(long, value_name = "N", default_value_t = qemu::DEFAULT_MAX_FILLER_PER_PASS)]
+        max_filler_per_pass: u64,
+        /// Slots written but never consumed that the whole import may fill with CMD_SYNC.
+        #[arg(long, value_name = "N", default_value_t = qemu::DEFAULT_MAX_FILLER)]
+        max_filler: u64,
     },
 }
 
@@ -83,7 +93,21 @@ pub fn run(args: TraceArgs) -> Result<ExitCode, CliError> {
             json,
             max_ring_memory,
         } => info(&file, json, &limits(max_ring_memory)),
-        TraceCmd::ImportQemu { log, output } => import(&log, &output),
+        TraceCmd::ImportQemu {
+            log,
+            output,
+            json,
+            max_filler_per_pass,
+            max_filler,
+        } => import(
+            &log,
+            &output,
+            json,
+            &qemu::ImportLimits {
+                max_filler_per_pass,
+                max_filler,
+            },
+        ),
     }
 }
 
@@ -201,7 +225,12 @@ fn info(file: &Path, json: bool, limits: &Limits) -> Result<ExitCode, CliError> 
     Ok(ExitCode::SUCCESS)
 }
 
-fn import(log: &Path, output: &Path) -> Result<ExitCode, CliError> {
+fn import(
+    log: &Path,
+    output: &Path,
+    json: bool,
+    limits: &qemu::ImportLimits,
+) -> Result<ExitCode, CliError> {
     let reader: Box<dyn io::BufRead> = if log == Path::new("-") {
         Box::new(BufReader::new(io::stdin()))
     } else {
@@ -210,7 +239,7 @@ fn import(log: &Path, output: &Path) -> Result<ExitCode, CliError> {
         ))
     };
     let r = write_atomically(output, |w| {
-        let (mut w, stats) = qemu::import(reader, w).map_err(|e| e.to_string())?;
+        let (mut w, stats) = qemu::import_with(reader, w, limits).map_err(|e| e.to_string())?;
         w.flush()
             .map_err(|e| format!("{}: {e}", output.display()))?;
         Ok::<_, String>(stats)
@@ -218,6 +247,15 @@ fn import(log: &Path, output: &Path) -> Result<ExitCode, CliError> {
     match r {
         Ok(stats) => {
             eprintln!("{}: {stats}", output.display());
+            for w in stats.warnings() {
+                eprintln!("vcmdq: warning: {}: {w}", log.display());
+            }
+            if json {
+                let mut j = stats.to_json();
+                j["log"] = log.display().to_string().into();
+                j["output"] = output.display().to_string().into();
+                println!("{j}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {

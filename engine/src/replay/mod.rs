@@ -921,3 +921,104 @@ impl Replayer<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring_input(expected: Vec<SlotOutcome>, got: Vec<SlotOutcome>) -> RingCheckInput {
+        let seq = |v: Vec<SlotOutcome>| {
+            v.into_iter()
+                .enumerate()
+                .map(|(i, o)| (i as u64, o))
+                .collect()
+        };
+        RingCheckInput {
+            id: 0,
+            viommu: 0,
+            expected: seq(expected),
+            doorbells: Vec::new(),
+            got: seq(got),
+            published: Vec::new(),
+            synced: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn one_wrong_byte_in_a_forwarded_command_is_a_mismatch_and_changes_the_digest() {
+        let cmd = RawCommand::new(0x0000_0005_0000_0012, 0x8000_0000);
+        let sync = SlotOutcome::Sync {
+            cs: 0,
+            msidata: 0,
+            msiaddr: 0,
+        };
+        let right = ring_input(
+            vec![SlotOutcome::Forwarded(cmd), sync],
+            vec![SlotOutcome::Forwarded(cmd), sync],
+        );
+        let ok = check_ring(&right);
+        assert_eq!(ok.mismatch_count, 0);
+        // Each byte of D0 and D1 in turn: the comparison and the digest both see it.
+        for byte in 0..16 {
+            let (mut d0, mut d1) = (cmd.d0(), cmd.d1());
+            if byte < 8 {
+                d0 ^= 1 << (8 * byte);
+            } else {
+                d1 ^= 1 << (8 * (byte - 8));
+            }
+            let wrong = RawCommand::new(d0, d1);
+            let c = check_ring(&ring_input(
+                vec![SlotOutcome::Forwarded(cmd), sync],
+                vec![SlotOutcome::Forwarded(wrong), sync],
+            ));
+            assert_eq!(c.mismatch_count, 1, "byte {byte} of the forwarded command");
+            assert_eq!(c.mismatches[0].got, Some(SlotOutcome::Forwarded(wrong)));
+            assert_ne!(c.digest, ok.digest, "byte {byte} left the digest unchanged");
+        }
+    }
+
+    #[test]
+    fn the_forwarded_digest_depends_on_order_and_is_fnv1a() {
+        // FNV-1a 64 of the empty input and of "a" (the published test vectors).
+        assert_eq!(Fnv1a::default().0, 0xcbf2_9ce4_8422_2325);
+        let mut a = Fnv1a::default();
+        a.write(b"a");
+        assert_eq!(a.0, 0xaf63_dc4c_8601_ec8c);
+        let (x, y) = (RawCommand::new(1, 2), RawCommand::new(3, 4));
+        let digest = |cmds: &[RawCommand]| {
+            let mut d = Fnv1a::default();
+            cmds.iter().for_each(|c| d.command(c));
+            d
+        };
+        assert_ne!(digest(&[x, y]), digest(&[y, x]));
+    }
+
+    #[test]
+    fn a_replay_behind_its_recorded_pace_does_not_wait_and_does_not_panic() {
+        let ms = Duration::from_millis;
+        // Due at 1 ms, the clock already at 2 ms: nothing to wait for (the old pacing read the
+        // clock twice and subtracted the later reading from `due`, which overflowed).
+        assert_eq!(pace_step(ms(1), ms(2), ms(1)), None);
+        assert_eq!(pace_step(ms(1), ms(1), ms(1)), None);
+        assert_eq!(
+            pace_step(ms(10), ms(4), ms(1)),
+            Some(ms(1)),
+            "waits at most a step"
+        );
+        assert_eq!(
+            pace_step(ms(10), Duration::from_micros(9_700), ms(1)),
+            Some(Duration::from_micros(300))
+        );
+    }
+
+    #[test]
+    fn speeds_outside_their_range_are_refused() {
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e-9, 1e9] {
+            let e = check_speed(bad).unwrap_err();
+            assert!(e.contains("0.001 to 1000"), "{bad}: {e}");
+        }
+        for good in [0.001, 1.0, 1000.0] {
+            assert_eq!(check_speed(good), Ok(good));
+        }
+    }
+}
