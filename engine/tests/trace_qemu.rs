@@ -440,8 +440,7 @@ fn a_range_line_missing_a_field_or_cut_mid_line_is_refused_not_rebuilt_with_zero
     ] {
         let (log, line) = sample_with(
             "addr=0x80000000 tg=1 num_pages=0x20 ttl=3 leaf=1 stage=1",
-            &format!("addr=0x80000000 tg=1 num_pages=0x20 ttl=3 leaf=1 stage=1")
-                .replacen(from, to, 1),
+            &"addr=0x80000000 tg=1 num_pages=0x20 ttl=3 leaf=1 stage=1".replacen(from, to, 1),
         );
         let e = import_err(log.as_bytes());
         assert_eq!(e.line, line, "{to:?}: {e}");

@@ -839,7 +839,11 @@ impl Parser {
                         let end = a.need_in(&["end"], 0, u32_max, SID_RANGE)?;
                         // QEMU prints the block's first and last SID: 2^(RANGE+1) SIDs, aligned.
                         let n = (end - start + 1) as u64;
-                        if end < start || n < 2 || !n.is_power_of_two() || start as u64 % n != 0 {
+                        if end < start
+                            || n < 2
+                            || !n.is_power_of_two()
+                            || !(start as u64).is_multiple_of(n)
+                        {
                             return Err(ImportProblem::Invalid {
                                 event: name.to_string(),
                                 field: "end".into(),
