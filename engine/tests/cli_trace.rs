@@ -239,3 +239,37 @@ fn import_qemu_warns_on_stderr_and_in_json() {
     assert!(err.contains("line 23:") && err.contains("tg=7"), "{err}");
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+#[test]
+fn build_refuses_endless_text_at_its_limit() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let d = tmpdir("build-endless");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vcmdq"))
+        .args([
+            "trace",
+            "build",
+            "--max-text-bytes",
+            "100000",
+            "-o",
+            s(&d.join("z.vct")),
+        ])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A stream of zeros longer than the limit, as `< /dev/zero` gives; the build stops reading
+    // at the limit, so the write may see a closed pipe.
+    let mut stdin = child.stdin.take().unwrap();
+    let _ = stdin.write_all(&vec![0u8; 300_000]);
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("more than 100000 bytes of text") && err.contains("--max-text-bytes"),
+        "{err}"
+    );
+    assert!(!d.join("z.vct").exists());
+    std::fs::remove_dir_all(&d).unwrap();
+}

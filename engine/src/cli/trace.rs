@@ -42,6 +42,9 @@ enum TraceCmd {
         /// Bytes of guest ring slots the trace may declare in all.
         #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_RING_MEMORY)]
         max_ring_memory: u64,
+        /// Bytes of text read at most.
+        #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_TEXT_BYTES)]
+        max_text_bytes: u64,
     },
     /// Check a trace (format, references, what the control plane accepts, acks and fixes only
     /// on stopped rings: what replay checks first) and print what it holds.
@@ -87,7 +90,13 @@ pub fn run(args: TraceArgs) -> Result<ExitCode, CliError> {
             text,
             output,
             max_ring_memory,
-        } => build(text.as_deref(), &output, &limits(max_ring_memory)),
+            max_text_bytes,
+        } => build(
+            text.as_deref(),
+            &output,
+            &limits(max_ring_memory),
+            max_text_bytes,
+        ),
         TraceCmd::Info {
             file,
             json,
@@ -150,15 +159,28 @@ fn dump(file: &Path, limits: &Limits) -> Result<ExitCode, CliError> {
     }
 }
 
-fn read_input(path: Option<&Path>) -> Result<String, CliError> {
+/// Default of `trace build --max-text-bytes`.
+const DEFAULT_MAX_TEXT_BYTES: u64 = 256 << 20;
+
+/// Reads the whole text, refusing more than `limit` bytes (endless input such as /dev/zero
+/// would otherwise grow until the allocation aborts).
+fn read_input(path: Option<&Path>, limit: u64) -> Result<String, CliError> {
     let mut s = String::new();
+    let name = path.map_or("<stdin>".to_string(), |p| p.display().to_string());
+    let read = |r: &mut dyn Read, s: &mut String| r.take(limit.saturating_add(1)).read_to_string(s);
     match path {
-        None => io::stdin().read_to_string(&mut s)?,
-        Some(p) if p == Path::new("-") => io::stdin().read_to_string(&mut s)?,
+        None => read(&mut io::stdin(), &mut s)?,
+        Some(p) if p == Path::new("-") => read(&mut io::stdin(), &mut s)?,
         Some(p) => File::open(p)
-            .and_then(|mut f| f.read_to_string(&mut s))
+            .and_then(|mut f| read(&mut f, &mut s))
             .map_err(|e| format!("{}: {e}", p.display()))?,
     };
+    if s.len() as u64 > limit {
+        return Err(format!(
+            "{name}: more than {limit} bytes of text, the limit (raise it with --max-text-bytes BYTES)"
+        )
+        .into());
+    }
     Ok(s)
 }
 
@@ -182,8 +204,13 @@ pub(super) fn write_atomically<T, E>(
     Ok(r)
 }
 
-fn build(input: Option<&Path>, output: &Path, limits: &Limits) -> Result<ExitCode, CliError> {
-    let src = read_input(input)?;
+fn build(
+    input: Option<&Path>,
+    output: &Path,
+    limits: &Limits,
+    max_text_bytes: u64,
+) -> Result<ExitCode, CliError> {
+    let src = read_input(input, max_text_bytes)?;
     let name = input.map_or("<stdin>".to_string(), |p| p.display().to_string());
     let r = write_atomically(output, |w| {
         let mut w = text::build_with(&src, w, limits).map_err(|e| e.to_string())?;
