@@ -974,3 +974,19 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn the_text_form_keeps_a_slot_beyond_its_ring_as_written() {
+    // Validation refuses such a trace; the text form must still not turn it into another one,
+    // or `build` of a `dump` would make a trace that validates out of one that does not.
+    let text = "@0 viommu 1 vmid=1 smmu=0 profile=kernel sidsize=16\n@0 ring 2 viommu=1 log2size=2\n@1 cmd ring=2 slot=0xfff8000e CMD_SYNC\n@1 cmd ring=2 slot=7 CMD_SYNC\n";
+    let bytes = build(text, Cursor::new(Vec::new())).unwrap().into_inner();
+    let t = Trace::parse(&bytes).unwrap();
+    let dumped = dump_to_string(&t).unwrap();
+    assert!(dumped.contains("slot=0xfff8000e"), "{dumped}");
+    let again = build(&dumped, Cursor::new(Vec::new()))
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, bytes);
+    assert!(validate(&Trace::parse(&again).unwrap()).is_err());
+}

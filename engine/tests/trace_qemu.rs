@@ -583,3 +583,19 @@ fn an_endless_line_is_refused_at_its_limit() {
     assert!(matches!(e.problem, ImportProblem::LineTooLong), "{e}");
     assert!(e.to_string().contains("MAX_LINE_BYTES"), "{e}");
 }
+
+#[test]
+fn a_range_line_then_another_sid_for_the_same_command_does_not_panic() {
+    // Found by the qemu_import fuzz target: the RANGE was computed from the last SID seen, not
+    // the range's own start, and underflowed.
+    let log = "smmuv3_cmdq_consume prod=2 cons=0 prod.wrap=0 cons.wrap=0\n\
+               smmuv3_cmdq_opcode <--- SMMU_CMD_CFGI_STE_RANGE\n\
+               smmuv3_cmdq_cfgi_ste_range start=0x10 - end=0x17\n\
+               smmuv3_cmdq_cfgi_ste streamid=0x40\n\
+               smmuv3_cmdq_consume prod=2 cons=1 prod.wrap=0 cons.wrap=0\n\
+               smmuv3_cmdq_opcode <--- SMMU_CMD_SYNC\n\
+               smmuv3_cmdq_consume_out prod:2, cons:2, prod_wrap:0, cons_wrap:0\n";
+    let (bytes, _) = import_str(log);
+    let text = dump_to_string(&Trace::parse(&bytes).unwrap()).unwrap();
+    assert!(text.contains("CFGI_STE_RANGE sid=0x40 range=2"), "{text}");
+}

@@ -275,7 +275,8 @@ struct Fields {
     /// The opcode came from `smmuv3_unhandled_cmd` or the guest-error log line (exact).
     exact_op: bool,
     sid: Option<u32>,
-    range_end: Option<u32>,
+    /// CFGI_STE_RANGE's RANGE, from its range line: 2^(RANGE+1) SIDs.
+    range: Option<u8>,
     vmid: u16,
     asid: u16,
     addr: Option<u64>,
@@ -553,8 +554,8 @@ fn rebuild(
         },
         opcode::CFGI_STE_RANGE => {
             // QEMU prints the block's first and last SID: 2^(RANGE+1) SIDs.
-            let range = match f.range_end {
-                Some(e) => ((u64::from(e) - u64::from(sid) + 1).trailing_zeros() - 1) as u8,
+            let range = match f.range {
+                Some(r) => r,
                 None => {
                     stats.approx(
                         "CFGI_STE_RANGE without its range line: RANGE 0 (two SIDs) written",
@@ -852,7 +853,7 @@ impl Parser {
                             });
                         }
                         f.sid = Some(start as u32);
-                        f.range_end = Some(end as u32);
+                        f.range = Some((n.trailing_zeros() - 1) as u8);
                     }
                     "smmuv3_cmdq_tlbi_nh_asid" => {
                         a.need(&["asid"])?;

@@ -131,7 +131,12 @@ fn event_lines(out: &mut String, rings: &Rings, ts: u64, e: &Event<'_>) {
         } => writeln!(out, "@{ts} ring {ring} viommu={viommu} log2size={log2size}"),
         Event::Commands { ring, slot, cmds } => {
             for (i, c) in cmds.iter().enumerate() {
-                let s = rings.advance(ring, slot, i as u32);
+                // The record's own slot as written, even one beyond its ring (which validation
+                // refuses): masking it here would make a different trace of the text.
+                let s = match i {
+                    0 => slot,
+                    _ => rings.advance(ring, slot, i as u32),
+                };
                 let _ = writeln!(
                     out,
                     "@{ts} cmd ring={ring} slot={} {}",
