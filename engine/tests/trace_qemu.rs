@@ -558,6 +558,7 @@ fn filler_for_slots_never_consumed_is_bounded_per_pass_and_in_all() {
     let limits = |per_pass, all| vcmdq::trace::qemu::ImportLimits {
         max_filler_per_pass: per_pass,
         max_filler: all,
+        ..Default::default()
     };
     let e = vcmdq::trace::qemu::import_with(
         Cursor::new(log),
@@ -598,4 +599,47 @@ fn a_range_line_then_another_sid_for_the_same_command_does_not_panic() {
     let (bytes, _) = import_str(log);
     let text = dump_to_string(&Trace::parse(&bytes).unwrap()).unwrap();
     assert!(text.contains("CFGI_STE_RANGE sid=0x40 range=2"), "{text}");
+}
+
+#[test]
+fn a_log_without_end_is_refused_at_the_command_and_sid_limits() {
+    let limits = vcmdq::trace::qemu::ImportLimits {
+        max_commands: 100,
+        max_sids: 10,
+        ..Default::default()
+    };
+    let one = "smmuv3_cmdq_consume prod=1 cons=0 prod.wrap=0 cons.wrap=0\nsmmuv3_cmdq_opcode <--- SMMU_CMD_SYNC\n";
+    let e = vcmdq::trace::qemu::import_with(
+        Cursor::new(one.repeat(1000)),
+        Cursor::new(Vec::new()),
+        &limits,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e.problem,
+            ImportProblem::TooMany {
+                flag: "--max-commands",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(e.line, 203, "the line that went over");
+    let sids: String = (0..20)
+        .map(|i| format!("smmuv3_config_cache_inv Config cache INV for sid={i:#x}\n"))
+        .collect();
+    let e = vcmdq::trace::qemu::import_with(Cursor::new(sids), Cursor::new(Vec::new()), &limits)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e.problem,
+            ImportProblem::TooMany {
+                flag: "--max-sids",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(e.line, 11);
 }

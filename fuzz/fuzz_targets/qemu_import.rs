@@ -12,6 +12,7 @@ fuzz_target!(|bytes: &[u8]| {
     let limits = ImportLimits {
         max_filler_per_pass: 64,
         max_filler: 256,
+        ..Default::default()
     };
     if let Ok((out, stats)) = import_with(Cursor::new(bytes), Cursor::new(Vec::new()), &limits) {
         let out = out.into_inner();

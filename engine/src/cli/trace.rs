@@ -76,6 +76,12 @@ enum TraceCmd {
         /// Slots written but never consumed that the whole import may fill with CMD_SYNC.
         #[arg(long, value_name = "N", default_value_t = qemu::DEFAULT_MAX_FILLER)]
         max_filler: u64,
+        /// Commands and acknowledgements the log may hold.
+        #[arg(long, value_name = "N", default_value_t = qemu::DEFAULT_MAX_IMPORT_COMMANDS)]
+        max_commands: u64,
+        /// Distinct StreamIDs the log may show (each becomes a bound device).
+        #[arg(long, value_name = "N", default_value_t = qemu::DEFAULT_MAX_SIDS)]
+        max_sids: u64,
     },
 }
 
@@ -108,6 +114,8 @@ pub fn run(args: TraceArgs) -> Result<ExitCode, CliError> {
             json,
             max_filler_per_pass,
             max_filler,
+            max_commands,
+            max_sids,
         } => import(
             &log,
             &output,
@@ -115,6 +123,8 @@ pub fn run(args: TraceArgs) -> Result<ExitCode, CliError> {
             &qemu::ImportLimits {
                 max_filler_per_pass,
                 max_filler,
+                max_commands,
+                max_sids,
             },
         ),
     }

@@ -108,7 +108,17 @@ pub struct ImportLimits {
     pub max_filler_per_pass: u64,
     /// The same, over the whole import (`--max-filler`).
     pub max_filler: u64,
+    /// Commands and acknowledgements the import holds in memory (`--max-commands`): a log
+    /// without end must not grow it without end.
+    pub max_commands: u64,
+    /// Distinct StreamIDs, each a device bound in the trace (`--max-sids`).
+    pub max_sids: u64,
 }
+
+/// Default of [`ImportLimits::max_commands`].
+pub const DEFAULT_MAX_IMPORT_COMMANDS: u64 = 2_000_000;
+/// Default of [`ImportLimits::max_sids`].
+pub const DEFAULT_MAX_SIDS: u64 = 4096;
 
 /// Default of [`ImportLimits::max_filler_per_pass`].
 pub const DEFAULT_MAX_FILLER_PER_PASS: u64 = 256;
@@ -120,6 +130,8 @@ impl Default for ImportLimits {
         ImportLimits {
             max_filler_per_pass: DEFAULT_MAX_FILLER_PER_PASS,
             max_filler: DEFAULT_MAX_FILLER,
+            max_commands: DEFAULT_MAX_IMPORT_COMMANDS,
+            max_sids: DEFAULT_MAX_SIDS,
         }
     }
 }
@@ -202,6 +214,16 @@ pub enum ImportProblem {
         filler: u64,
         /// "in one pass" or "in all".
         scope: &'static str,
+        /// The limit.
+        limit: u64,
+        /// The flag that raises it.
+        flag: &'static str,
+    },
+    /// The log holds more of something than a limit allows.
+    #[error("more than {limit} {what} (the limit; raise it with {flag})")]
+    TooMany {
+        /// What.
+        what: &'static str,
         /// The limit.
         limit: u64,
         /// The flag that raises it.
@@ -1032,6 +1054,20 @@ pub fn import_with<R: BufRead, W: Write + Seek>(
             continue;
         }
         let used = p.event(ts, name, args).map_err(at(n))?;
+        if p.stats.commands + p.stats.acks > limits.max_commands {
+            return Err(at(n)(ImportProblem::TooMany {
+                what: "commands and acknowledgements",
+                limit: limits.max_commands,
+                flag: "--max-commands",
+            }));
+        }
+        if p.sids.len() as u64 > limits.max_sids {
+            return Err(at(n)(ImportProblem::TooMany {
+                what: "distinct StreamIDs",
+                limit: limits.max_sids,
+                flag: "--max-sids",
+            }));
+        }
         if used {
             p.stats.used += 1;
         } else {
