@@ -123,3 +123,153 @@ fn import_qemu_writes_the_bundled_sample() {
     assert!(!d.join("e.vct").exists());
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+#[test]
+fn gen_prints_a_human_summary_not_debug_output_and_json_on_request() {
+    let d = tmpdir("gen-summary");
+    let out = vcmdq(&["gen", "hostile", "-o", s(&d.join("h.vct"))]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("GenParams") && !err.contains('{'), "{err}");
+    assert!(
+        err.contains("hostile workload, 3 VMs x 4 devices x 1 rings of 2^6 entries, seed 6")
+            && err.contains("3043 ring entries"),
+        "{err}"
+    );
+    let out = vcmdq(&["gen", "hostile", "--json", "-o", s(&d.join("h.vct"))]);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["ring_entries"], 3043);
+    assert_eq!(j["workload"], "hostile");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn gen_refuses_parameters_whose_rings_or_commands_exceed_their_limits() {
+    let d = tmpdir("gen-limits");
+    let o = d.join("x.vct");
+    // 4096 VMs x 16 rings x 2^19 entries: 512 GiB of rings.
+    let out = vcmdq(&[
+        "gen",
+        "mixed",
+        "--vms",
+        "4096",
+        "--rings",
+        "16",
+        "--log2size",
+        "19",
+        "-o",
+        s(&o),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("549755813888") && err.contains("--max-ring-memory"),
+        "{err}"
+    );
+    let out = vcmdq(&["gen", "mixed", "--commands", "50000000", "-o", s(&o)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--max-commands"), "{err}");
+    assert!(
+        !o.exists(),
+        "nothing is written when parameters are refused"
+    );
+    // The flag raises the limit.
+    let out = vcmdq(&[
+        "gen",
+        "hostile",
+        "--log2size",
+        "19",
+        "--max-ring-memory",
+        "30000000",
+        "-o",
+        s(&o),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = vcmdq(&[
+        "gen",
+        "hostile",
+        "--log2size",
+        "19",
+        "--max-ring-memory",
+        "20000000",
+        "-o",
+        s(&o),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn import_qemu_warns_on_stderr_and_in_json() {
+    let d = tmpdir("import-warn");
+    let out = vcmdq(&[
+        "trace",
+        "import-qemu",
+        s(&bundled("qemu-sample.log")),
+        "-o",
+        s(&d.join("q.vct")),
+        "--json",
+    ]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning") && err.contains("skipped 1 line(s): not an smmuv3_* event"),
+        "{err}"
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["skipped"]["not an smmuv3_* event"], 1);
+    assert!(!j["warnings"].as_array().unwrap().is_empty());
+    // A refusal names the line.
+    let bad = d.join("bad.log");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(bundled("qemu-sample.log"))
+            .unwrap()
+            .replacen("tg=1", "tg=7", 1),
+    )
+    .unwrap();
+    let out = vcmdq(&["trace", "import-qemu", s(&bad), "-o", s(&d.join("b.vct"))]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("line 23:") && err.contains("tg=7"), "{err}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn build_refuses_endless_text_at_its_limit() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let d = tmpdir("build-endless");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vcmdq"))
+        .args([
+            "trace",
+            "build",
+            "--max-text-bytes",
+            "100000",
+            "-o",
+            s(&d.join("z.vct")),
+        ])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A stream of zeros longer than the limit, as `< /dev/zero` gives; the build stops reading
+    // at the limit, so the write may see a closed pipe.
+    let mut stdin = child.stdin.take().unwrap();
+    let _ = stdin.write_all(&vec![0u8; 300_000]);
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("more than 100000 bytes of text") && err.contains("--max-text-bytes"),
+        "{err}"
+    );
+    assert!(!d.join("z.vct").exists());
+    std::fs::remove_dir_all(&d).unwrap();
+}

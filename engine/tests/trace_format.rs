@@ -7,10 +7,10 @@ use vcmdq::command::text::parse;
 use vcmdq::command::RawCommand;
 use vcmdq::queue::CError;
 use vcmdq::trace::format::{self, Kind, FLAG_IMPORTED, FLAG_SYNTHETIC, HEADER_LEN};
-use vcmdq::trace::text::{build, dump_to_string};
+use vcmdq::trace::text::{build_unvalidated as build, dump_to_string};
 use vcmdq::trace::{
-    to_vec, validate, Event, Invalid, Malformed, Outcome, Profile, Trace, TraceError, TraceFile,
-    TraceMeta, TraceWriter,
+    to_vec, validate, validate_with, Event, Invalid, Limits, Malformed, Outcome, Profile, Trace,
+    TraceError, TraceFile, TraceMeta, TraceWriter, DEFAULT_MAX_RING_MEMORY,
 };
 
 fn cmd(s: &str) -> RawCommand {
@@ -519,8 +519,8 @@ trace version=1 created=0 synthetic
 @1600 cmd ring=3 slot=0 ATC_INV sid=0x10 size=52
 @1600 cmd ring=3 slot=1 CMD_SYNC cs=2
 @1650 cmd ring=3 slot=2 CMD_SYNC cs=2
-@1700 doorbell ring=3 prod=3
-@1800 fix ring=3 slot=7 CMD_SYNC cs=2
+@1700 doorbell ring=3 prod=4
+@1800 fix ring=3 slot=3 CMD_SYNC cs=2
 @1800 ack ring=3
 @1900 outcome ring=3 slot=7 refused ILL
 @1900 outcome ring=3 slot=6 forwarded TLBI_NH_VA vmid=5 asid=7 addr=0x8000_0000 tg=4k num=3 scale=0 ttl=3 leaf
@@ -723,6 +723,139 @@ fn validate_counts_and_catches_dangling_references() {
     assert_eq!(e.offset(), Some(64 + 32 + 32));
 }
 
+#[test]
+fn validation_refuses_what_the_control_plane_refuses_with_record_index_and_offset() {
+    let base = "@0 viommu 1 vmid=1 smmu=0 profile=kernel sidsize=8\n@0 device 3 smmu=0 psid=0x10\n@0 device 4 smmu=1 psid=0x10\n@0 bind viommu=1 device=3 vsid=1\n";
+    let err = |s: &str| validate_text(s).unwrap_err();
+    let control = |s: &str| match err(s).invalid().cloned() {
+        Some(Invalid::ControlPlane { why, .. }) => why,
+        other => panic!("{s}: {other:?}"),
+    };
+    // EEXIST: the vSID is taken; the device is already bound.
+    assert!(control(&format!(
+        "{base}@1 device 5 smmu=0 psid=0x11\n@1 bind viommu=1 device=5 vsid=1"
+    ))
+    .starts_with("EEXIST"));
+    assert!(control(&format!("{base}@1 bind viommu=1 device=3 vsid=2")).starts_with("EEXIST"));
+    // EEXIST: a pSID taken on its SMMU.
+    assert!(control(&format!("{base}@1 device 6 smmu=0 psid=0x10")).starts_with("EEXIST"));
+    // EINVAL: a device behind another SMMU; a vSID beyond SIDSIZE; SIDSIZE 0.
+    assert!(control(&format!("{base}@1 bind viommu=1 device=4 vsid=2")).starts_with("EINVAL"));
+    assert!(control(&format!(
+        "{base}@1 device 5 smmu=0 psid=0x11\n@1 bind viommu=1 device=5 vsid=0x100"
+    ))
+    .starts_with("EINVAL"));
+    assert!(control("@0 viommu 2 vmid=1 smmu=0 profile=kernel sidsize=0").contains("SIDSIZE"));
+    // ENOENT: unbinding a device that is not bound there.
+    assert!(control(&format!("{base}@1 unbind viommu=1 device=4")).starts_with("ENOENT"));
+    // The message names the record's index and its offset.
+    let e = err(&format!("{base}@1 unbind viommu=1 device=4"));
+    assert_eq!(e.offset(), Some(64 + 4 * 32));
+    assert!(
+        e.to_string()
+            .starts_with("record 4 at offset 192: Unbind is refused by the control plane: ENOENT"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_ack_or_fix_on_a_ring_that_never_stopped_is_refused() {
+    let base = "@0 viommu 1 vmid=1 smmu=0 profile=kernel sidsize=16\n@0 ring 2 viommu=1 log2size=2\n@1 cmd ring=2 slot=0 CMD_SYNC\n@1 cmd ring=2 slot=1 RAW 0x47 0x0\n";
+    let bad = |s: &str| validate_text(s).unwrap_err().invalid().cloned().unwrap();
+    // Written but never published: the ring has not stopped.
+    assert_eq!(
+        bad(&format!("{base}@2 ack ring=2")),
+        Invalid::NotStopped {
+            kind: "GuestAck",
+            ring: 2
+        }
+    );
+    assert_eq!(
+        bad(&format!("{base}@2 fix ring=2 slot=1 CMD_SYNC")),
+        Invalid::NotStopped {
+            kind: "GuestFix",
+            ring: 2
+        }
+    );
+    // Published: it stops at slot 1; a fix there and an ack are what a guest does.
+    let stopped = format!("{base}@2 doorbell ring=2 prod=2\n");
+    validate_text(&format!(
+        "{stopped}@3 fix ring=2 slot=1 CMD_SYNC\n@3 ack ring=2"
+    ))
+    .unwrap();
+    assert_eq!(
+        bad(&format!("{stopped}@3 fix ring=2 slot=0 CMD_SYNC")),
+        Invalid::FixElsewhere {
+            ring: 2,
+            slot: 0,
+            stopped: 1
+        }
+    );
+    // After the ack it runs again: a second ack has nothing to acknowledge.
+    assert_eq!(
+        bad(&format!(
+            "{stopped}@3 fix ring=2 slot=1 CMD_SYNC\n@3 ack ring=2\n@4 ack ring=2"
+        )),
+        Invalid::NotStopped {
+            kind: "GuestAck",
+            ring: 2
+        }
+    );
+}
+
+#[test]
+fn rings_beyond_the_memory_limit_are_refused_before_they_are_allocated() {
+    // 40 rings of 2^19 entries: 320 MiB of slots, above the default 256 MiB.
+    let mut text = String::from("@0 viommu 1 vmid=1 smmu=0 profile=kernel sidsize=16\n");
+    for r in 0..40 {
+        text.push_str(&format!("@0 ring {r} viommu=1 log2size=19\n"));
+    }
+    let e = validate_text(&text).unwrap_err();
+    assert_eq!(
+        e.invalid(),
+        Some(&Invalid::RingMemory {
+            ring: 32,
+            needed: 33 << 23,
+            limit: DEFAULT_MAX_RING_MEMORY
+        })
+    );
+    assert!(e.to_string().contains("--max-ring-memory"), "{e}");
+    let bytes = build(&text, Cursor::new(Vec::new())).unwrap().into_inner();
+    let t = Trace::parse(&bytes).unwrap();
+    let s = validate_with(
+        &t,
+        &Limits {
+            max_ring_memory: 40 << 23,
+        },
+    )
+    .unwrap();
+    assert_eq!(s.ring_bytes, 40 << 23);
+}
+
+#[test]
+fn build_refuses_a_slot_beyond_its_ring_so_build_dump_build_is_byte_identical() {
+    let text = "@0 viommu 1 vmid=1 smmu=0 profile=kernel sidsize=16\n@0 ring 2 viommu=1 log2size=2\n@1 cmd ring=2 slot=8 CMD_SYNC\n";
+    let e = vcmdq::trace::text::build(text, Cursor::new(Vec::new())).unwrap_err();
+    assert_eq!(e.line, 3);
+    assert!(e.to_string().contains("slot 0x8 of ring 2"), "{e}");
+    // dump refuses what validation refuses, with the same message.
+    let bytes = build(text, Cursor::new(Vec::new())).unwrap().into_inner();
+    let t = Trace::parse(&bytes).unwrap();
+    let d = vcmdq::trace::text::dump(&t, &mut Vec::new()).unwrap_err();
+    assert_eq!(d.to_string(), validate(&t).unwrap_err().to_string());
+    // What validates goes round byte for byte through the validating build and dump.
+    let ok = vcmdq::trace::text::build(HAND, Cursor::new(Vec::new()))
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    vcmdq::trace::text::dump(&Trace::parse(&ok).unwrap(), &mut out).unwrap();
+    let again =
+        vcmdq::trace::text::build(std::str::from_utf8(&out).unwrap(), Cursor::new(Vec::new()))
+            .unwrap()
+            .into_inner();
+    assert_eq!(again, ok);
+}
+
 /// Any sequence of well-formed events survives writer -> reader and text dump -> build.
 fn arb_event() -> impl Strategy<Value = (u64, u8, [u32; 4], Vec<(u64, u64)>)> {
     (
@@ -840,4 +973,20 @@ proptest! {
             let _ = dump_to_string(&t);
         }
     }
+}
+
+#[test]
+fn the_text_form_keeps_a_slot_beyond_its_ring_as_written() {
+    // Validation refuses such a trace; the text form must still not turn it into another one,
+    // or `build` of a `dump` would make a trace that validates out of one that does not.
+    let text = "@0 viommu 1 vmid=1 smmu=0 profile=kernel sidsize=16\n@0 ring 2 viommu=1 log2size=2\n@1 cmd ring=2 slot=0xfff8000e CMD_SYNC\n@1 cmd ring=2 slot=7 CMD_SYNC\n";
+    let bytes = build(text, Cursor::new(Vec::new())).unwrap().into_inner();
+    let t = Trace::parse(&bytes).unwrap();
+    let dumped = dump_to_string(&t).unwrap();
+    assert!(dumped.contains("slot=0xfff8000e"), "{dumped}");
+    let again = build(&dumped, Cursor::new(Vec::new()))
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, bytes);
+    assert!(validate(&Trace::parse(&again).unwrap()).is_err());
 }

@@ -55,6 +55,36 @@ fn bad_parameters_are_refused() {
     assert!(generate_vec(Workload::DmaUnmap, &p).is_err());
 }
 
+#[test]
+fn parameters_needing_more_ring_memory_or_commands_than_the_limits_are_refused_first() {
+    use vcmdq::trace::gen::{GenError, GenLimits};
+    let mut p = Workload::Mixed.defaults();
+    (p.vms, p.rings, p.log2size) = (4096, 16, 19);
+    assert_eq!(p.ring_bytes(), 512 << 30);
+    assert!(matches!(
+        generate_vec(Workload::Mixed, &p),
+        Err(GenError::Limit {
+            flag: "--max-ring-memory",
+            ..
+        })
+    ));
+    let mut p = Workload::Mixed.defaults();
+    p.commands = 50_000_000;
+    assert!(matches!(
+        p.check(),
+        Err(GenError::Limit {
+            flag: "--max-commands",
+            value: 50_000_000,
+            ..
+        })
+    ));
+    p.check_with(&GenLimits {
+        max_commands: 50_000_000,
+        ..GenLimits::default()
+    })
+    .unwrap();
+}
+
 /// What the engine's rules (engine.md "Policy profiles", commands.md) say about one command,
 /// written here independently of the generator's own model.
 fn must_refuse(profile: Profile, range_inv: bool, bound: &HashSet<u32>, raw: RawCommand) -> bool {

@@ -355,3 +355,291 @@ mod no_panic {
         }
     }
 }
+
+fn import_err(log: &[u8]) -> vcmdq::trace::qemu::ImportError {
+    match import(Cursor::new(log.to_vec()), Cursor::new(Vec::new())) {
+        Ok((_, stats)) => panic!("imported: {stats}"),
+        Err(e) => e,
+    }
+}
+
+/// The sample with `from` replaced by `to` on the first line containing `from`; returns the log
+/// and that line's number.
+fn sample_with(from: &str, to: &str) -> (String, u64) {
+    let mut n = 0;
+    let mut done = false;
+    let log = SAMPLE
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            if !done && l.contains(from) {
+                done = true;
+                n = i as u64 + 1;
+                format!("{}\n", l.replacen(from, to, 1))
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    assert!(done, "{from:?} is not in the sample");
+    (log, n)
+}
+
+#[test]
+fn out_of_range_fields_are_refused_with_their_line_not_wrapped() {
+    for (from, to, field) in [
+        (
+            "vmid=-1 asid=1 addr=0x80000000",
+            "vmid=99999 asid=1 addr=0x80000000",
+            "vmid",
+        ),
+        (
+            "asid=1 addr=0x80000000",
+            "asid=70000 addr=0x80000000",
+            "asid",
+        ),
+        ("addr=0x80000000 tg=1", "addr=0x80000000 tg=7", "tg"),
+        ("num_pages=0x20 ttl=3", "num_pages=0x20 ttl=4", "ttl"),
+        ("ttl=3 leaf=1 stage=1", "ttl=3 leaf=2 stage=1", "leaf"),
+        ("num_pages=0x20", "num_pages=0", "num_pages"),
+        ("streamid= 0x10", "streamid= 0x100000000", "sid"),
+        ("type=64", "type=300", "type"),
+        ("execution: 1", "execution: 9", "error"),
+        ("val:0x40000003", "val:0x40000015", "val"),
+        ("start=0x10 - end=0x17", "start=0x10 - end=0x16", "end"),
+    ] {
+        let (log, line) = sample_with(from, to);
+        let e = import_err(log.as_bytes());
+        assert_eq!(e.line, line, "{to}: {e}");
+        assert!(
+            matches!(&e.problem, ImportProblem::Invalid { field: f, .. } if f == field),
+            "{to}: {e}"
+        );
+    }
+    // A count of pages that no single TLBI expresses is refused, not clipped.
+    let (log, line) = sample_with("num_pages=0x8 ttl=3", "num_pages=0x9 ttl=3");
+    let e = import_err(log.as_bytes());
+    assert!(e.to_string().contains("(NUM+1) x 2^SCALE"), "{e}");
+    assert_eq!(e.line, line - 2, "named at the command's opcode line");
+    let e = import_err(
+        b"smmuv3_write_mmio addr: 0x90 val:0x40000003 size: 0x8(0)\nIllegal command type: 999\n",
+    );
+    assert_eq!(e.line, 2, "{e}");
+}
+
+#[test]
+fn a_range_line_missing_a_field_or_cut_mid_line_is_refused_not_rebuilt_with_zeros() {
+    for (from, to) in [
+        (" tg=1 num_pages=0x20", " num_pages=0x20"),
+        (" num_pages=0x20", ""),
+        (" ttl=3 leaf=1 stage=1", " leaf=1 stage=1"),
+        (" leaf=1 stage=1", " stage=1"),
+        // A QEMU killed mid-line.
+        (" tg=1 num_pages=0x20 ttl=3 leaf=1 stage=1", " tg=1 num_pa"),
+        (" num_pages=0x20 ttl=3 leaf=1 stage=1", " num_pages=0x"),
+    ] {
+        let (log, line) = sample_with(
+            "addr=0x80000000 tg=1 num_pages=0x20 ttl=3 leaf=1 stage=1",
+            &"addr=0x80000000 tg=1 num_pages=0x20 ttl=3 leaf=1 stage=1".replacen(from, to, 1),
+        );
+        let e = import_err(log.as_bytes());
+        assert_eq!(e.line, line, "{to:?}: {e}");
+        assert!(
+            matches!(
+                e.problem,
+                ImportProblem::Missing { .. } | ImportProblem::BadValue { .. }
+            ),
+            "{to:?}: {e}"
+        );
+    }
+}
+
+#[test]
+fn a_log_without_range_events_is_refused_rather_than_imported_with_address_zero() {
+    // What `-trace 'smmuv3_cmdq_*'` records: no smmuv3_range_inval.
+    let log: String = SAMPLE
+        .lines()
+        .filter(|l| !l.contains("smmuv3_range_inval"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let e = import_err(log.as_bytes());
+    assert!(
+        matches!(e.problem, ImportProblem::NoAddress { op: "TLBI_NH_VA" }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("-trace 'smmuv3_*'"), "{e}");
+    let want = SAMPLE
+        .lines()
+        .filter(|l| !l.contains("smmuv3_range_inval"))
+        .position(|l| l.contains("<--- SMMU_CMD_TLBI_NH_VA"))
+        .unwrap() as u64
+        + 1;
+    assert_eq!(e.line, want);
+}
+
+#[test]
+fn a_malformed_time_prefix_on_an_smmuv3_line_is_refused_not_skipped() {
+    for bad in [
+        "12345@1700000000x000200:",
+        "12345@1700000000:",
+        "x@1.000200:",
+        "12345@1.2.3:",
+    ] {
+        let (log, line) = sample_with("12345@1700000000.000200:", bad);
+        let e = import_err(log.as_bytes());
+        assert_eq!(e.line, line, "{bad}: {e}");
+        assert!(
+            matches!(e.problem, ImportProblem::BadPrefix(_)),
+            "{bad}: {e}"
+        );
+    }
+}
+
+#[test]
+fn a_non_utf8_byte_costs_an_unrelated_line_only_and_refuses_an_smmuv3_line() {
+    let mut log = SAMPLE.as_bytes().to_vec();
+    let at = SAMPLE.find("pci_cfg_write").unwrap();
+    log[at + 3] = 0xff;
+    let (_, stats) = import(Cursor::new(log), Cursor::new(Vec::new())).unwrap();
+    assert_eq!(stats.skipped["not UTF-8 (and not an smmuv3_* event)"], 1);
+    assert!(stats.warnings().iter().any(|w| w.contains("not UTF-8")));
+    let mut log = SAMPLE.as_bytes().to_vec();
+    let at = SAMPLE.find("smmuv3_cmdq_cfgi_cd sid=0x10").unwrap();
+    log[at + 25] = 0xfe;
+    let e = import_err(&log);
+    assert!(matches!(e.problem, ImportProblem::NotUtf8), "{e}");
+    assert_eq!(e.line, 9);
+}
+
+#[test]
+fn what_is_skipped_or_approximated_is_counted_in_the_warnings_and_json() {
+    let (_, stats) = import_str(SAMPLE);
+    assert_eq!(stats.skipped["not an smmuv3_* event"], 1);
+    assert_eq!(
+        stats.skipped["an smmuv3_* event the import does not use"],
+        9
+    );
+    let approx = |key: &str| {
+        stats
+            .approximated
+            .iter()
+            .find(|(k, _)| k.starts_with(key))
+            .map_or(0, |(_, n)| *n)
+    };
+    assert_eq!(approx("ATC_INV"), 1);
+    assert_eq!(approx("SID not in the log"), 2);
+    assert_eq!(approx("CMD_SYNC"), 5);
+    let j = stats.to_json();
+    assert_eq!(
+        j["warnings"].as_array().unwrap().len(),
+        stats.warnings().len()
+    );
+    assert_eq!(j["skipped"]["not an smmuv3_* event"], 1);
+}
+
+#[test]
+fn filler_for_slots_never_consumed_is_bounded_per_pass_and_in_all() {
+    // A ring of 2^19 entries, PROD 100000 ahead, one command consumed: a few lines that would
+    // make 99,999 filler commands.
+    let log = "smmuv3_write_mmio addr: 0x90 val:0x40000013 size: 0x8(0)\n\
+               smmuv3_cmdq_consume prod=100000 cons=0 prod.wrap=0 cons.wrap=0\n\
+               smmuv3_cmdq_opcode <--- SMMU_CMD_SYNC\n\
+               smmuv3_cmdq_consume_out prod:100000, cons:1, prod_wrap:0, cons_wrap:0\n";
+    let e = import_err(log.as_bytes());
+    assert_eq!(e.line, 2);
+    assert!(
+        matches!(
+            e.problem,
+            ImportProblem::TooMuchFiller { filler: 99_999, .. }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("--max-filler-per-pass"), "{e}");
+    let limits = |per_pass, all| vcmdq::trace::qemu::ImportLimits {
+        max_filler_per_pass: per_pass,
+        max_filler: all,
+        ..Default::default()
+    };
+    let e = vcmdq::trace::qemu::import_with(
+        Cursor::new(log),
+        Cursor::new(Vec::new()),
+        &limits(1 << 20, 1000),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("--max-filler "), "{e}");
+    let (_, stats) = vcmdq::trace::qemu::import_with(
+        Cursor::new(log),
+        Cursor::new(Vec::new()),
+        &limits(1 << 20, 1 << 20),
+    )
+    .unwrap();
+    assert_eq!(stats.unobserved, 99_999);
+}
+
+#[test]
+fn an_endless_line_is_refused_at_its_limit() {
+    let mut log = b"smmuv3_cmdq_consume ".to_vec();
+    log.resize(vcmdq::trace::qemu::MAX_LINE_BYTES + 10, b'x');
+    let e = import_err(&log);
+    assert!(matches!(e.problem, ImportProblem::LineTooLong), "{e}");
+    assert!(e.to_string().contains("MAX_LINE_BYTES"), "{e}");
+}
+
+#[test]
+fn a_range_line_then_another_sid_for_the_same_command_does_not_panic() {
+    // Found by the qemu_import fuzz target: the RANGE was computed from the last SID seen, not
+    // the range's own start, and underflowed.
+    let log = "smmuv3_cmdq_consume prod=2 cons=0 prod.wrap=0 cons.wrap=0\n\
+               smmuv3_cmdq_opcode <--- SMMU_CMD_CFGI_STE_RANGE\n\
+               smmuv3_cmdq_cfgi_ste_range start=0x10 - end=0x17\n\
+               smmuv3_cmdq_cfgi_ste streamid=0x40\n\
+               smmuv3_cmdq_consume prod=2 cons=1 prod.wrap=0 cons.wrap=0\n\
+               smmuv3_cmdq_opcode <--- SMMU_CMD_SYNC\n\
+               smmuv3_cmdq_consume_out prod:2, cons:2, prod_wrap:0, cons_wrap:0\n";
+    let (bytes, _) = import_str(log);
+    let text = dump_to_string(&Trace::parse(&bytes).unwrap()).unwrap();
+    assert!(text.contains("CFGI_STE_RANGE sid=0x40 range=2"), "{text}");
+}
+
+#[test]
+fn a_log_without_end_is_refused_at_the_command_and_sid_limits() {
+    let limits = vcmdq::trace::qemu::ImportLimits {
+        max_commands: 100,
+        max_sids: 10,
+        ..Default::default()
+    };
+    let one = "smmuv3_cmdq_consume prod=1 cons=0 prod.wrap=0 cons.wrap=0\nsmmuv3_cmdq_opcode <--- SMMU_CMD_SYNC\n";
+    let e = vcmdq::trace::qemu::import_with(
+        Cursor::new(one.repeat(1000)),
+        Cursor::new(Vec::new()),
+        &limits,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e.problem,
+            ImportProblem::TooMany {
+                flag: "--max-commands",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(e.line, 203, "the line that went over");
+    let sids: String = (0..20)
+        .map(|i| format!("smmuv3_config_cache_inv Config cache INV for sid={i:#x}\n"))
+        .collect();
+    let e = vcmdq::trace::qemu::import_with(Cursor::new(sids), Cursor::new(Vec::new()), &limits)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e.problem,
+            ImportProblem::TooMany {
+                flag: "--max-sids",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(e.line, 11);
+}

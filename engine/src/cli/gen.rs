@@ -10,8 +10,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vcmdq::trace::format::FLAG_SYNTHETIC;
-use vcmdq::trace::gen::{generate, Workload};
-use vcmdq::trace::{TraceMeta, TraceWriter};
+use vcmdq::trace::gen::{generate_with, GenLimits, Workload, DEFAULT_MAX_GEN_COMMANDS};
+use vcmdq::trace::{TraceMeta, TraceWriter, DEFAULT_MAX_RING_MEMORY};
 
 fn workload(s: &str) -> Result<Workload, String> {
     Workload::from_name(s).ok_or_else(|| {
@@ -47,6 +47,15 @@ pub struct GenArgs {
     /// Seed of the random choices.
     #[arg(long)]
     seed: Option<u64>,
+    /// Bytes of ring slots the trace may declare (VMs x rings x 2^LOG2SIZE x 16).
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_RING_MEMORY)]
+    max_ring_memory: u64,
+    /// Ring entries the generation may write (at most 100000000).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_GEN_COMMANDS)]
+    max_commands: u64,
+    /// Print the summary as JSON on standard output.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Runs `vcmdq gen`.
@@ -58,27 +67,58 @@ pub fn run(a: GenArgs) -> Result<ExitCode, CliError> {
     p.log2size = a.log2size.unwrap_or(p.log2size);
     p.commands = a.commands.unwrap_or(p.commands);
     p.seed = a.seed.unwrap_or(p.seed);
-    p.check()?;
+    let limits = GenLimits {
+        max_ring_memory: a.max_ring_memory,
+        max_commands: a.max_commands,
+    };
+    p.check_with(&limits)?;
     let meta = TraceMeta {
         flags: FLAG_SYNTHETIC,
         created_unix_ns: 0,
     };
     let (stats, bytes) = write_atomically(&a.output, |w| {
         let mut tw = TraceWriter::new(w, meta)?;
-        let stats = generate(a.workload, &p, &mut tw)?;
+        let stats = generate_with(a.workload, &p, &limits, &mut tw)?;
         let bytes = tw.bytes();
         tw.finish_counted()?.flush()?;
         Ok::<_, CliError>((stats, bytes))
     })??;
-    eprintln!(
-        "{}: {} {:?}: {} records, {} ring entries, {} ns, {} bytes",
-        a.output.display(),
-        a.workload.name(),
-        p,
-        stats.records,
-        stats.commands,
-        stats.last_ns,
-        bytes
-    );
+    if a.json {
+        let j = serde_json::json!({
+            "output": a.output.display().to_string(),
+            "workload": a.workload.name(),
+            "vms": p.vms,
+            "devices_per_vm": p.devices,
+            "rings_per_vm": p.rings,
+            "log2size": p.log2size,
+            "commands_asked": p.commands,
+            "seed": p.seed,
+            "records": stats.records,
+            "ring_entries": stats.commands,
+            "duration_ns": stats.last_ns,
+            "bytes": bytes,
+            "ring_bytes": p.ring_bytes(),
+        });
+        println!("{j}");
+    } else {
+        eprintln!(
+            "{}: {} workload, {} VMs x {} devices x {} rings of 2^{} entries, seed {}",
+            a.output.display(),
+            a.workload.name(),
+            p.vms,
+            p.devices,
+            p.rings,
+            p.log2size,
+            p.seed
+        );
+        eprintln!(
+            "  {} records, {} ring entries (asked {}), {:.3} ms of guest time, {} bytes",
+            stats.records,
+            stats.commands,
+            p.commands,
+            stats.last_ns as f64 / 1e6,
+            bytes
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

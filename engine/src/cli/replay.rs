@@ -10,8 +10,15 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use vcmdq::replay::{replay, Outcomes, ReplayOptions, ReplayReport};
-use vcmdq::trace::{validate, TraceFile};
+use vcmdq::replay::{
+    check_speed, replay_validated, Outcomes, ReplayOptions, ReplayReport, DEFAULT_MAX_PACED_WALL,
+};
+use vcmdq::trace::{validate_with, Limits, TraceFile, DEFAULT_MAX_RING_MEMORY};
+
+fn speed(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    check_speed(v)
+}
 
 /// Arguments of `vcmdq replay`.
 #[derive(Args, Debug)]
@@ -25,9 +32,17 @@ Example:
 pub struct ReplayArgs {
     /// The trace (`.vct`; see traces/FORMAT.md).
     trace: PathBuf,
-    /// Replay at this multiple of the recorded pace instead of as fast as possible.
-    #[arg(long)]
+    /// Replay at this multiple of the recorded pace (0.001 to 1000) instead of as fast as
+    /// possible.
+    #[arg(long, value_parser = speed, allow_negative_numbers = true)]
     speed: Option<f64>,
+    /// A paced replay (--speed) whose recorded span at that speed would take longer than this
+    /// many seconds is refused before it starts.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_MAX_PACED_WALL.as_secs())]
+    max_wall_secs: u64,
+    /// Bytes of guest ring slots the trace may declare in all (2^LOG2SIZE x 16 per ring).
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_RING_MEMORY)]
+    max_ring_memory: u64,
     /// Engine workers (translating threads).
     #[arg(long, default_value_t = 1)]
     workers: usize,
@@ -61,7 +76,10 @@ pub struct ReplayArgs {
 pub fn run(a: ReplayArgs) -> Result<ExitCode, CliError> {
     let file = TraceFile::open(&a.trace)?;
     let trace = file.trace()?;
-    let summary = validate(&trace)?;
+    let limits = Limits {
+        max_ring_memory: a.max_ring_memory,
+    };
+    let summary = validate_with(&trace, &limits)?;
     let bar = if a.progress || (std::io::stderr().is_terminal() && std::env::var_os("CI").is_none())
     {
         ProgressBar::with_draw_target(Some(summary.commands), ProgressDrawTarget::stderr())
@@ -80,9 +98,11 @@ pub fn run(a: ReplayArgs) -> Result<ExitCode, CliError> {
         workers: a.workers,
         batch_limit: a.batch,
         capture: a.capture.clone(),
+        limits,
+        max_paced_wall: Duration::from_secs(a.max_wall_secs),
         ..Default::default()
     };
-    let report = replay(&trace, &opts, |n| bar.set_position(n))?;
+    let report = replay_validated(&trace, &summary, &opts, |n| bar.set_position(n))?;
     bar.finish_and_clear();
 
     if let Some(path) = &a.hgrm {
@@ -146,6 +166,7 @@ fn deterministic(r: &ReplayReport) -> Value {
         "viommus": r.viommus,
         "outcomes": outcomes_json(&r.outcomes),
         "per_viommu": r.per_viommu.iter().map(|(k, v)| (k.to_string(), outcomes_json(v))).collect::<serde_json::Map<_, _>>(),
+        "forwarded_digest": r.forwarded_digest.iter().map(|(k, d)| (k.to_string(), json!(format!("{d:016x}")))).collect::<serde_json::Map<_, _>>(),
         "oracle_ok": r.ok(),
     })
 }
@@ -260,6 +281,14 @@ fn print_human(r: &ReplayReport, name: &str, per_viommu: bool) {
     println!("  latency (one run on a shared machine; tails include the OS preempting threads):");
     latency_line("doorbell -> physical publish", &r.publish_latency);
     latency_line("doorbell -> guest sync done", &r.sync_latency);
+    let mut all = vcmdq::replay::Fnv1a::default();
+    for d in r.forwarded_digest.values() {
+        all.write(&d.to_le_bytes());
+    }
+    println!(
+        "  forwarded digest (FNV-1a of each ring's physical commands, then of those): {:016x}",
+        all.0
+    );
     if r.ok() {
         println!(
             "  oracle: agreed on all {} entries; isolation held; nothing lost or doubled",
@@ -321,6 +350,5 @@ fn write_hgrm(w: &mut impl Write, h: &Histogram<u64>) -> std::io::Result<()> {
         h.max() as f64 / 1000.0,
         h.len()
     )?;
-    let _ = Duration::ZERO;
     Ok(())
 }

@@ -11,7 +11,9 @@ use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use vcmdq::trace::{qemu, text, validate, TraceError, TraceFile};
+use vcmdq::trace::{
+    qemu, text, validate_with, Limits, TraceError, TraceFile, DEFAULT_MAX_RING_MEMORY,
+};
 
 /// Arguments of `vcmdq trace`.
 #[derive(Args, Debug)]
@@ -26,6 +28,9 @@ enum TraceCmd {
     Dump {
         /// The trace file.
         file: PathBuf,
+        /// Bytes of guest ring slots the trace may declare in all.
+        #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_RING_MEMORY)]
+        max_ring_memory: u64,
     },
     /// Build a trace from its text form (what `dump` prints, or written by hand).
     Build {
@@ -34,14 +39,24 @@ enum TraceCmd {
         /// The trace file to write.
         #[arg(short, long)]
         output: PathBuf,
+        /// Bytes of guest ring slots the trace may declare in all.
+        #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_RING_MEMORY)]
+        max_ring_memory: u64,
+        /// Bytes of text read at most.
+        #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_TEXT_BYTES)]
+        max_text_bytes: u64,
     },
-    /// Check a trace (format and references) and print what it holds.
+    /// Check a trace (format, references, what the control plane accepts, acks and fixes only
+    /// on stopped rings: what replay checks first) and print what it holds.
     Info {
         /// The trace file.
         file: PathBuf,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Bytes of guest ring slots the trace may declare in all.
+        #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_RING_MEMORY)]
+        max_ring_memory: u64,
     },
     /// Import a QEMU log taken with `-trace 'smmuv3_*'` (see traces/FORMAT.md for what is
     /// reconstructed and what is approximated).
@@ -51,17 +66,72 @@ enum TraceCmd {
         /// The trace file to write.
         #[arg(short, long)]
         output: PathBuf,
+        /// Print what the import made of the log (counts, skipped lines, approximations) as
+        /// JSON on standard output.
+        #[arg(long)]
+        json: bool,
+        /// Slots written but never consumed that one pass may fill with CMD_SYNC.
+        #[arg(long, value_name = "N", default_value_t = qemu::DEFAULT_MAX_FILLER_PER_PASS)]
+        max_filler_per_pass: u64,
+        /// Slots written but never consumed that the whole import may fill with CMD_SYNC.
+        #[arg(long, value_name = "N", default_value_t = qemu::DEFAULT_MAX_FILLER)]
+        max_filler: u64,
+        /// Commands and acknowledgements the log may hold.
+        #[arg(long, value_name = "N", default_value_t = qemu::DEFAULT_MAX_IMPORT_COMMANDS)]
+        max_commands: u64,
+        /// Distinct StreamIDs the log may show (each becomes a bound device).
+        #[arg(long, value_name = "N", default_value_t = qemu::DEFAULT_MAX_SIDS)]
+        max_sids: u64,
     },
 }
 
 /// Runs `vcmdq trace`.
 pub fn run(args: TraceArgs) -> Result<ExitCode, CliError> {
     match args.cmd {
-        TraceCmd::Dump { file } => dump(&file),
-        TraceCmd::Build { text, output } => build(text.as_deref(), &output),
-        TraceCmd::Info { file, json } => info(&file, json),
-        TraceCmd::ImportQemu { log, output } => import(&log, &output),
+        TraceCmd::Dump {
+            file,
+            max_ring_memory,
+        } => dump(&file, &limits(max_ring_memory)),
+        TraceCmd::Build {
+            text,
+            output,
+            max_ring_memory,
+            max_text_bytes,
+        } => build(
+            text.as_deref(),
+            &output,
+            &limits(max_ring_memory),
+            max_text_bytes,
+        ),
+        TraceCmd::Info {
+            file,
+            json,
+            max_ring_memory,
+        } => info(&file, json, &limits(max_ring_memory)),
+        TraceCmd::ImportQemu {
+            log,
+            output,
+            json,
+            max_filler_per_pass,
+            max_filler,
+            max_commands,
+            max_sids,
+        } => import(
+            &log,
+            &output,
+            json,
+            &qemu::ImportLimits {
+                max_filler_per_pass,
+                max_filler,
+                max_commands,
+                max_sids,
+            },
+        ),
     }
+}
+
+fn limits(max_ring_memory: u64) -> Limits {
+    Limits { max_ring_memory }
 }
 
 /// A trace error: content problems exit 1, I/O exits 2.
@@ -75,7 +145,7 @@ fn trace_failure(e: TraceError) -> Result<ExitCode, CliError> {
     }
 }
 
-fn dump(file: &Path) -> Result<ExitCode, CliError> {
+fn dump(file: &Path, limits: &Limits) -> Result<ExitCode, CliError> {
     let f = match TraceFile::open(file) {
         Ok(f) => f,
         Err(e) => return trace_failure(e),
@@ -86,7 +156,8 @@ fn dump(file: &Path) -> Result<ExitCode, CliError> {
     };
     let stdout = io::stdout();
     let mut out = BufWriter::new(stdout.lock());
-    let r = text::dump(&trace, &mut out).and_then(|()| out.flush().map_err(Into::into));
+    let r =
+        text::dump_with(&trace, &mut out, limits).and_then(|()| out.flush().map_err(Into::into));
     match r {
         Ok(()) => Ok(ExitCode::SUCCESS),
         // `vcmdq trace dump x | head` is not an error.
@@ -98,15 +169,28 @@ fn dump(file: &Path) -> Result<ExitCode, CliError> {
     }
 }
 
-fn read_input(path: Option<&Path>) -> Result<String, CliError> {
+/// Default of `trace build --max-text-bytes`.
+const DEFAULT_MAX_TEXT_BYTES: u64 = 256 << 20;
+
+/// Reads the whole text, refusing more than `limit` bytes (endless input such as /dev/zero
+/// would otherwise grow until the allocation aborts).
+fn read_input(path: Option<&Path>, limit: u64) -> Result<String, CliError> {
     let mut s = String::new();
+    let name = path.map_or("<stdin>".to_string(), |p| p.display().to_string());
+    let read = |r: &mut dyn Read, s: &mut String| r.take(limit.saturating_add(1)).read_to_string(s);
     match path {
-        None => io::stdin().read_to_string(&mut s)?,
-        Some(p) if p == Path::new("-") => io::stdin().read_to_string(&mut s)?,
+        None => read(&mut io::stdin(), &mut s)?,
+        Some(p) if p == Path::new("-") => read(&mut io::stdin(), &mut s)?,
         Some(p) => File::open(p)
-            .and_then(|mut f| f.read_to_string(&mut s))
+            .and_then(|mut f| read(&mut f, &mut s))
             .map_err(|e| format!("{}: {e}", p.display()))?,
     };
+    if s.len() as u64 > limit {
+        return Err(format!(
+            "{name}: more than {limit} bytes of text, the limit (raise it with --max-text-bytes BYTES)"
+        )
+        .into());
+    }
     Ok(s)
 }
 
@@ -130,11 +214,16 @@ pub(super) fn write_atomically<T, E>(
     Ok(r)
 }
 
-fn build(input: Option<&Path>, output: &Path) -> Result<ExitCode, CliError> {
-    let src = read_input(input)?;
+fn build(
+    input: Option<&Path>,
+    output: &Path,
+    limits: &Limits,
+    max_text_bytes: u64,
+) -> Result<ExitCode, CliError> {
+    let src = read_input(input, max_text_bytes)?;
     let name = input.map_or("<stdin>".to_string(), |p| p.display().to_string());
     let r = write_atomically(output, |w| {
-        let mut w = text::build(&src, w).map_err(|e| e.to_string())?;
+        let mut w = text::build_with(&src, w, limits).map_err(|e| e.to_string())?;
         w.flush().map_err(|e| format!("{}: {e}", output.display()))
     })?;
     match r {
@@ -146,14 +235,14 @@ fn build(input: Option<&Path>, output: &Path) -> Result<ExitCode, CliError> {
     }
 }
 
-fn info(file: &Path, json: bool) -> Result<ExitCode, CliError> {
+fn info(file: &Path, json: bool, limits: &Limits) -> Result<ExitCode, CliError> {
     let f = match TraceFile::open(file) {
         Ok(f) => f,
         Err(e) => return trace_failure(e),
     };
     let summary = match f.trace().and_then(|t| {
         let meta = t.meta();
-        validate(&t).map(|s| (meta, s))
+        validate_with(&t, limits).map(|s| (meta, s))
     }) {
         Ok(s) => s,
         Err(e) => return trace_failure(e),
@@ -173,7 +262,12 @@ fn info(file: &Path, json: bool) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn import(log: &Path, output: &Path) -> Result<ExitCode, CliError> {
+fn import(
+    log: &Path,
+    output: &Path,
+    json: bool,
+    limits: &qemu::ImportLimits,
+) -> Result<ExitCode, CliError> {
     let reader: Box<dyn io::BufRead> = if log == Path::new("-") {
         Box::new(BufReader::new(io::stdin()))
     } else {
@@ -182,7 +276,7 @@ fn import(log: &Path, output: &Path) -> Result<ExitCode, CliError> {
         ))
     };
     let r = write_atomically(output, |w| {
-        let (mut w, stats) = qemu::import(reader, w).map_err(|e| e.to_string())?;
+        let (mut w, stats) = qemu::import_with(reader, w, limits).map_err(|e| e.to_string())?;
         w.flush()
             .map_err(|e| format!("{}: {e}", output.display()))?;
         Ok::<_, String>(stats)
@@ -190,6 +284,15 @@ fn import(log: &Path, output: &Path) -> Result<ExitCode, CliError> {
     match r {
         Ok(stats) => {
             eprintln!("{}: {stats}", output.display());
+            for w in stats.warnings() {
+                eprintln!("vcmdq: warning: {}: {w}", log.display());
+            }
+            if json {
+                let mut j = stats.to_json();
+                j["log"] = log.display().to_string().into();
+                j["output"] = output.display().to_string().into();
+                println!("{j}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {

@@ -13,15 +13,18 @@
 //! equal the model's history (`model.rs`); every command the hardware consumed must carry a VMID
 //! and a pSID the host handed out, and no guest CMD_SYNC may reach it; the hardware must have
 //! consumed exactly what was forwarded plus the engine's CMD_SYNCs.
+//!
+//! The summary carries, per ring, a digest of the physical commands forwarded (see
+//! [`Fnv1a`]), so an expected summary pins every byte the hardware received, not just counts.
 
-mod model;
+pub(crate) mod model;
 
 use crate::command::{opcode, RawCommand};
 use crate::engine::{AuditRecord, Engine, EngineConfig, EngineStats, RingId};
 use crate::pqueue::{HwConfig, OnCheckFailure};
 use crate::queue::QueueShape;
 use crate::ring::{GuestRing, HostRing, RingError};
-use crate::trace::{Event, Trace, TraceError};
+use crate::trace::{validate_with, Event, Limits, Summary, Trace, TraceError};
 use crate::translate::SlotOutcome;
 use crate::viommu::{DeviceId, Profile, ViommuConfig};
 use hdrhistogram::Histogram;
@@ -45,6 +48,40 @@ pub struct ReplayOptions {
     pub stall_timeout: Duration,
     /// Capture what the replay's guests submit into this trace file (see the engine's capture).
     pub capture: Option<std::path::PathBuf>,
+    /// Resource limits, checked before anything is allocated (see [`Limits`]).
+    pub limits: Limits,
+    /// A paced replay whose recorded span, at `speed`, would take longer than this is refused
+    /// before it starts (`--max-wall-secs`).
+    pub max_paced_wall: Duration,
+}
+
+/// The multiples of the recorded pace `--speed` accepts: slower than a thousandth makes a
+/// millisecond-long trace take minutes, faster than a thousand times is not distinguishable from
+/// "as fast as possible" (omit `--speed` for that).
+pub const SPEED_RANGE: std::ops::RangeInclusive<f64> = 0.001..=1000.0;
+
+/// Default of [`ReplayOptions::max_paced_wall`]: one hour.
+pub const DEFAULT_MAX_PACED_WALL: Duration = Duration::from_secs(3600);
+
+/// Checks a `--speed` value: finite and within [`SPEED_RANGE`].
+pub fn check_speed(speed: f64) -> Result<f64, String> {
+    if speed.is_finite() && SPEED_RANGE.contains(&speed) {
+        Ok(speed)
+    } else {
+        Err(format!(
+            "speed {speed} is out of range: a multiple of the recorded pace from {} to {} \
+             (omit --speed to replay as fast as possible)",
+            SPEED_RANGE.start(),
+            SPEED_RANGE.end()
+        ))
+    }
+}
+
+/// How long to sleep before an event due at `due` (from the replay's start), given the time
+/// `elapsed` so far; `None` once it is due. Never more than `step`, so traps are pumped while
+/// waiting. An engine that fell behind the recorded pace is simply late: nothing to wait for.
+fn pace_step(due: Duration, elapsed: Duration, step: Duration) -> Option<Duration> {
+    (elapsed < due).then(|| due.saturating_sub(elapsed).min(step))
 }
 
 impl Default for ReplayOptions {
@@ -55,6 +92,8 @@ impl Default for ReplayOptions {
             batch_limit: 64,
             stall_timeout: Duration::from_secs(20),
             capture: None,
+            limits: Limits::default(),
+            max_paced_wall: DEFAULT_MAX_PACED_WALL,
         }
     }
 }
@@ -82,6 +121,9 @@ pub enum ReplayError {
         /// What failed.
         err: RingError,
     },
+    /// An option out of its range, or a paced replay that would outlast its bound.
+    #[error("{0}")]
+    Refused(String),
     /// The engine did not do what a guest waited for.
     #[error("{at}: {what}")]
     Stalled {
@@ -199,6 +241,38 @@ pub struct ReplayReport {
     /// Other broken invariants (hardware consumed more or less than was forwarded, traps out of
     /// order, ...).
     pub invariant_failures: Vec<String>,
+    /// Per trace ring, the [`Fnv1a`] digest of the physical commands forwarded from it, in ring
+    /// order (the same whatever the number of workers).
+    pub forwarded_digest: BTreeMap<u32, u64>,
+}
+
+/// 64-bit FNV-1a (offset basis 0xcbf29ce484222325, prime 0x100000001b3) over bytes, the
+/// digest of a forwarded command stream: each command's D0 then D1, little-endian, 16 bytes a
+/// command, in the order the ring forwarded them. Not cryptographic: it pins a replay's output
+/// in `*.expected.json` so that one wrong byte is seen, nothing more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fnv1a(pub u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Fnv1a(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv1a {
+    /// Adds bytes.
+    pub fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    /// Adds one command's 16 bytes.
+    pub fn command(&mut self, cmd: &RawCommand) {
+        self.write(&cmd.d0().to_le_bytes());
+        self.write(&cmd.d1().to_le_bytes());
+    }
 }
 
 impl ReplayReport {
@@ -290,8 +364,35 @@ fn isolation_check(trace: &Trace<'_>) -> Result<(HwConfig, IsolationLog), TraceE
 pub fn replay(
     trace: &Trace<'_>,
     opts: &ReplayOptions,
+    progress: impl FnMut(u64),
+) -> Result<ReplayReport, ReplayError> {
+    // One validation for info, dump and replay: what it refuses, replay refuses with the same
+    // message before starting anything; what it accepts, the engine's control plane accepts.
+    let summary = validate_with(trace, &opts.limits)?;
+    replay_validated(trace, &summary, opts, progress)
+}
+
+/// [`replay`] of a trace whose `summary` [`validate_with`] returned under `opts.limits`.
+pub fn replay_validated(
+    trace: &Trace<'_>,
+    summary: &Summary,
+    opts: &ReplayOptions,
     mut progress: impl FnMut(u64),
 ) -> Result<ReplayReport, ReplayError> {
+    if let Some(speed) = opts.speed {
+        check_speed(speed).map_err(ReplayError::Refused)?;
+        let wall = summary.duration_ns() as f64 / speed / 1e9;
+        if wall > opts.max_paced_wall.as_secs_f64() {
+            return Err(ReplayError::Refused(format!(
+                "the trace spans {:.3} s of recorded time ({} ns); at --speed {speed} that is {wall:.3e} s \
+                 of wall time, above the limit of {} s (raise it with --max-wall-secs, or replay \
+                 faster or without --speed)",
+                summary.duration_ns() as f64 / 1e9,
+                summary.duration_ns(),
+                opts.max_paced_wall.as_secs()
+            )));
+        }
+    }
     let (hw, isolation) = isolation_check(trace)?;
     let engine = Engine::start(EngineConfig {
         workers: opts.workers,
@@ -327,10 +428,11 @@ pub fn replay(
         );
         if let Some(speed) = opts.speed {
             let t0 = *first_ts.get_or_insert(rec.timestamp_ns);
-            let due = Duration::from_nanos(((rec.timestamp_ns - t0) as f64 / speed) as u64);
-            while start.elapsed() < due {
+            let due =
+                Duration::from_nanos((rec.timestamp_ns.saturating_sub(t0) as f64 / speed) as u64);
+            while let Some(pause) = pace_step(due, start.elapsed(), Duration::from_millis(1)) {
                 rp.pump();
-                std::thread::sleep((due - start.elapsed()).min(Duration::from_millis(1)));
+                std::thread::sleep(pause);
             }
         }
         if n % 64 == 0 {
@@ -420,10 +522,12 @@ pub fn replay(
     let mut outcomes = Outcomes::default();
     let mut per_viommu: BTreeMap<u32, Outcomes> = BTreeMap::new();
     let mut per_viommu_latency: BTreeMap<u32, (Histogram<u64>, Histogram<u64>)> = BTreeMap::new();
+    let mut forwarded_digest = BTreeMap::new();
     let mut publish_latency = latency_histogram();
     let mut sync_latency = latency_histogram();
     for (input, c) in per_ring.iter().zip(checked) {
         outcomes.merge(&c.outcomes);
+        forwarded_digest.insert(input.id, c.digest.0);
         per_viommu
             .entry(input.viommu)
             .or_default()
@@ -463,6 +567,7 @@ pub fn replay(
         isolation,
         isolation_count,
         invariant_failures,
+        forwarded_digest,
     })
 }
 
@@ -484,6 +589,8 @@ struct RingCheck {
     mismatch_count: u64,
     publish_latency: Histogram<u64>,
     sync_latency: Histogram<u64>,
+    /// What the ring forwarded, as the engine's audit says.
+    digest: Fnv1a,
 }
 
 /// Compares one ring's audit with its model, and measures its latencies.
@@ -494,9 +601,13 @@ fn check_ring(r: &RingCheckInput) -> RingCheck {
         mismatch_count: 0,
         publish_latency: latency_histogram(),
         sync_latency: latency_histogram(),
+        digest: Fnv1a::default(),
     };
     for (_, o) in &r.got {
         c.outcomes.add(o);
+        if let SlotOutcome::Forwarded(cmd) = o {
+            c.digest.command(cmd);
+        }
     }
     for i in 0..r.got.len().max(r.expected.len()) {
         let (g, e) = (r.got.get(i), r.expected.get(i));
@@ -810,5 +921,106 @@ impl Replayer<'_> {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring_input(expected: Vec<SlotOutcome>, got: Vec<SlotOutcome>) -> RingCheckInput {
+        let seq = |v: Vec<SlotOutcome>| {
+            v.into_iter()
+                .enumerate()
+                .map(|(i, o)| (i as u64, o))
+                .collect()
+        };
+        RingCheckInput {
+            id: 0,
+            viommu: 0,
+            expected: seq(expected),
+            doorbells: Vec::new(),
+            got: seq(got),
+            published: Vec::new(),
+            synced: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn one_wrong_byte_in_a_forwarded_command_is_a_mismatch_and_changes_the_digest() {
+        let cmd = RawCommand::new(0x0000_0005_0000_0012, 0x8000_0000);
+        let sync = SlotOutcome::Sync {
+            cs: 0,
+            msidata: 0,
+            msiaddr: 0,
+        };
+        let right = ring_input(
+            vec![SlotOutcome::Forwarded(cmd), sync],
+            vec![SlotOutcome::Forwarded(cmd), sync],
+        );
+        let ok = check_ring(&right);
+        assert_eq!(ok.mismatch_count, 0);
+        // Each byte of D0 and D1 in turn: the comparison and the digest both see it.
+        for byte in 0..16 {
+            let (mut d0, mut d1) = (cmd.d0(), cmd.d1());
+            if byte < 8 {
+                d0 ^= 1 << (8 * byte);
+            } else {
+                d1 ^= 1 << (8 * (byte - 8));
+            }
+            let wrong = RawCommand::new(d0, d1);
+            let c = check_ring(&ring_input(
+                vec![SlotOutcome::Forwarded(cmd), sync],
+                vec![SlotOutcome::Forwarded(wrong), sync],
+            ));
+            assert_eq!(c.mismatch_count, 1, "byte {byte} of the forwarded command");
+            assert_eq!(c.mismatches[0].got, Some(SlotOutcome::Forwarded(wrong)));
+            assert_ne!(c.digest, ok.digest, "byte {byte} left the digest unchanged");
+        }
+    }
+
+    #[test]
+    fn the_forwarded_digest_depends_on_order_and_is_fnv1a() {
+        // FNV-1a 64 of the empty input and of "a" (the published test vectors).
+        assert_eq!(Fnv1a::default().0, 0xcbf2_9ce4_8422_2325);
+        let mut a = Fnv1a::default();
+        a.write(b"a");
+        assert_eq!(a.0, 0xaf63_dc4c_8601_ec8c);
+        let (x, y) = (RawCommand::new(1, 2), RawCommand::new(3, 4));
+        let digest = |cmds: &[RawCommand]| {
+            let mut d = Fnv1a::default();
+            cmds.iter().for_each(|c| d.command(c));
+            d
+        };
+        assert_ne!(digest(&[x, y]), digest(&[y, x]));
+    }
+
+    #[test]
+    fn a_replay_behind_its_recorded_pace_does_not_wait_and_does_not_panic() {
+        let ms = Duration::from_millis;
+        // Due at 1 ms, the clock already at 2 ms: nothing to wait for (the old pacing read the
+        // clock twice and subtracted the later reading from `due`, which overflowed).
+        assert_eq!(pace_step(ms(1), ms(2), ms(1)), None);
+        assert_eq!(pace_step(ms(1), ms(1), ms(1)), None);
+        assert_eq!(
+            pace_step(ms(10), ms(4), ms(1)),
+            Some(ms(1)),
+            "waits at most a step"
+        );
+        assert_eq!(
+            pace_step(ms(10), Duration::from_micros(9_700), ms(1)),
+            Some(Duration::from_micros(300))
+        );
+    }
+
+    #[test]
+    fn speeds_outside_their_range_are_refused() {
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e-9, 1e9] {
+            let e = check_speed(bad).unwrap_err();
+            assert!(e.contains("0.001 to 1000"), "{bad}: {e}");
+        }
+        for good in [0.001, 1.0, 1000.0] {
+            assert_eq!(check_speed(good), Ok(good));
+        }
     }
 }

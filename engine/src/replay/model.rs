@@ -13,7 +13,7 @@ use crate::viommu::ViommuConfig;
 use std::collections::HashMap;
 
 /// One ring's expected history: `(seq, outcome)` in the order the engine must produce them.
-pub(super) struct RingModel {
+pub(crate) struct RingModel {
     shape: QueueShape,
     slots: Vec<RawCommand>,
     /// Pointer and sequence number of the next entry to read.
@@ -24,12 +24,23 @@ pub(super) struct RingModel {
     /// PROD as the guest last wrote it (masked).
     prod: u32,
     stopped: bool,
-    pub(super) expected: Vec<(u64, SlotOutcome)>,
+    /// Whether `expected` is kept (validation needs only whether and where a ring stops).
+    history: bool,
+    pub(crate) expected: Vec<(u64, SlotOutcome)>,
 }
 
 impl RingModel {
-    pub(super) fn new(shape: QueueShape) -> RingModel {
+    pub(crate) fn new(shape: QueueShape) -> RingModel {
         RingModel {
+            history: true,
+            ..RingModel::without_history(shape)
+        }
+    }
+
+    /// A model that keeps no history, so its memory is the ring's slots alone.
+    pub(crate) fn without_history(shape: QueueShape) -> RingModel {
+        RingModel {
+            history: false,
             shape,
             slots: vec![RawCommand::default(); shape.entries() as usize],
             read: 0,
@@ -42,21 +53,26 @@ impl RingModel {
     }
 
     /// The model's ring is stopped on a refused entry, waiting for the acknowledgement.
-    pub(super) fn stopped(&self) -> bool {
+    pub(crate) fn stopped(&self) -> bool {
         self.stopped
     }
 
-    pub(super) fn write(&mut self, ptr: u32, cmd: RawCommand) {
+    /// The pointer of the slot the ring is stopped at, if it is stopped.
+    pub(crate) fn stopped_at(&self) -> Option<u32> {
+        self.stopped.then_some(self.cons)
+    }
+
+    pub(crate) fn write(&mut self, ptr: u32, cmd: RawCommand) {
         self.slots[self.shape.index(ptr) as usize] = cmd;
     }
 
-    pub(super) fn doorbell(&mut self, prod: u32, cfg: &ViommuConfig, bindings: &HashMap<u32, u32>) {
+    pub(crate) fn doorbell(&mut self, prod: u32, cfg: &ViommuConfig, bindings: &HashMap<u32, u32>) {
         self.prod = self.shape.ptr(prod);
         self.read_on(cfg, bindings);
     }
 
     /// The guest acknowledged a stop: reading resumes at the stopped slot.
-    pub(super) fn ack(&mut self, cfg: &ViommuConfig, bindings: &HashMap<u32, u32>) {
+    pub(crate) fn ack(&mut self, cfg: &ViommuConfig, bindings: &HashMap<u32, u32>) {
         if self.stopped {
             self.stopped = false;
             self.read_on(cfg, bindings);
@@ -77,7 +93,9 @@ impl RingModel {
         for _ in taken..ahead {
             let cmd = self.slots[self.shape.index(self.read) as usize];
             let outcome = oracle::translate_one(cfg, bindings, cmd);
-            self.expected.push((self.read_seq, outcome));
+            if self.history {
+                self.expected.push((self.read_seq, outcome));
+            }
             if matches!(outcome, SlotOutcome::Refused { .. }) {
                 // CONS stops here; the entry is read again after the acknowledgement.
                 self.cons = self.read;

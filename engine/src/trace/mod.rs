@@ -24,7 +24,7 @@ mod writer;
 
 pub use format::Kind;
 pub use reader::{Records, Trace, TraceFile};
-pub use validate::{validate, Invalid, Summary};
+pub use validate::{validate, validate_with, Invalid, Limits, Summary, DEFAULT_MAX_RING_MEMORY};
 pub use writer::{to_vec, TraceMeta, TraceWriter, WriteError};
 
 use crate::command::RawCommand;
@@ -387,11 +387,14 @@ pub enum TraceError {
         /// What is wrong.
         problem: Malformed,
     },
-    /// Well-formed records that refer to things that do not exist (see [`validate`]).
-    #[error("{}offset {offset}: {problem}", at(.path))]
+    /// Well-formed records that refer to things that do not exist, or that the engine's control
+    /// plane or the oracle's model of the rings refuses (see [`validate`]).
+    #[error("{}record {record} at offset {offset}: {problem}", at(.path))]
     Invalid {
         /// The file, when known.
         path: Option<String>,
+        /// 0-based index of the record at fault.
+        record: u64,
         /// Byte offset of the record at fault.
         offset: u64,
         /// What is wrong.

@@ -17,7 +17,7 @@ use super::format::FLAG_IMPORTED;
 use super::{Outcome, Profile, TraceMeta, TraceWriter, WriteError};
 use crate::command::{opcode, Command, RawCommand, LAYOUTS};
 use crate::queue::{CError, QueueShape, MAX_LOG2SIZE};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{self, BufRead, Seek, Write};
 
 /// What an import made of a log.
@@ -45,6 +45,95 @@ pub struct ImportStats {
     pub log2size_inferred: bool,
     /// StreamIDs found, each bound 1:1 as a vSID.
     pub sids: u64,
+    /// Lines skipped, by why (not an `smmuv3_*` event, an `smmuv3_*` event the import does not
+    /// use, not UTF-8, ...): the import's warnings.
+    pub skipped: BTreeMap<&'static str, u64>,
+    /// Fields or commands reconstructed by a documented rule rather than read from the log, by
+    /// what: also warnings.
+    pub approximated: BTreeMap<&'static str, u64>,
+}
+
+impl ImportStats {
+    fn skip(&mut self, why: &'static str) {
+        *self.skipped.entry(why).or_default() += 1;
+    }
+
+    fn approx(&mut self, what: &'static str) {
+        *self.approximated.entry(what).or_default() += 1;
+    }
+
+    /// One line per kind of skipped line and approximation, with its count: what the CLI
+    /// prints on standard error.
+    pub fn warnings(&self) -> Vec<String> {
+        self.skipped
+            .iter()
+            .map(|(why, n)| format!("skipped {n} line(s): {why}"))
+            .chain(
+                self.approximated
+                    .iter()
+                    .map(|(what, n)| format!("approximated {n} time(s): {what}")),
+            )
+            .collect()
+    }
+
+    /// The stats as JSON (`vcmdq trace import-qemu --json`).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "lines": self.lines,
+            "used": self.used,
+            "passes": self.passes,
+            "commands": self.commands,
+            "unobserved": self.unobserved,
+            "fixes": self.fixes,
+            "acks": self.acks,
+            "errors": self.errors,
+            "log2size": self.log2size,
+            "log2size_inferred": self.log2size_inferred,
+            "sids": self.sids,
+            "skipped": self.skipped,
+            "approximated": self.approximated,
+            "warnings": self.warnings(),
+        })
+    }
+}
+
+/// The longest log line the import reads (64 KiB); a longer one is refused with its number.
+pub const MAX_LINE_BYTES: usize = 64 << 10;
+
+/// Bounds on what an import may make of a log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImportLimits {
+    /// Slots the guest wrote but QEMU never consumed, filled with CMD_SYNC, in one pass
+    /// (`--max-filler-per-pass`).
+    pub max_filler_per_pass: u64,
+    /// The same, over the whole import (`--max-filler`).
+    pub max_filler: u64,
+    /// Commands and acknowledgements the import holds in memory (`--max-commands`): a log
+    /// without end must not grow it without end.
+    pub max_commands: u64,
+    /// Distinct StreamIDs, each a device bound in the trace (`--max-sids`).
+    pub max_sids: u64,
+}
+
+/// Default of [`ImportLimits::max_commands`].
+pub const DEFAULT_MAX_IMPORT_COMMANDS: u64 = 2_000_000;
+/// Default of [`ImportLimits::max_sids`].
+pub const DEFAULT_MAX_SIDS: u64 = 4096;
+
+/// Default of [`ImportLimits::max_filler_per_pass`].
+pub const DEFAULT_MAX_FILLER_PER_PASS: u64 = 256;
+/// Default of [`ImportLimits::max_filler`].
+pub const DEFAULT_MAX_FILLER: u64 = 4096;
+
+impl Default for ImportLimits {
+    fn default() -> Self {
+        ImportLimits {
+            max_filler_per_pass: DEFAULT_MAX_FILLER_PER_PASS,
+            max_filler: DEFAULT_MAX_FILLER,
+            max_commands: DEFAULT_MAX_IMPORT_COMMANDS,
+            max_sids: DEFAULT_MAX_SIDS,
+        }
+    }
 }
 
 impl core::fmt::Display for ImportStats {
@@ -83,6 +172,66 @@ pub enum ImportProblem {
         /// The text.
         value: String,
     },
+    /// A field of a recognised event outside what the field can hold.
+    #[error("{event}: {field}={value} is out of range: {why}")]
+    Invalid {
+        /// The event.
+        event: String,
+        /// The field.
+        field: String,
+        /// The value.
+        value: i64,
+        /// Its range.
+        why: &'static str,
+    },
+    /// A line with a `PID@SECONDS.MICROSECONDS:` prefix that does not parse.
+    #[error("malformed `PID@SECONDS.MICROSECONDS:` prefix {0:?}")]
+    BadPrefix(String),
+    /// A line longer than [`MAX_LINE_BYTES`].
+    #[error(
+        "the line is longer than {MAX_LINE_BYTES} bytes (MAX_LINE_BYTES): not a QEMU trace line"
+    )]
+    LineTooLong,
+    /// An `smmuv3_*` line that is not UTF-8.
+    #[error("an smmuv3_* event line that is not UTF-8")]
+    NotUtf8,
+    /// A TLBI by address whose address the log does not give.
+    #[error(
+        "{op} with no address: the log has no range event for it (smmuv3_range_inval); take the \
+         log with -trace 'smmuv3_*', not only 'smmuv3_cmdq_*'"
+    )]
+    NoAddress {
+        /// The opcode's name.
+        op: &'static str,
+    },
+    /// Slots the guest wrote but QEMU never consumed, more than the limit allows.
+    #[error(
+        "{filler} slots written but never consumed would be filled with CMD_SYNC {scope}, above \
+         the limit of {limit} ({flag} to raise it)"
+    )]
+    TooMuchFiller {
+        /// Filler commands needed.
+        filler: u64,
+        /// "in one pass" or "in all".
+        scope: &'static str,
+        /// The limit.
+        limit: u64,
+        /// The flag that raises it.
+        flag: &'static str,
+    },
+    /// The log holds more of something than a limit allows.
+    #[error("more than {limit} {what} (the limit; raise it with {flag})")]
+    TooMany {
+        /// What.
+        what: &'static str,
+        /// The limit.
+        limit: u64,
+        /// The flag that raises it.
+        flag: &'static str,
+    },
+    /// The trace made of the log does not validate (see [`super::validate`]).
+    #[error("the imported trace would not replay: {0}")]
+    Unreplayable(Box<super::TraceError>),
     /// A queue index beyond the largest command queue.
     #[error("{event}: {field}={value} is not a queue index (0 to 2^19 - 1)")]
     OutOfRange {
@@ -119,6 +268,15 @@ pub struct ImportError {
     pub problem: ImportProblem,
 }
 
+impl From<WriteError> for ImportError {
+    fn from(e: WriteError) -> Self {
+        ImportError {
+            line: 0,
+            problem: e.into(),
+        }
+    }
+}
+
 /// A queue position as QEMU prints it: index and wrap bit apart.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Pos {
@@ -139,7 +297,8 @@ struct Fields {
     /// The opcode came from `smmuv3_unhandled_cmd` or the guest-error log line (exact).
     exact_op: bool,
     sid: Option<u32>,
-    range_end: Option<u32>,
+    /// CFGI_STE_RANGE's RANGE, from its range line: 2^(RANGE+1) SIDs.
+    range: Option<u8>,
     vmid: u16,
     asid: u16,
     addr: Option<u64>,
@@ -148,12 +307,16 @@ struct Fields {
     ttl: u8,
     leaf: bool,
     irq: bool,
+    /// An ASID printed as -1 (not applicable) taken as 0.
+    asid_unknown: bool,
 }
 
 struct Obs {
     pos: Pos,
     fields: Fields,
     name: String,
+    /// The log line of its `smmuv3_cmdq_opcode`.
+    line: u64,
 }
 
 struct Pass {
@@ -164,6 +327,8 @@ struct Pass {
     /// Index into `obs` of the refused command and its CONS.ERR.
     error: Option<(usize, u8)>,
     end_ts: u64,
+    /// The log line that started it.
+    line: u64,
 }
 
 enum Item {
@@ -171,24 +336,36 @@ enum Item {
     Ack(u64),
 }
 
-/// Splits `PID@SEC.USEC:name args` into its time in ns (if any), the event name and its args.
-fn split_line(line: &str) -> (Option<u64>, &str) {
+/// Splits `PID@SEC.USEC:name args` into its time in ns (if any) and the rest. A line whose
+/// text before the first `:` has an `@` and is followed by an `smmuv3_` event, but is not a
+/// well-formed prefix, is an error rather than an unrelated line.
+fn split_line(line: &str) -> Result<(Option<u64>, &str), ImportProblem> {
     let line = line.trim();
     if let Some((pre, post)) = line.split_once(':') {
         if let Some((pid, time)) = pre.split_once('@') {
-            if !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) {
-                if let Some((s, us)) = time.split_once('.') {
-                    if let (Ok(s), Ok(us)) = (s.parse::<u64>(), us.parse::<u64>()) {
-                        let ns = s
-                            .saturating_mul(1_000_000_000)
-                            .saturating_add(us.saturating_mul(1000));
-                        return (Some(ns), post.trim_start());
-                    }
+            let parsed = (|| {
+                if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
                 }
+                let (s, us) = time.split_once('.')?;
+                let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+                if !digits(s) || !digits(us) || us.len() > 6 {
+                    return None;
+                }
+                let s = s.parse::<u64>().ok()?;
+                let us = us.parse::<u64>().ok()?;
+                s.checked_mul(1_000_000_000)?.checked_add(us * 1000)
+            })();
+            match parsed {
+                Some(ns) => return Ok((Some(ns), post.trim_start())),
+                None if post.trim_start().starts_with("smmuv3_") => {
+                    return Err(ImportProblem::BadPrefix(format!("{pre}:")))
+                }
+                None => {}
             }
         }
     }
-    (None, line)
+    Ok((None, line))
 }
 
 /// `key=value` and `key: value` pairs of an event's text, in order; values lose trailing
@@ -258,7 +435,45 @@ impl Args<'_> {
             field: keys[0],
         })
     }
+
+    /// A field that must be present and within `lo..=hi`.
+    fn need_in(
+        &self,
+        keys: &[&'static str],
+        lo: i64,
+        hi: i64,
+        why: &'static str,
+    ) -> Result<i64, ImportProblem> {
+        let v = self.need(keys)?;
+        if (lo..=hi).contains(&v) {
+            Ok(v)
+        } else {
+            Err(ImportProblem::Invalid {
+                event: self.event.to_string(),
+                field: keys[0].to_string(),
+                value: v,
+                why,
+            })
+        }
+    }
+
+    /// A VMID or ASID: 16 bits, or -1 (QEMU's "not applicable"), which is `None`; absent is
+    /// `None` too.
+    fn id16(&self, key: &'static str) -> Result<Option<u16>, ImportProblem> {
+        match self.get(&[key])? {
+            None | Some(-1) => Ok(None),
+            Some(v) if (0..=0xffff).contains(&v) => Ok(Some(v as u16)),
+            Some(v) => Err(ImportProblem::Invalid {
+                event: self.event.to_string(),
+                field: key.to_string(),
+                value: v,
+                why: "a VMID or ASID is 0 to 65535 (or -1: not applicable)",
+            }),
+        }
+    }
 }
+
+const SID_RANGE: &str = "a StreamID is 0 to 2^32 - 1";
 
 /// The opcode QEMU's name stands for; `None` for its `UNKNOWN`/`INVALID` placeholders.
 fn opcode_of(name: &str) -> Option<u8> {
@@ -276,29 +491,84 @@ fn opcode_of(name: &str) -> Option<u8> {
 }
 
 /// The 16 bytes of a command from what the log said of it; `default_sid` stands in for a SID
-/// the log does not give.
-fn rebuild(f: &Fields, name: &str, default_sid: u32) -> RawCommand {
-    let op = f.op.unwrap_or(if name == "UNKNOWN" { 0x08 } else { 0x00 });
-    let sid = f.sid.unwrap_or(default_sid);
+/// the log does not give. Every field not read from the log is counted in `stats`; a field the
+/// command needs and the log lacks (a TLBI's address) or a value no command can hold is refused.
+fn rebuild(
+    f: &Fields,
+    name: &str,
+    default_sid: u32,
+    stats: &mut ImportStats,
+) -> Result<RawCommand, ImportProblem> {
+    let op = match f.op {
+        Some(op) => op,
+        None => {
+            stats.approx("opcode only named INVALID/UNKNOWN (no guest-error line): illegal opcode 0x00/0x08 written");
+            if name == "UNKNOWN" {
+                0x08
+            } else {
+                0x00
+            }
+        }
+    };
+    let sid = match f.sid {
+        Some(sid) => sid,
+        None => {
+            if uses_sid(Some(op)) {
+                stats.approx("SID not in the log: the lowest SID the log shows written");
+            }
+            default_sid
+        }
+    };
     let vmid = f.vmid;
     let asid = f.asid;
+    let by_address = matches!(
+        op,
+        opcode::TLBI_NH_VA | opcode::TLBI_NH_VAA | opcode::TLBI_S2_IPA
+    );
+    let name_of = |op| crate::command::opcode_name(op).unwrap_or("TLBI");
+    if by_address && f.addr.is_none() {
+        return Err(ImportProblem::NoAddress { op: name_of(op) });
+    }
+    if f.asid_unknown && matches!(op, opcode::TLBI_NH_VA | opcode::TLBI_NH_ASID) {
+        stats.approx("ASID printed as -1 (not applicable): written as 0");
+    }
     let addr = f.addr.unwrap_or(0) & !0xfff;
-    let (tg, num, scale) = if f.tg == 0 || f.pages == 0 {
+    let (tg, num, scale) = if f.tg == 0 {
+        if by_address && f.pages > 1 {
+            return Err(ImportProblem::Invalid {
+                event: name_of(op).to_string(),
+                field: "num_pages".into(),
+                value: f.pages as i64,
+                why: "with TG 0 (no range) a TLBI covers one address",
+            });
+        }
         (0, 0, 0)
     } else {
-        let scale = f.pages.trailing_zeros().min(31);
-        let num = ((f.pages >> scale) - 1).min(31);
-        (f.tg & 3, num as u8, scale as u8)
+        // NUM and SCALE as Linux chooses them: SCALE the lowest set bit of the page count.
+        let scale = f.pages.trailing_zeros();
+        let num = f.pages >> scale;
+        if scale > 31 || num > 32 {
+            return Err(ImportProblem::Invalid {
+                event: name_of(op).to_string(),
+                field: "num_pages".into(),
+                value: f.pages.min(i64::MAX as u64) as i64,
+                why: "the chunks add up to a page count no single TLBI expresses as (NUM+1) x 2^SCALE",
+            });
+        }
+        (f.tg, (num - 1) as u8, scale as u8)
     };
-    let (ttl, leaf) = (f.ttl & 3, f.leaf);
+    let (ttl, leaf) = (f.ttl, f.leaf);
     let cmd = match op {
-        opcode::CMD_SYNC => Command::CmdSync {
-            cs: u8::from(f.irq),
-            msh: 0,
-            msiattr: 0,
-            msidata: 0,
-            msiaddr: 0,
-        },
+        opcode::CMD_SYNC => {
+            stats.approx("CMD_SYNC: MSH/MSIATTR/MSIDATA/MSIADDR not in the log, written as 0");
+            Command::CmdSync {
+                cs: u8::from(f.irq),
+                msh: 0,
+                msiattr: 0,
+                msidata: 0,
+                msiaddr: 0,
+            }
+        }
         opcode::CFGI_STE => Command::CfgiSte {
             ssec: false,
             sid,
@@ -306,13 +576,14 @@ fn rebuild(f: &Fields, name: &str, default_sid: u32) -> RawCommand {
         },
         opcode::CFGI_STE_RANGE => {
             // QEMU prints the block's first and last SID: 2^(RANGE+1) SIDs.
-            let n = f
-                .range_end
-                .map_or(0, |e| u64::from(e.wrapping_sub(sid)) + 1);
-            let range = if n.is_power_of_two() && n >= 2 {
-                (n.trailing_zeros() - 1) as u8
-            } else {
-                0
+            let range = match f.range {
+                Some(r) => r,
+                None => {
+                    stats.approx(
+                        "CFGI_STE_RANGE without its range line: RANGE 0 (two SIDs) written",
+                    );
+                    0
+                }
             };
             Command::CfgiSteRange {
                 ssec: false,
@@ -351,14 +622,17 @@ fn rebuild(f: &Fields, name: &str, default_sid: u32) -> RawCommand {
         opcode::TLBI_S12_VMALL => Command::TlbiS12Vmall { vmid },
         // QEMU does not model ATS: nothing of an ATC_INV is logged but its opcode. Invalidating
         // everything is the safe reading.
-        opcode::ATC_INV => Command::AtcInv {
-            sid,
-            ssv: false,
-            ssid: 0,
-            global: false,
-            addr: 0,
-            size: 52,
-        },
+        opcode::ATC_INV => {
+            stats.approx("ATC_INV: QEMU logs no ATC_INV field, written as an invalidate-all (SIZE 52) of its SID");
+            Command::AtcInv {
+                sid,
+                ssv: false,
+                ssid: 0,
+                global: false,
+                addr: 0,
+                size: 52,
+            }
+        }
         opcode::PREFETCH_CONFIG => Command::PrefetchConfig {
             ssv: false,
             ssid: 0,
@@ -381,10 +655,20 @@ fn rebuild(f: &Fields, name: &str, default_sid: u32) -> RawCommand {
             leaf,
         },
         // Every other opcode: its fields are not in the log.
-        _ => return RawCommand::new(u64::from(op), 0),
+        _ => {
+            if crate::command::opcode_name(op).is_some() {
+                stats.approx(
+                    "an opcode QEMU only names (PRI_RESP, RESUME, STALL_TERM, EL2/EL3 TLBIs): its fields written as 0",
+                );
+            }
+            return Ok(RawCommand::new(u64::from(op), 0));
+        }
     };
-    cmd.try_encode()
-        .unwrap_or_else(|_| RawCommand::new(u64::from(op), 0))
+    cmd.try_encode().map_err(|e| ImportProblem::BadValue {
+        event: name_of(op).to_string(),
+        field: "command".into(),
+        value: format!("{e}"),
+    })
 }
 
 /// Whether commands of `op` carry a StreamID.
@@ -409,6 +693,7 @@ struct Current {
     fields: Fields,
     name: String,
     seen_opcode: bool,
+    line: u64,
 }
 
 struct Parser {
@@ -421,6 +706,8 @@ struct Parser {
     stats: ImportStats,
     first_abs: Option<u64>,
     last_ts: u64,
+    /// The line being read.
+    line: u64,
 }
 
 impl Parser {
@@ -437,6 +724,7 @@ impl Parser {
             pos: cur.pos,
             fields: cur.fields,
             name: cur.name,
+            line: cur.line,
         });
         self.stats.commands += 1;
     }
@@ -481,6 +769,7 @@ impl Parser {
                         obs: Vec::new(),
                         error: None,
                         end_ts: ts,
+                        line: self.line,
                     });
                 }
                 self.cur = Some(Current {
@@ -488,6 +777,7 @@ impl Parser {
                     fields: Fields::default(),
                     name: String::new(),
                     seen_opcode: false,
+                    line: self.line,
                 });
             }
             "smmuv3_cmdq_opcode" => {
@@ -498,6 +788,7 @@ impl Parser {
                     }
                     cur.name = n;
                     cur.seen_opcode = true;
+                    cur.line = self.line;
                 }
             }
             "smmuv3_cmdq_consume_error" => {
@@ -511,9 +802,17 @@ impl Parser {
                         field: "error".into(),
                         value: rest.trim().to_string(),
                     })?;
+                if !(1..=3).contains(&code) {
+                    return Err(ImportProblem::Invalid {
+                        event: name.to_string(),
+                        field: "error".into(),
+                        value: code,
+                        why: "QEMU's CONS.ERR codes are 1 (ILL), 2 (ABT) and 3 (ATC_INV_SYNC)",
+                    });
+                }
                 if let (Some(cur), Some(pass)) = (&self.cur, &mut self.pass) {
                     if cur.seen_opcode {
-                        pass.error = Some((pass.obs.len(), code.clamp(1, 0x7f) as u8));
+                        pass.error = Some((pass.obs.len(), code as u8));
                     }
                 }
                 self.finish_current();
@@ -535,7 +834,16 @@ impl Parser {
                 // CMDQ_BASE (offset 0x90) holds LOG2SIZE in bits [4:0].
                 if a.get(&["addr"])? == Some(0x90) {
                     let v = a.need(&["val"])?;
-                    self.base_log2size = Some(((v & 0x1f) as u8).min(MAX_LOG2SIZE));
+                    let log2size = (v & 0x1f) as u8;
+                    if log2size > MAX_LOG2SIZE {
+                        return Err(ImportProblem::Invalid {
+                            event: name.to_string(),
+                            field: "val".into(),
+                            value: v,
+                            why: "CMDQ_BASE.LOG2SIZE (bits [4:0]) is 0 to 19",
+                        });
+                    }
+                    self.base_log2size = Some(log2size);
                 }
             }
             _ => {
@@ -543,43 +851,81 @@ impl Parser {
                     return Ok(false);
                 };
                 let f = &mut cur.fields;
-                let small = |v: i64| if v < 0 { 0 } else { v as u16 };
+                let u32_max = i64::from(u32::MAX);
                 match name {
                     "smmuv3_cmdq_cfgi_ste" | "smmuv3_cmdq_cfgi_cd" => {
-                        f.sid = Some(a.need(&["sid", "streamid"])? as u32);
+                        f.sid =
+                            Some(a.need_in(&["sid", "streamid"], 0, u32_max, SID_RANGE)? as u32);
                     }
                     "smmuv3_cmdq_cfgi_ste_range" => {
-                        f.sid = Some(a.need(&["start"])? as u32);
-                        f.range_end = Some(a.need(&["end"])? as u32);
+                        let start = a.need_in(&["start"], 0, u32_max, SID_RANGE)?;
+                        let end = a.need_in(&["end"], 0, u32_max, SID_RANGE)?;
+                        // QEMU prints the block's first and last SID: 2^(RANGE+1) SIDs, aligned.
+                        let n = (end - start + 1) as u64;
+                        if end < start
+                            || n < 2
+                            || !n.is_power_of_two()
+                            || !(start as u64).is_multiple_of(n)
+                        {
+                            return Err(ImportProblem::Invalid {
+                                event: name.to_string(),
+                                field: "end".into(),
+                                value: end,
+                                why: "a CFGI_STE_RANGE block is an aligned power of two of at least 2 SIDs",
+                            });
+                        }
+                        f.sid = Some(start as u32);
+                        f.range = Some((n.trailing_zeros() - 1) as u8);
                     }
                     "smmuv3_cmdq_tlbi_nh_asid" => {
-                        f.asid = small(a.need(&["asid"])?);
-                        f.vmid = small(a.get(&["vmid"])?.unwrap_or(0));
+                        a.need(&["asid"])?;
+                        f.asid_unknown = a.id16("asid")?.is_none();
+                        f.asid = a.id16("asid")?.unwrap_or(0);
+                        f.vmid = a.id16("vmid")?.unwrap_or(0);
                     }
                     "smmuv3_cmdq_tlbi_nh" | "smmuv3_cmdq_tlbi_s12_vmid" => {
-                        f.vmid = small(a.get(&["vmid"])?.unwrap_or(0));
+                        f.vmid = a.id16("vmid")?.unwrap_or(0);
                     }
                     "smmuv3_range_inval"
                     | "smmuv3_s1_range_inval"
                     | "smmuv3_cmdq_tlbi_nh_va"
                     | "smmuv3_cmdq_tlbi_nh_vaa" => {
+                        // The range events print every field of the command; the older
+                        // per-opcode events (QEMU without range invalidation) print the address
+                        // and LEAF of a single-address TLBI, which is all such a QEMU executed.
+                        let range = matches!(name, "smmuv3_range_inval" | "smmuv3_s1_range_inval");
+                        let addr = a.need(&["addr"])? as u64;
+                        let leaf = a.need_in(&["leaf"], 0, 1, "LEAF is 0 or 1")? != 0;
+                        let (tg, ttl, pages) = if range {
+                            (
+                                a.need_in(&["tg"], 0, 3, "TG is 0 to 3")? as u8,
+                                a.need_in(&["ttl"], 0, 3, "TTL is 0 to 3")? as u8,
+                                a.need_in(
+                                    &["num_pages"],
+                                    1,
+                                    i64::from(u32::MAX),
+                                    "a chunk is 1 to 2^32 - 1 pages",
+                                )? as u64,
+                            )
+                        } else {
+                            (0, 0, 1)
+                        };
                         // A range is traced once per power-of-two chunk: the first chunk gives
                         // the start, the chunks add up to the whole.
-                        let addr = a.need(&["addr"])? as u64;
                         if f.addr.is_none() {
                             f.addr = Some(addr);
-                            f.vmid = small(a.get(&["vmid"])?.unwrap_or(0));
-                            f.asid = small(a.get(&["asid"])?.unwrap_or(0));
-                            f.tg = a.get(&["tg"])?.unwrap_or(0) as u8;
-                            f.ttl = a.get(&["ttl"])?.unwrap_or(0) as u8;
-                            f.leaf = a.get(&["leaf"])?.unwrap_or(0) != 0;
+                            f.vmid = a.id16("vmid")?.unwrap_or(0);
+                            let asid = a.id16("asid")?;
+                            f.asid_unknown = asid.is_none();
+                            f.asid = asid.unwrap_or(0);
+                            f.tg = tg;
+                            f.ttl = ttl;
+                            f.leaf = leaf;
                         }
-                        f.pages = f
-                            .pages
-                            .saturating_add(a.get(&["num_pages"])?.unwrap_or(1) as u64);
+                        f.pages = f.pages.saturating_add(pages);
                     }
                     "smmuv3_unhandled_cmd" => {
-                        f.op = Some(a.need(&["type"])? as u8);
+                        f.op = Some(a.need_in(&["type"], 0, 255, "an opcode is 0 to 255")? as u8);
                         f.exact_op = true;
                     }
                     "smmuv3_trigger_irq" => {
@@ -596,25 +942,66 @@ impl Parser {
     }
 
     /// QEMU's guest-error log line `Illegal command type: N` names the exact opcode.
-    fn guest_error(&mut self, line: &str) {
-        if let Some(n) = line
+    fn guest_error(&mut self, line: &str) -> Result<(), ImportProblem> {
+        let text = line
             .split_once("Illegal command type:")
-            .and_then(|(_, n)| number(n.trim()))
-        {
-            // QEMU logs it while the refused command is still the current one, before
-            // smmuv3_cmdq_consume_error.
-            if let Some(cur) = self.cur.as_mut() {
-                cur.fields.op = Some(n as u8);
-                cur.fields.exact_op = true;
-            }
+            .map_or("", |(_, n)| n.trim());
+        let n = number(text)
+            .filter(|n| (0..=255).contains(n))
+            .ok_or_else(|| ImportProblem::BadValue {
+                event: "Illegal command type".into(),
+                field: "type".into(),
+                value: text.to_string(),
+            })?;
+        // QEMU logs it while the refused command is still the current one, before
+        // smmuv3_cmdq_consume_error.
+        if let Some(cur) = self.cur.as_mut() {
+            cur.fields.op = Some(n as u8);
+            cur.fields.exact_op = true;
+        }
+        Ok(())
+    }
+}
+
+/// Reads one line of at most [`MAX_LINE_BYTES`] into `buf` (without its newline); `Ok(false)`
+/// at the end of the input.
+fn read_line(log: &mut impl BufRead, buf: &mut Vec<u8>) -> Result<bool, ImportProblem> {
+    buf.clear();
+    loop {
+        let chunk = log.fill_buf()?;
+        if chunk.is_empty() {
+            return Ok(!buf.is_empty());
+        }
+        let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (i, true),
+            None => (chunk.len(), false),
+        };
+        if buf.len() + take > MAX_LINE_BYTES {
+            return Err(ImportProblem::LineTooLong);
+        }
+        buf.extend_from_slice(&chunk[..take]);
+        log.consume(take + usize::from(done));
+        if done {
+            return Ok(true);
         }
     }
 }
 
-/// Imports a QEMU `smmuv3_*` log into a trace written to `out`.
+/// Imports a QEMU `smmuv3_*` log into a trace written to `out`, under the default
+/// [`ImportLimits`].
 pub fn import<R: BufRead, W: Write + Seek>(
     log: R,
     out: W,
+) -> Result<(W, ImportStats), ImportError> {
+    import_with(log, out, &ImportLimits::default())
+}
+
+/// Imports a QEMU `smmuv3_*` log into a trace written to `out`. What is wrong is refused with
+/// its line; what is skipped or approximated is counted in the stats (their warnings).
+pub fn import_with<R: BufRead, W: Write + Seek>(
+    mut log: R,
+    out: W,
+    limits: &ImportLimits,
 ) -> Result<(W, ImportStats), ImportError> {
     let mut p = Parser {
         items: Vec::new(),
@@ -626,15 +1013,30 @@ pub fn import<R: BufRead, W: Write + Seek>(
         stats: ImportStats::default(),
         first_abs: None,
         last_ts: 0,
+        line: 0,
     };
     let mut n = 0u64;
-    for line in log.lines() {
+    let mut buf = Vec::new();
+    loop {
+        let at = |line| move |problem| ImportError { line, problem };
+        if !read_line(&mut log, &mut buf).map_err(at(n + 1))? {
+            break;
+        }
         n += 1;
-        let line = line.map_err(|e| ImportError {
-            line: n,
-            problem: e.into(),
-        })?;
-        let (abs, rest) = split_line(&line);
+        p.line = n;
+        let line = match std::str::from_utf8(&buf) {
+            Ok(l) => l,
+            // A byte that is not UTF-8 in an unrelated line (a guest's console, another
+            // device) costs that line only; in an smmuv3 event it is a damaged log.
+            Err(_) if buf.windows(7).any(|w| w == b"smmuv3_") => {
+                return Err(at(n)(ImportProblem::NotUtf8))
+            }
+            Err(_) => {
+                p.stats.skip("not UTF-8 (and not an smmuv3_* event)");
+                continue;
+            }
+        };
+        let (abs, rest) = split_line(line).map_err(at(n))?;
         let ts = match abs {
             Some(abs) => abs.saturating_sub(*p.first_abs.get_or_insert(abs)),
             None => n * 1000,
@@ -642,18 +1044,35 @@ pub fn import<R: BufRead, W: Write + Seek>(
         let ts = ts.max(p.last_ts);
         p.last_ts = ts;
         if line.contains("Illegal command type:") {
-            p.guest_error(&line);
+            p.guest_error(line).map_err(at(n))?;
             p.stats.used += 1;
             continue;
         }
         let (name, args) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
         if !name.starts_with("smmuv3_") {
+            p.stats.skip("not an smmuv3_* event");
             continue;
         }
-        let used = p
-            .event(ts, name, args)
-            .map_err(|problem| ImportError { line: n, problem })?;
-        p.stats.used += u64::from(used);
+        let used = p.event(ts, name, args).map_err(at(n))?;
+        if p.stats.commands + p.stats.acks > limits.max_commands {
+            return Err(at(n)(ImportProblem::TooMany {
+                what: "commands and acknowledgements",
+                limit: limits.max_commands,
+                flag: "--max-commands",
+            }));
+        }
+        if p.sids.len() as u64 > limits.max_sids {
+            return Err(at(n)(ImportProblem::TooMany {
+                what: "distinct StreamIDs",
+                limit: limits.max_sids,
+                flag: "--max-sids",
+            }));
+        }
+        if used {
+            p.stats.used += 1;
+        } else {
+            p.stats.skip("an smmuv3_* event the import does not use");
+        }
     }
     p.stats.lines = n;
     p.finish_current();
@@ -662,10 +1081,26 @@ pub fn import<R: BufRead, W: Write + Seek>(
         p.items.push(Item::Pass(pass));
         p.stats.passes += 1;
     }
-    emit(p, out).map_err(|problem| ImportError { line: 0, problem })
+    // Made in memory and validated before a byte reaches `out`: an import that would not
+    // replay is refused like any other trace.
+    let (bytes, stats) = emit(p, io::Cursor::new(Vec::new()), limits)?;
+    let bytes = bytes.into_inner();
+    let whole = |problem| ImportError { line: 0, problem };
+    let trace =
+        super::Trace::parse(&bytes).map_err(|e| whole(ImportProblem::Unreplayable(Box::new(e))))?;
+    super::validate(&trace).map_err(|e| whole(ImportProblem::Unreplayable(Box::new(e))))?;
+    let mut out = out;
+    out.write_all(&bytes)
+        .map_err(|e| whole(ImportProblem::Write(WriteError::Io(e))))?;
+    Ok((out, stats))
 }
 
-fn emit<W: Write + Seek>(mut p: Parser, out: W) -> Result<(W, ImportStats), ImportProblem> {
+fn emit<W: Write + Seek>(
+    mut p: Parser,
+    out: W,
+    limits: &ImportLimits,
+) -> Result<(W, ImportStats), ImportError> {
+    let whole = |problem| ImportError { line: 0, problem };
     let passes: Vec<&Pass> = p
         .items
         .iter()
@@ -675,7 +1110,7 @@ fn emit<W: Write + Seek>(mut p: Parser, out: W) -> Result<(W, ImportStats), Impo
         })
         .collect();
     let Some(first) = passes.first() else {
-        return Err(ImportProblem::NoActivity);
+        return Err(whole(ImportProblem::NoActivity));
     };
     let (log2size, inferred) = match p.base_log2size {
         Some(l) => (l, false),
@@ -684,7 +1119,7 @@ fn emit<W: Write + Seek>(mut p: Parser, out: W) -> Result<(W, ImportStats), Impo
             true,
         ),
     };
-    let shape = QueueShape::new(log2size).map_err(|_| ImportProblem::NoActivity)?;
+    let shape = QueueShape::new(log2size).map_err(|_| whole(ImportProblem::NoActivity))?;
     p.stats.log2size = log2size;
     p.stats.log2size_inferred = inferred;
     // Slots are renumbered so the first CONS seen is slot 0, where a new ring starts.
@@ -709,11 +1144,16 @@ fn emit<W: Write + Seek>(mut p: Parser, out: W) -> Result<(W, ImportStats), Impo
     let mut cmds_of: Vec<Vec<RawCommand>> = Vec::new();
     for pass in &passes {
         pass_start.push(all.len());
-        let cmds: Vec<RawCommand> = pass
-            .obs
-            .iter()
-            .map(|o| rebuild(&o.fields, &o.name, default_sid))
-            .collect();
+        let mut cmds = Vec::with_capacity(pass.obs.len());
+        for o in &pass.obs {
+            let c = rebuild(&o.fields, &o.name, default_sid, &mut p.stats).map_err(|problem| {
+                ImportError {
+                    line: o.line,
+                    problem,
+                }
+            })?;
+            cmds.push(c);
+        }
         all.extend(pass.obs.iter().zip(&cmds).map(|(o, c)| (rebase(o.pos), *c)));
         cmds_of.push(cmds);
     }
@@ -778,11 +1218,43 @@ fn emit<W: Write + Seek>(mut p: Parser, out: W) -> Result<(W, ImportStats), Impo
         }
         if new > 0 {
             let ts = pass.ts.max(w.last_timestamp());
+            // Slots PROD covers that QEMU never read are filled: bounded, since a few lines of
+            // log with PROD far ahead of CONS would otherwise make megabytes of filler.
+            let filler = (0..new)
+                .filter(|&i| first_from(shape.advance(written, i), from).is_none())
+                .count() as u64;
+            let too_much = |filler, scope, limit, flag| ImportError {
+                line: pass.line,
+                problem: ImportProblem::TooMuchFiller {
+                    filler,
+                    scope,
+                    limit,
+                    flag,
+                },
+            };
+            if filler > limits.max_filler_per_pass {
+                return Err(too_much(
+                    filler,
+                    "in one pass",
+                    limits.max_filler_per_pass,
+                    "--max-filler-per-pass",
+                ));
+            }
+            if p.stats.unobserved + filler > limits.max_filler {
+                return Err(too_much(
+                    p.stats.unobserved + filler,
+                    "in all",
+                    limits.max_filler,
+                    "--max-filler",
+                ));
+            }
             let mut cmds = Vec::with_capacity(new as usize);
             for i in 0..new {
                 let slot = shape.advance(written, i);
                 let c = first_from(slot, from).unwrap_or_else(|| {
                     p.stats.unobserved += 1;
+                    p.stats
+                        .approx("a slot written but never consumed: filled with CMD_SYNC");
                     Command::CmdSync {
                         cs: 0,
                         msh: 0,

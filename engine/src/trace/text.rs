@@ -20,6 +20,11 @@
 //! consecutive `cmd` lines of one ring with one timestamp and consecutive slots back into one
 //! record (never more than the ring holds). So `dump | build | dump` reproduces the text and
 //! `build | dump | build` the bytes. `#` starts a comment; numbers are decimal or `0x` hex.
+//!
+//! Both directions go through the one validation of traces ([`super::validate`]): `dump` prints
+//! nothing of a trace that does not validate, and `build` refuses text whose trace would not
+//! (a slot beyond its ring, a bind the control plane refuses, an ack on a running ring), naming
+//! the line of the record at fault.
 
 use super::format::{FLAG_IMPORTED, FLAG_SYNTHETIC, VERSION};
 use super::{Event, Outcome, Profile, Trace, TraceError, TraceMeta, TraceWriter, WriteError};
@@ -126,7 +131,12 @@ fn event_lines(out: &mut String, rings: &Rings, ts: u64, e: &Event<'_>) {
         } => writeln!(out, "@{ts} ring {ring} viommu={viommu} log2size={log2size}"),
         Event::Commands { ring, slot, cmds } => {
             for (i, c) in cmds.iter().enumerate() {
-                let s = rings.advance(ring, slot, i as u32);
+                // The record's own slot as written, even one beyond its ring (which validation
+                // refuses): masking it here would make a different trace of the text.
+                let s = match i {
+                    0 => slot,
+                    _ => rings.advance(ring, slot, i as u32),
+                };
                 let _ = writeln!(
                     out,
                     "@{ts} cmd ring={ring} slot={} {}",
@@ -165,6 +175,22 @@ fn event_lines(out: &mut String, rings: &Rings, ts: u64, e: &Event<'_>) {
 /// Writes the text form of `trace` to `out`: the header line, then one line per event (one per
 /// command for Commands records).
 pub fn dump(trace: &Trace<'_>, out: &mut dyn Write) -> Result<(), DumpError> {
+    dump_with(trace, out, &super::Limits::default())
+}
+
+/// [`dump`] validating under `limits` first.
+pub fn dump_with(
+    trace: &Trace<'_>,
+    out: &mut dyn Write,
+    limits: &super::Limits,
+) -> Result<(), DumpError> {
+    super::validate_with(trace, limits)?;
+    dump_unvalidated(trace, out)
+}
+
+/// The text form of `trace` whether or not it validates (the format alone: for looking into a
+/// trace that [`dump`] refuses, and for tests of the text form).
+pub fn dump_unvalidated(trace: &Trace<'_>, out: &mut dyn Write) -> Result<(), DumpError> {
     writeln!(out, "{}", header_line(&trace.meta()))?;
     let mut rings = Rings::default();
     let mut line = String::new();
@@ -178,10 +204,10 @@ pub fn dump(trace: &Trace<'_>, out: &mut dyn Write) -> Result<(), DumpError> {
     Ok(())
 }
 
-/// The text form of `trace` as a string.
+/// The text form of `trace` as a string, as [`dump_unvalidated`] writes it.
 pub fn dump_to_string(trace: &Trace<'_>) -> Result<String, TraceError> {
     let mut out = Vec::new();
-    match dump(trace, &mut out) {
+    match dump_unvalidated(trace, &mut out) {
         Ok(()) => Ok(String::from_utf8_lossy(&out).into_owned()),
         Err(DumpError::Trace(e)) => Err(e),
         // Writing into a Vec cannot fail.
@@ -236,6 +262,9 @@ pub enum BuildProblem {
     /// The writer refused the record (e.g. time going backwards).
     #[error(transparent)]
     Write(#[from] WriteError),
+    /// The trace the text describes does not validate.
+    #[error(transparent)]
+    Invalid(Box<TraceError>),
 }
 
 /// A line of the text form that could not be built, with its 1-based line number.
@@ -439,8 +468,55 @@ struct Pending {
     line: usize,
 }
 
-/// Builds a trace from its text form into `out`, with the record count filled in.
+/// Builds a trace from its text form into `out`, with the record count filled in, once it
+/// validates under the default [`super::Limits`].
 pub fn build<W: Write + Seek>(text: &str, out: W) -> Result<W, BuildError> {
+    build_with(text, out, &super::Limits::default())
+}
+
+/// [`build`] validating under `limits`.
+pub fn build_with<W: Write + Seek>(
+    text: &str,
+    mut out: W,
+    limits: &super::Limits,
+) -> Result<W, BuildError> {
+    let mut lines = Vec::new();
+    let bytes = build_unchecked(text, io::Cursor::new(Vec::new()), &mut lines)?.into_inner();
+    let trace = Trace::parse(&bytes).map_err(|e| BuildError {
+        line: 0,
+        problem: BuildProblem::Invalid(Box::new(e)),
+    })?;
+    if let Err(e) = super::validate_with(&trace, limits) {
+        let line = match &e {
+            TraceError::Invalid { record, .. } => lines.get(*record as usize).copied(),
+            _ => None,
+        };
+        return Err(BuildError {
+            line: line.unwrap_or(0),
+            problem: BuildProblem::Invalid(Box::new(e)),
+        });
+    }
+    out.write_all(&bytes)
+        .and_then(|()| out.flush())
+        .map_err(|e| BuildError {
+            line: 0,
+            problem: BuildProblem::Write(WriteError::Io(e)),
+        })?;
+    Ok(out)
+}
+
+/// Builds a trace from its text form whether or not it validates (the format alone: for tests
+/// of the text form and for making damaged traces on purpose).
+pub fn build_unvalidated<W: Write + Seek>(text: &str, out: W) -> Result<W, BuildError> {
+    build_unchecked(text, out, &mut Vec::new())
+}
+
+/// Builds without validating; `lines` gets the line of each record written.
+fn build_unchecked<W: Write + Seek>(
+    text: &str,
+    out: W,
+    record_lines: &mut Vec<usize>,
+) -> Result<W, BuildError> {
     let at = |line: usize| move |problem: BuildProblem| BuildError { line, problem };
     let mut meta = TraceMeta::default();
     let mut lines = text.lines().enumerate().map(|(i, l)| {
@@ -463,9 +539,10 @@ pub fn build<W: Write + Seek>(text: &str, out: W) -> Result<W, BuildError> {
         if l.is_empty() {
             continue;
         }
-        line(&mut w, &mut rings, &mut pending, n, l).map_err(at(n))?;
+        line(&mut w, &mut rings, &mut pending, record_lines, n, l).map_err(at(n))?;
     }
     if let Some(p) = pending.take() {
+        record_lines.push(p.line);
         flush(&mut w, p)?;
     }
     w.finish_counted().map_err(|e| at(0)(e.into()))
@@ -508,6 +585,7 @@ fn line<W: Write + Seek>(
     w: &mut TraceWriter<W>,
     rings: &mut Rings,
     pending: &mut Option<Pending>,
+    record_lines: &mut Vec<usize>,
     n: usize,
     l: &str,
 ) -> Result<(), BuildProblem> {
@@ -535,6 +613,7 @@ fn line<W: Write + Seek>(
             }
         }
         if let Some(p) = pending.take() {
+            record_lines.push(p.line);
             w.commands(p.ts, p.ring, p.slot, &p.cmds)?;
         }
         *pending = Some(Pending {
@@ -548,6 +627,7 @@ fn line<W: Write + Seek>(
         return Ok(());
     }
     if let Some(p) = pending.take() {
+        record_lines.push(p.line);
         w.commands(p.ts, p.ring, p.slot, &p.cmds)?;
     }
     let event = match verb {
@@ -599,6 +679,7 @@ fn line<W: Write + Seek>(
         }
     };
     rings.learn(&event);
+    record_lines.push(n);
     w.write(ts, &event)?;
     Ok(())
 }

@@ -1,14 +1,44 @@
-//! Checking that the records of a trace refer to things that exist, and counting them.
+//! The one validation of a trace, shared by `trace info`, `trace dump`, `trace build` and
+//! `replay`: a trace that validates replays, one that does not is refused by all of them with the
+//! same message (record index and byte offset).
 //!
-//! This is the structural half of a trace's meaning: a Commands record for a ring never created,
-//! a slot beyond the ring's size or a bind to an unknown vIOMMU make a trace that cannot be
-//! replayed at all. Whether the engine accepts what the guest wrote (a bad opcode, an unknown
-//! vSID, a bind the control plane refuses) is not checked here: that is what replay measures.
+//! It checks that records refer to things that exist (a ring that was never created, a slot
+//! beyond its ring), runs every control-plane event through the engine's own vIOMMU and device
+//! code (so a bind the engine would refuse, EEXIST, EINVAL or ENOENT, is refused here first), and
+//! follows each ring with the oracle's model, so that a GuestAck or GuestFix on a ring that is
+//! not stopped at that point, or a fix of another slot than the one it stopped at, is refused:
+//! replay could not tell whether the engine agreed with such a guest. Whether the engine accepts
+//! what the guest wrote (a bad opcode, an unknown vSID) is not checked: that is what replay
+//! measures. The rings' memory is bounded by [`Limits::max_ring_memory`], checked at each
+//! RingCreate before anything of that ring is allocated.
 
 use super::{Event, Kind, Record, Trace, TraceError};
 use crate::command::opcode_name;
 use crate::queue::QueueShape;
+use crate::replay::model::RingModel;
+use crate::viommu::{DeviceId, Devices, GraceDomain, Profile, Viommu, ViommuConfig};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+/// Default of [`Limits::max_ring_memory`]: 256 MiB, 32 rings of the largest size (2^19 entries
+/// of 16 bytes).
+pub const DEFAULT_MAX_RING_MEMORY: u64 = 256 << 20;
+
+/// Bounds on what a trace may make a consumer allocate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes of guest ring slots (2^LOG2SIZE x 16 per RingCreate) a trace may declare in all
+    /// (`--max-ring-memory`); replay maps each ring and models it, so it needs about twice this.
+    pub max_ring_memory: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_ring_memory: DEFAULT_MAX_RING_MEMORY,
+        }
+    }
+}
 
 /// A reference to something the trace never created, or an id created twice.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -71,6 +101,48 @@ pub enum Invalid {
         /// Ring entries.
         entries: u32,
     },
+    /// The engine's control plane refuses the event (the errno it returns leads the message).
+    #[error("{kind} is refused by the control plane: {why}")]
+    ControlPlane {
+        /// The record's kind.
+        kind: &'static str,
+        /// The engine's error.
+        why: String,
+    },
+    /// The rings declared so far need more memory than the limit allows.
+    #[error(
+        "RingCreate of ring {ring} brings the rings' memory to {needed} bytes, above the limit of \
+         {limit} bytes (raise it with --max-ring-memory BYTES)"
+    )]
+    RingMemory {
+        /// The ring.
+        ring: u32,
+        /// Bytes of all rings declared so far, this one included.
+        needed: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A GuestAck or GuestFix on a ring that is not stopped at that point of the trace.
+    #[error(
+        "{kind} on ring {ring}, which is not stopped there (no refused command waits for an \
+         acknowledgement); replay could not check what the engine does with it"
+    )]
+    NotStopped {
+        /// The record's kind.
+        kind: &'static str,
+        /// The ring.
+        ring: u32,
+    },
+    /// A GuestFix of another slot than the one its ring stopped at.
+    #[error("GuestFix rewrites slot {slot:#x} of ring {ring}, which stopped at slot {stopped:#x}")]
+    FixElsewhere {
+        /// The ring.
+        ring: u32,
+        /// The slot rewritten.
+        slot: u32,
+        /// Where the ring stopped.
+        stopped: u32,
+    },
 }
 
 /// What a trace holds.
@@ -92,6 +164,8 @@ pub struct Summary {
     pub first_ns: u64,
     /// Timestamp of the last record.
     pub last_ns: u64,
+    /// Bytes of guest ring slots the trace declares (2^LOG2SIZE x 16 per RingCreate).
+    pub ring_bytes: u64,
 }
 
 impl Summary {
@@ -131,6 +205,7 @@ impl Summary {
             "first_ns": self.first_ns,
             "last_ns": self.last_ns,
             "duration_ns": self.duration_ns(),
+            "ring_bytes": self.ring_bytes,
         })
     }
 }
@@ -150,6 +225,7 @@ impl core::fmt::Display for Summary {
                 writeln!(f, "  {:<13} {}", k.name(), self.count(k))?;
             }
         }
+        writeln!(f, "rings     {} bytes of slots", self.ring_bytes)?;
         writeln!(f, "commands  {}", self.commands)?;
         for (op, n) in &self.commands_by_opcode {
             writeln!(f, "  {op:<16} {n}")?;
@@ -161,25 +237,35 @@ impl core::fmt::Display for Summary {
     }
 }
 
-/// Reads every record of `trace`, checks that each refers only to vIOMMUs, devices and rings
-/// created before it and that slots fit their ring, and counts what it holds.
+/// [`validate_with`] under the default [`Limits`].
 pub fn validate(trace: &Trace<'_>) -> Result<Summary, TraceError> {
+    validate_with(trace, &Limits::default())
+}
+
+/// Reads every record of `trace`, checks it as the module documentation says, and counts what
+/// it holds. The first problem is a [`TraceError::Invalid`] with the record's index and offset.
+pub fn validate_with(trace: &Trace<'_>, limits: &Limits) -> Result<Summary, TraceError> {
     let mut s = Summary {
         bytes: trace.len() as u64,
         ..Summary::default()
     };
-    let mut viommus = HashSet::new();
-    let mut devices = HashSet::new();
-    let mut rings: HashMap<u32, QueueShape> = HashMap::new();
-    let mut opcodes = [0u64; 256];
-    for r in trace.records() {
+    let mut st = State {
+        devices: Devices::new(),
+        grace: GraceDomain::new(),
+        viommus: HashMap::new(),
+        device_ids: HashSet::new(),
+        rings: HashMap::new(),
+        ring_bytes: 0,
+        limits: *limits,
+        opcodes: [0; 256],
+    };
+    for (index, r) in trace.records().enumerate() {
         let r = r?;
-        check(&r, &mut viommus, &mut devices, &mut rings, &mut opcodes).map_err(|problem| {
-            TraceError::Invalid {
-                path: trace.name().map(str::to_string),
-                offset: r.offset,
-                problem,
-            }
+        st.check(&r).map_err(|problem| TraceError::Invalid {
+            path: trace.name().map(str::to_string),
+            record: index as u64,
+            offset: r.offset,
+            problem,
         })?;
         if s.records == 0 {
             s.first_ns = r.timestamp_ns;
@@ -192,7 +278,8 @@ pub fn validate(trace: &Trace<'_>) -> Result<Summary, TraceError> {
             *s.commands_by_ring.entry(ring).or_default() += cmds.len() as u64;
         }
     }
-    for (op, &n) in opcodes.iter().enumerate() {
+    s.ring_bytes = st.ring_bytes;
+    for (op, &n) in st.opcodes.iter().enumerate() {
         if n > 0 {
             let name = match opcode_name(op as u8) {
                 Some(name) => name.to_string(),
@@ -204,111 +291,218 @@ pub fn validate(trace: &Trace<'_>) -> Result<Summary, TraceError> {
     Ok(s)
 }
 
-fn check(
-    r: &Record<'_>,
-    viommus: &mut HashSet<u32>,
-    devices: &mut HashSet<u32>,
-    rings: &mut HashMap<u32, QueueShape>,
-    opcodes: &mut [u64; 256],
-) -> Result<(), Invalid> {
-    let kind = r.event.kind().name();
-    let viommu_known = |v: u32| {
-        if viommus.contains(&v) {
-            Ok(())
-        } else {
-            Err(Invalid::UnknownViommu { kind, viommu: v })
-        }
-    };
-    let device_known = |d: u32| {
-        if devices.contains(&d) {
-            Ok(())
-        } else {
-            Err(Invalid::UnknownDevice { kind, device: d })
-        }
-    };
-    let ring_shape = |ring: u32| {
-        rings
-            .get(&ring)
-            .copied()
-            .ok_or(Invalid::UnknownRing { kind, ring })
-    };
-    let slot_fits = |ring: u32, shape: QueueShape, slot: u32| {
-        if shape.ptr(slot) == slot {
-            Ok(())
-        } else {
-            Err(Invalid::SlotOutOfRange {
-                kind,
-                ring,
-                slot,
-                log2size: shape.log2size(),
-            })
-        }
-    };
-    match r.event {
-        Event::ViommuCreate { viommu, .. } => {
-            if !viommus.insert(viommu) {
-                return Err(Invalid::Duplicate {
+struct ViommuState {
+    viommu: Viommu,
+    /// vSID -> pSID, what the oracle's model reads.
+    bindings: HashMap<u32, u32>,
+}
+
+struct RingState {
+    viommu: u32,
+    shape: QueueShape,
+    model: RingModel,
+}
+
+struct State {
+    devices: Arc<Devices>,
+    grace: Arc<GraceDomain>,
+    viommus: HashMap<u32, ViommuState>,
+    device_ids: HashSet<u32>,
+    rings: HashMap<u32, RingState>,
+    ring_bytes: u64,
+    limits: Limits,
+    opcodes: [u64; 256],
+}
+
+impl State {
+    fn check(&mut self, r: &Record<'_>) -> Result<(), Invalid> {
+        let kind = r.event.kind().name();
+        let refused = |e: crate::viommu::ViommuError| Invalid::ControlPlane {
+            kind,
+            why: e.to_string(),
+        };
+        let unknown_viommu = |viommu| Invalid::UnknownViommu { kind, viommu };
+        let unknown_ring = |ring| Invalid::UnknownRing { kind, ring };
+        let slot_fits = |ring: u32, shape: QueueShape, slot: u32| {
+            if shape.ptr(slot) == slot {
+                Ok(())
+            } else {
+                Err(Invalid::SlotOutOfRange {
                     kind,
-                    what: "vIOMMU",
-                    id: viommu,
-                });
-            }
-        }
-        Event::DeviceAdd { device, .. } => {
-            if !devices.insert(device) {
-                return Err(Invalid::Duplicate {
-                    kind,
-                    what: "device",
-                    id: device,
-                });
-            }
-        }
-        Event::Bind { viommu, device, .. } | Event::Unbind { viommu, device } => {
-            viommu_known(viommu)?;
-            device_known(device)?;
-        }
-        Event::RingCreate {
-            ring,
-            viommu,
-            log2size,
-        } => {
-            viommu_known(viommu)?;
-            // The reader has already refused LOG2SIZE above 19.
-            let shape = QueueShape::new(log2size).map_err(|_| Invalid::SlotOutOfRange {
-                kind,
-                ring,
-                slot: 0,
-                log2size,
-            })?;
-            if rings.insert(ring, shape).is_some() {
-                return Err(Invalid::Duplicate {
-                    kind,
-                    what: "ring",
-                    id: ring,
-                });
-            }
-        }
-        Event::Commands { ring, slot, cmds } => {
-            let shape = ring_shape(ring)?;
-            slot_fits(ring, shape, slot)?;
-            if cmds.len() > shape.entries() as usize {
-                return Err(Invalid::TooManyCommands {
                     ring,
-                    count: cmds.len(),
-                    entries: shape.entries(),
-                });
+                    slot,
+                    log2size: shape.log2size(),
+                })
             }
-            for c in cmds {
-                opcodes[c.opcode() as usize] += 1;
+        };
+        match r.event {
+            Event::ViommuCreate {
+                viommu,
+                vmid,
+                smmu,
+                profile,
+                sidsize,
+                range_inv,
+            } => {
+                if self.viommus.contains_key(&viommu) {
+                    return Err(Invalid::Duplicate {
+                        kind,
+                        what: "vIOMMU",
+                        id: viommu,
+                    });
+                }
+                let cfg = ViommuConfig {
+                    id: viommu,
+                    vmid,
+                    smmu,
+                    profile: Profile::from_code(profile.code()).ok_or(Invalid::ControlPlane {
+                        kind,
+                        why: format!("EINVAL: unknown profile {}", profile.code()),
+                    })?,
+                    sidsize,
+                    range_inv,
+                };
+                let v =
+                    Viommu::new(cfg, self.devices.clone(), self.grace.clone()).map_err(refused)?;
+                self.viommus.insert(
+                    viommu,
+                    ViommuState {
+                        viommu: v,
+                        bindings: HashMap::new(),
+                    },
+                );
+            }
+            Event::DeviceAdd { device, smmu, psid } => {
+                if !self.device_ids.insert(device) {
+                    return Err(Invalid::Duplicate {
+                        kind,
+                        what: "device",
+                        id: device,
+                    });
+                }
+                self.devices
+                    .add_device(DeviceId(device), smmu, psid)
+                    .map_err(refused)?;
+            }
+            Event::Bind {
+                viommu,
+                device,
+                vsid,
+            } => {
+                let v = self
+                    .viommus
+                    .get_mut(&viommu)
+                    .ok_or(unknown_viommu(viommu))?;
+                if !self.device_ids.contains(&device) {
+                    return Err(Invalid::UnknownDevice { kind, device });
+                }
+                v.viommu
+                    .set_dev_id(DeviceId(device), vsid)
+                    .map_err(refused)?;
+                let psid = v.viommu.lookup(vsid).unwrap_or_default();
+                v.bindings.insert(vsid, psid);
+            }
+            Event::Unbind { viommu, device } => {
+                let v = self
+                    .viommus
+                    .get_mut(&viommu)
+                    .ok_or(unknown_viommu(viommu))?;
+                if !self.device_ids.contains(&device) {
+                    return Err(Invalid::UnknownDevice { kind, device });
+                }
+                let vsid = v.viommu.unset_dev_id(DeviceId(device)).map_err(refused)?;
+                v.bindings.remove(&vsid);
+            }
+            Event::RingCreate {
+                ring,
+                viommu,
+                log2size,
+            } => {
+                if !self.viommus.contains_key(&viommu) {
+                    return Err(unknown_viommu(viommu));
+                }
+                // The reader has already refused LOG2SIZE above 19.
+                let shape = QueueShape::new(log2size).map_err(|_| Invalid::SlotOutOfRange {
+                    kind,
+                    ring,
+                    slot: 0,
+                    log2size,
+                })?;
+                if self.rings.contains_key(&ring) {
+                    return Err(Invalid::Duplicate {
+                        kind,
+                        what: "ring",
+                        id: ring,
+                    });
+                }
+                let needed = self
+                    .ring_bytes
+                    .saturating_add(u64::from(shape.entries()) * 16);
+                if needed > self.limits.max_ring_memory {
+                    return Err(Invalid::RingMemory {
+                        ring,
+                        needed,
+                        limit: self.limits.max_ring_memory,
+                    });
+                }
+                self.ring_bytes = needed;
+                self.rings.insert(
+                    ring,
+                    RingState {
+                        viommu,
+                        shape,
+                        model: RingModel::without_history(shape),
+                    },
+                );
+            }
+            Event::Commands { ring, slot, cmds } => {
+                let rt = self.rings.get_mut(&ring).ok_or(unknown_ring(ring))?;
+                slot_fits(ring, rt.shape, slot)?;
+                if cmds.len() > rt.shape.entries() as usize {
+                    return Err(Invalid::TooManyCommands {
+                        ring,
+                        count: cmds.len(),
+                        entries: rt.shape.entries(),
+                    });
+                }
+                for (i, c) in cmds.iter().enumerate() {
+                    self.opcodes[c.opcode() as usize] += 1;
+                    rt.model.write(rt.shape.advance(slot, i as u32), *c);
+                }
+            }
+            Event::Doorbell { ring, prod } => {
+                let rt = self.rings.get_mut(&ring).ok_or(unknown_ring(ring))?;
+                let v = &self.viommus[&rt.viommu];
+                rt.model.doorbell(prod, v.viommu.config(), &v.bindings);
+            }
+            Event::GuestAck { ring } => {
+                let rt = self.rings.get_mut(&ring).ok_or(unknown_ring(ring))?;
+                if !rt.model.stopped() {
+                    return Err(Invalid::NotStopped { kind, ring });
+                }
+                let v = &self.viommus[&rt.viommu];
+                rt.model.ack(v.viommu.config(), &v.bindings);
+            }
+            Event::GuestFix { ring, slot, cmd } => {
+                let rt = self.rings.get_mut(&ring).ok_or(unknown_ring(ring))?;
+                slot_fits(ring, rt.shape, slot)?;
+                let Some(stopped) = rt.model.stopped_at() else {
+                    return Err(Invalid::NotStopped { kind, ring });
+                };
+                if stopped != slot {
+                    return Err(Invalid::FixElsewhere {
+                        ring,
+                        slot,
+                        stopped,
+                    });
+                }
+                rt.model.write(slot, cmd);
+            }
+            Event::Outcome { ring, slot, .. } => {
+                let rt = self.rings.get(&ring).ok_or(unknown_ring(ring))?;
+                slot_fits(ring, rt.shape, slot)?;
             }
         }
-        Event::Doorbell { ring, .. } | Event::GuestAck { ring } => {
-            ring_shape(ring)?;
-        }
-        Event::GuestFix { ring, slot, .. } | Event::Outcome { ring, slot, .. } => {
-            let shape = ring_shape(ring)?;
-            slot_fits(ring, shape, slot)?;
-        }
+        Ok(())
     }
-    Ok(())
 }

@@ -143,12 +143,48 @@ pub struct GenParams {
     pub seed: u64,
 }
 
-/// Most ring entries one generation may write (keeps memory bounded: 16 bytes each).
+/// Most ring entries one generation may write whatever the limits (the generator holds every
+/// event in memory before merging: tens of bytes each).
 pub const MAX_COMMANDS: u64 = 100_000_000;
+
+/// Default of [`GenLimits::max_commands`].
+pub const DEFAULT_MAX_GEN_COMMANDS: u64 = 10_000_000;
+
+/// Bounds on what a generation may ask for, so parameters cannot make it (or the replay of what
+/// it writes) exhaust memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GenLimits {
+    /// Bytes of ring slots the trace may declare: VMs x rings x 2^LOG2SIZE x 16
+    /// (`--max-ring-memory`; the same default as replay's, so what `gen` writes replays).
+    pub max_ring_memory: u64,
+    /// Ring entries to write (`--max-commands`, at most [`MAX_COMMANDS`]).
+    pub max_commands: u64,
+}
+
+impl Default for GenLimits {
+    fn default() -> Self {
+        GenLimits {
+            max_ring_memory: crate::trace::DEFAULT_MAX_RING_MEMORY,
+            max_commands: DEFAULT_MAX_GEN_COMMANDS,
+        }
+    }
+}
 
 /// Why a trace was not generated.
 #[derive(Debug, thiserror::Error)]
 pub enum GenError {
+    /// Parameters that together need more than a limit allows.
+    #[error("{what} is {value}, above the limit of {limit} ({flag} to raise it)")]
+    Limit {
+        /// What is too large.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+        /// The limit.
+        limit: u64,
+        /// The flag that raises it.
+        flag: &'static str,
+    },
     /// A parameter out of its range.
     #[error("{name}={value} is out of range: {why}")]
     Param {
@@ -165,8 +201,19 @@ pub enum GenError {
 }
 
 impl GenParams {
-    /// Refuses parameters outside the ranges documented on each field.
+    /// Refuses parameters outside the ranges documented on each field, or above the default
+    /// [`GenLimits`].
     pub fn check(&self) -> Result<(), GenError> {
+        self.check_with(&GenLimits::default())
+    }
+
+    /// Bytes of ring slots the trace declares: VMs x rings x 2^LOG2SIZE x 16.
+    pub fn ring_bytes(&self) -> u64 {
+        u64::from(self.vms) * u64::from(self.rings) * (16u64 << self.log2size.min(63))
+    }
+
+    /// Refuses parameters outside the ranges documented on each field, or above `limits`.
+    pub fn check_with(&self, limits: &GenLimits) -> Result<(), GenError> {
         let bad = |name, value: u64, why| Err(GenError::Param { name, value, why });
         if !(1..=4096).contains(&self.vms) {
             return bad("vms", self.vms.into(), "1 to 4096");
@@ -186,6 +233,30 @@ impl GenParams {
         }
         if !(1..=MAX_COMMANDS).contains(&self.commands) {
             return bad("commands", self.commands, "1 to 100000000");
+        }
+        let over = |what, value, limit, flag| {
+            Err(GenError::Limit {
+                what,
+                value,
+                limit,
+                flag,
+            })
+        };
+        if self.commands > limits.max_commands {
+            return over(
+                "commands",
+                self.commands,
+                limits.max_commands,
+                "--max-commands",
+            );
+        }
+        if self.ring_bytes() > limits.max_ring_memory {
+            return over(
+                "the rings' memory (vms x rings x 2^log2size x 16 bytes)",
+                self.ring_bytes(),
+                limits.max_ring_memory,
+                "--max-ring-memory",
+            );
         }
         Ok(())
     }
@@ -208,7 +279,17 @@ pub fn generate<W: Write>(
     p: &GenParams,
     out: &mut TraceWriter<W>,
 ) -> Result<GenStats, GenError> {
-    p.check()?;
+    generate_with(workload, p, &GenLimits::default(), out)
+}
+
+/// Generates `workload` into `out` once `p` passes [`GenParams::check_with`] under `limits`.
+pub fn generate_with<W: Write>(
+    workload: Workload,
+    p: &GenParams,
+    limits: &GenLimits,
+    out: &mut TraceWriter<W>,
+) -> Result<GenStats, GenError> {
+    p.check_with(limits)?;
     let shape = QueueShape::new(p.log2size).map_err(|_| GenError::Param {
         name: "log2size",
         value: p.log2size.into(),
