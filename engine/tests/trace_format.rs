@@ -759,6 +759,27 @@ fn validation_refuses_what_the_control_plane_refuses_with_record_index_and_offse
 }
 
 #[test]
+fn validation_refuses_two_viommus_with_one_vmid_on_one_smmu_as_the_engine_does() {
+    let base = "@0 viommu 1 vmid=5 smmu=0 profile=kernel sidsize=8\n";
+    let why = match validate_text(&format!(
+        "{base}@0 viommu 2 vmid=5 smmu=0 profile=kernel sidsize=8"
+    ))
+    .unwrap_err()
+    .invalid()
+    .cloned()
+    {
+        Some(Invalid::ControlPlane { why, .. }) => why,
+        other => panic!("{other:?}"),
+    };
+    assert!(why.starts_with("EEXIST"), "{why}");
+    // The same VMID on another SMMU is another VMID.
+    validate_text(&format!(
+        "{base}@0 viommu 2 vmid=5 smmu=1 profile=kernel sidsize=8"
+    ))
+    .unwrap();
+}
+
+#[test]
 fn an_ack_or_fix_on_a_ring_that_never_stopped_is_refused() {
     let base = "@0 viommu 1 vmid=1 smmu=0 profile=kernel sidsize=16\n@0 ring 2 viommu=1 log2size=2\n@1 cmd ring=2 slot=0 CMD_SYNC\n@1 cmd ring=2 slot=1 RAW 0x47 0x0\n";
     let bad = |s: &str| validate_text(s).unwrap_err().invalid().cloned().unwrap();

@@ -16,7 +16,7 @@ use super::{Event, Kind, Record, Trace, TraceError};
 use crate::command::opcode_name;
 use crate::queue::QueueShape;
 use crate::replay::model::RingModel;
-use crate::viommu::{DeviceId, Devices, GraceDomain, Profile, Viommu, ViommuConfig};
+use crate::viommu::{check_vmid, DeviceId, Devices, GraceDomain, Profile, Viommu, ViommuConfig};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
@@ -361,7 +361,12 @@ impl State {
                     })?,
                     sidsize,
                     range_inv,
+                    ..ViommuConfig::default()
                 };
+                // The engine's own rule (one VMID per vIOMMU per SMMU), so that a trace that
+                // validates is one the engine's control plane accepts.
+                check_vmid(&cfg, self.viommus.values().map(|s| s.viommu.config()))
+                    .map_err(refused)?;
                 let v =
                     Viommu::new(cfg, self.devices.clone(), self.grace.clone()).map_err(refused)?;
                 self.viommus.insert(
