@@ -1,5 +1,5 @@
 //! The sequential oracle of the translation policy: the rules of `translate` written a second
-//! time, for clarity and not for speed, straight from the spec text (`commands.md`, `engine.md`)
+//! time, for clarity and not for speed, straight from the spec text (`docs/rules.md`)
 //! with command names, named fields and a `HashMap` of bindings. Tests, the fuzz target and
 //! replay compare the fast path with it, slot by slot.
 //!

@@ -1,4 +1,4 @@
-//! The command codec against the spec tables of `commands.md`, written out again here.
+//! The command codec against the SMMUv3 spec tables (IHI 0070, as `docs/rules.md` summarises them), written out again here.
 //!
 //! Nothing below reads `LAYOUTS` to decide what is right: the expected fields, the RES0 bits and
 //! the legal opcodes all come from `SPEC`, copied by hand from the design's table, so a wrong
@@ -75,7 +75,7 @@ const TTL: F = n("ttl", 1, 9, 8);
 const TG: F = n("tg", 1, 11, 10);
 const VA: F = a("addr", 1, 63, 12);
 
-/// commands.md, "A command", row by row.
+/// The spec's command table, row by row.
 const SPEC: &[(u8, &str, &[F])] = &[
     (0x01, "PREFETCH_CONFIG", &[SSV, SSID, SID]),
     (
@@ -137,7 +137,7 @@ const SPEC: &[(u8, &str, &[F])] = &[
     ),
 ];
 
-/// The opcodes commands.md lists as illegal, written as it writes them.
+/// The opcodes the spec leaves illegal, written as ranges.
 fn spec_illegal() -> Vec<u8> {
     let mut v = vec![0x00, 0x19, 0x29, 0x42, 0x43];
     v.extend(0x07..=0x0f);

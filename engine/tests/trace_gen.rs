@@ -85,7 +85,7 @@ fn parameters_needing_more_ring_memory_or_commands_than_the_limits_are_refused_f
     .unwrap();
 }
 
-/// What the engine's rules (engine.md "Policy profiles", commands.md) say about one command,
+/// What the engine's rules (`docs/rules.md`, "Policy profiles") say about one command,
 /// written here independently of the generator's own model.
 fn must_refuse(profile: Profile, range_inv: bool, bound: &HashSet<u32>, raw: RawCommand) -> bool {
     let Ok(c) = decode(raw) else { return true };

@@ -30,7 +30,7 @@ pub use writer::{to_vec, TraceMeta, TraceWriter, WriteError};
 use crate::command::RawCommand;
 use crate::queue::CError;
 
-/// The policy a vIOMMU applies to its guest's commands (see `engine.md`, "Policy profiles").
+/// The policy a vIOMMU applies to its guest's commands (see `docs/rules.md`, "Policy profiles").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 #[repr(u8)]
 pub enum Profile {

@@ -252,7 +252,7 @@ impl Vm {
     }
 
     /// Whether the engine must refuse `raw` under this VM's profile with its current bindings.
-    /// The generators only emit commands whose fate the rules in `engine.md` and `commands.md`
+    /// The generators only emit commands whose fate the rules in `docs/rules.md`
     /// settle without doubt.
     pub fn refused(&self, raw: &RawCommand) -> bool {
         let Ok(cmd) = decode(*raw) else {
