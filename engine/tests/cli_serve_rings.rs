@@ -160,7 +160,7 @@ impl Serve {
     }
 
     /// Waits for `n` stderr lines containing `what`; returns them.
-    fn stderr_lines(&self, what: &str, n: usize) -> Vec<String> {
+    fn stderr_lines(&mut self, what: &str, n: usize) -> Vec<String> {
         let deadline = Instant::now() + WAIT;
         let mut found = Vec::new();
         while found.len() < n {
@@ -169,8 +169,10 @@ impl Serve {
                 Ok(line) if line.contains(what) => found.push(line),
                 Ok(_) => {}
                 Err(_) => panic!(
-                    "serve printed {} of {n} lines with {what:?} on stderr: {found:#?}",
-                    found.len()
+                    "serve printed {} of {n} lines with {what:?} on stderr: {found:#?} \
+                     (serve's exit status so far: {:?})",
+                    found.len(),
+                    self.child.try_wait()
                 ),
             }
         }
