@@ -401,7 +401,10 @@ fn serve_summary_counts_hostile_prod_per_ring_and_in_total() {
         g1.fill();
         let deadline = Instant::now() + WAIT;
         while g1.consumed() < g1.entries {
-            assert!(Instant::now() < deadline, "serve consumed nothing of ring 1");
+            assert!(
+                Instant::now() < deadline,
+                "serve consumed nothing of ring 1"
+            );
             std::thread::yield_now();
         }
         g1.prod += 4;
@@ -409,7 +412,10 @@ fn serve_summary_counts_hostile_prod_per_ring_and_in_total() {
         // ... wait for serve to take those four, then move PROD back by two.
         let deadline = Instant::now() + WAIT;
         while g1.consumed() < g1.prod {
-            assert!(Instant::now() < deadline, "serve did not take ring 1's last four");
+            assert!(
+                Instant::now() < deadline,
+                "serve did not take ring 1's last four"
+            );
             std::thread::yield_now();
         }
         g1.write_prod(((g1.prod - 2) & g1.mask()) as u32);
@@ -435,7 +441,10 @@ fn serve_summary_counts_hostile_prod_per_ring_and_in_total() {
             assert_eq!(field(2, "prod_overruns") + field(2, "prod_backwards"), 0);
             // Moved back over taken entries, but CONS there too: an overrun or a move back,
             // depending on whether serve completed them first.
-            assert!(field(1, "prod_overruns") + field(1, "prod_backwards") >= 1, "{s}");
+            assert!(
+                field(1, "prod_overruns") + field(1, "prod_backwards") >= 1,
+                "{s}"
+            );
             let total = |k: &str| s[k].as_u64().unwrap();
             assert_eq!(
                 total("prod_overruns"),

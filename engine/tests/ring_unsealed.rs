@@ -217,7 +217,10 @@ fn an_unsealed_ring_stopped_and_truncated_reports_it_on_the_next_poll() {
     g.file.set_len(100).unwrap();
     // The stopped ring reads ERR_ACK: a short read, not a signal.
     let err = host.poll(&mut out).unwrap_err();
-    assert!(matches!(err, RingError::Shrunk { len, .. } if len <= 256), "{err}");
+    assert!(
+        matches!(err, RingError::Shrunk { len, .. } if len <= 256),
+        "{err}"
+    );
     // Nothing more is written into the cut file (CONS, ERR live in 128..136).
     host.signal_sync(1, 5);
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 100);

@@ -90,6 +90,9 @@ pub struct HostRing {
     dead: bool,
     /// The error of a failed write, reported by the next poll.
     pending: Option<RingError>,
+    /// The file's length and the ring's size when the ring was found short: what every poll of
+    /// the dead ring reports, even once the file has grown back.
+    shrunk: Option<(u64, u64)>,
     stats: RingStats,
     _claim: Claim,
 }
@@ -154,7 +157,8 @@ impl HostRing {
     }
 
     fn attach_inner(mem: HostMemory) -> Result<HostRing, RingError> {
-        let claim = Claim::take(&mem)?;
+        // The creator line first: a file that is no ring is refused as such, whoever holds it.
+        // Nothing the engine owns is read or written before the lock is held.
         let (shape, viommu_id) = match &mem {
             HostMemory::Mapped(region) => validate(region)?,
             HostMemory::File(f) => {
@@ -179,6 +183,7 @@ impl HostRing {
                 validate_identity(mem.name(), identity_of(&header), len)?
             }
         };
+        let claim = Claim::take(&mem)?;
         let mut ring = HostRing {
             mem,
             shape,
@@ -190,6 +195,7 @@ impl HostRing {
             syncs: 0,
             dead: false,
             pending: None,
+            shrunk: None,
             stats: RingStats::default(),
             _claim: claim,
         };
@@ -327,7 +333,10 @@ impl HostRing {
     fn fail(&mut self, e: io::Error, op: &'static str) -> RingError {
         self.dead = true;
         match self.check_size() {
-            Err(shrunk @ RingError::Shrunk { .. }) => shrunk,
+            Err(RingError::Shrunk { path, len, need }) => {
+                self.shrunk.get_or_insert((len, need));
+                RingError::Shrunk { path, len, need }
+            }
             _ => RingError::Io {
                 path: self.mem.name().to_path_buf(),
                 op,
@@ -341,6 +350,13 @@ impl HostRing {
     fn dead_error(&mut self) -> RingError {
         if let Some(e) = self.pending.take() {
             return e;
+        }
+        if let Some((len, need)) = self.shrunk {
+            return RingError::Shrunk {
+                path: self.mem.name().to_path_buf(),
+                len,
+                need,
+            };
         }
         match self.check_size() {
             Err(e) => e,
@@ -377,6 +393,9 @@ impl HostRing {
         if !self.mem.sealed() {
             if let Err(e) = self.check_size() {
                 self.dead = true;
+                if let RingError::Shrunk { len, need, .. } = e {
+                    self.shrunk = Some((len, need));
+                }
                 return Err(e);
             }
         }

@@ -27,8 +27,10 @@ pub const RING_ALIGN: usize = 64;
 /// reads and writes of `mapped_len()` bytes for as long as the value lives, that neither changes, and
 /// that nothing in this process accesses those bytes other than through atomics. Other
 /// processes may write them at any time. If `sealed()` is false the backing file may shrink
-/// under the mapping, and touching a page past its new end raises SIGBUS: the caller keeps that
-/// risk (see `docs/ring-format.md`, "SIGBUS").
+/// under the mapping, and touching a page past its new end raises SIGBUS: the engine side
+/// therefore never touches unsealed memory through its mapping (it reads [`RingMemory::file`]
+/// with system calls instead); a guest side keeps that risk for its own mapping (see
+/// `docs/ring-format.md`, "SIGBUS").
 pub unsafe trait RingMemory: Send + Sync + fmt::Debug {
     /// The first byte.
     fn base(&self) -> NonNull<u8>;

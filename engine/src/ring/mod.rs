@@ -8,7 +8,9 @@
 //! turns a PROD moved backwards or past a full ring into an idle poll and a counter.
 //!
 //! Both sides run over any [`RingMemory`]: a shared mapping ([`MmapMemory`]) or a heap block
-//! ([`HeapMemory`]) for tests, miri and single-process use.
+//! ([`HeapMemory`]) for tests, miri and single-process use. The engine side never maps memory
+//! that can shrink: an unsealed file is read and written with system calls (`access.rs`), so no
+//! other process can make it fault. A ring has one engine side at a time (a lock on its file).
 
 // Ring words are little-endian and are accessed as native atomics.
 #[cfg(not(target_endian = "little"))]
