@@ -701,7 +701,7 @@ fn rewind_gives_entries_back_to_be_read_again() {
 #[cfg_attr(miri, ignore)]
 fn ring_fuzz_seeds() {
     /// The target's `Op` variants, in declaration order (the variant index is the encoding).
-    const OPS: [&str; 11] = [
+    const OPS: [&str; 12] = [
         "WriteSlot",
         "Push",
         "WriteProd",
@@ -713,6 +713,7 @@ fn ring_fuzz_seeds() {
         "StopResumeAt",
         "SignalSync",
         "Reattach",
+        "Resize",
     ];
     /// The target's `Code` variants.
     const CODES: [&str; 4] = ["Ill", "Abt", "AtcInvSync", "IllAccess"];
@@ -752,8 +753,50 @@ fn ring_fuzz_seeds() {
     };
     let sync = |cs: u8, msidata: u32| op("SignalSync", &[&[cs], &msidata.to_le_bytes()]);
     let reattach = op("Reattach", &[]);
+    // A file ring's length (`len` modulo the ring's size plus one; 0x8000: the full size).
+    let resize = |len: u16| op("Resize", &[&len.to_le_bytes()]);
+    // LOG2SIZE with bit 7: the ring lives in a plain file the engine reads with system calls.
+    const FILE: u8 = 0x80;
 
     let seeds: Vec<(&str, u8, Vec<Vec<u8>>)> = vec![
+        (
+            "file-truncated-mid-slots",
+            FILE | 4,
+            vec![
+                push(8, true),
+                poll(4),
+                complete(4),
+                resize(300),
+                poll(8),
+                complete(4),
+                sync(1, 7),
+                poll(8),
+                resize(0x8000),
+                poll(8),
+                reattach.clone(),
+                push(3, true),
+                poll(8),
+                complete(3),
+            ],
+        ),
+        (
+            "file-truncated-to-zero-while-stopped",
+            FILE | 2,
+            vec![
+                push(3, true),
+                poll(4),
+                stop(1, "Ill"),
+                resize(0),
+                ack.clone(),
+                sync(0, 1),
+                poll(4),
+                resize(100),
+                reattach.clone(),
+                resize(0x8000),
+                reattach.clone(),
+                poll(4),
+            ],
+        ),
         (
             "round-trip",
             4,
