@@ -311,8 +311,8 @@ fn ring_error(path: &Path, e: RingError) -> String {
     let p = path.display();
     match e {
         RingError::Unsealed { .. } => format!(
-            "--ring {p}: not a sealed memfd, so another process could truncate it under the \
-             engine. Give --allow-unsealed to serve it anyway (the engine then reads it with \
+            "--ring {p}: not sealed against shrinking (not a sealed memfd), so another process \
+             could truncate it under the engine. Give --allow-unsealed to serve it anyway (the engine then reads it with \
              system calls, and detaches only this ring if the file shrinks), or let serve create \
              the ring with --create-ring viommu=N (a sealed memfd; the guest opens the \
              /proc/<pid>/fd/<n> path serve prints)"
