@@ -111,8 +111,9 @@ pub enum RingError {
         /// The file (or `<heap>`).
         path: PathBuf,
     },
-    /// An unsealed file shrank below the ring after it was attached; the ring must be detached.
-    #[error("ring {}: file shrank to {len} bytes under the engine, the ring needs {need}; detach it", path.display())]
+    /// An unsealed file shrank below the ring after it was attached: the engine side reads and
+    /// writes it no more, and must be detached.
+    #[error("ring {}: file shrank to {len} bytes under the engine, the ring needs {need}; the engine reads and writes it no more", path.display())]
     Shrunk {
         /// The file.
         path: PathBuf,
