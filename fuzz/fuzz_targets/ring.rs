@@ -1,10 +1,15 @@
 //! A hostile guest against the engine side of a ring, checked step by step against a model.
 //!
-//! The input is a LOG2SIZE (0..=6) and a list of operations. The guest side writes slots,
+//! The input is a LOG2SIZE (0..=6; bit 7 set puts the ring in a plain file instead of the heap)
+//! and a list of operations. The guest side writes slots,
 //! pushes and rings the doorbell, stores any PROD, scribbles any header word (the identity
 //! line and the words the engine owns included) and acknowledges errors; the engine side polls,
-//! completes, stops, resumes past forwarded entries, signals CMD_SYNCs and re-attaches. The
-//! driver only ever calls the engine with arguments `HostRing` documents as valid, so any panic
+//! completes, stops, resumes past forwarded entries, signals CMD_SYNCs and re-attaches (which
+//! must be refused while the old engine side holds the ring). For a file ring, another process
+//! truncates or extends the file at any point: the engine side reads it with system calls, so
+//! that must be an error for that ring (every poll from the next one that sees the file short),
+//! never a signal, and nothing the engine writes after that. The guest side maps the file, so
+//! the driver keeps it away from a file shorter than the ring. The driver only ever calls the engine with arguments `HostRing` documents as valid, so any panic
 //! is a bug the guest can trigger.
 //!
 //! The model keeps a shadow of every slot and header word the guest or the engine writes and
@@ -30,7 +35,7 @@ use libfuzzer_sys::fuzz_target;
 use vcmdq::command::RawCommand;
 use vcmdq::queue::{cons_err, with_cons_err, CError, QueueShape};
 use vcmdq::ring::layout;
-use vcmdq::ring::{heap_pair, AttachOptions, GuestRing, HostRing, RingStats};
+use vcmdq::ring::{heap_pair, AttachOptions, GuestRing, HostRing, RingError, RingStats};
 
 #[derive(Arbitrary, Debug)]
 struct Input {
@@ -83,6 +88,9 @@ enum Op {
     SignalSync { cs: u8, msidata: u32 },
     /// The engine detaches and attaches the ring again, taking over whatever the header holds.
     Reattach,
+    /// Another process sets a file ring's length: `len` modulo the ring's size plus one, or
+    /// the full size with bit 15 set. Nothing for a heap ring.
+    Resize { len: u16 },
 }
 
 /// What the engine side is in the model. Positions are absolute (never wrap): a pointer is a
@@ -124,6 +132,10 @@ struct Model {
     guest_prod: u32,
     next_cmd: u64,
     engine: Engine,
+    /// A file ring's length now; `None` for a heap ring.
+    file_len: Option<u64>,
+    /// The engine side saw its file fail: it reads and writes nothing more.
+    dead: bool,
 }
 
 const W_PROD: usize = layout::OFF_PROD / 4;
@@ -160,7 +172,64 @@ impl Model {
                 syncs: 0,
                 stats: RingStats::default(),
             },
+            file_len: None,
+            dead: false,
         }
+    }
+
+    /// Bytes of the guest's ring.
+    fn full(&self) -> u64 {
+        layout::ring_bytes(self.shape) as u64
+    }
+
+    /// Whether the guest may touch its mapping: every page of it is backed by the file.
+    fn guest_safe(&self) -> bool {
+        self.file_len.is_none_or(|len| len >= self.full())
+    }
+
+    /// The engine stores header word `w` (a u32): nothing once dead; a store past the end of a
+    /// file extends it.
+    fn engine_store(&mut self, w: usize, value: u32) {
+        if self.dead {
+            return;
+        }
+        if let Some(len) = &mut self.file_len {
+            *len = (*len).max(w as u64 * 4 + 4);
+        }
+        self.header[w] = value;
+    }
+
+    /// The engine loads header bytes `off..off + size`: `None` (and the ring is dead) if the
+    /// file is shorter.
+    fn engine_load_ok(&mut self, off: usize, size: usize) -> bool {
+        if self.file_len.is_some_and(|len| len < (off + size) as u64) {
+            self.dead = true;
+        }
+        !self.dead
+    }
+
+    /// Another process sets the file's length: bytes past it read as zero from now on.
+    fn resize(&mut self, len: u64) {
+        fn keep(value: u64, off: u64, size: u64, len: u64) -> u64 {
+            if len <= off {
+                0
+            } else if len >= off + size {
+                value
+            } else {
+                value & ((1u64 << (8 * (len - off))) - 1)
+            }
+        }
+        for (w, word) in self.header.iter_mut().enumerate() {
+            *word = keep(u64::from(*word), w as u64 * 4, 4, len) as u32;
+        }
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            let off = (layout::HEADER_SIZE + layout::SLOT_SIZE * i) as u64;
+            *slot = RawCommand::new(
+                keep(slot.d0(), off, 8, len),
+                keep(slot.d1(), off + 8, 8, len),
+            );
+        }
+        self.file_len = Some(len);
     }
 
     fn u64_word(&self, off: usize) -> u64 {
@@ -200,6 +269,12 @@ impl Model {
         {
             return None;
         }
+        if let Some(len) = self.file_len {
+            let shape = QueueShape::new(log2size as u8).expect("at most the guest's LOG2SIZE");
+            if len < layout::ring_bytes(shape) as u64 {
+                return None;
+            }
+        }
         let shape = QueueShape::new(log2size as u8).expect("at most the guest's LOG2SIZE");
         let cons_word = self.header[W_CONS];
         let cons = u64::from(shape.ptr(cons_word));
@@ -226,8 +301,13 @@ impl Model {
     /// The model's poll: the entries a poll with `k` out entries must return and their first
     /// position.
     fn poll(&mut self, k: usize) -> (u64, Vec<RawCommand>) {
+        self.engine.stats.polls += 1;
+        let need = layout::ring_bytes(self.engine.shape) as u64;
+        if self.dead || self.file_len.is_some_and(|len| len < need) {
+            self.dead = true;
+            return (self.engine.read, Vec::new());
+        }
         let e = &mut self.engine;
-        e.stats.polls += 1;
         if let Some((_, _, resume)) = e.stop {
             if self.header[W_ERR_ACK] & 1 != e.err {
                 return (e.read, Vec::new());
@@ -235,8 +315,10 @@ impl Model {
             e.stop = None;
             e.stats.acks += 1;
             e.read = resume;
-            self.header[W_CONS] = e.ptr(e.cons);
+            let cons = e.ptr(e.cons);
+            self.engine_store(W_CONS, cons);
         }
+        let e = &mut self.engine;
         let entries = u64::from(e.shape.entries());
         let prod = e.shape.ptr(self.header[W_PROD]);
         // How far the guest claims PROD is ahead of CONS: at most a lap, by the pointer rules.
@@ -268,9 +350,15 @@ impl Model {
         e.read = resume;
         e.stop = Some((at, cerror, resume));
         e.stats.stops += 1;
-        self.header[W_CONS] = with_cons_err(e.ptr(at), cerror.code());
-        e.err = (self.header[W_ERR_ACK] & 1) ^ 1;
-        self.header[W_ERR] = e.err;
+        let cons = with_cons_err(e.ptr(at), cerror.code());
+        self.engine_store(W_CONS, cons);
+        let ack = if self.engine_load_ok(layout::OFF_ERR_ACK, 4) {
+            self.header[W_ERR_ACK] & 1
+        } else {
+            0
+        };
+        self.engine.err = ack ^ 1;
+        self.engine_store(W_ERR, self.engine.err);
     }
 }
 
@@ -290,8 +378,12 @@ fn check(model: &Model, guest: &GuestRing, host: &HostRing) {
     );
     assert_eq!(host.stats(), e.stats);
     assert_eq!(host.sync_count(), e.syncs);
+    assert_eq!(host.failed(), model.dead, "dead");
 
     assert_eq!(guest.prod(), model.guest_prod);
+    if !model.guest_safe() {
+        return;
+    }
     assert_eq!(guest.published_prod(), model.header[W_PROD]);
     assert_eq!(guest.cons(), model.guest_cons(), "CONS in memory");
     let flag = (model.header[W_ERR] ^ model.header[W_ERR_ACK]) & 1 != 0;
@@ -300,8 +392,33 @@ fn check(model: &Model, guest: &GuestRing, host: &HostRing) {
     assert_eq!(guest.completion(), model.header[W_COMPLETION]);
 }
 
-fn step(op: &Op, model: &mut Model, guest: &mut GuestRing, host: &mut HostRing) {
+/// A file ring's file, for `Resize`.
+struct Backing {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+}
+
+impl Drop for Backing {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn step(
+    op: &Op,
+    model: &mut Model,
+    guest: &mut GuestRing,
+    host: &mut HostRing,
+    backing: Option<&Backing>,
+) {
     let shape = model.shape;
+    let guest_op = matches!(
+        op,
+        Op::WriteSlot { .. } | Op::Push { .. } | Op::WriteProd(_) | Op::Scribble { .. } | Op::AckError
+    );
+    if guest_op && !model.guest_safe() {
+        return;
+    }
     match *op {
         Op::WriteSlot { ptr, d0, d1 } => {
             let cmd = RawCommand::new(d0, d1);
@@ -346,8 +463,23 @@ fn step(op: &Op, model: &mut Model, guest: &mut GuestRing, host: &mut HostRing) 
         Op::Poll { k } => {
             let k = usize::from(k % 72);
             let mut out = vec![UNTOUCHED; k];
-            let polled = host.poll(&mut out).expect("heap rings never shrink");
+            let polled = host.poll(&mut out);
             let (first, want) = model.poll(k);
+            let polled = match polled {
+                Ok(p) => {
+                    assert!(!model.dead, "a poll of a ring whose file is short read it");
+                    p
+                }
+                Err(e) => {
+                    assert!(model.dead, "a poll failed: {e}");
+                    assert!(
+                        matches!(e, RingError::Shrunk { .. }),
+                        "a short file gives Shrunk: {e}"
+                    );
+                    assert!(out.iter().all(|c| *c == UNTOUCHED), "out of a failed poll");
+                    return;
+                }
+            };
             let e = &model.engine;
             assert_eq!(polled.n, want.len(), "entries polled");
             assert!(polled.n <= k && polled.n <= e.shape.entries() as usize);
@@ -371,7 +503,8 @@ fn step(op: &Op, model: &mut Model, guest: &mut GuestRing, host: &mut HostRing) 
                 let upto = Engine::pick(e.cons, e.read, upto);
                 host.complete(e.ptr(upto));
                 e.cons = upto;
-                model.header[W_CONS] = e.ptr(upto);
+                let cons = e.ptr(upto);
+                model.engine_store(W_CONS, cons);
             }
         }
         Op::Stop { at, code } => {
@@ -398,15 +531,40 @@ fn step(op: &Op, model: &mut Model, guest: &mut GuestRing, host: &mut HostRing) 
             e.stats.syncs += 1;
             let syncs = e.syncs;
             if cs == 1 {
-                model.header[W_COMPLETION] = msidata;
+                model.engine_store(W_COMPLETION, msidata);
             }
-            model.set_u64_word(layout::OFF_SYNC_COUNT, syncs);
+            if !model.dead {
+                let end = (layout::OFF_SYNC_COUNT + 8) as u64;
+                if let Some(len) = &mut model.file_len {
+                    *len = (*len).max(end);
+                }
+                model.set_u64_word(layout::OFF_SYNC_COUNT, syncs);
+            }
         }
         Op::Reattach => {
-            let attached = HostRing::attach_memory(guest.memory(), AttachOptions::default());
-            match (attached, model.attach()) {
+            let opts = AttachOptions {
+                allow_unsealed: backing.is_some(),
+            };
+            // While the old engine side lives, the ring has an engine: a ring that is one is
+            // refused as taken, one that is not as what is wrong with it.
+            let want = model.attach();
+            match HostRing::attach_memory(guest.memory(), opts) {
+                Ok(_) => panic!("a second engine side attached a ring"),
+                Err(RingError::AlreadyAttached { .. }) => {
+                    assert!(want.is_some(), "taken, but the model refuses {want:?}")
+                }
+                Err(e) => assert!(want.is_none(), "{e}, the model attaches {want:?}"),
+            }
+            if want.is_none() {
+                return;
+            }
+            let placeholder = HostRing::create_heap(0, 0).expect("a heap ring");
+            drop(std::mem::replace(host, placeholder));
+            let attached = HostRing::attach_memory(guest.memory(), opts);
+            match (attached, want) {
                 (Ok(h), Some(engine)) => {
                     *host = h;
+                    model.dead = false;
                     model.header[W_CONS] = match engine.stop {
                         Some((at, cerror, _)) => with_cons_err(engine.ptr(at), cerror.code()),
                         None => engine.ptr(engine.cons),
@@ -417,20 +575,69 @@ fn step(op: &Op, model: &mut Model, guest: &mut GuestRing, host: &mut HostRing) 
                 (got, want) => panic!("attach gave {got:?}, the model {want:?}"),
             }
         }
+        Op::Resize { len } => {
+            if let Some(b) = backing {
+                let full = model.full();
+                let len = if len & 0x8000 != 0 {
+                    full
+                } else {
+                    u64::from(len) % (full + 1)
+                };
+                b.file.set_len(len).expect("set a ring file's length");
+                model.resize(len);
+            }
+        }
     }
 }
 
+/// A ring in a fresh plain file: the guest maps it, the engine reads it with system calls.
+fn file_pair(log2size: u8) -> (GuestRing, HostRing, Backing) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "vcmdq-fuzz-ring-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let guest = GuestRing::create(&path, log2size, 0x600d).expect("a ring file");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open the ring file");
+    let backing = Backing { path, file };
+    let opts = AttachOptions {
+        allow_unsealed: true,
+    };
+    let host = HostRing::attach_memory(guest.memory(), opts).expect("attach the ring file");
+    (guest, host, backing)
+}
+
 fuzz_target!(|input: Input| {
-    let log2size = input.log2size % 7;
-    let (mut guest, mut host) = heap_pair(log2size, 0x600d).expect("LOG2SIZE 0..=6");
+    let log2size = (input.log2size & 0x7f) % 7;
+    let (mut guest, mut host, backing) = if input.log2size & 0x80 != 0 {
+        let (g, h, b) = file_pair(log2size);
+        (g, h, Some(b))
+    } else {
+        let (g, h) = heap_pair(log2size, 0x600d).expect("LOG2SIZE 0..=6");
+        (g, h, None)
+    };
     let mut model = Model::new(guest.shape(), 0x600d);
+    if backing.is_some() {
+        model.file_len = Some(model.full());
+    }
     check(&model, &guest, &host);
     for op in &input.ops {
-        step(op, &mut model, &mut guest, &mut host);
+        step(op, &mut model, &mut guest, &mut host, backing.as_ref());
         check(&model, &guest, &host);
     }
     // The engine never writes a slot.
-    for (i, want) in model.slots.iter().enumerate() {
-        assert_eq!(guest.read_slot(i as u32), *want, "slot {i}");
+    if model.guest_safe() {
+        for (i, want) in model.slots.iter().enumerate() {
+            assert_eq!(guest.read_slot(i as u32), *want, "slot {i}");
+        }
     }
+    // The guest's mapping goes before the file does.
+    drop(guest);
+    drop(host);
+    drop(backing);
 });

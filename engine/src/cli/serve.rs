@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vcmdq::command::text;
 use vcmdq::engine::{Engine, EngineConfig, EngineStats, HwPlacement, RingId};
-use vcmdq::ring::{AttachOptions, HostRing};
+use vcmdq::ring::{AttachOptions, HostRing, RingError, RingStats};
 use vcmdq::viommu::{DeviceId, ViommuConfig};
 
 /// Arguments of `vcmdq serve`.
@@ -59,8 +59,9 @@ pub struct ServeArgs {
     /// (repeatable).
     #[arg(long = "create-ring", value_name = "SPEC", value_parser = spec::parse_create_ring)]
     create_rings: Vec<CreateRingSpec>,
-    /// Accept ring files that are not sealed memfds. A guest that truncates one crashes the
-    /// engine (SIGBUS): only for trusted guests.
+    /// Accept ring files that are not sealed memfds. The engine reads them with system calls
+    /// (slower than a mapping); one truncated under it is detached with an error, the others
+    /// are served on.
     #[arg(long)]
     allow_unsealed: bool,
     /// Read options from FILE, one per line (see below).
@@ -337,7 +338,8 @@ fn set_up(engine: &Engine, args: &ServeArgs) -> Result<Vec<Attached>, CliError> 
             AttachOptions {
                 allow_unsealed: args.allow_unsealed,
             },
-        )?;
+        )
+        .map_err(|e| ring_error(path, e))?;
         hosts.push(host);
     }
     for c in &args.create_rings {
@@ -363,6 +365,26 @@ fn set_up(engine: &Engine, args: &ServeArgs) -> Result<Vec<Attached>, CliError> 
     Ok(attached)
 }
 
+/// A ring that cannot be attached, said in serve's terms: the flags to give, not library calls.
+fn ring_error(path: &Path, e: RingError) -> String {
+    let p = path.display();
+    match e {
+        RingError::Unsealed { .. } => format!(
+            "--ring {p}: not sealed against shrinking (not a sealed memfd), so another process \
+             could truncate it under the engine. Give --allow-unsealed to serve it anyway (the engine then reads it with \
+             system calls, and detaches only this ring if the file shrinks), or let serve create \
+             the ring with --create-ring viommu=N (a sealed memfd; the guest opens the \
+             /proc/<pid>/fd/<n> path serve prints)"
+        ),
+        RingError::AlreadyAttached { .. } => format!(
+            "--ring {p}: already attached to an engine: named twice (or through two paths to \
+             the same file), or served by another vcmdq process. A ring has one engine, or \
+             every command would be forwarded twice"
+        ),
+        e => format!("--ring {p}: {e}"),
+    }
+}
+
 /// Rate per second, as people read it.
 fn per_sec(n: u64, secs: f64) -> String {
     let r = if secs > 0.0 { n as f64 / secs } else { 0.0 };
@@ -382,10 +404,51 @@ fn counters_line(s: &EngineStats, secs: f64, rate: &str) -> String {
     )
 }
 
-fn summary_json(s: &EngineStats, secs: f64, rings: usize, workers: usize) -> serde_json::Value {
+/// Hostile PROD activity of one ring, for the summary.
+struct RingLine<'a> {
+    id: RingId,
+    path: &'a Path,
+    stats: RingStats,
+}
+
+fn ring_lines<'a>(attached: &'a [Attached], stats: &[(RingId, RingStats)]) -> Vec<RingLine<'a>> {
+    attached
+        .iter()
+        .map(|a| RingLine {
+            id: a.id,
+            path: &a.path,
+            stats: stats
+                .iter()
+                .find(|(id, _)| *id == a.id)
+                .map(|(_, s)| *s)
+                .unwrap_or_default(),
+        })
+        .collect()
+}
+
+fn summary_json(
+    s: &EngineStats,
+    secs: f64,
+    rings: &[RingLine],
+    workers: usize,
+) -> serde_json::Value {
+    let per_ring: Vec<_> = rings
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "ring": r.id.0,
+                "path": r.path.display().to_string(),
+                "prod_overruns": r.stats.prod_overrun,
+                "prod_backwards": r.stats.prod_backwards,
+            })
+        })
+        .collect();
+    let rings_n = rings.len();
+    let overruns: u64 = rings.iter().map(|r| r.stats.prod_overrun).sum();
+    let backwards: u64 = rings.iter().map(|r| r.stats.prod_backwards).sum();
     serde_json::json!({
         "seconds": secs,
-        "rings": rings,
+        "rings": rings_n,
         "workers": workers,
         "taken": s.taken,
         "forwarded": s.forwarded,
@@ -398,11 +461,16 @@ fn summary_json(s: &EngineStats, secs: f64, rings: usize, workers: usize) -> ser
         "phys_faults": s.phys_faults,
         "retracted": s.retracted,
         "ring_failures": s.ring_failures,
+        "prod_overruns": overruns,
+        "prod_backwards": backwards,
+        "per_ring": per_ring,
         "forwarded_per_sec": if secs > 0.0 { s.forwarded as f64 / secs } else { 0.0 },
     })
 }
 
-fn summary_text(s: &EngineStats, secs: f64, rings: usize, workers: usize) -> String {
+fn summary_text(s: &EngineStats, secs: f64, rings: &[RingLine], workers: usize) -> String {
+    let overruns: u64 = rings.iter().map(|r| r.stats.prod_overrun).sum();
+    let backwards: u64 = rings.iter().map(|r| r.stats.prod_backwards).sum();
     let rows = [
         (
             "taken",
@@ -428,15 +496,35 @@ fn summary_text(s: &EngineStats, secs: f64, rings: usize, workers: usize) -> Str
         (
             "ring failures",
             s.ring_failures,
-            "rings detached because their file shrank",
+            "rings detached because their file shrank or failed",
+        ),
+        (
+            "prod overruns",
+            overruns,
+            "polls that found PROD past a full ring or behind CONS",
+        ),
+        (
+            "prod backwards",
+            backwards,
+            "polls that found PROD moved back over entries already read",
         ),
     ];
     let mut out = format!(
-        "serve: {secs:.2} s, {rings} ring(s), {workers} worker(s), {} forwarded\n",
+        "serve: {secs:.2} s, {} ring(s), {workers} worker(s), {} forwarded\n",
+        rings.len(),
         per_sec(s.forwarded, secs)
     );
     for (name, n, what) in rows {
         out.push_str(&format!("  {name:<14}{n:>12}  {what}\n"));
+    }
+    for r in rings {
+        out.push_str(&format!(
+            "  ring {}: prod overruns {}, prod backwards {}  ({})\n",
+            r.id.0,
+            r.stats.prod_overrun,
+            r.stats.prod_backwards,
+            r.path.display()
+        ));
     }
     out
 }
@@ -581,18 +669,19 @@ pub fn run(mut args: ServeArgs) -> Result<ExitCode, CliError> {
         }
         _ => {}
     }
+    let rings = ring_lines(&attached, &report.rings);
     let mut out = out::stdout();
     if args.json {
         writeln!(
             out,
             "{}",
-            summary_json(&report.stats, secs, attached.len(), workers)
+            summary_json(&report.stats, secs, &rings, workers)
         )?;
     } else {
         write!(
             out,
             "{}",
-            summary_text(&report.stats, secs, attached.len(), workers)
+            summary_text(&report.stats, secs, &rings, workers)
         )?;
     }
     out.flush()?;

@@ -34,7 +34,7 @@ pub use stats::{AuditRecord, EngineStats, RingProgress};
 
 use crate::command::RawCommand;
 use crate::pqueue::{HwConfig, HwCounters, PhysQueue};
-use crate::ring::{HostRing, RingError};
+use crate::ring::{HostRing, RingError, RingStats};
 use crate::viommu::{DeviceId, Devices, GraceDomain, Viommu, ViommuConfig, ViommuError};
 use capture::{Capture, CaptureEvent};
 use crossbeam_queue::SegQueue;
@@ -290,6 +290,10 @@ pub struct EngineReport {
     pub epoch: Option<Instant>,
     /// With [`EngineConfig::capture`]: the records written, or why the capture failed.
     pub capture: Option<Result<u64, String>>,
+    /// Each ring's counters (hostile PROD activity among them), by id: as of shutdown, or as
+    /// of its failure for a ring [`Engine::failed_rings`] gave up. Not rings detached by
+    /// [`Engine::detach_ring`], whose caller has them.
+    pub rings: Vec<(RingId, RingStats)>,
 }
 
 /// A running engine.
@@ -302,6 +306,8 @@ pub struct Engine {
     /// Attached rings: how far their worker has published them.
     progress: Mutex<HashMap<RingId, Arc<RingProgress>>>,
     next_ring: AtomicU32,
+    /// Counters of the rings `failed_rings` gave up, for the report.
+    failed_stats: Mutex<Vec<(RingId, RingStats)>>,
     workers: Vec<JoinHandle<worker::Report>>,
     hw_threads: Vec<JoinHandle<HwCounters>>,
     /// The hardware model's stop flag: `crate::sync`'s type, which `Hardware::run` takes (loom's
@@ -395,6 +401,7 @@ impl Engine {
             rings: Mutex::new(HashMap::new()),
             progress: Mutex::new(HashMap::new()),
             next_ring: AtomicU32::new(0),
+            failed_stats: Mutex::new(Vec::new()),
             workers,
             hw_threads,
             hw_stop,
@@ -548,7 +555,9 @@ impl Engine {
             .filter_map(|id| {
                 rings.remove(&id);
                 lock(&self.progress).remove(&id);
-                d.remove(&id).and_then(|(_, e)| e.map(|e| (id, e)))
+                let (host, e) = d.remove(&id)?;
+                lock(&self.failed_stats).push((id, host.stats()));
+                e.map(|e| (id, e))
             })
             .collect()
     }
@@ -610,6 +619,13 @@ impl Engine {
             }
         }
         report.stats = self.stats();
+        report.rings = std::mem::take(&mut *lock(&self.failed_stats));
+        let rest = lock(&self.shared.detached)
+            .iter()
+            .map(|(id, (host, _))| (*id, host.stats()))
+            .collect::<Vec<_>>();
+        report.rings.extend(rest);
+        report.rings.sort_by_key(|(id, _)| *id);
         report.capture = self.capture.as_mut().map(Capture::finish);
         report
     }

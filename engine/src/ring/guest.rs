@@ -28,7 +28,9 @@ impl GuestRing {
     /// Creates (or truncates) a ring file at `path` of 2^`log2size` slots for vIOMMU `viommu_id`.
     ///
     /// A plain file is not sealed: an engine attaches it only with
-    /// [`AttachOptions::allow_unsealed`](super::AttachOptions). Prefer
+    /// [`AttachOptions::allow_unsealed`](super::AttachOptions), and then never maps it. The
+    /// guest side does map it: if the file is truncated, this side's next access to a lost page
+    /// raises SIGBUS in the guest's process (the engine is unaffected). Prefer
     /// [`GuestRing::create_sealed`] for rings another process maps.
     pub fn create(
         path: impl AsRef<Path>,

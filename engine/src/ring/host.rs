@@ -2,31 +2,33 @@
 //! at any time, so the engine reads PROD once per poll, copies each slot out exactly once,
 //! masks every index, and keeps its own copies of the words it owns (CONS, ERR, SYNC_COUNT)
 //! instead of reading them back.
+//!
+//! The engine never maps a file that can shrink (see `access.rs`): nothing a guest or any other
+//! process does to a ring file can raise a signal in the engine.
 
+use std::io;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use super::access::{Claim, FileRing, HostMemory};
 use super::layout::{self, slot_offset};
-use super::memory::{HeapMemory, MmapMemory, Region, RingMemory};
-use super::{load_slot, new_region, shape_for, validate, RingError};
+use super::memory::{self, HeapMemory, MmapMemory, Region, RingMemory};
+use super::{identity_of, new_region, shape_for, validate, validate_identity, RingError};
 use crate::command::RawCommand;
 use crate::queue::{cons_err, with_cons_err, CError, QueueShape};
 
 /// How [`HostRing::attach_with`] treats a file it did not create.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AttachOptions {
-    /// Accept a file that is not a memfd sealed with F_SEAL_SHRINK. Such a file can be
-    /// truncated under the engine, and the engine's next access to a lost page raises SIGBUS,
-    /// which ends the process: only for files the engine's own process or a trusted one
-    /// writes (tests, the trace replayer). The engine checks the size at attach, in
-    /// [`HostRing::check_size`], and every [`SIZE_CHECK_INTERVAL`] polls, which narrows but does
-    /// not close the window.
+    /// Accept a file that is not a memfd sealed with F_SEAL_SHRINK. The engine never maps such
+    /// a file: it reads and writes it with `pread`/`pwrite`, a few system calls per poll and
+    /// per batch, so a file truncated under it is an error for that ring
+    /// ([`RingError::Shrunk`]), never a SIGBUS. Slower than a sealed memfd, and a truncate
+    /// racing the engine's write of CONS can extend the file again: for files a trusted process
+    /// writes (tests, the trace replayer).
     pub allow_unsealed: bool,
 }
-
-/// Polls of an unsealed ring between two checks of its file's size.
-pub const SIZE_CHECK_INTERVAL: u32 = 1024;
 
 /// What one [`HostRing::poll`] copied out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,9 +71,13 @@ struct Stop {
 /// Pointers: CONS ≤ read ≤ PROD (in ring order). Entries in [CONS, read) have been copied out
 /// and belong to the engine until it [`complete`](HostRing::complete)s or
 /// [`stop`](HostRing::stop)s them; [read, PROD) are pending.
+///
+/// A `HostRing` holds its ring's one-engine lock for as long as it lives: a second `HostRing`
+/// of the same ring, in this process or another, is refused with
+/// [`RingError::AlreadyAttached`]. Dropping it releases the lock.
 #[derive(Debug)]
 pub struct HostRing {
-    region: Region,
+    mem: HostMemory,
     shape: QueueShape,
     viommu_id: u32,
     read: u32,
@@ -79,9 +85,16 @@ pub struct HostRing {
     err: u32,
     stop: Option<Stop>,
     syncs: u64,
-    sealed: bool,
-    until_size_check: u32,
+    /// The backing file failed (shrank, or a read or write failed): nothing is read or written
+    /// any more, and every poll reports it.
+    dead: bool,
+    /// The error of a failed write, reported by the next poll.
+    pending: Option<RingError>,
+    /// The file's length and the ring's size when the ring was found short: what every poll of
+    /// the dead ring reports, even once the file has grown back.
+    shrunk: Option<(u64, u64)>,
     stats: RingStats,
+    _claim: Claim,
 }
 
 impl HostRing {
@@ -91,13 +104,31 @@ impl HostRing {
         Self::attach_with(path, AttachOptions::default())
     }
 
-    /// Attaches a ring file: maps it, checks magic, version, LOG2SIZE and size, and (unless
-    /// `opts` allow it) that it is sealed against shrinking.
+    /// Attaches a ring file: checks magic, version, LOG2SIZE and size, takes the ring's
+    /// one-engine lock, and maps it if it is sealed against shrinking; an unsealed file is
+    /// refused unless `opts` allow it, and then read with system calls, never mapped.
     pub fn attach_with(path: impl AsRef<Path>, opts: AttachOptions) -> Result<HostRing, RingError> {
-        Self::attach_memory(Arc::new(MmapMemory::open(path.as_ref())?), opts)
+        let path = path.as_ref();
+        let file = memory::open_rw(path)?;
+        if memory::has_shrink_seal(&file) {
+            let mem = MmapMemory::from_file(file, path.to_path_buf())?;
+            return Self::attach_inner(HostMemory::Mapped(Region::new(Arc::new(mem))));
+        }
+        if !opts.allow_unsealed {
+            return Err(RingError::Unsealed {
+                path: path.to_path_buf(),
+            });
+        }
+        Self::attach_inner(HostMemory::File(FileRing::new(
+            file,
+            path.to_path_buf(),
+            None,
+        )))
     }
 
     /// Attaches a ring in memory another handle shares (a [`GuestRing::memory`](super::GuestRing::memory)).
+    /// Unsealed file memory is refused unless `opts` allow it, and then read through its file
+    /// with system calls, never through the shared mapping.
     ///
     /// The engine takes over where the ring is: CONS as the memory holds it (masked), its error
     /// state, its sync count. A fresh ring starts at 0.
@@ -105,34 +136,80 @@ impl HostRing {
         mem: Arc<dyn RingMemory>,
         opts: AttachOptions,
     ) -> Result<HostRing, RingError> {
-        let sealed = mem.sealed();
-        if !sealed && !opts.allow_unsealed {
-            return Err(RingError::Unsealed {
-                path: mem.name().to_path_buf(),
-            });
+        if mem.sealed() {
+            return Self::attach_inner(HostMemory::Mapped(Region::new(mem)));
         }
-        let region = Region::new(mem);
-        let (shape, viommu_id) = validate(&region)?;
-        let cons_word = region.u32_at(layout::OFF_CONS).load(Ordering::Relaxed);
-        let err = region.u32_at(layout::OFF_ERR).load(Ordering::Relaxed) & 1;
-        let ack = region.u32_at(layout::OFF_ERR_ACK).load(Ordering::Acquire) & 1;
-        let syncs = region
-            .u64_at(layout::OFF_SYNC_COUNT)
-            .load(Ordering::Relaxed);
-        let cons = shape.ptr(cons_word);
+        let unsealed = || RingError::Unsealed {
+            path: mem.name().to_path_buf(),
+        };
+        if !opts.allow_unsealed {
+            return Err(unsealed());
+        }
+        // Memory that may shrink and has no file to read instead is never touched.
+        let file = mem.file().ok_or_else(unsealed)?;
+        let file = file.try_clone().map_err(|source| RingError::Io {
+            path: mem.name().to_path_buf(),
+            op: "dup",
+            source,
+        })?;
+        let path = mem.name().to_path_buf();
+        Self::attach_inner(HostMemory::File(FileRing::new(file, path, Some(mem))))
+    }
+
+    fn attach_inner(mem: HostMemory) -> Result<HostRing, RingError> {
+        // The creator line first: a file that is no ring is refused as such, whoever holds it.
+        // Nothing the engine owns is read or written before the lock is held.
+        let (shape, viommu_id) = match &mem {
+            HostMemory::Mapped(region) => validate(region)?,
+            HostMemory::File(f) => {
+                let io = |op, source| RingError::Io {
+                    path: mem.name().to_path_buf(),
+                    op,
+                    source,
+                };
+                let len = mem.backing_len().map_err(|e| io("stat", e))?;
+                let need = (layout::HEADER_SIZE + layout::SLOT_SIZE) as u64;
+                let header = match f.read_header() {
+                    Ok(h) => h,
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        return Err(RingError::TooSmall {
+                            path: mem.name().to_path_buf(),
+                            len,
+                            need,
+                        })
+                    }
+                    Err(e) => return Err(io("read", e)),
+                };
+                validate_identity(mem.name(), identity_of(&header), len)?
+            }
+        };
+        let claim = Claim::take(&mem)?;
         let mut ring = HostRing {
-            region,
+            mem,
             shape,
             viommu_id,
-            read: cons,
-            cons,
-            err,
+            read: 0,
+            cons: 0,
+            err: 0,
             stop: None,
-            syncs,
-            sealed,
-            until_size_check: SIZE_CHECK_INTERVAL,
+            syncs: 0,
+            dead: false,
+            pending: None,
+            shrunk: None,
             stats: RingStats::default(),
+            _claim: claim,
         };
+        let read = |ring: &mut HostRing, r: io::Result<u64>| r.map_err(|e| ring.fail(e, "read"));
+        let r = ring.mem.load_u32(layout::OFF_CONS, Ordering::Relaxed);
+        let cons_word = read(&mut ring, r.map(u64::from))? as u32;
+        let r = ring.mem.load_u32(layout::OFF_ERR, Ordering::Relaxed);
+        let err = read(&mut ring, r.map(u64::from))? as u32 & 1;
+        let r = ring.mem.load_u32(layout::OFF_ERR_ACK, Ordering::Acquire);
+        let ack = read(&mut ring, r.map(u64::from))? as u32 & 1;
+        let r = ring.mem.load_u64(layout::OFF_SYNC_COUNT, Ordering::Relaxed);
+        let syncs = read(&mut ring, r)?;
+        let cons = shape.ptr(cons_word);
+        (ring.read, ring.cons, ring.err, ring.syncs) = (cons, cons, err, syncs);
         if err != ack {
             // Stopped by an earlier engine and not yet acknowledged: stay stopped there.
             let cerror = match CError::from_code(cons_err(cons_word)) {
@@ -148,12 +225,16 @@ impl HostRing {
         } else {
             ring.store_cons(cons);
         }
-        Ok(ring)
+        match ring.pending.take() {
+            Some(e) => Err(e),
+            None => Ok(ring),
+        }
     }
 
-    /// Creates a ring in a memfd sealed against shrinking and growing, attached: the SIGBUS-safe
-    /// way to share a ring. A guest opens [`HostRing::path`] (`/proc/<pid>/fd/<n>`) with
-    /// [`GuestRing::open`](super::GuestRing::open) while this ring lives.
+    /// Creates a ring in a memfd sealed against shrinking and growing, attached: the way to
+    /// share a ring with another process. A guest opens [`HostRing::path`]
+    /// (`/proc/<pid>/fd/<n>`) with [`GuestRing::open`](super::GuestRing::open) while this ring
+    /// lives.
     pub fn create_sealed(log2size: u8, viommu_id: u32) -> Result<HostRing, RingError> {
         let shape = shape_for(log2size)?;
         let mem = MmapMemory::create_sealed("vcmdq-ring", layout::ring_bytes(shape))?;
@@ -170,14 +251,15 @@ impl HostRing {
         Self::attach_memory(region.memory().clone(), AttachOptions::default())
     }
 
-    /// The ring's memory.
-    pub fn memory(&self) -> Arc<dyn RingMemory> {
-        self.region.memory().clone()
+    /// The ring's memory, for a guest side in the same process; `None` for an unsealed file
+    /// attached by path, which the engine reads with system calls and never maps.
+    pub fn memory(&self) -> Option<Arc<dyn RingMemory>> {
+        self.mem.memory()
     }
 
     /// The ring's file (`<heap>` for heap memory).
     pub fn path(&self) -> &Path {
-        self.region.memory().name()
+        self.mem.name()
     }
 
     /// The vIOMMU named in the header when the ring was attached (read once: a guest
@@ -191,9 +273,10 @@ impl HostRing {
         self.shape
     }
 
-    /// Whether the ring's memory cannot shrink (sealed memfd or heap).
+    /// Whether the ring's memory cannot shrink (sealed memfd or heap) and is accessed through a
+    /// mapping; `false` for an unsealed file, read with system calls.
     pub fn sealed(&self) -> bool {
-        self.sealed
+        self.mem.sealed()
     }
 
     /// CONS as the engine last wrote it (index and wrap).
@@ -217,22 +300,20 @@ impl HostRing {
     }
 
     /// Checks that the backing file still holds the ring: [`RingError::Shrunk`] when it was
-    /// truncated (the engine must detach without touching the memory again), or an I/O error.
-    /// Free for sealed memory.
+    /// truncated, or an I/O error. Free for sealed memory.
     pub fn check_size(&self) -> Result<(), RingError> {
-        if self.sealed {
+        if self.mem.sealed() {
             return Ok(());
         }
-        let mem = self.region.memory();
         let need = layout::ring_bytes(self.shape) as u64;
-        let len = mem.backing_len().map_err(|source| RingError::Io {
-            path: mem.name().to_path_buf(),
+        let len = self.mem.backing_len().map_err(|source| RingError::Io {
+            path: self.mem.name().to_path_buf(),
             op: "stat",
             source,
         })?;
         if len < need {
             return Err(RingError::Shrunk {
-                path: mem.name().to_path_buf(),
+                path: self.mem.name().to_path_buf(),
                 len,
                 need,
             });
@@ -240,27 +321,82 @@ impl HostRing {
         Ok(())
     }
 
+    /// Whether the ring's file failed (shrank, or a read or write failed): the engine must
+    /// detach it; nothing is read or written any more.
+    pub fn failed(&self) -> bool {
+        self.dead
+    }
+
+    /// Marks the ring dead after `e` on `op` and says why: [`RingError::Shrunk`] if the file is
+    /// now shorter than the ring (a short read is how a truncate shows), else the I/O error.
+    #[cold]
+    fn fail(&mut self, e: io::Error, op: &'static str) -> RingError {
+        self.dead = true;
+        match self.check_size() {
+            Err(RingError::Shrunk { path, len, need }) => {
+                self.shrunk.get_or_insert((len, need));
+                RingError::Shrunk { path, len, need }
+            }
+            _ => RingError::Io {
+                path: self.mem.name().to_path_buf(),
+                op,
+                source: e,
+            },
+        }
+    }
+
+    /// What a poll of a dead ring reports.
+    #[cold]
+    fn dead_error(&mut self) -> RingError {
+        if let Some(e) = self.pending.take() {
+            return e;
+        }
+        if let Some((len, need)) = self.shrunk {
+            return RingError::Shrunk {
+                path: self.mem.name().to_path_buf(),
+                len,
+                need,
+            };
+        }
+        match self.check_size() {
+            Err(e) => e,
+            Ok(()) => RingError::Io {
+                path: self.mem.name().to_path_buf(),
+                op: "read",
+                source: io::Error::other("an earlier access to the ring's file failed"),
+            },
+        }
+    }
+
     /// Copies up to `out.len()` new entries out of the ring.
     ///
     /// Reads PROD once (Acquire) and copies each entry between the read pointer and PROD with
-    /// atomic loads; the engine must look only at `out`, never at the ring. While the ring is
-    /// stopped it checks for the guest's acknowledgement instead and copies nothing until then;
-    /// the acknowledgement clears CONS.ERR and reading resumes (see [`HostRing::stop`]).
+    /// atomic loads (or, for an unsealed file, one `pread` per contiguous run); the engine must
+    /// look only at `out`, never at the ring. While the ring is stopped it checks for the
+    /// guest's acknowledgement instead and copies nothing until then; the acknowledgement
+    /// clears CONS.ERR and reading resumes (see [`HostRing::stop`]).
     ///
     /// A hostile PROD copies nothing: one more than 2^LOG2SIZE ahead of CONS (equivalently,
     /// behind CONS) counts in [`RingStats::prod_overrun`]; one between CONS and the read
     /// pointer counts in [`RingStats::prod_backwards`] and the entries already copied stay
     /// taken. Polling goes on normally once PROD is valid again.
     ///
-    /// Errors only for an unsealed file that shrank ([`HostRing::check_size`], run every
-    /// [`SIZE_CHECK_INTERVAL`] polls): the engine must detach the ring.
+    /// Errors only for an unsealed file: one that shrank (checked on every poll, and a short
+    /// read is one too) gives [`RingError::Shrunk`], a failed read or write an I/O error. The
+    /// ring is then dead: every later poll errs, nothing is read or written, and the engine must
+    /// detach it.
     pub fn poll(&mut self, out: &mut [RawCommand]) -> Result<Polled, RingError> {
         self.stats.polls += 1;
-        if !self.sealed {
-            self.until_size_check -= 1;
-            if self.until_size_check == 0 {
-                self.until_size_check = SIZE_CHECK_INTERVAL;
-                self.check_size()?;
+        if self.dead {
+            return Err(self.dead_error());
+        }
+        if !self.mem.sealed() {
+            if let Err(e) = self.check_size() {
+                self.dead = true;
+                if let RingError::Shrunk { len, need, .. } = e {
+                    self.shrunk = Some((len, need));
+                }
+                return Err(e);
             }
         }
         let idle = Polled {
@@ -269,10 +405,10 @@ impl HostRing {
         };
         if let Some(stop) = self.stop {
             // Acquire: the slot the guest fixed before acknowledging is visible to the re-read.
-            let ack = self
-                .region
-                .u32_at(layout::OFF_ERR_ACK)
-                .load(Ordering::Acquire);
+            let ack = match self.mem.load_u32(layout::OFF_ERR_ACK, Ordering::Acquire) {
+                Ok(a) => a,
+                Err(e) => return Err(self.fail(e, "read")),
+            };
             if ack & 1 != self.err {
                 return Ok(idle);
             }
@@ -280,10 +416,14 @@ impl HostRing {
             self.stats.acks += 1;
             self.read = stop.resume;
             self.store_cons(self.cons);
+            if self.dead {
+                return Err(self.dead_error());
+            }
         }
-        let prod = self
-            .shape
-            .ptr(self.region.u32_at(layout::OFF_PROD).load(Ordering::Acquire));
+        let prod = match self.mem.load_u32(layout::OFF_PROD, Ordering::Acquire) {
+            Ok(p) => self.shape.ptr(p),
+            Err(e) => return Err(self.fail(e, "read")),
+        };
         let ahead = self.shape.distance(prod, self.cons);
         let taken = self.shape.distance(self.read, self.cons);
         if ahead > self.shape.entries() {
@@ -301,17 +441,16 @@ impl HostRing {
         // At most two contiguous runs: up to the end of the slots, then from slot 0.
         let start = self.shape.index(self.read) as usize;
         let first_run = n.min(self.shape.entries() as usize - start);
-        let slots = self
-            .region
-            .slots(slot_offset(self.shape, self.read), first_run);
-        for (o, s) in out[..first_run].iter_mut().zip(slots) {
-            *o = load_slot(s);
+        let mut copied = self
+            .mem
+            .copy_slots(slot_offset(self.shape, self.read), &mut out[..first_run]);
+        if copied.is_ok() && n > first_run {
+            copied = self
+                .mem
+                .copy_slots(layout::HEADER_SIZE, &mut out[first_run..n]);
         }
-        if n > first_run {
-            let slots = self.region.slots(layout::HEADER_SIZE, n - first_run);
-            for (o, s) in out[first_run..n].iter_mut().zip(slots) {
-                *o = load_slot(s);
-            }
+        if let Err(e) = copied {
+            return Err(self.fail(e, "read"));
         }
         self.read = self.shape.advance(self.read, n as u32);
         self.stats.copied += n as u64;
@@ -400,16 +539,21 @@ impl HostRing {
         self.store_cons(with_cons_err(at, cerror.code()));
         // Raise the flag against whatever ERR_ACK holds now, so a guest that toggled ERR_ACK
         // early cannot pre-acknowledge the error.
-        let ack = self
-            .region
-            .u32_at(layout::OFF_ERR_ACK)
-            .load(Ordering::Relaxed)
-            & 1;
+        let ack = if self.dead {
+            0
+        } else {
+            match self.mem.load_u32(layout::OFF_ERR_ACK, Ordering::Relaxed) {
+                Ok(a) => a & 1,
+                Err(e) => {
+                    let e = self.fail(e, "read");
+                    self.pending.get_or_insert(e);
+                    0
+                }
+            }
+        };
         self.err = ack ^ 1;
         // Release: a guest that sees the flag (Acquire) sees CONS and CONS.ERR.
-        self.region
-            .u32_at(layout::OFF_ERR)
-            .store(self.err, Ordering::Release);
+        self.store_u32(layout::OFF_ERR, self.err, Ordering::Release);
     }
 
     /// Completes a guest CMD_SYNC: with CS=IRQ (1), MSIDATA goes into the completion word; for
@@ -417,17 +561,21 @@ impl HostRing {
     /// and is never written; nothing outside the ring is.
     pub fn signal_sync(&mut self, cs: u8, msidata: u32) {
         if cs == CS_IRQ {
-            self.region
-                .u32_at(layout::OFF_COMPLETION)
-                .store(msidata, Ordering::Relaxed);
+            self.store_u32(layout::OFF_COMPLETION, msidata, Ordering::Relaxed);
         }
         // The count is taken over from the header at attach, so a guest chooses where it
         // starts: it wraps, as a 64-bit hardware counter would.
         self.syncs = self.syncs.wrapping_add(1);
         self.stats.syncs += 1;
-        self.region
-            .u64_at(layout::OFF_SYNC_COUNT)
-            .store(self.syncs, Ordering::Release);
+        if !self.dead {
+            if let Err(e) =
+                self.mem
+                    .store_u64(layout::OFF_SYNC_COUNT, self.syncs, Ordering::Release)
+            {
+                let e = self.fail(e, "write");
+                self.pending.get_or_insert(e);
+            }
+        }
     }
 
     /// [`HostRing::signal_sync`] with CS (`d0[13:12]`) and MSIDATA (`d0[63:32]`) of a guest
@@ -442,10 +590,21 @@ impl HostRing {
         self.syncs
     }
 
-    fn store_cons(&self, value: u32) {
-        self.region
-            .u32_at(layout::OFF_CONS)
-            .store(value, Ordering::Release);
+    fn store_cons(&mut self, value: u32) {
+        self.store_u32(layout::OFF_CONS, value, Ordering::Release);
+    }
+
+    /// Writes an engine-owned word; a failure (only possible for an unsealed file) makes the
+    /// ring dead and is reported by the next poll. A dead ring is not written at all.
+    #[inline]
+    fn store_u32(&mut self, off: usize, value: u32, order: Ordering) {
+        if self.dead {
+            return;
+        }
+        if let Err(e) = self.mem.store_u32(off, value, order) {
+            let e = self.fail(e, "write");
+            self.pending.get_or_insert(e);
+        }
     }
 
     /// `ptr` masked, after checking it lies in [CONS, read].

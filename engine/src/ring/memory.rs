@@ -27,8 +27,10 @@ pub const RING_ALIGN: usize = 64;
 /// reads and writes of `mapped_len()` bytes for as long as the value lives, that neither changes, and
 /// that nothing in this process accesses those bytes other than through atomics. Other
 /// processes may write them at any time. If `sealed()` is false the backing file may shrink
-/// under the mapping, and touching a page past its new end raises SIGBUS: the caller keeps that
-/// risk (see `docs/ring-format.md`, "SIGBUS").
+/// under the mapping, and touching a page past its new end raises SIGBUS: the engine side
+/// therefore never touches unsealed memory through its mapping (it reads [`RingMemory::file`]
+/// with system calls instead); a guest side keeps that risk for its own mapping (see
+/// `docs/ring-format.md`, "SIGBUS").
 pub unsafe trait RingMemory: Send + Sync + fmt::Debug {
     /// The first byte.
     fn base(&self) -> NonNull<u8>;
@@ -42,6 +44,11 @@ pub unsafe trait RingMemory: Send + Sync + fmt::Debug {
     /// The current length of the backing object (a syscall for a file): a shrink below
     /// `mapped_len()` means the next access to the lost pages would raise SIGBUS.
     fn backing_len(&self) -> io::Result<u64>;
+    /// The file behind the bytes, if any: what an engine side locks so a ring has one engine,
+    /// and what it reads with system calls when the file is not sealed.
+    fn file(&self) -> Option<&File> {
+        None
+    }
 }
 
 /// A zeroed, cache-aligned heap block: the backend for tests, miri, and rings one process both
@@ -143,23 +150,19 @@ impl MmapMemory {
     /// Opens and maps an existing file (or `/proc/<pid>/fd/<n>` of a memfd): the whole file, at
     /// most [`MAX_RING_BYTES`]. A file shorter than a ring header is refused before mapping.
     pub fn open(path: &Path) -> Result<MmapMemory, RingError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(io_err(path, "open"))?;
-        let len = file.metadata().map_err(io_err(path, "stat"))?.len();
+        Self::from_file(open_rw(path)?, path.to_path_buf())
+    }
+
+    /// Maps a file opened read-write (see [`MmapMemory::open`]).
+    pub(crate) fn from_file(file: File, path: PathBuf) -> Result<MmapMemory, RingError> {
+        let len = file.metadata().map_err(io_err(&path, "stat"))?.len();
         let need = (HEADER_SIZE + SLOT_SIZE) as u64;
         if len < need {
-            return Err(RingError::TooSmall {
-                path: path.to_path_buf(),
-                len,
-                need,
-            });
+            return Err(RingError::TooSmall { path, len, need });
         }
         let sealed = has_shrink_seal(&file);
         let map_len = len.min(MAX_RING_BYTES as u64) as usize;
-        Self::map(file, path.to_path_buf(), map_len, sealed)
+        Self::map(file, path, map_len, sealed)
     }
 
     /// Creates a memfd of `len` zero bytes sealed against shrinking and growing, and maps it.
@@ -208,19 +211,55 @@ unsafe impl RingMemory for MmapMemory {
     fn backing_len(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())
     }
+    fn file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+}
+
+/// Opens a ring file read-write and refuses one sealed against writes, which no side of a ring
+/// can use (the guest writes slots and PROD, the engine CONS).
+pub(crate) fn open_rw(path: &Path) -> Result<File, RingError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io_err(path, "open"))?;
+    if seals(&file) & WRITE_SEALS != 0 {
+        return Err(RingError::WriteSealed {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(file)
 }
 
 #[cfg(target_os = "linux")]
-fn has_shrink_seal(file: &File) -> bool {
+const WRITE_SEALS: i32 = libc::F_SEAL_WRITE | libc::F_SEAL_FUTURE_WRITE;
+#[cfg(not(target_os = "linux"))]
+const WRITE_SEALS: i32 = 0;
+
+/// The file's seals; 0 for a file system without seals.
+#[cfg(target_os = "linux")]
+fn seals(file: &File) -> i32 {
     use std::os::fd::AsRawFd;
     // SAFETY: F_GET_SEALS takes no argument and only reads the descriptor's seals; a file
     // system without seals answers -1 (EINVAL), which reads as unsealed.
     let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
-    seals >= 0 && seals & libc::F_SEAL_SHRINK != 0
+    seals.max(0)
 }
 
 #[cfg(not(target_os = "linux"))]
-fn has_shrink_seal(_file: &File) -> bool {
+fn seals(_file: &File) -> i32 {
+    0
+}
+
+/// Whether the file can never shrink: a memfd sealed with F_SEAL_SHRINK.
+#[cfg(target_os = "linux")]
+pub(crate) fn has_shrink_seal(file: &File) -> bool {
+    seals(file) & libc::F_SEAL_SHRINK != 0
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn has_shrink_seal(_file: &File) -> bool {
     false
 }
 

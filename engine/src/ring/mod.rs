@@ -8,24 +8,27 @@
 //! turns a PROD moved backwards or past a full ring into an idle poll and a counter.
 //!
 //! Both sides run over any [`RingMemory`]: a shared mapping ([`MmapMemory`]) or a heap block
-//! ([`HeapMemory`]) for tests, miri and single-process use.
+//! ([`HeapMemory`]) for tests, miri and single-process use. The engine side never maps memory
+//! that can shrink: an unsealed file is read and written with system calls (`access.rs`), so no
+//! other process can make it fault. A ring has one engine side at a time (a lock on its file).
 
 // Ring words are little-endian and are accessed as native atomics.
 #[cfg(not(target_endian = "little"))]
 compile_error!("vcmdq rings are little-endian; this host is not");
 
+mod access;
 mod guest;
 mod host;
 pub mod layout;
 mod memory;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use guest::GuestRing;
-pub use host::{AttachOptions, HostRing, Polled, RingStats, SIZE_CHECK_INTERVAL};
+pub use host::{AttachOptions, HostRing, Polled, RingStats};
 pub use memory::{HeapMemory, MmapMemory, RingMemory, RING_ALIGN};
 
 use crate::command::RawCommand;
@@ -89,13 +92,28 @@ pub enum RingError {
         found: u32,
     },
     /// A file that could shrink under the engine (not a memfd sealed with F_SEAL_SHRINK).
-    #[error("ring {}: not sealed against shrinking; a guest truncating it would crash the engine with SIGBUS. Create rings with HostRing::create_sealed or GuestRing::create_sealed, or attach with allow_unsealed for trusted files", path.display())]
+    #[error("ring {}: not a memfd sealed against shrinking (F_SEAL_SHRINK), so another process can truncate it under the engine. Share rings as sealed memfds (HostRing::create_sealed, GuestRing::create_sealed), or attach it with AttachOptions::allow_unsealed: the engine then reads it with system calls, never through a mapping, and detaches it with an error if it shrinks", path.display())]
     Unsealed {
         /// The file.
         path: PathBuf,
     },
-    /// An unsealed file shrank below the ring after it was attached; the ring must be detached.
-    #[error("ring {}: file shrank to {len} bytes under the engine, the ring needs {need}; detach it", path.display())]
+    /// A file sealed against writes (F_SEAL_WRITE or F_SEAL_FUTURE_WRITE): the guest must write
+    /// slots and PROD, the engine CONS.
+    #[error("ring {}: the file is sealed against writes (F_SEAL_WRITE or F_SEAL_FUTURE_WRITE), but a ring is written by both sides: the guest writes slots and PROD, the engine CONS. Seal ring memfds with F_SEAL_SHRINK and F_SEAL_GROW only", path.display())]
+    WriteSealed {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Another engine side holds the ring: in this process or another one, through this path or
+    /// another path to the same file. A ring has one engine, or every command is forwarded twice.
+    #[error("ring {}: already attached to an engine (in this process or another; a ring has one engine, or its commands would be forwarded twice). Detach it there first", path.display())]
+    AlreadyAttached {
+        /// The file (or `<heap>`).
+        path: PathBuf,
+    },
+    /// An unsealed file shrank below the ring after it was attached: the engine side reads and
+    /// writes it no more, and must be detached.
+    #[error("ring {}: file shrank to {len} bytes under the engine, the ring needs {need}; the engine reads and writes it no more", path.display())]
     Shrunk {
         /// The file.
         path: PathBuf,
@@ -158,11 +176,10 @@ fn init_header(region: &Region, shape: QueueShape, viommu_id: u32) {
 
 /// Reads the creator line once and checks it against the mapping: the ring's shape and vIOMMU.
 fn validate(region: &Region) -> Result<(QueueShape, u32), RingError> {
-    let path = || region.memory().name().to_path_buf();
     let len = region.len() as u64;
     if len < layout::HEADER_SIZE as u64 {
         return Err(RingError::TooSmall {
-            path: path(),
+            path: region.memory().name().to_path_buf(),
             len,
             need: (layout::HEADER_SIZE + layout::SLOT_SIZE) as u64,
         });
@@ -176,6 +193,24 @@ fn validate(region: &Region) -> Result<(QueueShape, u32), RingError> {
         log2size: region.u32_at(layout::OFF_LOG2SIZE).load(Ordering::Relaxed),
         viommu_id: region.u32_at(layout::OFF_VIOMMU_ID).load(Ordering::Relaxed),
     };
+    validate_identity(region.memory().name(), id, len)
+}
+
+/// The creator line in a copy of the header.
+fn identity_of(h: &[u8; layout::HEADER_SIZE]) -> Identity {
+    let u32_at = |off: usize| u32::from_le_bytes(h[off..off + 4].try_into().expect("4 bytes"));
+    Identity {
+        magic: u64::from_le_bytes(h[..8].try_into().expect("8 bytes")),
+        version: u32_at(layout::OFF_VERSION),
+        header_size: u32_at(layout::OFF_HEADER_SIZE),
+        log2size: u32_at(layout::OFF_LOG2SIZE),
+        viommu_id: u32_at(layout::OFF_VIOMMU_ID),
+    }
+}
+
+/// Checks a creator line against the ring's length: its shape and vIOMMU.
+fn validate_identity(name: &Path, id: Identity, len: u64) -> Result<(QueueShape, u32), RingError> {
+    let path = || name.to_path_buf();
     match id.validate(len) {
         Ok(shape) => Ok((shape, id.viommu_id)),
         Err(IdentityError::Magic(found)) => Err(RingError::BadMagic {
