@@ -9,7 +9,7 @@ use std::time::Duration;
 use vcmdq::command::{opcode, RawCommand};
 use vcmdq::engine::HwPlacement;
 use vcmdq::oracle;
-use vcmdq::soak::{run, Checker, Mix, Plan, SoakConfig, Stream, Violations};
+use vcmdq::soak::{run, Checker, Hostile, Mix, Plan, SoakConfig, Stream, Violations};
 use vcmdq::translate::SlotOutcome;
 
 fn small(workers: usize, hardware: HwPlacement, guests: usize) -> SoakConfig {
@@ -27,6 +27,8 @@ fn small(workers: usize, hardware: HwPlacement, guests: usize) -> SoakConfig {
             hostile_ppm: 4_000,
             trap_ppm: 4_000,
             prefetch_ppm: 10_000,
+            churn_log2: 11,
+            prod_game_every: 16,
         },
         stall_timeout: Duration::from_secs(30),
         ..SoakConfig::default()
@@ -64,6 +66,25 @@ fn a_small_soak_holds_and_takes_every_path() {
             r.guests.phys_stops
         );
         assert_eq!(r.engine.phys_faults, r.hw_errors.total(), "{label}");
+        // The control plane unbound and bound devices and replaced rings at the boundaries,
+        // and the vSID of an unbound device was refused at its slot.
+        assert!(r.unbinds > 0 && r.rebinds > 0, "{label}: {r:?}");
+        assert!(
+            r.ring_swaps > 0 && r.guests.ring_swaps == r.ring_swaps,
+            "{label}"
+        );
+        assert_eq!(r.guests.boundaries, r.unbinds + r.rebinds, "{label}");
+        let unbound = Hostile::ALL
+            .iter()
+            .position(|&h| h == Hostile::Unbound)
+            .unwrap();
+        assert!(r.guests.refused[unbound] > 0, "{label}");
+        // Every hostile PROD game was played.
+        assert!(
+            r.guests.prod_games.iter().all(|&n| n > 0),
+            "{label}: {:?}",
+            r.guests.prod_games
+        );
     }
 }
 
@@ -179,4 +200,43 @@ fn the_checker_catches_broken_isolation_and_invented_commands() {
     c.check(&fwd[1].1).unwrap();
     assert!(c.check(&fwd[2].1).unwrap_err().contains("invented"));
     assert_eq!(v.count(), 1);
+}
+
+/// After `unset_dev_id` of a ring's second device returned, a command carrying its pSID that
+/// reaches the hardware breaks the unbind barrier, whatever the stream says.
+#[test]
+fn the_checker_refuses_the_psid_of_an_unbound_device() {
+    let plan = Arc::new(Plan::new(2, 2).unwrap());
+    let mix = Mix {
+        churn_log2: 0,
+        ..Mix::default()
+    };
+    let stream = Arc::new(Stream::new(&plan, 5, mix));
+    let v = plan.viommu_of(0);
+    let fwd: Vec<(u64, RawCommand)> = (0..40_000)
+        .filter_map(
+            |s| match oracle::translate_one(&v.cfg, &v.bindings, stream.entry(0, s).cmd) {
+                SlotOutcome::Forwarded(c) => Some((s, c)),
+                _ => None,
+            },
+        )
+        .collect();
+    let psid = plan.rings[0].psids[1];
+    let (c, v) = checker(&plan, &stream, 40_000);
+    let at = fwd
+        .iter()
+        .position(|(_, x)| {
+            matches!(x.opcode(), opcode::ATC_INV | opcode::CFGI_CD) && (x.d0() >> 32) as u32 == psid
+        })
+        .expect("a command on the second device");
+    for (_, cmd) in &fwd[..at] {
+        c.check(cmd).unwrap();
+    }
+    c.set_unbound(0, true);
+    let e = c.check(&fwd[at].1).unwrap_err();
+    assert!(e.contains("unbind barrier"), "{e}");
+    assert_eq!(v.count(), 1);
+    // Bound again, it passes.
+    c.set_unbound(0, false);
+    c.check(&fwd[at].1).unwrap();
 }

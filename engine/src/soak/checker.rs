@@ -124,6 +124,9 @@ struct RingCheck {
     submitted: AtomicU64,
     /// Forwarded commands verified, for progress reports.
     verified: AtomicU64,
+    /// The ring's second device is unbound: `unset_dev_id` has returned and `set_dev_id` has
+    /// not started (Release by the control plane).
+    unbound: AtomicBool,
 }
 
 /// The streaming checker. Share it (`Arc`) between the hardware check and the guests.
@@ -159,6 +162,19 @@ impl Checker {
             rings,
             violations,
         }
+    }
+
+    /// The control plane: `unset_dev_id` of ring `ring`'s second device has returned (`true`),
+    /// or `set_dev_id` is about to bind it again (`false`). While it is unbound, no command
+    /// carrying its pSID may reach the hardware: the unbind barrier, checked where commands
+    /// land.
+    pub fn set_unbound(&self, ring: usize, unbound: bool) {
+        self.rings[ring].unbound.store(unbound, Ordering::Release);
+    }
+
+    /// The bindings entry `seq` of `ring` is translated with.
+    fn bindings(&self, ring: usize, seq: u64) -> &std::collections::HashMap<u32, u32> {
+        self.plan.bindings(ring, self.stream.unbound(seq))
     }
 
     /// Where violations go.
@@ -255,6 +271,18 @@ impl Checker {
             ));
         }
         let rc = &self.rings[ring];
+        if matches!(
+            cmd.opcode(),
+            opcode::ATC_INV | opcode::CFGI_CD | opcode::CFGI_CD_ALL
+        ) && (cmd.d0() >> 32) as u32 == self.plan.rings[ring].psids[1]
+            && rc.unbound.load(Ordering::Acquire)
+        {
+            return Err(format!(
+                "ring {ring}: {} carries the pSID of its second device, whose unset_dev_id had \
+                 returned (the unbind barrier)",
+                show(cmd)
+            ));
+        }
         let mut st = lock(&rc.state);
         let limit = rc.submitted.load(Ordering::Acquire);
         loop {
@@ -267,7 +295,7 @@ impl Checker {
                 ));
             }
             let e = self.stream.entry(ring, seq);
-            let o = oracle::translate_one(&v.cfg, &v.bindings, e.cmd);
+            let o = oracle::translate_one(&v.cfg, self.bindings(ring, seq), e.cmd);
             match (e.class, o) {
                 (Class::Forward, SlotOutcome::Forwarded(want)) => {
                     if want != *cmd {
@@ -315,7 +343,7 @@ impl Checker {
         if let Some(s) = carried {
             let translated = |s: u64| {
                 let e = self.stream.entry(ring, s);
-                oracle::translate_one(&v.cfg, &v.bindings, e.cmd)
+                oracle::translate_one(&v.cfg, self.bindings(ring, s), e.cmd)
             };
             if s < seq && translated(s) == SlotOutcome::Forwarded(*got) {
                 return format!(
@@ -329,7 +357,7 @@ impl Checker {
                 // Account for the skipped entries so that the check goes on from here.
                 for k in seq..s {
                     let e = self.stream.entry(ring, k);
-                    let o = oracle::translate_one(&v.cfg, &v.bindings, e.cmd);
+                    let o = oracle::translate_one(&v.cfg, self.bindings(ring, k), e.cmd);
                     if !matches!(o, SlotOutcome::Forwarded(_)) {
                         let _ = account(&mut st.tally, e.class, &o);
                     }
@@ -368,7 +396,7 @@ impl Checker {
             while st.next < limit {
                 let seq = st.next;
                 let e = self.stream.entry(ring, seq);
-                let o = oracle::translate_one(&v.cfg, &v.bindings, e.cmd);
+                let o = oracle::translate_one(&v.cfg, self.bindings(ring, seq), e.cmd);
                 if let SlotOutcome::Forwarded(want) = o {
                     lost += 1;
                     if lost <= 4 {

@@ -22,6 +22,15 @@
 //! with two devices of its own, driven by `guests` threads. Physical faults (`faults.rs`) are
 //! scheduled from the seed per physical queue; each one that hits a guest's command stops that
 //! ring at the command's slot and the guest acknowledges it without fixing anything.
+//!
+//! Control-plane churn: each ring's stream is cut into segments ([`Mix::churn_log2`]); at each
+//! boundary the guest lets its ring go quiet and the control plane unbinds the ring's second
+//! device (`unset_dev_id`, while the other rings' traffic keeps the workers busy) or binds it
+//! again, and at every third boundary detaches the ring and attaches a new one of another size
+//! on which the guest goes on. Since the ring is quiet at the boundary, which binding each
+//! entry was translated with follows from its sequence number, and the checker's verdict for a
+//! command naming the unbound vSID is a refusal at its slot; the hardware check refuses any
+//! command carrying the device's pSID after `unset_dev_id` returned (the barrier).
 
 mod checker;
 mod faults;
@@ -31,7 +40,7 @@ mod stream;
 
 pub use checker::{Checker, Tally, Violations, KEEP_VIOLATIONS};
 pub use faults::{schedule, FaultCounts};
-pub use guest::GuestStats;
+pub use guest::{GuestStats, PROD_GAMES};
 pub use plan::{Plan, PlanError, RingPlan, ViommuPlan, MAX_RINGS};
 pub use stream::{ident_addr, ident_asid, Class, Entry, Hostile, Mix, Stream, FIX};
 
@@ -190,6 +199,12 @@ pub struct SoakReport {
     /// Faults scheduled over all physical queues (those past the last position reached do
     /// not fire).
     pub faults_scheduled: FaultCounts,
+    /// `unset_dev_id` calls the control plane made at segment boundaries, each checked.
+    pub unbinds: u64,
+    /// `set_dev_id` calls that bound a device again.
+    pub rebinds: u64,
+    /// Rings detached and replaced by a new one of another size.
+    pub ring_swaps: u64,
     /// Violations, all kinds.
     pub violation_count: u64,
     /// The first [`KEEP_VIOLATIONS`].
@@ -207,6 +222,10 @@ impl SoakReport {
         self.guests.submitted as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 }
+
+/// The control plane's view of an attached ring: its index in the plan, the sequence number of
+/// the stream's entry at its pointer 0, and its geometry.
+type Attached = (usize, u64, crate::queue::QueueShape);
 
 /// Control-plane state per ring: the next trapped entry must come after this one.
 struct TrapCheck {
@@ -275,27 +294,37 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
         engine.add_device(DeviceId(device), smmu, psid)?;
         engine.set_dev_id(plan.viommus[v].cfg.id, DeviceId(device), vsid)?;
     }
-    let mut ring_of_id = std::collections::HashMap::new();
+    let mut ring_of_id: std::collections::HashMap<RingId, Attached> =
+        std::collections::HashMap::new();
+    let mut ids = Vec::with_capacity(plan.rings.len());
     let mut drivers: Vec<Vec<guest::Driver>> = (0..cfg.guests).map(|_| Vec::new()).collect();
     for (i, r) in plan.rings.iter().enumerate() {
         let host = HostRing::create_sealed(cfg.ring_log2size, plan.viommus[r.viommu].cfg.id)?;
         let g = GuestRing::open(host.path())?;
+        let shape = g.shape();
         let id = engine.attach_ring(host)?;
-        ring_of_id.insert(id, i);
+        ring_of_id.insert(id, (i, 0, shape));
+        ids.push(id);
         drivers[i % cfg.guests].push(guest::Driver::new(
             i,
             g,
             cfg.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         ));
     }
-    let shape = crate::queue::QueueShape::new(cfg.ring_log2size)
-        .map_err(|e| SoakError::Config(e.to_string()))?;
-
+    let churn = guest::Churn::new(plan.rings.len());
     let ctx = guest::Ctx {
         stream: &stream,
         checker: &checker,
         violations: &violations,
         stall_timeout: cfg.stall_timeout,
+        churn: &churn,
+    };
+    let mut control = Control {
+        ids,
+        ring_of_id,
+        unbinds: 0,
+        rebinds: 0,
+        swaps: 0,
     };
     let mut traps = TrapCheck {
         next: vec![0; plan.rings.len()],
@@ -337,14 +366,23 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
                 check_trap(
                     &plan,
                     &stream,
-                    shape,
-                    &ring_of_id,
+                    &control.ring_of_id,
                     &mut traps,
                     &violations,
                     &t,
                 );
                 if let Err(e) = engine.complete_trap(t.ring) {
                     violations.report(format!("control plane: complete_trap: {e}"));
+                }
+            }
+            for ring in 0..plan.rings.len() {
+                let k = churn.request[ring].load(Ordering::Acquire);
+                if k > churn.ack[ring].load(Ordering::Relaxed) {
+                    got = true;
+                    if let Err(e) = control.act(&engine, &plan, &checker, &churn, cfg, ring, k) {
+                        violations.report(format!("control plane: ring {ring} segment {k}: {e}"));
+                    }
+                    churn.ack[ring].store(k, Ordering::Release);
                 }
             }
             if finished.load(Ordering::Acquire) == cfg.guests {
@@ -416,6 +454,21 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
         hw_errors.atc_inv_sync += h.errors[CError::AtcInvSync.code() as usize & 7];
     }
     if report.is_some() && !violations.any() {
+        let expect = |what: &str, got: u64, want: u64| {
+            if got != want {
+                violations.report(format!("accounting: {what}: {got}, expected {want}"));
+            }
+        };
+        expect(
+            "unbinds and rebinds vs segment boundaries the guests crossed",
+            control.unbinds + control.rebinds,
+            guest_stats.boundaries,
+        );
+        expect(
+            "rings replaced vs rings the guests went on with",
+            control.swaps,
+            guest_stats.ring_swaps,
+        );
         accounting(
             &violations,
             &guest_stats,
@@ -440,6 +493,9 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
         hw_errors,
         hw_stalls,
         faults_scheduled,
+        unbinds: control.unbinds,
+        rebinds: control.rebinds,
+        ring_swaps: control.swaps,
         violation_count: violations.count(),
         violations: violations.first(),
     })
@@ -457,24 +513,25 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
 fn check_trap(
     plan: &Plan,
     stream: &Stream,
-    shape: crate::queue::QueueShape,
-    ring_of_id: &std::collections::HashMap<RingId, usize>,
+    ring_of_id: &std::collections::HashMap<RingId, Attached>,
     traps: &mut TrapCheck,
     violations: &Violations,
     t: &crate::engine::TrapEvent,
 ) {
-    let Some(&ring) = ring_of_id.get(&t.ring) else {
+    let Some(&(ring, base, shape)) = ring_of_id.get(&t.ring) else {
         violations.report(format!(
             "control plane: a trap from unknown ring {:?}",
             t.ring
         ));
         return;
     };
+    // The engine numbers a ring's entries from its attach; the stream from the ring's start.
+    let seq = base + t.seq;
     let mut bad = Vec::new();
     if t.viommu != plan.viommu_of(ring).cfg.id {
         bad.push(format!("vIOMMU {}", t.viommu));
     }
-    if t.seq < traps.next[ring] {
+    if seq < traps.next[ring] {
         bad.push(format!(
             "after the trap of entry {} (doubled or out of order)",
             traps.next[ring] - 1
@@ -483,7 +540,7 @@ fn check_trap(
     if t.slot != shape.ptr(t.seq as u32) {
         bad.push(format!("slot {:#x} is not that of its entry", t.slot));
     }
-    let e = stream.entry(ring, t.seq);
+    let e = stream.entry(ring, seq);
     if e.class != Class::Trap || e.cmd != t.cmd {
         bad.push(format!(
             "the ring wrote {} ({:?}) there",
@@ -495,13 +552,86 @@ fn check_trap(
         traps.delivered[ring] += 1;
     } else {
         violations.report(format!(
-            "control plane: ring {ring} trapped entry {} ({}): {}",
-            t.seq,
+            "control plane: ring {ring} trapped entry {seq} ({}): {}",
             crate::command::text::format_raw(&t.cmd),
             bad.join("; ")
         ));
     }
-    traps.next[ring] = traps.next[ring].max(t.seq + 1);
+    traps.next[ring] = traps.next[ring].max(seq + 1);
+}
+
+/// The control plane's side of the segment protocol.
+struct Control {
+    /// The engine's id of each ring of the plan now.
+    ids: Vec<RingId>,
+    /// Every ring attached during the run (a trap event names the id).
+    ring_of_id: std::collections::HashMap<RingId, Attached>,
+    unbinds: u64,
+    rebinds: u64,
+    swaps: u64,
+}
+
+/// How long a detach of a quiet ring may take before it is a violation.
+const DETACH_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Control {
+    /// Prepares ring `ring` (quiet: CONS = PROD, nothing pending) for segment `k`: its second
+    /// device unbound for odd `k`, bound for even; every third boundary a new ring.
+    #[allow(clippy::too_many_arguments)]
+    fn act(
+        &mut self,
+        engine: &Engine,
+        plan: &Plan,
+        checker: &Checker,
+        churn: &guest::Churn,
+        cfg: &SoakConfig,
+        ring: usize,
+        k: u64,
+    ) -> Result<(), String> {
+        let r = &plan.rings[ring];
+        let vcfg = &plan.viommu_of(ring).cfg;
+        let v = engine
+            .viommu(vcfg.id)
+            .ok_or_else(|| format!("vIOMMU {} is gone", vcfg.id))?;
+        let device = DeviceId(plan.device(ring, 1));
+        if k % 2 == 1 {
+            // Other rings keep the workers translating meanwhile: the grace period waits for
+            // their batches.
+            let vsid = v.unset_dev_id(device).map_err(|e| e.to_string())?;
+            if vsid != r.vsids[1] {
+                return Err(format!(
+                    "unset_dev_id returned vSID {vsid:#x}, it was {:#x}",
+                    r.vsids[1]
+                ));
+            }
+            checker.set_unbound(ring, true);
+            self.unbinds += 1;
+        } else {
+            checker.set_unbound(ring, false);
+            v.set_dev_id(device, r.vsids[1])
+                .map_err(|e| e.to_string())?;
+            self.rebinds += 1;
+        }
+        if k % 3 == 0 {
+            engine
+                .detach_ring(self.ids[ring], DETACH_TIMEOUT)
+                .map_err(|e| format!("detach: {e}"))?;
+            let sizes = [cfg.ring_log2size, 6, 8, 5];
+            let log2 = sizes[(k / 3) as usize % sizes.len()];
+            let host = HostRing::create_sealed(log2, vcfg.id).map_err(|e| e.to_string())?;
+            let g = GuestRing::open(host.path()).map_err(|e| e.to_string())?;
+            let shape = g.shape();
+            let id = engine.attach_ring(host).map_err(|e| e.to_string())?;
+            self.ids[ring] = id;
+            self.ring_of_id
+                .insert(id, (ring, k << cfg.mix.churn_log2, shape));
+            *churn.mailbox[ring]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(g);
+            self.swaps += 1;
+        }
+        Ok(())
+    }
 }
 
 /// The final cross-checks between what the guests wrote and saw, what the checker verified,

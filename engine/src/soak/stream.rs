@@ -40,6 +40,17 @@ pub struct Mix {
     pub trap_ppm: u32,
     /// PREFETCH_CONFIG and PREFETCH_ADDR (dropped).
     pub prefetch_ppm: u32,
+    /// Each ring's stream is cut into segments of 2^`churn_log2` entries (0: no segments). At
+    /// each boundary the guest lets its ring go quiet and the control plane acts: it unbinds
+    /// the ring's second device before an odd segment (whose entries then never name its vSID
+    /// but for one [`Hostile::Unbound`] command, refused) and binds it again before an even
+    /// one; at every third boundary it also detaches the ring and attaches a new one of
+    /// another size, on which the stream goes on.
+    pub churn_log2: u8,
+    /// One doorbell in this many (per ring) is followed by a hostile PROD game: junk bits
+    /// above the wrap bit, PROD moved backwards or past a full ring and back, or slots the
+    /// engine has taken rewritten with junk (0: none).
+    pub prod_game_every: u32,
 }
 
 impl Default for Mix {
@@ -48,6 +59,8 @@ impl Default for Mix {
             hostile_ppm: 50,
             trap_ppm: 200,
             prefetch_ppm: 2000,
+            churn_log2: 13,
+            prod_game_every: 64,
         }
     }
 }
@@ -73,11 +86,14 @@ pub enum Hostile {
     RangeUnsupported,
     /// TLBI_NH_VA with NUM set and TG=0.
     MalformedRange,
+    /// ATC_INV naming the ring's own second device while the control plane has it unbound
+    /// (the first entry after an odd segment's start; see [`Mix::churn_log2`]).
+    Unbound,
 }
 
 impl Hostile {
     /// Every kind.
-    pub const ALL: [Hostile; 9] = [
+    pub const ALL: [Hostile; 10] = [
         Hostile::IllegalOpcode,
         Hostile::Res0,
         Hostile::UnknownVsid,
@@ -87,6 +103,7 @@ impl Hostile {
         Hostile::SyncCs,
         Hostile::RangeUnsupported,
         Hostile::MalformedRange,
+        Hostile::Unbound,
     ];
 
     /// Whether `reason` is the refusal this kind must get.
@@ -108,6 +125,7 @@ impl Hostile {
                     RefuseReason::RangeUnsupported { .. }
                 )
                 | (Hostile::MalformedRange, RefuseReason::MalformedRange { .. })
+                | (Hostile::Unbound, RefuseReason::UnknownVsid { .. })
         )
     }
 
@@ -123,6 +141,7 @@ impl Hostile {
             Hostile::SyncCs => "sync_cs3",
             Hostile::RangeUnsupported => "range_unsupported",
             Hostile::MalformedRange => "malformed_range",
+            Hostile::Unbound => "unbound_vsid",
         }
     }
 }
@@ -278,13 +297,39 @@ impl Stream {
         }
     }
 
+    /// Whether entry `seq` lies in a segment in which the ring's second device is unbound.
+    pub fn unbound(&self, seq: u64) -> bool {
+        self.mix.churn_log2 != 0 && (seq >> self.mix.churn_log2) & 1 == 1
+    }
+
+    /// The segment of entry `seq` (0 without segments).
+    pub fn segment(&self, seq: u64) -> u64 {
+        if self.mix.churn_log2 == 0 {
+            0
+        } else {
+            seq >> self.mix.churn_log2
+        }
+    }
+
+    /// The first entry of segment `k`.
+    pub fn segment_start(&self, k: u64) -> u64 {
+        if self.mix.churn_log2 == 0 {
+            u64::MAX
+        } else {
+            k << self.mix.churn_log2
+        }
+    }
+
     fn draw(&self, ring: usize, seq: u64) -> (Class, Rng, Phase) {
         let r = &self.rings[ring];
         let mut rng = Rng::fork(r.key, seq);
         let phase = self.phase(r, seq);
         let m = &self.mix;
         let x = rng.below(1_000_000) as u32;
-        let class = if x < m.hostile_ppm {
+        let unbound_probe = self.unbound(seq) && seq & ((1 << m.churn_log2) - 1) == 1;
+        let class = if unbound_probe {
+            Class::Hostile(Hostile::Unbound)
+        } else if x < m.hostile_ppm {
             Class::Hostile(*rng.pick(&r.hostile))
         } else if x < m.hostile_ppm + m.trap_ppm {
             Class::Trap
@@ -389,7 +434,8 @@ impl Stream {
                 o => o,
             };
         }
-        let sid = r.vsids[rng.below(2) as usize];
+        // While the second device is unbound, well-formed traffic names only the first.
+        let sid = r.vsids[rng.below(2) as usize * usize::from(!self.unbound(seq))];
         let ssid = (seq & 0xf_ffff) as u32;
         let cmd = match op {
             TLBI_NH_VA | TLBI_NH_VAA => {
@@ -629,6 +675,15 @@ impl Stream {
                 msiaddr: 0,
             }
             .into(),
+            Hostile::Unbound => Command::AtcInv {
+                sid: r.vsids[1],
+                ssv: false,
+                ssid: 0,
+                global: false,
+                addr: ident_addr(r.ring, seq),
+                size: 0,
+            }
+            .into(),
             Hostile::RangeUnsupported | Hostile::MalformedRange => {
                 let (tg, num) = if h == Hostile::RangeUnsupported {
                     (1, rng.below(32) as u8)
@@ -695,6 +750,8 @@ mod tests {
             hostile_ppm: 20_000,
             trap_ppm: 20_000,
             prefetch_ppm: 20_000,
+            churn_log2: 10,
+            prod_game_every: 0,
         };
         let s = Stream::new(&plan, 7, mix);
         let mut hostile_seen = std::collections::HashSet::new();
@@ -703,7 +760,7 @@ mod tests {
             for seq in 0..20_000u64 {
                 let e = s.entry(ring, seq);
                 assert_eq!(e.class, s.class(ring, seq));
-                let o = oracle::translate_one(&v.cfg, &v.bindings, e.cmd);
+                let o = oracle::translate_one(&v.cfg, plan.bindings(ring, s.unbound(seq)), e.cmd);
                 let ok = match (e.class, o) {
                     (Class::Forward, SlotOutcome::Forwarded(_)) => true,
                     (Class::Drop, SlotOutcome::Dropped) => true,
