@@ -612,7 +612,7 @@ impl Control {
                 .map_err(|e| e.to_string())?;
             self.rebinds += 1;
         }
-        if k % 3 == 0 {
+        if k.is_multiple_of(3) {
             engine
                 .detach_ring(self.ids[ring], DETACH_TIMEOUT)
                 .map_err(|e| format!("detach: {e}"))?;
