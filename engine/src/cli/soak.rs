@@ -80,7 +80,7 @@ pub struct SoakArgs {
     prefetch_ppm: u32,
     /// Segments of 2^N entries per ring: at each boundary the ring goes quiet and the control
     /// plane unbinds (or binds again) the ring's second device, and every third boundary
-    /// replaces the ring with one of another size (0: no churn; at most 40).
+    /// replaces the ring with one of another size (0: no churn, else 4 to 40).
     #[arg(long, default_value_t = Mix::default().churn_log2,
           value_parser = clap::value_parser!(u8).range(0..=40))]
     churn_log2: u8,

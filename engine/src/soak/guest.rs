@@ -92,9 +92,12 @@ pub struct GuestStats {
     /// Stops from physical faults, acknowledged without a fix: CERROR_ILL, CERROR_ABT,
     /// CERROR_ATC_INV_SYNC.
     pub phys_stops: [u64; 3],
-    /// Segment boundaries crossed (the ring quiet, the control plane's action done).
+    /// Segment boundaries reached with the ring quiet, each a request to the control plane.
     pub boundaries: u64,
-    /// Rings replaced by a new one at a boundary.
+    /// Window entries naming the device being bound or unbound that stopped the ring with
+    /// CERROR_ILL (refused, or failed in the physical queue), fixed into a CMD_SYNC.
+    pub window_fixes: u64,
+    /// Of those, boundaries at which the control plane replaces the ring.
     pub ring_swaps: u64,
     /// Hostile PROD games played, by kind (index into [`PROD_GAMES`]); for `rewrite_taken`,
     /// the slots rewritten.
@@ -120,6 +123,7 @@ impl GuestStats {
             self.phys_stops[i] += o.phys_stops[i];
         }
         self.boundaries += o.boundaries;
+        self.window_fixes += o.window_fixes;
         self.ring_swaps += o.ring_swaps;
         for i in 0..4 {
             self.prod_games[i] += o.prod_games[i];
@@ -450,9 +454,23 @@ impl Driver {
                 );
             }
         }
+        // A window entry naming the device being bound or unbound: refused, or failed in the
+        // physical queue; the guest cannot tell which and fixes it either way (its command is
+        // then never executed, which the checker accepts for these entries only).
+        // Once fixed, it is a CMD_SYNC: a fault on it is a physical one.
+        let fixed = ctx.stream.in_window(seq) && self.guest.read_slot(slot) == FIX;
+        if cerror == CError::Ill && !fixed && ctx.checker.either(self.ring, seq) {
+            self.guest.write_slot(slot, FIX);
+            let at = self.pending_syncs.partition_point(|&(s, _)| s < seq);
+            self.pending_syncs.insert(at, (seq, None));
+            self.stats.window_fixes += 1;
+            self.guest.ack_error();
+            return;
+        }
         // A physical fault passed on. Entries before the first unfixed refusal that were
         // refused are CMD_SYNCs now.
         let (sync, forward) = match ctx.stream.class(self.ring, seq) {
+            _ if fixed => (true, false),
             Class::Sync { .. } | Class::Hostile(_) => (true, false),
             Class::Forward => (false, true),
             _ => (false, false),
@@ -504,25 +522,39 @@ impl Driver {
             .advance(self.guest.prod(), 2 * self.shape.entries() - back)
     }
 
-    /// At a segment boundary: waits for the ring to be quiet, asks the control plane to act,
-    /// and moves on to the next segment (on the new ring, if it attached one) once it has.
-    fn cross(&mut self, ctx: &Ctx<'_>) -> bool {
+    /// At a segment boundary: waits for the ring to be quiet and asks the control plane to
+    /// act; then writes the window while it acts (or, when the ring is being replaced, nothing
+    /// until it has); moves on to the next segment (on the new ring, if it attached one) once
+    /// the control plane has acted. Returns whether anything moved, and the entry the guest
+    /// may write up to meanwhile.
+    fn cross(&mut self, ctx: &Ctx<'_>) -> (bool, u64) {
         let next = self.segment + 1;
+        let boundary = ctx.stream.segment_start(next);
+        let window_end = if ctx.stream.swaps_ring_at(next) {
+            boundary
+        } else {
+            boundary + ctx.stream.window_len()
+        };
         if !self.requested {
             let quiet = self.cons_seq == self.prod_seq
                 && self.pending_syncs.is_empty()
                 && self.hostiles.is_empty()
                 && self.guest.error().is_none();
             if !quiet {
-                return false;
+                return (false, boundary);
             }
             ctx.churn.request[self.ring].store(next, Ordering::Release);
             self.requested = true;
-            return true;
+            self.stats.boundaries += 1;
+            if ctx.stream.swaps_ring_at(next) {
+                self.stats.ring_swaps += 1;
+            }
+            return (true, window_end);
         }
         if ctx.churn.ack[self.ring].load(Ordering::Acquire) < next {
-            return false;
+            return (false, window_end);
         }
+        let boundary = ctx.stream.segment_start(next + 1);
         let swapped = ctx.churn.mailbox[self.ring]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -534,12 +566,10 @@ impl Driver {
             self.syncs_seen = 0;
             self.last_irq = None;
             self.last_stop = (u64::MAX, 0);
-            self.stats.ring_swaps += 1;
         }
         self.segment = next;
         self.requested = false;
-        self.stats.boundaries += 1;
-        true
+        (true, boundary)
     }
 
     /// One hostile PROD game after a doorbell (see the module docs).
@@ -617,17 +647,21 @@ impl Driver {
 
     /// Writes the next chunk of the stream and rings the doorbell.
     fn write(&mut self, ctx: &Ctx<'_>, budget: &mut u64, finishing: bool) -> bool {
-        let boundary = ctx.stream.segment_start(self.segment + 1);
-        if self.prod_seq >= boundary {
-            return self.cross(ctx);
+        let mut limit = ctx.stream.segment_start(self.segment + 1);
+        let mut moved = false;
+        if self.prod_seq >= limit {
+            (moved, limit) = self.cross(ctx);
+            if self.prod_seq >= limit {
+                return moved;
+            }
         }
         let free = u64::from(self.guest.free());
-        let mut n = free.min(self.next_chunk()).min(boundary - self.prod_seq);
+        let mut n = free.min(self.next_chunk()).min(limit - self.prod_seq);
         if !finishing {
             n = n.min(*budget);
         }
         if n == 0 {
-            return false;
+            return moved;
         }
         self.buf.clear();
         let ring = self.ring as u64;
@@ -636,7 +670,14 @@ impl Driver {
             let e = ctx.stream.entry(self.ring, seq);
             self.buf.push(e.cmd);
             match e.class {
-                Class::Forward => self.last_forward = Some(seq),
+                // A window entry naming the device being bound or unbound may never reach
+                // the hardware: a later CMD_SYNC cannot wait for it.
+                Class::Forward
+                    if !(ctx.stream.in_window(seq) && ctx.checker.either(self.ring, seq)) =>
+                {
+                    self.last_forward = Some(seq)
+                }
+                Class::Forward => {}
                 Class::Drop => self.stats.prefetches += 1,
                 Class::Trap => self.stats.traps += 1,
                 Class::Sync { cs, blocking } => {
