@@ -267,6 +267,7 @@ fn to_json(r: &SoakReport) -> Value {
             "unbinds": r.unbinds,
             "rebinds": r.rebinds,
             "ring_swaps": r.ring_swaps,
+            "window_fixes": g.window_fixes,
         },
         "prod_games": PROD_GAMES
             .iter()
@@ -368,8 +369,8 @@ fn print_human(r: &SoakReport) {
         e.retracted
     );
     println!(
-        "  churn     {:>14} segment boundaries with the ring quiet: {} unset_dev_id, {} set_dev_id, {} rings replaced",
-        g.boundaries, r.unbinds, r.rebinds, r.ring_swaps
+        "  churn     {:>14} segment boundaries with the ring quiet: {} unset_dev_id, {} set_dev_id, {} rings replaced; {} window entries refused and fixed",
+        g.boundaries, r.unbinds, r.rebinds, r.ring_swaps, g.window_fixes
     );
     println!(
         "  PROD      {:>14} hostile games: junk bits {}, backwards {}, overrun {}; {} taken slots rewritten",

@@ -24,13 +24,13 @@
 //! ring at the command's slot and the guest acknowledges it without fixing anything.
 //!
 //! Control-plane churn: each ring's stream is cut into segments ([`Mix::churn_log2`]); at each
-//! boundary the guest lets its ring go quiet and the control plane unbinds the ring's second
-//! device (`unset_dev_id`, while the other rings' traffic keeps the workers busy) or binds it
-//! again, and at every third boundary detaches the ring and attaches a new one of another size
-//! on which the guest goes on. Since the ring is quiet at the boundary, which binding each
-//! entry was translated with follows from its sequence number, and the checker's verdict for a
-//! command naming the unbound vSID is a refusal at its slot; the hardware check refuses any
-//! command carrying the device's pSID after `unset_dev_id` returned (the barrier).
+//! boundary the guest lets its ring go quiet and asks the control plane to unbind the ring's
+//! second device (`unset_dev_id`) or bind it again, and at every third boundary to detach the
+//! ring and attach a new one of another size on which the guest goes on. While it acts, the
+//! guest writes the segment's window, whose commands naming the device may be forwarded or
+//! refused; past the window there is one verdict per entry again. When `unset_dev_id` returns,
+//! the control plane hands the checker the ring's published progress: every window entry
+//! forwarded with the old binding must lie below it (the barrier). See `docs/soak.md`.
 
 mod checker;
 mod faults;
