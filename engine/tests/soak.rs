@@ -70,6 +70,7 @@ fn a_small_soak_holds_and_takes_every_path() {
         // The control plane unbound and bound devices and replaced rings at the boundaries,
         // and the vSID of an unbound device was refused at its slot.
         assert!(r.unbinds > 0 && r.rebinds > 0, "{label}: {r:?}");
+        assert!(r.unbinds_held > 0, "{label}: no unbind met a held batch");
         assert!(
             r.ring_swaps > 0 && r.guests.ring_swaps == r.ring_swaps,
             "{label}"

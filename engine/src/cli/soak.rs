@@ -265,6 +265,7 @@ fn to_json(r: &SoakReport) -> Value {
             "churn_log2": c.mix.churn_log2,
             "boundaries": g.boundaries,
             "unbinds": r.unbinds,
+            "unbinds_with_batch_held": r.unbinds_held,
             "rebinds": r.rebinds,
             "ring_swaps": r.ring_swaps,
             "window_fixes": g.window_fixes,
@@ -369,8 +370,8 @@ fn print_human(r: &SoakReport) {
         e.retracted
     );
     println!(
-        "  churn     {:>14} segment boundaries with the ring quiet: {} unset_dev_id, {} set_dev_id, {} rings replaced; {} window entries refused and fixed",
-        g.boundaries, r.unbinds, r.rebinds, r.ring_swaps, g.window_fixes
+        "  churn     {:>14} segment boundaries with the ring quiet: {} unset_dev_id ({} with a batch of the device held unpublished), {} set_dev_id, {} rings replaced; {} window entries refused and fixed",
+        g.boundaries, r.unbinds, r.unbinds_held, r.rebinds, r.ring_swaps, g.window_fixes
     );
     println!(
         "  PROD      {:>14} hostile games: junk bits {}, backwards {}, overrun {}; {} taken slots rewritten",

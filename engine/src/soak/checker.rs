@@ -141,7 +141,15 @@ struct RingCheck {
     submitted: AtomicU64,
     /// Forwarded commands verified, for progress reports.
     verified: AtomicU64,
+    /// The control plane is unbinding the ring's second device.
+    unbinding: AtomicBool,
+    /// A worker holds a batch carrying that device's pSID before publishing it.
+    held: AtomicBool,
 }
+
+/// How long a worker holds back a batch carrying the pSID of a device being unbound at most
+/// (see [`Checker::before_publish`]).
+pub const HOLD_PUBLISH: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// The streaming checker. Share it (`Arc`) between the hardware check and the guests.
 #[derive(Debug)]
@@ -199,6 +207,48 @@ impl Checker {
             ));
         }
         st.unbind = Some((segment, Some(published), seen));
+    }
+
+    /// The control plane starts (`true`) or has finished (`false`) unbinding ring `ring`'s
+    /// second device.
+    pub fn set_unbinding(&self, ring: usize, on: bool) {
+        if on {
+            self.rings[ring].held.store(false, Ordering::Relaxed);
+        }
+        self.rings[ring].unbinding.store(on, Ordering::Release);
+    }
+
+    /// Whether a worker holds a batch of ring `ring` carrying its second device's pSID.
+    pub fn held(&self, ring: usize) -> bool {
+        self.rings[ring].held.load(Ordering::Acquire)
+    }
+
+    /// Run by the engine's workers before each publication (`HwConfig::before_publish`),
+    /// inside their grace-period pin: a batch carrying the pSID of a device being unbound is
+    /// held until the unbind is over, [`HOLD_PUBLISH`] at most. The control plane unbinds
+    /// while one is held when it can: with the barrier, `unset_dev_id` waits for the batch;
+    /// without, it returns first, and the batch lands past the progress the control plane
+    /// reads at the return, which the checker reports.
+    pub fn before_publish(&self, cmds: &[RawCommand]) {
+        let ring = cmds.iter().find_map(|c| {
+            let psid = (c.d0() >> 32) as u32;
+            let r = self.plan.ring_of_psid(psid)?;
+            (matches!(
+                c.opcode(),
+                opcode::ATC_INV | opcode::CFGI_CD | opcode::CFGI_CD_ALL
+            ) && psid == self.plan.rings[r].psids[1]
+                && self.rings[r].unbinding.load(Ordering::Acquire))
+            .then_some(r)
+        });
+        if let Some(r) = ring {
+            self.rings[r].held.store(true, Ordering::Release);
+            let until = std::time::Instant::now() + HOLD_PUBLISH;
+            while self.rings[r].unbinding.load(Ordering::Acquire)
+                && std::time::Instant::now() < until
+            {
+                std::hint::spin_loop();
+            }
+        }
     }
 
     /// A window entry `seq` of an odd segment was forwarded with the old binding: it must have

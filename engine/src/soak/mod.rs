@@ -201,6 +201,9 @@ pub struct SoakReport {
     pub faults_scheduled: FaultCounts,
     /// `unset_dev_id` calls the control plane made at segment boundaries, each checked.
     pub unbinds: u64,
+    /// Of the unbinds, those made while a worker held a batch carrying the device's pSID
+    /// between translating and publishing it (which the unbind must wait for).
+    pub unbinds_held: u64,
     /// `set_dev_id` calls that bound a device again.
     pub rebinds: u64,
     /// Rings detached and replaced by a new one of another size.
@@ -279,6 +282,12 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
     };
     let c = checker.clone();
     let mut hw = HwConfig::default().with_check(move |cmd| c.check(cmd));
+    if cfg.mix.churn_log2 != 0 {
+        let c = checker.clone();
+        hw.before_publish = Some(Arc::new(move |cmds: &[crate::command::RawCommand]| {
+            c.before_publish(cmds)
+        }));
+    }
     hw.on_check_failure = OnCheckFailure::Record;
     hw.faults = faults;
     hw.slow = cfg.slow;
@@ -329,6 +338,7 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
         ids,
         ring_of_id,
         unbinds: 0,
+        unbinds_held: 0,
         rebinds: 0,
         swaps: 0,
     };
@@ -493,6 +503,7 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
         hw_stalls,
         faults_scheduled,
         unbinds: control.unbinds,
+        unbinds_held: control.unbinds_held,
         rebinds: control.rebinds,
         ring_swaps: control.swaps,
         violation_count: violations.count(),
@@ -566,9 +577,14 @@ struct Control {
     /// Every ring attached during the run (a trap event names the id).
     ring_of_id: std::collections::HashMap<RingId, Attached>,
     unbinds: u64,
+    unbinds_held: u64,
     rebinds: u64,
     swaps: u64,
 }
+
+/// How long the control plane waits for a worker to hold a batch of the window before it
+/// unbinds anyway.
+const UNBIND_MEET: Duration = Duration::from_millis(1);
 
 /// How long a detach of a quiet ring may take before it is a violation.
 const DETACH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -620,7 +636,18 @@ impl Control {
         if k % 2 == 1 {
             // Other rings keep the workers translating meanwhile: the grace period waits for
             // their batches.
-            let vsid = v.unset_dev_id(device).map_err(|e| e.to_string())?;
+            // Unbind while a worker holds one of the window's batches carrying the device's
+            // pSID, if one comes within a while (the guest is writing the window now).
+            checker.set_unbinding(ring, true);
+            let wait = Instant::now() + UNBIND_MEET;
+            while !checker.held(ring) && Instant::now() < wait {
+                std::thread::yield_now();
+            }
+            self.unbinds_held += u64::from(checker.held(ring));
+            let vsid = v.unset_dev_id(device);
+            let progress = engine.ring_progress(self.ids[ring]).map(|p| p.published());
+            checker.set_unbinding(ring, false);
+            let vsid = vsid.map_err(|e| e.to_string())?;
             if vsid != r.vsids[1] {
                 return Err(format!(
                     "unset_dev_id returned vSID {vsid:#x}, it was {:#x}",
@@ -631,10 +658,7 @@ impl Control {
             // translated with the binding is below it.
             let id = self.ids[ring];
             let base = self.ring_of_id[&id].1;
-            let published = engine
-                .ring_progress(id)
-                .ok_or_else(|| format!("ring {id:?} has no progress"))?
-                .published();
+            let published = progress.ok_or_else(|| format!("ring {id:?} has no progress"))?;
             checker.unset_returned(ring, k, base + published);
             self.unbinds += 1;
         } else {
