@@ -106,9 +106,10 @@ pub struct HwConfig {
     /// CPU time, even when the model is stepped inline by a worker. Has no effect when a
     /// check, a cost, a slow consumer or a fault is configured.
     pub free: bool,
-    /// Tests only: run by the producer's `publish` before it writes anything, so that a test
-    /// can hold a worker between translating a batch and publishing it (inside its grace-period
-    /// pin) and see what the unbind barrier does then.
+    /// For tests and the soak only: run by the producer's `publish` before it writes anything,
+    /// so that a test can hold a worker between translating a batch and publishing it (inside
+    /// its grace-period pin) and see what the unbind barrier does then. `None` costs one branch
+    /// per publication.
     #[doc(hidden)]
     pub before_publish: Option<PublishHook>,
 }

@@ -38,7 +38,7 @@ mod guest;
 mod plan;
 mod stream;
 
-pub use checker::{Checker, Tally, Violations, KEEP_VIOLATIONS};
+pub use checker::{Checker, Tally, Violations, HOLD_PUBLISH, KEEP_VIOLATIONS};
 pub use faults::{schedule, FaultCounts};
 pub use guest::{GuestStats, PROD_GAMES};
 pub use plan::{Plan, PlanError, RingPlan, ViommuPlan, MAX_RINGS};
