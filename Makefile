@@ -118,9 +118,9 @@ SOAK_COMMANDS ?= 1e9
 soak: release ## A billion commands of mixed, hostile traffic with physical faults, checked online against the oracle (minutes; not in test).
 	$(VCMDQ) soak --commands $(SOAK_COMMANDS)
 
-soak-smoke: release ## Five million soak commands on each of two engine setups, faults every 20000 positions (seconds).
+soak-smoke: release ## Five million soak commands on each of two engine setups, faults every 20000 positions, unbinds, ring replacements and PROD games (seconds).
 	$(VCMDQ) soak --commands 5M --fault-every 20000 --progress-secs 0
-	$(VCMDQ) soak --commands 5M --fault-every 20000 --workers 2 --hardware thread --guests 2 --seed 2 --progress-secs 0
+	$(VCMDQ) soak --commands 5M --fault-every 20000 --workers 2 --hardware thread --guests 2 --seed 2 --churn-log2 11 --prod-game-every 16 --progress-secs 0
 
 clean:
 	$(CARGO) clean

@@ -28,6 +28,10 @@ use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, Ordering};
 /// even under loom: it is configuration, not shared state the model explores.
 pub type CommandCheck = std::sync::Arc<dyn Fn(&RawCommand) -> Result<(), String> + Send + Sync>;
 
+/// A test hook run by [`PhysProducer::publish`] with the commands about to be published.
+#[doc(hidden)]
+pub type PublishHook = std::sync::Arc<dyn Fn(&[RawCommand]) + Send + Sync>;
+
 /// What the hardware does when [`HwConfig::check`] fails.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum OnCheckFailure {
@@ -102,6 +106,12 @@ pub struct HwConfig {
     /// CPU time, even when the model is stepped inline by a worker. Has no effect when a
     /// check, a cost, a slow consumer or a fault is configured.
     pub free: bool,
+    /// For tests and the soak only: run by the producer's `publish` before it writes anything,
+    /// so that a test can hold a worker between translating a batch and publishing it (inside
+    /// its grace-period pin) and see what the unbind barrier does then. `None` costs one branch
+    /// per publication.
+    #[doc(hidden)]
+    pub before_publish: Option<PublishHook>,
 }
 
 impl Default for HwConfig {
@@ -113,6 +123,7 @@ impl Default for HwConfig {
             slow: None,
             faults: Vec::new(),
             free: false,
+            before_publish: None,
         }
     }
 }
@@ -213,6 +224,7 @@ impl PhysQueue {
         });
         let mut faults = cfg.faults.clone();
         faults.sort_by_key(Fault::at);
+        let before_publish = HookSlot(cfg.before_publish.clone());
         let hw = Hardware {
             q: q.clone(),
             cons: 0,
@@ -228,6 +240,7 @@ impl PhysQueue {
             failures: Vec::new(),
         };
         let producer = PhysProducer {
+            before_publish,
             q,
             prod: 0,
             gerrorn: 0,
@@ -261,9 +274,23 @@ pub struct HwError {
     pub cmd: RawCommand,
 }
 
+/// [`HwConfig::before_publish`], printable.
+struct HookSlot(Option<PublishHook>);
+
+impl fmt::Debug for HookSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Some(<fn>)"
+        } else {
+            "None"
+        })
+    }
+}
+
 /// The engine worker's end of a physical queue.
 #[derive(Debug)]
 pub struct PhysProducer {
+    before_publish: HookSlot,
     q: Arc<PhysQueue>,
     /// Free-running PROD.
     prod: u64,
@@ -285,6 +312,9 @@ impl PhysProducer {
     /// Writes `cmds` and publishes them with one Release store of PROD: all or nothing.
     /// Returns the position just after the last command (the new free-running PROD).
     pub fn publish(&mut self, cmds: &[RawCommand]) -> Result<u64, Full> {
+        if let Some(hook) = &self.before_publish.0 {
+            hook(cmds);
+        }
         let free = self.free();
         if cmds.len() > free as usize {
             return Err(Full {

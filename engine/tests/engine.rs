@@ -5,10 +5,13 @@
 
 mod common;
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use common::{bindings, c, hw, outcomes, T};
-use vcmdq::engine::{Engine, EngineConfig, RingId};
+use common::{bindings, c, hw, join_named, outcomes, TestEngine, T};
+use vcmdq::command::{opcode, RawCommand};
+use vcmdq::engine::{Engine, EngineConfig, HwPlacement, RingId};
 use vcmdq::oracle;
 use vcmdq::pqueue::{Fault, HwConfig};
 use vcmdq::queue::CError;
@@ -373,4 +376,200 @@ fn ring_progress_counts_what_each_ring_has_published() {
     engine.detach_ring(b.ring, T).unwrap();
     assert!(engine.ring_progress(b.ring).is_none());
     engine.shutdown();
+}
+
+/// A gate a hardware check or a publish hook stops at, once, until the test opens it. The
+/// held thread waits at most `3 * T`, so a failing test does not leave it behind forever.
+#[derive(Clone, Default)]
+struct Gate {
+    entered: Arc<AtomicBool>,
+    open: Arc<AtomicBool>,
+}
+
+impl Gate {
+    /// Called by the held thread: the first call waits for `open`, later ones pass.
+    fn hold_once(&self) {
+        if self.entered.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let deadline = Instant::now() + 3 * T;
+        while !self.open.load(Ordering::Acquire) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    fn entered(&self) -> bool {
+        self.entered.load(Ordering::Acquire)
+    }
+
+    fn open(&self) {
+        self.open.store(true, Ordering::Release);
+    }
+}
+
+/// vIOMMU 1 (VMID 5) with vSID 0x10 -> pSID 0x800 on an engine of one worker, and one ring.
+fn one_ring(hwcfg: HwConfig, hardware: HwPlacement) -> (TestEngine, Vm) {
+    let engine = TestEngine::start(EngineConfig {
+        workers: 1,
+        hw: hwcfg,
+        hardware,
+        audit: true,
+        ..Default::default()
+    });
+    engine.devices().add_device(DeviceId(1), 0, 0x800).unwrap();
+    let v = engine.create_viommu(ViommuConfig::new(1, 5, 0)).unwrap();
+    v.set_dev_id(DeviceId(1), 0x10).unwrap();
+    let (guest, host) = heap_pair(4, 1).unwrap();
+    let ring = engine.attach_ring(host).unwrap();
+    (engine, Vm { ring, guest })
+}
+
+/// The hardware (on its own thread) is held on the first command of a batch the engine has
+/// published: the guest's CMD_SYNC must not complete, nor CONS move, until the hardware has
+/// consumed the batch. Proved by order, not by time: the hardware holding a command shows the
+/// physical PROD moved, the ring's progress shows the whole batch (its CMD_SYNC included) was
+/// published; then the guest side is checked unmoved; only after the release may it move.
+#[test]
+fn a_guest_sync_stays_pending_while_the_hardware_holds_its_published_batch() {
+    let (hwcfg, log) = hw(&[5], &[0x800]);
+    let check = hwcfg.check.clone().expect("hw() installs a check");
+    let gate = Gate::default();
+    let g = gate.clone();
+    let hwcfg = hwcfg.with_check(move |cmd| {
+        g.hold_once();
+        check(cmd)
+    });
+    let (engine, mut a) = one_ring(hwcfg, HwPlacement::Thread);
+    let progress = engine.ring_progress(a.ring).unwrap();
+    let cmds = [
+        c("TLBI_NH_ASID vmid=9 asid=1"),
+        c("ATC_INV sid=0x10 size=0"),
+        c("CMD_SYNC cs=1 msidata=0xcafe msiaddr=0xfee0_0000"),
+    ];
+    assert_eq!(a.guest.submit(&cmds), 3);
+    engine.until("the hardware reaches the batch's first command", || {
+        gate.entered()
+    });
+    engine.until(
+        "the engine publishes the whole batch with its CMD_SYNC",
+        || progress.published() == 3,
+    );
+    assert_eq!(
+        a.guest.sync_count(),
+        0,
+        "the guest's CMD_SYNC completed while the hardware had consumed nothing of its batch"
+    );
+    assert_eq!(
+        a.guest.cons(),
+        (0, CError::None),
+        "CONS moved while the hardware had consumed nothing"
+    );
+    assert_ne!(a.guest.completion(), 0xcafe, "MSIDATA written early");
+    gate.open();
+    a.guest.wait_syncs(1, T).unwrap();
+    assert_eq!(a.guest.cons(), (3, CError::None));
+    assert_eq!(a.guest.completion(), 0xcafe);
+    engine.shutdown();
+    assert_eq!(
+        *log.lock().unwrap(),
+        vec![
+            c("TLBI_NH_ASID vmid=5 asid=1"),
+            c("ATC_INV sid=0x800 size=0"),
+            common::PHYS_SYNC
+        ]
+    );
+}
+
+/// The worker is held between translating a batch with vSID 0x10 (pSID 0x800) and publishing
+/// it, inside its grace-period pin. `unset_dev_id` on another thread must remove the binding
+/// and then wait: it may not return before that batch is published (rule 5). Deterministic:
+/// the test waits until the unbind has started its grace period (or, were the barrier gone,
+/// returned), checks it has not returned, then lets the worker publish; the publish hook
+/// records whether the unbind had returned by then. Afterwards the vSID is refused.
+#[test]
+fn unset_dev_id_waits_for_a_batch_translated_with_the_binding_but_not_yet_published() {
+    let (mut hwcfg, log) = hw(&[5], &[0x800]);
+    let gate = Gate::default();
+    let returned = Arc::new(AtomicBool::new(false));
+    let late = Arc::new(AtomicBool::new(false));
+    {
+        let (gate, returned, late) = (gate.clone(), returned.clone(), late.clone());
+        hwcfg.before_publish = Some(Arc::new(move |cmds| {
+            let carries = cmds
+                .iter()
+                .any(|x| x.opcode() == opcode::ATC_INV && (x.d0() >> 32) as u32 == 0x800);
+            if carries {
+                gate.hold_once();
+                if returned.load(Ordering::SeqCst) {
+                    late.store(true, Ordering::SeqCst);
+                }
+            }
+        }));
+    }
+    let (engine, mut a) = one_ring(hwcfg, HwPlacement::Inline);
+    let v = engine.viommu(1).unwrap();
+    assert_eq!(
+        a.guest
+            .submit(&[c("ATC_INV sid=0x10 size=0"), c("CMD_SYNC")]),
+        2
+    );
+    engine.until(
+        "the worker translates the batch and reaches its publication",
+        || gate.entered(),
+    );
+    let epoch = v.grace().epoch();
+    std::thread::scope(|s| {
+        let unbinder = s.spawn(|| {
+            let vsid = v.unset_dev_id(DeviceId(1));
+            returned.store(true, Ordering::SeqCst);
+            vsid
+        });
+        // Open the gate whatever happens below, so the worker (and the unbind) can finish.
+        struct Open<'a>(&'a Gate);
+        impl Drop for Open<'_> {
+            fn drop(&mut self) {
+                self.0.open();
+            }
+        }
+        let open = Open(&gate);
+        engine.until(
+            "the unbind removes the binding and starts its grace period (or returns)",
+            || v.grace().epoch() > epoch || returned.load(Ordering::SeqCst),
+        );
+        assert_eq!(v.lookup(0x10), None, "the binding is removed first");
+        assert!(
+            !returned.load(Ordering::SeqCst),
+            "unset_dev_id returned while a batch translated with the binding was not yet \
+             published (no unbind barrier)"
+        );
+        drop(open);
+        assert_eq!(join_named("the unbinder", T, unbinder), Ok(0x10));
+    });
+    assert!(
+        !late.load(Ordering::SeqCst),
+        "a batch carrying pSID 0x800 was published after unset_dev_id returned"
+    );
+    a.guest.wait_syncs(1, T).unwrap();
+    // Unbound now: the next command naming vSID 0x10 is refused at its slot.
+    assert_eq!(
+        a.guest
+            .submit(&[c("ATC_INV sid=0x10 size=0"), c("CMD_SYNC")]),
+        2
+    );
+    engine.until("the ring stops at the refused command", || {
+        a.guest.error().is_some()
+    });
+    assert_eq!(a.guest.error(), Some((2, CError::Ill)));
+    a.guest.write_slot(2, c("CMD_SYNC"));
+    a.guest.ack_error();
+    a.guest.wait_syncs(3, T).unwrap();
+    engine.shutdown();
+    let atc: Vec<RawCommand> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|x| x.opcode() == opcode::ATC_INV)
+        .copied()
+        .collect();
+    assert_eq!(atc, vec![c("ATC_INV sid=0x800 size=0")]);
 }

@@ -17,8 +17,10 @@
 //! What the models show: the chain of Release/Acquire pairs from the hardware's side effects
 //! through the physical CONS, the worker, and the guest's CONS and SYNC_COUNT makes every
 //! invalidation visible to the guest that sees its sync completed, and the ERR/ERR_ACK pair
-//! hands the fixed slot to the worker. Weakening any link (the hardware's CONS store, the
-//! producer's CONS load, the ring's CONS or SYNC_COUNT store or their loads) fails a model.
+//! hands the fixed slot to the worker. Weakening any link (the physical PROD store, the
+//! hardware's CONS store, the producer's CONS load, the ring's CONS or SYNC_COUNT store or
+//! their loads) fails a model: an execution in which the hardware reads a slot before its PROD
+//! fails even if the protocol then never completes.
 #![cfg(loom)]
 
 use std::sync::atomic::{AtomicUsize as StdAtomicUsize, Ordering as StdOrdering};
@@ -139,11 +141,25 @@ fn hw_config(done: Arc<AtomicBool>, allowed: Vec<RawCommand>) -> HwConfig {
 /// The modelled hardware: `steps` calls of `Hardware::step`, as its thread makes them. No yield
 /// between them: the hardware loads the failing command before it raises the error, and after
 /// the repair it must still be offered that stale slot (see `attempts`).
-fn hardware(mut hw: vcmdq::pqueue::Hardware, steps: usize) -> thread::JoinHandle<()> {
+///
+/// The hardware raises no error but the `injected` ones: an execution in which it read a slot
+/// the worker had not yet published (a stale or torn command, CERROR_ILL) fails the model,
+/// even when the worker then gives up waiting for it.
+fn hardware(
+    mut hw: vcmdq::pqueue::Hardware,
+    steps: usize,
+    injected: u64,
+) -> thread::JoinHandle<()> {
     thread::spawn(move || {
         for _ in 0..steps {
             hw.step(4);
         }
+        assert!(
+            hw.counters().total_errors() <= injected,
+            "the hardware raised {} error(s), {injected} injected: it read a slot before the \
+             physical PROD published it",
+            hw.counters().total_errors()
+        );
     })
 }
 
@@ -157,7 +173,7 @@ fn a_completed_sync_shows_cons_past_it_and_the_invalidation_done() {
         let done = Arc::new(AtomicBool::new(false));
         let (mut producer, hw) =
             PhysQueue::new(1, hw_config(done.clone(), vec![patched(), sync()])).unwrap();
-        let hw = hardware(hw, 2);
+        let hw = hardware(hw, 2, 0);
 
         let r = ring.clone();
         let worker = thread::spawn(move || {
@@ -215,7 +231,7 @@ fn an_error_stops_the_guest_at_the_slot_and_the_fixed_slot_completes() {
         let done = Arc::new(AtomicBool::new(false));
         let cfg = hw_config(done.clone(), vec![sync()]).with_fault(Fault::Ill { at: 0 });
         let (mut producer, hw) = PhysQueue::new(1, cfg).unwrap();
-        let hw = hardware(hw, 3);
+        let hw = hardware(hw, 3, 1);
         // The guest's command is in the ring before the worker starts, and the worker has its
         // copy: the publication is the first model's. (The worker must not load the slot here:
         // see `attempts`.)

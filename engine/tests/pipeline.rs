@@ -19,8 +19,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{
-    backoff, bindings, c, fix_like_linux, forwarded, hw, outcomes, retry, ring_pair, syncs_done,
-    Backing, Driver, Fixer, Log, Rng, T,
+    backoff, bindings, c, fix_like_linux, forwarded, hw, join_named, outcomes, panic_text, retry,
+    ring_pair, syncs_done, Backing, Driver, Fixer, Log, Rng, SetOnDrop, TestEngine, T,
 };
 use vcmdq::command::{opcode, RawCommand};
 use vcmdq::engine::{AuditRecord, Engine, EngineConfig, EngineReport, HwPlacement, RingId};
@@ -310,7 +310,7 @@ fn count(outcomes: &[Vec<SlotOutcome>], f: impl Fn(&SlotOutcome) -> bool) -> u64
 /// while a control-plane thread completes traps and `beside` runs on another thread; guests go
 /// on until `beside` returns. Returns the traps seen per ring.
 fn run_guests(
-    engine: &Engine,
+    engine: &TestEngine,
     topo: &Topology,
     drivers: &mut [Driver],
     batches: usize,
@@ -351,13 +351,23 @@ fn run_guests(
                 })
             })
             .collect();
-        let mut results = vec![beside.join()];
-        // Join every guest before stopping the trap thread, then re-raise a guest's panic.
-        results.extend(guests.into_iter().map(|g| g.join()));
+        let mut results = vec![(
+            "the control plane beside the guests".to_string(),
+            beside.join(),
+        )];
+        // Join every guest before stopping the trap thread (each of their waits is bounded),
+        // then fail naming a dead engine thread (the cause of a guest's timeout) or a guest.
+        results.extend(
+            guests
+                .into_iter()
+                .enumerate()
+                .map(|(g, h)| (format!("guest {g}"), h.join())),
+        );
         done.store(true, Ordering::Release);
-        for r in results {
+        engine.check_alive();
+        for (who, r) in results {
             if let Err(p) = r {
-                std::panic::resume_unwind(p);
+                panic!("{who} panicked: {}", panic_text(&p));
             }
         }
     });
@@ -371,13 +381,12 @@ fn run_guests(
 fn many_guests_every_outcome_against_the_oracle() {
     let topo = Topology::new(4, 16, true);
     let (hwcfg, log) = hw(&topo.vmids(), &topo.psids());
-    let engine = Engine::start(EngineConfig {
+    let engine = TestEngine::start(EngineConfig {
         workers: 2,
         hw: hwcfg,
         audit: true,
         ..Default::default()
-    })
-    .unwrap();
+    });
     topo.build(&engine);
     let mut drivers = topo.attach(&engine, fix_like_linux, |i| 6 + (i % 3) as u8);
     let traps = run_guests(&engine, &topo, &mut drivers, 30, true, || {});
@@ -454,14 +463,13 @@ fn faults(placement: HwPlacement, fix: Fixer, hostile: bool) {
         hwcfg = hwcfg.with_fault(f);
     }
     hwcfg.slow = Some(Duration::from_micros(1));
-    let engine = Engine::start(EngineConfig {
+    let engine = TestEngine::start(EngineConfig {
         workers: 2,
         hw: hwcfg,
         hardware: placement,
         audit: true,
         ..Default::default()
-    })
-    .unwrap();
+    });
     topo.build(&engine);
     let mut drivers = topo.attach(&engine, fix, |_| 7);
     run_guests(&engine, &topo, &mut drivers, 30, hostile, || {});
@@ -531,7 +539,7 @@ fn flood(placement: HwPlacement) {
     const BUDGET: usize = 32;
     let (mut hwcfg, _log) = hw(&[11, 12], &[]);
     hwcfg.slow = Some(Duration::from_micros(5));
-    let engine = Engine::start(EngineConfig {
+    let engine = TestEngine::start(EngineConfig {
         workers: 1,
         ring_budget: BUDGET,
         batch_limit: BUDGET,
@@ -540,8 +548,7 @@ fn flood(placement: HwPlacement) {
         hardware: placement,
         audit: true,
         capture: None,
-    })
-    .unwrap();
+    });
     engine.create_viommu(ViommuConfig::new(1, 11, 0)).unwrap();
     engine.create_viommu(ViommuConfig::new(2, 12, 0)).unwrap();
     let (mut flooder, host) = ring_pair(Backing::Sealed, 12, 1);
@@ -550,6 +557,8 @@ fn flood(placement: HwPlacement) {
     let quiet_ring = engine.attach_ring(host).unwrap();
     let stop = AtomicBool::new(false);
     let (t_quiet, rounds) = std::thread::scope(|s| {
+        // The flooder stops even when this thread fails.
+        let _stop = SetOnDrop(&stop);
         let flooding = s.spawn(|| {
             let cmds: Vec<RawCommand> = (0..4096u64)
                 .map(|n| RawCommand::new(u64::from(opcode::TLBI_NH_ASID) | (n << 48), 0))
@@ -564,9 +573,9 @@ fn flood(placement: HwPlacement) {
                 }
             }
         });
-        while engine.stats().taken == 0 {
-            std::thread::yield_now();
-        }
+        engine.until("the engine takes the flooder's first entries", || {
+            engine.stats().taken > 0
+        });
         let mut t_quiet = Vec::new();
         // A few rounds: each one a quiet sync in the middle of the flood.
         for round in 1..=5u64 {
@@ -577,7 +586,7 @@ fn flood(placement: HwPlacement) {
             quiet.wait_syncs(round, T).unwrap();
         }
         stop.store(true, Ordering::Release);
-        flooding.join().unwrap();
+        join_named("the flooding guest", T, flooding);
         (t_quiet, 5)
     });
     let report = engine.shutdown();
@@ -644,15 +653,14 @@ fn a_tiny_physical_queue_applies_back_pressure() {
         let topo = Topology::new(2, 4, false);
         let (mut hwcfg, log) = hw(&topo.vmids(), &topo.psids());
         hwcfg.slow = Some(Duration::from_micros(1));
-        let engine = Engine::start(EngineConfig {
+        let engine = TestEngine::start(EngineConfig {
             workers: 2,
             phys_log2size: phys,
             hw: hwcfg,
             hardware: HwPlacement::Thread,
             audit: true,
             ..Default::default()
-        })
-        .unwrap();
+        });
         topo.build(&engine);
         let mut drivers = topo.attach(&engine, fix_like_linux, |_| 10);
         let big = std::thread::scope(|s| {
@@ -669,7 +677,7 @@ fn a_tiny_physical_queue_applies_back_pressure() {
                 d.batch(&cmds).unwrap();
                 cmds.len()
             });
-            h.join().unwrap()
+            join_named("the guest with the big batch", 3 * T, h)
         });
         run_guests(&engine, &topo, &mut drivers, 8, false, || {});
         let report = engine.shutdown();
@@ -703,13 +711,12 @@ fn atc_inv(vsid: u32, g: usize, n: u64) -> RawCommand {
 fn unbind_is_a_barrier_while_guests_hammer_the_vsid() {
     const CYCLES: usize = 100;
     let (hwcfg, log) = hw(&[11], &[0x800, 0x801]);
-    let engine = Engine::start(EngineConfig {
+    let engine = TestEngine::start(EngineConfig {
         workers: 2,
         hw: hwcfg,
         audit: true,
         ..Default::default()
-    })
-    .unwrap();
+    });
     let cfg = ViommuConfig::new(1, 11, 0);
     let v = engine.create_viommu(cfg).unwrap();
     engine.devices().add_device(DeviceId(1), 0, 0x800).unwrap();
@@ -730,6 +737,8 @@ fn unbind_is_a_barrier_while_guests_hammer_the_vsid() {
     let seen = [AtomicU64::new(0), AtomicU64::new(0)];
     // (unbind returned, rebind started): the windows in which the vSID is unbound.
     let windows = std::thread::scope(|s| {
+        // The hammering guests stop even when this thread fails.
+        let _gone = SetOnDrop(&gone);
         let hammers: Vec<_> = drivers
             .iter_mut()
             .enumerate()
@@ -766,11 +775,10 @@ fn unbind_is_a_barrier_while_guests_hammer_the_vsid() {
         for _ in 0..CYCLES {
             // Each guest ran a batch while bound, so that both forward and get refused.
             let e = bound_epoch.load(Ordering::Acquire);
-            let mut spins = 0;
-            while seen.iter().any(|x| x.load(Ordering::Acquire) < e) {
-                spins += 1;
-                backoff(spins);
-            }
+            engine.until(
+                "each guest completes a batch while the vSID is bound",
+                || seen.iter().all(|x| x.load(Ordering::Acquire) >= e),
+            );
             assert_eq!(v.unset_dev_id(DeviceId(1)).unwrap(), 0x10);
             let unbound = Instant::now();
             // Unbound for a while: commands translated before the unbind that were published
@@ -787,8 +795,8 @@ fn unbind_is_a_barrier_while_guests_hammer_the_vsid() {
         // The device is free for another VM at once.
         let v2 = engine.create_viommu(ViommuConfig::new(2, 12, 0)).unwrap();
         v2.set_dev_id(DeviceId(1), 0x20).unwrap();
-        for h in hammers {
-            h.join().unwrap();
+        for (g, h) in hammers.into_iter().enumerate() {
+            join_named(&format!("hammering guest {g}"), 3 * T, h);
         }
         windows
     });
@@ -892,13 +900,12 @@ fn viommus_and_bindings_come_and_go_while_traffic_flows() {
     let mut psids = topo.psids();
     psids.extend((0..ROUNDS).map(|i| 0x2000 + i));
     let (hwcfg, log) = hw(&vmids, &psids);
-    let engine = Engine::start(EngineConfig {
+    let engine = TestEngine::start(EngineConfig {
         workers: 2,
         hw: hwcfg,
         audit: true,
         ..Default::default()
-    })
-    .unwrap();
+    });
     topo.build(&engine);
     let mut drivers = topo.attach(&engine, fix_like_linux, |_| 7);
     let engine_ref = &engine;
@@ -975,7 +982,7 @@ fn shutdown_with_work_in_flight_completes_what_was_taken_and_nothing_more() {
     let topo = Topology::new(2, 4, false);
     let (mut hwcfg, log) = hw(&topo.vmids(), &topo.psids());
     hwcfg.slow = Some(Duration::from_micros(20));
-    let engine = Engine::start(EngineConfig {
+    let engine = TestEngine::start(EngineConfig {
         workers: 2,
         phys_log2size: 6,
         ring_budget: 64,
@@ -983,8 +990,7 @@ fn shutdown_with_work_in_flight_completes_what_was_taken_and_nothing_more() {
         hardware: HwPlacement::Thread,
         audit: true,
         ..Default::default()
-    })
-    .unwrap();
+    });
     topo.build(&engine);
     let mut drivers = topo.attach(&engine, fix_like_linux, |_| 12);
     for (g, d) in drivers.iter_mut().enumerate() {
@@ -999,9 +1005,9 @@ fn shutdown_with_work_in_flight_completes_what_was_taken_and_nothing_more() {
         assert_eq!(d.guest.submit(&cmds), cmds.len());
         d.written = cmds;
     }
-    while engine.stats().taken < 200 {
-        std::thread::yield_now();
-    }
+    engine.until("the engine takes 200 entries", || {
+        engine.stats().taken >= 200
+    });
     let report = engine.shutdown();
     let hw = topo.split(&log);
     let mut untaken = 0;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use vcmdq::command::{opcode, RawCommand};
 use vcmdq::engine::HwPlacement;
 use vcmdq::oracle;
-use vcmdq::soak::{run, Checker, Mix, Plan, SoakConfig, Stream, Violations};
+use vcmdq::soak::{run, Checker, Hostile, Mix, Plan, SoakConfig, Stream, Violations};
 use vcmdq::translate::SlotOutcome;
 
 fn small(workers: usize, hardware: HwPlacement, guests: usize) -> SoakConfig {
@@ -27,6 +27,8 @@ fn small(workers: usize, hardware: HwPlacement, guests: usize) -> SoakConfig {
             hostile_ppm: 4_000,
             trap_ppm: 4_000,
             prefetch_ppm: 10_000,
+            churn_log2: 11,
+            prod_game_every: 16,
         },
         stall_timeout: Duration::from_secs(30),
         ..SoakConfig::default()
@@ -35,6 +37,7 @@ fn small(workers: usize, hardware: HwPlacement, guests: usize) -> SoakConfig {
 
 #[test]
 fn a_small_soak_holds_and_takes_every_path() {
+    let mut rewritten = 0;
     for cfg in [
         small(1, HwPlacement::Inline, 1),
         small(2, HwPlacement::Thread, 2),
@@ -64,7 +67,34 @@ fn a_small_soak_holds_and_takes_every_path() {
             r.guests.phys_stops
         );
         assert_eq!(r.engine.phys_faults, r.hw_errors.total(), "{label}");
+        // The control plane unbound and bound devices and replaced rings at the boundaries,
+        // and the vSID of an unbound device was refused at its slot.
+        assert!(r.unbinds > 0 && r.rebinds > 0, "{label}: {r:?}");
+        assert!(r.unbinds_held > 0, "{label}: no unbind met a held batch");
+        assert!(
+            r.ring_swaps > 0 && r.guests.ring_swaps == r.ring_swaps,
+            "{label}"
+        );
+        assert_eq!(r.guests.boundaries, r.unbinds + r.rebinds, "{label}");
+        let unbound = Hostile::ALL
+            .iter()
+            .position(|&h| h == Hostile::Unbound)
+            .unwrap();
+        assert!(r.guests.refused[unbound] > 0, "{label}");
+        // Every hostile PROD game was played; taken slots are rewritten only when a guest
+        // catches the hardware ahead of CONS, which an inline hardware makes rare.
+        assert!(
+            r.guests.prod_games[..3].iter().all(|&n| n > 0),
+            "{label}: {:?}",
+            r.guests.prod_games
+        );
+        rewritten += r.guests.prod_games[3];
+        assert!(
+            r.guests.window_fixes > 0,
+            "{label}: no window entry was refused"
+        );
     }
+    assert!(rewritten > 0, "no taken slot was rewritten");
 }
 
 /// Ring 0 of a two-vIOMMU plan: its first `n` entries, and the commands the engine must forward
@@ -179,4 +209,73 @@ fn the_checker_catches_broken_isolation_and_invented_commands() {
     c.check(&fwd[1].1).unwrap();
     assert!(c.check(&fwd[2].1).unwrap_err().contains("invented"));
     assert_eq!(v.count(), 1);
+}
+
+/// Ring 0's forwarded commands when every window entry naming the device being bound or
+/// unbound is read with the binding as it was before the boundary: (entry, command).
+fn forwarded_before_each_boundary(plan: &Plan, stream: &Stream, n: u64) -> Vec<(u64, RawCommand)> {
+    let v = plan.viommu_of(0);
+    (0..n)
+        .filter_map(|s| {
+            let e = stream.entry(0, s);
+            let now = oracle::translate_one(&v.cfg, plan.bindings(0, stream.unbound(s)), e.cmd);
+            let before = oracle::translate_one(&v.cfg, plan.bindings(0, !stream.unbound(s)), e.cmd);
+            match (now, before) {
+                (SlotOutcome::Forwarded(c), _) => Some((s, c)),
+                (_, SlotOutcome::Forwarded(c)) if stream.in_window(s) => Some((s, c)),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// A window entry of an unbind carrying the device's pSID to the hardware must have been
+/// published before `unset_dev_id` returned: the checker refuses one at or past the ring's
+/// published progress at the return, whether it lands after the return or landed before.
+#[test]
+fn the_checker_refuses_a_psid_published_after_unset_dev_id_returned() {
+    let plan = Arc::new(Plan::new(2, 2).unwrap());
+    let mix = Mix {
+        churn_log2: 6,
+        ..Mix::default()
+    };
+    let stream = Arc::new(Stream::new(&plan, 5, mix));
+    let fwd = forwarded_before_each_boundary(&plan, &stream, 40_000);
+    let psid = plan.rings[0].psids[1];
+    let late = fwd
+        .iter()
+        .position(|&(s, x)| {
+            stream.unbound(s)
+                && stream.in_window(s)
+                && matches!(x.opcode(), opcode::ATC_INV | opcode::CFGI_CD)
+                && (x.d0() >> 32) as u32 == psid
+        })
+        .expect("a window entry on the second device during an unbind");
+    let (seq, _) = fwd[late];
+    let k = stream.segment(seq);
+    // It lands after the return.
+    let (c, v) = checker(&plan, &stream, 40_000);
+    for (_, cmd) in &fwd[..late] {
+        c.check(cmd).unwrap();
+    }
+    c.unset_returned(0, k, seq);
+    let e = c.check(&fwd[late].1).unwrap_err();
+    assert!(e.contains("unbind barrier"), "{e}");
+    assert_eq!(v.count(), 1);
+    // It landed before the return.
+    let (c, v) = checker(&plan, &stream, 40_000);
+    for (_, cmd) in &fwd[..=late] {
+        c.check(cmd).unwrap();
+    }
+    c.unset_returned(0, k, seq);
+    assert_eq!(v.count(), 1);
+    assert!(v.first()[0].contains("unbind barrier"), "{:?}", v.first());
+    // Published in time: nothing to say.
+    let (c, v) = checker(&plan, &stream, 40_000);
+    for (_, cmd) in &fwd[..=late] {
+        c.check(cmd).unwrap();
+    }
+    c.unset_returned(0, k, seq + 1);
+    c.check(&fwd[late + 1].1).unwrap();
+    assert_eq!(v.count(), 0, "{:?}", v.first());
 }

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use std::process::ExitCode;
 use std::time::Duration;
 use vcmdq::engine::HwPlacement;
-use vcmdq::soak::{run, Hostile, Mix, Progress, SoakConfig, SoakReport};
+use vcmdq::soak::{run, Hostile, Mix, Progress, SoakConfig, SoakReport, PROD_GAMES};
 
 /// Where the modelled hardware runs.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -78,6 +78,16 @@ pub struct SoakArgs {
     /// Dropped entries (PREFETCH_*) per million.
     #[arg(long, default_value_t = Mix::default().prefetch_ppm)]
     prefetch_ppm: u32,
+    /// Segments of 2^N entries per ring: at each boundary the ring goes quiet and the control
+    /// plane unbinds (or binds again) the ring's second device, and every third boundary
+    /// replaces the ring with one of another size (0: no churn, else 4 to 40).
+    #[arg(long, default_value_t = Mix::default().churn_log2,
+          value_parser = clap::value_parser!(u8).range(0..=40))]
+    churn_log2: u8,
+    /// One doorbell in N per ring is followed by a hostile PROD game (junk bits, PROD moved
+    /// backwards or past a full ring, taken slots rewritten; 0: none).
+    #[arg(long, default_value_t = Mix::default().prod_game_every)]
+    prod_game_every: u32,
     /// Seconds between progress lines on standard error (0: none).
     #[arg(long, default_value_t = 5)]
     progress_secs: u64,
@@ -212,6 +222,8 @@ pub fn run_cli(a: SoakArgs) -> Result<ExitCode, CliError> {
             hostile_ppm: a.hostile_ppm,
             trap_ppm: a.trap_ppm,
             prefetch_ppm: a.prefetch_ppm,
+            churn_log2: a.churn_log2,
+            prod_game_every: a.prod_game_every,
         },
         progress_every: Duration::from_secs(a.progress_secs.max(1)),
         ..SoakConfig::default()
@@ -312,6 +324,20 @@ fn to_json(r: &SoakReport) -> Value {
             "phys_stops_acked": {"ill": g.phys_stops[0], "abt": g.phys_stops[1], "atc_inv_sync": g.phys_stops[2]},
         },
         "traps_completed": r.traps,
+        "churn": {
+            "churn_log2": c.mix.churn_log2,
+            "boundaries": g.boundaries,
+            "unbinds": r.unbinds,
+            "unbinds_with_batch_held": r.unbinds_held,
+            "rebinds": r.rebinds,
+            "ring_swaps": r.ring_swaps,
+            "window_fixes": g.window_fixes,
+        },
+        "prod_games": PROD_GAMES
+            .iter()
+            .zip(g.prod_games)
+            .map(|(k, n)| (k.to_string(), json!(n)))
+            .collect::<serde_json::Map<_, _>>(),
         "faults": {
             "scheduled": {"ill": r.faults_scheduled.ill, "abt": r.faults_scheduled.abt, "atc_inv_sync": r.faults_scheduled.atc_inv_sync, "stall": r.faults_scheduled.stall},
             "fired": {"ill": r.hw_errors.ill, "abt": r.hw_errors.abt, "atc_inv_sync": r.hw_errors.atc_inv_sync, "stall": r.hw_stalls},
@@ -405,6 +431,18 @@ fn print_human(r: &SoakReport) {
         g.phys_stops[1],
         g.phys_stops[2],
         e.retracted
+    );
+    println!(
+        "  churn     {:>14} segment boundaries with the ring quiet: {} unset_dev_id ({} with a batch of the device held unpublished), {} set_dev_id, {} rings replaced; {} window entries refused and fixed",
+        g.boundaries, r.unbinds, r.unbinds_held, r.rebinds, r.ring_swaps, g.window_fixes
+    );
+    println!(
+        "  PROD      {:>14} hostile games: junk bits {}, backwards {}, overrun {}; {} taken slots rewritten",
+        g.prod_games[..3].iter().sum::<u64>(),
+        g.prod_games[0],
+        g.prod_games[1],
+        g.prod_games[2],
+        g.prod_games[3]
     );
     println!(
         "  engine    {:>14} taken, {} forwarded, {} batches, {} physical CMD_SYNCs; hardware consumed {}",

@@ -89,12 +89,15 @@ pub struct Tally {
     pub trapped: u64,
     /// Refused entries (the guest fixed each into a CMD_SYNC).
     pub refused: u64,
+    /// Window entries naming a device being bound or unbound that did not reach the hardware:
+    /// refused (or failed in the physical queue) and fixed by the guest into a CMD_SYNC.
+    pub window_fixed: u64,
 }
 
 impl Tally {
     /// Entries accounted for.
     pub fn entries(&self) -> u64 {
-        self.forwarded + self.dropped + self.syncs + self.trapped + self.refused
+        self.forwarded + self.dropped + self.syncs + self.trapped + self.refused + self.window_fixed
     }
 
     fn add(&mut self, o: &Tally) {
@@ -104,7 +107,17 @@ impl Tally {
         self.syncs += o.syncs;
         self.trapped += o.trapped;
         self.refused += o.refused;
+        self.window_fixed += o.window_fixed;
     }
+}
+
+/// What must become of an entry.
+enum Verdict {
+    /// This outcome.
+    One(SlotOutcome),
+    /// A window entry naming a device being bound or unbound: forwarded as this, or refused
+    /// (then fixed by the guest), depending on when the engine read it.
+    Either(RawCommand),
 }
 
 #[derive(Debug, Default)]
@@ -112,6 +125,10 @@ struct Cursor {
     /// The next entry not accounted for.
     next: u64,
     tally: Tally,
+    /// The last unbind of the ring's second device: its segment, the ring's published
+    /// progress once `unset_dev_id` had returned, and one past the last window entry of that
+    /// segment seen forwarded with the device's pSID.
+    unbind: Option<(u64, Option<u64>, u64)>,
 }
 
 #[derive(Debug, Default)]
@@ -124,7 +141,15 @@ struct RingCheck {
     submitted: AtomicU64,
     /// Forwarded commands verified, for progress reports.
     verified: AtomicU64,
+    /// The control plane is unbinding the ring's second device.
+    unbinding: AtomicBool,
+    /// A worker holds a batch carrying that device's pSID before publishing it.
+    held: AtomicBool,
 }
+
+/// How long a worker holds back a batch carrying the pSID of a device being unbound at most
+/// (see [`Checker::before_publish`]).
+pub const HOLD_PUBLISH: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// The streaming checker. Share it (`Arc`) between the hardware check and the guests.
 #[derive(Debug)]
@@ -159,6 +184,135 @@ impl Checker {
             rings,
             violations,
         }
+    }
+
+    /// The control plane: `unset_dev_id` of ring `ring`'s second device, before segment
+    /// `segment`, has returned, and the engine had then published the ring's entries up to
+    /// `published` (its `RingProgress`, in the stream's numbering). The barrier says that every
+    /// batch translated with the binding was published by then: a window entry of the segment
+    /// forwarded with the device's pSID must lie below `published`, whether the hardware
+    /// consumed it before this call (checked here) or after (checked as it lands).
+    pub fn unset_returned(&self, ring: usize, segment: u64, published: u64) {
+        let mut st = lock(&self.rings[ring].state);
+        let seen = match st.unbind {
+            Some((k, None, seen)) if k == segment => seen,
+            _ => 0,
+        };
+        if seen > published {
+            self.violations.report(format!(
+                "ring {ring}: entry {} carried the pSID of its second device to the hardware, \
+                 but unset_dev_id returned with the ring published only up to entry {published} \
+                 (the unbind barrier)",
+                seen - 1
+            ));
+        }
+        st.unbind = Some((segment, Some(published), seen));
+    }
+
+    /// The control plane starts (`true`) or has finished (`false`) unbinding ring `ring`'s
+    /// second device.
+    pub fn set_unbinding(&self, ring: usize, on: bool) {
+        if on {
+            self.rings[ring].held.store(false, Ordering::Relaxed);
+        }
+        self.rings[ring].unbinding.store(on, Ordering::Release);
+    }
+
+    /// Whether a worker holds a batch of ring `ring` carrying its second device's pSID.
+    pub fn held(&self, ring: usize) -> bool {
+        self.rings[ring].held.load(Ordering::Acquire)
+    }
+
+    /// Run by the engine's workers before each publication (`HwConfig::before_publish`),
+    /// inside their grace-period pin: a batch carrying the pSID of a device being unbound is
+    /// held until the unbind is over, [`HOLD_PUBLISH`] at most. The control plane unbinds
+    /// while one is held when it can: with the barrier, `unset_dev_id` waits for the batch;
+    /// without, it returns first, and the batch lands past the progress the control plane
+    /// reads at the return, which the checker reports.
+    pub fn before_publish(&self, cmds: &[RawCommand]) {
+        let ring = cmds.iter().find_map(|c| {
+            let psid = (c.d0() >> 32) as u32;
+            let r = self.plan.ring_of_psid(psid)?;
+            (matches!(
+                c.opcode(),
+                opcode::ATC_INV | opcode::CFGI_CD | opcode::CFGI_CD_ALL
+            ) && psid == self.plan.rings[r].psids[1]
+                && self.rings[r].unbinding.load(Ordering::Acquire))
+            .then_some(r)
+        });
+        if let Some(r) = ring {
+            self.rings[r].held.store(true, Ordering::Release);
+            let until = std::time::Instant::now() + HOLD_PUBLISH;
+            while self.rings[r].unbinding.load(Ordering::Acquire)
+                && std::time::Instant::now() < until
+            {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// A window entry `seq` of an odd segment was forwarded with the old binding: it must have
+    /// been published before `unset_dev_id` returned.
+    fn barrier(&self, ring: usize, seq: u64, st: &mut Cursor) -> Result<(), String> {
+        if !self.stream.unbound(seq) {
+            return Ok(());
+        }
+        let k = self.stream.segment(seq);
+        match &mut st.unbind {
+            Some((s, Some(p), _)) if *s == k && seq >= *p => Err(format!(
+                "ring {ring}: entry {seq} carried the pSID of its second device to the hardware, \
+                 but unset_dev_id returned with the ring published only up to entry {p} (the \
+                 unbind barrier)"
+            )),
+            Some((s, None, seen)) if *s == k => {
+                *seen = (*seen).max(seq + 1);
+                Ok(())
+            }
+            Some((s, Some(_), _)) if *s == k => Ok(()),
+            other => {
+                *other = Some((k, None, seq + 1));
+                Ok(())
+            }
+        }
+    }
+
+    /// The bindings entry `seq` of `ring` is translated with outside a window.
+    fn bindings(&self, ring: usize, seq: u64) -> &std::collections::HashMap<u32, u32> {
+        self.plan.bindings(ring, self.stream.unbound(seq))
+    }
+
+    fn verdict(&self, ring: usize, seq: u64, cmd: RawCommand) -> Verdict {
+        let v = self.plan.viommu_of(ring);
+        let o = oracle::translate_one(&v.cfg, self.bindings(ring, seq), cmd);
+        if self.stream.in_window(seq) {
+            let unbound = !self.stream.unbound(seq);
+            let other = oracle::translate_one(&v.cfg, self.plan.bindings(ring, unbound), cmd);
+            if other != o {
+                if let (SlotOutcome::Forwarded(c), _) | (_, SlotOutcome::Forwarded(c)) = (o, other)
+                {
+                    return Verdict::Either(c);
+                }
+            }
+        }
+        Verdict::One(o)
+    }
+
+    /// The command entry `seq` of `ring` is forwarded as, if it may be.
+    fn forwarded_as(&self, ring: usize, seq: u64) -> Option<RawCommand> {
+        match self.verdict(ring, seq, self.stream.entry(ring, seq).cmd) {
+            Verdict::One(SlotOutcome::Forwarded(c)) | Verdict::Either(c) => Some(c),
+            Verdict::One(_) => None,
+        }
+    }
+
+    /// Whether entry `seq` of `ring` is a window entry naming the device being bound or
+    /// unbound: a CERROR_ILL stop at it is a refusal or a physical fault, and the guest fixes
+    /// it either way.
+    pub fn either(&self, ring: usize, seq: u64) -> bool {
+        matches!(
+            self.verdict(ring, seq, self.stream.entry(ring, seq).cmd),
+            Verdict::Either(_)
+        )
     }
 
     /// Where violations go.
@@ -267,7 +421,20 @@ impl Checker {
                 ));
             }
             let e = self.stream.entry(ring, seq);
-            let o = oracle::translate_one(&v.cfg, &v.bindings, e.cmd);
+            let o = match (e.class, self.verdict(ring, seq, e.cmd)) {
+                (Class::Forward, Verdict::Either(want)) => {
+                    if want != *cmd {
+                        // Refused (or failed) and fixed by the guest.
+                        st.tally.window_fixed += 1;
+                        st.next = seq + 1;
+                        continue;
+                    }
+                    self.barrier(ring, seq, &mut st)?;
+                    SlotOutcome::Forwarded(want)
+                }
+                (_, Verdict::Either(want)) => SlotOutcome::Forwarded(want),
+                (_, Verdict::One(o)) => o,
+            };
             match (e.class, o) {
                 (Class::Forward, SlotOutcome::Forwarded(want)) => {
                     if want != *cmd {
@@ -313,25 +480,25 @@ impl Checker {
             _ => None,
         };
         if let Some(s) = carried {
-            let translated = |s: u64| {
-                let e = self.stream.entry(ring, s);
-                oracle::translate_one(&v.cfg, &v.bindings, e.cmd)
-            };
-            if s < seq && translated(s) == SlotOutcome::Forwarded(*got) {
+            let translated = |s: u64| self.forwarded_as(ring, s);
+            if s < seq && translated(s) == Some(*got) {
                 return format!(
                     "ring {ring}: entry {s} reached the hardware again (doubled) while entry {seq} \
                      was due: {}",
                     show(got)
                 );
             }
-            if s > seq && s < limit && translated(s) == SlotOutcome::Forwarded(*got) {
+            if s > seq && s < limit && translated(s) == Some(*got) {
                 let from = seq;
                 // Account for the skipped entries so that the check goes on from here.
                 for k in seq..s {
                     let e = self.stream.entry(ring, k);
-                    let o = oracle::translate_one(&v.cfg, &v.bindings, e.cmd);
-                    if !matches!(o, SlotOutcome::Forwarded(_)) {
-                        let _ = account(&mut st.tally, e.class, &o);
+                    match self.verdict(ring, k, e.cmd) {
+                        Verdict::One(SlotOutcome::Forwarded(_)) => {}
+                        Verdict::One(o) => {
+                            let _ = account(&mut st.tally, e.class, &o);
+                        }
+                        Verdict::Either(_) => st.tally.window_fixed += 1,
                     }
                 }
                 st.next = s + 1;
@@ -361,14 +528,21 @@ impl Checker {
     pub fn finish(&self) -> Tally {
         let mut total = Tally::default();
         for (ring, rc) in self.rings.iter().enumerate() {
-            let v = self.plan.viommu_of(ring);
             let mut st = lock(&rc.state);
             let limit = rc.submitted.load(Ordering::Acquire);
             let mut lost = 0u64;
             while st.next < limit {
                 let seq = st.next;
                 let e = self.stream.entry(ring, seq);
-                let o = oracle::translate_one(&v.cfg, &v.bindings, e.cmd);
+                let o = match self.verdict(ring, seq, e.cmd) {
+                    Verdict::One(o) => o,
+                    Verdict::Either(_) => {
+                        // Never forwarded: refused and fixed.
+                        st.tally.window_fixed += 1;
+                        st.next = seq + 1;
+                        continue;
+                    }
+                };
                 if let SlotOutcome::Forwarded(want) = o {
                     lost += 1;
                     if lost <= 4 {

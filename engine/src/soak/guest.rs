@@ -18,14 +18,50 @@
 //!   sync.
 //! - Progress: a ring with work outstanding that does not move for the stall timeout is a
 //!   violation (a lost completion, a ring stuck on a stop).
+//! - Segments ([`Mix::churn_log2`](super::Mix)): at each boundary it writes nothing more until
+//!   its ring is quiet (CONS = PROD, every CMD_SYNC completed, no stop), then asks the control
+//!   plane to act (unbind or bind its second device, perhaps a new ring) and goes on once it
+//!   has: so every entry is translated with the binding its segment says, which the checker
+//!   knows from the sequence number alone.
+//! - Hostile PROD games ([`Mix::prod_game_every`](super::Mix)) after a doorbell: junk bits above
+//!   the wrap bit (the engine masks them), PROD moved back between CONS and PROD or past a full
+//!   ring and then restored (the engine takes nothing while it is invalid and goes on after),
+//!   and entries the hardware has already verified, still short of CONS, overwritten with
+//!   another command of the ring (the engine must never read a taken slot again: were it
+//!   forwarded, the checker would see it out of order).
 
 use super::checker::{Checker, Violations};
-use super::stream::{sync_msidata, Class, Hostile, Stream, FIX};
-use crate::command::RawCommand;
+use super::stream::{ident_asid, sync_msidata, Class, Hostile, Stream, FIX};
+use crate::command::{Command, RawCommand};
 use crate::queue::{CError, QueueShape};
 use crate::ring::GuestRing;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// The kinds of hostile PROD game, in the order the guests play them.
+pub const PROD_GAMES: [&str; 4] = ["junk_bits", "backwards", "overrun", "rewrite_taken"];
+
+/// The segment protocol between each ring's guest and the control plane.
+pub(super) struct Churn {
+    /// Per ring: the segment whose start the guest has reached with its ring quiet.
+    pub request: Vec<AtomicU64>,
+    /// Per ring: the last segment the control plane has prepared the ring for.
+    pub ack: Vec<AtomicU64>,
+    /// Per ring: a ring the control plane attached in place of the guest's, to go on with.
+    pub mailbox: Vec<Mutex<Option<GuestRing>>>,
+}
+
+impl Churn {
+    pub(super) fn new(rings: usize) -> Churn {
+        Churn {
+            request: (0..rings).map(|_| AtomicU64::new(0)).collect(),
+            ack: (0..rings).map(|_| AtomicU64::new(0)).collect(),
+            mailbox: (0..rings).map(|_| Mutex::new(None)).collect(),
+        }
+    }
+}
 
 /// Entries one doorbell publishes at most.
 const MAX_CHUNK: u64 = 128;
@@ -56,6 +92,16 @@ pub struct GuestStats {
     /// Stops from physical faults, acknowledged without a fix: CERROR_ILL, CERROR_ABT,
     /// CERROR_ATC_INV_SYNC.
     pub phys_stops: [u64; 3],
+    /// Segment boundaries reached with the ring quiet, each a request to the control plane.
+    pub boundaries: u64,
+    /// Window entries naming the device being bound or unbound that stopped the ring with
+    /// CERROR_ILL (refused, or failed in the physical queue), fixed into a CMD_SYNC.
+    pub window_fixes: u64,
+    /// Of those, boundaries at which the control plane replaces the ring.
+    pub ring_swaps: u64,
+    /// Hostile PROD games played, by kind (index into [`PROD_GAMES`]); for `rewrite_taken`,
+    /// the slots rewritten.
+    pub prod_games: [u64; 4],
 }
 
 impl GuestStats {
@@ -75,6 +121,12 @@ impl GuestStats {
         }
         for i in 0..3 {
             self.phys_stops[i] += o.phys_stops[i];
+        }
+        self.boundaries += o.boundaries;
+        self.window_fixes += o.window_fixes;
+        self.ring_swaps += o.ring_swaps;
+        for i in 0..4 {
+            self.prod_games[i] += o.prod_games[i];
         }
     }
 
@@ -107,6 +159,7 @@ pub(super) struct Ctx<'a> {
     pub checker: &'a Checker,
     pub violations: &'a Violations,
     pub stall_timeout: Duration,
+    pub churn: &'a Churn,
 }
 
 /// One ring, guest side.
@@ -138,6 +191,12 @@ pub(super) struct Driver {
     idle_visits: u32,
     chunk_rng: u64,
     buf: Vec<RawCommand>,
+    /// The segment the guest writes in.
+    segment: u64,
+    /// It asked the control plane to prepare the next segment.
+    requested: bool,
+    /// A rewrite of taken slots is due.
+    rewrite_due: bool,
     pub(super) stats: GuestStats,
 }
 
@@ -162,6 +221,9 @@ impl Driver {
             idle_visits: 0,
             chunk_rng: seed | 1,
             buf: Vec::with_capacity(MAX_CHUNK as usize),
+            segment: 0,
+            requested: false,
+            rewrite_due: false,
             stats: GuestStats::default(),
         }
     }
@@ -222,6 +284,9 @@ impl Driver {
                     self.guest.prod()
                 ),
             ),
+        }
+        if self.rewrite_due {
+            self.rewrite_taken(ctx);
         }
         if self.waiting {
             if self.pending_syncs.is_empty() {
@@ -389,9 +454,23 @@ impl Driver {
                 );
             }
         }
+        // A window entry naming the device being bound or unbound: refused, or failed in the
+        // physical queue; the guest cannot tell which and fixes it either way (its command is
+        // then never executed, which the checker accepts for these entries only).
+        // Once fixed, it is a CMD_SYNC: a fault on it is a physical one.
+        let fixed = ctx.stream.in_window(seq) && self.guest.read_slot(slot) == FIX;
+        if cerror == CError::Ill && !fixed && ctx.checker.either(self.ring, seq) {
+            self.guest.write_slot(slot, FIX);
+            let at = self.pending_syncs.partition_point(|&(s, _)| s < seq);
+            self.pending_syncs.insert(at, (seq, None));
+            self.stats.window_fixes += 1;
+            self.guest.ack_error();
+            return;
+        }
         // A physical fault passed on. Entries before the first unfixed refusal that were
         // refused are CMD_SYNCs now.
         let (sync, forward) = match ctx.stream.class(self.ring, seq) {
+            _ if fixed => (true, false),
             Class::Sync { .. } | Class::Hostile(_) => (true, false),
             Class::Forward => (false, true),
             _ => (false, false),
@@ -427,15 +506,162 @@ impl Driver {
         1 + x % MAX_CHUNK
     }
 
+    /// The first entry that may still be in the ring: the CONS last seen may be stale, and the
+    /// guest may have written up to a ring's worth past the CONS the ring holds now.
+    fn oldest_in_ring(&self) -> u64 {
+        self.cons_seq.max(
+            self.prod_seq
+                .saturating_sub(u64::from(self.shape.entries())),
+        )
+    }
+
+    /// The ring pointer of entry `seq`, from [`Driver::oldest_in_ring`] to PROD.
+    fn ptr_of(&self, seq: u64) -> u32 {
+        let back = (self.prod_seq - seq) as u32;
+        self.shape
+            .advance(self.guest.prod(), 2 * self.shape.entries() - back)
+    }
+
+    /// At a segment boundary: waits for the ring to be quiet and asks the control plane to
+    /// act; then writes the window while it acts (or, when the ring is being replaced, nothing
+    /// until it has); moves on to the next segment (on the new ring, if it attached one) once
+    /// the control plane has acted. Returns whether anything moved, and the entry the guest
+    /// may write up to meanwhile.
+    fn cross(&mut self, ctx: &Ctx<'_>) -> (bool, u64) {
+        let next = self.segment + 1;
+        let boundary = ctx.stream.segment_start(next);
+        let window_end = if ctx.stream.swaps_ring_at(next) {
+            boundary
+        } else {
+            boundary + ctx.stream.window_len()
+        };
+        if !self.requested {
+            let quiet = self.cons_seq == self.prod_seq
+                && self.pending_syncs.is_empty()
+                && self.hostiles.is_empty()
+                && self.guest.error().is_none();
+            if !quiet {
+                return (false, boundary);
+            }
+            ctx.churn.request[self.ring].store(next, Ordering::Release);
+            self.requested = true;
+            self.stats.boundaries += 1;
+            if ctx.stream.swaps_ring_at(next) {
+                self.stats.ring_swaps += 1;
+            }
+            return (true, window_end);
+        }
+        if ctx.churn.ack[self.ring].load(Ordering::Acquire) < next {
+            return (false, window_end);
+        }
+        let boundary = ctx.stream.segment_start(next + 1);
+        let swapped = ctx.churn.mailbox[self.ring]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(g) = swapped {
+            // A fresh ring: PROD, CONS and the sync count start at 0 for entry `prod_seq`.
+            self.shape = g.shape();
+            self.guest = g;
+            self.syncs_seen = 0;
+            self.last_irq = None;
+            self.last_stop = (u64::MAX, 0);
+        }
+        self.segment = next;
+        self.requested = false;
+        (true, boundary)
+    }
+
+    /// One hostile PROD game after a doorbell (see the module docs).
+    fn prod_game(&mut self, ctx: &Ctx<'_>) {
+        let game =
+            ((self.stats.doorbells / u64::from(ctx.stream.mix().prod_game_every)) % 4) as usize;
+        let x = self.next_chunk().wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let entries = self.shape.entries();
+        let prod = self.guest.prod();
+        match game {
+            0 => {
+                // Bits above the wrap bit: the engine masks them. Left until the next doorbell.
+                let wrap_bits = entries.trailing_zeros() + 1;
+                if wrap_bits >= 32 {
+                    return;
+                }
+                let junk = (x as u32 | 1) << wrap_bits;
+                self.guest.write_prod_raw(prod | junk);
+            }
+            1 => {
+                let oldest = self.oldest_in_ring();
+                if self.prod_seq == oldest {
+                    return;
+                }
+                let back = oldest + x % (self.prod_seq - oldest);
+                self.guest.write_prod_raw(self.ptr_of(back));
+                std::thread::yield_now();
+                self.guest.doorbell();
+            }
+            2 => {
+                // More than a full ring ahead of any CONS between the one seen and PROD.
+                self.guest
+                    .write_prod_raw(self.shape.advance(prod, entries + 1));
+                std::thread::yield_now();
+                self.guest.doorbell();
+            }
+            _ => {
+                // Played at the next visit that finds entries taken and not yet completed.
+                self.rewrite_due = true;
+                return;
+            }
+        }
+        self.stats.prod_games[game] += 1;
+    }
+
+    /// Overwrites entries the hardware has verified (so the engine has taken them) that CONS
+    /// has not passed yet with another command of this ring, which the checker would see out
+    /// of order were the engine ever to read such a slot again.
+    fn rewrite_taken(&mut self, ctx: &Ctx<'_>) {
+        if self.guest.error().is_some() {
+            return;
+        }
+        let cursor = ctx.checker.cursor(self.ring);
+        let first_refused = self.hostiles.front().map_or(u64::MAX, |h| h.0);
+        let mut rewritten = 0;
+        for seq in self.oldest_in_ring()..self.prod_seq.min(cursor).min(first_refused) {
+            if rewritten == 8 {
+                break;
+            }
+            if ctx.stream.class(self.ring, seq) != Class::Forward {
+                continue;
+            }
+            let other = Command::TlbiNhAsid {
+                vmid: 0,
+                asid: ident_asid(self.ring as u64, seq + 128),
+            };
+            self.guest.write_slot(self.ptr_of(seq), other.encode());
+            rewritten += 1;
+        }
+        if rewritten > 0 {
+            self.stats.prod_games[3] += rewritten;
+            self.rewrite_due = false;
+        }
+    }
+
     /// Writes the next chunk of the stream and rings the doorbell.
     fn write(&mut self, ctx: &Ctx<'_>, budget: &mut u64, finishing: bool) -> bool {
+        let mut limit = ctx.stream.segment_start(self.segment + 1);
+        let mut moved = false;
+        if self.prod_seq >= limit {
+            (moved, limit) = self.cross(ctx);
+            if self.prod_seq >= limit {
+                return moved;
+            }
+        }
         let free = u64::from(self.guest.free());
-        let mut n = free.min(self.next_chunk());
+        let mut n = free.min(self.next_chunk()).min(limit - self.prod_seq);
         if !finishing {
             n = n.min(*budget);
         }
         if n == 0 {
-            return false;
+            return moved;
         }
         self.buf.clear();
         let ring = self.ring as u64;
@@ -444,7 +670,14 @@ impl Driver {
             let e = ctx.stream.entry(self.ring, seq);
             self.buf.push(e.cmd);
             match e.class {
-                Class::Forward => self.last_forward = Some(seq),
+                // A window entry naming the device being bound or unbound may never reach
+                // the hardware: a later CMD_SYNC cannot wait for it.
+                Class::Forward
+                    if !(ctx.stream.in_window(seq) && ctx.checker.either(self.ring, seq)) =>
+                {
+                    self.last_forward = Some(seq)
+                }
+                Class::Forward => {}
                 Class::Drop => self.stats.prefetches += 1,
                 Class::Trap => self.stats.traps += 1,
                 Class::Sync { cs, blocking } => {
@@ -482,6 +715,10 @@ impl Driver {
         self.prod_seq += n;
         self.stats.submitted += n;
         self.stats.doorbells += 1;
+        let every = ctx.stream.mix().prod_game_every;
+        if every != 0 && self.stats.doorbells.is_multiple_of(u64::from(every)) {
+            self.prod_game(ctx);
+        }
         true
     }
 }

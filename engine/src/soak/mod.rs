@@ -22,6 +22,15 @@
 //! with two devices of its own, driven by `guests` threads. Physical faults (`faults.rs`) are
 //! scheduled from the seed per physical queue; each one that hits a guest's command stops that
 //! ring at the command's slot and the guest acknowledges it without fixing anything.
+//!
+//! Control-plane churn: each ring's stream is cut into segments ([`Mix::churn_log2`]); at each
+//! boundary the guest lets its ring go quiet and asks the control plane to unbind the ring's
+//! second device (`unset_dev_id`) or bind it again, and at every third boundary to detach the
+//! ring and attach a new one of another size on which the guest goes on. While it acts, the
+//! guest writes the segment's window, whose commands naming the device may be forwarded or
+//! refused; past the window there is one verdict per entry again. When `unset_dev_id` returns,
+//! the control plane hands the checker the ring's published progress: every window entry
+//! forwarded with the old binding must lie below it (the barrier). See `docs/soak.md`.
 
 mod checker;
 mod faults;
@@ -29,9 +38,9 @@ mod guest;
 mod plan;
 mod stream;
 
-pub use checker::{Checker, Tally, Violations, KEEP_VIOLATIONS};
+pub use checker::{Checker, Tally, Violations, HOLD_PUBLISH, KEEP_VIOLATIONS};
 pub use faults::{schedule, FaultCounts};
-pub use guest::GuestStats;
+pub use guest::{GuestStats, PROD_GAMES};
 pub use plan::{Plan, PlanError, RingPlan, ViommuPlan, MAX_RINGS};
 pub use stream::{ident_addr, ident_asid, Class, Entry, Hostile, Mix, Stream, FIX};
 
@@ -190,6 +199,15 @@ pub struct SoakReport {
     /// Faults scheduled over all physical queues (those past the last position reached do
     /// not fire).
     pub faults_scheduled: FaultCounts,
+    /// `unset_dev_id` calls the control plane made at segment boundaries, each checked.
+    pub unbinds: u64,
+    /// Of the unbinds, those made while a worker held a batch carrying the device's pSID
+    /// between translating and publishing it (which the unbind must wait for).
+    pub unbinds_held: u64,
+    /// `set_dev_id` calls that bound a device again.
+    pub rebinds: u64,
+    /// Rings detached and replaced by a new one of another size.
+    pub ring_swaps: u64,
     /// Violations, all kinds.
     pub violation_count: u64,
     /// The first [`KEEP_VIOLATIONS`].
@@ -208,6 +226,10 @@ impl SoakReport {
     }
 }
 
+/// The control plane's view of an attached ring: its index in the plan, the sequence number of
+/// the stream's entry at its pointer 0, and its geometry.
+type Attached = (usize, u64, crate::queue::QueueShape);
+
 /// Control-plane state per ring: the next trapped entry must come after this one.
 struct TrapCheck {
     next: Vec<u64>,
@@ -221,6 +243,12 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
         return Err(SoakError::Config(
             "give a command count, a duration, or both".into(),
         ));
+    }
+    if (1..4).contains(&cfg.mix.churn_log2) {
+        return Err(SoakError::Config(format!(
+            "segments of 2^{} entries: the churn needs at least 2^4 (or 0 for none)",
+            cfg.mix.churn_log2
+        )));
     }
     if cfg.guests == 0 || cfg.guests > cfg.rings {
         return Err(SoakError::Config(format!(
@@ -254,6 +282,12 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
     };
     let c = checker.clone();
     let mut hw = HwConfig::default().with_check(move |cmd| c.check(cmd));
+    if cfg.mix.churn_log2 != 0 {
+        let c = checker.clone();
+        hw.before_publish = Some(Arc::new(move |cmds: &[crate::command::RawCommand]| {
+            c.before_publish(cmds)
+        }));
+    }
     hw.on_check_failure = OnCheckFailure::Record;
     hw.faults = faults;
     hw.slow = cfg.slow;
@@ -275,27 +309,38 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
         engine.add_device(DeviceId(device), smmu, psid)?;
         engine.set_dev_id(plan.viommus[v].cfg.id, DeviceId(device), vsid)?;
     }
-    let mut ring_of_id = std::collections::HashMap::new();
+    let mut ring_of_id: std::collections::HashMap<RingId, Attached> =
+        std::collections::HashMap::new();
+    let mut ids = Vec::with_capacity(plan.rings.len());
     let mut drivers: Vec<Vec<guest::Driver>> = (0..cfg.guests).map(|_| Vec::new()).collect();
     for (i, r) in plan.rings.iter().enumerate() {
         let host = HostRing::create_sealed(cfg.ring_log2size, plan.viommus[r.viommu].cfg.id)?;
         let g = GuestRing::open(host.path())?;
+        let shape = g.shape();
         let id = engine.attach_ring(host)?;
-        ring_of_id.insert(id, i);
+        ring_of_id.insert(id, (i, 0, shape));
+        ids.push(id);
         drivers[i % cfg.guests].push(guest::Driver::new(
             i,
             g,
             cfg.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         ));
     }
-    let shape = crate::queue::QueueShape::new(cfg.ring_log2size)
-        .map_err(|e| SoakError::Config(e.to_string()))?;
-
+    let churn = guest::Churn::new(plan.rings.len());
     let ctx = guest::Ctx {
         stream: &stream,
         checker: &checker,
         violations: &violations,
         stall_timeout: cfg.stall_timeout,
+        churn: &churn,
+    };
+    let mut control = Control {
+        ids,
+        ring_of_id,
+        unbinds: 0,
+        unbinds_held: 0,
+        rebinds: 0,
+        swaps: 0,
     };
     let mut traps = TrapCheck {
         next: vec![0; plan.rings.len()],
@@ -337,8 +382,7 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
                 check_trap(
                     &plan,
                     &stream,
-                    shape,
-                    &ring_of_id,
+                    &control.ring_of_id,
                     &mut traps,
                     &violations,
                     &t,
@@ -347,7 +391,10 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
                     violations.report(format!("control plane: complete_trap: {e}"));
                 }
             }
-            if finished.load(Ordering::Acquire) == cfg.guests {
+            let all_finished = finished.load(Ordering::Acquire) == cfg.guests;
+            // After the guests' last requests too: a guest may finish with its request made.
+            got |= control.serve(&engine, &plan, &checker, &churn, cfg, &violations);
+            if all_finished {
                 break;
             }
             if idle.is_multiple_of(256) && !violations.any() && engine.dead_threads() > 0 {
@@ -416,6 +463,21 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
         hw_errors.atc_inv_sync += h.errors[CError::AtcInvSync.code() as usize & 7];
     }
     if report.is_some() && !violations.any() {
+        let expect = |what: &str, got: u64, want: u64| {
+            if got != want {
+                violations.report(format!("accounting: {what}: {got}, expected {want}"));
+            }
+        };
+        expect(
+            "unbinds and rebinds vs segment boundaries the guests crossed",
+            control.unbinds + control.rebinds,
+            guest_stats.boundaries,
+        );
+        expect(
+            "rings replaced vs boundaries the guests reached that replace one",
+            control.swaps,
+            guest_stats.ring_swaps,
+        );
         accounting(
             &violations,
             &guest_stats,
@@ -440,6 +502,10 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
         hw_errors,
         hw_stalls,
         faults_scheduled,
+        unbinds: control.unbinds,
+        unbinds_held: control.unbinds_held,
+        rebinds: control.rebinds,
+        ring_swaps: control.swaps,
         violation_count: violations.count(),
         violations: violations.first(),
     })
@@ -457,24 +523,25 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
 fn check_trap(
     plan: &Plan,
     stream: &Stream,
-    shape: crate::queue::QueueShape,
-    ring_of_id: &std::collections::HashMap<RingId, usize>,
+    ring_of_id: &std::collections::HashMap<RingId, Attached>,
     traps: &mut TrapCheck,
     violations: &Violations,
     t: &crate::engine::TrapEvent,
 ) {
-    let Some(&ring) = ring_of_id.get(&t.ring) else {
+    let Some(&(ring, base, shape)) = ring_of_id.get(&t.ring) else {
         violations.report(format!(
             "control plane: a trap from unknown ring {:?}",
             t.ring
         ));
         return;
     };
+    // The engine numbers a ring's entries from its attach; the stream from the ring's start.
+    let seq = base + t.seq;
     let mut bad = Vec::new();
     if t.viommu != plan.viommu_of(ring).cfg.id {
         bad.push(format!("vIOMMU {}", t.viommu));
     }
-    if t.seq < traps.next[ring] {
+    if seq < traps.next[ring] {
         bad.push(format!(
             "after the trap of entry {} (doubled or out of order)",
             traps.next[ring] - 1
@@ -483,7 +550,7 @@ fn check_trap(
     if t.slot != shape.ptr(t.seq as u32) {
         bad.push(format!("slot {:#x} is not that of its entry", t.slot));
     }
-    let e = stream.entry(ring, t.seq);
+    let e = stream.entry(ring, seq);
     if e.class != Class::Trap || e.cmd != t.cmd {
         bad.push(format!(
             "the ring wrote {} ({:?}) there",
@@ -495,13 +562,130 @@ fn check_trap(
         traps.delivered[ring] += 1;
     } else {
         violations.report(format!(
-            "control plane: ring {ring} trapped entry {} ({}): {}",
-            t.seq,
+            "control plane: ring {ring} trapped entry {seq} ({}): {}",
             crate::command::text::format_raw(&t.cmd),
             bad.join("; ")
         ));
     }
-    traps.next[ring] = traps.next[ring].max(t.seq + 1);
+    traps.next[ring] = traps.next[ring].max(seq + 1);
+}
+
+/// The control plane's side of the segment protocol.
+struct Control {
+    /// The engine's id of each ring of the plan now.
+    ids: Vec<RingId>,
+    /// Every ring attached during the run (a trap event names the id).
+    ring_of_id: std::collections::HashMap<RingId, Attached>,
+    unbinds: u64,
+    unbinds_held: u64,
+    rebinds: u64,
+    swaps: u64,
+}
+
+/// How long the control plane waits for a worker to hold a batch of the window before it
+/// unbinds anyway.
+const UNBIND_MEET: Duration = Duration::from_millis(1);
+
+/// How long a detach of a quiet ring may take before it is a violation.
+const DETACH_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Control {
+    /// Acts on every ring's pending request; true if there was one.
+    fn serve(
+        &mut self,
+        engine: &Engine,
+        plan: &Plan,
+        checker: &Checker,
+        churn: &guest::Churn,
+        cfg: &SoakConfig,
+        violations: &Violations,
+    ) -> bool {
+        let mut any = false;
+        for ring in 0..plan.rings.len() {
+            let k = churn.request[ring].load(Ordering::Acquire);
+            if k > churn.ack[ring].load(Ordering::Relaxed) {
+                any = true;
+                if let Err(e) = self.act(engine, plan, checker, churn, cfg, ring, k) {
+                    violations.report(format!("control plane: ring {ring} segment {k}: {e}"));
+                }
+                churn.ack[ring].store(k, Ordering::Release);
+            }
+        }
+        any
+    }
+
+    /// Prepares ring `ring` (quiet: CONS = PROD, nothing pending) for segment `k`: its second
+    /// device unbound for odd `k`, bound for even; every third boundary a new ring.
+    #[allow(clippy::too_many_arguments)]
+    fn act(
+        &mut self,
+        engine: &Engine,
+        plan: &Plan,
+        checker: &Checker,
+        churn: &guest::Churn,
+        cfg: &SoakConfig,
+        ring: usize,
+        k: u64,
+    ) -> Result<(), String> {
+        let r = &plan.rings[ring];
+        let vcfg = &plan.viommu_of(ring).cfg;
+        let v = engine
+            .viommu(vcfg.id)
+            .ok_or_else(|| format!("vIOMMU {} is gone", vcfg.id))?;
+        let device = DeviceId(plan.device(ring, 1));
+        if k % 2 == 1 {
+            // Other rings keep the workers translating meanwhile: the grace period waits for
+            // their batches.
+            // Unbind while a worker holds one of the window's batches carrying the device's
+            // pSID, if one comes within a while (the guest is writing the window now).
+            checker.set_unbinding(ring, true);
+            let wait = Instant::now() + UNBIND_MEET;
+            while !checker.held(ring) && Instant::now() < wait {
+                std::thread::yield_now();
+            }
+            self.unbinds_held += u64::from(checker.held(ring));
+            let vsid = v.unset_dev_id(device);
+            let progress = engine.ring_progress(self.ids[ring]).map(|p| p.published());
+            checker.set_unbinding(ring, false);
+            let vsid = vsid.map_err(|e| e.to_string())?;
+            if vsid != r.vsids[1] {
+                return Err(format!(
+                    "unset_dev_id returned vSID {vsid:#x}, it was {:#x}",
+                    r.vsids[1]
+                ));
+            }
+            // How far the engine had published the ring when the unbind returned: every batch
+            // translated with the binding is below it.
+            let id = self.ids[ring];
+            let base = self.ring_of_id[&id].1;
+            let published = progress.ok_or_else(|| format!("ring {id:?} has no progress"))?;
+            checker.unset_returned(ring, k, base + published);
+            self.unbinds += 1;
+        } else {
+            v.set_dev_id(device, r.vsids[1])
+                .map_err(|e| e.to_string())?;
+            self.rebinds += 1;
+        }
+        if k.is_multiple_of(3) {
+            engine
+                .detach_ring(self.ids[ring], DETACH_TIMEOUT)
+                .map_err(|e| format!("detach: {e}"))?;
+            let sizes = [cfg.ring_log2size, 6, 8, 5];
+            let log2 = sizes[(k / 3) as usize % sizes.len()];
+            let host = HostRing::create_sealed(log2, vcfg.id).map_err(|e| e.to_string())?;
+            let g = GuestRing::open(host.path()).map_err(|e| e.to_string())?;
+            let shape = g.shape();
+            let id = engine.attach_ring(host).map_err(|e| e.to_string())?;
+            self.ids[ring] = id;
+            self.ring_of_id
+                .insert(id, (ring, k << cfg.mix.churn_log2, shape));
+            *churn.mailbox[ring]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(g);
+            self.swaps += 1;
+        }
+        Ok(())
+    }
 }
 
 /// The final cross-checks between what the guests wrote and saw, what the checker verified,
@@ -549,9 +733,14 @@ fn accounting(
         expect(&format!("ring {ring}: traps completed vs written"), d, w);
     }
     expect(
+        "window entries that did not reach the hardware vs those the guests fixed",
+        tally.window_fixed,
+        g.window_fixes,
+    );
+    expect(
         "guest CMD_SYNCs the engine completed vs written (fixes included)",
         e.guest_syncs,
-        g.syncs + g.hostile_total(),
+        g.syncs + g.hostile_total() + g.window_fixes,
     );
     expect(
         "commands the hardware consumed vs forwarded + physical CMD_SYNCs",

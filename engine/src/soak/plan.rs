@@ -73,6 +73,8 @@ pub struct Plan {
     pub viommus: Vec<ViommuPlan>,
     /// Rings, by index (the engine's `RingId` when attached in this order).
     pub rings: Vec<RingPlan>,
+    /// Per ring: its vIOMMU's bindings while the ring's second device is unbound.
+    pub unbound_bindings: Vec<HashMap<u32, u32>>,
 }
 
 impl Plan {
@@ -125,15 +127,39 @@ impl Plan {
                 vs[r.viommu].bindings.insert(r.vsids[j], r.psids[j]);
             }
         }
+        let unbound_bindings = ring_plans
+            .iter()
+            .map(|r| {
+                let mut b = vs[r.viommu].bindings.clone();
+                b.remove(&r.vsids[1]);
+                b
+            })
+            .collect();
         Ok(Plan {
             viommus: vs,
             rings: ring_plans,
+            unbound_bindings,
         })
     }
 
     /// The vIOMMU of ring `ring`.
     pub fn viommu_of(&self, ring: usize) -> &ViommuPlan {
         &self.viommus[self.rings[ring].viommu]
+    }
+
+    /// The bindings ring `ring`'s commands are translated with: its vIOMMU's, less its second
+    /// device while that is `unbound`.
+    pub fn bindings(&self, ring: usize, unbound: bool) -> &HashMap<u32, u32> {
+        if unbound {
+            &self.unbound_bindings[ring]
+        } else {
+            &self.viommu_of(ring).bindings
+        }
+    }
+
+    /// The engine's id of ring `ring`'s device `j` (0 or 1).
+    pub fn device(&self, ring: usize, j: usize) -> u32 {
+        (ring * 2 + j) as u32
     }
 
     /// The ring that owns pSID `psid`, if any.

@@ -40,6 +40,20 @@ pub struct Mix {
     pub trap_ppm: u32,
     /// PREFETCH_CONFIG and PREFETCH_ADDR (dropped).
     pub prefetch_ppm: u32,
+    /// Each ring's stream is cut into segments of 2^`churn_log2` entries (0: no segments, else
+    /// at least 4). At each boundary the guest lets its ring go quiet and asks the control
+    /// plane to act: it unbinds the ring's second device before an odd segment and binds it
+    /// again before an even one, while the guest writes the segment's first entries (its
+    /// window, where a command naming the device may be forwarded or refused); past the
+    /// window, an odd segment names the device only in one [`Hostile::Unbound`] command,
+    /// refused. At every third boundary the control plane also detaches the ring and attaches
+    /// a new one of another size, on which the stream goes on (then the guest waits for it
+    /// before writing the window).
+    pub churn_log2: u8,
+    /// One doorbell in this many (per ring) is followed by a hostile PROD game: junk bits
+    /// above the wrap bit, PROD moved backwards or past a full ring and back, or slots the
+    /// engine has taken rewritten with junk (0: none).
+    pub prod_game_every: u32,
 }
 
 impl Default for Mix {
@@ -48,6 +62,8 @@ impl Default for Mix {
             hostile_ppm: 50,
             trap_ppm: 200,
             prefetch_ppm: 2000,
+            churn_log2: 13,
+            prod_game_every: 64,
         }
     }
 }
@@ -73,11 +89,14 @@ pub enum Hostile {
     RangeUnsupported,
     /// TLBI_NH_VA with NUM set and TG=0.
     MalformedRange,
+    /// ATC_INV naming the ring's own second device while the control plane has it unbound
+    /// (the first entry after an odd segment's start; see [`Mix::churn_log2`]).
+    Unbound,
 }
 
 impl Hostile {
     /// Every kind.
-    pub const ALL: [Hostile; 9] = [
+    pub const ALL: [Hostile; 10] = [
         Hostile::IllegalOpcode,
         Hostile::Res0,
         Hostile::UnknownVsid,
@@ -87,6 +106,7 @@ impl Hostile {
         Hostile::SyncCs,
         Hostile::RangeUnsupported,
         Hostile::MalformedRange,
+        Hostile::Unbound,
     ];
 
     /// Whether `reason` is the refusal this kind must get.
@@ -108,6 +128,7 @@ impl Hostile {
                     RefuseReason::RangeUnsupported { .. }
                 )
                 | (Hostile::MalformedRange, RefuseReason::MalformedRange { .. })
+                | (Hostile::Unbound, RefuseReason::UnknownVsid { .. })
         )
     }
 
@@ -123,6 +144,7 @@ impl Hostile {
             Hostile::SyncCs => "sync_cs3",
             Hostile::RangeUnsupported => "range_unsupported",
             Hostile::MalformedRange => "malformed_range",
+            Hostile::Unbound => "unbound_vsid",
         }
     }
 }
@@ -278,13 +300,62 @@ impl Stream {
         }
     }
 
+    /// Whether entry `seq` lies in a segment in which the ring's second device is unbound.
+    pub fn unbound(&self, seq: u64) -> bool {
+        self.mix.churn_log2 != 0 && (seq >> self.mix.churn_log2) & 1 == 1
+    }
+
+    /// Entries at the start of each segment (but the first) written while the control plane
+    /// binds or unbinds the ring's second device: a quarter of a segment, at most 64.
+    pub fn window_len(&self) -> u64 {
+        if self.mix.churn_log2 == 0 {
+            0
+        } else {
+            ((1u64 << self.mix.churn_log2) / 4).min(64)
+        }
+    }
+
+    /// Whether entry `seq` is in a segment's window: a command of it naming the ring's second
+    /// device may be forwarded or refused, depending on when the engine read it.
+    pub fn in_window(&self, seq: u64) -> bool {
+        let l = self.mix.churn_log2;
+        l != 0 && seq >> l > 0 && seq & ((1 << l) - 1) < self.window_len()
+    }
+
+    /// Whether the control plane replaces the ring at the start of segment `k`.
+    pub fn swaps_ring_at(&self, k: u64) -> bool {
+        k > 0 && k.is_multiple_of(3)
+    }
+
+    /// The segment of entry `seq` (0 without segments).
+    pub fn segment(&self, seq: u64) -> u64 {
+        if self.mix.churn_log2 == 0 {
+            0
+        } else {
+            seq >> self.mix.churn_log2
+        }
+    }
+
+    /// The first entry of segment `k`.
+    pub fn segment_start(&self, k: u64) -> u64 {
+        if self.mix.churn_log2 == 0 {
+            u64::MAX
+        } else {
+            k << self.mix.churn_log2
+        }
+    }
+
     fn draw(&self, ring: usize, seq: u64) -> (Class, Rng, Phase) {
         let r = &self.rings[ring];
         let mut rng = Rng::fork(r.key, seq);
         let phase = self.phase(r, seq);
         let m = &self.mix;
         let x = rng.below(1_000_000) as u32;
-        let class = if x < m.hostile_ppm {
+        let unbound_probe =
+            self.unbound(seq) && seq & ((1 << m.churn_log2) - 1) == self.window_len();
+        let class = if unbound_probe {
+            Class::Hostile(Hostile::Unbound)
+        } else if x < m.hostile_ppm {
             Class::Hostile(*rng.pick(&r.hostile))
         } else if x < m.hostile_ppm + m.trap_ppm {
             Class::Trap
@@ -389,7 +460,10 @@ impl Stream {
                 o => o,
             };
         }
-        let sid = r.vsids[rng.below(2) as usize];
+        // While the second device is unbound, well-formed traffic names only the first, but in
+        // the window.
+        let both = !self.unbound(seq) || self.in_window(seq);
+        let sid = r.vsids[rng.below(2) as usize * usize::from(both)];
         let ssid = (seq & 0xf_ffff) as u32;
         let cmd = match op {
             TLBI_NH_VA | TLBI_NH_VAA => {
@@ -629,6 +703,15 @@ impl Stream {
                 msiaddr: 0,
             }
             .into(),
+            Hostile::Unbound => Command::AtcInv {
+                sid: r.vsids[1],
+                ssv: false,
+                ssid: 0,
+                global: false,
+                addr: ident_addr(r.ring, seq),
+                size: 0,
+            }
+            .into(),
             Hostile::RangeUnsupported | Hostile::MalformedRange => {
                 let (tg, num) = if h == Hostile::RangeUnsupported {
                     (1, rng.below(32) as u8)
@@ -695,6 +778,8 @@ mod tests {
             hostile_ppm: 20_000,
             trap_ppm: 20_000,
             prefetch_ppm: 20_000,
+            churn_log2: 10,
+            prod_game_every: 0,
         };
         let s = Stream::new(&plan, 7, mix);
         let mut hostile_seen = std::collections::HashSet::new();
@@ -703,7 +788,16 @@ mod tests {
             for seq in 0..20_000u64 {
                 let e = s.entry(ring, seq);
                 assert_eq!(e.class, s.class(ring, seq));
-                let o = oracle::translate_one(&v.cfg, &v.bindings, e.cmd);
+                let mut o =
+                    oracle::translate_one(&v.cfg, plan.bindings(ring, s.unbound(seq)), e.cmd);
+                if s.in_window(seq) && !matches!(o, SlotOutcome::Forwarded(_)) {
+                    // A window entry may be forwarded with the binding as it was before.
+                    let before =
+                        oracle::translate_one(&v.cfg, plan.bindings(ring, !s.unbound(seq)), e.cmd);
+                    if matches!(before, SlotOutcome::Forwarded(_)) && e.class == Class::Forward {
+                        o = before;
+                    }
+                }
                 let ok = match (e.class, o) {
                     (Class::Forward, SlotOutcome::Forwarded(_)) => true,
                     (Class::Drop, SlotOutcome::Dropped) => true,

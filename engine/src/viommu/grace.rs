@@ -77,6 +77,13 @@ impl GraceDomain {
         }
     }
 
+    /// Grace periods started so far, plus one. Tests only: it moves when an unbind has removed
+    /// its entry and starts waiting, which lets a test see an unbind blocked in the barrier.
+    #[doc(hidden)]
+    pub fn epoch(&self) -> u64 {
+        self.shared.epoch.load(Ordering::Acquire)
+    }
+
     /// Registered readers.
     pub fn readers(&self) -> usize {
         lock(&self.shared.readers).len()

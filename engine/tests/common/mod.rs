@@ -1,17 +1,18 @@
 //! Helpers shared by the engine's integration tests: a hardware check that logs what the
 //! physical queue consumed, the audit read back as one outcome per guest slot, rings over real
-//! mapped files, and a guest driver that submits batches ended by a CMD_SYNC and handles ring
-//! errors the way Linux does.
+//! mapped files, a guest driver that submits batches ended by a CMD_SYNC and handles ring
+//! errors the way Linux does, and an engine wrapper and waits that turn a dead engine thread or
+//! a wait that never ends into a test failure saying what did not happen, instead of a hang.
 #![allow(dead_code)]
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vcmdq::command::{opcode, text, RawCommand};
-use vcmdq::engine::{AuditRecord, RingId};
+use vcmdq::engine::{AuditRecord, Engine, EngineConfig, EngineReport, RingId};
 use vcmdq::pqueue::HwConfig;
 use vcmdq::queue::CError;
 use vcmdq::ring::{AttachOptions, GuestRing, HostRing, RingError};
@@ -383,4 +384,145 @@ pub fn vcmdq(args: &[&str], stdin: &str) -> std::process::Output {
         .write_all(stdin.as_bytes())
         .unwrap();
     child.wait_with_output().unwrap()
+}
+
+/// An engine under test. A test that fails while it runs (a guest's wait timed out, an
+/// assertion) leaves it without joining its threads, since a worker whose hardware died never
+/// finishes: the test fails with its message instead of hanging in `Engine`'s drop. Dereferences
+/// to the [`Engine`].
+pub struct TestEngine {
+    engine: Option<Engine>,
+}
+
+impl TestEngine {
+    /// `Engine::start`, unwrapped.
+    pub fn start(cfg: EngineConfig) -> TestEngine {
+        TestEngine {
+            engine: Some(Engine::start(cfg).expect("start the engine")),
+        }
+    }
+
+    fn engine(&self) -> &Engine {
+        self.engine.as_ref().expect("the engine is running")
+    }
+
+    /// Fails the test if a worker or hardware thread has died: each is a panic (an engine bug,
+    /// or a hardware check that failed), whose message the test output shows above.
+    pub fn check_alive(&self) {
+        let dead = self.engine().dead_threads();
+        assert!(
+            dead == 0,
+            "{dead} engine thread(s) died (a worker or hardware thread panicked: its message is \
+             above); the rings it served are no longer served"
+        );
+    }
+
+    /// Waits (bounded by [`T`]) until `done` holds, failing the test with `what` if it never
+    /// does, or at once if an engine thread dies meanwhile.
+    pub fn until(&self, what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + T;
+        let mut spins = 0u32;
+        while !done() {
+            self.check_alive();
+            assert!(Instant::now() < deadline, "{what}: not within {T:?}");
+            spins += 1;
+            backoff(spins);
+        }
+    }
+
+    /// `Engine::shutdown`, bounded by [`T`]: fails the test if an engine thread has died (its
+    /// panic named), or if shutdown does not finish (everything taken must complete).
+    pub fn shutdown(mut self) -> EngineReport {
+        self.check_alive();
+        let engine = self.engine.take().expect("the engine is running");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("test-shutdown".into())
+            .spawn(move || {
+                let r =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.shutdown()));
+                let _ = tx.send(r);
+            })
+            .expect("spawn the shutdown thread");
+        match rx.recv_timeout(T) {
+            Ok(Ok(report)) => report,
+            Ok(Err(p)) => std::panic::resume_unwind(p),
+            Err(_) => panic!(
+                "engine shutdown did not finish within {T:?}: a worker is still waiting for \
+                 work it took to complete"
+            ),
+        }
+    }
+}
+
+impl std::ops::Deref for TestEngine {
+    type Target = Engine;
+
+    fn deref(&self) -> &Engine {
+        self.engine()
+    }
+}
+
+impl Drop for TestEngine {
+    fn drop(&mut self) {
+        let Some(engine) = self.engine.take() else {
+            return;
+        };
+        if std::thread::panicking() || engine.dead_threads() > 0 {
+            // Joining could wait forever on a worker whose hardware died: leave the threads
+            // to the end of the test process.
+            eprintln!(
+                "test engine abandoned with {} dead thread(s)",
+                engine.dead_threads()
+            );
+            std::mem::forget(engine);
+        }
+    }
+}
+
+/// Waits (bounded by [`T`]) until `done` holds; fails the test with `what` if it never does.
+pub fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + T;
+    let mut spins = 0u32;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {T:?}");
+        spins += 1;
+        backoff(spins);
+    }
+}
+
+/// Sets its flag when dropped, so that threads looping until the flag stop even when the test
+/// thread fails: a scope whose body panics still joins its threads.
+pub struct SetOnDrop<'a>(pub &'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Joins a scoped thread, waiting at most `within`, re-raising its panic with `who` named.
+pub fn join_named<R>(who: &str, within: Duration, h: std::thread::ScopedJoinHandle<'_, R>) -> R {
+    let deadline = Instant::now() + within;
+    let mut spins = 0u32;
+    while !h.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "{who} did not finish within {within:?}"
+        );
+        spins += 1;
+        backoff(spins);
+    }
+    match h.join() {
+        Ok(r) => r,
+        Err(p) => panic!("{who} panicked: {}", panic_text(&p)),
+    }
+}
+
+/// The message of a panic payload.
+pub fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "(no message)".into())
 }
