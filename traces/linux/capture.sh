@@ -70,7 +70,11 @@ step() {
 	echo "linux-trace [$stage/$STAGES] (+$(($(date +%s) - t0))s) $*"
 }
 die() {
-	echo "linux-trace: FAILED at stage $stage: $*" >&2
+	if [ "$stage" -gt 0 ]; then
+		echo "linux-trace: FAILED at stage $stage/$STAGES: $*" >&2
+	else
+		echo "linux-trace: FAILED: $*" >&2
+	fi
 	exit 1
 }
 is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
@@ -141,8 +145,8 @@ if ! apt_pkg_known "$KERNEL" || ! apt_pkg_known busybox-static; then
 	[ "$(id -u)" -eq 0 ] && apt_update
 fi
 apt_pkg_known busybox-static || die "apt has no busybox-static for arm64 (after apt-get update)"
-apt_pkg_known "$KERNEL" || die "apt has no package '$KERNEL' for arm64. Kernels apt has: $(
-	apt-cache search --names-only '^linux-image-.*-arm64$' | cut -d' ' -f1 | grep -v -e -dbg -e -unsigned | tr '\n' ' ')"
+apt_pkg_known "$KERNEL" || die "apt has no package '$KERNEL' for arm64. Cloud kernels apt has: $(
+	apt-cache search --names-only '^linux-image-.*cloud-arm64$' | cut -d' ' -f1 | sort -V | tr '\n' ' ')"
 # A meta-package (linux-image-cloud-arm64) depends on the versioned image package: follow it.
 pkg=$KERNEL
 for _ in 1 2 3; do
@@ -273,7 +277,11 @@ while [ "$p" -lt "$NIC_PAIRS" ]; do
 done
 # -msg timestamp=on makes the log backend prefix each event with PID@SECONDS.MICROSECONDS:, the
 # time the import turns into the trace's timestamps (without it QEMU 7.2 prints bare events).
-qemu+=(-msg timestamp=on -trace "$TRACE" -D "$LOG")
+qemu+=(-msg timestamp=on -D "$LOG")
+# TRACE is a list of QEMU -trace patterns; one starting with '-' turns events off again.
+set -f
+for pattern in $TRACE; do qemu+=(-trace "$pattern"); done
+set +f
 printf '%q ' "${qemu[@]}" >"$OUT/cmdline.txt"
 echo >>"$OUT/cmdline.txt"
 echo "  command line in $OUT/cmdline.txt; console in $CONSOLE"
