@@ -98,7 +98,7 @@ never enables it on a device and issues no ATC_INV); run without ATS"
 fi
 
 # --- 1. host packages ---------------------------------------------------------------------------
-step "host packages: qemu-system-aarch64, cpio, the arm64 architecture for apt"
+step "host packages: qemu-system-aarch64, cpio, xz, zstd, the arm64 architecture for apt"
 apt_updated=0
 need_root() {
 	[ "$(id -u)" -eq 0 ] || die "$1 is missing and installing it needs root (apt-get); run as root or install it"
@@ -114,6 +114,9 @@ missing=()
 command -v qemu-system-aarch64 >/dev/null || missing+=(qemu-system-arm)
 command -v cpio >/dev/null || missing+=(cpio)
 command -v gzip >/dev/null || missing+=(gzip)
+# Newer kernel packages ship their modules compressed.
+command -v xz >/dev/null || missing+=(xz-utils)
+command -v zstd >/dev/null || missing+=(zstd)
 if [ "${#missing[@]}" -gt 0 ]; then
 	need_root "${missing[*]}"
 	apt_update
@@ -256,6 +259,8 @@ qemu=(qemu-system-aarch64
 	-nodefaults -display none -monitor none -serial stdio -no-reboot
 	-kernel "$VMLINUZ" -initrd "$INITRD"
 	-append "console=ttyAMA0 rdinit=/init iommu.strict=$STRICT panic=-1 loglevel=4")
+# romfile= on the NICs: the guest boots with -kernel, so no iPXE option ROM is needed (and the
+# ipxe-qemu package that ships one is only a recommendation of qemu-system-arm).
 i=0
 while [ "$i" -lt "$DISKS" ]; do
 	img="$OUT/disk$i.img"
@@ -271,7 +276,7 @@ p=0
 while [ "$p" -lt "$NIC_PAIRS" ]; do
 	for side in 0 1; do
 		qemu+=(-netdev "hubport,id=n$p$side,hubid=$p"
-			-device "virtio-net-pci,netdev=n$p$side,mac=52:54:00:c0:0$p:0$side,iommu_platform=on,disable-legacy=on")
+			-device "virtio-net-pci,netdev=n$p$side,mac=52:54:00:c0:0$p:0$side,iommu_platform=on,disable-legacy=on,romfile=")
 	done
 	p=$((p + 1))
 done
