@@ -254,6 +254,7 @@ step "boot: $VCPUS vCPUs, iommu.strict=$STRICT, $DISKS disk(s), $NIC_PAIRS NIC p
 LOG="$OUT/qemu.log"
 CONSOLE="$OUT/console.log"
 rm -f "$LOG" "$CONSOLE"
+# shellcheck disable=SC2054 # the commas are QEMU's
 qemu=(qemu-system-aarch64
 	-M virt,iommu=smmuv3 -cpu "$QEMU_CPU" -smp "$VCPUS" -m "$MEM" -accel tcg,thread=multi
 	-nodefaults -display none -monitor none -serial stdio -no-reboot

@@ -14,6 +14,7 @@
 #   DOMAIN_CYCLES  times the first disk's IOMMU group is switched identity -> DMA-FQ -> DMA
 #   DOMAIN_KB      KiB read with O_DIRECT after each switch
 set -u
+# shellcheck disable=SC1090 # capture.sh writes it
 . "$1"
 
 say() { echo "vcmdq-guest: [$(cut -d' ' -f1 /proc/uptime)s] $*"; }
@@ -67,8 +68,9 @@ done
 # --- block: O_DIRECT reads then writes at each block size, on every disk -----------------------
 say "phase block: start"
 i=0
-for d in $(ls /sys/block | grep '^vd'); do
-	[ "$i" -lt "$DISKS" ] || break
+for blk in /sys/block/vd*; do
+	[ -e "$blk" ] && [ "$i" -lt "$DISKS" ] || break
+	d=${blk##*/}
 	for bs in $BLOCK_SIZES; do
 		dd_spread "$d" "$bs" "$DD_KB" read
 		dd_spread "$d" "$bs" "$DD_KB" write
