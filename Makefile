@@ -9,7 +9,7 @@ LOOM_MAX_PREEMPTIONS ?= 4
 FUZZ_TARGETS = $(notdir $(basename $(wildcard fuzz/fuzz_targets/*.rs)))
 VCMDQ = target/release/vcmdq
 
-.PHONY: replay-check expected help build release test test-plan fuzz-setup unit lint fmt clippy doc demo traces bench bench-quick ratios loadtest fuzz-build fuzz-smoke fuzz miri loom soak soak-smoke clean
+.PHONY: replay-check expected help build release test test-plan fuzz-setup unit lint fmt clippy doc demo traces bench bench-quick ratios loadtest fuzz-build fuzz-smoke fuzz miri loom soak soak-smoke linux-trace clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -121,6 +121,13 @@ soak: release ## A billion commands of mixed, hostile traffic with physical faul
 soak-smoke: release ## Five million soak commands on each of two engine setups, faults every 20000 positions, unbinds, ring replacements and PROD games (seconds).
 	$(VCMDQ) soak --commands 5M --fault-every 20000 --progress-secs 0
 	$(VCMDQ) soak --commands 5M --fault-every 20000 --workers 2 --hardware thread --guests 2 --seed 2 --churn-log2 11 --prod-game-every 16 --progress-secs 0
+
+# traces/linux/capture.sh's parameters as NAME=VALUE words (see traces/linux/README.md), e.g.
+# `make linux-trace LINUX_TRACE_ARGS="WORKLOAD=lazy VCPUS=4"`.
+LINUX_TRACE_ARGS ?=
+
+linux-trace: release ## Capture a real Linux guest's SMMUv3 commands under QEMU, import, replay (apt; minutes; not in test).
+	traces/linux/capture.sh VCMDQ=$(CURDIR)/$(VCMDQ) $(LINUX_TRACE_ARGS)
 
 clean:
 	$(CARGO) clean
