@@ -414,7 +414,11 @@ fn step(
     let shape = model.shape;
     let guest_op = matches!(
         op,
-        Op::WriteSlot { .. } | Op::Push { .. } | Op::WriteProd(_) | Op::Scribble { .. } | Op::AckError
+        Op::WriteSlot { .. }
+            | Op::Push { .. }
+            | Op::WriteProd(_)
+            | Op::Scribble { .. }
+            | Op::AckError
     );
     if guest_op && !model.guest_safe() {
         return;
