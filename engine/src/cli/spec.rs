@@ -387,9 +387,12 @@ mod tests {
         use super::super::*;
         use proptest::prelude::*;
 
-        /// Longest message a spec error may have whatever the input: what it quotes is cut to
-        /// SHOWN characters, the rest is fixed text.
-        const MAX_MESSAGE: usize = 4 * SHOWN + 200;
+        /// Longest message a spec error may have whatever the input: it quotes at most two
+        /// parts, each cut to SHOWN characters, and a quoted character takes at most 10 bytes
+        /// once escaped (`\u{10ffff}`); the rest, the list of keys included, is fixed text
+        /// under 400 bytes. An input of 2,000 characters would break this bound if it were
+        /// echoed whole.
+        const MAX_MESSAGE: usize = 2 * 10 * SHOWN + 400;
 
         fn all(s: &str) -> Vec<Result<(), SpecError>> {
             vec![
