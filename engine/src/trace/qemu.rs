@@ -691,7 +691,7 @@ fn rebuild(
                                 "CMD_SYNC MSH=3 MSIATTR=0xf MSIADDR=its own slot (not logged): \
                                  IDR0.MSI=1 and COHACC=1, Linux's MSI polling",
                             );
-                            (1, base + u64::from(index) * 16)
+                            (1, (base + u64::from(index) * 16) & ((1 << 52) - 1))
                         }
                         (true, _, _) => {
                             stats.derived(
