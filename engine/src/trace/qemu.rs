@@ -231,6 +231,14 @@ impl core::fmt::Display for ImportStats {
             self.sids,
             self.log2size,
             if self.log2size_inferred { " (inferred)" } else { "" }
+        )?;
+        let sum = |m: &BTreeMap<&'static str, u64>| m.values().sum::<u64>();
+        write!(
+            f,
+            "; fields read from the log {}, reconstructed from the rest of it {}, approximated {} (--json lists them by kind)",
+            sum(&self.exact),
+            sum(&self.reconstructed),
+            sum(&self.approximated)
         )
     }
 }
