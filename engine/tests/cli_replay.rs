@@ -276,3 +276,36 @@ fn a_trace_declaring_more_ring_memory_than_allowed_is_refused_and_the_flag_raise
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn an_imported_qemu_trace_replays_closed_loop_by_default_and_says_so() {
+    let t = trace("qemu-sample.vct");
+    let out = vcmdq(&["replay", t.to_str().unwrap()], "");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("  mode: closed-loop (each ring waited for its CMD_SYNCs"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("what the guest would feel"), "{stdout}");
+    // --open-loop overrides the header; JSON names the mode.
+    let out = vcmdq(
+        &["replay", t.to_str().unwrap(), "--open-loop", "--json"],
+        "",
+    );
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["mode"], "open-loop");
+    assert_eq!(j["sync_waits"], 0);
+    // A synthetic trace: open loop unless asked.
+    let t = trace("mixed.vct");
+    let out = vcmdq(&["replay", t.to_str().unwrap()], "");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("  mode: open-loop"), "{stdout}");
+    let out = vcmdq(
+        &["replay", t.to_str().unwrap(), "--closed-loop", "--json"],
+        "",
+    );
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["mode"], "closed-loop");
+    assert_eq!(j["oracle_ok"], true);
+}

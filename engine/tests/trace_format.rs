@@ -262,7 +262,7 @@ fn writer_refuses_what_the_reader_would() {
     assert!(TraceWriter::new(
         Vec::new(),
         TraceMeta {
-            flags: 4,
+            flags: 8,
             created_unix_ns: 0
         }
     )

@@ -70,6 +70,15 @@ pub struct ReplayArgs {
     /// Show a progress bar even when standard error is not a terminal.
     #[arg(long)]
     progress: bool,
+    /// Closed loop: after each doorbell, wait for the CMD_SYNCs it published to complete
+    /// before writing on, as a guest driver does (the default for traces whose header says
+    /// their guests waited: `waits-sync`, every QEMU import).
+    #[arg(long, conflicts_with = "open_loop")]
+    closed_loop: bool,
+    /// Open loop: write the trace as fast (or as paced) as it goes, never waiting for a
+    /// CMD_SYNC (the default for other traces); latency then includes the backlog.
+    #[arg(long)]
+    open_loop: bool,
 }
 
 /// Runs `vcmdq replay`.
@@ -100,6 +109,11 @@ pub fn run(a: ReplayArgs) -> Result<ExitCode, CliError> {
         capture: a.capture.clone(),
         limits,
         max_paced_wall: Duration::from_secs(a.max_wall_secs),
+        closed_loop: match (a.closed_loop, a.open_loop) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        },
         ..Default::default()
     };
     let report = replay_validated(&trace, &summary, &opts, |n| bar.set_position(n))?;
@@ -188,6 +202,9 @@ fn percentiles(h: &Histogram<u64>) -> Value {
 fn full_json(r: &ReplayReport, name: &str) -> Value {
     let mut j = deterministic(r);
     j["trace"] = json!(name);
+    j["mode"] = json!(mode(r));
+    j["max_outstanding_syncs"] = json!(r.max_outstanding_syncs);
+    j["sync_waits"] = json!(r.sync_waits);
     j["wall_s"] = json!(r.wall.as_secs_f64());
     j["commands_per_s"] = json!(r.rate());
     j["latency"] = json!({
@@ -254,11 +271,30 @@ fn latency_line(label: &str, h: &Histogram<u64>) {
     );
 }
 
+fn mode(r: &ReplayReport) -> &'static str {
+    if r.closed_loop {
+        "closed-loop"
+    } else {
+        "open-loop"
+    }
+}
+
 fn print_human(r: &ReplayReport, name: &str, per_viommu: bool) {
     println!(
         "replay {name}: {} commands on {} rings of {} vIOMMUs",
         r.commands, r.rings, r.viommus
     );
+    if r.closed_loop {
+        println!(
+            "  mode: closed-loop (each ring waited for its CMD_SYNCs before writing on, as the guest did: {} waits, at most {} outstanding per ring); sync latency is what the guest would feel",
+            r.sync_waits, r.max_outstanding_syncs
+        );
+    } else {
+        println!(
+            "  mode: open-loop (written ahead without waiting for CMD_SYNCs: up to {} outstanding per ring); sync latency includes the backlog",
+            r.max_outstanding_syncs
+        );
+    }
     print_outcomes(&r.outcomes, "  ");
     if per_viommu {
         for (v, o) in &r.per_viommu {

@@ -253,6 +253,8 @@ fn info(file: &Path, json: bool, limits: &Limits) -> Result<ExitCode, CliError> 
         v["file"] = file.display().to_string().into();
         v["synthetic"] = (meta.flags & vcmdq::trace::format::FLAG_SYNTHETIC != 0).into();
         v["imported"] = (meta.flags & vcmdq::trace::format::FLAG_IMPORTED != 0).into();
+        v["guest_waits_sync"] =
+            (meta.flags & vcmdq::trace::format::FLAG_GUEST_WAITS_SYNC != 0).into();
         v["created_unix_ns"] = meta.created_unix_ns.into();
         println!("{v}");
     } else {

@@ -24,6 +24,7 @@ use crate::engine::{AuditRecord, Engine, EngineConfig, EngineStats, RingId};
 use crate::pqueue::{HwConfig, OnCheckFailure};
 use crate::queue::QueueShape;
 use crate::ring::{GuestRing, HostRing, RingError};
+use crate::trace::format::FLAG_GUEST_WAITS_SYNC;
 use crate::trace::{validate_with, Event, Limits, Summary, Trace, TraceError};
 use crate::translate::SlotOutcome;
 use crate::viommu::{DeviceId, Profile, ViommuConfig};
@@ -53,6 +54,12 @@ pub struct ReplayOptions {
     /// A paced replay whose recorded span, at `speed`, would take longer than this is refused
     /// before it starts (`--max-wall-secs`).
     pub max_paced_wall: Duration,
+    /// Closed loop: after each doorbell, a ring waits for every guest CMD_SYNC it published to
+    /// complete before the replay goes on, as a guest driver waits for its CMD_SYNCs; the
+    /// doorbell-to-sync latency is then what such a guest would feel, not the backlog of a
+    /// replayer running ahead. `None`: closed loop when the trace's header says its guests
+    /// waited ([`FLAG_GUEST_WAITS_SYNC`], set by the QEMU import), open loop otherwise.
+    pub closed_loop: Option<bool>,
 }
 
 /// The multiples of the recorded pace `--speed` accepts: slower than a thousandth makes a
@@ -94,6 +101,7 @@ impl Default for ReplayOptions {
             capture: None,
             limits: Limits::default(),
             max_paced_wall: DEFAULT_MAX_PACED_WALL,
+            closed_loop: None,
         }
     }
 }
@@ -241,6 +249,14 @@ pub struct ReplayReport {
     /// Other broken invariants (hardware consumed more or less than was forwarded, traps out of
     /// order, ...).
     pub invariant_failures: Vec<String>,
+    /// Whether the replay was closed-loop (see [`ReplayOptions::closed_loop`]).
+    pub closed_loop: bool,
+    /// The most guest CMD_SYNCs of one ring that were published and not yet complete just
+    /// after a doorbell (that doorbell's included). Closed loop: at most the CMD_SYNCs one
+    /// doorbell publishes.
+    pub max_outstanding_syncs: u64,
+    /// Doorbells after which the replay waited for CMD_SYNCs (closed loop).
+    pub sync_waits: u64,
     /// Per trace ring, the [`Fnv1a`] digest of the physical commands forwarded from it, in ring
     /// order (the same whatever the number of workers).
     pub forwarded_digest: BTreeMap<u32, u64>,
@@ -297,6 +313,11 @@ struct RingRt {
     doorbells: Vec<(u64, u64)>,
     model: RingModel,
     last_trap_seq: Option<u64>,
+    /// Guest CMD_SYNCs the model expects so far, and how much of its history was counted.
+    syncs_expected: u64,
+    expected_counted: usize,
+    /// The ring's completed-CMD_SYNC count when it was created.
+    sync_base: u64,
 }
 
 struct Replayer<'e> {
@@ -307,6 +328,9 @@ struct Replayer<'e> {
     viommus: HashMap<u32, (ViommuConfig, HashMap<u32, u32>)>,
     devices: HashMap<u32, u32>,
     invariant_failures: Vec<String>,
+    closed_loop: bool,
+    max_outstanding_syncs: u64,
+    sync_waits: u64,
 }
 
 /// How many commands the hardware's isolation check refused, and the first 100 of them.
@@ -414,6 +438,11 @@ pub fn replay_validated(
         viommus: HashMap::new(),
         devices: HashMap::new(),
         invariant_failures: Vec::new(),
+        closed_loop: opts
+            .closed_loop
+            .unwrap_or(trace.meta().flags & FLAG_GUEST_WAITS_SYNC != 0),
+        max_outstanding_syncs: 0,
+        sync_waits: 0,
     };
     let start = Instant::now();
     let mut first_ts = None;
@@ -455,6 +484,9 @@ pub fn replay_validated(
         by_engine_id,
         viommus,
         mut invariant_failures,
+        closed_loop,
+        max_outstanding_syncs,
+        sync_waits,
         ..
     } = rp;
     let report = engine.shutdown();
@@ -568,6 +600,9 @@ pub fn replay_validated(
         isolation_count,
         invariant_failures,
         forwarded_digest,
+        closed_loop,
+        max_outstanding_syncs,
+        sync_waits,
     })
 }
 
@@ -808,6 +843,7 @@ impl Replayer<'_> {
                     err,
                 })?;
                 let shape = host.shape();
+                let guest_syncs = guest.sync_count();
                 let id = self
                     .engine
                     .attach_ring(host)
@@ -824,6 +860,9 @@ impl Replayer<'_> {
                         doorbells: Vec::new(),
                         model: RingModel::new(shape),
                         last_trap_seq: None,
+                        syncs_expected: 0,
+                        expected_counted: 0,
+                        sync_base: guest_syncs,
                     },
                 );
             }
@@ -869,6 +908,7 @@ impl Replayer<'_> {
                 let (cfg, b) = &self.viommus[&viommu];
                 let (cfg, b) = (*cfg, b.clone());
                 self.ring(at, ring)?.model.doorbell(prod, &cfg, &b);
+                self.after_model_step(at, ring)?;
             }
             Event::GuestAck { ring } => {
                 // The guest acknowledged a stop it saw: wait for the engine's. An ack with no
@@ -886,6 +926,7 @@ impl Replayer<'_> {
                 let rt = self.ring(at, ring)?;
                 rt.guest.ack_error();
                 rt.model.ack(&cfg, &b);
+                self.after_model_step(at, ring)?;
             }
             Event::GuestFix { ring, slot, cmd } => {
                 if self.ring(at, ring)?.model.stopped() {
@@ -902,6 +943,35 @@ impl Replayer<'_> {
             Event::Outcome { .. } => {}
         }
         Ok(())
+    }
+
+    /// After the guest moved a ring on (a doorbell, an acknowledgement): counts the CMD_SYNCs
+    /// the oracle now expects the ring to complete and, closed loop, waits for them, as the
+    /// guest did before writing anything more.
+    fn after_model_step(&mut self, at: &str, ring: u32) -> Result<(), ReplayError> {
+        let rt = self.ring(at, ring)?;
+        let new = rt.model.expected[rt.expected_counted..]
+            .iter()
+            .filter(|(_, o)| matches!(o, SlotOutcome::Sync { .. }))
+            .count() as u64;
+        rt.expected_counted = rt.model.expected.len();
+        rt.syncs_expected += new;
+        let target = rt.syncs_expected;
+        let done = rt.guest.sync_count().wrapping_sub(rt.sync_base);
+        let outstanding = target.saturating_sub(done);
+        self.max_outstanding_syncs = self.max_outstanding_syncs.max(outstanding);
+        if !self.closed_loop || outstanding == 0 {
+            return Ok(());
+        }
+        self.sync_waits += 1;
+        self.wait(
+            at,
+            || format!("ring {ring}: its CMD_SYNC number {target} to complete (closed-loop replay: the guest waits for it)"),
+            |rp| {
+                let rt = &rp.rings[&ring];
+                rt.guest.sync_count().wrapping_sub(rt.sync_base) >= target
+            },
+        )
     }
 
     /// Waits until every ring of `viommu` is idle, so a binding changes between commands
@@ -1011,6 +1081,63 @@ mod tests {
             pace_step(ms(10), Duration::from_micros(9_700), ms(1)),
             Some(Duration::from_micros(300))
         );
+    }
+
+    /// A trace whose guest writes, `n` times, a TLBI and a CMD_SYNC and rings the doorbell,
+    /// with `header` as its first line.
+    fn sync_per_doorbell(header: &str, n: u32) -> Vec<u8> {
+        let mut text = format!(
+            "{header}\n@0 viommu 0 vmid=1 smmu=0 profile=kernel sidsize=16 range\n\
+             @0 ring 0 viommu=0 log2size=8\n"
+        );
+        for i in 0..n {
+            let slot = (2 * i) % 512;
+            text += &format!(
+                "@{t} cmd ring=0 slot={slot} TLBI_NH_ASID vmid=0 asid=1\n\
+                 @{t} cmd ring=0 slot={s1} CMD_SYNC cs=2 msh=3 msiattr=15 msidata=0x0 msiaddr=0x0\n\
+                 @{t} doorbell ring=0 prod={p}\n",
+                t = i * 1000,
+                s1 = slot + 1,
+                p = (2 * i + 2) % 512,
+            );
+        }
+        crate::trace::text::build(&text, std::io::Cursor::new(Vec::new()))
+            .expect("a valid trace")
+            .into_inner()
+    }
+
+    #[test]
+    fn closed_loop_replay_never_has_more_than_one_outstanding_sync_per_ring() {
+        let bytes = sync_per_doorbell("trace version=1 created=0 imported waits-sync", 2000);
+        let trace = Trace::parse(&bytes).unwrap();
+        // The header's waits-sync makes it the default.
+        let r = replay(&trace, &ReplayOptions::default(), |_| {}).unwrap();
+        assert!(r.ok(), "{:?}", r.mismatches);
+        assert!(r.closed_loop);
+        assert_eq!(r.outcomes.syncs, 2000);
+        // Each doorbell publishes one CMD_SYNC and the ring waits for it before the next: no
+        // doorbell ever finds an earlier one outstanding, whatever the engine's speed.
+        assert!(
+            r.max_outstanding_syncs <= 1,
+            "{} CMD_SYNCs outstanding at once",
+            r.max_outstanding_syncs
+        );
+        assert_eq!(r.sync_latency.len(), 2000, "a latency per CMD_SYNC");
+        // Told otherwise, or without the flag: open loop, as every trace replayed before.
+        let open = ReplayOptions {
+            closed_loop: Some(false),
+            ..Default::default()
+        };
+        let r = replay(&trace, &open, |_| {}).unwrap();
+        assert!(r.ok() && !r.closed_loop && r.sync_waits == 0);
+        let bytes = sync_per_doorbell("trace version=1 created=0", 10);
+        let r = replay(
+            &Trace::parse(&bytes).unwrap(),
+            &ReplayOptions::default(),
+            |_| {},
+        )
+        .unwrap();
+        assert!(r.ok() && !r.closed_loop && r.sync_waits == 0);
     }
 
     #[test]

@@ -20,8 +20,13 @@ pub const FLAG_SYNTHETIC: u32 = 1 << 0;
 /// Header flag: the trace was converted from another tool's log (e.g. QEMU's), so some fields are
 /// reconstructed rather than recorded.
 pub const FLAG_IMPORTED: u32 = 1 << 1;
+/// Header flag: the guests that made this trace waited for each of their CMD_SYNCs to complete
+/// before writing what follows it (a capture of a real driver, e.g. Linux's arm-smmu-v3 under
+/// QEMU): `vcmdq replay` replays it closed-loop unless told otherwise. Traces without it (every
+/// trace written before it existed) replay open-loop, as before.
+pub const FLAG_GUEST_WAITS_SYNC: u32 = 1 << 2;
 /// Every header flag version 1 defines; the others are reserved and must be zero.
-pub const KNOWN_FLAGS: u32 = FLAG_SYNTHETIC | FLAG_IMPORTED;
+pub const KNOWN_FLAGS: u32 = FLAG_SYNTHETIC | FLAG_IMPORTED | FLAG_GUEST_WAITS_SYNC;
 
 /// The file header, at offset 0.
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -31,7 +36,7 @@ pub struct FileHeader {
     pub magic: [u8; 8],
     /// [`VERSION`].
     pub version: U32,
-    /// [`FLAG_SYNTHETIC`], [`FLAG_IMPORTED`]; other bits zero.
+    /// [`FLAG_SYNTHETIC`], [`FLAG_IMPORTED`], [`FLAG_GUEST_WAITS_SYNC`]; other bits zero.
     pub flags: U32,
     /// Records that follow, or 0 when unknown (a capture that was cut short).
     pub record_count: U64,

@@ -13,7 +13,7 @@
 //! from it) or not (then line N is at N microseconds). Lines of other events and other text are
 //! skipped.
 
-use super::format::FLAG_IMPORTED;
+use super::format::{FLAG_GUEST_WAITS_SYNC, FLAG_IMPORTED};
 use super::{Outcome, Profile, TraceMeta, TraceWriter, WriteError};
 use crate::command::{opcode, Command, RawCommand, LAYOUTS};
 use crate::queue::{CError, QueueShape, MAX_LOG2SIZE};
@@ -51,6 +51,48 @@ pub struct ImportStats {
     /// Fields or commands reconstructed by a documented rule rather than read from the log, by
     /// what: also warnings.
     pub approximated: BTreeMap<&'static str, u64>,
+    /// Fields the log does not print but determines (through what the guest read of the SMMU's
+    /// ID registers, or the order its driver writes commands in), by what.
+    pub reconstructed: BTreeMap<&'static str, u64>,
+    /// Fields read from the log as they are, by what.
+    pub exact: BTreeMap<&'static str, u64>,
+    /// SMMU_IDR0 as the guest read it (`smmuv3_read_mmio addr: 0x0`), if it did.
+    pub idr0: Option<u32>,
+    /// SMMU_IDR3 as the guest read it, if it did.
+    pub idr3: Option<u32>,
+    /// Lines of `smmuv3_*` events without a `PID@SECONDS.MICROSECONDS:` prefix, timed by their
+    /// line number.
+    pub untimed: u64,
+    /// The last line, when the log ends without a newline after it (a QEMU stopped while
+    /// writing): that line is not imported.
+    pub cut_last_line: Option<u64>,
+}
+
+/// What SMMU_IDR0 and SMMU_IDR3 say, by the architecture's field names.
+fn idr_features(idr0: Option<u32>, idr3: Option<u32>) -> serde_json::Value {
+    let mut j = serde_json::Map::new();
+    if let Some(v) = idr0 {
+        j.insert("idr0".into(), format!("{v:#x}").into());
+        for (name, bit) in [
+            ("S2P", 0),
+            ("S1P", 1),
+            ("COHACC", 4),
+            ("ATS", 10),
+            ("ASID16", 12),
+            ("MSI", 13),
+            ("SEV", 14),
+            ("PRI", 16),
+            ("VMID16", 18),
+        ] {
+            j.insert(name.into(), (v >> bit & 1 == 1).into());
+        }
+        j.insert("ST_LEVEL".into(), (v >> 27 & 3).into());
+    }
+    if let Some(v) = idr3 {
+        j.insert("idr3".into(), format!("{v:#x}").into());
+        j.insert("RIL".into(), (v >> 10 & 1 == 1).into());
+    }
+    serde_json::Value::Object(j)
 }
 
 impl ImportStats {
@@ -62,16 +104,48 @@ impl ImportStats {
         *self.approximated.entry(what).or_default() += 1;
     }
 
+    fn derived(&mut self, what: &'static str) {
+        *self.reconstructed.entry(what).or_default() += 1;
+    }
+
+    fn read(&mut self, what: &'static str) {
+        *self.exact.entry(what).or_default() += 1;
+    }
+
     /// One line per kind of skipped line and approximation, with its count: what the CLI
     /// prints on standard error.
     pub fn warnings(&self) -> Vec<String> {
-        self.skipped
-            .iter()
-            .map(|(why, n)| format!("skipped {n} line(s): {why}"))
+        let cut = self.cut_last_line.map(|n| {
+            format!(
+                "the log ends mid-line: line {n} has no newline after it and was NOT imported \
+                 (was QEMU stopped while writing?); the commands it would have completed are \
+                 counted as never consumed"
+            )
+        });
+        let untimed = (self.untimed > 0).then(|| {
+            format!(
+                "{} smmuv3_* line(s) have no PID@SECONDS.MICROSECONDS: prefix: line N is taken \
+                 to be at N microseconds, so the trace's times are NOT the guest's (run QEMU \
+                 with -msg timestamp=on)",
+                self.untimed
+            )
+        });
+        cut.into_iter()
+            .chain(untimed)
+            .chain(
+                self.skipped
+                    .iter()
+                    .map(|(why, n)| format!("skipped {n} line(s): {why}")),
+            )
             .chain(
                 self.approximated
                     .iter()
                     .map(|(what, n)| format!("approximated {n} time(s): {what}")),
+            )
+            .chain(
+                self.reconstructed
+                    .iter()
+                    .map(|(what, n)| format!("reconstructed {n} time(s): {what}")),
             )
             .collect()
     }
@@ -92,6 +166,11 @@ impl ImportStats {
             "sids": self.sids,
             "skipped": self.skipped,
             "approximated": self.approximated,
+            "reconstructed": self.reconstructed,
+            "exact": self.exact,
+            "smmu": idr_features(self.idr0, self.idr3),
+            "untimed_lines": self.untimed,
+            "cut_last_line": self.cut_last_line,
             "warnings": self.warnings(),
         })
     }
@@ -152,6 +231,14 @@ impl core::fmt::Display for ImportStats {
             self.sids,
             self.log2size,
             if self.log2size_inferred { " (inferred)" } else { "" }
+        )?;
+        let sum = |m: &BTreeMap<&'static str, u64>| m.values().sum::<u64>();
+        write!(
+            f,
+            "; fields read from the log {}, reconstructed from the rest of it {}, approximated {} (--json lists them by kind)",
+            sum(&self.exact),
+            sum(&self.reconstructed),
+            sum(&self.approximated)
         )
     }
 }
@@ -309,6 +396,9 @@ struct Fields {
     irq: bool,
     /// An ASID printed as -1 (not applicable) taken as 0.
     asid_unknown: bool,
+    /// `sid` is the SID of the last CFGI_STE before it (a PREFETCH_CONFIG, which QEMU logs
+    /// without fields).
+    sid_from_ste: bool,
 }
 
 struct Obs {
@@ -490,15 +580,36 @@ fn opcode_of(name: &str) -> Option<u8> {
     }
 }
 
-/// The 16 bytes of a command from what the log said of it; `default_sid` stands in for a SID
-/// the log does not give. Every field not read from the log is counted in `stats`; a field the
-/// command needs and the log lacks (a TLBI's address) or a value no command can hold is refused.
+/// What the whole log says that rebuilding one command needs.
+struct Ctx {
+    /// Stands in for a SID the log does not give.
+    default_sid: u32,
+    /// SMMU_IDR0 as the guest read it.
+    idr0: Option<u32>,
+    /// CMDQ_BASE.ADDR.
+    cmdq_base: Option<u64>,
+}
+
+/// Linux's CMD_SYNC.MSH: inner shareable (ARM_SMMU_SH_ISH).
+const LINUX_SYNC_MSH: u8 = 3;
+/// Linux's CMD_SYNC.MSIATTR: inner and outer write-back cacheable (ARM_SMMU_MEMATTR_OIWB).
+const LINUX_SYNC_MSIATTR: u8 = 0xf;
+
+/// The 16 bytes of a command from what the log said of it, the command at queue `index`.
+/// Every field not read from the log is counted in `stats` as reconstructed (determined by the
+/// rest of the log) or approximated; a field the command needs and the log lacks (a TLBI's
+/// address) or a value no command can hold is refused.
 fn rebuild(
     f: &Fields,
     name: &str,
-    default_sid: u32,
+    index: u32,
+    ctx: &Ctx,
     stats: &mut ImportStats,
 ) -> Result<RawCommand, ImportProblem> {
+    let default_sid = ctx.default_sid;
+    if f.op.is_some() {
+        stats.read("opcode (smmuv3_cmdq_opcode, or the guest-error line)");
+    }
     let op = match f.op {
         Some(op) => op,
         None => {
@@ -511,7 +622,17 @@ fn rebuild(
         }
     };
     let sid = match f.sid {
-        Some(sid) => sid,
+        Some(sid) if f.sid_from_ste => {
+            stats.derived(
+                "PREFETCH_CONFIG SID (not logged): the SID of the CFGI_STE before it, as Linux \
+                 writes CFGI_STE, CMD_SYNC, PREFETCH_CONFIG for each STE it installs",
+            );
+            sid
+        }
+        Some(sid) => {
+            stats.read("SID (smmuv3_cmdq_cfgi_ste/_cd/_ste_range)");
+            sid
+        }
         None => {
             if uses_sid(Some(op)) {
                 stats.approx("SID not in the log: the lowest SID the log shows written");
@@ -531,6 +652,9 @@ fn rebuild(
     }
     if f.asid_unknown && matches!(op, opcode::TLBI_NH_VA | opcode::TLBI_NH_ASID) {
         stats.approx("ASID printed as -1 (not applicable): written as 0");
+    }
+    if by_address && f.addr.is_some() {
+        stats.read("TLBI address, TG, TTL, LEAF, VMID, ASID and page count (range lines)");
     }
     let addr = f.addr.unwrap_or(0) & !0xfff;
     let (tg, num, scale) = if f.tg == 0 {
@@ -560,20 +684,69 @@ fn rebuild(
     let (ttl, leaf) = (f.ttl, f.leaf);
     let cmd = match op {
         opcode::CMD_SYNC => {
-            stats.approx("CMD_SYNC: MSH/MSIATTR/MSIDATA/MSIADDR not in the log, written as 0");
-            Command::CmdSync {
-                cs: u8::from(f.irq),
-                msh: 0,
-                msiattr: 0,
-                msidata: 0,
-                msiaddr: 0,
+            if f.irq {
+                stats.read("CMD_SYNC CS=IRQ (smmuv3_trigger_irq)");
+            }
+            match ctx.idr0 {
+                // What Linux's arm-smmu-v3 writes (arm_smmu_cmdq_build_sync_cmd): MSH=ISH,
+                // MSIATTR=OIWB, and CS=SEV unless it polls an MSI, which it does when IDR0
+                // has MSI and COHACC; the MSI then targets the CMD_SYNC's own slot.
+                Some(idr0) => {
+                    let polls_msi = idr0 >> 13 & 1 == 1 && idr0 >> 4 & 1 == 1;
+                    let (cs, msiaddr) = match (f.irq, polls_msi, ctx.cmdq_base) {
+                        (true, true, Some(base)) => {
+                            stats.derived(
+                                "CMD_SYNC MSH=3 MSIATTR=0xf MSIADDR=its own slot (not logged): \
+                                 IDR0.MSI=1 and COHACC=1, Linux's MSI polling",
+                            );
+                            (1, (base + u64::from(index) * 16) & ((1 << 52) - 1))
+                        }
+                        (true, _, _) => {
+                            stats.derived(
+                                "CMD_SYNC MSH=3 MSIATTR=0xf (not logged): as Linux writes them",
+                            );
+                            stats.approx("CMD_SYNC CS=IRQ MSIADDR unknown: written as 0");
+                            (1, 0)
+                        }
+                        (false, _, _) => {
+                            stats.derived(
+                                "CMD_SYNC CS=SEV MSH=3 MSIATTR=0xf (not logged): no IRQ line, \
+                                 and IDR0 read by the guest, as Linux's arm-smmu-v3 writes it",
+                            );
+                            (2, 0)
+                        }
+                    };
+                    Command::CmdSync {
+                        cs,
+                        msh: LINUX_SYNC_MSH,
+                        msiattr: LINUX_SYNC_MSIATTR,
+                        msidata: 0,
+                        msiaddr,
+                    }
+                }
+                None => {
+                    stats.approx(
+                        "CMD_SYNC: MSH/MSIATTR/MSIDATA/MSIADDR not in the log (and no IDR0 read \
+                         to tell what the driver chose), written as 0",
+                    );
+                    Command::CmdSync {
+                        cs: u8::from(f.irq),
+                        msh: 0,
+                        msiattr: 0,
+                        msidata: 0,
+                        msiaddr: 0,
+                    }
+                }
             }
         }
-        opcode::CFGI_STE => Command::CfgiSte {
-            ssec: false,
-            sid,
-            leaf: false,
-        },
+        opcode::CFGI_STE => {
+            stats.approx(LEAF_APPROX);
+            Command::CfgiSte {
+                ssec: false,
+                sid,
+                leaf: false,
+            }
+        }
         opcode::CFGI_STE_RANGE => {
             // QEMU prints the block's first and last SID: 2^(RANGE+1) SIDs.
             let range = match f.range {
@@ -591,12 +764,15 @@ fn rebuild(
                 range,
             }
         }
-        opcode::CFGI_CD => Command::CfgiCd {
-            ssec: false,
-            ssid: 0,
-            sid,
-            leaf: false,
-        },
+        opcode::CFGI_CD => {
+            stats.approx(LEAF_APPROX);
+            Command::CfgiCd {
+                ssec: false,
+                ssid: 0,
+                sid,
+                leaf: false,
+            }
+        }
         opcode::CFGI_CD_ALL => Command::CfgiCdAll { ssec: false, sid },
         opcode::TLBI_NH_ALL => Command::TlbiNhAll { vmid },
         opcode::TLBI_NH_ASID => Command::TlbiNhAsid { vmid, asid },
@@ -655,6 +831,8 @@ fn rebuild(
             leaf,
         },
         // Every other opcode: its fields are not in the log.
+        // TLBI_NSNH_ALL and TLBI_EL2_ALL have no fields: nothing is missing.
+        0x20 | 0x30 => return Ok(RawCommand::new(u64::from(op), 0)),
         _ => {
             if crate::command::opcode_name(op).is_some() {
                 stats.approx(
@@ -670,6 +848,11 @@ fn rebuild(
         value: format!("{e}"),
     })
 }
+
+/// QEMU does not log CFGI_STE's or CFGI_CD's LEAF: 0 asks for more to be invalidated than 1,
+/// so replaying it can only be safer than the guest's (Linux writes 1).
+const LEAF_APPROX: &str =
+    "CFGI_STE/CFGI_CD LEAF not in the log: written as 0 (invalidates more; Linux writes 1)";
 
 /// Whether commands of `op` carry a StreamID.
 fn uses_sid(op: Option<u8>) -> bool {
@@ -701,6 +884,10 @@ struct Parser {
     pass: Option<Pass>,
     cur: Option<Current>,
     base_log2size: Option<u8>,
+    /// CMDQ_BASE.ADDR (bits [51:5]), where CMD_SYNC's MSI write of a polling Linux lands.
+    cmdq_base: Option<u64>,
+    /// The SID of the last CFGI_STE consumed.
+    last_ste_sid: Option<u32>,
     max_index: u32,
     sids: BTreeSet<u32>,
     stats: ImportStats,
@@ -786,6 +973,14 @@ impl Parser {
                     if !cur.fields.exact_op {
                         cur.fields.op = opcode_of(&n);
                     }
+                    // QEMU logs PREFETCH_CONFIG without its SID. Linux writes one after
+                    // each STE it installs (CFGI_STE, CMD_SYNC, PREFETCH_CONFIG of that SID).
+                    if cur.fields.op == Some(opcode::PREFETCH_CONFIG) && cur.fields.sid.is_none() {
+                        if let Some(sid) = self.last_ste_sid {
+                            cur.fields.sid = Some(sid);
+                            cur.fields.sid_from_ste = true;
+                        }
+                    }
                     cur.name = n;
                     cur.seen_opcode = true;
                     cur.line = self.line;
@@ -830,10 +1025,19 @@ impl Parser {
                 self.items.push(Item::Ack(ts));
                 self.stats.acks += 1;
             }
+            "smmuv3_read_mmio" => {
+                // What the guest learnt of the SMMU: IDR0 (MSI, SEV, ...) and IDR3 (RIL).
+                match a.get(&["addr"])? {
+                    Some(0x0) => self.stats.idr0 = Some(a.need(&["val"])? as u32),
+                    Some(0xc) => self.stats.idr3 = Some(a.need(&["val"])? as u32),
+                    _ => return Ok(false),
+                }
+            }
             "smmuv3_write_mmio" => {
                 // CMDQ_BASE (offset 0x90) holds LOG2SIZE in bits [4:0].
                 if a.get(&["addr"])? == Some(0x90) {
                     let v = a.need(&["val"])?;
+                    self.cmdq_base = Some(v as u64 & 0x000f_ffff_ffff_ffe0);
                     let log2size = (v & 0x1f) as u8;
                     if log2size > MAX_LOG2SIZE {
                         return Err(ImportProblem::Invalid {
@@ -847,6 +1051,7 @@ impl Parser {
                 }
             }
             _ => {
+                let mut ste_sid = None;
                 let Some(cur) = self.cur.as_mut().filter(|c| c.seen_opcode) else {
                     return Ok(false);
                 };
@@ -854,8 +1059,12 @@ impl Parser {
                 let u32_max = i64::from(u32::MAX);
                 match name {
                     "smmuv3_cmdq_cfgi_ste" | "smmuv3_cmdq_cfgi_cd" => {
-                        f.sid =
-                            Some(a.need_in(&["sid", "streamid"], 0, u32_max, SID_RANGE)? as u32);
+                        let sid = a.need_in(&["sid", "streamid"], 0, u32_max, SID_RANGE)? as u32;
+                        f.sid = Some(sid);
+                        f.sid_from_ste = false;
+                        if name == "smmuv3_cmdq_cfgi_ste" {
+                            ste_sid = Some(sid);
+                        }
                     }
                     "smmuv3_cmdq_cfgi_ste_range" => {
                         let start = a.need_in(&["start"], 0, u32_max, SID_RANGE)?;
@@ -936,6 +1145,9 @@ impl Parser {
                     }
                     _ => return Ok(false),
                 }
+                if ste_sid.is_some() {
+                    self.last_ste_sid = ste_sid;
+                }
             }
         }
         Ok(true)
@@ -963,14 +1175,14 @@ impl Parser {
     }
 }
 
-/// Reads one line of at most [`MAX_LINE_BYTES`] into `buf` (without its newline); `Ok(false)`
-/// at the end of the input.
-fn read_line(log: &mut impl BufRead, buf: &mut Vec<u8>) -> Result<bool, ImportProblem> {
+/// Reads one line of at most [`MAX_LINE_BYTES`] into `buf` (without its newline): `None` at
+/// the end of the input, else whether a newline ended it.
+fn read_line(log: &mut impl BufRead, buf: &mut Vec<u8>) -> Result<Option<bool>, ImportProblem> {
     buf.clear();
     loop {
         let chunk = log.fill_buf()?;
         if chunk.is_empty() {
-            return Ok(!buf.is_empty());
+            return Ok((!buf.is_empty()).then_some(false));
         }
         let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
             Some(i) => (i, true),
@@ -982,7 +1194,7 @@ fn read_line(log: &mut impl BufRead, buf: &mut Vec<u8>) -> Result<bool, ImportPr
         buf.extend_from_slice(&chunk[..take]);
         log.consume(take + usize::from(done));
         if done {
-            return Ok(true);
+            return Ok(Some(true));
         }
     }
 }
@@ -1008,6 +1220,8 @@ pub fn import_with<R: BufRead, W: Write + Seek>(
         pass: None,
         cur: None,
         base_log2size: None,
+        cmdq_base: None,
+        last_ste_sid: None,
         max_index: 0,
         sids: BTreeSet::new(),
         stats: ImportStats::default(),
@@ -1019,11 +1233,17 @@ pub fn import_with<R: BufRead, W: Write + Seek>(
     let mut buf = Vec::new();
     loop {
         let at = |line| move |problem| ImportError { line, problem };
-        if !read_line(&mut log, &mut buf).map_err(at(n + 1))? {
+        let Some(terminated) = read_line(&mut log, &mut buf).map_err(at(n + 1))? else {
             break;
-        }
+        };
         n += 1;
         p.line = n;
+        if !terminated {
+            // The last line without its newline: QEMU stopped mid-write, and what was written
+            // of it may parse as a line with fields missing or cut short.
+            p.stats.cut_last_line = Some(n);
+            break;
+        }
         let line = match std::str::from_utf8(&buf) {
             Ok(l) => l,
             // A byte that is not UTF-8 in an unrelated line (a guest's console, another
@@ -1039,7 +1259,12 @@ pub fn import_with<R: BufRead, W: Write + Seek>(
         let (abs, rest) = split_line(line).map_err(at(n))?;
         let ts = match abs {
             Some(abs) => abs.saturating_sub(*p.first_abs.get_or_insert(abs)),
-            None => n * 1000,
+            None => {
+                if rest.starts_with("smmuv3_") {
+                    p.stats.untimed += 1;
+                }
+                n * 1000
+            }
         };
         let ts = ts.max(p.last_ts);
         p.last_ts = ts;
@@ -1122,6 +1347,12 @@ fn emit<W: Write + Seek>(
     let shape = QueueShape::new(log2size).map_err(|_| whole(ImportProblem::NoActivity))?;
     p.stats.log2size = log2size;
     p.stats.log2size_inferred = inferred;
+    if inferred {
+        p.stats
+            .approx("LOG2SIZE (no CMDQ_BASE write in the log): from the highest index seen");
+    } else {
+        p.stats.read("LOG2SIZE (the CMDQ_BASE write)");
+    }
     // Slots are renumbered so the first CONS seen is slot 0, where a new ring starts.
     let base = first.start.ptr(shape);
     let rebase = |pos: Pos| shape.advance(pos.ptr(shape), shape.ptr_mask() + 1 - base);
@@ -1138,7 +1369,11 @@ fn emit<W: Write + Seek>(
     if p.sids.is_empty() && needs_default {
         p.sids.insert(0);
     }
-    let default_sid = p.sids.iter().next().copied().unwrap_or(0);
+    let ctx = Ctx {
+        default_sid: p.sids.iter().next().copied().unwrap_or(0),
+        idr0: p.stats.idr0,
+        cmdq_base: p.cmdq_base,
+    };
     let mut all: Vec<(u32, RawCommand)> = Vec::new();
     let mut pass_start = Vec::new();
     let mut cmds_of: Vec<Vec<RawCommand>> = Vec::new();
@@ -1146,12 +1381,12 @@ fn emit<W: Write + Seek>(
         pass_start.push(all.len());
         let mut cmds = Vec::with_capacity(pass.obs.len());
         for o in &pass.obs {
-            let c = rebuild(&o.fields, &o.name, default_sid, &mut p.stats).map_err(|problem| {
-                ImportError {
+            let c = rebuild(&o.fields, &o.name, o.pos.index, &ctx, &mut p.stats).map_err(
+                |problem| ImportError {
                     line: o.line,
                     problem,
-                }
-            })?;
+                },
+            )?;
             cmds.push(c);
         }
         all.extend(pass.obs.iter().zip(&cmds).map(|(o, c)| (rebase(o.pos), *c)));
@@ -1168,7 +1403,8 @@ fn emit<W: Write + Seek>(
     };
 
     let meta = TraceMeta {
-        flags: FLAG_IMPORTED,
+        // A guest of QEMU's SMMU waits for its CMD_SYNCs (that is what they are for).
+        flags: FLAG_IMPORTED | FLAG_GUEST_WAITS_SYNC,
         created_unix_ns: 0,
     };
     let mut w = TraceWriter::new(out, meta)?;
@@ -1177,7 +1413,16 @@ fn emit<W: Write + Seek>(
         .iter()
         .next_back()
         .map_or(16, |&s| (32 - s.leading_zeros()).max(16) as u8);
-    w.viommu_create(0, 0, 1, 0, Profile::Kernel, sidsize, true)?;
+    // Range invalidation as the guest saw it offered (IDR3.RIL); QEMU 7.2 and later offer it.
+    let range_inv = match p.stats.idr3 {
+        Some(idr3) => {
+            p.stats
+                .read("range invalidation (IDR3.RIL read by the guest)");
+            idr3 >> 10 & 1 == 1
+        }
+        None => true,
+    };
+    w.viommu_create(0, 0, 1, 0, Profile::Kernel, sidsize, range_inv)?;
     for (k, &sid) in p.sids.iter().enumerate() {
         let device = k as u32 + 1;
         w.device_add(0, device, 0, sid)?;

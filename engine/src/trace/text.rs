@@ -26,7 +26,7 @@
 //! (a slot beyond its ring, a bind the control plane refuses, an ack on a running ring), naming
 //! the line of the record at fault.
 
-use super::format::{FLAG_IMPORTED, FLAG_SYNTHETIC, VERSION};
+use super::format::{FLAG_GUEST_WAITS_SYNC, FLAG_IMPORTED, FLAG_SYNTHETIC, VERSION};
 use super::{Event, Outcome, Profile, Trace, TraceError, TraceMeta, TraceWriter, WriteError};
 use crate::command::text::{format_raw, parse, parse_u64, TextError};
 use crate::command::RawCommand;
@@ -90,6 +90,9 @@ pub fn header_line(meta: &TraceMeta) -> String {
     }
     if meta.flags & FLAG_IMPORTED != 0 {
         s.push_str(" imported");
+    }
+    if meta.flags & FLAG_GUEST_WAITS_SYNC != 0 {
+        s.push_str(" waits-sync");
     }
     s
 }
@@ -571,9 +574,10 @@ fn header(rest: &str) -> Result<TraceMeta, BuildProblem> {
             Some(("created", v)) => meta.created_unix_ns = number("created", v)?,
             None if word == "synthetic" => meta.flags |= FLAG_SYNTHETIC,
             None if word == "imported" => meta.flags |= FLAG_IMPORTED,
+            None if word == "waits-sync" => meta.flags |= FLAG_GUEST_WAITS_SYNC,
             _ => {
                 return Err(BuildProblem::Header(format!(
-                "unknown word {word:?}; the header takes version=, created=, synthetic, imported"
+                "unknown word {word:?}; the header takes version=, created=, synthetic, imported, waits-sync"
             )))
             }
         }
