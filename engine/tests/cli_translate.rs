@@ -87,7 +87,7 @@ fn continue_goes_past_a_refusal() {
 
 #[test]
 fn profile_and_range_flags() {
-    let input = "TLBI_NH_ALL\nTLBI_NH_VA asid=1 addr=0x1000 tg=4k\n";
+    let input = "TLBI_NH_ALL\nTLBI_NH_VA asid=1 addr=0x1000 tg=4k ttl=3\n";
     let v = json(
         &["--vmid", "5", "--profile", "tegra241", "--continue"],
         input,

@@ -23,10 +23,12 @@
 
 pub mod grace;
 pub mod sid_table;
+pub mod smmu;
 mod sync;
 
 pub use grace::{GraceDomain, Pinned, Reader};
 pub use sid_table::{SidTable, TableStats, WithLookup};
+pub use smmu::{SmmuError, SmmuFeatures};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -128,9 +130,16 @@ pub struct ViommuConfig {
     pub profile: Profile,
     /// vSIDs have this many bits (1..=32), as the guest's SMMU_IDR1.SIDSIZE says.
     pub sidsize: u8,
-    /// Whether the physical SMMU has range invalidation (SMMU_IDR3.RIL): without it, TG/NUM/SCALE
-    /// in a guest TLBI are refused.
+    /// Whether the physical SMMU has range invalidation (SMMU_IDR3.RIL): without it, TG, TTL,
+    /// NUM and SCALE in a guest TLBI are RES0 and refused. [`ViommuConfig::with_smmu`] sets it
+    /// from the features' `ril`; this field, not `features.ril`, is what translation reads.
     pub range_inv: bool,
+    /// The rest of what the physical SMMU supports (ASID/VMID sizes, ATS, substreams,
+    /// granules): see [`SmmuFeatures`]. Default [`SmmuFeatures::ANY`].
+    pub features: SmmuFeatures,
+    /// `tegra241` only: the VINTF's SID_MATCH/SID_REPLACE slots, so the vSIDs bound at once at
+    /// most (ENOSPC beyond). Default [`DEFAULT_TEGRA241_SID_SLOTS`].
+    pub tegra241_sid_slots: u32,
     /// vSIDs bound at once at most (at least 1): `set_dev_id` beyond is ENOSPC. Default
     /// [`DEFAULT_MAX_VSIDS`].
     pub max_vsids: u32,
@@ -146,6 +155,10 @@ pub struct ViommuConfig {
 
 /// Default [`ViommuConfig::max_vsids`]: 65,536, a full 16-bit PCI BDF space.
 pub const DEFAULT_MAX_VSIDS: u32 = 1 << 16;
+
+/// Default [`ViommuConfig::tegra241_sid_slots`]: 16, the SID slots of a VINTF in QEMU's
+/// emulation and the kernel's default.
+pub const DEFAULT_TEGRA241_SID_SLOTS: u32 = 16;
 
 /// Default [`ViommuConfig::max_table_bytes`]: 16 MiB. [`DEFAULT_MAX_VSIDS`] consecutive vSIDs
 /// take under 1 MiB at any SIDSIZE; 16 MiB also holds a few hundred vSIDs scattered over the
@@ -164,9 +177,22 @@ impl ViommuConfig {
             profile: Profile::Kernel,
             sidsize: 32,
             range_inv: true,
+            features: SmmuFeatures::ANY,
+            tegra241_sid_slots: DEFAULT_TEGRA241_SID_SLOTS,
             max_vsids: DEFAULT_MAX_VSIDS,
             max_table_bytes: DEFAULT_MAX_TABLE_BYTES,
             shares_vmid_with: None,
+        }
+    }
+}
+
+impl ViommuConfig {
+    /// This configuration on an SMMU with `features` (range invalidation included).
+    pub fn with_smmu(self, features: SmmuFeatures) -> ViommuConfig {
+        ViommuConfig {
+            range_inv: features.ril,
+            features,
+            ..self
         }
     }
 }
@@ -376,6 +402,29 @@ pub enum ViommuError {
         /// The vIOMMU that has it (the lowest id, when several share it).
         holder: u32,
     },
+    /// A new vIOMMU's VMID needs 16 bits and its SMMU has 8-bit VMIDs (no SMMU_IDR0.VMID16): a
+    /// configuration error of the host, not of the guest.
+    #[error(
+        "EINVAL: vIOMMU {viommu} has VMID {vmid}, and its SMMU has 8-bit VMIDs (no VMID16): \
+         give it a VMID below 256"
+    )]
+    VmidTooLarge {
+        /// The vIOMMU.
+        viommu: u32,
+        /// Its VMID.
+        vmid: u16,
+    },
+    /// `set_dev_id` on a `tegra241` vIOMMU whose VINTF has every SID slot in use.
+    #[error(
+        "ENOSPC: the VINTF of vIOMMU {viommu} has all its {slots} SID slots in use; unbind one or \
+         raise tegra241_sid_slots (serve: sid-slots=N in the --viommu spec)"
+    )]
+    SidSlotsFull {
+        /// The vIOMMU.
+        viommu: u32,
+        /// Its [`ViommuConfig::tegra241_sid_slots`].
+        slots: u32,
+    },
     /// A new vIOMMU says it shares the stage 2 of a vIOMMU that does not exist.
     #[error("ENOENT: vIOMMU {viommu} would share the VMID of vIOMMU {with}, which does not exist")]
     ShareUnknown {
@@ -419,12 +468,13 @@ impl ViommuError {
             | ViommuError::VsidTooLarge { .. }
             | ViommuError::BadSidsize(_)
             | ViommuError::BadLimits { .. }
+            | ViommuError::VmidTooLarge { .. }
             | ViommuError::ShareMismatch { .. } => "EINVAL",
             ViommuError::NotBound { .. }
             | ViommuError::NoDevice { .. }
             | ViommuError::ShareUnknown { .. } => "ENOENT",
             ViommuError::DeviceBusy { .. } => "EBUSY",
-            ViommuError::VsidsFull { .. } => "ENOSPC",
+            ViommuError::VsidsFull { .. } | ViommuError::SidSlotsFull { .. } => "ENOSPC",
             ViommuError::TableFull { .. } => "ENOMEM",
         }
     }
@@ -538,6 +588,8 @@ impl Devices {
 /// One VM's view of one physical SMMU.
 pub struct Viommu {
     cfg: ViommuConfig,
+    /// The translation rules for this vIOMMU's profile and SMMU, built once.
+    rules: Box<crate::translate::RuleTable>,
     table: SidTable,
     devices: Arc<Devices>,
     grace: Arc<GraceDomain>,
@@ -554,9 +606,16 @@ impl Viommu {
         devices: Arc<Devices>,
         grace: Arc<GraceDomain>,
     ) -> Result<Viommu, ViommuError> {
+        if !cfg.features.vmid16 && cfg.vmid > 0xff {
+            return Err(ViommuError::VmidTooLarge {
+                viommu: cfg.id,
+                vmid: cfg.vmid,
+            });
+        }
         let table = SidTable::new(cfg.sidsize).ok_or(ViommuError::BadSidsize(cfg.sidsize))?;
         let need = (table.stats().bytes + table.growth_max()) as u64;
-        if cfg.max_vsids == 0 || cfg.max_table_bytes < need {
+        let no_slots = cfg.profile == Profile::Tegra241 && cfg.tegra241_sid_slots == 0;
+        if cfg.max_vsids == 0 || no_slots || cfg.max_table_bytes < need {
             return Err(ViommuError::BadLimits {
                 viommu: cfg.id,
                 sidsize: cfg.sidsize,
@@ -567,6 +626,7 @@ impl Viommu {
         }
         Ok(Viommu {
             cfg,
+            rules: crate::translate::RuleTable::new(&cfg),
             table,
             devices,
             grace,
@@ -592,6 +652,11 @@ impl Viommu {
     /// The policy profile.
     pub fn profile(&self) -> Profile {
         self.cfg.profile
+    }
+
+    /// The translation rules of this vIOMMU's profile on its SMMU.
+    pub(crate) fn rules(&self) -> &crate::translate::RuleTable {
+        &self.rules
     }
 
     /// The grace domain unbinds wait in.
@@ -625,8 +690,8 @@ impl Viommu {
     ///
     /// Errors, checked in this order: ENOENT (no such device), EINVAL (the device sits behind
     /// another SMMU; the vSID does not fit SIDSIZE), EEXIST (the device already has a vSID,
-    /// here or elsewhere, or is being unbound; the vSID is taken), ENOSPC (`max_vsids` are
-    /// bound), ENOMEM (the vSID's table nodes would pass `max_table_bytes`).
+    /// here or elsewhere, or is being unbound; the vSID is taken), ENOSPC (a `tegra241` VINTF's
+    /// `tegra241_sid_slots` are in use; `max_vsids` are bound), ENOMEM (the vSID's table nodes would pass `max_table_bytes`).
     pub fn set_dev_id(&self, device: DeviceId, vsid: u32) -> Result<(), ViommuError> {
         let viommu = self.cfg.id;
         let mut bound = lock(&self.bound);
@@ -680,6 +745,14 @@ impl Viommu {
         }
         // The limits, before the insert allocates anything; under this vIOMMU's lock, so the
         // table cannot grow between the check and the insert.
+        if self.cfg.profile == Profile::Tegra241
+            && bound.len() >= self.cfg.tegra241_sid_slots as usize
+        {
+            return Err(ViommuError::SidSlotsFull {
+                viommu,
+                slots: self.cfg.tegra241_sid_slots,
+            });
+        }
         if bound.len() >= self.cfg.max_vsids as usize {
             return Err(ViommuError::VsidsFull {
                 viommu,
