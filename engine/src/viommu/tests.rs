@@ -624,3 +624,76 @@ fn a_vmid_belongs_to_one_viommu_per_smmu_unless_sharing_is_declared() {
         })
     );
 }
+
+#[test]
+fn a_vmid_above_255_on_an_smmu_without_vmid16_is_a_configuration_error() {
+    let h = Host::new();
+    let eight_bit = SmmuFeatures {
+        vmid16: false,
+        ..SmmuFeatures::ANY
+    };
+    let cfg = |vmid| ViommuConfig::new(1, vmid, SMMU).with_smmu(eight_bit);
+    let e = Viommu::new(cfg(256), h.devices.clone(), h.grace.clone()).unwrap_err();
+    assert_eq!(
+        e,
+        ViommuError::VmidTooLarge {
+            viommu: 1,
+            vmid: 256
+        }
+    );
+    assert_eq!(e.errno(), "EINVAL");
+    assert!(e.to_string().contains("VMID16"), "{e}");
+    Viommu::new(cfg(255), h.devices.clone(), h.grace.clone()).unwrap();
+    // With VMID16 the same VMID is fine.
+    Viommu::new(
+        ViommuConfig::new(2, 256, SMMU),
+        h.devices.clone(),
+        h.grace.clone(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_17th_vsid_on_a_tegra241_viommu_is_enospc_and_the_slot_count_is_a_setting() {
+    let h = Host::new();
+    for i in 0..40 {
+        h.devices.add_device(DeviceId(i), SMMU, 0x800 + i).unwrap();
+    }
+    let mk = |id, profile, slots| {
+        let cfg = ViommuConfig {
+            profile,
+            tegra241_sid_slots: slots,
+            ..ViommuConfig::new(id, id as u16, SMMU)
+        };
+        Viommu::new(cfg, h.devices.clone(), h.grace.clone()).unwrap()
+    };
+    let t = mk(1, Profile::Tegra241, DEFAULT_TEGRA241_SID_SLOTS);
+    for i in 0..16 {
+        t.set_dev_id(DeviceId(i), 0x100 + i).unwrap();
+    }
+    let e = t.set_dev_id(DeviceId(16), 0x110).unwrap_err();
+    assert_eq!(
+        e,
+        ViommuError::SidSlotsFull {
+            viommu: 1,
+            slots: 16
+        }
+    );
+    assert_eq!(e.errno(), "ENOSPC");
+    // A freed slot takes the next one.
+    t.unset_dev_id(DeviceId(0)).unwrap();
+    t.set_dev_id(DeviceId(16), 0x110).unwrap();
+    // A VINTF with 4 slots; and the kernel profile has no VINTF.
+    let small = mk(2, Profile::Tegra241, 4);
+    for i in 17..21 {
+        small.set_dev_id(DeviceId(i), i).unwrap();
+    }
+    assert_eq!(
+        small.set_dev_id(DeviceId(21), 21).unwrap_err().errno(),
+        "ENOSPC"
+    );
+    let k = mk(3, Profile::Kernel, 4);
+    for i in 22..40 {
+        k.set_dev_id(DeviceId(i), i).unwrap();
+    }
+}
