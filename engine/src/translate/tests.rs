@@ -849,6 +849,24 @@ fn each_new_reason_reads_as_its_rule() {
     }
 }
 
+/// Tegra241's VCMDQ only supports CS=NONE (the kernel sets ARM_SMMU_OPT_SECONDARY_CMDQ_CS_NONE_ONLY
+/// for it and never issues another CS there), but a guest CMD_SYNC never reaches hardware: the
+/// engine completes it (rule 1). vcmdq completes CS=IRQ and CS=SEV on a tegra241 ring as it does
+/// on the kernel profile (docs/differences.md); only the reserved CS=3 is refused.
+#[test]
+fn a_tegra241_guest_sync_completes_whatever_its_cs_and_cs_3_is_ill() {
+    let v = world(Profile::Tegra241, true).v;
+    for cs in 0..=2u8 {
+        let c = cmd(&format!("CMD_SYNC cs={cs} msidata=0x7 msiaddr=0x1000"));
+        match one(&v, c) {
+            SlotOutcome::Sync { cs: got, .. } => assert_eq!(got, cs),
+            o => panic!("CS={cs}: {o:?}"),
+        }
+    }
+    let c = RawCommand::new(u64::from(opcode::CMD_SYNC) | 3 << 12, 0);
+    assert_eq!(refused(&v, c), RefuseReason::ReservedSyncCs);
+}
+
 #[test]
 fn reasons_read_well() {
     assert_eq!(

@@ -307,6 +307,18 @@ pub enum ViommuError {
         /// The vIOMMU.
         viommu: u32,
     },
+    /// `unset_dev_id` of a vdevice destroyed when its device was removed: the tombstone is
+    /// cleared (iommufd's IOMMU_DESTROY of a tombstoned vdevice).
+    #[error(
+        "ENOENT: the vdevice of {device} in vIOMMU {viommu} was destroyed when the device was \
+         removed; its tombstone is cleared now"
+    )]
+    VdeviceGone {
+        /// The device.
+        device: DeviceId,
+        /// The vIOMMU.
+        viommu: u32,
+    },
     /// No device has this id.
     #[error("ENOENT: no device {device}")]
     NoDevice {
@@ -471,6 +483,7 @@ impl ViommuError {
             | ViommuError::VmidTooLarge { .. }
             | ViommuError::ShareMismatch { .. } => "EINVAL",
             ViommuError::NotBound { .. }
+            | ViommuError::VdeviceGone { .. }
             | ViommuError::NoDevice { .. }
             | ViommuError::ShareUnknown { .. } => "ENOENT",
             ViommuError::DeviceBusy { .. } => "EBUSY",
@@ -540,7 +553,9 @@ impl Devices {
         Ok(())
     }
 
-    /// Forgets an unbound device. ENOENT if unknown, EBUSY if bound.
+    /// Forgets an unbound device. ENOENT if unknown, EBUSY if bound: the registry cannot reach
+    /// the vIOMMU; [`Viommu::remove_device`] (or the engine's `remove_device`) removes a bound
+    /// device as iommufd does.
     pub fn remove_device(&self, id: DeviceId) -> Result<(), ViommuError> {
         let mut d = lock(&self.inner);
         let st = d
@@ -578,6 +593,22 @@ impl Devices {
         self.len() == 0
     }
 
+    /// The vIOMMU `id` is bound in (or being unbound from), if any.
+    pub fn bound_in(&self, id: DeviceId) -> Option<u32> {
+        match lock(&self.inner).by_id.get(&id)?.binding {
+            Binding::Free => None,
+            Binding::Bound { viommu, .. } | Binding::Unbinding { viommu } => Some(viommu),
+        }
+    }
+
+    /// Drops `id` from the registry whatever its binding (the caller has unbound it).
+    fn forget(&self, id: DeviceId) {
+        let mut d = lock(&self.inner);
+        if let Some(st) = d.by_id.remove(&id) {
+            d.by_psid.remove(&(st.smmu, st.psid));
+        }
+    }
+
     fn set_binding(&self, id: DeviceId, binding: Binding) {
         if let Some(s) = lock(&self.inner).by_id.get_mut(&id) {
             s.binding = binding;
@@ -596,6 +627,9 @@ pub struct Viommu {
     /// device -> vSID of the devices bound here. Also the lock that serialises this vIOMMU's
     /// updates; taken before the device registry's.
     bound: Mutex<HashMap<DeviceId, u32>>,
+    /// Devices removed while bound here whose vdevice the VMM has not destroyed yet. Taken
+    /// after `bound` when both are held.
+    tombstones: Mutex<std::collections::HashSet<DeviceId>>,
 }
 
 impl Viommu {
@@ -631,6 +665,7 @@ impl Viommu {
             devices,
             grace,
             bound: Mutex::new(HashMap::new()),
+            tombstones: Mutex::new(Default::default()),
         })
     }
 
@@ -776,6 +811,8 @@ impl Viommu {
         }
         st.binding = Binding::Bound { viommu, vsid };
         bound.insert(device, vsid);
+        // A new vdevice of a device id that had one here before it was removed.
+        lock(&self.tombstones).remove(&device);
         Ok(())
     }
 
@@ -786,12 +823,34 @@ impl Viommu {
     /// published, and no batch translated afterwards can see it. Blocks for one grace period of
     /// the engine's [`GraceDomain`] (the time the workers take to finish their current batch).
     pub fn unset_dev_id(&self, device: DeviceId) -> Result<u32, ViommuError> {
+        self.unbind(device, false)
+    }
+
+    /// The host removes `device`, bound here, as iommufd does when a device goes while it still
+    /// has a vdevice: the vdevice is destroyed (its vSID freed, with the barrier of
+    /// [`Viommu::unset_dev_id`]), the device leaves the registry, and a tombstone stays for the
+    /// vdevice: the VMM's later `unset_dev_id` of it is ENOENT ([`ViommuError::VdeviceGone`])
+    /// and clears it. Returns the vSID the device had. ENOENT if it is not bound here.
+    pub fn remove_device(&self, device: DeviceId) -> Result<u32, ViommuError> {
+        self.unbind(device, true)
+    }
+
+    /// Whether a tombstone of `device`'s vdevice is here (its device was removed while bound,
+    /// and the VMM has not destroyed the vdevice since).
+    pub fn has_tombstone(&self, device: DeviceId) -> bool {
+        lock(&self.tombstones).contains(&device)
+    }
+
+    fn unbind(&self, device: DeviceId, remove: bool) -> Result<u32, ViommuError> {
         let vsid = {
             let mut bound = lock(&self.bound);
-            let vsid = bound.remove(&device).ok_or(ViommuError::NotBound {
-                device,
-                viommu: self.cfg.id,
-            })?;
+            let Some(vsid) = bound.remove(&device) else {
+                let viommu = self.cfg.id;
+                if !remove && lock(&self.tombstones).remove(&device) {
+                    return Err(ViommuError::VdeviceGone { device, viommu });
+                }
+                return Err(ViommuError::NotBound { device, viommu });
+            };
             self.table.remove(vsid);
             self.devices.set_binding(
                 device,
@@ -799,12 +858,20 @@ impl Viommu {
                     viommu: self.cfg.id,
                 },
             );
+            if remove {
+                lock(&self.tombstones).insert(device);
+            }
             vsid
         };
         // Outside the lock: other bindings of this vIOMMU may change meanwhile; only this
         // device stays reserved until no batch can still carry its pSID.
         self.grace.synchronize();
-        self.devices.set_binding(device, Binding::Free);
+        if remove {
+            // Reserved (Unbinding) until now, so nobody bound it meanwhile: it goes.
+            self.devices.forget(device);
+        } else {
+            self.devices.set_binding(device, Binding::Free);
+        }
         Ok(vsid)
     }
 }
