@@ -3,9 +3,6 @@
 //! plane.
 #![cfg(not(loom))]
 
-mod common;
-
-use common::vcmdq;
 use vcmdq::engine::{Engine, EngineConfig, EngineError};
 use vcmdq::viommu::{DeviceId, ViommuConfig, ViommuError};
 
