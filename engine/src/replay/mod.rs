@@ -746,6 +746,7 @@ impl Replayer<'_> {
                 profile,
                 sidsize,
                 range_inv,
+                features,
             } => {
                 let cfg = ViommuConfig {
                     id: viommu,
@@ -755,6 +756,7 @@ impl Replayer<'_> {
                         .ok_or_else(|| Self::control_err(at, "unknown profile"))?,
                     sidsize,
                     range_inv,
+                    features,
                     // A trace carries no limits and no VMID sharing: the defaults apply.
                     ..Default::default()
                 };

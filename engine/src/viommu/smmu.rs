@@ -269,6 +269,104 @@ impl SmmuFeatures {
     }
 }
 
+impl SmmuFeatures {
+    /// Whether these are [`SmmuFeatures::ANY`] but for RIL, which a vIOMMU records on its own
+    /// (`range_inv`): what a trace writes without a features field.
+    pub fn is_any_but_ril(&self) -> bool {
+        SmmuFeatures { ril: true, ..*self } == SmmuFeatures::ANY
+    }
+
+    /// The three bytes a trace's ViommuCreate records them in (traces/FORMAT.md), RIL aside:
+    /// byte 0 ASID16, VMID16, ATS, GRAN4K, GRAN16K, GRAN64K, DS, S1P from bit 0 up; byte 1
+    /// SSIDSIZE in bits [4:0] and S2P in bit 5; byte 2 SIDSIZE.
+    pub fn to_trace_bytes(&self) -> [u8; 3] {
+        let bits = [
+            self.asid16,
+            self.vmid16,
+            self.ats,
+            self.gran4k,
+            self.gran16k,
+            self.gran64k,
+            self.ds,
+            self.s1p,
+        ];
+        let b0 = bits
+            .iter()
+            .enumerate()
+            .fold(0u8, |acc, (i, &b)| acc | u8::from(b) << i);
+        [b0, self.ssidsize | u8::from(self.s2p) << 5, self.sidsize]
+    }
+
+    /// The features in a trace's three bytes, with `ril` from the record's flags; an error
+    /// names the first value the format does not allow.
+    pub fn from_trace_bytes(b: [u8; 3], ril: bool) -> Result<SmmuFeatures, SmmuError> {
+        let bit = |i: u32| b[0] >> i & 1 != 0;
+        if b[1] & 0xc0 != 0 {
+            return Err(SmmuError::FieldTooLarge {
+                field: "trace features byte 1",
+                value: b[1],
+                max: 0x3f,
+            });
+        }
+        let ssidsize = b[1] & 0x1f;
+        for (field, value, max) in [
+            ("SSIDSIZE", ssidsize, MAX_SSIDSIZE),
+            ("SIDSIZE", b[2], MAX_SIDSIZE),
+        ] {
+            if value > max {
+                return Err(SmmuError::FieldTooLarge { field, value, max });
+            }
+        }
+        Ok(SmmuFeatures {
+            asid16: bit(0),
+            vmid16: bit(1),
+            ats: bit(2),
+            gran4k: bit(3),
+            gran16k: bit(4),
+            gran64k: bit(5),
+            ds: bit(6),
+            s1p: bit(7),
+            s2p: b[1] & 0x20 != 0,
+            ssidsize,
+            sidsize: b[2],
+            ril,
+        })
+    }
+
+    /// The text form a trace dump writes: a preset's name when one matches (RIL aside), else
+    /// the three trace bytes as `0xSSIIAA` (byte 2, byte 1, byte 0).
+    pub fn to_text(&self) -> String {
+        let b = self.to_trace_bytes();
+        Self::PRESETS
+            .iter()
+            .map(|(n, _, _)| *n)
+            .find(|n| {
+                Self::preset(n)
+                    .map(|p| p.to_trace_bytes() == b)
+                    .unwrap_or(false)
+            })
+            .map_or_else(
+                || format!("{:#08x}", u32::from_le_bytes([b[0], b[1], b[2], 0])),
+                str::to_string,
+            )
+    }
+
+    /// Reads [`SmmuFeatures::to_text`] back, with `ril` from the record.
+    pub fn from_text(s: &str, ril: bool) -> Result<SmmuFeatures, SmmuError> {
+        if let Ok(p) = Self::preset(s) {
+            return Ok(SmmuFeatures { ril, ..p });
+        }
+        let hex = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X"));
+        match hex.and_then(|h| u32::from_str_radix(&h.replace('_', ""), 16).ok()) {
+            Some(v) if v >> 24 == 0 => {
+                let [b0, b1, b2, _] = v.to_le_bytes();
+                Self::from_trace_bytes([b0, b1, b2], ril)
+            }
+            _ => Err(SmmuError::UnknownPreset(s.to_string())),
+        }
+    }
+}
+
 impl core::str::FromStr for SmmuFeatures {
     type Err = SmmuError;
 
@@ -346,6 +444,45 @@ mod tests {
         assert!(SmmuFeatures::from_idr(0, 21 << 6, 0, 0, false).is_err());
         let e = SmmuFeatures::preset("mmu-700").unwrap_err().to_string();
         assert!(e.contains("mmu-700") && e.contains("smmuv3.2"), "{e}");
+    }
+
+    #[test]
+    fn trace_bytes_and_text_read_back_for_every_preset_and_odd_sets() {
+        let odd = SmmuFeatures {
+            asid16: false,
+            gran16k: false,
+            ssidsize: 7,
+            sidsize: 12,
+            s2p: false,
+            ..SmmuFeatures::ANY
+        };
+        for (name, _, _) in SmmuFeatures::PRESETS {
+            let f = SmmuFeatures::preset(name).unwrap();
+            for ril in [false, true] {
+                let f = SmmuFeatures { ril, ..f };
+                let back = SmmuFeatures::from_trace_bytes(f.to_trace_bytes(), ril).unwrap();
+                assert_eq!(back, f, "{name}");
+                assert_eq!(
+                    SmmuFeatures::from_text(&f.to_text(), ril).unwrap(),
+                    f,
+                    "{name}"
+                );
+            }
+        }
+        let back = SmmuFeatures::from_trace_bytes(odd.to_trace_bytes(), true).unwrap();
+        assert_eq!(back, odd);
+        assert!(odd.to_text().starts_with("0x"), "{}", odd.to_text());
+        assert_eq!(SmmuFeatures::from_text(&odd.to_text(), true).unwrap(), odd);
+        assert!(SmmuFeatures::ANY.is_any_but_ril());
+        assert!(SmmuFeatures {
+            ril: false,
+            ..SmmuFeatures::ANY
+        }
+        .is_any_but_ril());
+        assert!(!odd.is_any_but_ril());
+        assert!(SmmuFeatures::from_trace_bytes([0, 0x40, 0], true).is_err());
+        assert!(SmmuFeatures::from_trace_bytes([0, 21, 0], true).is_err());
+        assert!(SmmuFeatures::from_trace_bytes([0, 0, 33], true).is_err());
     }
 
     #[test]
