@@ -16,6 +16,13 @@
 //! unless the configuration says the second shares the first one's stage 2
 //! ([`ViommuConfig::shares_vmid_with`]). VMIDs of different SMMUs are independent.
 //!
+//! The physical SMMU. A vIOMMU inherits its SMMU's features ([`SmmuFeatures`], from ID register
+//! values or a preset): the translation rules depend on them, and a VMID above 255 on an SMMU
+//! without VMID16 is refused at creation. A `tegra241` vIOMMU has the SID slots of its VINTF.
+//!
+//! Device removal. [`Viommu::remove_device`] removes a bound device as iommufd does: the vdevice
+//! goes (behind the barrier below) and a tombstone stays until the VMM destroys it (ENOENT).
+//!
 //! `unset_dev_id` is a barrier (rule 5): it removes the entry, waits for a grace period of the
 //! engine's [`GraceDomain`] (see [`grace`]) and only then returns and lets the device be bound
 //! elsewhere. Until then the device reads as still bound (EEXIST) so that no other vIOMMU gets it
