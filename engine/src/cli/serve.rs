@@ -202,7 +202,8 @@ fn read_config(path: &Path) -> Result<ServeArgs, CliError> {
                     if value.is_some() && std::error::Error::source(&e).is_some() =>
                 {
                     let why = std::error::Error::source(&e).map(ToString::to_string);
-                    let why = clip(&why.unwrap_or_default(), 4 * SHOWN);
+                    // Room for a cut value and the longest expected form (the --viommu spec's).
+                    let why = clip(&why.unwrap_or_default(), 5 * SHOWN);
                     // A spec's error quotes the part that is wrong: the line number and that
                     // say enough without the whole value again.
                     if ["viommu", "device", "bind", "create-ring"].contains(&key) {

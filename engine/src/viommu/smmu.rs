@@ -76,9 +76,9 @@ impl Default for SmmuFeatures {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SmmuError {
     /// A field of a register value outside what the architecture allows.
-    #[error("SMMU_IDR1.{field} is {value}, above the architecture's {max}")]
+    #[error("{field} is {value}, above {max}")]
     FieldTooLarge {
-        /// `SIDSIZE` or `SSIDSIZE`.
+        /// The field, e.g. `SMMU_IDR1.SIDSIZE`.
         field: &'static str,
         /// The value read.
         value: u8,
@@ -164,14 +164,14 @@ impl SmmuFeatures {
         let ssidsize = ((idr1 >> IDR1_SSIDSIZE_SHIFT) & 0x1f) as u8;
         if sidsize > MAX_SIDSIZE {
             return Err(SmmuError::FieldTooLarge {
-                field: "SIDSIZE",
+                field: "SMMU_IDR1.SIDSIZE",
                 value: sidsize,
                 max: MAX_SIDSIZE,
             });
         }
         if ssidsize > MAX_SSIDSIZE {
             return Err(SmmuError::FieldTooLarge {
-                field: "SSIDSIZE",
+                field: "SMMU_IDR1.SSIDSIZE",
                 value: ssidsize,
                 max: MAX_SSIDSIZE,
             });
@@ -303,15 +303,15 @@ impl SmmuFeatures {
         let bit = |i: u32| b[0] >> i & 1 != 0;
         if b[1] & 0xc0 != 0 {
             return Err(SmmuError::FieldTooLarge {
-                field: "trace features byte 1",
+                field: "features byte 30 (bits 6 and 7 are 0)",
                 value: b[1],
                 max: 0x3f,
             });
         }
         let ssidsize = b[1] & 0x1f;
         for (field, value, max) in [
-            ("SSIDSIZE", ssidsize, MAX_SSIDSIZE),
-            ("SIDSIZE", b[2], MAX_SIDSIZE),
+            ("SSIDSIZE (features byte 30)", ssidsize, MAX_SSIDSIZE),
+            ("SIDSIZE (features byte 31)", b[2], MAX_SIDSIZE),
         ] {
             if value > max {
                 return Err(SmmuError::FieldTooLarge { field, value, max });
