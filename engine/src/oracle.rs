@@ -9,7 +9,7 @@
 use crate::command::{opcode, FieldDef, OpLayout, RawCommand, LAYOUTS};
 use crate::queue::CError;
 use crate::translate::{RefuseReason, SlotOutcome};
-use crate::viommu::{Profile, ViommuConfig};
+use crate::viommu::{Profile, SmmuFeatures, ViommuConfig};
 use std::collections::HashMap;
 
 /// What the `kernel` profile forwards (after patching).
@@ -118,16 +118,29 @@ pub fn translate_one(
         _ if !forwards.contains(&name) => {
             return refuse(RefuseReason::NotAllowedByProfile { opcode: op });
         }
-        "TLBI_NH_ALL" | "TLBI_NH_ASID" => put(layout, &mut w, "vmid", vmid),
+        "TLBI_NH_ALL" => put(layout, &mut w, "vmid", vmid),
+        "TLBI_NH_ASID" => {
+            if let Some(o) = asid_check(cfg, layout, &cmd) {
+                return o;
+            }
+            put(layout, &mut w, "vmid", vmid);
+        }
         "TLBI_NH_VA" | "TLBI_NH_VAA" => {
-            let tg = get(layout, &cmd, "tg");
+            let tg = get(layout, &cmd, "tg") as u8;
+            let ttl = get(layout, &cmd, "ttl") as u8;
             let num = get(layout, &cmd, "num");
             let scale = get(layout, &cmd, "scale");
-            if !cfg.range_inv && (tg != 0 || num != 0 || scale != 0) {
+            // Without RIL, TG, TTL, NUM and SCALE are RES0.
+            if !cfg.range_inv && (tg != 0 || ttl != 0 || num != 0 || scale != 0) {
                 return refuse(RefuseReason::RangeUnsupported { opcode: op });
             }
-            if tg == 0 && (num != 0 || scale != 0) {
-                return refuse(RefuseReason::MalformedRange { opcode: op });
+            if name == "TLBI_NH_VA" {
+                if let Some(o) = asid_check(cfg, layout, &cmd) {
+                    return o;
+                }
+            }
+            if let Some(reason) = range_rule(&cfg.features, op, tg, ttl, num, scale) {
+                return refuse(reason);
             }
             put(layout, &mut w, "vmid", vmid);
         }
@@ -137,6 +150,23 @@ pub fn translate_one(
             put(nh_all, &mut w, "vmid", vmid);
         }
         "ATC_INV" => {
+            if !cfg.features.ats {
+                return refuse(RefuseReason::AtsUnsupported);
+            }
+            let ssidsize = cfg.features.ssidsize;
+            let ssv = get(layout, &cmd, "ssv");
+            let global = get(layout, &cmd, "global");
+            let ssid = get(layout, &cmd, "ssid");
+            if ssidsize == 0 && (ssv != 0 || global != 0 || ssid != 0) {
+                return refuse(RefuseReason::NoSubstreams { opcode: op });
+            }
+            if ssid >> ssidsize != 0 {
+                return refuse(RefuseReason::SsidTooLarge {
+                    opcode: op,
+                    ssid: ssid as u32,
+                    ssidsize,
+                });
+            }
             let size = get(layout, &cmd, "size");
             if size > 52 {
                 return refuse(RefuseReason::AtcSizeTooLarge { size: size as u8 });
@@ -149,6 +179,20 @@ pub fn translate_one(
             if get(layout, &cmd, "ssec") != 0 {
                 return refuse(RefuseReason::Secure { opcode: op });
             }
+            if name == "CFGI_CD" {
+                let ssid = get(layout, &cmd, "ssid");
+                let ssidsize = cfg.features.ssidsize;
+                if ssidsize == 0 && ssid != 0 {
+                    return refuse(RefuseReason::NoSubstreams { opcode: op });
+                }
+                if ssid >> ssidsize != 0 {
+                    return refuse(RefuseReason::SsidTooLarge {
+                        opcode: op,
+                        ssid: ssid as u32,
+                        ssidsize,
+                    });
+                }
+            }
             if let Err(o) = translate_sid(&mut w) {
                 return o;
             }
@@ -156,6 +200,61 @@ pub fn translate_one(
         other => unreachable!("oracle: {other} is forwarded but has no rule"),
     }
     SlotOutcome::Forwarded(RawCommand::new(w[0], w[1]))
+}
+
+/// An ASID with its upper byte set on an SMMU with 8-bit ASIDs.
+fn asid_check(cfg: &ViommuConfig, layout: &OpLayout, cmd: &RawCommand) -> Option<SlotOutcome> {
+    let asid = get(layout, cmd, "asid");
+    if !cfg.features.asid16 && asid > 0xff {
+        return Some(refuse(RefuseReason::AsidTooLarge {
+            opcode: cmd.opcode(),
+            asid: asid as u16,
+        }));
+    }
+    None
+}
+
+/// The range encoding of a TLBI on an SMMU with range invalidation (docs/rules.md, "Range
+/// invalidation"), in this order: with TG=0 (the non-range form) NUM, SCALE and TTL must be 0;
+/// with TG != 0 the granule must be one the SMMU supports, NUM = SCALE = TTL = 0 is reserved,
+/// and TTL must be a level that granule can have (16K level 1 only with DS).
+fn range_rule(
+    f: &SmmuFeatures,
+    opcode: u8,
+    tg: u8,
+    ttl: u8,
+    num: u64,
+    scale: u64,
+) -> Option<RefuseReason> {
+    if tg == 0 {
+        if num != 0 || scale != 0 {
+            return Some(RefuseReason::MalformedRange { opcode });
+        }
+        if ttl != 0 {
+            return Some(RefuseReason::TtlWithoutGranule { opcode });
+        }
+        return None;
+    }
+    let granule = match tg {
+        1 => f.gran4k,
+        2 => f.gran16k,
+        _ => f.gran64k,
+    };
+    if !granule {
+        return Some(RefuseReason::GranuleUnsupported { opcode, tg });
+    }
+    if num == 0 && scale == 0 && ttl == 0 {
+        return Some(RefuseReason::ReservedRange { opcode });
+    }
+    let level_ok = match (tg, ttl) {
+        (_, 0) => true,
+        (2, 1) => f.ds,
+        _ => true,
+    };
+    if !level_ok {
+        return Some(RefuseReason::ReservedTtl { opcode, tg, ttl });
+    }
+    None
 }
 
 /// Every slot's outcome for a whole batch, as `translate::translate_all` gives it.

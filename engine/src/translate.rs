@@ -9,10 +9,15 @@
 //!    order), PREFETCH_* dropped (a hint; nothing to forward), CMD_SYNC ends the batch, commands
 //!    the profile does not forward are CERROR_ILL (`NotAllowedByProfile`);
 //! 4. SSEC set (CFGI_*): CERROR_ILL (`Secure`): a guest has no Secure state;
-//! 5. ATC_INV with SIZE > 52 (`AtcSizeTooLarge`); TLBI_NH_VA/VAA with TG, NUM or SCALE set on an
-//!    SMMU without range invalidation (`RangeUnsupported`), or NUM/SCALE with TG=0
-//!    (`MalformedRange`); CMD_SYNC with the reserved CS=3 (`ReservedSyncCs`);
-//! 6. ATC_INV, CFGI_CD, CFGI_CD_ALL: the vSID must be bound in this vIOMMU (`UnknownVsid`), and
+//! 5. what the physical SMMU does not have (its [`SmmuFeatures`](crate::viommu::SmmuFeatures)):
+//!    TG, TTL, NUM or SCALE without range invalidation (`RangeUnsupported`), ASID[15:8] with
+//!    8-bit ASIDs (`AsidTooLarge`), SSV, SSID or GLOBAL without substreams (`NoSubstreams`), an
+//!    SSID beyond SSIDSIZE (`SsidTooLarge`); ATC_INV without ATS (`AtsUnsupported`);
+//! 6. field values: ATC_INV with SIZE > 52 (`AtcSizeTooLarge`); the range encoding of
+//!    TLBI_NH_VA/VAA (`MalformedRange`, `TtlWithoutGranule`, `GranuleUnsupported`,
+//!    `ReservedRange`, `ReservedTtl`; see [`RefuseReason`]); CMD_SYNC with the reserved CS=3
+//!    (`ReservedSyncCs`);
+//! 7. ATC_INV, CFGI_CD, CFGI_CD_ALL: the vSID must be bound in this vIOMMU (`UnknownVsid`), and
 //!    SID becomes its pSID.
 //!
 //! What is forwarded: TLBI_NH_ALL/ASID/VA/VAA with VMID overwritten by the vIOMMU's (the guest's
@@ -27,7 +32,7 @@
 
 use crate::command::{opcode, RawCommand, LAYOUTS};
 use crate::queue::CError;
-use crate::viommu::{Profile, Viommu, WithLookup};
+use crate::viommu::{Profile, SmmuFeatures, Viommu, ViommuConfig, WithLookup};
 
 /// Why a command was refused. Every refusal is CERROR_ILL at that slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -61,7 +66,8 @@ pub enum RefuseReason {
         /// SIZE, `d1[5:0]`.
         size: u8,
     },
-    /// TG, NUM or SCALE set while the physical SMMU has no range invalidation.
+    /// TG, TTL, NUM or SCALE set while the physical SMMU has no range invalidation
+    /// (SMMU_IDR3.RIL = 0): they are RES0 there.
     RangeUnsupported {
         /// `d0[7:0]`.
         opcode: u8,
@@ -71,6 +77,55 @@ pub enum RefuseReason {
         /// `d0[7:0]`.
         opcode: u8,
     },
+    /// TTL set with TG=0: a level without a granule has no meaning; TTL is RES0 then.
+    TtlWithoutGranule {
+        /// `d0[7:0]`.
+        opcode: u8,
+    },
+    /// TG names a granule the physical SMMU does not support (SMMU_IDR5.GRAN4K/16K/64K).
+    GranuleUnsupported {
+        /// `d0[7:0]`.
+        opcode: u8,
+        /// TG: 1 4K, 2 16K, 3 64K.
+        tg: u8,
+    },
+    /// TG != 0 with NUM = SCALE = TTL = 0: a reserved combination (CERROR_ILL).
+    ReservedRange {
+        /// `d0[7:0]`.
+        opcode: u8,
+    },
+    /// A TTL the granule cannot have (TTL=1 with 16K without SMMU_IDR5.DS).
+    ReservedTtl {
+        /// `d0[7:0]`.
+        opcode: u8,
+        /// TG.
+        tg: u8,
+        /// TTL.
+        ttl: u8,
+    },
+    /// ASID[15:8] set while the physical SMMU has 8-bit ASIDs (no SMMU_IDR0.ASID16).
+    AsidTooLarge {
+        /// `d0[7:0]`.
+        opcode: u8,
+        /// The ASID.
+        asid: u16,
+    },
+    /// SSV, SSID or GLOBAL set while the physical SMMU has no substreams (SSIDSIZE = 0).
+    NoSubstreams {
+        /// `d0[7:0]`.
+        opcode: u8,
+    },
+    /// An SSID that needs more bits than the physical SMMU's SSIDSIZE.
+    SsidTooLarge {
+        /// `d0[7:0]`.
+        opcode: u8,
+        /// The SSID.
+        ssid: u32,
+        /// SMMU_IDR1.SSIDSIZE.
+        ssidsize: u8,
+    },
+    /// ATC_INV while the physical SMMU has no ATS (SMMU_IDR0.ATS = 0).
+    AtsUnsupported,
     /// The SID is not a vSID bound in this vIOMMU.
     UnknownVsid {
         /// `d0[7:0]`.
@@ -111,12 +166,57 @@ impl core::fmt::Display for RefuseReason {
             }
             RefuseReason::RangeUnsupported { opcode } => write!(
                 f,
-                "{} has range fields (TG/NUM/SCALE) and the SMMU has no range invalidation",
+                "{} has range fields (TG/TTL/NUM/SCALE) and the SMMU has no range invalidation \
+                 (RIL)",
                 op_name(opcode)
             ),
             RefuseReason::MalformedRange { opcode } => {
                 write!(f, "{} has NUM/SCALE set with TG=0", op_name(opcode))
             }
+            RefuseReason::TtlWithoutGranule { opcode } => {
+                write!(
+                    f,
+                    "{} has TTL set with TG=0 (TTL is RES0 then)",
+                    op_name(opcode)
+                )
+            }
+            RefuseReason::GranuleUnsupported { opcode, tg } => write!(
+                f,
+                "{} has TG={tg} ({}), a granule the SMMU does not support",
+                op_name(opcode),
+                ["-", "4K", "16K", "64K"][usize::from(tg & 3)]
+            ),
+            RefuseReason::ReservedRange { opcode } => write!(
+                f,
+                "{} has TG set with NUM=SCALE=TTL=0, a reserved combination",
+                op_name(opcode)
+            ),
+            RefuseReason::ReservedTtl { opcode, tg, ttl } => write!(
+                f,
+                "{} has TTL={ttl}, a level the {} granule cannot have on this SMMU",
+                op_name(opcode),
+                ["-", "4K", "16K", "64K"][usize::from(tg & 3)]
+            ),
+            RefuseReason::AsidTooLarge { opcode, asid } => write!(
+                f,
+                "{} has ASID {asid:#x} and the SMMU has 8-bit ASIDs (no ASID16)",
+                op_name(opcode)
+            ),
+            RefuseReason::NoSubstreams { opcode } => write!(
+                f,
+                "{} has SSV/SSID/GLOBAL set and the SMMU has no substreams (SSIDSIZE 0)",
+                op_name(opcode)
+            ),
+            RefuseReason::SsidTooLarge {
+                opcode,
+                ssid,
+                ssidsize,
+            } => write!(
+                f,
+                "{} has SSID {ssid:#x}, beyond the SMMU's SSIDSIZE {ssidsize}",
+                op_name(opcode)
+            ),
+            RefuseReason::AtsUnsupported => f.write_str("ATC_INV and the SMMU has no ATS"),
             RefuseReason::UnknownVsid { opcode, vsid } => write!(
                 f,
                 "{} names vSID {vsid:#x}, not bound in this vIOMMU",
@@ -216,6 +316,8 @@ enum Action {
     /// TLBI_NSNH_ALL -> TLBI_NH_ALL.
     Nsnh,
     AtcInv,
+    /// ATC_INV on an SMMU without ATS.
+    NoAts,
     /// CFGI_CD, CFGI_CD_ALL: SSEC, SID.
     CfgiSid,
     /// CFGI_STE, CFGI_STE_RANGE: SSEC, then to the control plane.
@@ -228,17 +330,19 @@ enum Action {
 /// check and the dispatch cost one table load.
 ///
 /// `reject` is the complement of the opcode's allowed bits, plus the bits the policy refuses on
-/// a command the profile takes: SSEC of CFGI_* and, on an SMMU without range invalidation,
-/// TG/NUM/SCALE of TLBI_NH_VA/VAA. One mask test then covers RES0, Secure and range support;
-/// the cold path tells them apart. The value checks of a forwarded command are data too (`range_mask`,
+/// a command the profile takes: SSEC of CFGI_*, and what the physical SMMU lacks (TG/TTL/NUM/
+/// SCALE without range invalidation, ASID[15:8] with 8-bit ASIDs, SSV/SSID/GLOBAL beyond its
+/// substreams). One mask test then covers RES0, Secure and the SMMU's features; the cold path
+/// tells them apart. The value checks of a forwarded command are data too (`range_ok`,
 /// `size_max`), so the hot loop tests them without asking which opcode it has.
 #[derive(Clone, Copy)]
 struct Rule {
     reject: [u64; 2],
     /// The bits the vIOMMU's VMID replaces (VMID for TLBIs, else 0).
     vmid_mask: u64,
-    /// NUM and SCALE for TLBI_NH_VA/VAA (which need TG != 0 with them), else 0.
-    range_mask: u32,
+    /// For TLBI_NH_VA/VAA: bit `TG << 2 | TTL` of `range_ok[n]` is set when that TG and TTL are
+    /// a valid encoding with (n = 1) or without (n = 0) NUM/SCALE. All ones for other opcodes.
+    range_ok: [u16; 2],
     /// The largest `d1[5:0]` allowed: 52 for ATC_INV's SIZE, 63 (no check) otherwise.
     size_max: u8,
     action: Action,
@@ -251,13 +355,48 @@ const F_FORWARD: u8 = 1;
 /// SID is a vSID to replace with its pSID.
 const F_SID: u8 = 16;
 
-const fn set(t: &mut [Rule; 256], op: u8, action: Action, range_inv: bool) {
+/// The translation rules of one vIOMMU: its profile on its physical SMMU, one [`Rule`] per
+/// opcode. Built once when the vIOMMU is created.
+pub struct RuleTable([Rule; 256]);
+
+impl RuleTable {
+    /// The rules for a vIOMMU configured as `cfg`.
+    pub(crate) fn new(cfg: &ViommuConfig) -> Box<RuleTable> {
+        Box::new(RuleTable(rules(cfg.profile, cfg.range_inv, &cfg.features)))
+    }
+}
+
+/// The valid (TG, TTL) encodings of a range TLBI on an SMMU with `f`, without and with
+/// NUM/SCALE (the module docs and docs/rules.md, "Range invalidation").
+fn range_encodings(f: &SmmuFeatures) -> [u16; 2] {
+    let mut ok = [0u16; 2];
+    for (ns, mask) in ok.iter_mut().enumerate() {
+        for k in 0..16u8 {
+            let (tg, ttl) = (k >> 2, k & 3);
+            let valid = if tg == 0 {
+                ns == 0 && ttl == 0
+            } else if ttl == 0 {
+                f.granule(tg) && ns == 1
+            } else {
+                f.granule(tg) && f.ttl(tg, ttl)
+            };
+            *mask |= u16::from(valid) << k;
+        }
+    }
+    ok
+}
+
+fn set(t: &mut [Rule; 256], op: u8, action: Action, range_inv: bool, f: &SmmuFeatures) {
+    let action = match action {
+        Action::AtcInv if !f.ats => Action::NoAts,
+        a => a,
+    };
     let r = &mut t[op as usize];
     r.action = action;
     (r.flags, r.vmid_mask) = match action {
         Action::Tlbi => (F_FORWARD, VMID_MASK),
         Action::TlbiRange => {
-            r.range_mask = NUM_SCALE_MASK as u32;
+            r.range_ok = range_encodings(f);
             (F_FORWARD, VMID_MASK)
         }
         Action::AtcInv => {
@@ -271,66 +410,89 @@ const fn set(t: &mut [Rule; 256], op: u8, action: Action, range_inv: bool) {
         Action::CfgiSid | Action::Trap => r.reject[0] |= SSEC,
         Action::TlbiRange if !range_inv => {
             r.reject[0] |= NUM_SCALE_MASK;
-            r.reject[1] |= TG_MASK;
+            r.reject[1] |= TG_MASK | TTL_MASK;
         }
+        _ => {}
+    }
+    if matches!(action, Action::Tlbi | Action::TlbiRange) && !f.asid16 {
+        // Only the opcodes with an ASID field: for the others these bits are RES0 already.
+        r.reject[0] |= ASID_HIGH & !r.reject[0] & layout_allowed(op);
+    }
+    // SSIDs need at most SSIDSIZE bits; with none, SSV and GLOBAL are refused too.
+    let ssid_beyond = SSID_MASK & !((1u64 << (SSID_SHIFT + u32::from(f.ssidsize))) - 1);
+    match (action, op) {
+        (Action::AtcInv, _) => {
+            r.reject[0] |= ssid_beyond;
+            if f.ssidsize == 0 {
+                r.reject[0] |= SSV | GLOBAL;
+            }
+        }
+        (Action::CfgiSid, opcode::CFGI_CD) => r.reject[0] |= ssid_beyond,
         _ => {}
     }
 }
 
-const fn rules(profile: Profile, range_inv: bool) -> [Rule; 256] {
+fn layout_allowed(op: u8) -> u64 {
+    LAYOUTS[op as usize].map_or(0, |l| l.allowed[0])
+}
+
+fn rules(profile: Profile, range_inv: bool, f: &SmmuFeatures) -> [Rule; 256] {
     let mut t = [Rule {
         reject: [!0, !0],
         vmid_mask: 0,
-        range_mask: 0,
+        range_ok: [!0, !0],
         size_max: ATC_SIZE_MASK as u8,
         action: Action::Illegal,
         flags: 0,
     }; 256];
-    let mut op = 0;
-    while op < 256 {
+    for (op, rule) in t.iter_mut().enumerate() {
         if let Some(l) = LAYOUTS[op] {
-            t[op].reject = [!l.allowed[0], !l.allowed[1]];
-            t[op].action = Action::NotAllowed;
+            rule.reject = [!l.allowed[0], !l.allowed[1]];
+            rule.action = Action::NotAllowed;
         }
-        op += 1;
     }
     let r = range_inv;
-    set(&mut t, opcode::CFGI_STE, Action::Trap, r);
-    set(&mut t, opcode::CFGI_STE_RANGE, Action::Trap, r);
-    set(&mut t, opcode::PREFETCH_CONFIG, Action::Drop, r);
-    set(&mut t, opcode::PREFETCH_ADDR, Action::Drop, r);
-    set(&mut t, opcode::CMD_SYNC, Action::Sync, r);
-    set(&mut t, opcode::TLBI_NH_ASID, Action::Tlbi, r);
-    set(&mut t, opcode::TLBI_NH_VA, Action::TlbiRange, r);
-    set(&mut t, opcode::ATC_INV, Action::AtcInv, r);
+    set(&mut t, opcode::CFGI_STE, Action::Trap, r, f);
+    set(&mut t, opcode::CFGI_STE_RANGE, Action::Trap, r, f);
+    set(&mut t, opcode::PREFETCH_CONFIG, Action::Drop, r, f);
+    set(&mut t, opcode::PREFETCH_ADDR, Action::Drop, r, f);
+    set(&mut t, opcode::CMD_SYNC, Action::Sync, r, f);
+    set(&mut t, opcode::TLBI_NH_ASID, Action::Tlbi, r, f);
+    set(&mut t, opcode::TLBI_NH_VA, Action::TlbiRange, r, f);
+    set(&mut t, opcode::ATC_INV, Action::AtcInv, r, f);
     if let Profile::Kernel = profile {
-        set(&mut t, opcode::TLBI_NH_ALL, Action::Tlbi, r);
-        set(&mut t, opcode::TLBI_NH_VAA, Action::TlbiRange, r);
-        set(&mut t, opcode::TLBI_NSNH_ALL, Action::Nsnh, r);
-        set(&mut t, opcode::CFGI_CD, Action::CfgiSid, r);
-        set(&mut t, opcode::CFGI_CD_ALL, Action::CfgiSid, r);
+        set(&mut t, opcode::TLBI_NH_ALL, Action::Tlbi, r, f);
+        set(&mut t, opcode::TLBI_NH_VAA, Action::TlbiRange, r, f);
+        set(&mut t, opcode::TLBI_NSNH_ALL, Action::Nsnh, r, f);
+        set(&mut t, opcode::CFGI_CD, Action::CfgiSid, r, f);
+        set(&mut t, opcode::CFGI_CD_ALL, Action::CfgiSid, r, f);
     }
     t
 }
 
-/// The rule tables, by profile and by range support.
-static KERNEL_RULES: [[Rule; 256]; 2] =
-    [rules(Profile::Kernel, false), rules(Profile::Kernel, true)];
-static TEGRA241_RULES: [[Rule; 256]; 2] = [
-    rules(Profile::Tegra241, false),
-    rules(Profile::Tegra241, true),
-];
-
 /// VMID, `d0[47:32]`.
 const VMID_MASK: u64 = 0xffff << 32;
+/// The upper byte of ASID, `d0[63:56]`.
+const ASID_HIGH: u64 = 0xff << 56;
 /// SID, `d0[63:32]`.
 const SID_SHIFT: u32 = 32;
 /// SSEC, `d0[10]`.
 const SSEC: u64 = 1 << 10;
+/// SSV, `d0[11]`.
+const SSV: u64 = 1 << 11;
+/// ATC_INV GLOBAL, `d0[9]`.
+const GLOBAL: u64 = 1 << 9;
+/// SSID, `d0[31:12]`.
+const SSID_MASK: u64 = 0xf_ffff << SSID_SHIFT;
+const SSID_SHIFT: u32 = 12;
 /// NUM `d0[16:12]` and SCALE `d0[24:20]`.
 const NUM_SCALE_MASK: u64 = (0x1f << 12) | (0x1f << 20);
+/// TTL, `d1[9:8]`.
+const TTL_MASK: u64 = 0b11 << 8;
 /// TG, `d1[11:10]`.
 const TG_MASK: u64 = 0b11 << 10;
+/// TG and TTL, `d1[11:8]`, read as one 4-bit index `TG << 2 | TTL`.
+const TG_TTL_SHIFT: u32 = 8;
 /// ATC_INV SIZE, `d1[5:0]`.
 const ATC_SIZE_MASK: u64 = 0x3f;
 /// The SIZE that means "the whole address space".
@@ -339,6 +501,14 @@ const ATC_SIZE_ALL: u64 = 52;
 const CS_SHIFT: u32 = 12;
 /// CMD_SYNC MSIADDR, `d1[51:2]`.
 const MSIADDR_MASK: u64 = ((1 << 52) - 1) & !0b11;
+
+/// Whether the range fields of `d0`/`d1` are an encoding `rule` accepts.
+#[inline(always)]
+fn range_valid(rule: &Rule, d0: u64, d1: u64) -> bool {
+    let k = (d1 >> TG_TTL_SHIFT) & 0xf;
+    let ns = usize::from(d0 & NUM_SCALE_MASK != 0);
+    (rule.range_ok[ns] >> k) & 1 != 0
+}
 
 /// Why a command failed the mask test: a RES0 bit (by the opcode's layout) first, then the
 /// policy bits folded into the mask (the precedence of the module docs).
@@ -356,22 +526,61 @@ fn rejected(rule: &Rule, d0: u64, d1: u64) -> RefuseReason {
             d1: x1,
         };
     }
-    match rule.action {
-        Action::TlbiRange => RefuseReason::RangeUnsupported { opcode },
-        _ => RefuseReason::Secure { opcode },
+    let (r0, r1) = (d0 & rule.reject[0], d1 & rule.reject[1]);
+    if r0 & SSEC != 0 {
+        return RefuseReason::Secure { opcode };
+    }
+    if rule.action == Action::TlbiRange
+        && (r0 & NUM_SCALE_MASK != 0 || r1 & (TG_MASK | TTL_MASK) != 0)
+    {
+        return RefuseReason::RangeUnsupported { opcode };
+    }
+    if r0 & ASID_HIGH != 0 {
+        return RefuseReason::AsidTooLarge {
+            opcode,
+            asid: (d0 >> 48) as u16,
+        };
+    }
+    // What is left is a substream check: the SSID bits the rule refuses start at SSIDSIZE.
+    let ssidsize = ((rule.reject[0] & SSID_MASK).trailing_zeros() - SSID_SHIFT) as u8;
+    if ssidsize == 0 {
+        RefuseReason::NoSubstreams { opcode }
+    } else {
+        RefuseReason::SsidTooLarge {
+            opcode,
+            ssid: ((d0 & SSID_MASK) >> SSID_SHIFT) as u32,
+            ssidsize,
+        }
     }
 }
 
 /// Which value check of a forwarded command failed.
 #[cold]
 fn field_reason(rule: &Rule, d0: u64, d1: u64) -> RefuseReason {
+    let opcode = d0 as u8;
     if rule.action == Action::AtcInv {
-        RefuseReason::AtcSizeTooLarge {
+        return RefuseReason::AtcSizeTooLarge {
             size: (d1 & ATC_SIZE_MASK) as u8,
-        }
-    } else {
-        RefuseReason::MalformedRange { opcode: d0 as u8 }
+        };
     }
+    let tg = ((d1 & TG_MASK) >> 10) as u8;
+    let ttl = ((d1 & TTL_MASK) >> 8) as u8;
+    let ns = d0 & NUM_SCALE_MASK != 0;
+    if tg == 0 {
+        return if ns {
+            RefuseReason::MalformedRange { opcode }
+        } else {
+            RefuseReason::TtlWithoutGranule { opcode }
+        };
+    }
+    // A supported granule takes TTL=0 with NUM/SCALE.
+    if (rule.range_ok[1] >> (tg << 2)) & 1 == 0 {
+        return RefuseReason::GranuleUnsupported { opcode, tg };
+    }
+    if !ns && ttl == 0 {
+        return RefuseReason::ReservedRange { opcode };
+    }
+    RefuseReason::ReservedTtl { opcode, tg, ttl }
 }
 
 /// Translates guest commands copied out of a ring into physical commands for vIOMMU `v`.
@@ -390,13 +599,8 @@ pub fn translate(
     out: &mut [RawCommand],
     prov: &mut [u32],
 ) -> BatchEnd {
-    let range_inv = v.config().range_inv;
-    let rules = match v.profile() {
-        Profile::Kernel => &KERNEL_RULES[usize::from(range_inv)],
-        Profile::Tegra241 => &TEGRA241_RULES[usize::from(range_inv)],
-    };
     v.table().with_lookup(Batch {
-        rules,
+        rules: &v.rules().0,
         vmid: u64::from(v.vmid()) << 32,
         input,
         out,
@@ -523,7 +727,7 @@ fn forward(
 ) -> Option<(u64, u64)> {
     let (d0, d1) = (cmd.d0(), cmd.d1());
     let illegal = (d0 & rule.reject[0]) | (d1 & rule.reject[1]) != 0;
-    let bad_range = (d0 & u64::from(rule.range_mask) != 0) & (d1 & TG_MASK == 0);
+    let bad_range = !range_valid(rule, d0, d1);
     let bad_size = d1 & ATC_SIZE_MASK > u64::from(rule.size_max);
     if illegal | bad_range | bad_size | (rule.flags & F_FORWARD == 0) {
         return None;
@@ -550,7 +754,7 @@ fn step(
     // branch, and a second for SID commands: a guest's mix of opcodes would otherwise
     // mispredict a dispatch per command.
     let illegal = (d0 & rule.reject[0]) | (d1 & rule.reject[1]) != 0;
-    let bad_range = (d0 & u64::from(rule.range_mask) != 0) & (d1 & TG_MASK == 0);
+    let bad_range = !range_valid(rule, d0, d1);
     let bad_size = d1 & ATC_SIZE_MASK > u64::from(rule.size_max);
     let o0 = (d0 & !rule.vmid_mask) | (vmid & rule.vmid_mask);
     if illegal | bad_range | bad_size | (rule.flags & F_FORWARD == 0) {
@@ -590,6 +794,7 @@ fn special(rule: &Rule, d0: u64, d1: u64, illegal: bool) -> Special {
             },
         },
         Action::NotAllowed => Special::Refuse(RefuseReason::NotAllowedByProfile { opcode }),
+        Action::NoAts => Special::Refuse(RefuseReason::AtsUnsupported),
         // Forwarding actions are handled above; an illegal opcode with all-zero words gets here.
         _ => Special::Refuse(RefuseReason::IllegalOpcode { opcode }),
     }

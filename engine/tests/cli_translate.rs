@@ -87,7 +87,7 @@ fn continue_goes_past_a_refusal() {
 
 #[test]
 fn profile_and_range_flags() {
-    let input = "TLBI_NH_ALL\nTLBI_NH_VA asid=1 addr=0x1000 tg=4k\n";
+    let input = "TLBI_NH_ALL\nTLBI_NH_VA asid=1 addr=0x1000 tg=4k ttl=3\n";
     let v = json(
         &["--vmid", "5", "--profile", "tegra241", "--continue"],
         input,
@@ -165,4 +165,53 @@ fn text_output_names_each_slot() {
     assert!(lines[0].contains("forwarded") && lines[0].contains("TLBI_NH_ALL vmid=5"));
     assert!(lines[5].contains("CERROR_ILL"));
     assert!(lines[6].contains("not reached"));
+}
+
+/// Each rule of the range encoding and of the SMMU's features is shown with its reason.
+#[test]
+fn smmu_presets_and_range_rules_show_each_refusals_reason() {
+    let input = "\
+TLBI_NH_VAA addr=0x1000 ttl=2
+TLBI_NH_VA asid=1 addr=0x1000 tg=4k
+TLBI_NH_VA asid=1 addr=0x1000 tg=16k ttl=1
+TLBI_NH_VA asid=0x100 addr=0x1000 tg=4k ttl=3
+ATC_INV sid=0x10 ssv ssid=3 size=52
+CFGI_CD sid=0x10 ssid=3
+";
+    let v = json(
+        &[
+            "--vmid",
+            "5",
+            "--smmu",
+            "qemu",
+            "--bind",
+            "vsid=0x10,psid=0x800",
+            "--continue",
+        ],
+        input,
+    );
+    let reasons: Vec<&str> = v
+        .iter()
+        .map(|o| o["reason"].as_str().unwrap_or(""))
+        .collect();
+    for (r, want) in reasons.iter().zip([
+        "TTL set with TG=0",
+        "NUM=SCALE=TTL=0, a reserved combination",
+        "TTL=1, a level the 16K granule cannot have",
+        "",
+        "no ATS",
+        "no substreams",
+    ]) {
+        assert!(r.contains(want), "{r:?} lacks {want:?}");
+    }
+    // QEMU's SMMUv3 has 16-bit ASIDs: slot 3 is forwarded.
+    assert_eq!(v[3]["outcome"], "forwarded");
+    let v = json(
+        &["--vmid", "5", "--smmu", "mmu-600"],
+        "TLBI_NH_VA asid=1 addr=0x1000 tg=4k ttl=3\n",
+    );
+    assert!(v[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("no range invalidation"));
 }

@@ -215,8 +215,9 @@ fn command(rng: &mut Rng, g: usize, s: Seat, n: u64, hostile: bool) -> RawComman
     let addr = (n & 0xf_ffff) << 12;
     let roll = rng.below(100);
     match roll {
+        // The non-range form: TTL is RES0 without a granule (docs/rules.md).
         0..=29 => c(&format!(
-            "TLBI_NH_VA vmid={junk_vmid} asid={g} addr={addr:#x} ttl=3 leaf"
+            "TLBI_NH_VA vmid={junk_vmid} asid={g} addr={addr:#x} leaf"
         )),
         30..=37 => c(&format!(
             "TLBI_NH_VA asid={g} addr={addr:#x} tg=4k num={} scale=1",

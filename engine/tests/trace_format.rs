@@ -12,6 +12,7 @@ use vcmdq::trace::{
     to_vec, validate, validate_with, Event, Invalid, Limits, Malformed, Outcome, Profile, Trace,
     TraceError, TraceFile, TraceMeta, TraceWriter, DEFAULT_MAX_RING_MEMORY,
 };
+use vcmdq::viommu::SmmuFeatures;
 
 fn cmd(s: &str) -> RawCommand {
     parse(s).unwrap()
@@ -29,6 +30,7 @@ fn sample_events(cmds: &[RawCommand]) -> Vec<(u64, Event<'_>)> {
                 profile: Profile::Kernel,
                 sidsize: 16,
                 range_inv: true,
+                features: SmmuFeatures::ANY,
             },
         ),
         (
@@ -40,6 +42,11 @@ fn sample_events(cmds: &[RawCommand]) -> Vec<(u64, Event<'_>)> {
                 profile: Profile::Tegra241,
                 sidsize: 32,
                 range_inv: false,
+                // Recorded in the ViommuCreate's features bytes (flag bit 1).
+                features: SmmuFeatures {
+                    ril: false,
+                    ..SmmuFeatures::preset("qemu").unwrap()
+                },
             },
         ),
         (
@@ -440,10 +447,25 @@ fn field_defects_are_refused() {
     };
     assert_eq!(v(&|b| b[64 + 26] = 7), Malformed::BadProfile(7));
     assert_eq!(v(&|b| b[64 + 27] = 33), Malformed::BadSidsize(33));
-    assert_eq!(v(&|b| b[64 + 28] = 2), Malformed::BadViommuFlags(2));
+    assert_eq!(v(&|b| b[64 + 28] = 4), Malformed::BadViommuFlags(4));
+    // The features bytes are zero unless flag bit 1 says they hold the SMMU's features.
     assert!(matches!(
         v(&|b| b[64 + 29] = 1),
         Malformed::ReservedNonZero { .. }
+    ));
+    assert!(matches!(
+        v(&|b| {
+            b[64 + 28] = 2;
+            b[64 + 30] = 21;
+        }),
+        Malformed::BadSmmuFeatures(_)
+    ));
+    assert!(matches!(
+        v(&|b| {
+            b[64 + 28] = 2;
+            b[64 + 31] = 33;
+        }),
+        Malformed::BadSmmuFeatures(_)
     ));
     let mut b = single(|w| w.ring_create(0, 1, 2, 19).unwrap());
     b[64 + 24] = 20;
@@ -901,6 +923,19 @@ fn make_event(kind: u8, v: [u32; 4], cmds: &[RawCommand]) -> Event<'_> {
             },
             sidsize: (v[3] >> 8) as u8 % 33,
             range_inv: v[3] & 2 != 0,
+            features: if v[3] & 4 == 0 {
+                SmmuFeatures {
+                    ril: v[3] & 2 != 0,
+                    ..SmmuFeatures::ANY
+                }
+            } else {
+                let b1 = ((v[3] >> 24) as u8 % 21) | (((v[3] >> 29) & 1) as u8) << 5;
+                SmmuFeatures::from_trace_bytes(
+                    [(v[3] >> 16) as u8, b1, (v[2] % 33) as u8],
+                    v[3] & 2 != 0,
+                )
+                .unwrap()
+            },
         },
         1 => Event::DeviceAdd {
             device: v[0],

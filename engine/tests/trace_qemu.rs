@@ -28,7 +28,7 @@ trace version=1 created=0 imported waits-sync
 @100000 cmd ring=0 slot=3 CMD_SYNC cs=1 msh=0 msiattr=0 msidata=0x0 msiaddr=0x0
 @100000 doorbell ring=0 prod=4
 @900000 cmd ring=0 slot=4 TLBI_NH_VA vmid=0 asid=1 addr=0x8000_0000 tg=4k num=4 scale=3 ttl=3 leaf
-@900000 cmd ring=0 slot=5 TLBI_NH_VAA vmid=0 addr=0x9000_0000 tg=0 num=0 scale=0 ttl=3 leaf
+@900000 cmd ring=0 slot=5 TLBI_NH_VAA vmid=0 addr=0x9000_0000 tg=0 num=0 scale=0 ttl=0 leaf
 @900000 cmd ring=0 slot=6 ATC_INV sid=0x10 ssid=0x0 addr=0x0 size=52
 @900000 cmd ring=0 slot=7 PREFETCH_CONFIG ssid=0x0 sid=0x10
 @900000 cmd ring=0 slot=8 CMD_SYNC cs=0 msh=0 msiattr=0 msidata=0x0 msiaddr=0x0

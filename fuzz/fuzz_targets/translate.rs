@@ -1,4 +1,5 @@
-//! An arbitrary vIOMMU (profile, VMID, SIDSIZE, range support), an arbitrary sequence of
+//! An arbitrary vIOMMU (profile, VMID, SIDSIZE, the physical SMMU's features: range support,
+//! ASID size, ATS, SSIDSIZE, granules, DS), an arbitrary sequence of
 //! set/unset_dev_id and an arbitrary batch: the errnos match a model, the fast path matches the
 //! oracle slot by slot (whatever the output room), and nothing forwarded carries another VMID or
 //! an unbound pSID.
@@ -10,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use vcmdq::command::{RawCommand, LAYOUTS};
 use vcmdq::oracle;
 use vcmdq::translate::{translate, translate_all, SlotOutcome, Stop};
-use vcmdq::viommu::{DeviceId, Devices, GraceDomain, Profile, Viommu, ViommuConfig};
+use vcmdq::viommu::{DeviceId, Devices, GraceDomain, Profile, SmmuFeatures, Viommu, ViommuConfig};
 
 const SMMU: u32 = 3;
 
@@ -64,6 +65,10 @@ enum Op {
 struct Input {
     tegra: bool,
     range_inv: bool,
+    /// ASID16, ATS, GRAN4K, GRAN16K, GRAN64K, DS.
+    features: [bool; 6],
+    /// SSIDSIZE, taken modulo 21.
+    ssidsize: u8,
     vmid: u16,
     sidsize: u8,
     keep_going: bool,
@@ -74,16 +79,30 @@ struct Input {
 }
 
 fuzz_target!(|input: Input| {
+    let f = input.features;
+    let features = SmmuFeatures {
+        ril: input.range_inv,
+        asid16: f[0],
+        ats: f[1],
+        gran4k: f[2],
+        gran16k: f[3],
+        gran64k: f[4],
+        ds: f[5],
+        ssidsize: input.ssidsize % 21,
+        ..SmmuFeatures::ANY
+    };
     let cfg = ViommuConfig {
         profile: if input.tegra {
             Profile::Tegra241
         } else {
             Profile::Kernel
         },
-        range_inv: input.range_inv,
         sidsize: input.sidsize % 32 + 1,
+        // Enough VINTF slots for every bind below: the slot limit has its own tests.
+        tegra241_sid_slots: 1 << 16,
         ..ViommuConfig::new(1, input.vmid, SMMU)
-    };
+    }
+    .with_smmu(features);
     let devices = Devices::new();
     let v = Viommu::new(cfg, devices.clone(), GraceDomain::new()).unwrap();
 

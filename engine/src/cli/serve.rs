@@ -41,7 +41,9 @@ A config file holds the same options, one per line, without the leading `--`:
   workers 2"
 )]
 pub struct ServeArgs {
-    /// A vIOMMU `id=N,vmid=N,smmu=N[,profile=kernel|tegra241][,sidsize=1..32][,norange]`
+    /// A vIOMMU `id=N,vmid=N,smmu=N[,profile=kernel|tegra241][,sidsize=1..32][,norange]`, the
+    /// physical SMMU's features `[,smmu-features=PRESET | ,idr0=N,idr1=N,idr3=N,idr5=N][,ds=0|1]`,
+    /// a tegra241 VINTF's `[,sid-slots=N]`, limits `[,max-vsids=N][,max-table-bytes=N]`
     /// (repeatable).
     #[arg(long = "viommu", value_name = "SPEC", value_parser = spec::parse_viommu)]
     viommus: Vec<ViommuConfig>,
@@ -201,7 +203,8 @@ fn read_config(path: &Path) -> Result<ServeArgs, CliError> {
                     if value.is_some() && std::error::Error::source(&e).is_some() =>
                 {
                     let why = std::error::Error::source(&e).map(ToString::to_string);
-                    let why = clip(&why.unwrap_or_default(), 4 * SHOWN);
+                    // Room for a cut value and the longest expected form (the --viommu spec's).
+                    let why = clip(&why.unwrap_or_default(), 5 * SHOWN);
                     // A spec's error quotes the part that is wrong: the line number and that
                     // say enough without the whole value again.
                     if ["viommu", "device", "bind", "create-ring"].contains(&key) {

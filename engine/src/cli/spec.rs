@@ -8,7 +8,7 @@ use vcmdq::command::text;
 
 /// The most characters of a part of a spec an error message quotes.
 pub const SHOWN: usize = 64;
-use vcmdq::viommu::{Profile, ViommuConfig};
+use vcmdq::viommu::{Profile, SmmuFeatures, ViommuConfig};
 
 /// A malformed spec.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -195,10 +195,19 @@ impl<'a> Parts<'a> {
 const U32: u64 = u32::MAX as u64;
 
 /// `id=1,vmid=5,smmu=0[,profile=kernel|tegra241][,sidsize=16][,norange][,max-vsids=N]
-/// [,max-table-bytes=N][,shares-vmid-with=ID]`.
+/// [,max-table-bytes=N][,shares-vmid-with=ID][,smmu-features=PRESET | ,idr0=..,idr1=..,idr3=..,
+/// idr5=..][,ds=0|1][,sid-slots=N]`.
+///
+/// The physical SMMU's features come from a preset (`smmu-features`) or from the raw values of
+/// SMMU_IDR0, IDR1, IDR3 and IDR5 (all four), default `any`; its RIL decides range support, and
+/// `norange` then clears it. `ds` sets SMMU_IDR5.DS. `sid-slots` is a `tegra241` VINTF's count
+/// of SID slots (default 16).
 pub fn parse_viommu(spec: &str) -> Result<ViommuConfig, SpecError> {
-    const EXPECTED: &str = "id=N,vmid=N,smmu=N[,profile=kernel|tegra241][,sidsize=1..32][,norange]\
-        [,max-vsids=N][,max-table-bytes=N][,shares-vmid-with=ID]";
+    // Short enough that a config error quoting a cut key still fits the config reader's
+    // message (the doc comment above has the long form).
+    const EXPECTED: &str = "id=N,vmid=N,smmu=N[,profile=P][,sidsize=N][,norange][,max-vsids=N]\
+        [,max-table-bytes=N][,shares-vmid-with=ID][,smmu-features=P][,idr0/1/3/5=N][,ds=B]\
+        [,sid-slots=N]";
     let p = Parts::parse(
         spec,
         &[
@@ -210,6 +219,13 @@ pub fn parse_viommu(spec: &str) -> Result<ViommuConfig, SpecError> {
             "max-vsids",
             "max-table-bytes",
             "shares-vmid-with",
+            "smmu-features",
+            "idr0",
+            "idr1",
+            "idr3",
+            "idr5",
+            "ds",
+            "sid-slots",
         ],
         &["norange"],
         EXPECTED,
@@ -230,7 +246,45 @@ pub fn parse_viommu(spec: &str) -> Result<ViommuConfig, SpecError> {
         }
         cfg.sidsize = s as u8;
     }
-    cfg.range_inv = !p.flag("norange");
+    let idrs = ["idr0", "idr1", "idr3", "idr5"]
+        .into_iter()
+        .map(|k| p.num(k, U32).map(|n| n.map(|n| n as u32)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut features = match (p.get("smmu-features"), &idrs[..]) {
+        (Some(_), [None, None, None, None]) | (None, [None, None, None, None]) => {
+            let name = p.get("smmu-features").unwrap_or("any");
+            SmmuFeatures::preset(name).map_err(|e| p.value_err("smmu-features", e.to_string()))?
+        }
+        (None, [Some(i0), Some(i1), Some(i3), Some(i5)]) => {
+            SmmuFeatures::from_idr(*i0, *i1, *i3, *i5, false)
+                .map_err(|e| p.value_err("idr1", e.to_string()))?
+        }
+        (Some(_), _) => {
+            return Err(p.value_err(
+                "smmu-features",
+                "give a preset or the ID registers, not both".into(),
+            ))
+        }
+        (None, _) => {
+            return Err(p.value_err(
+                "idr0",
+                "give all four of idr0, idr1, idr3 and idr5 (or a preset: smmu-features=)".into(),
+            ))
+        }
+    };
+    if let Some(ds) = p.num("ds", 1)? {
+        features.ds = ds == 1;
+    }
+    cfg = cfg.with_smmu(features);
+    if p.flag("norange") {
+        cfg.range_inv = false;
+    }
+    if let Some(n) = p.num("sid-slots", U32)? {
+        if n == 0 {
+            return Err(p.value_err("sid-slots", "0 is below 1".into()));
+        }
+        cfg.tegra241_sid_slots = n as u32;
+    }
     if let Some(n) = p.num("max-vsids", U32)? {
         if n == 0 {
             return Err(p.value_err("max-vsids", "0 is below 1".into()));
@@ -317,6 +371,36 @@ mod tests {
     }
 
     #[test]
+    fn viommu_smmu_features_from_a_preset_or_the_id_registers() {
+        let v = parse_viommu("id=1,vmid=5,smmu=0").unwrap();
+        assert_eq!(v.features, SmmuFeatures::ANY);
+        assert!(v.range_inv);
+        assert_eq!(v.tegra241_sid_slots, 16);
+        let v = parse_viommu("id=1,vmid=5,smmu=0,smmu-features=mmu-600").unwrap();
+        assert_eq!(v.features, SmmuFeatures::preset("mmu-600").unwrap());
+        assert!(!v.range_inv, "an MMU-600 has no RIL");
+        let v = parse_viommu("id=1,vmid=5,smmu=0,smmu-features=qemu,norange,ds=1").unwrap();
+        assert!(!v.range_inv && v.features.ds && !v.features.ats);
+        let v = parse_viommu(
+            "id=1,vmid=5,smmu=0,idr0=0x1400,idr1=0x0210,idr3=0x400,idr5=0x10,sid-slots=8",
+        )
+        .unwrap();
+        let f = v.features;
+        assert!(f.asid16 && f.ats && !f.vmid16 && f.ril && f.gran4k && !f.gran64k);
+        assert_eq!((f.sidsize, f.ssidsize, v.tegra241_sid_slots), (16, 8, 8));
+        for bad in [
+            "id=1,vmid=5,smmu=0,smmu-features=mmu-700",
+            "id=1,vmid=5,smmu=0,idr0=1",
+            "id=1,vmid=5,smmu=0,smmu-features=qemu,idr0=1,idr1=1,idr3=1,idr5=1",
+            "id=1,vmid=5,smmu=0,idr0=0,idr1=33,idr3=0,idr5=0",
+            "id=1,vmid=5,smmu=0,ds=2",
+            "id=1,vmid=5,smmu=0,sid-slots=0",
+        ] {
+            assert!(parse_viommu(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn viommu_limits_and_vmid_sharing() {
         let v = parse_viommu("id=2,vmid=5,smmu=0").unwrap();
         assert_eq!(
@@ -389,10 +473,10 @@ mod tests {
 
         /// Longest message a spec error may have whatever the input: it quotes at most two
         /// parts, each cut to SHOWN characters, and a quoted character takes at most 10 bytes
-        /// once escaped (`\u{10ffff}`); the rest, the list of keys included, is fixed text
-        /// under 400 bytes. An input of 2,000 characters would break this bound if it were
-        /// echoed whole.
-        const MAX_MESSAGE: usize = 2 * 10 * SHOWN + 400;
+        /// once escaped (`\u{10ffff}`); the rest, the longest expected form (the --viommu
+        /// spec's, about 250 characters) included, is fixed text under 600 bytes. An input of
+        /// 2,000 characters would break this bound if it were echoed whole.
+        const MAX_MESSAGE: usize = 2 * 10 * SHOWN + 600;
 
         fn all(s: &str) -> Vec<Result<(), SpecError>> {
             vec![

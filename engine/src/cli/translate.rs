@@ -10,7 +10,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use vcmdq::command::{text, RawCommand};
 use vcmdq::translate::{translate_all, SlotOutcome};
-use vcmdq::viommu::{DeviceId, Devices, GraceDomain, Profile, Viommu, ViommuConfig, ViommuError};
+use vcmdq::viommu::{
+    DeviceId, Devices, GraceDomain, Profile, SmmuFeatures, Viommu, ViommuConfig, ViommuError,
+};
 
 /// The physical SMMU of the vIOMMU and of the devices the bindings create.
 const SMMU: u32 = 0;
@@ -38,9 +40,18 @@ pub struct TranslateArgs {
     /// vSID bits (SMMU_IDR1.SIDSIZE of the guest's SMMU), 1 to 32.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u8).range(1..=32))]
     sidsize: u8,
-    /// The physical SMMU has no range invalidation: refuse TG/NUM/SCALE in guest TLBIs.
+    /// The physical SMMU has no range invalidation: refuse TG/TTL/NUM/SCALE in guest TLBIs
+    /// (whatever --smmu says).
     #[arg(long)]
     no_range: bool,
+    /// The physical SMMU's features, a preset: any (everything), smmuv3.2, mmu-600 (no range
+    /// invalidation), qemu (QEMU's emulated SMMUv3: no ATS, no substreams).
+    #[arg(long, value_name = "PRESET", default_value = "any", value_parser = parse_smmu)]
+    smmu: SmmuFeatures,
+    /// tegra241: the VINTF's SID slots, so the --bind a VINTF takes at most.
+    #[arg(long, value_name = "N", default_value_t = vcmdq::viommu::DEFAULT_TEGRA241_SID_SLOTS,
+        value_parser = clap::value_parser!(u32).range(1..))]
+    sid_slots: u32,
     /// A binding `vsid=0x10,psid=0x800` (repeatable).
     #[arg(long = "bind", value_name = "vsid=V,psid=P", value_parser = parse_binding)]
     binds: Vec<Binding>,
@@ -311,14 +322,22 @@ fn text_line(slot: usize, cmd: &RawCommand, o: &SlotOutcome) -> String {
     format!("slot {slot:>4}: {what}")
 }
 
+fn parse_smmu(s: &str) -> Result<SmmuFeatures, String> {
+    SmmuFeatures::preset(s).map_err(|e| e.to_string())
+}
+
 /// Runs `vcmdq translate`.
 pub fn run(args: TranslateArgs) -> Result<ExitCode, CliError> {
-    let cfg = ViommuConfig {
+    let mut cfg = ViommuConfig {
         profile: args.profile,
         sidsize: args.sidsize,
-        range_inv: !args.no_range,
+        tegra241_sid_slots: args.sid_slots,
         ..ViommuConfig::new(1, args.vmid, SMMU)
-    };
+    }
+    .with_smmu(args.smmu);
+    if args.no_range {
+        cfg.range_inv = false;
+    }
     let devices = Devices::new();
     let viommu = Viommu::new(cfg, Arc::clone(&devices), GraceDomain::new())?;
     let mut binds: Vec<(Binding, String)> = args

@@ -122,6 +122,7 @@ fn write(w: &mut TraceWriter<File>, ev: CaptureEvent) -> Result<(), WriteError> 
                 profile: Profile::from_code(c.profile.code()).unwrap_or_default(),
                 sidsize: c.sidsize,
                 range_inv: c.range_inv,
+                features: c.features,
             },
         ),
         CaptureEvent::Device(t, device, smmu, psid) => {

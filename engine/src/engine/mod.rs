@@ -188,6 +188,12 @@ pub enum EngineError {
         /// The vIOMMU it shares it with.
         with: u32,
     },
+    /// A device removal while capturing.
+    #[error(
+        "{0} cannot be removed while capturing: the trace format has no record for a device \
+         leaving; unbind it instead, or do not capture"
+    )]
+    CaptureDeviceRemove(DeviceId),
     /// The vIOMMU still has rings attached.
     #[error("EBUSY: vIOMMU {viommu} still has {rings} ring(s) attached; detach them first")]
     ViommuBusy {
@@ -469,6 +475,25 @@ impl Engine {
         self.shared
             .capture(|t| CaptureEvent::Unbind(t, viommu, device.0));
         Ok(vsid)
+    }
+
+    /// Removes a host device. One still bound goes as iommufd has it: its vdevice is destroyed
+    /// (the vSID freed, with the unbind barrier) and leaves a tombstone, so the VMM's later
+    /// `unset_dev_id` of it is ENOENT ([`Viommu::remove_device`]). Refused while capturing: the
+    /// trace format has no record for a device leaving.
+    pub fn remove_device(&self, device: DeviceId) -> Result<(), EngineError> {
+        if self.shared.capture.is_some() {
+            return Err(EngineError::CaptureDeviceRemove(device));
+        }
+        if let Some(v) = self.devices.bound_in(device).and_then(|v| self.viommu(v)) {
+            match v.remove_device(device) {
+                Ok(_) => return Ok(()),
+                // Unbound meanwhile (or its unbind still waiting): the registry decides.
+                Err(crate::viommu::ViommuError::NotBound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(self.devices.remove_device(device)?)
     }
 
     /// The vIOMMU `id`; bind and unbind devices through it (`set_dev_id`, `unset_dev_id`).

@@ -781,6 +781,7 @@ impl Replayer<'_> {
                 profile,
                 sidsize,
                 range_inv,
+                features,
             } => {
                 let cfg = ViommuConfig {
                     id: viommu,
@@ -790,6 +791,7 @@ impl Replayer<'_> {
                         .ok_or_else(|| Self::control_err(at, "unknown profile"))?,
                     sidsize,
                     range_inv,
+                    features,
                     // A trace carries no limits and no VMID sharing: the defaults apply.
                     ..Default::default()
                 };

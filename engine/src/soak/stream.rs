@@ -471,6 +471,12 @@ impl Stream {
                 let vmid = self.vmid(r, rng);
                 let addr = ident_addr(r.ring, seq);
                 let (ttl, leaf) = (rng.below(4) as u8, rng.below(2) == 0);
+                // TTL is RES0 without a granule; TG with NUM = SCALE = TTL = 0 is reserved.
+                let ttl = match (tg, num | scale | ttl) {
+                    (0, _) => 0,
+                    (_, 0) => 3,
+                    _ => ttl,
+                };
                 if op == TLBI_NH_VA {
                     Command::TlbiNhVa {
                         vmid,

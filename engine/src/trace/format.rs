@@ -174,14 +174,19 @@ pub struct ViommuCreateBody {
     pub profile: u8,
     /// SIDSIZE of the vIOMMU: vSIDs are below 2^sidsize; 0..=32.
     pub sidsize: u8,
-    /// Bit 0: range invalidation (TG/NUM/SCALE) is advertised to the guest. Other bits zero.
+    /// Bit 0: range invalidation (TG/NUM/SCALE) is advertised to the guest. Bit 1: `features`
+    /// holds the physical SMMU's features. Other bits zero.
     pub flags: u8,
-    /// Zero.
-    pub reserved: [u8; 3],
+    /// With flag bit 1, the SMMU's features
+    /// ([`SmmuFeatures::to_trace_bytes`](crate::viommu::SmmuFeatures::to_trace_bytes)); without
+    /// it zero, and the SMMU has every feature (`any`), as in traces written before the field.
+    pub features: [u8; 3],
 }
 
 /// `ViommuCreateBody::flags`: range invalidation supported.
 pub const VIOMMU_RANGE_INV: u8 = 1;
+/// `ViommuCreateBody::flags`: `features` holds the SMMU's features.
+pub const VIOMMU_SMMU_FEATURES: u8 = 2;
 
 /// `DeviceAdd`: a host device behind a physical SMMU, with its physical StreamID.
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]

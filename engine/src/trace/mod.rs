@@ -104,6 +104,9 @@ pub enum Event<'a> {
         sidsize: u8,
         /// Range invalidation (TG/NUM/SCALE) is advertised to the guest.
         range_inv: bool,
+        /// The rest of the physical SMMU's features ([`SmmuFeatures::ANY`] in a trace that does
+        /// not record them); its `ril` is `range_inv`.
+        features: crate::viommu::SmmuFeatures,
     },
     /// A host device behind a physical SMMU, with its physical StreamID.
     DeviceAdd {
@@ -310,9 +313,15 @@ pub enum Malformed {
     /// SIDSIZE above 32.
     #[error("SIDSIZE {0} is above 32")]
     BadSidsize(u8),
-    /// ViommuCreate flags other than bit 0.
-    #[error("ViommuCreate flags {0:#x}: only bit 0 (range invalidation) is defined")]
+    /// ViommuCreate flags other than bits 0 and 1.
+    #[error(
+        "ViommuCreate flags {0:#x}: only bit 0 (range invalidation) and bit 1 (SMMU features) \
+         are defined"
+    )]
     BadViommuFlags(u8),
+    /// ViommuCreate SMMU features the format does not allow.
+    #[error("ViommuCreate SMMU features: {0}")]
+    BadSmmuFeatures(crate::viommu::SmmuError),
     /// LOG2SIZE above 19.
     #[error("LOG2SIZE {0} is out of range: a command queue has 2^0 to 2^19 entries")]
     BadLog2Size(u8),

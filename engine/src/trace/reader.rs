@@ -10,6 +10,7 @@ use super::format::{
 use super::{Event, Malformed, Outcome, Profile, Record, TraceError, TraceMeta};
 use crate::command::RawCommand;
 use crate::queue::{CError, MAX_LOG2SIZE};
+use crate::viommu::SmmuFeatures;
 use std::path::Path;
 use zerocopy::FromBytes;
 
@@ -340,17 +341,28 @@ fn parse_body(kind: Kind, len: u32, body: &[u8]) -> Result<Event<'_>, Malformed>
             if b.sidsize > 32 {
                 return Err(Malformed::BadSidsize(b.sidsize));
             }
-            if b.flags & !format::VIOMMU_RANGE_INV != 0 {
+            if b.flags & !(format::VIOMMU_RANGE_INV | format::VIOMMU_SMMU_FEATURES) != 0 {
                 return Err(Malformed::BadViommuFlags(b.flags));
             }
-            zero_bytes(&b.reserved, "ViommuCreate bytes 13..16")?;
+            let range_inv = b.flags & format::VIOMMU_RANGE_INV != 0;
+            let features = if b.flags & format::VIOMMU_SMMU_FEATURES != 0 {
+                SmmuFeatures::from_trace_bytes(b.features, range_inv)
+                    .map_err(Malformed::BadSmmuFeatures)?
+            } else {
+                zero_bytes(&b.features, "ViommuCreate bytes 13..16 without flag bit 1")?;
+                SmmuFeatures {
+                    ril: range_inv,
+                    ..SmmuFeatures::ANY
+                }
+            };
             Event::ViommuCreate {
                 viommu: b.viommu.get(),
                 vmid: b.vmid.get(),
                 smmu: b.smmu.get(),
                 profile,
                 sidsize: b.sidsize,
-                range_inv: b.flags & format::VIOMMU_RANGE_INV != 0,
+                range_inv,
+                features,
             }
         }
         Kind::DeviceAdd => {

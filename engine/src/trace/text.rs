@@ -107,11 +107,17 @@ fn event_lines(out: &mut String, rings: &Rings, ts: u64, e: &Event<'_>) {
             profile,
             sidsize,
             range_inv,
+            features,
         } => writeln!(
             out,
-            "@{ts} viommu {viommu} vmid={vmid} smmu={smmu} profile={} sidsize={sidsize}{}",
+            "@{ts} viommu {viommu} vmid={vmid} smmu={smmu} profile={} sidsize={sidsize}{}{}",
             profile.name(),
-            if range_inv { " range" } else { "" }
+            if range_inv { " range" } else { "" },
+            if features.is_any_but_ril() {
+                String::new()
+            } else {
+                format!(" features={}", features.to_text())
+            }
         ),
         Event::DeviceAdd { device, smmu, psid } => {
             writeln!(out, "@{ts} device {device} smmu={smmu} psid={psid:#x}")
@@ -422,13 +428,28 @@ fn keyed(a: &mut Words<'_>) -> Result<Event<'static>, BuildProblem> {
                 value: p.to_string(),
                 why: "profiles are kernel and tegra241".into(),
             })?;
+            let range_inv = a.flag("range");
+            let features = match a.value("features") {
+                None => crate::viommu::SmmuFeatures {
+                    ril: range_inv,
+                    ..crate::viommu::SmmuFeatures::ANY
+                },
+                Some(f) => crate::viommu::SmmuFeatures::from_text(f, range_inv).map_err(|e| {
+                    BuildProblem::BadValue {
+                        field: "features",
+                        value: f.to_string(),
+                        why: e.to_string(),
+                    }
+                })?,
+            };
             Event::ViommuCreate {
                 viommu,
                 vmid,
                 smmu,
                 profile,
                 sidsize: a.num("sidsize")?,
-                range_inv: a.flag("range"),
+                range_inv,
+                features,
             }
         }
         "device" => Event::DeviceAdd {

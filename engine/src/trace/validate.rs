@@ -343,6 +343,7 @@ impl State {
                 profile,
                 sidsize,
                 range_inv,
+                features,
             } => {
                 if self.viommus.contains_key(&viommu) {
                     return Err(Invalid::Duplicate {
@@ -361,6 +362,7 @@ impl State {
                     })?,
                     sidsize,
                     range_inv,
+                    features,
                     ..ViommuConfig::default()
                 };
                 // The engine's own rule (one VMID per vIOMMU per SMMU), so that a trace that

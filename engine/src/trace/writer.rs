@@ -9,6 +9,7 @@ use super::format::{
 use super::{Event, Outcome, Profile};
 use crate::command::RawCommand;
 use crate::queue::{CError, MAX_LOG2SIZE};
+use crate::viommu::SmmuFeatures;
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::IntoBytes;
@@ -144,7 +145,10 @@ impl<W: Write> TraceWriter<W> {
                 profile,
                 sidsize,
                 range_inv,
-            } => self.viommu_create(ts, viommu, vmid, smmu, profile, sidsize, range_inv),
+                features,
+            } => self.viommu_create_on(
+                ts, viommu, vmid, smmu, profile, sidsize, range_inv, features,
+            ),
             Event::DeviceAdd { device, smmu, psid } => self.device_add(ts, device, smmu, psid),
             Event::Bind {
                 viommu,
@@ -181,22 +185,52 @@ impl<W: Write> TraceWriter<W> {
         sidsize: u8,
         range_inv: bool,
     ) -> Result<(), WriteError> {
+        let features = SmmuFeatures {
+            ril: range_inv,
+            ..SmmuFeatures::ANY
+        };
+        self.viommu_create_on(
+            ts, viommu, vmid, smmu, profile, sidsize, range_inv, features,
+        )
+    }
+
+    /// `ViommuCreate` on an SMMU with `features` (its `ril` is ignored: `range_inv` is RIL).
+    /// Features that are `any` but for RIL are written as a trace without the field has them,
+    /// so such traces stay byte for byte what they were.
+    #[allow(clippy::too_many_arguments)]
+    pub fn viommu_create_on(
+        &mut self,
+        ts: u64,
+        viommu: u32,
+        vmid: u16,
+        smmu: u32,
+        profile: Profile,
+        sidsize: u8,
+        range_inv: bool,
+        features: SmmuFeatures,
+    ) -> Result<(), WriteError> {
         self.begin(ts)?;
         if sidsize > 32 {
             return Err(WriteError::Sidsize(sidsize));
         }
+        let (flag, bytes) = if features.is_any_but_ril() {
+            (0, [0; 3])
+        } else {
+            (format::VIOMMU_SMMU_FEATURES, features.to_trace_bytes())
+        };
         let body = ViommuCreateBody {
             viommu: U32::new(viommu),
             smmu: U32::new(smmu),
             vmid: U16::new(vmid),
             profile: profile.code(),
             sidsize,
-            flags: if range_inv {
-                format::VIOMMU_RANGE_INV
-            } else {
-                0
-            },
-            reserved: [0; 3],
+            flags: flag
+                | if range_inv {
+                    format::VIOMMU_RANGE_INV
+                } else {
+                    0
+                },
+            features: bytes,
         };
         self.emit(Kind::ViommuCreate, ts, &[body.as_bytes()])
     }

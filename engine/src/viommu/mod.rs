@@ -16,6 +16,13 @@
 //! unless the configuration says the second shares the first one's stage 2
 //! ([`ViommuConfig::shares_vmid_with`]). VMIDs of different SMMUs are independent.
 //!
+//! The physical SMMU. A vIOMMU inherits its SMMU's features ([`SmmuFeatures`], from ID register
+//! values or a preset): the translation rules depend on them, and a VMID above 255 on an SMMU
+//! without VMID16 is refused at creation. A `tegra241` vIOMMU has the SID slots of its VINTF.
+//!
+//! Device removal. [`Viommu::remove_device`] removes a bound device as iommufd does: the vdevice
+//! goes (behind the barrier below) and a tombstone stays until the VMM destroys it (ENOENT).
+//!
 //! `unset_dev_id` is a barrier (rule 5): it removes the entry, waits for a grace period of the
 //! engine's [`GraceDomain`] (see [`grace`]) and only then returns and lets the device be bound
 //! elsewhere. Until then the device reads as still bound (EEXIST) so that no other vIOMMU gets it
@@ -23,10 +30,12 @@
 
 pub mod grace;
 pub mod sid_table;
+pub mod smmu;
 mod sync;
 
 pub use grace::{GraceDomain, Pinned, Reader};
 pub use sid_table::{SidTable, TableStats, WithLookup};
+pub use smmu::{SmmuError, SmmuFeatures};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -128,9 +137,16 @@ pub struct ViommuConfig {
     pub profile: Profile,
     /// vSIDs have this many bits (1..=32), as the guest's SMMU_IDR1.SIDSIZE says.
     pub sidsize: u8,
-    /// Whether the physical SMMU has range invalidation (SMMU_IDR3.RIL): without it, TG/NUM/SCALE
-    /// in a guest TLBI are refused.
+    /// Whether the physical SMMU has range invalidation (SMMU_IDR3.RIL): without it, TG, TTL,
+    /// NUM and SCALE in a guest TLBI are RES0 and refused. [`ViommuConfig::with_smmu`] sets it
+    /// from the features' `ril`; this field, not `features.ril`, is what translation reads.
     pub range_inv: bool,
+    /// The rest of what the physical SMMU supports (ASID/VMID sizes, ATS, substreams,
+    /// granules): see [`SmmuFeatures`]. Default [`SmmuFeatures::ANY`].
+    pub features: SmmuFeatures,
+    /// `tegra241` only: the VINTF's SID_MATCH/SID_REPLACE slots, so the vSIDs bound at once at
+    /// most (ENOSPC beyond). Default [`DEFAULT_TEGRA241_SID_SLOTS`].
+    pub tegra241_sid_slots: u32,
     /// vSIDs bound at once at most (at least 1): `set_dev_id` beyond is ENOSPC. Default
     /// [`DEFAULT_MAX_VSIDS`].
     pub max_vsids: u32,
@@ -146,6 +162,10 @@ pub struct ViommuConfig {
 
 /// Default [`ViommuConfig::max_vsids`]: 65,536, a full 16-bit PCI BDF space.
 pub const DEFAULT_MAX_VSIDS: u32 = 1 << 16;
+
+/// Default [`ViommuConfig::tegra241_sid_slots`]: 16, the SID slots of a VINTF in QEMU's
+/// emulation and the kernel's default.
+pub const DEFAULT_TEGRA241_SID_SLOTS: u32 = 16;
 
 /// Default [`ViommuConfig::max_table_bytes`]: 16 MiB. [`DEFAULT_MAX_VSIDS`] consecutive vSIDs
 /// take under 1 MiB at any SIDSIZE; 16 MiB also holds a few hundred vSIDs scattered over the
@@ -164,9 +184,22 @@ impl ViommuConfig {
             profile: Profile::Kernel,
             sidsize: 32,
             range_inv: true,
+            features: SmmuFeatures::ANY,
+            tegra241_sid_slots: DEFAULT_TEGRA241_SID_SLOTS,
             max_vsids: DEFAULT_MAX_VSIDS,
             max_table_bytes: DEFAULT_MAX_TABLE_BYTES,
             shares_vmid_with: None,
+        }
+    }
+}
+
+impl ViommuConfig {
+    /// This configuration on an SMMU with `features` (range invalidation included).
+    pub fn with_smmu(self, features: SmmuFeatures) -> ViommuConfig {
+        ViommuConfig {
+            range_inv: features.ril,
+            features,
+            ..self
         }
     }
 }
@@ -281,6 +314,18 @@ pub enum ViommuError {
         /// The vIOMMU.
         viommu: u32,
     },
+    /// `unset_dev_id` of a vdevice destroyed when its device was removed: the tombstone is
+    /// cleared (iommufd's IOMMU_DESTROY of a tombstoned vdevice).
+    #[error(
+        "ENOENT: the vdevice of {device} in vIOMMU {viommu} was destroyed when the device was \
+         removed; its tombstone is cleared now"
+    )]
+    VdeviceGone {
+        /// The device.
+        device: DeviceId,
+        /// The vIOMMU.
+        viommu: u32,
+    },
     /// No device has this id.
     #[error("ENOENT: no device {device}")]
     NoDevice {
@@ -376,6 +421,29 @@ pub enum ViommuError {
         /// The vIOMMU that has it (the lowest id, when several share it).
         holder: u32,
     },
+    /// A new vIOMMU's VMID needs 16 bits and its SMMU has 8-bit VMIDs (no SMMU_IDR0.VMID16): a
+    /// configuration error of the host, not of the guest.
+    #[error(
+        "EINVAL: vIOMMU {viommu} has VMID {vmid}, and its SMMU has 8-bit VMIDs (no VMID16): \
+         give it a VMID below 256"
+    )]
+    VmidTooLarge {
+        /// The vIOMMU.
+        viommu: u32,
+        /// Its VMID.
+        vmid: u16,
+    },
+    /// `set_dev_id` on a `tegra241` vIOMMU whose VINTF has every SID slot in use.
+    #[error(
+        "ENOSPC: the VINTF of vIOMMU {viommu} has all its {slots} SID slots in use; unbind one or \
+         raise tegra241_sid_slots (serve: sid-slots=N in the --viommu spec)"
+    )]
+    SidSlotsFull {
+        /// The vIOMMU.
+        viommu: u32,
+        /// Its [`ViommuConfig::tegra241_sid_slots`].
+        slots: u32,
+    },
     /// A new vIOMMU says it shares the stage 2 of a vIOMMU that does not exist.
     #[error("ENOENT: vIOMMU {viommu} would share the VMID of vIOMMU {with}, which does not exist")]
     ShareUnknown {
@@ -419,12 +487,14 @@ impl ViommuError {
             | ViommuError::VsidTooLarge { .. }
             | ViommuError::BadSidsize(_)
             | ViommuError::BadLimits { .. }
+            | ViommuError::VmidTooLarge { .. }
             | ViommuError::ShareMismatch { .. } => "EINVAL",
             ViommuError::NotBound { .. }
+            | ViommuError::VdeviceGone { .. }
             | ViommuError::NoDevice { .. }
             | ViommuError::ShareUnknown { .. } => "ENOENT",
             ViommuError::DeviceBusy { .. } => "EBUSY",
-            ViommuError::VsidsFull { .. } => "ENOSPC",
+            ViommuError::VsidsFull { .. } | ViommuError::SidSlotsFull { .. } => "ENOSPC",
             ViommuError::TableFull { .. } => "ENOMEM",
         }
     }
@@ -490,7 +560,9 @@ impl Devices {
         Ok(())
     }
 
-    /// Forgets an unbound device. ENOENT if unknown, EBUSY if bound.
+    /// Forgets an unbound device. ENOENT if unknown, EBUSY if bound: the registry cannot reach
+    /// the vIOMMU; [`Viommu::remove_device`] (or the engine's `remove_device`) removes a bound
+    /// device as iommufd does.
     pub fn remove_device(&self, id: DeviceId) -> Result<(), ViommuError> {
         let mut d = lock(&self.inner);
         let st = d
@@ -528,6 +600,22 @@ impl Devices {
         self.len() == 0
     }
 
+    /// The vIOMMU `id` is bound in (or being unbound from), if any.
+    pub fn bound_in(&self, id: DeviceId) -> Option<u32> {
+        match lock(&self.inner).by_id.get(&id)?.binding {
+            Binding::Free => None,
+            Binding::Bound { viommu, .. } | Binding::Unbinding { viommu } => Some(viommu),
+        }
+    }
+
+    /// Drops `id` from the registry whatever its binding (the caller has unbound it).
+    fn forget(&self, id: DeviceId) {
+        let mut d = lock(&self.inner);
+        if let Some(st) = d.by_id.remove(&id) {
+            d.by_psid.remove(&(st.smmu, st.psid));
+        }
+    }
+
     fn set_binding(&self, id: DeviceId, binding: Binding) {
         if let Some(s) = lock(&self.inner).by_id.get_mut(&id) {
             s.binding = binding;
@@ -538,12 +626,17 @@ impl Devices {
 /// One VM's view of one physical SMMU.
 pub struct Viommu {
     cfg: ViommuConfig,
+    /// The translation rules for this vIOMMU's profile and SMMU, built once.
+    rules: Box<crate::translate::RuleTable>,
     table: SidTable,
     devices: Arc<Devices>,
     grace: Arc<GraceDomain>,
     /// device -> vSID of the devices bound here. Also the lock that serialises this vIOMMU's
     /// updates; taken before the device registry's.
     bound: Mutex<HashMap<DeviceId, u32>>,
+    /// Devices removed while bound here whose vdevice the VMM has not destroyed yet. Taken
+    /// after `bound` when both are held.
+    tombstones: Mutex<std::collections::HashSet<DeviceId>>,
 }
 
 impl Viommu {
@@ -554,9 +647,16 @@ impl Viommu {
         devices: Arc<Devices>,
         grace: Arc<GraceDomain>,
     ) -> Result<Viommu, ViommuError> {
+        if !cfg.features.vmid16 && cfg.vmid > 0xff {
+            return Err(ViommuError::VmidTooLarge {
+                viommu: cfg.id,
+                vmid: cfg.vmid,
+            });
+        }
         let table = SidTable::new(cfg.sidsize).ok_or(ViommuError::BadSidsize(cfg.sidsize))?;
         let need = (table.stats().bytes + table.growth_max()) as u64;
-        if cfg.max_vsids == 0 || cfg.max_table_bytes < need {
+        let no_slots = cfg.profile == Profile::Tegra241 && cfg.tegra241_sid_slots == 0;
+        if cfg.max_vsids == 0 || no_slots || cfg.max_table_bytes < need {
             return Err(ViommuError::BadLimits {
                 viommu: cfg.id,
                 sidsize: cfg.sidsize,
@@ -567,10 +667,12 @@ impl Viommu {
         }
         Ok(Viommu {
             cfg,
+            rules: crate::translate::RuleTable::new(&cfg),
             table,
             devices,
             grace,
             bound: Mutex::new(HashMap::new()),
+            tombstones: Mutex::new(Default::default()),
         })
     }
 
@@ -592,6 +694,11 @@ impl Viommu {
     /// The policy profile.
     pub fn profile(&self) -> Profile {
         self.cfg.profile
+    }
+
+    /// The translation rules of this vIOMMU's profile on its SMMU.
+    pub(crate) fn rules(&self) -> &crate::translate::RuleTable {
+        &self.rules
     }
 
     /// The grace domain unbinds wait in.
@@ -625,8 +732,8 @@ impl Viommu {
     ///
     /// Errors, checked in this order: ENOENT (no such device), EINVAL (the device sits behind
     /// another SMMU; the vSID does not fit SIDSIZE), EEXIST (the device already has a vSID,
-    /// here or elsewhere, or is being unbound; the vSID is taken), ENOSPC (`max_vsids` are
-    /// bound), ENOMEM (the vSID's table nodes would pass `max_table_bytes`).
+    /// here or elsewhere, or is being unbound; the vSID is taken), ENOSPC (a `tegra241` VINTF's
+    /// `tegra241_sid_slots` are in use; `max_vsids` are bound), ENOMEM (the vSID's table nodes would pass `max_table_bytes`).
     pub fn set_dev_id(&self, device: DeviceId, vsid: u32) -> Result<(), ViommuError> {
         let viommu = self.cfg.id;
         let mut bound = lock(&self.bound);
@@ -680,6 +787,14 @@ impl Viommu {
         }
         // The limits, before the insert allocates anything; under this vIOMMU's lock, so the
         // table cannot grow between the check and the insert.
+        if self.cfg.profile == Profile::Tegra241
+            && bound.len() >= self.cfg.tegra241_sid_slots as usize
+        {
+            return Err(ViommuError::SidSlotsFull {
+                viommu,
+                slots: self.cfg.tegra241_sid_slots,
+            });
+        }
         if bound.len() >= self.cfg.max_vsids as usize {
             return Err(ViommuError::VsidsFull {
                 viommu,
@@ -703,6 +818,8 @@ impl Viommu {
         }
         st.binding = Binding::Bound { viommu, vsid };
         bound.insert(device, vsid);
+        // A new vdevice of a device id that had one here before it was removed.
+        lock(&self.tombstones).remove(&device);
         Ok(())
     }
 
@@ -713,12 +830,34 @@ impl Viommu {
     /// published, and no batch translated afterwards can see it. Blocks for one grace period of
     /// the engine's [`GraceDomain`] (the time the workers take to finish their current batch).
     pub fn unset_dev_id(&self, device: DeviceId) -> Result<u32, ViommuError> {
+        self.unbind(device, false)
+    }
+
+    /// The host removes `device`, bound here, as iommufd does when a device goes while it still
+    /// has a vdevice: the vdevice is destroyed (its vSID freed, with the barrier of
+    /// [`Viommu::unset_dev_id`]), the device leaves the registry, and a tombstone stays for the
+    /// vdevice: the VMM's later `unset_dev_id` of it is ENOENT ([`ViommuError::VdeviceGone`])
+    /// and clears it. Returns the vSID the device had. ENOENT if it is not bound here.
+    pub fn remove_device(&self, device: DeviceId) -> Result<u32, ViommuError> {
+        self.unbind(device, true)
+    }
+
+    /// Whether a tombstone of `device`'s vdevice is here (its device was removed while bound,
+    /// and the VMM has not destroyed the vdevice since).
+    pub fn has_tombstone(&self, device: DeviceId) -> bool {
+        lock(&self.tombstones).contains(&device)
+    }
+
+    fn unbind(&self, device: DeviceId, remove: bool) -> Result<u32, ViommuError> {
         let vsid = {
             let mut bound = lock(&self.bound);
-            let vsid = bound.remove(&device).ok_or(ViommuError::NotBound {
-                device,
-                viommu: self.cfg.id,
-            })?;
+            let Some(vsid) = bound.remove(&device) else {
+                let viommu = self.cfg.id;
+                if !remove && lock(&self.tombstones).remove(&device) {
+                    return Err(ViommuError::VdeviceGone { device, viommu });
+                }
+                return Err(ViommuError::NotBound { device, viommu });
+            };
             self.table.remove(vsid);
             self.devices.set_binding(
                 device,
@@ -726,12 +865,20 @@ impl Viommu {
                     viommu: self.cfg.id,
                 },
             );
+            if remove {
+                lock(&self.tombstones).insert(device);
+            }
             vsid
         };
         // Outside the lock: other bindings of this vIOMMU may change meanwhile; only this
         // device stays reserved until no batch can still carry its pSID.
         self.grace.synchronize();
-        self.devices.set_binding(device, Binding::Free);
+        if remove {
+            // Reserved (Unbinding) until now, so nobody bound it meanwhile: it goes.
+            self.devices.forget(device);
+        } else {
+            self.devices.set_binding(device, Binding::Free);
+        }
         Ok(vsid)
     }
 }

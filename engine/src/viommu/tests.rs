@@ -624,3 +624,163 @@ fn a_vmid_belongs_to_one_viommu_per_smmu_unless_sharing_is_declared() {
         })
     );
 }
+
+#[test]
+fn a_vmid_above_255_on_an_smmu_without_vmid16_is_a_configuration_error() {
+    let h = Host::new();
+    let eight_bit = SmmuFeatures {
+        vmid16: false,
+        ..SmmuFeatures::ANY
+    };
+    let cfg = |vmid| ViommuConfig::new(1, vmid, SMMU).with_smmu(eight_bit);
+    let e = Viommu::new(cfg(256), h.devices.clone(), h.grace.clone()).unwrap_err();
+    assert_eq!(
+        e,
+        ViommuError::VmidTooLarge {
+            viommu: 1,
+            vmid: 256
+        }
+    );
+    assert_eq!(e.errno(), "EINVAL");
+    assert!(e.to_string().contains("VMID16"), "{e}");
+    Viommu::new(cfg(255), h.devices.clone(), h.grace.clone()).unwrap();
+    // With VMID16 the same VMID is fine.
+    Viommu::new(
+        ViommuConfig::new(2, 256, SMMU),
+        h.devices.clone(),
+        h.grace.clone(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_17th_vsid_on_a_tegra241_viommu_is_enospc_and_the_slot_count_is_a_setting() {
+    let h = Host::new();
+    for i in 0..40 {
+        h.devices.add_device(DeviceId(i), SMMU, 0x800 + i).unwrap();
+    }
+    let mk = |id, profile, slots| {
+        let cfg = ViommuConfig {
+            profile,
+            tegra241_sid_slots: slots,
+            ..ViommuConfig::new(id, id as u16, SMMU)
+        };
+        Viommu::new(cfg, h.devices.clone(), h.grace.clone()).unwrap()
+    };
+    let t = mk(1, Profile::Tegra241, DEFAULT_TEGRA241_SID_SLOTS);
+    for i in 0..16 {
+        t.set_dev_id(DeviceId(i), 0x100 + i).unwrap();
+    }
+    let e = t.set_dev_id(DeviceId(16), 0x110).unwrap_err();
+    assert_eq!(
+        e,
+        ViommuError::SidSlotsFull {
+            viommu: 1,
+            slots: 16
+        }
+    );
+    assert_eq!(e.errno(), "ENOSPC");
+    // A freed slot takes the next one.
+    t.unset_dev_id(DeviceId(0)).unwrap();
+    t.set_dev_id(DeviceId(16), 0x110).unwrap();
+    // A VINTF with 4 slots; and the kernel profile has no VINTF.
+    let small = mk(2, Profile::Tegra241, 4);
+    for i in 17..21 {
+        small.set_dev_id(DeviceId(i), i).unwrap();
+    }
+    assert_eq!(
+        small.set_dev_id(DeviceId(21), 21).unwrap_err().errno(),
+        "ENOSPC"
+    );
+    let k = mk(3, Profile::Kernel, 4);
+    for i in 22..40 {
+        k.set_dev_id(DeviceId(i), i).unwrap();
+    }
+}
+
+/// iommufd's selftest `vdevice_tombstone`: allocate a vdevice (vSID 0x99) for a device, destroy
+/// the device, then destroy the vdevice: ENOENT. The kernel's device removal aborts the vdevice
+/// (its virtual ID leaves the vIOMMU at once) and leaves a tombstone for the vdevice object only.
+#[test]
+fn removing_a_bound_device_destroys_its_vdevice_and_leaves_a_tombstone() {
+    let h = host_with_devices();
+    let v = h.viommu(1, 5, SMMU, 16);
+    v.set_dev_id(DeviceId(0), 0x99).unwrap();
+    assert_eq!(v.remove_device(DeviceId(0)), Ok(0x99));
+    assert_eq!(h.devices.get(DeviceId(0)), None, "the device is gone");
+    assert_eq!(v.lookup(0x99), None, "the vdevice is destroyed");
+    assert!(v.has_tombstone(DeviceId(0)));
+    let e = v.unset_dev_id(DeviceId(0)).unwrap_err();
+    assert_eq!(
+        e,
+        ViommuError::VdeviceGone {
+            device: DeviceId(0),
+            viommu: 1
+        }
+    );
+    assert_eq!(e.errno(), "ENOENT");
+    assert!(
+        !v.has_tombstone(DeviceId(0)),
+        "destroying it clears the tombstone"
+    );
+    assert_eq!(
+        v.unset_dev_id(DeviceId(0)).unwrap_err(),
+        ViommuError::NotBound {
+            device: DeviceId(0),
+            viommu: 1
+        }
+    );
+    // The vSID and the pSID are free again.
+    v.set_dev_id(DeviceId(1), 0x99).unwrap();
+    h.devices.add_device(DeviceId(60), SMMU, 0x800).unwrap();
+    // Removing a device that is not bound here is ENOENT, and leaves no tombstone.
+    assert_eq!(v.remove_device(DeviceId(2)).unwrap_err().errno(), "ENOENT");
+    assert!(!v.has_tombstone(DeviceId(2)));
+}
+
+#[test]
+fn a_new_vdevice_of_a_re_added_device_replaces_its_tombstone() {
+    let h = host_with_devices();
+    let v = h.viommu(1, 5, SMMU, 16);
+    v.set_dev_id(DeviceId(0), 0x10).unwrap();
+    v.remove_device(DeviceId(0)).unwrap();
+    h.devices.add_device(DeviceId(0), SMMU, 0x800).unwrap();
+    v.set_dev_id(DeviceId(0), 0x11).unwrap();
+    assert!(!v.has_tombstone(DeviceId(0)));
+    assert_eq!(v.unset_dev_id(DeviceId(0)), Ok(0x11));
+}
+
+/// Rule 5 holds for a removal: the device stays registered (and reserved) until no batch that
+/// looked its binding up can still be published.
+#[test]
+fn removing_a_bound_device_is_an_unbind_barrier() {
+    let h = host_with_devices();
+    let v = Arc::new(h.viommu(1, 5, SMMU, 16));
+    v.set_dev_id(DeviceId(0), 0x10).unwrap();
+    let mut reader = h.grace.register();
+    let guard = reader.pin();
+    let remover = {
+        let v = v.clone();
+        std::thread::spawn(move || v.remove_device(DeviceId(0)))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while v.lookup(0x10).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "remove_device never took the vSID out of the table"
+        );
+        std::thread::yield_now();
+    }
+    assert!(
+        !remover.is_finished(),
+        "the removal did not wait for the pinned batch"
+    );
+    assert!(
+        h.devices.get(DeviceId(0)).is_some(),
+        "the device left before the grace period"
+    );
+    assert_eq!(h.devices.bound_in(DeviceId(0)), Some(1));
+    drop(guard);
+    assert_eq!(remover.join().unwrap(), Ok(0x10));
+    assert_eq!(h.devices.get(DeviceId(0)), None);
+}

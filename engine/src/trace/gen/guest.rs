@@ -168,6 +168,11 @@ impl Vm {
             profile: cfg.profile,
             sidsize: 16,
             range_inv: cfg.range_inv,
+            // Generated VMs sit on an SMMU with every feature: written as before the field.
+            features: crate::viommu::SmmuFeatures {
+                ril: cfg.range_inv,
+                ..crate::viommu::SmmuFeatures::ANY
+            },
         });
         for k in 0..devices {
             let asid = 1 + (k / cfg.per_domain.max(1)) as u16;
