@@ -27,7 +27,7 @@ use crate::ring::{GuestRing, HostRing, RingError};
 use crate::trace::format::FLAG_GUEST_WAITS_SYNC;
 use crate::trace::{validate_with, Event, Limits, Summary, Trace, TraceError};
 use crate::translate::SlotOutcome;
-use crate::viommu::{DeviceId, Profile, ViommuConfig};
+use crate::viommu::{DeviceId, ViommuConfig};
 use hdrhistogram::Histogram;
 use model::RingModel;
 use rayon::prelude::*;
@@ -774,27 +774,11 @@ impl Replayer<'_> {
 
     fn event(&mut self, at: &str, ev: Event<'_>) -> Result<(), ReplayError> {
         match ev {
-            Event::ViommuCreate {
-                viommu,
-                vmid,
-                smmu,
-                profile,
-                sidsize,
-                range_inv,
-                features,
-            } => {
-                let cfg = ViommuConfig {
-                    id: viommu,
-                    vmid,
-                    smmu,
-                    profile: Profile::from_code(profile.code())
-                        .ok_or_else(|| Self::control_err(at, "unknown profile"))?,
-                    sidsize,
-                    range_inv,
-                    features,
-                    // A trace carries no limits and no VMID sharing: the defaults apply.
-                    ..Default::default()
-                };
+            ev @ Event::ViommuCreate { viommu, .. } => {
+                let cfg = ev
+                    .viommu_config()
+                    .expect("a ViommuCreate")
+                    .map_err(|code| Self::control_err(at, format!("unknown profile {code}")))?;
                 self.engine
                     .create_viommu(cfg)
                     .map_err(|e| Self::control_err(at, e))?;

@@ -184,6 +184,37 @@ pub enum Event<'a> {
 }
 
 impl Event<'_> {
+    /// The vIOMMU a ViommuCreate asks for, as the engine is configured with it: `None` for any
+    /// other event, `Err(code)` for a profile code the engine does not know. A trace carries
+    /// no limits and no VMID sharing, so those keep their defaults.
+    pub fn viommu_config(&self) -> Option<Result<crate::viommu::ViommuConfig, u8>> {
+        let Event::ViommuCreate {
+            viommu,
+            vmid,
+            smmu,
+            profile,
+            sidsize,
+            range_inv,
+            features,
+        } = *self
+        else {
+            return None;
+        };
+        let Some(engine_profile) = crate::viommu::Profile::from_code(profile.code()) else {
+            return Some(Err(profile.code()));
+        };
+        Some(Ok(crate::viommu::ViommuConfig {
+            id: viommu,
+            vmid,
+            smmu,
+            profile: engine_profile,
+            sidsize,
+            range_inv,
+            features,
+            ..Default::default()
+        }))
+    }
+
     /// The record kind that carries this event.
     pub fn kind(&self) -> Kind {
         match self {

@@ -16,7 +16,7 @@ use super::{Event, Kind, Record, Trace, TraceError};
 use crate::command::opcode_name;
 use crate::queue::QueueShape;
 use crate::replay::model::RingModel;
-use crate::viommu::{check_vmid, DeviceId, Devices, GraceDomain, Profile, Viommu, ViommuConfig};
+use crate::viommu::{check_vmid, DeviceId, Devices, GraceDomain, Viommu};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
@@ -336,15 +336,7 @@ impl State {
             }
         };
         match r.event {
-            Event::ViommuCreate {
-                viommu,
-                vmid,
-                smmu,
-                profile,
-                sidsize,
-                range_inv,
-                features,
-            } => {
+            ev @ Event::ViommuCreate { viommu, .. } => {
                 if self.viommus.contains_key(&viommu) {
                     return Err(Invalid::Duplicate {
                         kind,
@@ -352,19 +344,13 @@ impl State {
                         id: viommu,
                     });
                 }
-                let cfg = ViommuConfig {
-                    id: viommu,
-                    vmid,
-                    smmu,
-                    profile: Profile::from_code(profile.code()).ok_or(Invalid::ControlPlane {
+                let cfg = ev
+                    .viommu_config()
+                    .expect("a ViommuCreate")
+                    .map_err(|code| Invalid::ControlPlane {
                         kind,
-                        why: format!("EINVAL: unknown profile {}", profile.code()),
-                    })?,
-                    sidsize,
-                    range_inv,
-                    features,
-                    ..ViommuConfig::default()
-                };
+                        why: format!("EINVAL: unknown profile {code}"),
+                    })?;
                 // The engine's own rule (one VMID per vIOMMU per SMMU), so that a trace that
                 // validates is one the engine's control plane accepts.
                 check_vmid(&cfg, self.viommus.values().map(|s| s.viommu.config()))
