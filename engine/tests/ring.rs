@@ -220,6 +220,23 @@ fn prod_moved_backwards_keeps_what_was_taken() {
     assert_eq!(guest.cons().0, 9);
 }
 
+/// PROD exactly 2^LOG2SIZE behind CONS has CONS's index and the other wrap bit: a full ring, as
+/// on an SMMU, so the engine reads the whole ring again (the previous lap's slots). Only a guest
+/// can tell this PROD from a full ring; the soak's backwards game must not write it.
+#[test]
+fn prod_moved_back_a_whole_ring_behind_cons_is_a_full_ring() {
+    let (mut guest, mut host) = heap_pair(4, 0).unwrap();
+    let mut out = vec![RawCommand::default(); 64];
+    guest.submit(&(0..16).map(cmd).collect::<Vec<_>>());
+    assert_eq!(host.poll(&mut out).unwrap().n, 16);
+    host.complete(16);
+    guest.write_prod_raw(0);
+    let p = host.poll(&mut out).unwrap();
+    assert_eq!((p.first, p.n), (16, 16));
+    assert_eq!(&out[..16], &(0..16).map(cmd).collect::<Vec<_>>()[..]);
+    assert_eq!(host.stats().prod_backwards + host.stats().prod_overrun, 0);
+}
+
 #[test]
 fn prod_overrun_and_prod_behind_cons_copy_nothing() {
     let (mut guest, mut host) = heap_pair(4, 0).unwrap();

@@ -590,11 +590,11 @@ impl Driver {
                 self.guest.write_prod_raw(prod | junk);
             }
             1 => {
-                let oldest = self.oldest_in_ring();
-                if self.prod_seq == oldest {
+                let Some(back) =
+                    backwards_target(self.oldest_in_ring(), self.prod_seq, u64::from(entries), x)
+                else {
                     return;
-                }
-                let back = oldest + x % (self.prod_seq - oldest);
+                };
                 self.guest.write_prod_raw(self.ptr_of(back));
                 std::thread::yield_now();
                 self.guest.doorbell();
@@ -723,6 +723,17 @@ impl Driver {
     }
 }
 
+/// Where the backwards game moves PROD: an entry from `oldest` (the oldest one still in the
+/// ring as the guest last saw CONS) to before `prod_seq`, but never back a whole ring of
+/// `entries` or more. The engine's CONS may have reached `prod_seq` meanwhile, and a PROD
+/// exactly 2^LOG2SIZE behind CONS has the same index and the other wrap bit: it is a full ring
+/// (docs/ring-format.md), which the engine must read, slots of the previous lap and all.
+/// `None` when there is no such entry.
+fn backwards_target(oldest: u64, prod_seq: u64, entries: u64, x: u64) -> Option<u64> {
+    let lo = oldest.max((prod_seq + 1).saturating_sub(entries));
+    (lo < prod_seq).then(|| lo + x % (prod_seq - lo))
+}
+
 /// Runs one guest thread over `drivers` until each has written its share and waited for its
 /// last blocking CMD_SYNC, the deadline passed (then likewise), or a violation anywhere.
 pub(super) fn run(
@@ -767,5 +778,33 @@ pub(super) fn run(
                 std::thread::sleep(Duration::from_micros(20));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backwards_target;
+
+    /// The soak's doubled-entries failure (seed 4, a 32-entry ring): the guest saw its ring full
+    /// (CONS = PROD - 32), moved PROD back to that CONS while the engine had consumed all 32,
+    /// and the engine rightly read a full ring of stale slots.
+    #[test]
+    fn the_backwards_game_never_moves_prod_back_a_whole_ring() {
+        for entries in [1u64, 2, 32, 1024] {
+            for prod in [0u64, 1, entries - 1, entries, 5 * entries + 3] {
+                for oldest in prod.saturating_sub(entries)..=prod {
+                    for x in 0..3 * entries {
+                        if let Some(back) = backwards_target(oldest, prod, entries, x) {
+                            assert!(
+                                back >= oldest && back < prod && prod - back < entries,
+                                "entries {entries} prod {prod} oldest {oldest} x {x}: {back}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        // A full ring as the guest saw it still gets a game, one entry short of a lap.
+        assert_eq!(backwards_target(68, 100, 32, 0), Some(69));
     }
 }

@@ -522,6 +522,16 @@ impl Stream {
                 sid,
                 leaf: rng.below(2) == 0,
             },
+            // CFGI_CD_ALL carries no sequence number. In a window, one naming the second
+            // device may be refused (read while unbound) and fixed by the guest; were the next
+            // entry the same CFGI_CD_ALL, its arrival would look like the refused one's, and
+            // the checker would count the next one lost. A CFGI_CD (SSID = seq) there instead.
+            _ if self.in_window(seq) && sid == r.vsids[1] => Command::CfgiCd {
+                ssec: false,
+                ssid,
+                sid,
+                leaf: false,
+            },
             _ => Command::CfgiCdAll { ssec: false, sid },
         };
         cmd.encode()
