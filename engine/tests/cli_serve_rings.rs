@@ -4,18 +4,18 @@
 #![cfg(not(loom))]
 #![cfg(not(miri))]
 
+mod common;
+
+use common::file_ring::{ring_file, FileGuest, TempPath};
+
 use serde_json::Value;
-use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
 use vcmdq::command::RawCommand;
-use vcmdq::ring::layout::{self, OFF_CONS, OFF_PROD};
+use vcmdq::ring::layout;
 use vcmdq::ring::GuestRing;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vcmdq");
@@ -23,90 +23,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_vcmdq");
 const SYNC: u64 = 0x46;
 /// How long any one wait for serve may take before the test fails saying what did not happen.
 const WAIT: Duration = Duration::from_secs(60);
-
-/// A file under the temp dir, removed when dropped.
-struct TempPath(PathBuf);
-
-impl TempPath {
-    fn new(name: &str) -> TempPath {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        TempPath(std::env::temp_dir().join(format!(
-            "vcmdq-serve-rings-{}-{n}-{name}",
-            std::process::id()
-        )))
-    }
-
-    fn s(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for TempPath {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// A ring file for vIOMMU 1 that nothing in this process maps.
-fn ring_file(name: &str, log2size: u8) -> TempPath {
-    let path = TempPath::new(name);
-    drop(GuestRing::create(&path.0, log2size, 1).unwrap());
-    path
-}
-
-/// A guest writing its ring file with `pwrite` only, so a truncate cannot fault this process.
-struct FileGuest {
-    file: File,
-    entries: u64,
-    prod: u64,
-}
-
-impl FileGuest {
-    fn open(path: &Path, log2size: u8) -> FileGuest {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .unwrap();
-        FileGuest {
-            file,
-            entries: 1 << log2size,
-            prod: 0,
-        }
-    }
-
-    fn mask(&self) -> u64 {
-        (self.entries << 1) - 1
-    }
-
-    /// Entries consumed so far, from CONS.
-    fn consumed(&self) -> u64 {
-        let mut b = [0u8; 4];
-        self.file.read_exact_at(&mut b, OFF_CONS as u64).unwrap();
-        let c = u64::from(u32::from_le_bytes(b)) & self.mask();
-        self.prod - ((self.prod & self.mask()).wrapping_sub(c) & self.mask())
-    }
-
-    /// Fills every free slot with a CMD_SYNC and publishes PROD.
-    fn fill(&mut self) {
-        let free = self.entries - (self.prod - self.consumed());
-        for i in 0..free {
-            let off = layout::HEADER_SIZE as u64 + 16 * ((self.prod + i) % self.entries);
-            let mut b = [0u8; 16];
-            b[..8].copy_from_slice(&SYNC.to_le_bytes());
-            self.file.write_all_at(&b, off).unwrap();
-        }
-        self.prod += free;
-        self.write_prod((self.prod & self.mask()) as u32);
-    }
-
-    fn write_prod(&self, raw: u32) {
-        self.file
-            .write_all_at(&raw.to_le_bytes(), OFF_PROD as u64)
-            .unwrap();
-    }
-}
 
 /// A running `vcmdq serve`; closing its stdin stops it.
 struct Serve {
@@ -250,11 +166,11 @@ fn truncate_under_serve(cuts: &[u64]) {
                         "serve consumed nothing of {}",
                         path.display()
                     );
-                    g.fill();
+                    g.fill(|_| RawCommand::new(SYNC, 0));
                     std::thread::yield_now();
                 }
-                g.fill();
-                g.file.set_len(cut).unwrap();
+                g.fill(|_| RawCommand::new(SYNC, 0));
+                g.truncate(cut);
             })
         })
         .collect();
@@ -356,11 +272,12 @@ fn serve_says_which_flags_to_give_for_an_unsealed_ring() {
 #[test]
 fn serve_says_a_write_sealed_memfd_is_sealed_against_writes() {
     use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::fs::FileExt;
     // SAFETY: a NUL-terminated name and valid flags.
     let fd = unsafe { libc::memfd_create(c"vcmdq-wseal".as_ptr(), libc::MFD_ALLOW_SEALING) };
     assert!(fd >= 0);
     // SAFETY: a fresh descriptor nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
     file.set_len(layout::HEADER_SIZE as u64 + 16 * 8).unwrap();
     file.write_all_at(&layout::MAGIC.to_le_bytes(), 0).unwrap();
     file.write_all_at(&1u32.to_le_bytes(), 8).unwrap();
@@ -410,7 +327,7 @@ fn serve_summary_counts_hostile_prod_per_ring_and_in_total() {
         g0.write_prod(9);
         // Ring 1: entries taken, then PROD moved back over them.
         let mut g1 = FileGuest::open(&back.0, log2size);
-        g1.fill();
+        g1.fill(|_| RawCommand::new(SYNC, 0));
         let deadline = Instant::now() + WAIT;
         while g1.consumed() < g1.entries {
             assert!(
@@ -435,7 +352,7 @@ fn serve_summary_counts_hostile_prod_per_ring_and_in_total() {
         // rings at least once since their PROD was written.
         let mut g2 = FileGuest::open(&good.0, log2size);
         for _ in 0..2 {
-            g2.fill();
+            g2.fill(|_| RawCommand::new(SYNC, 0));
             let deadline = Instant::now() + WAIT;
             while g2.consumed() < g2.prod {
                 assert!(Instant::now() < deadline, "serve did not serve ring 2");

@@ -3,16 +3,18 @@
 #![cfg(not(loom))]
 #![cfg(not(miri))]
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+mod common;
+
+use common::file_ring::{ring_file, FileGuest, TempPath};
+use vcmdq::trace::gen::Rng;
+
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use vcmdq::command::RawCommand;
 use vcmdq::engine::{Engine, EngineConfig};
-use vcmdq::ring::layout::{self, OFF_CONS, OFF_PROD};
+use vcmdq::ring::layout;
 use vcmdq::ring::{heap_pair, AttachOptions, GuestRing, HostRing, RingError};
 use vcmdq::viommu::ViommuConfig;
 
@@ -23,106 +25,6 @@ const UNSEALED: AttachOptions = AttachOptions {
 /// Command number `i`: distinct in both words so a torn or misplaced copy shows.
 fn cmd(i: u64) -> RawCommand {
     RawCommand::new(i << 16, !i ^ 0x5a5a_0000_0000_0000)
-}
-
-/// A file under the temp dir, removed when dropped.
-struct TempPath(PathBuf);
-
-impl TempPath {
-    fn new(name: &str) -> TempPath {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        TempPath(std::env::temp_dir().join(format!(
-            "vcmdq-unsealed-test-{}-{n}-{name}",
-            std::process::id()
-        )))
-    }
-}
-
-impl Drop for TempPath {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-impl AsRef<Path> for TempPath {
-    fn as_ref(&self) -> &Path {
-        &self.0
-    }
-}
-
-/// A ring file of 2^`log2size` slots with nothing mapping it: the guest below writes it with
-/// system calls, so the only thing in this process that could fault on a truncated file is
-/// the engine side under test.
-fn ring_file(name: &str, log2size: u8) -> TempPath {
-    let path = TempPath::new(name);
-    drop(GuestRing::create(&path, log2size, 1).unwrap());
-    path
-}
-
-/// A guest that writes its ring file with `pwrite`, never through a mapping.
-struct FileGuest {
-    file: File,
-    entries: u64,
-    prod: u64,
-}
-
-impl FileGuest {
-    fn open(path: &Path, log2size: u8) -> FileGuest {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .unwrap();
-        FileGuest {
-            file,
-            entries: 1 << log2size,
-            prod: 0,
-        }
-    }
-
-    /// CONS as a count of entries consumed (index and wrap only).
-    fn cons(&self) -> u64 {
-        let mut b = [0u8; 4];
-        self.file.read_exact_at(&mut b, OFF_CONS as u64).unwrap();
-        let mask = (self.entries << 1) - 1;
-        let c = u64::from(u32::from_le_bytes(b)) & mask;
-        // The engine's CONS is within one lap behind PROD.
-        let p = self.prod & mask;
-        self.prod - ((p.wrapping_sub(c)) & mask)
-    }
-
-    /// Writes commands `prod..` into every free slot and publishes PROD; the count written.
-    fn fill(&mut self) -> u64 {
-        let free = self.entries - (self.prod - self.cons());
-        for i in 0..free {
-            let seq = self.prod + i;
-            let c = cmd(seq);
-            let mut b = [0u8; 16];
-            b[..8].copy_from_slice(&c.d0().to_le_bytes());
-            b[8..].copy_from_slice(&c.d1().to_le_bytes());
-            let off = layout::HEADER_SIZE as u64 + 16 * (seq % self.entries);
-            self.file.write_all_at(&b, off).unwrap();
-        }
-        self.prod += free;
-        let ptr = (self.prod & ((self.entries << 1) - 1)) as u32;
-        self.file
-            .write_all_at(&ptr.to_le_bytes(), OFF_PROD as u64)
-            .unwrap();
-        free
-    }
-}
-
-/// xorshift64: reproducible choices.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
 }
 
 /// One round: a guest thread fills the ring `fills` times, then truncates the file to `cut`
@@ -142,11 +44,11 @@ fn truncate_while_polled(log2size: u8, cut: u64, fills: u64, budget: usize) {
             let mut written = 0;
             let mut tries = 0u64;
             while written < fills && tries < 1_000_000 {
-                written += (g.fill() > 0) as u64;
+                written += (g.fill(cmd) > 0) as u64;
                 tries += 1;
                 std::thread::yield_now();
             }
-            g.file.set_len(cut).unwrap();
+            g.truncate(cut);
             truncated.store(true, Ordering::SeqCst);
         })
     };
@@ -190,7 +92,7 @@ fn truncate_while_polled(log2size: u8, cut: u64, fills: u64, budget: usize) {
 fn an_unsealed_ring_truncated_while_polled_stops_that_ring_and_the_engine_lives() {
     let log2size = 6;
     let need = layout::HEADER_SIZE as u64 + (16u64 << log2size);
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
     for round in 0..240u64 {
         let cut = match round % 4 {
             0 => 0,
@@ -210,11 +112,11 @@ fn an_unsealed_ring_stopped_and_truncated_reports_it_on_the_next_poll() {
     let path = ring_file("stopped", 3);
     let mut host = HostRing::attach_with(&path, UNSEALED).unwrap();
     let mut g = FileGuest::open(&path.0, 3);
-    g.fill();
+    g.fill(cmd);
     let mut out = [RawCommand::default(); 8];
     assert_eq!(host.poll(&mut out).unwrap().n, 8);
     host.stop(2, vcmdq::queue::CError::Ill);
-    g.file.set_len(100).unwrap();
+    g.truncate(100);
     // The stopped ring reads ERR_ACK: a short read, not a signal.
     let err = host.poll(&mut out).unwrap_err();
     assert!(
@@ -270,8 +172,8 @@ fn an_engine_gives_up_a_truncated_ring_and_serves_the_others() {
         let host = HostRing::attach_with(&path, UNSEALED).unwrap();
         ids.push(engine.attach_ring(host).unwrap());
         let mut g = FileGuest::open(&path.0, 4);
-        g.fill();
-        g.file.set_len(i * 60).unwrap();
+        g.fill(cmd);
+        g.truncate(i * 60);
         files.push(path);
     }
     let mut failed = Vec::new();
@@ -406,11 +308,12 @@ fn a_ring_another_process_attached_is_refused() {
 #[test]
 fn a_write_sealed_memfd_is_refused_saying_why() {
     use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::fs::FileExt;
     // SAFETY: a NUL-terminated name and valid flags.
     let fd = unsafe { libc::memfd_create(c"vcmdq-wseal".as_ptr(), libc::MFD_ALLOW_SEALING) };
     assert!(fd >= 0);
     // SAFETY: a fresh descriptor nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
     let bytes = layout::HEADER_SIZE as u64 + 16 * 8;
     file.set_len(bytes).unwrap();
     file.write_all_at(&layout::MAGIC.to_le_bytes(), 0).unwrap();

@@ -5,6 +5,8 @@
 //! a wait that never ends into a test failure saying what did not happen, instead of a hang.
 #![allow(dead_code)]
 
+pub mod file_ring;
+
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
