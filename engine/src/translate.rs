@@ -9,8 +9,8 @@
 //!    order), PREFETCH_* dropped (a hint; nothing to forward), CMD_SYNC ends the batch, commands
 //!    the profile does not forward are CERROR_ILL (`NotAllowedByProfile`);
 //! 4. SSEC set (CFGI_*): CERROR_ILL (`Secure`): a guest has no Secure state;
-//! 5. what the physical SMMU does not have (its [`SmmuFeatures`](crate::viommu::SmmuFeatures)):
-//!    TG, TTL, NUM or SCALE without range invalidation (`RangeUnsupported`), ASID[15:8] with
+//! 5. what the physical SMMU does not have (its [`SmmuFeatures`]):
+//!    TG, TTL, NUM or SCALE without range invalidation (`RangeUnsupported`), ASID\[15:8\] with
 //!    8-bit ASIDs (`AsidTooLarge`), SSV, SSID or GLOBAL without substreams (`NoSubstreams`), an
 //!    SSID beyond SSIDSIZE (`SsidTooLarge`); ATC_INV without ATS (`AtsUnsupported`);
 //! 6. field values: ATC_INV with SIZE > 52 (`AtcSizeTooLarge`); the range encoding of
@@ -103,7 +103,7 @@ pub enum RefuseReason {
         /// TTL.
         ttl: u8,
     },
-    /// ASID[15:8] set while the physical SMMU has 8-bit ASIDs (no SMMU_IDR0.ASID16).
+    /// ASID\[15:8\] set while the physical SMMU has 8-bit ASIDs (no SMMU_IDR0.ASID16).
     AsidTooLarge {
         /// `d0[7:0]`.
         opcode: u8,
@@ -355,7 +355,7 @@ const F_FORWARD: u8 = 1;
 /// SID is a vSID to replace with its pSID.
 const F_SID: u8 = 16;
 
-/// The translation rules of one vIOMMU: its profile on its physical SMMU, one [`Rule`] per
+/// The translation rules of one vIOMMU: its profile on its physical SMMU, one `Rule` per
 /// opcode. Built once when the vIOMMU is created.
 pub struct RuleTable([Rule; 256]);
 

@@ -104,7 +104,7 @@ pub enum Event<'a> {
         sidsize: u8,
         /// Range invalidation (TG/NUM/SCALE) is advertised to the guest.
         range_inv: bool,
-        /// The rest of the physical SMMU's features ([`SmmuFeatures::ANY`] in a trace that does
+        /// The rest of the physical SMMU's features ([`crate::viommu::SmmuFeatures::ANY`] in a trace that does
         /// not record them); its `ril` is `range_inv`.
         features: crate::viommu::SmmuFeatures,
     },

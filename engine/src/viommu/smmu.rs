@@ -37,7 +37,7 @@ pub const MAX_SSIDSIZE: u8 = 20;
 /// What one physical SMMU supports, as far as guest commands are concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SmmuFeatures {
-    /// SMMU_IDR0.ASID16: without it ASIDs are 8 bits and a TLBI with ASID[15:8] set is refused.
+    /// SMMU_IDR0.ASID16: without it ASIDs are 8 bits and a TLBI with ASID\[15:8\] set is refused.
     pub asid16: bool,
     /// SMMU_IDR0.VMID16: without it a vIOMMU's VMID must fit 8 bits (checked at creation).
     pub vmid16: bool,
@@ -278,7 +278,7 @@ impl SmmuFeatures {
 
     /// The three bytes a trace's ViommuCreate records them in (traces/FORMAT.md), RIL aside:
     /// byte 0 ASID16, VMID16, ATS, GRAN4K, GRAN16K, GRAN64K, DS, S1P from bit 0 up; byte 1
-    /// SSIDSIZE in bits [4:0] and S2P in bit 5; byte 2 SIDSIZE.
+    /// SSIDSIZE in bits \[4:0\] and S2P in bit 5; byte 2 SIDSIZE.
     pub fn to_trace_bytes(&self) -> [u8; 3] {
         let bits = [
             self.asid16,
