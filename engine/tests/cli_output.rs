@@ -258,3 +258,38 @@ fn serve_reports_its_rate_over_the_run_and_over_the_time_traffic_flowed() {
         "{first}"
     );
 }
+
+/// `make loadtest`'s recipe, as make would run it (`make -n`: nothing is built or run).
+fn make_loadtest_recipe(extra: &[&str]) -> String {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new("make")
+        .arg("-n")
+        .arg("-C")
+        .arg(&root)
+        .arg("--no-print-directory")
+        .args(extra)
+        .arg("loadtest")
+        .output()
+        .expect("make runs (the Makefile is how the repository is driven)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn make_loadtest_draws_under_target_and_rewrites_the_tracked_plot_only_when_asked() {
+    let recipe = make_loadtest_recipe(&[]);
+    assert!(
+        recipe.contains("loadtest --svg target/loadtest/latency.svg"),
+        "{recipe}"
+    );
+    assert!(!recipe.contains("docs/"), "{recipe}");
+    let recipe = make_loadtest_recipe(&["LOADTEST_SVG=docs/latency.svg"]);
+    assert!(
+        recipe.contains("loadtest --svg docs/latency.svg"),
+        "{recipe}"
+    );
+}
