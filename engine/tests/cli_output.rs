@@ -293,3 +293,74 @@ fn make_loadtest_draws_under_target_and_rewrites_the_tracked_plot_only_when_aske
         "{recipe}"
     );
 }
+
+/// A number as the READMEs write it ("116,728").
+fn figure(s: &str) -> u64 {
+    s.trim()
+        .replace(',', "")
+        .parse()
+        .unwrap_or_else(|_| panic!("not a figure: {s:?}"))
+}
+
+/// traces/README.md's table: each bundled trace's bytes, rings, ring entries and records are
+/// what `vcmdq trace info` finds, and a count of refusals it gives is its expected summary's.
+#[test]
+fn the_traces_readme_table_agrees_with_the_traces_and_their_expected_summaries() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../traces");
+    let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
+    let mut rows = 0;
+    for line in readme.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let name = cells[1].trim_matches('`');
+        let t = dir.join(name);
+        let ts = t.to_str().unwrap();
+        let (code, out, err) = stdout_of(&["trace", "info", ts, "--json"]);
+        assert_eq!(code, 0, "{name}: {err}");
+        let info: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            figure(cells[2]),
+            std::fs::metadata(&t).unwrap().len(),
+            "{name}: bytes"
+        );
+        // "VMs × devices × rings, LOG2SIZE": rings are per VM.
+        let shape: Vec<u64> = cells[3]
+            .split(',')
+            .next()
+            .unwrap()
+            .split('×')
+            .map(figure)
+            .collect();
+        assert_eq!(
+            shape[0] * shape[2],
+            info["records_by_kind"]["RingCreate"].as_u64().unwrap(),
+            "{name}: rings"
+        );
+        assert_eq!(
+            figure(cells[4]),
+            info["commands"].as_u64().unwrap(),
+            "{name}: entries"
+        );
+        assert_eq!(
+            figure(cells[5]),
+            info["records"].as_u64().unwrap(),
+            "{name}: records"
+        );
+        let expected: Value = serde_json::from_str(
+            &std::fs::read_to_string(t.with_extension("expected.json")).unwrap(),
+        )
+        .unwrap();
+        let words: Vec<&str> = cells[6].split_whitespace().collect();
+        for w in words.windows(2) {
+            if w[1].trim_end_matches([',', ';', ')']) == "refusals" {
+                assert_eq!(
+                    figure(w[0]),
+                    expected["outcomes"]["refused"].as_u64().unwrap(),
+                    "{name}: refusals in {:?}",
+                    cells[6]
+                );
+            }
+        }
+        rows += 1;
+    }
+    assert_eq!(rows, 10, "every bundled trace has its row");
+}
