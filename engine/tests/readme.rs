@@ -221,3 +221,61 @@ fn the_matching_rule_is_the_documented_one() {
         "other lines exactly"
     );
 }
+
+/// A version as numbers ("1.95" as [1, 95]).
+fn version(v: &str) -> Vec<u64> {
+    v.split('.').map(|n| n.parse().unwrap()).collect()
+}
+
+/// The workspace's `rust-version` is no lower than that of any dependency the lock file pins,
+/// `make loom`'s (loom and its generator) included, so the minimum it states is true.
+#[test]
+fn the_stated_minimum_rust_is_what_every_locked_dependency_needs() {
+    let host = String::from_utf8(
+        Command::new("rustc")
+            .arg("-vV")
+            .output()
+            .expect("rustc runs")
+            .stdout,
+    )
+    .unwrap()
+    .lines()
+    .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
+    .expect("rustc -vV names its host");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["metadata", "--format-version", "1", "--offline"])
+        .args(["--filter-platform", &host])
+        .env("RUSTFLAGS", "--cfg loom")
+        .current_dir(root())
+        .output()
+        .expect("cargo metadata runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let packages = j["packages"].as_array().unwrap();
+    let ours = packages
+        .iter()
+        .find(|p| p["name"] == "vcmdq")
+        .and_then(|p| p["rust_version"].as_str())
+        .map(version)
+        .expect("vcmdq states a rust-version");
+    let needed = packages
+        .iter()
+        .filter_map(|p| Some((version(p["rust_version"].as_str()?), p["name"].as_str()?)))
+        .max()
+        .unwrap();
+    assert!(
+        ours >= needed.0,
+        "the workspace says rust-version {ours:?}; {} needs {:?}",
+        needed.1,
+        needed.0
+    );
+    assert!(
+        packages.iter().any(|p| p["name"] == "loom"),
+        "loom's dependencies were looked at"
+    );
+}
