@@ -89,8 +89,13 @@ bench-quick: ## The same suites with short warm-up and measurement (~2 min), the
 ratios: ## vcmdq against the copy limit and the naive floor, from the last criterion run.
 	$(CARGO) run --release -q -p vcmdq-bench --bin ratios
 
-loadtest: release ## Latency under load: 10/50/90% of saturation, plot in docs/latency.svg.
-	$(VCMDQ) loadtest --svg docs/latency.svg
+# Where `make loadtest` draws its plot: under target/, so a run does not rewrite the tracked
+# docs/latency.svg. `make loadtest LOADTEST_SVG=docs/latency.svg` refreshes that one on purpose.
+LOADTEST_SVG ?= target/loadtest/latency.svg
+
+loadtest: release ## Latency under load: 10/50/90% of saturation, plot in target/loadtest/latency.svg (LOADTEST_SVG=).
+	@mkdir -p $(dir $(LOADTEST_SVG))
+	$(VCMDQ) loadtest --svg $(LOADTEST_SVG)
 
 fuzz-setup: ## Install cargo-fuzz (and nightly, if rustup can) when missing; say what the fuzz steps use.
 	fuzz/fuzz.sh setup

@@ -132,7 +132,7 @@ fn gen_prints_a_human_summary_not_debug_output_and_json_on_request() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("GenParams") && !err.contains('{'), "{err}");
     assert!(
-        err.contains("hostile workload, 3 VMs x 4 devices x 1 rings of 2^6 entries, seed 6")
+        err.contains("hostile workload, 3 VMs x 4 devices x 1 ring of 2^6 entries, seed 6")
             && err.contains("3043 ring entries"),
         "{err}"
     );

@@ -20,10 +20,14 @@ fn json(args: &[&str], stdin: &str) -> Vec<Value> {
     let mut a = vec!["--json"];
     a.extend_from_slice(args);
     let (code, out, err) = run(&a, stdin);
-    assert_eq!(code, 0, "stderr: {err}");
-    out.lines()
+    let v: Vec<Value> = out
+        .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
-        .collect()
+        .collect();
+    // Exit status 1 exactly when a command was refused.
+    let refused = v.iter().any(|o| o["outcome"] == "refused");
+    assert_eq!(code, i32::from(refused), "stderr: {err}");
+    v
 }
 
 const INPUT: &str = "\
@@ -159,7 +163,7 @@ fn errors_are_named() {
 #[test]
 fn text_output_names_each_slot() {
     let (code, out, _) = run(&["--vmid", "5", "--bind", "vsid=0x10,psid=0x800"], INPUT);
-    assert_eq!(code, 0);
+    assert_eq!(code, 1, "slot 5 is refused");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 7);
     assert!(lines[0].contains("forwarded") && lines[0].contains("TLBI_NH_ALL vmid=5"));

@@ -4,7 +4,7 @@
 //! `vcmdq gen hostile -o traces/hostile.vct` regenerates that file byte for byte.
 
 use super::trace::write_atomically;
-use super::CliError;
+use super::{human, CliError};
 use clap::Args;
 use std::io::Write;
 use std::path::PathBuf;
@@ -102,12 +102,12 @@ pub fn run(a: GenArgs) -> Result<ExitCode, CliError> {
         println!("{j}");
     } else {
         eprintln!(
-            "{}: {} workload, {} VMs x {} devices x {} rings of 2^{} entries, seed {}",
+            "{}: {} workload, {} x {} x {} of 2^{} entries, seed {}",
             a.output.display(),
             a.workload.name(),
-            p.vms,
-            p.devices,
-            p.rings,
+            human::count(p.vms as u64, "VM"),
+            human::count(p.devices as u64, "device"),
+            human::count(p.rings as u64, "ring"),
             p.log2size,
             p.seed
         );

@@ -335,7 +335,7 @@ impl Report {
         };
         format!(
             "guest: {} commands in {} batches ({} ring entries), {:.3} s: {:.0} commands/s\n\
-             guest: {} CMD_SYNCs completed, {} errors seen (ill {}, abt {}, atc_inv_sync {})\n\
+             guest: {} CMD_SYNCs completed, {} errors seen (ill {}, abt {}, atc_inv_sync {}, ill_access {})\n\
              guest: sync latency, doorbell to sync count: p50 {:.1} us, p90 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us\n",
             self.commands,
             self.batches,
@@ -347,6 +347,7 @@ impl Report {
             self.errors[CError::Ill.code() as usize],
             self.errors[CError::Abt.code() as usize],
             self.errors[CError::AtcInvSync.code() as usize],
+            self.errors[CError::IllAccess.code() as usize],
             us(0.5),
             us(0.9),
             us(0.99),
@@ -503,6 +504,27 @@ mod tests {
             asid: 9,
             pending: Vec::new(),
         }
+    }
+
+    #[test]
+    fn the_text_report_counts_ill_access_errors_as_the_json_does() {
+        let mut errors = [0u64; 8];
+        errors[CError::IllAccess.code() as usize] = 3;
+        let r = Report {
+            commands: 10,
+            entries: 12,
+            batches: 2,
+            syncs: 2,
+            errors,
+            secs: 1.0,
+            latency: Histogram::new_with_bounds(1, 1_000_000, 3).expect("valid bounds"),
+        };
+        let text = r.text();
+        assert!(
+            text.contains("3 errors seen (ill 0, abt 0, atc_inv_sync 0, ill_access 3)"),
+            "{text}"
+        );
+        assert_eq!(r.json()["errors_by_kind"]["ill_access"], 3);
     }
 
     #[test]

@@ -35,7 +35,7 @@ use vcmdq::viommu::{DeviceId, ViommuConfig};
 #[command(after_help = "\
 Example:
   vcmdq loadtest                       # 1 ring, 64-command batches, 10/50/90% load, 3 s each
-  vcmdq loadtest --rings 16 --json --svg docs/latency.svg")]
+  vcmdq loadtest --rings 16 --json --svg target/latency.svg")]
 pub struct LoadtestArgs {
     /// Guest rings, served round-robin by the generator.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]

@@ -4,6 +4,7 @@ mod decode;
 mod encode;
 mod gen;
 mod guest;
+mod human;
 mod input;
 mod loadtest;
 pub mod out;

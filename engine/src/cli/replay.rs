@@ -1,10 +1,10 @@
 //! `vcmdq replay`: the main job. A trace through the real pipeline, checked against the oracle,
 //! with throughput, latency percentiles and what became of every command.
 
-use super::CliError;
+use super::{human, CliError};
 use clap::Args;
 use hdrhistogram::Histogram;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use serde_json::{json, Value};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -97,9 +97,13 @@ pub fn run(a: ReplayArgs) -> Result<ExitCode, CliError> {
     };
     bar.set_style(
         ProgressStyle::with_template(
-            "{spinner} replay [{bar:40}] {human_pos}/{human_len} commands, {per_sec}, eta {eta}",
+            "{spinner} replay [{bar:40}] {human_pos}/{human_len} commands, {rate}, eta {eta}",
         )
         .expect("a valid template")
+        // indicatif's own {per_sec} prints four decimals ("241,565.2042/s").
+        .with_key("rate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = w.write_str(&human::rate(s.per_sec(), "commands"));
+        })
         .progress_chars("=> "),
     );
     let opts = ReplayOptions {
@@ -134,18 +138,24 @@ pub fn run(a: ReplayArgs) -> Result<ExitCode, CliError> {
         let want: Value =
             serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         if want != expected {
+            let mut lines = Vec::new();
+            json_diff("", &want, &expected, &mut lines);
             expect_diff = Some(format!(
-                "summary differs from {}:\n  expected {}\n  got      {}",
+                "summary differs from {} ({}):\n{}",
                 path.display(),
-                want,
-                expected
+                human::count(lines.len() as u64, "field"),
+                lines.join("\n")
             ));
         }
     }
     let name = a.trace.display().to_string();
     if a.json {
         let mut j = full_json(&report, &name);
-        j["expect_ok"] = json!(expect_diff.is_none());
+        // null when nothing was compared: no --expect is not a passed one.
+        j["expect_ok"] = match a.expect {
+            Some(_) => json!(expect_diff.is_none()),
+            None => Value::Null,
+        };
         println!("{}", serde_json::to_string_pretty(&j)?);
     } else {
         print_human(&report, &name, a.per_viommu);
@@ -158,6 +168,36 @@ pub fn run(a: ReplayArgs) -> Result<ExitCode, CliError> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// One line per field that differs between `want` and `got` (their dotted path, both values;
+/// "absent" for a field only one side has), so a failed `--expect` says what changed.
+fn json_diff(path: &str, want: &Value, got: &Value, out: &mut Vec<String>) {
+    let at = |k: &str| {
+        if path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
+    match (want, got) {
+        (Value::Object(w), Value::Object(g)) => {
+            let keys: std::collections::BTreeSet<&String> = w.keys().chain(g.keys()).collect();
+            for k in keys {
+                match (w.get(k), g.get(k)) {
+                    (Some(a), Some(b)) => json_diff(&at(k), a, b, out),
+                    (Some(a), None) => out.push(format!("  {}: expected {a}, got absent", at(k))),
+                    (None, Some(b)) => out.push(format!("  {}: expected absent, got {b}", at(k))),
+                    (None, None) => {}
+                }
+            }
+        }
+        _ if want != got => out.push(format!(
+            "  {}: expected {want}, got {got}",
+            if path.is_empty() { "(summary)" } else { path }
+        )),
+        _ => {}
+    }
 }
 
 fn outcomes_json(o: &Outcomes) -> Value {
@@ -281,8 +321,10 @@ fn mode(r: &ReplayReport) -> &'static str {
 
 fn print_human(r: &ReplayReport, name: &str, per_viommu: bool) {
     println!(
-        "replay {name}: {} commands on {} rings of {} vIOMMUs",
-        r.commands, r.rings, r.viommus
+        "replay {name}: {} on {} of {}",
+        human::count(r.commands, "command"),
+        human::count(r.rings as u64, "ring"),
+        human::count(r.viommus as u64, "vIOMMU")
     );
     if r.closed_loop {
         println!(
@@ -307,8 +349,8 @@ fn print_human(r: &ReplayReport, name: &str, per_viommu: bool) {
         }
     }
     println!(
-        "  throughput: {:.2} M commands/s ({} in {:.3} s; {} batches, {} physical CMD_SYNCs)",
-        r.rate() / 1e6,
+        "  throughput: {} ({} in {:.3} s; {} batches, {} physical CMD_SYNCs)",
+        human::rate(r.rate(), "commands"),
         r.outcomes.read,
         r.wall.as_secs_f64(),
         r.stats.batches,
@@ -362,21 +404,23 @@ fn write_hgrm(w: &mut impl Write, h: &Histogram<u64>) -> std::io::Result<()> {
         "{:>12} {:>14} {:>10} {:>14}\n",
         "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
     )?;
+    // TotalCount is cumulative: the samples at or below the row's value (HdrHistogram's
+    // plotters read it so), not the samples since the previous row.
+    let mut total = 0u64;
     for v in h.iter_quantiles(1) {
         let q = v.quantile_iterated_to();
-        let inv = if q < 1.0 {
-            1.0 / (1.0 - q)
+        total += v.count_since_last_iteration();
+        let value = v.value_iterated_to() as f64 / 1000.0;
+        if q < 1.0 {
+            writeln!(
+                w,
+                "{value:>12.3} {q:>14.12} {total:>10} {:>14.2}",
+                1.0 / (1.0 - q)
+            )?;
         } else {
-            f64::INFINITY
-        };
-        writeln!(
-            w,
-            "{:>12.3} {:>14.12} {:>10} {:>14.2}",
-            v.value_iterated_to() as f64 / 1000.0,
-            q,
-            v.count_since_last_iteration(),
-            inv
-        )?;
+            // As HdrHistogram writes the 100th percentile: no 1/(1-Percentile), it is infinite.
+            writeln!(w, "{value:>12.3} {q:>14.12} {total:>10}")?;
+        }
     }
     writeln!(
         w,

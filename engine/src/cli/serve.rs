@@ -6,7 +6,7 @@
 use super::decode::strip_comment;
 use super::input::read_small_file;
 use super::spec::{self, BindSpec, CreateRingSpec, DeviceSpec, SHOWN};
-use super::{clip, engine_limit, out, CliError};
+use super::{clip, engine_limit, human, out, CliError};
 use clap::Parser;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -388,6 +388,56 @@ fn ring_error(path: &Path, e: RingError) -> String {
     }
 }
 
+/// When guest entries flowed: the last sample that saw none taken, to the last that saw the
+/// count move. Sampled every [`Traffic::EVERY`], so the span errs long by at most that much and
+/// the rate over it errs low, never high.
+struct Traffic {
+    next: Instant,
+    idle_until: Instant,
+    last_change: Option<Instant>,
+    seen: u64,
+}
+
+impl Traffic {
+    const EVERY: Duration = Duration::from_millis(10);
+
+    fn new(start: Instant) -> Traffic {
+        Traffic {
+            next: start,
+            idle_until: start,
+            last_change: None,
+            seen: 0,
+        }
+    }
+
+    fn sample(&mut self, now: Instant, taken: impl FnOnce() -> u64) {
+        if now < self.next {
+            return;
+        }
+        self.next = now + Self::EVERY;
+        let t = taken();
+        if t == 0 {
+            self.idle_until = now;
+        } else if t != self.seen {
+            self.seen = t;
+            self.last_change = Some(now);
+        }
+    }
+
+    /// Seconds traffic flowed, given the final count and when serving stopped (`None`: none).
+    fn secs(&self, taken: u64, stopped: Instant) -> Option<f64> {
+        if taken == 0 {
+            return None;
+        }
+        let end = if taken != self.seen {
+            stopped
+        } else {
+            self.last_change.unwrap_or(stopped)
+        };
+        Some(end.duration_since(self.idle_until).as_secs_f64())
+    }
+}
+
 /// Rate per second, as people read it.
 fn per_sec(n: u64, secs: f64) -> String {
     let r = if secs > 0.0 { n as f64 / secs } else { 0.0 };
@@ -432,6 +482,7 @@ fn ring_lines<'a>(attached: &'a [Attached], stats: &[(RingId, RingStats)]) -> Ve
 fn summary_json(
     s: &EngineStats,
     secs: f64,
+    traffic_secs: Option<f64>,
     rings: &[RingLine],
     workers: usize,
 ) -> serde_json::Value {
@@ -468,10 +519,18 @@ fn summary_json(
         "prod_backwards": backwards,
         "per_ring": per_ring,
         "forwarded_per_sec": if secs > 0.0 { s.forwarded as f64 / secs } else { 0.0 },
+        "traffic_seconds": traffic_secs,
+        "forwarded_per_traffic_sec": traffic_secs.map(|t| s.forwarded as f64 / t.max(1e-9)),
     })
 }
 
-fn summary_text(s: &EngineStats, secs: f64, rings: &[RingLine], workers: usize) -> String {
+fn summary_text(
+    s: &EngineStats,
+    secs: f64,
+    traffic_secs: Option<f64>,
+    rings: &[RingLine],
+    workers: usize,
+) -> String {
     let overruns: u64 = rings.iter().map(|r| r.stats.prod_overrun).sum();
     let backwards: u64 = rings.iter().map(|r| r.stats.prod_backwards).sum();
     let rows = [
@@ -512,9 +571,17 @@ fn summary_text(s: &EngineStats, secs: f64, rings: &[RingLine], workers: usize) 
             "polls that found PROD moved back over entries already read",
         ),
     ];
+    let flowed = match traffic_secs {
+        Some(t) => format!(
+            "; {} over the {t:.3} s traffic flowed",
+            per_sec(s.forwarded, t)
+        ),
+        None => "; no traffic".into(),
+    };
     let mut out = format!(
-        "serve: {secs:.2} s, {} ring(s), {workers} worker(s), {} forwarded\n",
-        rings.len(),
+        "serve: {secs:.2} s, {}, {}, {} forwarded over the run{flowed}\n",
+        human::count(rings.len() as u64, "ring"),
+        human::count(workers as u64, "worker"),
         per_sec(s.forwarded, secs)
     );
     for (name, n, what) in rows {
@@ -610,6 +677,7 @@ pub fn run(mut args: ServeArgs) -> Result<ExitCode, CliError> {
     let deadline = args.duration.map(|d| start + Duration::from_secs_f64(d));
     let mut next_tick = start + Duration::from_secs(1);
     let mut last = (start, 0u64);
+    let mut traffic = Traffic::new(start);
     loop {
         let mut traps = 0;
         while let Some(t) = engine.next_trap() {
@@ -631,6 +699,7 @@ pub fn run(mut args: ServeArgs) -> Result<ExitCode, CliError> {
             eprintln!("serve: ring {} detached: {e}", ring.0);
         }
         let now = Instant::now();
+        traffic.sample(now, || engine.stats().taken);
         if stop.load(Ordering::Relaxed)
             || SIGNALLED.load(Ordering::Relaxed)
             || deadline.is_some_and(|d| now >= d)
@@ -661,8 +730,10 @@ pub fn run(mut args: ServeArgs) -> Result<ExitCode, CliError> {
     if live && stderr_tty {
         eprintln!();
     }
+    let stopped = Instant::now();
     let report = engine.shutdown();
     let secs = start.elapsed().as_secs_f64();
+    let traffic_secs = traffic.secs(report.stats.taken, stopped);
     match (&report.capture, &args.capture) {
         (Some(Ok(records)), Some(path)) => {
             eprintln!("serve: captured {records} records to {}", path.display())
@@ -678,13 +749,13 @@ pub fn run(mut args: ServeArgs) -> Result<ExitCode, CliError> {
         writeln!(
             out,
             "{}",
-            summary_json(&report.stats, secs, &rings, workers)
+            summary_json(&report.stats, secs, traffic_secs, &rings, workers)
         )?;
     } else {
         write!(
             out,
             "{}",
-            summary_text(&report.stats, secs, &rings, workers)
+            summary_text(&report.stats, secs, traffic_secs, &rings, workers)
         )?;
     }
     out.flush()?;

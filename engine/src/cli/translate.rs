@@ -28,6 +28,9 @@ Output: one line per command. With --json, one object per line: slot, line, outc
 (forwarded, sync, dropped, trapped, refused, not_reached), cerror and reason when refused, \
 reason when dropped or trapped, out ([d0, d1] hex) when forwarded, cs/msidata/msiaddr for a sync.
 
+Exit status: 0 when no command was refused, 1 when any was (every line is still printed), 2 on \
+a usage error or an input that could not be read.
+
 Example:
   echo 'ATC_INV sid=0x10 size=52' | vcmdq translate --vmid 5 --bind vsid=0x10,psid=0x800 --json")]
 pub struct TranslateArgs {
@@ -360,16 +363,29 @@ pub fn run(args: TranslateArgs) -> Result<ExitCode, CliError> {
     let input: Vec<RawCommand> = cmds.iter().map(|&(_, c)| c).collect();
     let outcomes = translate_all(&viommu, &input, args.keep_going);
 
+    // A refused command is what a guest driver must fix: say so in the status, as decode does
+    // for a line it could not read.
+    let refused = outcomes
+        .iter()
+        .any(|o| matches!(o, SlotOutcome::Refused { .. }));
+    let status = ExitCode::from(u8::from(refused));
     let mut out = std::io::BufWriter::new(out::stdout());
-    for (slot, ((line, cmd), o)) in cmds.iter().zip(&outcomes).enumerate() {
-        if args.json {
-            writeln!(out, "{}", json_line(slot, *line, cmd, o))?;
-        } else {
-            writeln!(out, "{}", text_line(slot, cmd, o))?;
+    let written = (|| -> std::io::Result<()> {
+        for (slot, ((line, cmd), o)) in cmds.iter().zip(&outcomes).enumerate() {
+            if args.json {
+                writeln!(out, "{}", json_line(slot, *line, cmd, o))?;
+            } else {
+                writeln!(out, "{}", text_line(slot, cmd, o))?;
+            }
         }
+        out.flush()
+    })();
+    match written {
+        Ok(()) => Ok(status),
+        // The reader went away: the status is still the one the commands earned.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(status),
+        Err(e) => Err(e.into()),
     }
-    out.flush()?;
-    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]
