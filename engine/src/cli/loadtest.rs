@@ -13,6 +13,12 @@
 //! exact to one turn of its loop (well under a microsecond with few rings). Two diagnostics
 //! split a tail between the sides: how late the generator rang each doorbell (the OS
 //! preempting it), and the time from the doorbell as actually rung to publication.
+//!
+//! On a busy machine the generator cannot hold the asked rate and the percentiles measure the
+//! machine, not the engine. Each level is therefore judged ([`judge`]) on its generator's
+//! lateness, full rings, batches unsent at its deadline, and, read from /proc before and after
+//! it, the involuntary context switches of this process's threads and the CPU steal; a level
+//! that fails a check is reported as NOT the engine's latency, with its reasons.
 
 use super::plot::{percentile_svg, Series};
 use super::CliError;
@@ -33,6 +39,17 @@ use vcmdq::viommu::{DeviceId, ViommuConfig};
 /// Arguments of `vcmdq loadtest`.
 #[derive(Args, Debug)]
 #[command(after_help = "\
+Each level is checked for a machine that could not hold the asked rate: the generator's median \
+lateness (above 10 batch intervals, clamped to 10-100 µs), a ring full in more than 1% of \
+attempts, more than 1% of the scheduled batches unsent at the level's end, more than 50 \
+involuntary context switches per second of this process's threads, or CPU steal above 5% \
+(the last two from /proc; without /proc they are not checked and the report says so). A level \
+failing one is printed as NOT the engine's latency, with its reasons (JSON: \"trustworthy\": \
+false, \"reasons\"), and its plot label is marked.
+
+Exit status: 0 when at least one level is trustworthy; 1 when none is (the run measured the \
+machine, not the engine; the report is still printed); 2 on bad arguments or a failed run.
+
 Example:
   vcmdq loadtest                       # 1 ring, 64-command batches, 10/50/90% load, 3 s each
   vcmdq loadtest --rings 16 --json --svg target/latency.svg")]
@@ -82,6 +99,33 @@ const MIN_SATURATION: f64 = 1e3;
 const MAX_SATURATION: f64 = 1e9;
 /// Longest wait for the engine to finish what was submitted.
 const DRAIN: Duration = Duration::from_secs(10);
+
+// When a level is NOT the engine's latency. Each threshold sits far from what an idle machine
+// shows and far below what a busy one does, so that the verdict flips on the machine, not on
+// noise; tests judge synthetic counters (`judge`), never a run's speed.
+
+/// A generator keeping up is late by one turn of its loop (well under a microsecond). A median
+/// lateness of this many batch intervals means it is that many batches behind most of the time:
+/// the schedule, not the engine, sets the latencies.
+const LATE_INTERVALS: f64 = 10.0;
+/// The median lateness always allowed: a few µs are a clock read or a cache miss, and with tiny
+/// intervals (1-command batches) 10 intervals would be below the loop's own cost.
+const LATE_FLOOR_NS: f64 = 10_000.0;
+/// The median lateness never allowed, however long the interval: 100 µs is 100 times the
+/// engine's own p50 on an idle machine, so such a run cannot show it.
+const LATE_CEIL_NS: f64 = 100_000.0;
+/// Full rings in more than this share of submit attempts: the engine (or its CPU) fell behind
+/// for long stretches, and the latencies are those of a queue, not of the engine at this load.
+const RING_FULL_MAX: f64 = 0.01;
+/// Batches of the schedule unsent at the level's deadline, as a share: the rate was not held.
+const UNSENT_MAX: f64 = 0.01;
+/// Involuntary context switches per second of this process's threads (the generator and the
+/// engine worker spin, so any switch is a preemption). A preempted thread is away for at least a
+/// scheduler slice (about 1 ms): 50/s is 5% of the time off-CPU, and its stall is in the tail.
+const INVOLUNTARY_PER_SEC_MAX: f64 = 50.0;
+/// CPU steal (time the hypervisor gave the vCPUs to someone else), percent of all CPU time.
+/// Above 5% a stall of the hypervisor's making is in every percentile above the median.
+const STEAL_PERCENT_MAX: f64 = 5.0;
 
 /// A small deterministic generator (xorshift64*).
 struct Rng(u64);
@@ -237,6 +281,10 @@ impl Rig {
         let mut total = total;
         let measure_from = t0 + WARMUP.as_nanos() as u64;
         let mut level = Level::new(rate.unwrap_or(0.0));
+        level.interval_ns = interval;
+        if rate.is_some() {
+            level.scheduled = total;
+        }
         let mut k = 0u64;
         // Set once everything is sent: how long the engine gets to finish.
         let mut deadline = None;
@@ -332,6 +380,7 @@ impl Rig {
                 return Err(format!("the engine stopped a ring at {slot:#x} with {cerror}").into());
             }
         }
+        level.sent = k;
         level.elapsed = Duration::from_nanos(self.now().saturating_sub(measure_from));
         level.achieved = level.batches as f64 * self.batch as f64 / level.elapsed.as_secs_f64();
         Ok(level)
@@ -355,6 +404,13 @@ struct Level {
     late: Histogram<u64>,
     /// From the doorbell as rung to publication: the engine's share.
     engine: Histogram<u64>,
+    /// Scheduled gap between batches, ns (0 closed).
+    interval_ns: f64,
+    /// Batches of the schedule (0 closed), and those sent.
+    scheduled: u64,
+    sent: u64,
+    /// What /proc said of the machine over the level.
+    machine: Machine,
 }
 
 impl Level {
@@ -371,8 +427,169 @@ impl Level {
             sync: h(),
             late: h(),
             engine: h(),
+            interval_ns: 0.0,
+            scheduled: 0,
+            sent: 0,
+            machine: Machine::default(),
         }
     }
+
+    fn counters(&self) -> Counters {
+        Counters {
+            interval_ns: self.interval_ns,
+            late_p50_ns: (!self.late.is_empty()).then(|| self.late.value_at_quantile(0.5)),
+            sent: self.sent,
+            ring_full: self.ring_full,
+            scheduled: self.scheduled,
+            unsent: self.unsent,
+            machine: self.machine,
+        }
+    }
+}
+
+/// What /proc says at one instant; `None` where it could not be read.
+struct Probe {
+    at: Instant,
+    /// Involuntary context switches of this process's threads so far.
+    involuntary: Option<u64>,
+    /// (steal, total) CPU time of all CPUs so far, in clock ticks.
+    cpu: Option<(u64, u64)>,
+}
+
+impl Probe {
+    fn read() -> Probe {
+        Probe {
+            at: Instant::now(),
+            involuntary: involuntary_switches(),
+            cpu: std::fs::read_to_string("/proc/stat")
+                .ok()
+                .and_then(|s| steal_and_total(&s)),
+        }
+    }
+
+    /// The machine over the time since `before`.
+    fn since(&self, before: &Probe) -> Machine {
+        Machine {
+            secs: self.at.duration_since(before.at).as_secs_f64(),
+            involuntary: before
+                .involuntary
+                .zip(self.involuntary)
+                // A thread that ended between the probes takes its count with it.
+                .map(|(b, a)| a.saturating_sub(b)),
+            steal_percent: before.cpu.zip(self.cpu).and_then(|((s0, t0), (s1, t1))| {
+                let total = t1.saturating_sub(t0);
+                (total > 0).then(|| s1.saturating_sub(s0) as f64 * 100.0 / total as f64)
+            }),
+        }
+    }
+}
+
+/// The machine's share of one level.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Machine {
+    /// Wall time between the probes.
+    secs: f64,
+    /// Involuntary context switches of this process's threads; `None`: /proc unreadable.
+    involuntary: Option<u64>,
+    /// CPU steal, percent of all CPUs' time; `None`: /proc/stat unreadable.
+    steal_percent: Option<f64>,
+}
+
+/// Sums `nonvoluntary_ctxt_switches` over /proc/self/task/*/status. A thread that ends while
+/// the directory is read is skipped; `None` when no thread's count could be read.
+fn involuntary_switches() -> Option<u64> {
+    let mut sum = None;
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        if let Some(n) = nonvoluntary(&status) {
+            sum = Some(sum.unwrap_or(0) + n);
+        }
+    }
+    sum
+}
+
+/// The `nonvoluntary_ctxt_switches` of a /proc/PID/status text.
+fn nonvoluntary(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// (steal, total) from /proc/stat's aggregate `cpu` line: user nice system idle iowait irq
+/// softirq steal (guest and guest_nice are already inside user and nice). `None` on a kernel
+/// too old to have the steal column or a text that is not /proc/stat.
+fn steal_and_total(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    (v.len() == 8).then(|| (v[7], v.iter().sum()))
+}
+
+/// The counters a level is judged by.
+#[derive(Clone, Copy, Debug, Default)]
+struct Counters {
+    interval_ns: f64,
+    /// Median generator lateness (`None`: no batch measured).
+    late_p50_ns: Option<u64>,
+    sent: u64,
+    ring_full: u64,
+    scheduled: u64,
+    unsent: u64,
+    machine: Machine,
+}
+
+/// Why a level's latencies are the machine's and not the engine's; empty when they are the
+/// engine's. A pure function of the counters, so its thresholds are tested without a run.
+fn judge(c: &Counters) -> Vec<String> {
+    let mut why = Vec::new();
+    let late_limit = (LATE_INTERVALS * c.interval_ns).clamp(LATE_FLOOR_NS, LATE_CEIL_NS);
+    if let Some(late) = c.late_p50_ns {
+        if late as f64 > late_limit {
+            why.push(format!(
+                "generator late p50 {:.3} ms (limit {:.3} ms)",
+                late as f64 / 1e6,
+                late_limit / 1e6
+            ));
+        }
+    }
+    let attempts = c.sent + c.ring_full;
+    if attempts > 0 && c.ring_full as f64 > RING_FULL_MAX * attempts as f64 {
+        why.push(format!(
+            "a ring was full in {} of {attempts} submit attempts ({:.1}%, limit {}%)",
+            c.ring_full,
+            c.ring_full as f64 * 100.0 / attempts as f64,
+            RING_FULL_MAX * 100.0
+        ));
+    }
+    if c.scheduled > 0 && c.unsent as f64 > UNSENT_MAX * c.scheduled as f64 {
+        why.push(format!(
+            "{} of {} scheduled batches unsent at the deadline (limit {}%)",
+            c.unsent,
+            c.scheduled,
+            UNSENT_MAX * 100.0
+        ));
+    }
+    if let Some(n) = c.machine.involuntary {
+        let per_sec = n as f64 / c.machine.secs.max(1e-3);
+        if per_sec > INVOLUNTARY_PER_SEC_MAX {
+            why.push(format!(
+                "{n} involuntary switches ({per_sec:.0}/s, limit {INVOLUNTARY_PER_SEC_MAX}/s)"
+            ));
+        }
+    }
+    if let Some(steal) = c.machine.steal_percent {
+        if steal > STEAL_PERCENT_MAX {
+            why.push(format!("steal {steal:.1}% (limit {STEAL_PERCENT_MAX}%)"));
+        }
+    }
+    why
 }
 
 fn percentiles(h: &Histogram<u64>) -> Value {
@@ -447,11 +664,27 @@ pub fn run(a: LoadtestArgs) -> Result<ExitCode, CliError> {
     }
     let mut levels = Vec::new();
     for &load in &a.loads {
-        levels.push((
-            load,
-            rig.open_loop(Some(saturation * load / 100.0), a.secs)?,
-        ));
+        let before = Probe::read();
+        let mut level = rig.open_loop(Some(saturation * load / 100.0), a.secs)?;
+        level.machine = Probe::read().since(&before);
+        let reasons = judge(&level.counters());
+        levels.push((load, level, reasons));
     }
+    // Either counter missing from /proc means it was not checked: said once, in both outputs.
+    let proc_unread: Vec<&str> = [
+        levels
+            .iter()
+            .any(|(_, l, _)| l.machine.involuntary.is_none())
+            .then_some("involuntary context switches (/proc/self/task/*/status)"),
+        levels
+            .iter()
+            .any(|(_, l, _)| l.machine.steal_percent.is_none())
+            .then_some("CPU steal (/proc/stat)"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let trusted = levels.iter().filter(|(_, _, r)| r.is_empty()).count();
     let submitted: u64 = rig.rings.iter().map(|r| r.seq).sum();
     let syncs: u64 = rig.rings.iter().map(|r| r.syncs).sum();
     let report = rig.engine.shutdown();
@@ -476,7 +709,9 @@ pub fn run(a: LoadtestArgs) -> Result<ExitCode, CliError> {
             "loadavg_after": load_after,
             "saturation_cmd_per_s": saturation,
             "saturation_measured": measured,
-            "levels": levels.iter().map(|(load, l)| json!({
+            "not_checked": proc_unread,
+            "trustworthy_levels": trusted,
+            "levels": levels.iter().map(|(load, l, reasons)| json!({
                 "load_percent": load,
                 "target_cmd_per_s": l.target,
                 "achieved_cmd_per_s": l.achieved,
@@ -487,6 +722,13 @@ pub fn run(a: LoadtestArgs) -> Result<ExitCode, CliError> {
                 "doorbell_to_sync": percentiles(&l.sync),
                 "generator_late": percentiles(&l.late),
                 "rung_to_publish": percentiles(&l.engine),
+                "trustworthy": reasons.is_empty(),
+                "reasons": reasons,
+                "scheduled_batches": l.scheduled,
+                "sent_batches": l.sent,
+                "involuntary_switches": l.machine.involuntary,
+                "steal_percent": l.machine.steal_percent,
+                "level_wall_secs": l.machine.secs,
             })).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&j)?);
@@ -500,7 +742,13 @@ pub fn run(a: LoadtestArgs) -> Result<ExitCode, CliError> {
             if measured { "closed loop" } else { "given" },
             saturation / 1e6
         );
-        for (load, l) in &levels {
+        if !proc_unread.is_empty() {
+            println!(
+                "  /proc not readable: {} not checked",
+                proc_unread.join(" and ")
+            );
+        }
+        for (load, l, reasons) in &levels {
             println!(
                 "  {load}% load: target {:.1} M/s, achieved {:.1} M/s, {} batches measured{}",
                 l.target / 1e6,
@@ -530,20 +778,37 @@ pub fn run(a: LoadtestArgs) -> Result<ExitCode, CliError> {
             line("to guest CMD_SYNC done", &l.sync);
             line("(generator late by)", &l.late);
             line("(rung doorbell to publish)", &l.engine);
+            if !reasons.is_empty() {
+                println!(
+                    "  level {load}%: NOT the engine's latency: {}",
+                    reasons.join(", ")
+                );
+            }
+        }
+        if trusted == 0 {
+            println!(
+                "  no level is the engine's latency: the machine could not hold the asked rates \
+                 (run it on an idle machine, or at lower --loads)"
+            );
         }
     }
     if let Some(path) = &a.svg {
         let mut series = Vec::new();
-        for (i, (load, l)) in levels.iter().enumerate() {
+        for (i, (load, l, reasons)) in levels.iter().enumerate() {
             let color = COLORS[i % COLORS.len()];
+            let mark = if reasons.is_empty() {
+                ""
+            } else {
+                " (NOT the engine's latency)"
+            };
             series.push(Series {
-                label: format!("{load}% load: publish"),
+                label: format!("{load}% load: publish{mark}"),
                 color,
                 dashed: false,
                 hist: &l.publish,
             });
             series.push(Series {
-                label: format!("{load}% load: CMD_SYNC done"),
+                label: format!("{load}% load: CMD_SYNC done{mark}"),
                 color,
                 dashed: true,
                 hist: &l.sync,
@@ -558,5 +823,167 @@ pub fn run(a: LoadtestArgs) -> Result<ExitCode, CliError> {
         std::fs::write(path, percentile_svg(&title, &series))
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(ExitCode::from(u8::from(trusted == 0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A level at 10% of 50 M cmd/s with 64-command batches: one batch every 12.8 µs, all sent,
+    /// a quiet machine.
+    fn clean() -> Counters {
+        Counters {
+            interval_ns: 12_800.0,
+            late_p50_ns: Some(300),
+            sent: 234_375,
+            ring_full: 0,
+            scheduled: 234_375,
+            unsent: 0,
+            machine: Machine {
+                secs: 3.2,
+                involuntary: Some(4),
+                steal_percent: Some(0.0),
+            },
+        }
+    }
+
+    #[test]
+    fn a_clean_level_is_trustworthy() {
+        assert_eq!(judge(&clean()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_level_whose_generator_was_milliseconds_late_is_not_the_engines_latency() {
+        let c = Counters {
+            late_p50_ns: Some(8_000_000),
+            ..clean()
+        };
+        let why = judge(&c);
+        assert_eq!(why.len(), 1, "{why:?}");
+        assert!(why[0].starts_with("generator late p50 8.000 ms"), "{why:?}");
+    }
+
+    #[test]
+    fn generator_lateness_is_allowed_up_to_ten_intervals_between_the_floor_and_the_ceiling() {
+        let at = |interval_ns: f64, late: u64| {
+            judge(&Counters {
+                interval_ns,
+                late_p50_ns: Some(late),
+                ..clean()
+            })
+            .is_empty()
+        };
+        // 10 intervals of 5 µs: 50 µs.
+        assert!(at(5_000.0, 50_000) && !at(5_000.0, 50_001));
+        // Tiny intervals: the 10 µs floor.
+        assert!(at(10.0, 10_000) && !at(10.0, 10_001));
+        // Long intervals: the 100 µs ceiling.
+        assert!(at(1e6, 100_000) && !at(1e6, 100_001));
+        // No measured batch: nothing to judge lateness by.
+        assert!(judge(&Counters {
+            late_p50_ns: None,
+            ..clean()
+        })
+        .is_empty());
+    }
+
+    #[test]
+    fn full_rings_unsent_batches_preemption_and_steal_each_give_their_reason() {
+        let c = Counters {
+            ring_full: 30_000_000,
+            unsent: 100_000,
+            machine: Machine {
+                secs: 3.2,
+                involuntary: Some(2_000),
+                steal_percent: Some(12.5),
+            },
+            ..clean()
+        };
+        let why = judge(&c);
+        assert_eq!(why.len(), 4, "{why:?}");
+        assert!(
+            why[0].starts_with("a ring was full in 30000000 of"),
+            "{why:?}"
+        );
+        assert!(why[1].starts_with("100000 of 234375 scheduled batches unsent"));
+        assert!(
+            why[2].starts_with("2000 involuntary switches (625/s"),
+            "{why:?}"
+        );
+        assert!(why[3].starts_with("steal 12.5%"), "{why:?}");
+        // Just under each limit: trustworthy.
+        let under = Counters {
+            ring_full: 2_000,
+            unsent: 2_000,
+            machine: Machine {
+                secs: 3.2,
+                involuntary: Some(150),
+                steal_percent: Some(4.9),
+            },
+            ..clean()
+        };
+        assert_eq!(judge(&under), Vec::<String>::new());
+    }
+
+    #[test]
+    fn without_proc_the_machine_checks_are_skipped_not_failed() {
+        let c = Counters {
+            machine: Machine {
+                secs: 3.2,
+                involuntary: None,
+                steal_percent: None,
+            },
+            ..clean()
+        };
+        assert!(judge(&c).is_empty());
+        // Two probes of which one could not read /proc: nothing is made up.
+        let t = Instant::now();
+        let read = Probe {
+            at: t,
+            involuntary: Some(10),
+            cpu: Some((1, 100)),
+        };
+        let unread = Probe {
+            at: t,
+            involuntary: None,
+            cpu: None,
+        };
+        let m = unread.since(&read);
+        assert_eq!((m.involuntary, m.steal_percent), (None, None));
+        assert_eq!(steal_and_total("not /proc/stat"), None);
+        assert_eq!(nonvoluntary("Name:\tvcmdq\n"), None);
+    }
+
+    #[test]
+    fn proc_texts_are_parsed_and_differenced() {
+        let stat = "cpu  100 0 50 800 10 0 0 40 0 0\ncpu0 50 0 25 400 5 0 0 20 0 0\n";
+        assert_eq!(steal_and_total(stat), Some((40, 1000)));
+        let status = "Name:\tvcmdq\nvoluntary_ctxt_switches:\t7\nnonvoluntary_ctxt_switches:\t42\n";
+        assert_eq!(nonvoluntary(status), Some(42));
+        let t = Instant::now();
+        let before = Probe {
+            at: t,
+            involuntary: Some(42),
+            cpu: Some((40, 1000)),
+        };
+        let after = Probe {
+            at: t + Duration::from_secs(2),
+            involuntary: Some(142),
+            cpu: Some((100, 2000)),
+        };
+        assert_eq!(
+            after.since(&before),
+            Machine {
+                secs: 2.0,
+                involuntary: Some(100),
+                steal_percent: Some(6.0),
+            }
+        );
+        // This machine's /proc, if it has one, parses.
+        if std::path::Path::new("/proc/self/task").exists() {
+            assert!(involuntary_switches().is_some());
+            assert!(Probe::read().cpu.is_some());
+        }
+    }
 }
