@@ -72,6 +72,7 @@ fn a_short_run_reports_every_level_and_draws_it() {
         (Some(2), Some(8))
     );
     assert_eq!(j["saturation_measured"], true);
+    assert!(j["saturation_reasons"].is_array());
     let sat = j["saturation_cmd_per_s"].as_f64().unwrap();
     assert!(sat > 0.0);
     let levels = j["levels"].as_array().unwrap();

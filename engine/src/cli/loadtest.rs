@@ -120,8 +120,10 @@ const RING_FULL_MAX: f64 = 0.01;
 /// Batches of the schedule unsent at the level's deadline, as a share: the rate was not held.
 const UNSENT_MAX: f64 = 0.01;
 /// Involuntary context switches per second of this process's threads (the generator and the
-/// engine worker spin, so any switch is a preemption). A preempted thread is away for at least a
-/// scheduler slice (about 1 ms): 50/s is 5% of the time off-CPU, and its stall is in the tail.
+/// engine worker spin, so any switch is a preemption; an idle worker's sched_yield counts only
+/// when another task was waiting for its CPU, which is the same contention). A preempted thread
+/// is away for about a scheduler slice (1 ms or more): 50/s is 5% of the time off-CPU, and its
+/// stall is in the tail.
 const INVOLUNTARY_PER_SEC_MAX: f64 = 50.0;
 /// CPU steal (time the hypervisor gave the vCPUs to someone else), percent of all CPU time.
 /// Above 5% a stall of the hypervisor's making is in every percentile above the median.
@@ -653,9 +655,20 @@ pub fn run(a: LoadtestArgs) -> Result<ExitCode, CliError> {
     }
     let load_before = loadavg();
     let mut rig = Rig::new(a.rings, a.batch as usize)?;
+    let before = Probe::read();
     let (saturation, measured) = match a.saturation {
         Some(s) => (s, false),
         None => (rig.saturate(a.secs)?, true),
+    };
+    // A saturation measured while preempted is too low, and every level scales from it: its
+    // machine checks are reported (the closed loop has no schedule to be late on or miss).
+    let saturation_reasons = if measured {
+        judge(&Counters {
+            machine: Probe::read().since(&before),
+            ..Counters::default()
+        })
+    } else {
+        Vec::new()
     };
     if saturation.is_nan() || saturation < 1000.0 {
         return Err(
@@ -709,6 +722,7 @@ pub fn run(a: LoadtestArgs) -> Result<ExitCode, CliError> {
             "loadavg_after": load_after,
             "saturation_cmd_per_s": saturation,
             "saturation_measured": measured,
+            "saturation_reasons": saturation_reasons,
             "not_checked": proc_unread,
             "trustworthy_levels": trusted,
             "levels": levels.iter().map(|(load, l, reasons)| json!({
@@ -742,6 +756,12 @@ pub fn run(a: LoadtestArgs) -> Result<ExitCode, CliError> {
             if measured { "closed loop" } else { "given" },
             saturation / 1e6
         );
+        if !saturation_reasons.is_empty() {
+            println!(
+                "  saturation measured on a busy machine (too low; every level scales from it): {}",
+                saturation_reasons.join(", ")
+            );
+        }
         if !proc_unread.is_empty() {
             println!(
                 "  /proc not readable: {} not checked",
