@@ -275,7 +275,14 @@ fn loadtest_ends_quietly_when_its_reader_is_gone() {
         ],
         Input::Null,
     );
-    assert_quiet(&r, "loadtest");
+    // Its status is its verdict (1: no level was the engine's latency, which on a busy machine
+    // it may not be), so only the quiet end is checked here.
+    assert!(
+        !r.stderr.contains("panicked") && !r.stderr.contains("Broken pipe"),
+        "loadtest: {}",
+        r.stderr
+    );
+    assert!(matches!(r.code, Some(0 | 1)), "loadtest: {}", r.stderr);
 }
 
 /// A running `vcmdq serve` with one created ring.
@@ -664,10 +671,12 @@ fn an_open_loop_level_the_engine_cannot_keep_up_with_ends_at_its_deadline() {
         ],
         Input::Null,
     );
-    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    // Its only level did not hold the rate, so none is the engine's latency: status 1.
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
     let j: serde_json::Value = serde_json::from_str(&r.stdout).expect(&r.stdout);
     let unsent = j["levels"][0]["unsent_at_deadline"].as_u64().unwrap();
     assert!(unsent > 0, "{}", r.stdout);
+    assert_eq!(j["levels"][0]["trustworthy"], false, "{}", r.stdout);
 }
 
 // --- 5. Every config key works or is refused; no silent clamp -------------------------------
