@@ -80,8 +80,14 @@ fn a_short_run_reports_every_level_and_draws_it() {
     for (l, load) in levels.iter().zip([20.0, 60.0]) {
         assert_eq!(l["load_percent"].as_f64(), Some(load));
         assert!((l["target_cmd_per_s"].as_f64().unwrap() - sat * load / 100.0).abs() < 1.0);
-        assert!(l["batches"].as_u64().unwrap() > 0);
         assert!(l["sent_batches"].as_u64() <= l["scheduled_batches"].as_u64());
+        if l["batches"].as_u64().unwrap() == 0 {
+            // A machine that gave the generator no CPU during the level measured nothing: the
+            // level must say it is not the engine's latency, with its reasons.
+            assert_eq!(l["trustworthy"], false, "{l}");
+            assert!(!l["reasons"].as_array().unwrap().is_empty(), "{l}");
+            continue;
+        }
         assert!(l["level_wall_secs"].as_f64().unwrap() > 0.0);
         // Read from /proc where there is one; null (and named in not_checked) where not.
         for what in ["involuntary_switches", "steal_percent"] {
