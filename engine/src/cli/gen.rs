@@ -41,8 +41,8 @@ pub struct GenArgs {
     /// LOG2SIZE of the rings.
     #[arg(long)]
     log2size: Option<u8>,
-    /// Ring entries (commands and CMD_SYNCs) to write, across all VMs.
-    #[arg(long)]
+    /// Ring entries (commands and CMD_SYNCs) to write, across all VMs: 1000000, 1e6, 1M.
+    #[arg(long, value_parser = super::units::count)]
     commands: Option<u64>,
     /// Seed of the random choices.
     #[arg(long)]
@@ -51,7 +51,8 @@ pub struct GenArgs {
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_RING_MEMORY)]
     max_ring_memory: u64,
     /// Ring entries the generation may write (at most 100000000).
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_GEN_COMMANDS)]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_GEN_COMMANDS,
+          value_parser = super::units::count)]
     max_commands: u64,
     /// Print the summary as JSON on standard output.
     #[arg(long)]

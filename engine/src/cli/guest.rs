@@ -42,8 +42,8 @@ pub struct GuestArgs {
     /// What to send.
     #[arg(long, value_enum, default_value_t = Workload::DmaUnmap)]
     workload: Workload,
-    /// Commands to send (the CMD_SYNCs that end batches not counted).
-    #[arg(long, default_value_t = 100_000)]
+    /// Commands to send (the CMD_SYNCs that end batches not counted): 100000, 1e5, 100k.
+    #[arg(long, default_value_t = 100_000, value_parser = super::units::count)]
     commands: u64,
     /// Commands per batch; each batch is ended by a CMD_SYNC (at most the ring's size less one).
     #[arg(long, default_value_t = 63, value_parser = clap::value_parser!(u64).range(1..))]

@@ -6,6 +6,7 @@
 use super::decode::strip_comment;
 use super::input::read_small_file;
 use super::spec::{self, BindSpec, CreateRingSpec, DeviceSpec, SHOWN};
+use super::units::{self, Hardware};
 use super::{clip, engine_limit, human, out, CliError};
 use clap::Parser;
 use std::io::{IsTerminal, Write};
@@ -41,7 +42,7 @@ A config file holds the same options, one per line, without the leading `--`:
   workers 2"
 )]
 pub struct ServeArgs {
-    /// A vIOMMU `id=N,vmid=N,smmu=N[,profile=kernel|tegra241][,sidsize=1..32][,norange]`, the
+    /// A vIOMMU `id=N,vmid=N,smmu=N[,profile=kernel|tegra241][,sidsize=1..32][,no-range]`, the
     /// physical SMMU's features `[,smmu-features=PRESET | ,idr0=N,idr1=N,idr3=N,idr5=N][,ds=0|1]`,
     /// a tegra241 VINTF's `[,sid-slots=N]`, limits `[,max-vsids=N][,max-table-bytes=N]`
     /// (repeatable).
@@ -72,8 +73,8 @@ pub struct ServeArgs {
     /// Translating threads, each with its own physical queue [default: 1].
     #[arg(long)]
     workers: Option<usize>,
-    /// Guest entries per batch at most [default: 64].
-    #[arg(long = "batch")]
+    /// The engine's cap: guest entries per batch at most [default: 64].
+    #[arg(long = "batch-limit", alias = "batch")]
     batch_limit: Option<usize>,
     /// Guest entries taken from one ring per pass, and of its entries in a physical queue, at
     /// most [default: 256].
@@ -82,11 +83,16 @@ pub struct ServeArgs {
     /// LOG2SIZE of each physical queue [default: 12].
     #[arg(long, value_parser = clap::value_parser!(u8).range(0..=19))]
     phys_log2size: Option<u8>,
-    /// Run each physical queue's hardware model on a thread of its own.
-    #[arg(long)]
+    /// Where each physical queue's hardware model runs: inline (stepped by its worker) or
+    /// thread (a thread of its own) [default: inline].
+    #[arg(long, value_enum)]
+    hardware: Option<Hardware>,
+    /// The retired spelling of `--hardware thread`, kept for scripts.
+    #[arg(long, hide = true)]
     hw_thread: bool,
-    /// Stop after SECS seconds (above 0, at most 1e9).
-    #[arg(long, value_name = "SECS", value_parser = parse_secs, allow_negative_numbers = true)]
+    /// Stop after this long: 500ms, 10s, 2m, 1h, or a bare number of seconds (at most 1e9 s).
+    #[arg(long, value_name = "DURATION", value_parser = units::duration_secs,
+          allow_negative_numbers = true)]
     duration: Option<f64>,
     /// Counters on standard error once a second even when it is not a terminal.
     #[arg(long)]
@@ -105,19 +111,6 @@ pub struct ServeArgs {
 
 /// The most rings one serve attaches (each a mapping and a descriptor, polled every pass).
 const MAX_RINGS: usize = 1024;
-
-/// The longest `--duration`, in seconds (about 31 years).
-const MAX_DURATION_SECS: f64 = 1e9;
-
-fn parse_secs(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v <= MAX_DURATION_SECS => Ok(v),
-        Ok(_) => Err(format!(
-            "a duration must be positive seconds, at most {MAX_DURATION_SECS:e} (e.g. 10 or 0.5)"
-        )),
-        Err(_) => Err("not a number of seconds (e.g. 10 or 0.5)".into()),
-    }
-}
 
 /// A config file line that is not an option serve takes.
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +139,7 @@ impl ServeArgs {
         self.batch_limit = self.batch_limit.or(other.batch_limit);
         self.ring_budget = self.ring_budget.or(other.ring_budget);
         self.phys_log2size = self.phys_log2size.or(other.phys_log2size);
+        self.hardware = self.hardware.or(other.hardware);
         self.hw_thread |= other.hw_thread;
         self.duration = self.duration.or(other.duration);
         self.progress |= other.progress;
@@ -625,7 +619,7 @@ pub fn run(mut args: ServeArgs) -> Result<ExitCode, CliError> {
         batch_limit: args.batch_limit.unwrap_or(defaults.batch_limit),
         ring_budget: args.ring_budget.unwrap_or(defaults.ring_budget),
         phys_log2size: args.phys_log2size.unwrap_or(defaults.phys_log2size),
-        hardware: if args.hw_thread {
+        hardware: if args.hw_thread || args.hardware == Some(Hardware::Thread) {
             HwPlacement::Thread
         } else {
             HwPlacement::Inline
@@ -639,7 +633,7 @@ pub fn run(mut args: ServeArgs) -> Result<ExitCode, CliError> {
             &e,
             &[
                 ("workers", "--workers"),
-                ("batch_limit", "--batch"),
+                ("batch_limit", "--batch-limit"),
                 ("ring_budget", "--budget"),
             ],
         )
@@ -822,7 +816,8 @@ mod tests {
             "ring" => "/tmp/ring",
             "create-ring" => "viommu=1",
             "workers" => "2",
-            "batch" => "8",
+            "batch-limit" => "8",
+            "hardware" => "thread",
             "budget" => "16",
             "phys-log2size" => "4",
             "duration" => "1",

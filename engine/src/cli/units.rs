@@ -4,6 +4,15 @@
 
 use std::time::Duration;
 
+/// Where the modelled hardware runs (`--hardware`, in serve and soak).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Hardware {
+    /// Stepped by its worker between passes.
+    Inline,
+    /// A thread per physical queue.
+    Thread,
+}
+
 /// The forms a count takes, for error messages.
 pub const COUNT_FORMS: &str =
     "a whole number: 1000000, 1_000_000, 1e6, or with k/K, M, G (5M, 2.5k)";
