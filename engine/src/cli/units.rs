@@ -91,9 +91,10 @@ pub fn duration_secs(s: &str) -> Result<f64, String> {
 
 /// A duration as [`duration`] reads it, or `0` for "off" (`--progress 0`).
 pub fn duration_or_off(s: &str) -> Result<Duration, String> {
-    match s.trim().parse::<f64>() {
-        Ok(f) if f == 0.0 => Ok(Duration::ZERO),
-        _ => duration(s),
+    if s.trim().parse::<f64>() == Ok(0.0) {
+        Ok(Duration::ZERO)
+    } else {
+        duration(s)
     }
 }
 
