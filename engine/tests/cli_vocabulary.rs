@@ -228,9 +228,23 @@ fn durations_take_units_in_serve_soak_and_loadtest() {
         "loadtest --duration 10ms: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    for sub in [&["serve"][..], &["soak"], &["loadtest"]] {
+    // guest --timeout: the duration parses, so what fails is the missing ring, not the value.
+    let o = vcmdq(&["guest", "/nonexistent/ring", "--timeout", "500ms"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && !err.contains("--timeout"), "{err}");
+    for sub in [
+        &["serve"][..],
+        &["soak"],
+        &["loadtest"],
+        &["guest", "/nonexistent/ring"],
+    ] {
         let mut a = sub.to_vec();
-        a.extend(["--duration", "10 fortnights"]);
+        let flag = if sub[0] == "guest" {
+            "--timeout"
+        } else {
+            "--duration"
+        };
+        a.extend([flag, "10 fortnights"]);
         let o = vcmdq(&a);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(

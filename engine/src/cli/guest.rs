@@ -57,8 +57,10 @@ pub struct GuestArgs {
     /// Seed of the workload's random addresses and choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Seconds to wait for one CMD_SYNC before giving up (above 0, at most 1e6).
-    #[arg(long, default_value_t = 10.0, value_parser = parse_timeout, allow_negative_numbers = true)]
+    /// How long to wait for one CMD_SYNC before giving up: 500ms, 10s, 2m, or a bare number of
+    /// seconds (above 0, at most 1e6 s).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_timeout,
+          allow_negative_numbers = true)]
     timeout: f64,
     /// The report as one JSON object.
     #[arg(long)]
@@ -74,12 +76,11 @@ fn parse_u32(s: &str) -> Result<u32, String> {
 const MAX_TIMEOUT_SECS: f64 = 1e6;
 
 fn parse_timeout(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v <= MAX_TIMEOUT_SECS => Ok(v),
-        Ok(_) => Err(format!(
-            "a timeout must be positive seconds, at most {MAX_TIMEOUT_SECS:e}"
+    match super::units::duration_secs(s)? {
+        v if v <= MAX_TIMEOUT_SECS => Ok(v),
+        _ => Err(format!(
+            "a timeout must be at most {MAX_TIMEOUT_SECS:e} seconds"
         )),
-        Err(_) => Err("not a number of seconds (e.g. 10 or 0.5)".into()),
     }
 }
 
