@@ -190,6 +190,8 @@ fn durations_take_units_in_serve_soak_and_loadtest() {
         &["--duration", "10ms"][..],
         &["--duration", "0.01"],
         &["--duration", "10ms", "--hardware", "thread"],
+        &["--duration", "10ms", "--progress", "5ms"],
+        &["--duration", "10ms", "--progress"],
     ] {
         let o = serve(args);
         assert!(

@@ -32,7 +32,7 @@ A guest process opens that path (`vcmdq guest /proc/4242/fd/3 ...`) while serve 
 serve stops after --duration, at Ctrl-C (SIGINT) or SIGTERM, or, without --duration, when its \
 standard input (a terminal or a pipe) reaches end of file (Ctrl-D). It then completes what it \
 took and prints a summary (--json: one object). Counters go to standard error once a second \
-when it is a terminal (or with --progress).
+when it is a terminal (or with --progress; --progress 5s: every 5 s; --progress 0: none).
 
 A config file holds the same options, one per line, without the leading `--`:
   viommu id=1,vmid=5,smmu=0
@@ -94,9 +94,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", value_parser = units::duration_secs,
           allow_negative_numbers = true)]
     duration: Option<f64>,
-    /// Counters on standard error once a second even when it is not a terminal.
-    #[arg(long)]
-    progress: bool,
+    /// Counters on standard error every DURATION (bare `--progress`: once a second) even when
+    /// it is not a terminal; `--progress 0`: none, even on a terminal.
+    #[arg(long, value_name = "DURATION", num_args = 0..=1, default_missing_value = "1s",
+          value_parser = units::duration_or_off)]
+    progress: Option<Duration>,
     /// Print each trapped command as it is completed.
     #[arg(short, long)]
     verbose: bool,
@@ -142,7 +144,7 @@ impl ServeArgs {
         self.hardware = self.hardware.or(other.hardware);
         self.hw_thread |= other.hw_thread;
         self.duration = self.duration.or(other.duration);
-        self.progress |= other.progress;
+        self.progress = self.progress.or(other.progress);
         self.verbose |= other.verbose;
         self.json |= other.json;
         self.capture = self.capture.take().or(other.capture);
@@ -666,10 +668,12 @@ pub fn run(mut args: ServeArgs) -> Result<ExitCode, CliError> {
         watch_stdin(stop.clone())?;
     }
     let stderr_tty = std::io::stderr().is_terminal();
-    let live = stderr_tty || args.progress;
+    // Once a second on a terminal unless --progress says otherwise.
+    let every = args.progress.unwrap_or(Duration::from_secs(1));
+    let live = !every.is_zero() && (stderr_tty || args.progress.is_some());
     let start = Instant::now();
     let deadline = args.duration.map(|d| start + Duration::from_secs_f64(d));
-    let mut next_tick = start + Duration::from_secs(1);
+    let mut next_tick = start + every;
     let mut last = (start, 0u64);
     let mut traffic = Traffic::new(start);
     loop {
@@ -713,7 +717,7 @@ pub fn run(mut args: ServeArgs) -> Result<ExitCode, CliError> {
             } else {
                 eprintln!("{line}");
             }
-            next_tick += Duration::from_secs(1);
+            next_tick += every;
         }
         // A trapped command pauses its ring until it is completed: poll often, and at once
         // again after a trap (guests that trap tend to trap again).
@@ -818,6 +822,7 @@ mod tests {
             "workers" => "2",
             "batch-limit" => "8",
             "hardware" => "thread",
+            "progress" => "2s",
             "budget" => "16",
             "phys-log2size" => "4",
             "duration" => "1",

@@ -81,7 +81,8 @@ pub struct SoakArgs {
     #[arg(long, default_value_t = Mix::default().prod_game_every)]
     prod_game_every: u32,
     /// Time between progress lines on standard error, e.g. 5s, 500ms (0: none).
-    #[arg(long = "progress", alias = "progress-secs", default_value = "5s",
+    #[arg(long = "progress", alias = "progress-secs", value_name = "DURATION",
+          default_value = "5s", num_args = 0..=1, default_missing_value = "5s",
           value_parser = units::duration_or_off)]
     progress_secs: Duration,
     /// Print the summary as JSON.
