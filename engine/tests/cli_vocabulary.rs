@@ -310,3 +310,56 @@ fn retired_spellings_still_work_for_scripts() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+#[test]
+fn gen_trace_build_and_import_write_the_trace_to_standard_output_with_o_dash_or_without_o() {
+    let d = dir();
+    let file = d.join("to-file.vct");
+    let f = file.to_str().unwrap();
+    let o = vcmdq(&["gen", "ats", "--commands", "1k", "-o", f]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want = std::fs::read(&file).unwrap();
+    // Standard output here is a pipe, not a terminal: no -o means standard output.
+    for args in [
+        &["gen", "ats", "--commands", "1k", "-o", "-"][..],
+        &["gen", "ats", "--commands", "1k"],
+    ] {
+        let o = vcmdq(args);
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(
+            o.stdout, want,
+            "{args:?} wrote another trace to standard output"
+        );
+    }
+    // A trace and JSON cannot share standard output.
+    let o = vcmdq(&["gen", "ats", "--commands", "1k", "-o", "-", "--json"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("-o FILE"), "{err}");
+    // trace dump | trace build gives the same bytes, through standard output.
+    let dump = vcmdq(&["trace", "dump", f]);
+    assert!(dump.status.success());
+    let mut build = Command::new(bin())
+        .args(["trace", "build", "-o", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    build.stdin.take().unwrap().write_all(&dump.stdout).unwrap();
+    let built = build.wait_with_output().unwrap();
+    assert!(built.status.success());
+    assert_eq!(built.stdout, want, "trace build -o - wrote another trace");
+    let qemu = concat!(env!("CARGO_MANIFEST_DIR"), "/../traces/qemu-sample.log");
+    let o = vcmdq(&["trace", "import-qemu", qemu]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../traces/qemu-sample.vct"
+    ))
+    .unwrap();
+    assert_eq!(o.stdout, want, "trace import-qemu without -o");
+}

@@ -3,7 +3,7 @@
 //! Without options, a workload's parameters are those of its bundled trace in `traces/`, so
 //! `vcmdq gen hostile -o traces/hostile.vct` regenerates that file byte for byte.
 
-use super::trace::write_atomically;
+use super::trace::{output_or_stdout, write_atomically};
 use super::{human, CliError};
 use clap::Args;
 use std::io::Write;
@@ -26,9 +26,10 @@ pub struct GenArgs {
     /// dma-unmap, ats, sva-churn, noisy-neighbour, hot-unplug, hostile or mixed.
     #[arg(value_parser = workload)]
     workload: Workload,
-    /// The trace file to write.
+    /// The trace file to write; `-`: standard output [default: `-` when standard output is not
+    /// a terminal].
     #[arg(short, long)]
-    output: PathBuf,
+    output: Option<PathBuf>,
     /// VMs (each one vIOMMU).
     #[arg(long)]
     vms: Option<u32>,
@@ -77,7 +78,8 @@ pub fn run(a: GenArgs) -> Result<ExitCode, CliError> {
         flags: FLAG_SYNTHETIC,
         created_unix_ns: 0,
     };
-    let (stats, bytes) = write_atomically(&a.output, |w| {
+    let output = output_or_stdout(a.output.clone(), a.json)?;
+    let (stats, bytes) = write_atomically(&output, |w| {
         let mut tw = TraceWriter::new(w, meta)?;
         let stats = generate_with(a.workload, &p, &limits, &mut tw)?;
         let bytes = tw.bytes();
@@ -86,7 +88,7 @@ pub fn run(a: GenArgs) -> Result<ExitCode, CliError> {
     })??;
     if a.json {
         let j = serde_json::json!({
-            "output": a.output.display().to_string(),
+            "output": output.display().to_string(),
             "workload": a.workload.name(),
             "vms": p.vms,
             "devices_per_vm": p.devices,
@@ -104,7 +106,7 @@ pub fn run(a: GenArgs) -> Result<ExitCode, CliError> {
     } else {
         eprintln!(
             "{}: {} workload, {} x {} x {} of 2^{} entries, seed {}",
-            a.output.display(),
+            output.display(),
             a.workload.name(),
             human::count(p.vms as u64, "VM"),
             human::count(p.devices as u64, "device"),
