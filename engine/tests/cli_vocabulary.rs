@@ -65,6 +65,7 @@ fn no_subcommand_offers_a_retired_spelling() {
             "--hw-thread",
             "--secs",
             "--progress-secs",
+            "--max-wall-secs",
         ] {
             assert!(
                 !opts.iter().any(|o| o == retired),
@@ -117,6 +118,7 @@ fn the_shared_names_are_where_each_subcommand_takes_the_option() {
     );
     has(&["loadtest"], &["--duration", "--batch"]);
     has(&["translate"], &["--no-range"]);
+    has(&["replay"], &["--max-wall", "--batch-limit"]);
     // --batch is the guest's batch size; the engine's cap is --batch-limit.
     for sub in [&["serve"][..], &["replay"], &["soak"]] {
         let opts = has(sub, &["--batch-limit"]);
