@@ -132,8 +132,8 @@ soak: release ## A billion commands of mixed, hostile traffic with physical faul
 	$(VCMDQ) soak --commands $(SOAK_COMMANDS)
 
 soak-smoke: release ## Five million soak commands on each of two engine setups, faults every 20000 positions, unbinds, ring replacements and PROD games (seconds).
-	$(VCMDQ) soak --commands 5M --fault-every 20000 --progress-secs 0
-	$(VCMDQ) soak --commands 5M --fault-every 20000 --workers 2 --hardware thread --guests 2 --seed 2 --churn-log2 11 --prod-game-every 16 --progress-secs 0
+	$(VCMDQ) soak --commands 5M --fault-every 20000 --progress 0
+	$(VCMDQ) soak --commands 5M --fault-every 20000 --workers 2 --hardware thread --guests 2 --seed 2 --churn-log2 11 --prod-game-every 16 --progress 0
 
 # traces/linux/capture.sh's parameters as NAME=VALUE words (see traces/linux/README.md), e.g.
 # `make linux-trace LINUX_TRACE_ARGS="WORKLOAD=lazy VCPUS=4"`.

@@ -253,7 +253,7 @@ fn soak_with_its_reader_gone_completes_its_run_and_ends_quietly() {
             "2",
             "--viommus",
             "2",
-            "--progress-secs",
+            "--progress",
             "0",
         ],
         Input::Null,
@@ -268,7 +268,7 @@ fn loadtest_ends_quietly_when_its_reader_is_gone() {
             "loadtest",
             "--saturation",
             "1e6",
-            "--secs",
+            "--duration",
             "0.05",
             "--loads",
             "10",
@@ -418,10 +418,10 @@ fn the_engine_refuses_workers_batch_and_budget_outside_its_limits_before_startin
 fn serve_refuses_workers_batch_and_budget_beyond_the_engine_naming_the_flag_and_limit() {
     for (flag, value, want) in [
         ("--workers", "10000", "MAX_WORKERS"),
-        ("--batch", "1000000000", "MAX_BATCH"),
+        ("--batch-limit", "1000000000", "MAX_BATCH"),
         ("--budget", "1000000000", "MAX_BUDGET"),
         ("--workers", "0", "must be at least 1"),
-        ("--batch", "0", "must be at least 1"),
+        ("--batch-limit", "0", "--batch-limit 0: must be at least 1"),
         ("--budget", "0", "must be at least 1"),
     ] {
         let r = run(
@@ -503,10 +503,13 @@ fn soak_refuses_zero_workers_and_unbounded_guests_rings_and_stalls() {
     for (args, want) in [
         (vec!["--workers", "0"], "--workers 0: must be at least 1"),
         (vec!["--workers", "10000"], "MAX_WORKERS"),
-        (vec!["--batch", "0"], "--batch 0: must be at least 1"),
+        (
+            vec!["--batch-limit", "0"],
+            "--batch-limit 0: must be at least 1",
+        ),
         (vec!["--guests", "10000"], "--guests 10000"),
         (vec!["--rings", "100000"], "--rings 100000"),
-        (vec!["--rings", "1024", "--ring-log2size", "19"], "bytes"),
+        (vec!["--rings", "1024", "--log2size", "19"], "bytes"),
         (vec!["--max-stall-us", "100000000000"], "--max-stall-us"),
         (vec!["--duration", "-1"], "must be positive"),
     ] {
@@ -638,8 +641,12 @@ fn loadtest_refuses_rates_and_durations_outside_their_ranges() {
         (vec!["--saturation", "1e300"], "--saturation"),
         (vec!["--saturation", "NaN"], "--saturation"),
         (vec!["--saturation", "-5"], "--saturation"),
-        (vec!["--secs", "-1"], "--secs -1: must be above 0"),
-        (vec!["--secs", "inf"], "--secs"),
+        (vec!["--duration", "-1"], "must be positive"),
+        (vec!["--duration", "inf"], "--duration"),
+        (
+            vec!["--duration", "601"],
+            "--duration 601s: must be above 0 and at most 600 s",
+        ),
         (vec!["--loads", "-10"], "--loads"),
     ] {
         let mut a = vec!["loadtest"];

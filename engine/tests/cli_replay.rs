@@ -145,7 +145,7 @@ fn a_paced_replay_of_timestamps_near_two_to_the_64_is_refused_before_it_starts()
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
-        err.contains("--max-wall-secs") && err.contains("18446744073709551000 ns"),
+        err.contains("--max-wall") && err.contains("18446744073709551000 ns"),
         "{err}"
     );
     // As fast as possible, the same trace replays.

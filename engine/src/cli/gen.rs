@@ -3,7 +3,7 @@
 //! Without options, a workload's parameters are those of its bundled trace in `traces/`, so
 //! `vcmdq gen hostile -o traces/hostile.vct` regenerates that file byte for byte.
 
-use super::trace::write_atomically;
+use super::trace::{output_or_stdout, write_atomically};
 use super::{human, CliError};
 use clap::Args;
 use std::io::Write;
@@ -26,9 +26,10 @@ pub struct GenArgs {
     /// dma-unmap, ats, sva-churn, noisy-neighbour, hot-unplug, hostile or mixed.
     #[arg(value_parser = workload)]
     workload: Workload,
-    /// The trace file to write.
+    /// The trace file to write; `-`: standard output [default: `-` when standard output is not
+    /// a terminal].
     #[arg(short, long)]
-    output: PathBuf,
+    output: Option<PathBuf>,
     /// VMs (each one vIOMMU).
     #[arg(long)]
     vms: Option<u32>,
@@ -41,8 +42,8 @@ pub struct GenArgs {
     /// LOG2SIZE of the rings.
     #[arg(long)]
     log2size: Option<u8>,
-    /// Ring entries (commands and CMD_SYNCs) to write, across all VMs.
-    #[arg(long)]
+    /// Ring entries (commands and CMD_SYNCs) to write, across all VMs: 1000000, 1e6, 1M.
+    #[arg(long, value_parser = super::units::count)]
     commands: Option<u64>,
     /// Seed of the random choices.
     #[arg(long)]
@@ -51,7 +52,8 @@ pub struct GenArgs {
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_RING_MEMORY)]
     max_ring_memory: u64,
     /// Ring entries the generation may write (at most 100000000).
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_GEN_COMMANDS)]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_GEN_COMMANDS,
+          value_parser = super::units::count)]
     max_commands: u64,
     /// Print the summary as JSON on standard output.
     #[arg(long)]
@@ -76,7 +78,8 @@ pub fn run(a: GenArgs) -> Result<ExitCode, CliError> {
         flags: FLAG_SYNTHETIC,
         created_unix_ns: 0,
     };
-    let (stats, bytes) = write_atomically(&a.output, |w| {
+    let output = output_or_stdout(a.output.clone(), a.json)?;
+    let (stats, bytes) = write_atomically(&output, |w| {
         let mut tw = TraceWriter::new(w, meta)?;
         let stats = generate_with(a.workload, &p, &limits, &mut tw)?;
         let bytes = tw.bytes();
@@ -85,7 +88,7 @@ pub fn run(a: GenArgs) -> Result<ExitCode, CliError> {
     })??;
     if a.json {
         let j = serde_json::json!({
-            "output": a.output.display().to_string(),
+            "output": output.display().to_string(),
             "workload": a.workload.name(),
             "vms": p.vms,
             "devices_per_vm": p.devices,
@@ -103,7 +106,7 @@ pub fn run(a: GenArgs) -> Result<ExitCode, CliError> {
     } else {
         eprintln!(
             "{}: {} workload, {} x {} x {} of 2^{} entries, seed {}",
-            a.output.display(),
+            output.display(),
             a.workload.name(),
             human::count(p.vms as u64, "VM"),
             human::count(p.devices as u64, "device"),

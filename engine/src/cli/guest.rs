@@ -42,8 +42,8 @@ pub struct GuestArgs {
     /// What to send.
     #[arg(long, value_enum, default_value_t = Workload::DmaUnmap)]
     workload: Workload,
-    /// Commands to send (the CMD_SYNCs that end batches not counted).
-    #[arg(long, default_value_t = 100_000)]
+    /// Commands to send (the CMD_SYNCs that end batches not counted): 100000, 1e5, 100k.
+    #[arg(long, default_value_t = 100_000, value_parser = super::units::count)]
     commands: u64,
     /// Commands per batch; each batch is ended by a CMD_SYNC (at most the ring's size less one).
     #[arg(long, default_value_t = 63, value_parser = clap::value_parser!(u64).range(1..))]
@@ -57,8 +57,10 @@ pub struct GuestArgs {
     /// Seed of the workload's random addresses and choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Seconds to wait for one CMD_SYNC before giving up (above 0, at most 1e6).
-    #[arg(long, default_value_t = 10.0, value_parser = parse_timeout, allow_negative_numbers = true)]
+    /// How long to wait for one CMD_SYNC before giving up: 500ms, 10s, 2m, or a bare number of
+    /// seconds (above 0, at most 1e6 s).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_timeout,
+          allow_negative_numbers = true)]
     timeout: f64,
     /// The report as one JSON object.
     #[arg(long)]
@@ -74,12 +76,11 @@ fn parse_u32(s: &str) -> Result<u32, String> {
 const MAX_TIMEOUT_SECS: f64 = 1e6;
 
 fn parse_timeout(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v <= MAX_TIMEOUT_SECS => Ok(v),
-        Ok(_) => Err(format!(
-            "a timeout must be positive seconds, at most {MAX_TIMEOUT_SECS:e}"
+    match super::units::duration_secs(s)? {
+        v if v <= MAX_TIMEOUT_SECS => Ok(v),
+        _ => Err(format!(
+            "a timeout must be at most {MAX_TIMEOUT_SECS:e} seconds"
         )),
-        Err(_) => Err("not a number of seconds (e.g. 10 or 0.5)".into()),
     }
 }
 

@@ -60,9 +60,11 @@ pub struct LoadtestArgs {
     /// Commands per batch; each batch ends in a CMD_SYNC.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1000))]
     batch: u32,
-    /// Seconds of measurement per load level (and for the saturation run), above 0 and at most
-    /// 600. Every level ends then, whether or not the engine kept up.
-    #[arg(long, default_value_t = 3.0, allow_negative_numbers = true)]
+    /// Measurement per load level (and for the saturation run): 500ms, 3s, 2m, or a bare number
+    /// of seconds, at most 600 s. Every level ends then, whether or not the engine kept up.
+    /// (`--secs` is a retired spelling.)
+    #[arg(long = "duration", alias = "secs", value_name = "DURATION", default_value = "3s",
+          value_parser = super::units::duration_secs, allow_negative_numbers = true)]
     secs: f64,
     /// Load levels in percent of the saturation throughput (above 0, at most 100).
     #[arg(
@@ -91,7 +93,7 @@ const VSIDS: u32 = 16;
 const POOL: usize = 256;
 /// Measurement starts this long after a level starts: the first batches warm caches up.
 const WARMUP: Duration = Duration::from_millis(200);
-/// The longest --secs.
+/// The longest --duration, in seconds.
 const MAX_SECS: f64 = 600.0;
 /// The lowest and highest --saturation, in commands/s: far beyond what one engine worker
 /// does, so an open-loop level's schedule stays countable.
@@ -640,7 +642,11 @@ const COLORS: [&str; 6] = [
 /// Runs `vcmdq loadtest`.
 pub fn run(a: LoadtestArgs) -> Result<ExitCode, CliError> {
     if !(a.secs > 0.0 && a.secs <= MAX_SECS) {
-        return Err(format!("--secs {}: must be above 0 and at most {MAX_SECS}", a.secs).into());
+        return Err(format!(
+            "--duration {}s: must be above 0 and at most {MAX_SECS} s",
+            a.secs
+        )
+        .into());
     }
     if a.loads.is_empty() || a.loads.iter().any(|l| !(*l > 0.0 && *l <= 100.0)) {
         return Err("--loads must be percentages above 0 and at most 100".into());

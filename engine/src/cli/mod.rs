@@ -15,6 +15,7 @@ mod soak;
 mod spec;
 mod trace;
 mod translate;
+mod units;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

@@ -37,17 +37,19 @@ pub struct ReplayArgs {
     #[arg(long, value_parser = speed, allow_negative_numbers = true)]
     speed: Option<f64>,
     /// A paced replay (--speed) whose recorded span at that speed would take longer than this
-    /// many seconds is refused before it starts.
-    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_MAX_PACED_WALL.as_secs())]
-    max_wall_secs: u64,
+    /// (a duration: 90s, 10m, 1h, or a bare number of seconds) is refused before it starts
+    /// [default: 1h]. (`--max-wall-secs` is a retired spelling.)
+    #[arg(long = "max-wall", alias = "max-wall-secs", value_name = "DURATION",
+          value_parser = super::units::duration, default_value = "1h")]
+    max_wall: Duration,
     /// Bytes of guest ring slots the trace may declare in all (2^LOG2SIZE x 16 per ring).
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_RING_MEMORY)]
     max_ring_memory: u64,
     /// Engine workers (translating threads).
     #[arg(long, default_value_t = 1)]
     workers: usize,
-    /// Guest entries per batch at most.
-    #[arg(long, default_value_t = 64)]
+    /// The engine's cap: guest entries per batch at most (`--batch` is a retired spelling).
+    #[arg(long = "batch-limit", alias = "batch", default_value_t = 64)]
     batch: usize,
     /// Also show the outcomes of each vIOMMU.
     #[arg(long)]
@@ -81,6 +83,9 @@ pub struct ReplayArgs {
     open_loop: bool,
 }
 
+// `--max-wall`'s default, "1h", written out for clap: kept equal to the library's.
+const _: () = assert!(DEFAULT_MAX_PACED_WALL.as_secs() == 3600);
+
 /// Runs `vcmdq replay`.
 pub fn run(a: ReplayArgs) -> Result<ExitCode, CliError> {
     let file = TraceFile::open(&a.trace)?;
@@ -112,7 +117,7 @@ pub fn run(a: ReplayArgs) -> Result<ExitCode, CliError> {
         batch_limit: a.batch,
         capture: a.capture.clone(),
         limits,
-        max_paced_wall: Duration::from_secs(a.max_wall_secs),
+        max_paced_wall: a.max_wall,
         closed_loop: match (a.closed_loop, a.open_loop) {
             (true, _) => Some(true),
             (_, true) => Some(false),

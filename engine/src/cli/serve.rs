@@ -6,6 +6,7 @@
 use super::decode::strip_comment;
 use super::input::read_small_file;
 use super::spec::{self, BindSpec, CreateRingSpec, DeviceSpec, SHOWN};
+use super::units::{self, Hardware};
 use super::{clip, engine_limit, human, out, CliError};
 use clap::Parser;
 use std::io::{IsTerminal, Write};
@@ -31,7 +32,7 @@ A guest process opens that path (`vcmdq guest /proc/4242/fd/3 ...`) while serve 
 serve stops after --duration, at Ctrl-C (SIGINT) or SIGTERM, or, without --duration, when its \
 standard input (a terminal or a pipe) reaches end of file (Ctrl-D). It then completes what it \
 took and prints a summary (--json: one object). Counters go to standard error once a second \
-when it is a terminal (or with --progress).
+when it is a terminal (or with --progress; --progress 5s: every 5 s; --progress 0: none).
 
 A config file holds the same options, one per line, without the leading `--`:
   viommu id=1,vmid=5,smmu=0
@@ -41,7 +42,7 @@ A config file holds the same options, one per line, without the leading `--`:
   workers 2"
 )]
 pub struct ServeArgs {
-    /// A vIOMMU `id=N,vmid=N,smmu=N[,profile=kernel|tegra241][,sidsize=1..32][,norange]`, the
+    /// A vIOMMU `id=N,vmid=N,smmu=N[,profile=kernel|tegra241][,sidsize=1..32][,no-range]`, the
     /// physical SMMU's features `[,smmu-features=PRESET | ,idr0=N,idr1=N,idr3=N,idr5=N][,ds=0|1]`,
     /// a tegra241 VINTF's `[,sid-slots=N]`, limits `[,max-vsids=N][,max-table-bytes=N]`
     /// (repeatable).
@@ -72,8 +73,8 @@ pub struct ServeArgs {
     /// Translating threads, each with its own physical queue [default: 1].
     #[arg(long)]
     workers: Option<usize>,
-    /// Guest entries per batch at most [default: 64].
-    #[arg(long = "batch")]
+    /// The engine's cap: guest entries per batch at most [default: 64].
+    #[arg(long = "batch-limit", alias = "batch")]
     batch_limit: Option<usize>,
     /// Guest entries taken from one ring per pass, and of its entries in a physical queue, at
     /// most [default: 256].
@@ -82,15 +83,22 @@ pub struct ServeArgs {
     /// LOG2SIZE of each physical queue [default: 12].
     #[arg(long, value_parser = clap::value_parser!(u8).range(0..=19))]
     phys_log2size: Option<u8>,
-    /// Run each physical queue's hardware model on a thread of its own.
-    #[arg(long)]
+    /// Where each physical queue's hardware model runs: inline (stepped by its worker) or
+    /// thread (a thread of its own) [default: inline].
+    #[arg(long, value_enum)]
+    hardware: Option<Hardware>,
+    /// The retired spelling of `--hardware thread`, kept for scripts.
+    #[arg(long, hide = true)]
     hw_thread: bool,
-    /// Stop after SECS seconds (above 0, at most 1e9).
-    #[arg(long, value_name = "SECS", value_parser = parse_secs, allow_negative_numbers = true)]
+    /// Stop after this long: 500ms, 10s, 2m, 1h, or a bare number of seconds (at most 1e9 s).
+    #[arg(long, value_name = "DURATION", value_parser = units::duration_secs,
+          allow_negative_numbers = true)]
     duration: Option<f64>,
-    /// Counters on standard error once a second even when it is not a terminal.
-    #[arg(long)]
-    progress: bool,
+    /// Counters on standard error every DURATION (bare `--progress`: once a second) even when
+    /// it is not a terminal; `--progress 0`: none, even on a terminal.
+    #[arg(long, value_name = "DURATION", num_args = 0..=1, default_missing_value = "1s",
+          value_parser = units::duration_or_off)]
+    progress: Option<Duration>,
     /// Print each trapped command as it is completed.
     #[arg(short, long)]
     verbose: bool,
@@ -105,19 +113,6 @@ pub struct ServeArgs {
 
 /// The most rings one serve attaches (each a mapping and a descriptor, polled every pass).
 const MAX_RINGS: usize = 1024;
-
-/// The longest `--duration`, in seconds (about 31 years).
-const MAX_DURATION_SECS: f64 = 1e9;
-
-fn parse_secs(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v <= MAX_DURATION_SECS => Ok(v),
-        Ok(_) => Err(format!(
-            "a duration must be positive seconds, at most {MAX_DURATION_SECS:e} (e.g. 10 or 0.5)"
-        )),
-        Err(_) => Err("not a number of seconds (e.g. 10 or 0.5)".into()),
-    }
-}
 
 /// A config file line that is not an option serve takes.
 #[derive(Debug, thiserror::Error)]
@@ -146,9 +141,10 @@ impl ServeArgs {
         self.batch_limit = self.batch_limit.or(other.batch_limit);
         self.ring_budget = self.ring_budget.or(other.ring_budget);
         self.phys_log2size = self.phys_log2size.or(other.phys_log2size);
+        self.hardware = self.hardware.or(other.hardware);
         self.hw_thread |= other.hw_thread;
         self.duration = self.duration.or(other.duration);
-        self.progress |= other.progress;
+        self.progress = self.progress.or(other.progress);
         self.verbose |= other.verbose;
         self.json |= other.json;
         self.capture = self.capture.take().or(other.capture);
@@ -625,7 +621,7 @@ pub fn run(mut args: ServeArgs) -> Result<ExitCode, CliError> {
         batch_limit: args.batch_limit.unwrap_or(defaults.batch_limit),
         ring_budget: args.ring_budget.unwrap_or(defaults.ring_budget),
         phys_log2size: args.phys_log2size.unwrap_or(defaults.phys_log2size),
-        hardware: if args.hw_thread {
+        hardware: if args.hw_thread || args.hardware == Some(Hardware::Thread) {
             HwPlacement::Thread
         } else {
             HwPlacement::Inline
@@ -639,7 +635,7 @@ pub fn run(mut args: ServeArgs) -> Result<ExitCode, CliError> {
             &e,
             &[
                 ("workers", "--workers"),
-                ("batch_limit", "--batch"),
+                ("batch_limit", "--batch-limit"),
                 ("ring_budget", "--budget"),
             ],
         )
@@ -672,10 +668,12 @@ pub fn run(mut args: ServeArgs) -> Result<ExitCode, CliError> {
         watch_stdin(stop.clone())?;
     }
     let stderr_tty = std::io::stderr().is_terminal();
-    let live = stderr_tty || args.progress;
+    // Once a second on a terminal unless --progress says otherwise.
+    let every = args.progress.unwrap_or(Duration::from_secs(1));
+    let live = !every.is_zero() && (stderr_tty || args.progress.is_some());
     let start = Instant::now();
     let deadline = args.duration.map(|d| start + Duration::from_secs_f64(d));
-    let mut next_tick = start + Duration::from_secs(1);
+    let mut next_tick = start + every;
     let mut last = (start, 0u64);
     let mut traffic = Traffic::new(start);
     loop {
@@ -719,7 +717,7 @@ pub fn run(mut args: ServeArgs) -> Result<ExitCode, CliError> {
             } else {
                 eprintln!("{line}");
             }
-            next_tick += Duration::from_secs(1);
+            next_tick += every;
         }
         // A trapped command pauses its ring until it is completed: poll often, and at once
         // again after a trap (guests that trap tend to trap again).
@@ -822,7 +820,9 @@ mod tests {
             "ring" => "/tmp/ring",
             "create-ring" => "viommu=1",
             "workers" => "2",
-            "batch" => "8",
+            "batch-limit" => "8",
+            "hardware" => "thread",
+            "progress" => "2s",
             "budget" => "16",
             "phys-log2size" => "4",
             "duration" => "1",

@@ -1,22 +1,14 @@
 //! `vcmdq soak`: a long run of mixed, partly hostile traffic with physical faults injected,
 //! every forwarded command checked online against the oracle (see `vcmdq::soak`).
 
+use super::units::{self, Hardware};
 use super::CliError;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use serde_json::{json, Value};
 use std::process::ExitCode;
 use std::time::Duration;
 use vcmdq::engine::HwPlacement;
 use vcmdq::soak::{run, Hostile, Mix, Progress, SoakConfig, SoakReport, PROD_GAMES};
-
-/// Where the modelled hardware runs.
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum Hardware {
-    /// Stepped by its worker between passes.
-    Inline,
-    /// A thread per physical queue.
-    Thread,
-}
 
 /// Arguments of `vcmdq soak`.
 #[derive(Args, Debug)]
@@ -31,10 +23,10 @@ Examples:
 pub struct SoakArgs {
     /// Guest commands to write over all rings (default 1e9 unless --duration is given; with
     /// both, whichever comes first). Accepts 1e9, 5_000_000, 2M, 1G.
-    #[arg(long, value_parser = parse_count)]
+    #[arg(long, value_parser = units::count)]
     commands: Option<u64>,
-    /// How long the guests write: 90s, 10m, 1h, or seconds.
-    #[arg(long, value_parser = parse_duration, allow_negative_numbers = true)]
+    /// How long the guests write: 500ms, 90s, 10m, 1h, or a bare number of seconds.
+    #[arg(long, value_parser = units::duration, allow_negative_numbers = true)]
     duration: Option<Duration>,
     /// Seed of the streams and the fault schedule.
     #[arg(long, default_value_t = 1)]
@@ -48,8 +40,8 @@ pub struct SoakArgs {
     /// vIOMMUs (alternately kernel and tegra241 profile).
     #[arg(long, default_value_t = 4)]
     viommus: usize,
-    /// LOG2SIZE of each guest ring.
-    #[arg(long, default_value_t = 10)]
+    /// LOG2SIZE of each guest ring (`--ring-log2size` is a retired spelling of it).
+    #[arg(long = "log2size", alias = "ring-log2size", default_value_t = 10)]
     ring_log2size: u8,
     /// Engine workers, each with its own physical queue.
     #[arg(long, default_value_t = 1)]
@@ -57,11 +49,11 @@ pub struct SoakArgs {
     /// Where the hardware model runs.
     #[arg(long, value_enum, default_value_t = Hardware::Inline)]
     hardware: Hardware,
-    /// Guest entries per batch at most.
-    #[arg(long, default_value_t = 64)]
+    /// The engine's cap: guest entries per batch at most (`--batch` is a retired spelling).
+    #[arg(long = "batch-limit", alias = "batch", default_value_t = 64)]
     batch: usize,
     /// About one physical fault every this many physical positions (0: none).
-    #[arg(long, default_value_t = 1_000_000, value_parser = parse_count)]
+    #[arg(long, default_value_t = 1_000_000, value_parser = units::count)]
     fault_every: u64,
     /// Longest injected stall, in microseconds.
     #[arg(long, default_value_t = 20)]
@@ -88,53 +80,14 @@ pub struct SoakArgs {
     /// backwards or past a full ring, taken slots rewritten; 0: none).
     #[arg(long, default_value_t = Mix::default().prod_game_every)]
     prod_game_every: u32,
-    /// Seconds between progress lines on standard error (0: none).
-    #[arg(long, default_value_t = 5)]
-    progress_secs: u64,
+    /// Time between progress lines on standard error, e.g. 5s, 500ms (0: none).
+    #[arg(long = "progress", alias = "progress-secs", value_name = "DURATION",
+          default_value = "5s", num_args = 0..=1, default_missing_value = "5s",
+          value_parser = units::duration_or_off)]
+    progress_secs: Duration,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
-}
-
-fn parse_count(s: &str) -> Result<u64, String> {
-    let t = s.replace('_', "");
-    let (num, mult) = match t.chars().last() {
-        Some('k' | 'K') => (&t[..t.len() - 1], 1e3),
-        Some('M') => (&t[..t.len() - 1], 1e6),
-        Some('G') => (&t[..t.len() - 1], 1e9),
-        _ => (&t[..], 1.0),
-    };
-    if let Ok(n) = num.parse::<u64>() {
-        return Ok(n * mult as u64);
-    }
-    match num.parse::<f64>() {
-        Ok(f) if f >= 0.0 && (f * mult).fract() == 0.0 && f * mult < 1.8e19 => {
-            Ok((f * mult) as u64)
-        }
-        _ => Err(format!("{s:?} is not a count (e.g. 1000000, 1e9, 5M)")),
-    }
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
-        Some(i) => (&s[..i], &s[i..]),
-        None => (s, "s"),
-    };
-    let secs = match unit {
-        "ms" => 1e-3,
-        "s" => 1.0,
-        "m" | "min" => 60.0,
-        "h" => 3600.0,
-        _ => return Err(format!("{s:?}: unit {unit:?} is not ms, s, m or h")),
-    };
-    match num.parse::<f64>() {
-        Ok(f) if f > 0.0 && f * secs < 1e9 => Ok(Duration::from_secs_f64(f * secs)),
-        Ok(f) if f.is_finite() && f * secs < 1e9 => {
-            Err("a duration must be positive (e.g. 90s, 10m)".into())
-        }
-        Ok(_) => Err("a duration must be below 1e9 seconds (e.g. 90s, 10m)".into()),
-        Err(_) => Err(format!("{s:?} is not a duration (e.g. 90s, 10m)")),
-    }
 }
 
 /// The most guest threads a soak runs.
@@ -142,7 +95,7 @@ const MAX_GUESTS: usize = 64;
 /// The most guest rings (and vIOMMUs) of a soak.
 const MAX_RINGS: usize = 1024;
 /// The most memory all guest rings of a soak may take together: --rings x 16 x
-/// 2^--ring-log2size bytes.
+/// 2^--log2size bytes.
 const MAX_RING_BYTES: u64 = 1 << 30;
 /// The longest injected stall, in microseconds (--max-stall-us).
 const MAX_STALL_US: u64 = 1_000_000;
@@ -159,7 +112,10 @@ fn validate(a: &SoakArgs) -> Result<(), CliError> {
         ..Default::default()
     };
     engine.validate().map_err(|e| {
-        super::engine_limit(&e, &[("workers", "--workers"), ("batch_limit", "--batch")])
+        super::engine_limit(
+            &e,
+            &[("workers", "--workers"), ("batch_limit", "--batch-limit")],
+        )
     })?;
     let range = |flag: &str, v: u64, lo: u64, hi: u64| -> Result<(), CliError> {
         if (lo..=hi).contains(&v) {
@@ -171,7 +127,7 @@ fn validate(a: &SoakArgs) -> Result<(), CliError> {
     range("--guests", a.guests as u64, 1, MAX_GUESTS as u64)?;
     range("--rings", a.rings as u64, 1, MAX_RINGS as u64)?;
     range("--viommus", a.viommus as u64, 1, MAX_RINGS as u64)?;
-    range("--ring-log2size", u64::from(a.ring_log2size), 1, 19)?;
+    range("--log2size", u64::from(a.ring_log2size), 1, 19)?;
     range("--max-stall-us", a.max_stall_us, 0, MAX_STALL_US)?;
     if let Some(ns) = a.slow_ns {
         range("--slow-ns", ns, 0, MAX_SLOW_NS)?;
@@ -179,7 +135,7 @@ fn validate(a: &SoakArgs) -> Result<(), CliError> {
     let bytes = (a.rings as u64) << (4 + a.ring_log2size);
     if bytes > MAX_RING_BYTES {
         return Err(format!(
-            "--rings {} of --ring-log2size {} need {bytes} bytes, above the soak's {MAX_RING_BYTES} \
+            "--rings {} of --log2size {} need {bytes} bytes, above the soak's {MAX_RING_BYTES} \
              (give fewer or smaller rings)",
             a.rings, a.ring_log2size
         )
@@ -225,10 +181,10 @@ pub fn run_cli(a: SoakArgs) -> Result<ExitCode, CliError> {
             churn_log2: a.churn_log2,
             prod_game_every: a.prod_game_every,
         },
-        progress_every: Duration::from_secs(a.progress_secs.max(1)),
+        progress_every: a.progress_secs.max(Duration::from_millis(100)),
         ..SoakConfig::default()
     };
-    let quiet = a.progress_secs == 0;
+    let quiet = a.progress_secs.is_zero();
     let mut last = (Duration::ZERO, 0u64);
     let report = run(&cfg, |p| {
         if !quiet {
@@ -455,25 +411,5 @@ fn print_human(r: &SoakReport) {
         for v in &r.violations {
             println!("    {v}");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counts_and_durations() {
-        assert_eq!(parse_count("1e9"), Ok(1_000_000_000));
-        assert_eq!(parse_count("5_000_000"), Ok(5_000_000));
-        assert_eq!(parse_count("2M"), Ok(2_000_000));
-        assert_eq!(parse_count("1.5k"), Ok(1500));
-        assert!(parse_count("x").is_err());
-        assert!(parse_count("-1").is_err());
-        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert!(parse_duration("3 days").is_err());
-        assert!(parse_duration("0s").is_err());
     }
 }

@@ -194,18 +194,19 @@ impl<'a> Parts<'a> {
 
 const U32: u64 = u32::MAX as u64;
 
-/// `id=1,vmid=5,smmu=0[,profile=kernel|tegra241][,sidsize=16][,norange][,max-vsids=N]
+/// `id=1,vmid=5,smmu=0[,profile=kernel|tegra241][,sidsize=16][,no-range][,max-vsids=N]
 /// [,max-table-bytes=N][,shares-vmid-with=ID][,smmu-features=PRESET | ,idr0=..,idr1=..,idr3=..,
 /// idr5=..][,ds=0|1][,sid-slots=N]`.
 ///
 /// The physical SMMU's features come from a preset (`smmu-features`) or from the raw values of
 /// SMMU_IDR0, IDR1, IDR3 and IDR5 (all four), default `any`; its RIL decides range support, and
-/// `norange` then clears it. `ds` sets SMMU_IDR5.DS. `sid-slots` is a `tegra241` VINTF's count
+/// `no-range` (translate's `--no-range`; `norange`, the older spelling, is still read) then
+/// clears it. `ds` sets SMMU_IDR5.DS. `sid-slots` is a `tegra241` VINTF's count
 /// of SID slots (default 16).
 pub fn parse_viommu(spec: &str) -> Result<ViommuConfig, SpecError> {
     // Short enough that a config error quoting a cut key still fits the config reader's
     // message (the doc comment above has the long form).
-    const EXPECTED: &str = "id=N,vmid=N,smmu=N[,profile=P][,sidsize=N][,norange][,max-vsids=N]\
+    const EXPECTED: &str = "id=N,vmid=N,smmu=N[,profile=P][,sidsize=N][,no-range][,max-vsids=N]\
         [,max-table-bytes=N][,shares-vmid-with=ID][,smmu-features=P][,idr0/1/3/5=N][,ds=B]\
         [,sid-slots=N]";
     let p = Parts::parse(
@@ -227,7 +228,7 @@ pub fn parse_viommu(spec: &str) -> Result<ViommuConfig, SpecError> {
             "ds",
             "sid-slots",
         ],
-        &["norange"],
+        &["no-range", "norange"],
         EXPECTED,
     )?;
     let mut cfg = ViommuConfig::new(
@@ -276,7 +277,7 @@ pub fn parse_viommu(spec: &str) -> Result<ViommuConfig, SpecError> {
         features.ds = ds == 1;
     }
     cfg = cfg.with_smmu(features);
-    if p.flag("norange") {
+    if p.flag("no-range") || p.flag("norange") {
         cfg.range_inv = false;
     }
     if let Some(n) = p.num("sid-slots", U32)? {
@@ -381,6 +382,11 @@ mod tests {
         assert!(!v.range_inv, "an MMU-600 has no RIL");
         let v = parse_viommu("id=1,vmid=5,smmu=0,smmu-features=qemu,norange,ds=1").unwrap();
         assert!(!v.range_inv && v.features.ds && !v.features.ats);
+        let v = parse_viommu("id=1,vmid=5,smmu=0,no-range").unwrap();
+        assert!(
+            !v.range_inv,
+            "no-range, the flag's spelling, clears range invalidation"
+        );
         let v = parse_viommu(
             "id=1,vmid=5,smmu=0,idr0=0x1400,idr1=0x0210,idr3=0x400,idr5=0x10,sid-slots=8",
         )

@@ -36,9 +36,10 @@ enum TraceCmd {
     Build {
         /// The text file; `-` or none: standard input.
         text: Option<PathBuf>,
-        /// The trace file to write.
+        /// The trace file to write; `-`: standard output [default: `-` when standard output is
+        /// not a terminal].
         #[arg(short, long)]
-        output: PathBuf,
+        output: Option<PathBuf>,
         /// Bytes of guest ring slots the trace may declare in all.
         #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_RING_MEMORY)]
         max_ring_memory: u64,
@@ -63,9 +64,10 @@ enum TraceCmd {
     ImportQemu {
         /// The QEMU log; `-`: standard input.
         log: PathBuf,
-        /// The trace file to write.
+        /// The trace file to write; `-`: standard output [default: `-` when standard output is
+        /// not a terminal].
         #[arg(short, long)]
-        output: PathBuf,
+        output: Option<PathBuf>,
         /// Print what the import made of the log (counts, skipped lines, approximations) as
         /// JSON on standard output.
         #[arg(long)]
@@ -99,7 +101,7 @@ pub fn run(args: TraceArgs) -> Result<ExitCode, CliError> {
             max_text_bytes,
         } => build(
             text.as_deref(),
-            &output,
+            &output_or_stdout(output, false)?,
             &limits(max_ring_memory),
             max_text_bytes,
         ),
@@ -118,7 +120,7 @@ pub fn run(args: TraceArgs) -> Result<ExitCode, CliError> {
             max_sids,
         } => import(
             &log,
-            &output,
+            &output_or_stdout(output, json)?,
             json,
             &qemu::ImportLimits {
                 max_filler_per_pass,
@@ -194,13 +196,60 @@ fn read_input(path: Option<&Path>, limit: u64) -> Result<String, CliError> {
     Ok(s)
 }
 
+/// The trace file a command writes: `-o FILE`, `-o -` (standard output), or without `-o`,
+/// standard output when it is not a terminal. `json`: the command also prints JSON there, so a
+/// trace cannot go there too.
+pub(super) fn output_or_stdout(output: Option<PathBuf>, json: bool) -> Result<PathBuf, CliError> {
+    use std::io::IsTerminal;
+    let out = match output {
+        Some(p) => p,
+        None if !io::stdout().is_terminal() => PathBuf::from("-"),
+        None => return Err(
+            "give -o FILE for the trace (or -o - for standard output, which is a terminal here)"
+                .into(),
+        ),
+    };
+    if json && out == Path::new("-") {
+        return Err(
+            "--json prints on standard output, where the trace would go: give -o FILE with --json"
+                .into(),
+        );
+    }
+    Ok(out)
+}
+
 /// Writes `output` through a temporary file beside it, renamed into place only when `f`
-/// succeeds, so a failure never leaves half a trace (or clobbers a trace being read). The outer
-/// error is I/O on the files; the inner one is `f`'s.
+/// succeeds, so a failure never leaves half a trace (or clobbers a trace being read). `-` is
+/// standard output: the trace is made in an unlinked temporary file (its writer seeks back to
+/// patch counts, which a pipe cannot) and copied out once `f` succeeds. The outer error is I/O
+/// on the files; the inner one is `f`'s.
 pub(super) fn write_atomically<T, E>(
     output: &Path,
     f: impl FnOnce(BufWriter<File>) -> Result<T, E>,
 ) -> Result<Result<T, E>, CliError> {
+    if output == Path::new("-") {
+        use std::io::Seek;
+        let tmp = std::env::temp_dir().join(format!("vcmdq-{}-stdout.vct.tmp", std::process::id()));
+        let mut file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        // Unlinked at once: the file goes with the process, whatever happens next.
+        let _ = std::fs::remove_file(&tmp);
+        let writer = file
+            .try_clone()
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        let r = f(BufWriter::new(writer));
+        if r.is_ok() {
+            file.seek(io::SeekFrom::Start(0))?;
+            let mut out = super::out::stdout();
+            io::copy(&mut file, &mut out)?;
+            out.flush()?;
+        }
+        return Ok(r);
+    }
     let mut tmp = output.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);

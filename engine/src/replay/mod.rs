@@ -52,7 +52,7 @@ pub struct ReplayOptions {
     /// Resource limits, checked before anything is allocated (see [`Limits`]).
     pub limits: Limits,
     /// A paced replay whose recorded span, at `speed`, would take longer than this is refused
-    /// before it starts (`--max-wall-secs`).
+    /// before it starts (`--max-wall`).
     pub max_paced_wall: Duration,
     /// Closed loop: after each doorbell, a ring waits for every guest CMD_SYNC it published to
     /// complete before the replay goes on, as a guest driver waits for its CMD_SYNCs; the
@@ -409,7 +409,7 @@ pub fn replay_validated(
         if wall > opts.max_paced_wall.as_secs_f64() {
             return Err(ReplayError::Refused(format!(
                 "the trace spans {:.3} s of recorded time ({} ns); at --speed {speed} that is {wall:.3e} s \
-                 of wall time, above the limit of {} s (raise it with --max-wall-secs, or replay \
+                 of wall time, above the limit of {} s (raise it with --max-wall, or replay \
                  faster or without --speed)",
                 summary.duration_ns() as f64 / 1e9,
                 summary.duration_ns(),
