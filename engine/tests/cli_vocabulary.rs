@@ -227,8 +227,10 @@ fn durations_take_units_in_serve_soak_and_loadtest() {
         "--loads",
         "10",
     ]);
+    // 0 or 1: the run happened (1 says no level was the engine's latency, as a 10 ms level on
+    // a shared machine may well not be); 2 would be the value refused.
     assert!(
-        o.status.success(),
+        matches!(o.status.code(), Some(0 | 1)),
         "loadtest --duration 10ms: {}",
         String::from_utf8_lossy(&o.stderr)
     );
@@ -306,8 +308,10 @@ fn retired_spellings_still_work_for_scripts() {
         "--loads",
         "10",
     ]);
+    // 0 or 1: the run happened (1 says no level was the engine's latency, as a 10 ms level on
+    // a shared machine may well not be); 2 would be the value refused.
     assert!(
-        o.status.success(),
+        matches!(o.status.code(), Some(0 | 1)),
         "loadtest --secs: {}",
         String::from_utf8_lossy(&o.stderr)
     );
