@@ -153,19 +153,10 @@ pub fn translate_one(
             if !cfg.features.ats {
                 return refuse(RefuseReason::AtsUnsupported);
             }
-            let ssidsize = cfg.features.ssidsize;
-            let ssv = get(layout, &cmd, "ssv");
-            let global = get(layout, &cmd, "global");
+            let substream_flags = get(layout, &cmd, "ssv") | get(layout, &cmd, "global");
             let ssid = get(layout, &cmd, "ssid");
-            if ssidsize == 0 && (ssv != 0 || global != 0 || ssid != 0) {
-                return refuse(RefuseReason::NoSubstreams { opcode: op });
-            }
-            if ssid >> ssidsize != 0 {
-                return refuse(RefuseReason::SsidTooLarge {
-                    opcode: op,
-                    ssid: ssid as u32,
-                    ssidsize,
-                });
+            if let Some(reason) = substream_rule(cfg.features.ssidsize, op, substream_flags, ssid) {
+                return refuse(reason);
             }
             let size = get(layout, &cmd, "size");
             if size > 52 {
@@ -181,16 +172,8 @@ pub fn translate_one(
             }
             if name == "CFGI_CD" {
                 let ssid = get(layout, &cmd, "ssid");
-                let ssidsize = cfg.features.ssidsize;
-                if ssidsize == 0 && ssid != 0 {
-                    return refuse(RefuseReason::NoSubstreams { opcode: op });
-                }
-                if ssid >> ssidsize != 0 {
-                    return refuse(RefuseReason::SsidTooLarge {
-                        opcode: op,
-                        ssid: ssid as u32,
-                        ssidsize,
-                    });
+                if let Some(reason) = substream_rule(cfg.features.ssidsize, op, 0, ssid) {
+                    return refuse(reason);
                 }
             }
             if let Err(o) = translate_sid(&mut w) {
@@ -212,6 +195,20 @@ fn asid_check(cfg: &ViommuConfig, layout: &OpLayout, cmd: &RawCommand) -> Option
         }));
     }
     None
+}
+
+/// The substream rules of ATC_INV and CFGI_CD on an SMMU with `ssidsize` SSID bits: without
+/// substreams, no substream field may be set (`flags`: SSV and GLOBAL where the command has
+/// them); with them, the SSID must fit.
+fn substream_rule(ssidsize: u8, op: u8, flags: u64, ssid: u64) -> Option<RefuseReason> {
+    if ssidsize == 0 && (flags != 0 || ssid != 0) {
+        return Some(RefuseReason::NoSubstreams { opcode: op });
+    }
+    (ssid >> ssidsize != 0).then_some(RefuseReason::SsidTooLarge {
+        opcode: op,
+        ssid: ssid as u32,
+        ssidsize,
+    })
 }
 
 /// The range encoding of a TLBI on an SMMU with range invalidation (docs/rules.md, "Range
