@@ -18,7 +18,7 @@ have_cargo_fuzz() {
 }
 
 if ! have_cargo_fuzz; then
-  echo "fuzz.sh: installing cargo-fuzz $CARGO_FUZZ_VERSION from crates.io (once; about 2 minutes on 2 cores)" >&2
+  echo "fuzz.sh: installing cargo-fuzz $CARGO_FUZZ_VERSION from crates.io (once; about a minute on 2 cores)" >&2
   if ! "$CARGO" install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked --quiet; then
     echo "fuzz.sh: error: could not install cargo-fuzz $CARGO_FUZZ_VERSION." >&2
     echo "  The fuzz step needs it; install it by hand with" >&2
