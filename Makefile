@@ -18,7 +18,7 @@ build: ## Debug build of the workspace.
 	$(CARGO) build --workspace --all-targets
 
 release: ## Optimised build of the vcmdq binary.
-	$(CARGO) build --release -p vcmdq
+	$(CARGO) build --release -p vcmdq-cli
 
 test: test-plan fuzz-setup lint unit doc loom replay-check fuzz-smoke soak-smoke ## Everything CI checks (installs cargo-fuzz if missing).
 	@echo "make test: all checks passed"
@@ -122,7 +122,8 @@ loom: ## loom models of PROD/CONS publication, the completion and error paths an
 
 miri: ## Ring, physical-queue and codec tests under miri (nightly; installs the component).
 	rustup component list --toolchain nightly --installed | grep -q '^miri' || rustup component add miri rust-src --toolchain nightly
-	$(CARGO) $(NIGHTLY) miri test -p vcmdq --test ring --test pqueue --test codec --bin vcmdq --target-dir target/miri
+	$(CARGO) $(NIGHTLY) miri test -p vcmdq --test ring --test pqueue --test codec --target-dir target/miri
+	$(CARGO) $(NIGHTLY) miri test -p vcmdq-cli --bin vcmdq --target-dir target/miri
 	$(CARGO) $(NIGHTLY) miri test -p vcmdq --lib --target-dir target/miri -- command::
 
 # Guest commands `make soak` writes (1e9 took about 4 minutes on the shared, loaded 2-core machine).

@@ -5,8 +5,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use std::io::Cursor;
-use vcmdq::trace::qemu::{import_with, ImportLimits};
-use vcmdq::trace::{validate, Trace};
+use vcmdq_trace::qemu::{import_with, ImportLimits};
+use vcmdq_trace::{validate, Trace};
 
 fuzz_target!(|bytes: &[u8]| {
     let limits = ImportLimits {

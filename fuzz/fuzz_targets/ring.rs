@@ -25,7 +25,7 @@
 //! - at the end, the engine never wrote a slot.
 //!
 //! Seeds (`corpus/ring/seed-*`) are inputs in `arbitrary`'s byte format, written and checked by
-//! the `ring_fuzz_seeds` test in `engine/tests/ring.rs`, which encodes operations by their
+//! the `ring_fuzz_seeds` test in `engine/core/tests/ring.rs`, which encodes operations by their
 //! variant index: keep `Op` and `Code` in the order that test lists. `cargo fuzz fmt ring <file>`
 //! prints a seed as operations.
 #![no_main]

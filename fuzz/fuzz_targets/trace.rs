@@ -11,8 +11,8 @@
 use libfuzzer_sys::fuzz_target;
 use std::io::Cursor;
 use std::time::Duration;
-use vcmdq::replay::{replay, ReplayError, ReplayOptions};
-use vcmdq::trace::{text, to_vec, validate_with, Limits, Trace};
+use vcmdq_tools::replay::{replay, ReplayError, ReplayOptions};
+use vcmdq_trace::{text, to_vec, validate_with, Limits, Trace};
 
 const LIMITS: Limits = Limits {
     max_ring_memory: 1 << 20,

@@ -327,7 +327,7 @@ fi
 step "vcmdq: $VCMDQ"
 if [ ! -x "$VCMDQ" ]; then
 	command -v cargo >/dev/null || die "$VCMDQ is not built and there is no cargo to build it"
-	(cd "$REPO" && cargo build --release -p vcmdq) || die "cargo build --release -p vcmdq failed"
+	(cd "$REPO" && cargo build --release -p vcmdq-cli) || die "cargo build --release -p vcmdq-cli failed"
 fi
 
 # --- 7. import ----------------------------------------------------------------------------------

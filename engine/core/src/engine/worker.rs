@@ -1,0 +1,652 @@
+//! One translating worker: its rings, its physical queue, its pass loop.
+
+use super::stats::{AuditRecord, EngineStats, RingProgress};
+use super::{lock, Ctrl, EngineConfig, RingId, Shared, TrapEvent};
+use crate::command::{opcode, RawCommand};
+use crate::pqueue::{Hardware, HwCounters, PhysProducer};
+use crate::queue::{CError, QueueShape};
+use crate::ring::{HostRing, RingError};
+use crate::translate::{translate, SlotOutcome, Stop};
+use crate::viommu::{Reader, Viommu};
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// The physical CMD_SYNC the engine appends to a batch that ends in a guest CMD_SYNC. CS=none:
+/// the worker polls CONS, as Linux does without MSIs; the guest's MSI address is never used.
+const PHYS_SYNC: RawCommand = RawCommand::new(opcode::CMD_SYNC as u64, 0);
+
+/// Batches in flight per ring at most, so `inflight` never reallocates on the hot path.
+const MAX_INFLIGHT: usize = 1024;
+
+/// What to do once the physical queue has consumed up to `Pending::phys`.
+#[derive(Clone, Copy, Debug)]
+enum Action {
+    /// CONS moves to `guest_end`.
+    Advance,
+    /// CONS moves past the guest CMD_SYNC (`guest_end` includes it) and it is signalled.
+    Sync { cs: u8, msidata: u32 },
+    /// The ring stops at `guest_end` with CONS.ERR.
+    Stop { cerror: CError },
+    /// CONS moves to `guest_end`, where the trapped command sits; it goes to the control plane.
+    Trap { cmd: RawCommand },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    /// Free-running physical position after the batch (and its CMD_SYNC).
+    phys: u64,
+    /// Guest pointer CONS moves to.
+    guest_end: u32,
+    /// Physical entries the batch took (its commands and its CMD_SYNC).
+    entries: u32,
+    action: Action,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pause {
+    Running,
+    /// A stop or a trap is queued behind commands in flight: read nothing more until it is
+    /// applied (a stopped ring then waits inside `HostRing` for the guest's acknowledgement).
+    Draining,
+    /// The control plane holds the trapped command at this guest pointer.
+    Trapped {
+        slot: u32,
+    },
+}
+
+struct RingState {
+    id: RingId,
+    host: HostRing,
+    viommu: Arc<Viommu>,
+    progress: Arc<RingProgress>,
+    inflight: VecDeque<Pending>,
+    pause: Pause,
+    detach: bool,
+    /// Sequence number of the host's read pointer (entries read since attach).
+    read_seq: u64,
+    /// The ring's memory failed; it leaves at the end of the pass.
+    failed: Option<RingError>,
+    /// Capture: the ring was stopped here, and the guest's fix and acknowledgement are still to
+    /// be recorded.
+    stopped_at: Option<u32>,
+    /// Capture: entries before this sequence number are recorded.
+    captured_seq: u64,
+    /// Physical entries of this ring published and not yet retired: at most the ring budget,
+    /// so that a flooding ring holds no more of the physical queue than one pass's share
+    /// however fast passes come while the hardware works.
+    phys_inflight: usize,
+}
+
+impl RingState {
+    /// Queues a pending record and counts its physical entries in flight.
+    fn track(&mut self, p: Pending) {
+        self.phys_inflight += p.entries as usize;
+        self.inflight.push_back(p);
+    }
+
+    /// Forgets every pending record (a fault or a failure voided them).
+    fn clear_inflight(&mut self) {
+        self.inflight.clear();
+        self.phys_inflight = 0;
+    }
+
+    /// Sequence number of the guest pointer `ptr`, which lies between CONS and the read pointer.
+    fn seq_of(&self, ptr: u32) -> u64 {
+        let shape = self.host.shape();
+        self.read_seq - u64::from(shape.distance(self.host.read_ptr(), ptr))
+    }
+}
+
+/// The ring of a physical slot that carries nothing of a guest.
+const NO_RING: u32 = u32::MAX;
+
+/// Provenance of one physical slot: the ring and the guest pointer it came from.
+#[derive(Clone, Copy, Default)]
+struct Tag {
+    ring: u32,
+    ptr: u32,
+}
+
+/// Everything of a worker but its rings and its grace-period reader, so that a pass can borrow
+/// them apart.
+struct Lane {
+    batch_limit: usize,
+    ring_budget: usize,
+    audit_on: bool,
+    shared: Arc<Shared>,
+    producer: PhysProducer,
+    tags: Vec<Tag>,
+    inbuf: Vec<RawCommand>,
+    out: Vec<RawCommand>,
+    prov: Vec<u32>,
+    stats: EngineStats,
+    audit: Vec<AuditRecord>,
+}
+
+/// What a worker hands back when it ends.
+pub(super) struct Report {
+    pub(super) audit: Vec<AuditRecord>,
+    pub(super) hardware: Option<HwCounters>,
+}
+
+pub(super) struct Worker {
+    index: usize,
+    lane: Lane,
+    reader: Reader,
+    hardware: Option<Hardware>,
+    rings: Vec<RingState>,
+    next_ring: usize,
+}
+
+impl Worker {
+    pub(super) fn new(
+        index: usize,
+        cfg: &EngineConfig,
+        shared: Arc<Shared>,
+        producer: PhysProducer,
+        hardware: Option<Hardware>,
+    ) -> Worker {
+        let entries = producer.shape().entries() as usize;
+        let batch_limit = cfg.batch_limit.max(1);
+        Worker {
+            index,
+            reader: shared.grace.register(),
+            lane: Lane {
+                batch_limit,
+                ring_budget: cfg.ring_budget.max(1),
+                audit_on: cfg.audit,
+                shared,
+                producer,
+                tags: vec![Tag::default(); entries],
+                inbuf: vec![RawCommand::default(); cfg.ring_budget.max(1)],
+                out: vec![RawCommand::default(); batch_limit],
+                prov: vec![0; batch_limit],
+                stats: EngineStats::default(),
+                audit: Vec::new(),
+            },
+            hardware,
+            rings: Vec::new(),
+            next_ring: 0,
+        }
+    }
+
+    /// Runs passes until shutdown is asked and everything taken has completed.
+    pub(super) fn run(mut self) -> Report {
+        let mut idle = 0u32;
+        loop {
+            let stopping = self.lane.shared.stopping.load(Ordering::Acquire);
+            let work = self.pass(stopping);
+            if work {
+                idle = 0;
+                self.lane.shared.stats[self.index].store(&self.lane.stats);
+            } else {
+                if stopping && self.quiescent() {
+                    break;
+                }
+                idle = idle.saturating_add(1);
+                backoff(idle);
+            }
+        }
+        self.lane.shared.stats[self.index].store(&self.lane.stats);
+        let mut detached = lock(&self.lane.shared.detached);
+        for r in self.rings.drain(..) {
+            detached.insert(r.id, (r.host, None));
+        }
+        drop(detached);
+        Report {
+            audit: std::mem::take(&mut self.lane.audit),
+            hardware: self.hardware.map(|h| h.counters().clone()),
+        }
+    }
+
+    fn quiescent(&self) -> bool {
+        let p = &self.lane.producer;
+        p.error().is_none()
+            && p.consumed() == p.published()
+            && self.rings.iter().all(|r| r.inflight.is_empty())
+    }
+
+    /// One pass over everything this worker owns; true if anything moved.
+    fn pass(&mut self, stopping: bool) -> bool {
+        let mut work = self.control();
+        if let Some(hw) = self.hardware.as_mut() {
+            work |= hw.step(usize::MAX) > 0;
+        }
+        work |= self.lane.physical_fault(&mut self.rings);
+        let n = self.rings.len();
+        for k in 0..n {
+            let r = &mut self.rings[(self.next_ring + k) % n];
+            work |= self.lane.retire(r);
+            if !stopping {
+                work |= self.lane.serve(r, &mut self.reader);
+            }
+        }
+        if n > 0 {
+            self.next_ring = (self.next_ring + 1) % n;
+        }
+        work
+    }
+
+    /// Applies the control plane's messages; lets go of rings that finished detaching.
+    fn control(&mut self) -> bool {
+        let mut work = false;
+        while let Some(msg) = self.lane.shared.ctrl[self.index].pop() {
+            work = true;
+            match msg {
+                Ctrl::Attach {
+                    id,
+                    host,
+                    viommu,
+                    progress,
+                } => self.rings.push(RingState {
+                    id,
+                    progress,
+                    read_seq: 0,
+                    host: *host,
+                    viommu,
+                    inflight: VecDeque::with_capacity(MAX_INFLIGHT),
+                    pause: Pause::Running,
+                    detach: false,
+                    failed: None,
+                    stopped_at: None,
+                    captured_seq: 0,
+                    phys_inflight: 0,
+                }),
+                Ctrl::Detach { id } => {
+                    if let Some(r) = self.rings.iter_mut().find(|r| r.id == id) {
+                        r.detach = true;
+                    }
+                }
+                Ctrl::TrapDone { id } => {
+                    if let Some(r) = self.rings.iter_mut().find(|r| r.id == id) {
+                        if let Pause::Trapped { slot } = r.pause {
+                            r.host.complete(r.host.shape().advance(slot, 1));
+                            r.pause = Pause::Running;
+                        }
+                    }
+                }
+            }
+        }
+        let mut i = 0;
+        while i < self.rings.len() {
+            if self.rings[i].detach && self.rings[i].inflight.is_empty() {
+                let r = self.rings.swap_remove(i);
+                lock(&self.lane.shared.detached).insert(r.id, (r.host, r.failed));
+                work = true;
+            } else {
+                i += 1;
+            }
+        }
+        work
+    }
+}
+
+impl Lane {
+    fn now(&self) -> u64 {
+        self.shared.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Applies the pending records of `r` whose physical commands have been consumed.
+    fn retire(&mut self, r: &mut RingState) -> bool {
+        let consumed = self.producer.consumed();
+        let mut work = false;
+        while let Some(&p) = r.inflight.front() {
+            if consumed < p.phys {
+                break;
+            }
+            r.inflight.pop_front();
+            r.phys_inflight -= p.entries as usize;
+            work = true;
+            match p.action {
+                Action::Advance => r.host.complete(p.guest_end),
+                Action::Sync { cs, msidata } => {
+                    r.host.complete(p.guest_end);
+                    r.host.signal_sync(cs, msidata);
+                    self.stats.guest_syncs += 1;
+                    if self.audit_on {
+                        let seq = r.seq_of(p.guest_end) - 1;
+                        let t = self.now();
+                        self.audit
+                            .push(AuditRecord::SyncDone { ring: r.id, seq, t });
+                    }
+                }
+                Action::Stop { cerror } => {
+                    r.host.stop(p.guest_end, cerror);
+                    r.stopped_at = Some(p.guest_end);
+                    r.pause = Pause::Running;
+                }
+                Action::Trap { cmd } => {
+                    r.host.complete(p.guest_end);
+                    r.pause = Pause::Trapped { slot: p.guest_end };
+                    self.shared.traps.push(TrapEvent {
+                        ring: r.id,
+                        viommu: r.viommu.id(),
+                        slot: p.guest_end,
+                        seq: r.seq_of(p.guest_end),
+                        cmd,
+                    });
+                }
+            }
+        }
+        work
+    }
+
+    /// Reads ring `r` once, translates what it holds in batches and publishes them.
+    fn serve(&mut self, r: &mut RingState, reader: &mut Reader) -> bool {
+        if r.pause != Pause::Running || r.detach || r.inflight.len() + 2 >= MAX_INFLIGHT {
+            return false;
+        }
+        // Each guest entry becomes at most one physical entry (a guest CMD_SYNC becomes the
+        // physical CMD_SYNC), so the free space bounds what may be taken; and so does what is
+        // left of the ring's budget of entries in flight.
+        let room =
+            (self.producer.free() as usize).min(self.ring_budget.saturating_sub(r.phys_inflight));
+        if room == 0 {
+            return false;
+        }
+        let polled = match r.host.poll(&mut self.inbuf[..room]) {
+            Ok(p) => p,
+            Err(e) => {
+                // The ring's memory failed (an unsealed file shrank): give it up, nothing of it
+                // in flight is lost (the physical queue completes it regardless).
+                // Its CONS can no longer be written safely, so what is in flight of it completes
+                // in the physical queue without a word to the guest.
+                self.stats.ring_failures += 1;
+                r.detach = true;
+                r.failed = Some(e);
+                r.clear_inflight();
+                return true;
+            }
+        };
+        if polled.n == 0 {
+            return false;
+        }
+        self.stats.taken += polled.n as u64;
+        let shape = r.host.shape();
+        let seq0 = r.read_seq;
+        r.read_seq += polled.n as u64;
+        // One pin per pass: lookups and publication of every batch below happen inside it, so
+        // an unbind that returns has seen them all published (rule 5).
+        let pin = reader.pin();
+        // Capture: entries of this poll the engine acted on (judged), as this poll read them.
+        let mut acted = polled.n;
+        let mut done = 0usize;
+        while done < polled.n {
+            let chunk = (polled.n - done).min(self.batch_limit);
+            let input = &self.inbuf[done..done + chunk];
+            let end = translate(&r.viommu, input, &mut self.out, &mut self.prov);
+            let first = shape.advance(polled.first, done as u32);
+            let pos0 = self.producer.published();
+            // A batch that ends in a guest CMD_SYNC carries its physical CMD_SYNC: one PROD
+            // store for both. There is room: the guest's sync took an input slot, so fewer
+            // than `batch_limit` commands were produced.
+            let mut n = end.produced;
+            if let Stop::Sync { slot, .. } = end.stop {
+                self.out[n] = PHYS_SYNC;
+                self.prov[n] = slot as u32;
+                n += 1;
+                self.stats.phys_syncs += 1;
+            }
+            tag_batch(&mut self.tags, pos0, r.id.0, first, shape, &self.prov[..n]);
+            let phys = if n > 0 {
+                publish(&mut self.producer, &self.out[..n])
+            } else {
+                pos0
+            };
+            self.stats.forwarded += end.produced as u64;
+            if self.audit_on {
+                self.record(r.id, seq0, done, &end);
+            }
+            let guest_end = shape.advance(first, end.consumed as u32);
+            // A guest CMD_SYNC or trapped command is consumed but neither forwarded nor dropped.
+            let special = matches!(end.stop, Stop::Sync { .. } | Stop::Trap { .. });
+            self.stats.dropped += (end.consumed - end.produced - usize::from(special)) as u64;
+            self.stats.batches += 1;
+            match end.stop {
+                Stop::Drained | Stop::OutputFull => r.track(Pending {
+                    phys,
+                    guest_end,
+                    entries: (phys - pos0) as u32,
+                    action: Action::Advance,
+                }),
+                Stop::Sync { cs, msidata, .. } => {
+                    r.track(Pending {
+                        phys,
+                        guest_end,
+                        entries: (phys - pos0) as u32,
+                        action: Action::Sync { cs, msidata },
+                    });
+                }
+                Stop::Trap { slot, cmd } => {
+                    // The ring pauses at the trapped slot: what was read after it is given
+                    // back and read again once the control plane is done.
+                    self.stats.trapped += 1;
+                    r.track(Pending {
+                        phys,
+                        guest_end: shape.advance(first, slot as u32),
+                        entries: (phys - pos0) as u32,
+                        action: Action::Trap { cmd },
+                    });
+                    r.host.rewind(guest_end);
+                    acted = done + end.consumed;
+                    r.read_seq = seq0 + (done + end.consumed) as u64;
+                    r.pause = Pause::Draining;
+                    r.progress.advance(seq0 + (done + slot) as u64);
+                    break;
+                }
+                Stop::Refused { slot, cerror, .. } => {
+                    self.stats.refused += 1;
+                    let at = shape.advance(first, slot as u32);
+                    r.track(Pending {
+                        phys,
+                        guest_end: at,
+                        entries: (phys - pos0) as u32,
+                        action: Action::Stop { cerror },
+                    });
+                    r.host.rewind(at);
+                    // The refused entry was acted on too (its refusal is what the guest sees).
+                    acted = done + slot + 1;
+                    r.read_seq = seq0 + (done + slot) as u64;
+                    r.pause = Pause::Draining;
+                    r.progress.advance(seq0 + (done + slot) as u64);
+                    break;
+                }
+            }
+            done += end.consumed;
+            r.progress.advance(seq0 + done as u64);
+        }
+        if self.shared.capture.is_some() {
+            self.capture(r, polled.first, acted, seq0);
+        }
+        if self.audit_on {
+            let t = self.now();
+            self.audit.push(AuditRecord::Published {
+                ring: r.id,
+                first: seq0,
+                end: r.read_seq,
+                t,
+            });
+        }
+        drop(pin);
+        true
+    }
+
+    /// Capture: what the guest did that this poll shows, for the first `n` entries it read:
+    /// those the engine acted on. Entries read after a trapped or refused one are given back
+    /// and recorded only at the read that is acted on, since the guest may rewrite them while
+    /// the ring waits (a replay must see the bytes the engine judged, not an earlier version).
+    /// Entries recorded before (a refused entry read again after the guest's acknowledgement)
+    /// are not recorded twice; a rewrite of the stopped slot is the guest's fix.
+    fn capture(&mut self, r: &mut RingState, first: u32, n: usize, seq0: u64) {
+        let shape = r.host.shape();
+        let ring = r.id.0;
+        if let Some(at) = r.stopped_at.take() {
+            if first == at {
+                let fixed = self.inbuf[0];
+                self.shared.capture(|t| super::CaptureEvent::Fix {
+                    at: t,
+                    ring,
+                    slot: at,
+                    cmd: fixed,
+                });
+            }
+            self.shared
+                .capture(|t| super::CaptureEvent::Ack { at: t, ring });
+        }
+        let skip = (r.captured_seq.saturating_sub(seq0) as usize).min(n);
+        if skip < n {
+            let cmds = self.inbuf[skip..n].to_vec();
+            let slot = shape.advance(first, skip as u32);
+            self.shared.capture(|t| super::CaptureEvent::Commands {
+                at: t,
+                ring,
+                slot,
+                cmds,
+            });
+            let prod = shape.advance(first, n as u32);
+            self.shared
+                .capture(|t| super::CaptureEvent::Doorbell { at: t, ring, prod });
+            r.captured_seq = seq0 + n as u64;
+        }
+    }
+
+    /// Audit: what became of each input entry `translate` handled.
+    fn record(&mut self, ring: RingId, seq0: u64, done: usize, end: &crate::translate::BatchEnd) {
+        let seq0 = seq0 + done as u64;
+        let mut j = 0;
+        for i in 0..end.consumed {
+            let cmd = self.inbuf[done + i];
+            let outcome = if j < end.produced && self.prov[j] as usize == i {
+                j += 1;
+                SlotOutcome::Forwarded(self.out[j - 1])
+            } else {
+                match end.stop {
+                    Stop::Sync {
+                        slot,
+                        cs,
+                        msidata,
+                        msiaddr,
+                    } if slot == i => SlotOutcome::Sync {
+                        cs,
+                        msidata,
+                        msiaddr,
+                    },
+                    Stop::Trap { slot, .. } if slot == i => SlotOutcome::Trapped(cmd),
+                    _ => SlotOutcome::Dropped,
+                }
+            };
+            self.audit.push(AuditRecord::Slot {
+                ring,
+                seq: seq0 + i as u64,
+                outcome,
+            });
+        }
+        if let Stop::Refused {
+            slot,
+            cerror,
+            reason,
+        } = end.stop
+        {
+            self.audit.push(AuditRecord::Slot {
+                ring,
+                seq: seq0 + slot as u64,
+                outcome: SlotOutcome::Refused { cerror, reason },
+            });
+        }
+    }
+
+    /// Handles an error the physical queue stopped on: the guest ring whose command failed
+    /// stops at that command, its later commands are taken back, and the queue is repaired.
+    fn physical_fault(&mut self, rings: &mut [RingState]) -> bool {
+        let Some(err) = self.producer.error() else {
+            return false;
+        };
+        let mask = self.tags.len() as u64 - 1;
+        // Whatever the repair leaves in the failing slot (a CMD_SYNC for CERROR_ILL, the retried
+        // fetch or CMD_SYNC otherwise) carries nothing of the ring any more: its command is
+        // read again after the guest's acknowledgement. A second fault on that slot must blame
+        // no ring, or it would stop the ring again (or, still stopped, twice).
+        let tag = std::mem::replace(
+            &mut self.tags[(err.pos & mask) as usize],
+            Tag {
+                ring: NO_RING,
+                ptr: 0,
+            },
+        );
+        self.stats.phys_faults += 1;
+        if let Some(r) = rings.iter_mut().find(|r| r.id.0 == tag.ring) {
+            // Everything before the failing command has been consumed: complete it first.
+            self.retire(r);
+            // CERROR_ABT is retried by the repair: take the failing command back too.
+            if err.cerror == CError::Abt && self.producer.retract(err.pos) {
+                self.stats.retracted += 1;
+            }
+            for pos in err.pos + 1..self.producer.published() {
+                let t = &mut self.tags[(pos & mask) as usize];
+                if t.ring == tag.ring && self.producer.retract(pos) {
+                    // A no-op now: a later fault on it blames no ring.
+                    t.ring = NO_RING;
+                    self.stats.retracted += 1;
+                }
+            }
+            let cerror = match err.cerror {
+                CError::None => CError::Ill,
+                e => e,
+            };
+            r.clear_inflight();
+            r.pause = Pause::Running;
+            let seq = r.seq_of(tag.ptr);
+            r.read_seq = seq;
+            r.host.stop(tag.ptr, cerror);
+            r.stopped_at = Some(tag.ptr);
+            if self.audit_on {
+                self.audit.push(AuditRecord::PhysFault {
+                    ring: r.id,
+                    seq,
+                    cerror,
+                });
+            }
+        }
+        self.producer.recover();
+        true
+    }
+}
+
+/// Provenance of a batch about to be published at physical position `pos0`: the physical slot
+/// of output j came from guest pointer `first + prov[j]` of `ring`.
+fn tag_batch(tags: &mut [Tag], pos0: u64, ring: u32, first: u32, shape: QueueShape, prov: &[u32]) {
+    // At most two contiguous runs, as in the physical queue itself.
+    let start = (pos0 & (tags.len() as u64 - 1)) as usize;
+    let (a, b) = prov.split_at(prov.len().min(tags.len() - start));
+    let tag = |&p: &u32| Tag {
+        ring,
+        ptr: shape.advance(first, p),
+    };
+    for (t, p) in tags[start..start + a.len()].iter_mut().zip(a) {
+        *t = tag(p);
+    }
+    for (t, p) in tags[..b.len()].iter_mut().zip(b) {
+        *t = tag(p);
+    }
+}
+
+/// Publishes commands the caller made room for.
+fn publish(producer: &mut PhysProducer, cmds: &[RawCommand]) -> u64 {
+    match producer.publish(cmds) {
+        Ok(pos) => pos,
+        // `serve` takes no more guest entries than the queue has free slots, and each becomes at
+        // most one physical entry.
+        Err(full) => unreachable!("physical queue full despite the room check: {full:?}"),
+    }
+}
+
+fn backoff(idle: u32) {
+    if idle < 64 {
+        std::hint::spin_loop();
+    } else if idle < 512 {
+        std::thread::yield_now();
+    } else {
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
+}

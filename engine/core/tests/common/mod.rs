@@ -1,0 +1,535 @@
+//! Helpers shared by the engine's integration tests: a hardware check that logs what the
+//! physical queue consumed, the audit read back as one outcome per guest slot, rings over real
+//! mapped files, a guest driver that submits batches ended by a CMD_SYNC and handles ring
+//! errors the way Linux does, and an engine wrapper and waits that turn a dead engine thread or
+//! a wait that never ends into a test failure saying what did not happen, instead of a hang.
+#![allow(dead_code)]
+
+pub mod file_ring;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vcmdq::command::{opcode, text, RawCommand};
+use vcmdq::engine::{
+    AuditRecord, CaptureError, CaptureEvent, CaptureSink, CaptureTo, Engine, EngineConfig,
+    EngineReport, RingId,
+};
+use vcmdq::pqueue::HwConfig;
+use vcmdq::queue::CError;
+use vcmdq::ring::{AttachOptions, GuestRing, HostRing, RingError};
+use vcmdq::translate::SlotOutcome;
+
+/// How long any single wait may take before a test calls the engine hung.
+pub const T: Duration = Duration::from_secs(10);
+
+/// The physical CMD_SYNC the engine adds (CS=none): the only CMD_SYNC the hardware may see.
+pub const PHYS_SYNC: RawCommand = RawCommand::new(opcode::CMD_SYNC as u64, 0);
+
+/// A command in the text form.
+pub fn c(s: &str) -> RawCommand {
+    text::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"))
+}
+
+/// What the hardware consumed, in order (interleaved across physical queues).
+pub type Log = Arc<Mutex<Vec<RawCommand>>>;
+
+/// Every command the hardware consumed, and a check that none carries a VMID or pSID the host
+/// did not hand out, and that no guest CMD_SYNC (with its guest MSI address) reaches it.
+pub fn hw(vmids: &[u16], psids: &[u32]) -> (HwConfig, Log) {
+    let log: Log = Arc::new(Mutex::new(Vec::new()));
+    let l = log.clone();
+    let vmids: HashSet<u16> = vmids.iter().copied().collect();
+    let psids: HashSet<u32> = psids.iter().copied().collect();
+    let cfg = HwConfig::default().with_check(move |cmd| {
+        l.lock().unwrap().push(*cmd);
+        let op = cmd.opcode();
+        let vmid = (cmd.d0() >> 32) as u16;
+        let sid = (cmd.d0() >> 32) as u32;
+        match op {
+            opcode::TLBI_NH_ALL
+            | opcode::TLBI_NH_ASID
+            | opcode::TLBI_NH_VA
+            | opcode::TLBI_NH_VAA
+                if !vmids.contains(&vmid) =>
+            {
+                Err(format!("VMID {vmid} was never handed out"))
+            }
+            opcode::ATC_INV | opcode::CFGI_CD | opcode::CFGI_CD_ALL if !psids.contains(&sid) => {
+                Err(format!("pSID {sid:#x} was never handed out"))
+            }
+            opcode::CMD_SYNC if *cmd != PHYS_SYNC => {
+                Err(format!("a CMD_SYNC the engine did not make: {cmd:?}"))
+            }
+            _ => Ok(()),
+        }
+    });
+    (cfg, log)
+}
+
+/// The final outcome of each entry of `ring`, in ring order, after physical faults voided
+/// what followed them.
+pub fn outcomes(audit: &[AuditRecord], ring: RingId) -> Vec<SlotOutcome> {
+    let mut by_seq: Vec<Option<SlotOutcome>> = Vec::new();
+    for rec in audit {
+        match *rec {
+            AuditRecord::Slot {
+                ring: r,
+                seq,
+                outcome,
+            } if r == ring => {
+                let seq = seq as usize;
+                if by_seq.len() <= seq {
+                    by_seq.resize(seq + 1, None);
+                }
+                by_seq[seq] = Some(outcome);
+            }
+            AuditRecord::PhysFault { ring: r, seq, .. } if r == ring => {
+                by_seq.truncate(seq as usize);
+            }
+            _ => {}
+        }
+    }
+    by_seq
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| o.unwrap_or_else(|| panic!("ring {ring:?}: no outcome for entry {i}")))
+        .collect()
+}
+
+/// The commands `outcomes` says were forwarded, in order.
+pub fn forwarded(outcomes: &[SlotOutcome]) -> Vec<RawCommand> {
+    outcomes
+        .iter()
+        .filter_map(|o| match o {
+            SlotOutcome::Forwarded(c) => Some(*c),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The sequence numbers of the guest CMD_SYNCs the audit says `ring` had signalled, in the
+/// order they were signalled.
+pub fn syncs_done(audit: &[AuditRecord], ring: RingId) -> Vec<u64> {
+    audit
+        .iter()
+        .filter_map(|r| match *r {
+            AuditRecord::SyncDone { ring: x, seq, .. } if x == ring => Some(seq),
+            _ => None,
+        })
+        .collect()
+}
+
+/// vSID -> pSID.
+pub fn bindings(pairs: &[(u32, u32)]) -> HashMap<u32, u32> {
+    pairs.iter().copied().collect()
+}
+
+/// A small deterministic generator (splitmix64): reproducible workloads without a crate.
+#[derive(Clone, Debug)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// What a ring lives in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backing {
+    /// A sealed memfd the engine creates; the guest opens `/proc/<pid>/fd/<n>`.
+    Sealed,
+    /// A plain file the guest creates; the engine attaches it with `allow_unsealed`.
+    File,
+}
+
+static FILES: AtomicU32 = AtomicU32::new(0);
+
+/// A guest side and an engine side of one ring over a real shared mapping. Plain files are
+/// unlinked at once: both mappings stay valid and nothing is left behind.
+pub fn ring_pair(backing: Backing, log2size: u8, viommu: u32) -> (GuestRing, HostRing) {
+    match backing {
+        Backing::Sealed => {
+            let host = HostRing::create_sealed(log2size, viommu).unwrap();
+            let guest = GuestRing::open(host.path()).unwrap();
+            (guest, host)
+        }
+        Backing::File => {
+            let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+                "ring-{}-{}",
+                std::process::id(),
+                FILES.fetch_add(1, Ordering::Relaxed)
+            ));
+            let guest = GuestRing::create(&path, log2size, viommu).unwrap();
+            let host = HostRing::attach_with(
+                &path,
+                AttachOptions {
+                    allow_unsealed: true,
+                },
+            )
+            .unwrap();
+            std::fs::remove_file(&path).unwrap();
+            (guest, host)
+        }
+    }
+}
+
+/// What a guest does with a slot its ring stopped on: `Some(cmd)` writes `cmd` there before
+/// acknowledging, `None` acknowledges as is (the engine then reads it again).
+pub type Fixer = fn(CError, RawCommand) -> Option<RawCommand>;
+
+/// Linux's way: a CERROR_ILL command is overwritten with a CMD_SYNC; ABT and ATC_INV_SYNC are
+/// retried unchanged.
+pub fn fix_like_linux(cerror: CError, _cmd: RawCommand) -> Option<RawCommand> {
+    (cerror == CError::Ill).then_some(PHYS_SYNC)
+}
+
+/// Acknowledge without fixing: for commands that failed in the physical queue through no
+/// fault of their own.
+pub fn retry(_cerror: CError, _cmd: RawCommand) -> Option<RawCommand> {
+    None
+}
+
+fn is_sync(cmd: &RawCommand) -> bool {
+    cmd.opcode() == opcode::CMD_SYNC
+}
+
+/// A guest driver over one ring: submits batches that end in a CMD_SYNC, waits for each, and
+/// handles errors; keeps what the ring holds in the end (fixes applied), by sequence number.
+pub struct Driver {
+    /// The guest side.
+    pub guest: GuestRing,
+    /// The engine's id of the ring.
+    pub ring: RingId,
+    /// Every entry written, by sequence number, as the ring holds it now.
+    pub written: Vec<RawCommand>,
+    /// Guest CMD_SYNCs in `written`: the sync count the ring reaches once all complete.
+    pub syncs: u64,
+    /// Stops seen: the entry and CONS.ERR.
+    pub stops: Vec<(u64, CError)>,
+    fix: Fixer,
+}
+
+impl Driver {
+    /// A driver for `guest`, attached to the engine as `ring`.
+    pub fn new(guest: GuestRing, ring: RingId, fix: Fixer) -> Driver {
+        Driver {
+            guest,
+            ring,
+            written: Vec::new(),
+            syncs: 0,
+            stops: Vec::new(),
+            fix,
+        }
+    }
+
+    fn ptr_of(&self, seq: u64) -> u32 {
+        self.guest.shape().ptr(seq as u32)
+    }
+
+    /// Submits `cmds` (at most the ring's size) and waits until every CMD_SYNC among them has
+    /// completed, acknowledging (and fixing) errors on the way. Returns how many stops it
+    /// handled. `cmds` should end in a CMD_SYNC: without one there is nothing to wait for.
+    pub fn batch(&mut self, cmds: &[RawCommand]) -> Result<usize, RingError> {
+        let start = self.written.len() as u64;
+        let mut pushed = 0;
+        // A full ring takes the rest once CONS moves.
+        while pushed < cmds.len() {
+            let n = self.guest.submit(&cmds[pushed..]);
+            self.written.extend_from_slice(&cmds[pushed..pushed + n]);
+            self.syncs += cmds[pushed..pushed + n]
+                .iter()
+                .filter(|c| is_sync(c))
+                .count() as u64;
+            pushed += n;
+            if pushed < cmds.len() {
+                self.wait_progress(start)?;
+            }
+        }
+        let mut stops = 0;
+        loop {
+            match self.wait_syncs() {
+                Ok(()) => break,
+                Err(RingError::Stopped { slot, cerror }) => {
+                    self.handle_stop(start, slot, cerror);
+                    stops += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // The count was read with Acquire: CONS, stored before it, must be past the last sync.
+        if cmds.last().is_some_and(is_sync) {
+            let (cons, err) = self.guest.cons();
+            assert_eq!(err, CError::None, "ring {:?}", self.ring);
+            assert_eq!(
+                cons,
+                self.guest.prod(),
+                "ring {:?}: the sync count reached {} before CONS passed the CMD_SYNC",
+                self.ring,
+                self.syncs
+            );
+        }
+        Ok(stops)
+    }
+
+    /// `GuestRing::wait_syncs`, but sleeping between polls once it has spun a while: a test
+    /// runs many guests on few cores, and guests that only yield starve the engine's workers.
+    fn wait_syncs(&self) -> Result<(), RingError> {
+        let deadline = std::time::Instant::now() + T;
+        let mut spins = 0u32;
+        loop {
+            if self.guest.sync_count() >= self.syncs {
+                return Ok(());
+            }
+            if let Some((slot, cerror)) = self.guest.error() {
+                return Err(RingError::Stopped { slot, cerror });
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(RingError::Timeout {
+                    what: "CMD_SYNC completions",
+                    waited: T,
+                });
+            }
+            spins += 1;
+            backoff(spins);
+        }
+    }
+
+    /// Waits for CONS to move (or a stop to handle) while a batch does not fit.
+    fn wait_progress(&mut self, start: u64) -> Result<(), RingError> {
+        let before = self.guest.free();
+        let deadline = std::time::Instant::now() + T;
+        let mut spins = 0u32;
+        loop {
+            if let Some((slot, cerror)) = self.guest.error() {
+                self.handle_stop(start, slot, cerror);
+                return Ok(());
+            }
+            if self.guest.free() > before {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(RingError::Timeout {
+                    what: "ring space",
+                    waited: T,
+                });
+            }
+            spins += 1;
+            backoff(spins);
+        }
+    }
+
+    /// The entry a stop at `slot` names: the one pending at or after `start` with that pointer.
+    fn seq_at(&self, start: u64, slot: u32) -> u64 {
+        let shape = self.guest.shape();
+        let seq = start + u64::from(shape.distance(slot, self.ptr_of(start)));
+        assert!(
+            seq < self.written.len() as u64,
+            "ring {:?}: stopped at {slot:#x}, which is not pending (entries {start}..{})",
+            self.ring,
+            self.written.len()
+        );
+        seq
+    }
+
+    fn handle_stop(&mut self, start: u64, slot: u32, cerror: CError) {
+        let seq = self.seq_at(start, slot);
+        self.stops.push((seq, cerror));
+        let old = self.written[seq as usize];
+        assert_eq!(self.guest.read_slot(slot), old);
+        if let Some(new) = (self.fix)(cerror, old) {
+            self.guest.write_slot(slot, new);
+            self.written[seq as usize] = new;
+            self.syncs = self.syncs + u64::from(is_sync(&new)) - u64::from(is_sync(&old));
+        }
+        self.guest.ack_error();
+    }
+}
+
+/// Spin, then yield, then sleep: how the tests' busy-waits back off.
+pub fn backoff(spins: u32) {
+    if spins < 32 {
+        std::hint::spin_loop();
+    } else if spins < 64 {
+        std::thread::yield_now();
+    } else {
+        std::thread::sleep(Duration::from_micros(20));
+    }
+}
+
+/// An engine under test. A test that fails while it runs (a guest's wait timed out, an
+/// assertion) leaves it without joining its threads, since a worker whose hardware died never
+/// finishes: the test fails with its message instead of hanging in `Engine`'s drop. Dereferences
+/// to the [`Engine`].
+pub struct TestEngine {
+    engine: Option<Engine>,
+}
+
+impl TestEngine {
+    /// `Engine::start`, unwrapped.
+    pub fn start(cfg: EngineConfig) -> TestEngine {
+        TestEngine {
+            engine: Some(Engine::start(cfg).expect("start the engine")),
+        }
+    }
+
+    fn engine(&self) -> &Engine {
+        self.engine.as_ref().expect("the engine is running")
+    }
+
+    /// Fails the test if a worker or hardware thread has died: each is a panic (an engine bug,
+    /// or a hardware check that failed), whose message the test output shows above.
+    pub fn check_alive(&self) {
+        let dead = self.engine().dead_threads();
+        assert!(
+            dead == 0,
+            "{dead} engine thread(s) died (a worker or hardware thread panicked: its message is \
+             above); the rings it served are no longer served"
+        );
+    }
+
+    /// Waits (bounded by [`T`]) until `done` holds, failing the test with `what` if it never
+    /// does, or at once if an engine thread dies meanwhile.
+    pub fn until(&self, what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + T;
+        let mut spins = 0u32;
+        while !done() {
+            self.check_alive();
+            assert!(Instant::now() < deadline, "{what}: not within {T:?}");
+            spins += 1;
+            backoff(spins);
+        }
+    }
+
+    /// `Engine::shutdown`, bounded by [`T`]: fails the test if an engine thread has died (its
+    /// panic named), or if shutdown does not finish (everything taken must complete).
+    pub fn shutdown(mut self) -> EngineReport {
+        self.check_alive();
+        let engine = self.engine.take().expect("the engine is running");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("test-shutdown".into())
+            .spawn(move || {
+                let r =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.shutdown()));
+                let _ = tx.send(r);
+            })
+            .expect("spawn the shutdown thread");
+        match rx.recv_timeout(T) {
+            Ok(Ok(report)) => report,
+            Ok(Err(p)) => std::panic::resume_unwind(p),
+            Err(_) => panic!(
+                "engine shutdown did not finish within {T:?}: a worker is still waiting for \
+                 work it took to complete"
+            ),
+        }
+    }
+}
+
+impl std::ops::Deref for TestEngine {
+    type Target = Engine;
+
+    fn deref(&self) -> &Engine {
+        self.engine()
+    }
+}
+
+impl Drop for TestEngine {
+    fn drop(&mut self) {
+        let Some(engine) = self.engine.take() else {
+            return;
+        };
+        if std::thread::panicking() || engine.dead_threads() > 0 {
+            // Joining could wait forever on a worker whose hardware died: leave the threads
+            // to the end of the test process.
+            eprintln!(
+                "test engine abandoned with {} dead thread(s)",
+                engine.dead_threads()
+            );
+            std::mem::forget(engine);
+        }
+    }
+}
+
+/// Waits (bounded by [`T`]) until `done` holds; fails the test with `what` if it never does.
+pub fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + T;
+    let mut spins = 0u32;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {T:?}");
+        spins += 1;
+        backoff(spins);
+    }
+}
+
+/// Sets its flag when dropped, so that threads looping until the flag stop even when the test
+/// thread fails: a scope whose body panics still joins its threads.
+pub struct SetOnDrop<'a>(pub &'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Joins a scoped thread, waiting at most `within`, re-raising its panic with `who` named.
+pub fn join_named<R>(who: &str, within: Duration, h: std::thread::ScopedJoinHandle<'_, R>) -> R {
+    let deadline = Instant::now() + within;
+    let mut spins = 0u32;
+    while !h.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "{who} did not finish within {within:?}"
+        );
+        spins += 1;
+        backoff(spins);
+    }
+    match h.join() {
+        Ok(r) => r,
+        Err(p) => panic!("{who} panicked: {}", panic_text(&p)),
+    }
+}
+
+/// The message of a panic payload.
+pub fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+/// A capture sink that keeps the events in memory: the engine's capture seam without a file.
+#[derive(Clone, Default)]
+pub struct KeptCapture(pub Arc<Mutex<Vec<CaptureEvent>>>);
+
+impl KeptCapture {
+    /// The engine setting that captures into this.
+    pub fn to(&self) -> CaptureTo {
+        let kept = self.clone();
+        CaptureTo::new(move || Ok(Box::new(kept.clone()) as Box<dyn CaptureSink>))
+    }
+}
+
+impl CaptureSink for KeptCapture {
+    fn record(&mut self, event: CaptureEvent) -> Result<(), CaptureError> {
+        self.0.lock().unwrap().push(event);
+        Ok(())
+    }
+    fn finish(self: Box<Self>) -> Result<u64, CaptureError> {
+        Ok(self.0.lock().unwrap().len() as u64)
+    }
+}
