@@ -897,140 +897,176 @@ impl<'e> Replayer<'e> {
                 viommu,
                 device,
                 vsid,
-            } => {
-                self.quiesce(at, viommu)?;
-                self.engine
-                    .set_dev_id(viommu, DeviceId(device), vsid)
-                    .map_err(|e| Self::control_err(at, e))?;
-                let psid = self.devices[&device];
-                if let Some((_, b)) = self.viommus.get_mut(&viommu) {
-                    b.insert(vsid, psid);
-                }
-            }
-            Event::Unbind { viommu, device } => {
-                self.quiesce(at, viommu)?;
-                let vsid = self
-                    .engine
-                    .unset_dev_id(viommu, DeviceId(device))
-                    .map_err(|e| Self::control_err(at, e))?;
-                if let Some((_, b)) = self.viommus.get_mut(&viommu) {
-                    b.remove(&vsid);
-                }
-            }
+            } => self.bind(at, viommu, device, vsid)?,
+            Event::Unbind { viommu, device } => self.unbind(at, viommu, device)?,
             Event::RingCreate {
                 ring,
                 viommu,
                 log2size,
-            } => {
-                let host =
-                    HostRing::create_sealed(log2size, viommu).map_err(|err| ReplayError::Ring {
-                        at: at.to_string(),
-                        err,
-                    })?;
-                let guest = GuestRing::open(host.path()).map_err(|err| ReplayError::Ring {
-                    at: at.to_string(),
-                    err,
-                })?;
-                let shape = host.shape();
-                let guest_syncs = guest.sync_count();
-                let id = self
-                    .engine
-                    .attach_ring(host)
-                    .map_err(|e| Self::control_err(at, e))?;
-                self.by_engine_id.insert(id, ring);
-                self.rings.insert(
-                    ring,
-                    RingRt {
-                        guest,
-                        viommu,
-                        shape,
-                        prod: 0,
-                        prod_seq: 0,
-                        doorbells: Vec::new(),
-                        model: RingModel::new(shape),
-                        last_trap_seq: None,
-                        syncs_expected: 0,
-                        expected_counted: 0,
-                        sync_base: guest_syncs,
-                    },
-                );
-            }
-            Event::Commands { ring, slot, cmds } => {
-                let rt = self.ring(at, ring)?;
-                let shape = rt.shape;
-                let end = shape.advance(slot, cmds.len() as u32);
-                // A guest writes a slot only once CONS has freed it. Counted from PROD, which
-                // is within a lap of CONS, so a record two laps ahead of a slow engine cannot
-                // alias a free slot. A record reaching more than a ring past PROD rewrites old
-                // slots (a hostile guest): nothing to wait for.
-                let prod = self.ring(at, ring)?.prod;
-                let past_prod = shape.distance(end, prod);
-                if past_prod <= shape.entries() {
-                    self.wait(
-                        at,
-                        || format!("ring {ring}: slots up to {end:#x} to be free (is it stopped without an ack in the trace?)"),
-                        |rp| {
-                            let cons = rp.rings[&ring].guest.cons().0;
-                            shape.distance(prod, cons) + past_prod <= shape.entries()
-                        },
-                    )?;
-                }
-                let rt = self.ring(at, ring)?;
-                for (i, &cmd) in cmds.iter().enumerate() {
-                    let p = shape.advance(slot, i as u32);
-                    rt.guest.write_slot(p, cmd);
-                    rt.model.write(p, cmd);
-                }
-            }
-            Event::Doorbell { ring, prod } => {
-                let t = self.now();
-                let rt = self.ring(at, ring)?;
-                let masked = rt.shape.ptr(prod);
-                let d = rt.shape.distance(masked, rt.prod);
-                if d <= rt.shape.entries() {
-                    rt.prod_seq += u64::from(d);
-                    rt.prod = masked;
-                    rt.doorbells.push((rt.prod_seq, t));
-                }
-                rt.guest.write_prod_raw(prod);
-                let viommu = rt.viommu;
-                let (cfg, b) = &self.viommus[&viommu];
-                let (cfg, b) = (*cfg, b.clone());
-                self.ring(at, ring)?.model.doorbell(prod, &cfg, &b);
-                self.after_model_step(at, ring)?;
-            }
-            Event::GuestAck { ring } => {
-                // The guest acknowledged a stop it saw: wait for the engine's. An ack with no
-                // stop (a hostile or confused guest) goes straight in; the engine ignores it.
-                if self.ring(at, ring)?.model.stopped() {
-                    self.wait(
-                        at,
-                        || format!("ring {ring} to stop with CONS.ERR, as the guest saw it do"),
-                        |rp| rp.rings[&ring].guest.error().is_some(),
-                    )?;
-                }
-                let viommu = self.ring(at, ring)?.viommu;
-                let (cfg, b) = &self.viommus[&viommu];
-                let (cfg, b) = (*cfg, b.clone());
-                let rt = self.ring(at, ring)?;
-                rt.guest.ack_error();
-                rt.model.ack(&cfg, &b);
-                self.after_model_step(at, ring)?;
-            }
-            Event::GuestFix { ring, slot, cmd } => {
-                if self.ring(at, ring)?.model.stopped() {
-                    self.wait(
-                        at,
-                        || format!("ring {ring} to stop at {slot:#x}, as the guest saw it do"),
-                        |rp| rp.rings[&ring].guest.error().is_some(),
-                    )?;
-                }
-                let rt = self.ring(at, ring)?;
-                rt.guest.write_slot(slot, cmd);
-                rt.model.write(slot, cmd);
-            }
+            } => self.create_ring(at, ring, viommu, log2size)?,
+            Event::Commands { ring, slot, cmds } => self.write_commands(at, ring, slot, cmds)?,
+            Event::Doorbell { ring, prod } => self.doorbell(at, ring, prod)?,
+            Event::GuestAck { ring } => self.guest_ack(at, ring)?,
+            Event::GuestFix { ring, slot, cmd } => self.guest_fix(at, ring, slot, cmd)?,
             Event::Outcome { .. } => {}
         }
+        Ok(())
+    }
+
+    fn bind(&mut self, at: &str, viommu: u32, device: u32, vsid: u32) -> Result<(), ReplayError> {
+        self.quiesce(at, viommu)?;
+        self.engine
+            .set_dev_id(viommu, DeviceId(device), vsid)
+            .map_err(|e| Self::control_err(at, e))?;
+        let psid = self.devices[&device];
+        if let Some((_, b)) = self.viommus.get_mut(&viommu) {
+            b.insert(vsid, psid);
+        }
+        Ok(())
+    }
+
+    fn unbind(&mut self, at: &str, viommu: u32, device: u32) -> Result<(), ReplayError> {
+        self.quiesce(at, viommu)?;
+        let vsid = self
+            .engine
+            .unset_dev_id(viommu, DeviceId(device))
+            .map_err(|e| Self::control_err(at, e))?;
+        if let Some((_, b)) = self.viommus.get_mut(&viommu) {
+            b.remove(&vsid);
+        }
+        Ok(())
+    }
+
+    fn create_ring(
+        &mut self,
+        at: &str,
+        ring: u32,
+        viommu: u32,
+        log2size: u8,
+    ) -> Result<(), ReplayError> {
+        let host = HostRing::create_sealed(log2size, viommu).map_err(|err| ReplayError::Ring {
+            at: at.to_string(),
+            err,
+        })?;
+        let guest = GuestRing::open(host.path()).map_err(|err| ReplayError::Ring {
+            at: at.to_string(),
+            err,
+        })?;
+        let shape = host.shape();
+        let guest_syncs = guest.sync_count();
+        let id = self
+            .engine
+            .attach_ring(host)
+            .map_err(|e| Self::control_err(at, e))?;
+        self.by_engine_id.insert(id, ring);
+        self.rings.insert(
+            ring,
+            RingRt {
+                guest,
+                viommu,
+                shape,
+                prod: 0,
+                prod_seq: 0,
+                doorbells: Vec::new(),
+                model: RingModel::new(shape),
+                last_trap_seq: None,
+                syncs_expected: 0,
+                expected_counted: 0,
+                sync_base: guest_syncs,
+            },
+        );
+        Ok(())
+    }
+
+    fn write_commands(
+        &mut self,
+        at: &str,
+        ring: u32,
+        slot: u32,
+        cmds: &[RawCommand],
+    ) -> Result<(), ReplayError> {
+        let rt = self.ring(at, ring)?;
+        let shape = rt.shape;
+        let end = shape.advance(slot, cmds.len() as u32);
+        // A guest writes a slot only once CONS has freed it. Counted from PROD, which
+        // is within a lap of CONS, so a record two laps ahead of a slow engine cannot
+        // alias a free slot. A record reaching more than a ring past PROD rewrites old
+        // slots (a hostile guest): nothing to wait for.
+        let prod = self.ring(at, ring)?.prod;
+        let past_prod = shape.distance(end, prod);
+        if past_prod <= shape.entries() {
+            self.wait(
+                at,
+                || format!("ring {ring}: slots up to {end:#x} to be free (is it stopped without an ack in the trace?)"),
+                |rp| {
+                    let cons = rp.rings[&ring].guest.cons().0;
+                    shape.distance(prod, cons) + past_prod <= shape.entries()
+                },
+            )?;
+        }
+        let rt = self.ring(at, ring)?;
+        for (i, &cmd) in cmds.iter().enumerate() {
+            let p = shape.advance(slot, i as u32);
+            rt.guest.write_slot(p, cmd);
+            rt.model.write(p, cmd);
+        }
+        Ok(())
+    }
+
+    fn doorbell(&mut self, at: &str, ring: u32, prod: u32) -> Result<(), ReplayError> {
+        let t = self.now();
+        let rt = self.ring(at, ring)?;
+        let masked = rt.shape.ptr(prod);
+        let d = rt.shape.distance(masked, rt.prod);
+        if d <= rt.shape.entries() {
+            rt.prod_seq += u64::from(d);
+            rt.prod = masked;
+            rt.doorbells.push((rt.prod_seq, t));
+        }
+        rt.guest.write_prod_raw(prod);
+        let viommu = rt.viommu;
+        let (cfg, b) = &self.viommus[&viommu];
+        let (cfg, b) = (*cfg, b.clone());
+        self.ring(at, ring)?.model.doorbell(prod, &cfg, &b);
+        self.after_model_step(at, ring)
+    }
+
+    fn guest_ack(&mut self, at: &str, ring: u32) -> Result<(), ReplayError> {
+        // The guest acknowledged a stop it saw: wait for the engine's. An ack with no
+        // stop (a hostile or confused guest) goes straight in; the engine ignores it.
+        if self.ring(at, ring)?.model.stopped() {
+            self.wait(
+                at,
+                || format!("ring {ring} to stop with CONS.ERR, as the guest saw it do"),
+                |rp| rp.rings[&ring].guest.error().is_some(),
+            )?;
+        }
+        let viommu = self.ring(at, ring)?.viommu;
+        let (cfg, b) = &self.viommus[&viommu];
+        let (cfg, b) = (*cfg, b.clone());
+        let rt = self.ring(at, ring)?;
+        rt.guest.ack_error();
+        rt.model.ack(&cfg, &b);
+        self.after_model_step(at, ring)
+    }
+
+    fn guest_fix(
+        &mut self,
+        at: &str,
+        ring: u32,
+        slot: u32,
+        cmd: RawCommand,
+    ) -> Result<(), ReplayError> {
+        if self.ring(at, ring)?.model.stopped() {
+            self.wait(
+                at,
+                || format!("ring {ring} to stop at {slot:#x}, as the guest saw it do"),
+                |rp| rp.rings[&ring].guest.error().is_some(),
+            )?;
+        }
+        let rt = self.ring(at, ring)?;
+        rt.guest.write_slot(slot, cmd);
+        rt.model.write(slot, cmd);
         Ok(())
     }
 
