@@ -506,6 +506,22 @@ struct Args<'a> {
 }
 
 impl Args<'_> {
+    /// A queue position given as an index field and a wrap field.
+    fn pos(&self, idx: &[&'static str], wrap: &[&'static str]) -> Result<Pos, ImportProblem> {
+        let index = self.need(idx)?;
+        if !(0..1 << MAX_LOG2SIZE).contains(&index) {
+            return Err(ImportProblem::OutOfRange {
+                event: self.event.to_string(),
+                field: idx[0],
+                value: index,
+            });
+        }
+        Ok(Pos {
+            index: index as u32,
+            wrap: self.need(wrap)? & 1 == 1,
+        })
+    }
+
     fn get(&self, keys: &[&str]) -> Result<Option<i64>, ImportProblem> {
         for (k, v) in &self.pairs {
             if keys.contains(&k.as_str()) {
@@ -606,11 +622,41 @@ fn rebuild(
     ctx: &Ctx,
     stats: &mut ImportStats,
 ) -> Result<RawCommand, ImportProblem> {
-    let default_sid = ctx.default_sid;
+    let op = rebuild_opcode(f, name, stats);
+    let sid = rebuild_sid(f, op, ctx.default_sid, stats);
+    let span = rebuild_span(f, op, stats)?;
+    let cmd = if op == opcode::CMD_SYNC {
+        rebuild_sync(f, index, ctx, stats)
+    } else if let Some(cmd) = rebuild_tlbi(op, f, &span) {
+        cmd
+    } else if let Some(cmd) = rebuild_by_sid(op, f, sid, stats) {
+        cmd
+    } else {
+        // Every other opcode: its fields are not in the log. TLBI_EL2_ALL (0x20) and
+        // TLBI_NSNH_ALL (0x30) have no fields: nothing is missing.
+        if !matches!(op, 0x20 | 0x30) && crate::command::opcode_name(op).is_some() {
+            stats.approx(
+                "an opcode QEMU only names (PRI_RESP, RESUME, STALL_TERM, EL2/EL3 TLBIs): its fields written as 0",
+            );
+        }
+        return Ok(RawCommand::new(u64::from(op), 0));
+    };
+    cmd.try_encode().map_err(|e| ImportProblem::BadValue {
+        event: op_name(op).to_string(),
+        field: "command".into(),
+        value: format!("{e}"),
+    })
+}
+
+fn op_name(op: u8) -> &'static str {
+    crate::command::opcode_name(op).unwrap_or("TLBI")
+}
+
+fn rebuild_opcode(f: &Fields, name: &str, stats: &mut ImportStats) -> u8 {
     if f.op.is_some() {
         stats.read("opcode (smmuv3_cmdq_opcode, or the guest-error line)");
     }
-    let op = match f.op {
+    match f.op {
         Some(op) => op,
         None => {
             stats.approx("opcode only named INVALID/UNKNOWN (no guest-error line): illegal opcode 0x00/0x08 written");
@@ -620,8 +666,11 @@ fn rebuild(
                 0x00
             }
         }
-    };
-    let sid = match f.sid {
+    }
+}
+
+fn rebuild_sid(f: &Fields, op: u8, default_sid: u32, stats: &mut ImportStats) -> u32 {
+    match f.sid {
         Some(sid) if f.sid_from_ste => {
             stats.derived(
                 "PREFETCH_CONFIG SID (not logged): the SID of the CFGI_STE before it, as Linux \
@@ -639,16 +688,26 @@ fn rebuild(
             }
             default_sid
         }
-    };
-    let vmid = f.vmid;
-    let asid = f.asid;
+    }
+}
+
+/// A TLBI's address and range as the command holds them.
+struct Span {
+    addr: u64,
+    tg: u8,
+    num: u8,
+    scale: u8,
+}
+
+/// The address and range of a TLBI by address (zero for any other command); a range no
+/// single TLBI expresses is refused.
+fn rebuild_span(f: &Fields, op: u8, stats: &mut ImportStats) -> Result<Span, ImportProblem> {
     let by_address = matches!(
         op,
         opcode::TLBI_NH_VA | opcode::TLBI_NH_VAA | opcode::TLBI_S2_IPA
     );
-    let name_of = |op| crate::command::opcode_name(op).unwrap_or("TLBI");
     if by_address && f.addr.is_none() {
-        return Err(ImportProblem::NoAddress { op: name_of(op) });
+        return Err(ImportProblem::NoAddress { op: op_name(op) });
     }
     if f.asid_unknown && matches!(op, opcode::TLBI_NH_VA | opcode::TLBI_NH_ASID) {
         stats.approx("ASID printed as -1 (not applicable): written as 0");
@@ -657,88 +716,136 @@ fn rebuild(
         stats.read("TLBI address, TG, TTL, LEAF, VMID, ASID and page count (range lines)");
     }
     let addr = f.addr.unwrap_or(0) & !0xfff;
-    let (tg, num, scale) = if f.tg == 0 {
+    if f.tg == 0 {
         if by_address && f.pages > 1 {
             return Err(ImportProblem::Invalid {
-                event: name_of(op).to_string(),
+                event: op_name(op).to_string(),
                 field: "num_pages".into(),
                 value: f.pages as i64,
                 why: "with TG 0 (no range) a TLBI covers one address",
             });
         }
-        (0, 0, 0)
-    } else {
-        // NUM and SCALE as Linux chooses them: SCALE the lowest set bit of the page count.
-        let scale = f.pages.trailing_zeros();
-        let num = f.pages >> scale;
-        if scale > 31 || num > 32 {
-            return Err(ImportProblem::Invalid {
-                event: name_of(op).to_string(),
-                field: "num_pages".into(),
-                value: f.pages.min(i64::MAX as u64) as i64,
-                why: "the chunks add up to a page count no single TLBI expresses as (NUM+1) x 2^SCALE",
-            });
-        }
-        (f.tg, (num - 1) as u8, scale as u8)
+        return Ok(Span {
+            addr,
+            tg: 0,
+            num: 0,
+            scale: 0,
+        });
+    }
+    // NUM and SCALE as Linux chooses them: SCALE the lowest set bit of the page count.
+    let scale = f.pages.trailing_zeros();
+    let num = f.pages >> scale;
+    if scale > 31 || num > 32 {
+        return Err(ImportProblem::Invalid {
+            event: op_name(op).to_string(),
+            field: "num_pages".into(),
+            value: f.pages.min(i64::MAX as u64) as i64,
+            why: "the chunks add up to a page count no single TLBI expresses as (NUM+1) x 2^SCALE",
+        });
+    }
+    Ok(Span {
+        addr,
+        tg: f.tg,
+        num: (num - 1) as u8,
+        scale: scale as u8,
+    })
+}
+
+fn rebuild_sync(f: &Fields, index: u32, ctx: &Ctx, stats: &mut ImportStats) -> Command {
+    if f.irq {
+        stats.read("CMD_SYNC CS=IRQ (smmuv3_trigger_irq)");
+    }
+    let Some(idr0) = ctx.idr0 else {
+        stats.approx(
+            "CMD_SYNC: MSH/MSIATTR/MSIDATA/MSIADDR not in the log (and no IDR0 read \
+             to tell what the driver chose), written as 0",
+        );
+        return Command::CmdSync {
+            cs: u8::from(f.irq),
+            msh: 0,
+            msiattr: 0,
+            msidata: 0,
+            msiaddr: 0,
+        };
     };
-    let (ttl, leaf) = (f.ttl, f.leaf);
-    let cmd = match op {
-        opcode::CMD_SYNC => {
-            if f.irq {
-                stats.read("CMD_SYNC CS=IRQ (smmuv3_trigger_irq)");
-            }
-            match ctx.idr0 {
-                // What Linux's arm-smmu-v3 writes (arm_smmu_cmdq_build_sync_cmd): MSH=ISH,
-                // MSIATTR=OIWB, and CS=SEV unless it polls an MSI, which it does when IDR0
-                // has MSI and COHACC; the MSI then targets the CMD_SYNC's own slot.
-                Some(idr0) => {
-                    let polls_msi = idr0 >> 13 & 1 == 1 && idr0 >> 4 & 1 == 1;
-                    let (cs, msiaddr) = match (f.irq, polls_msi, ctx.cmdq_base) {
-                        (true, true, Some(base)) => {
-                            stats.derived(
-                                "CMD_SYNC MSH=3 MSIATTR=0xf MSIADDR=its own slot (not logged): \
-                                 IDR0.MSI=1 and COHACC=1, Linux's MSI polling",
-                            );
-                            (1, (base + u64::from(index) * 16) & ((1 << 52) - 1))
-                        }
-                        (true, _, _) => {
-                            stats.derived(
-                                "CMD_SYNC MSH=3 MSIATTR=0xf (not logged): as Linux writes them",
-                            );
-                            stats.approx("CMD_SYNC CS=IRQ MSIADDR unknown: written as 0");
-                            (1, 0)
-                        }
-                        (false, _, _) => {
-                            stats.derived(
-                                "CMD_SYNC CS=SEV MSH=3 MSIATTR=0xf (not logged): no IRQ line, \
-                                 and IDR0 read by the guest, as Linux's arm-smmu-v3 writes it",
-                            );
-                            (2, 0)
-                        }
-                    };
-                    Command::CmdSync {
-                        cs,
-                        msh: LINUX_SYNC_MSH,
-                        msiattr: LINUX_SYNC_MSIATTR,
-                        msidata: 0,
-                        msiaddr,
-                    }
-                }
-                None => {
-                    stats.approx(
-                        "CMD_SYNC: MSH/MSIATTR/MSIDATA/MSIADDR not in the log (and no IDR0 read \
-                         to tell what the driver chose), written as 0",
-                    );
-                    Command::CmdSync {
-                        cs: u8::from(f.irq),
-                        msh: 0,
-                        msiattr: 0,
-                        msidata: 0,
-                        msiaddr: 0,
-                    }
-                }
-            }
+    // What Linux's arm-smmu-v3 writes (arm_smmu_cmdq_build_sync_cmd): MSH=ISH,
+    // MSIATTR=OIWB, and CS=SEV unless it polls an MSI, which it does when IDR0
+    // has MSI and COHACC; the MSI then targets the CMD_SYNC's own slot.
+    let polls_msi = idr0 >> 13 & 1 == 1 && idr0 >> 4 & 1 == 1;
+    let (cs, msiaddr) = match (f.irq, polls_msi, ctx.cmdq_base) {
+        (true, true, Some(base)) => {
+            stats.derived(
+                "CMD_SYNC MSH=3 MSIATTR=0xf MSIADDR=its own slot (not logged): \
+                 IDR0.MSI=1 and COHACC=1, Linux's MSI polling",
+            );
+            (1, (base + u64::from(index) * 16) & ((1 << 52) - 1))
         }
+        (true, _, _) => {
+            stats.derived("CMD_SYNC MSH=3 MSIATTR=0xf (not logged): as Linux writes them");
+            stats.approx("CMD_SYNC CS=IRQ MSIADDR unknown: written as 0");
+            (1, 0)
+        }
+        (false, _, _) => {
+            stats.derived(
+                "CMD_SYNC CS=SEV MSH=3 MSIATTR=0xf (not logged): no IRQ line, \
+                 and IDR0 read by the guest, as Linux's arm-smmu-v3 writes it",
+            );
+            (2, 0)
+        }
+    };
+    Command::CmdSync {
+        cs,
+        msh: LINUX_SYNC_MSH,
+        msiattr: LINUX_SYNC_MSIATTR,
+        msidata: 0,
+        msiaddr,
+    }
+}
+
+/// The TLBIs whose fields the log gives; `None` for any other opcode.
+fn rebuild_tlbi(op: u8, f: &Fields, s: &Span) -> Option<Command> {
+    let (vmid, asid, addr, ttl, leaf) = (f.vmid, f.asid, s.addr, f.ttl, f.leaf);
+    let (tg, num, scale) = (s.tg, s.num, s.scale);
+    Some(match op {
+        opcode::TLBI_NH_ALL => Command::TlbiNhAll { vmid },
+        opcode::TLBI_NH_ASID => Command::TlbiNhAsid { vmid, asid },
+        opcode::TLBI_NH_VA => Command::TlbiNhVa {
+            vmid,
+            asid,
+            addr,
+            tg,
+            num,
+            scale,
+            ttl,
+            leaf,
+        },
+        opcode::TLBI_NH_VAA => Command::TlbiNhVaa {
+            vmid,
+            addr,
+            tg,
+            num,
+            scale,
+            ttl,
+            leaf,
+        },
+        opcode::TLBI_S12_VMALL => Command::TlbiS12Vmall { vmid },
+        opcode::TLBI_S2_IPA => Command::TlbiS2Ipa {
+            vmid,
+            addr: addr & ((1 << 52) - 1),
+            tg,
+            num,
+            scale,
+            ttl,
+            leaf,
+        },
+        _ => return None,
+    })
+}
+
+/// The commands naming a StreamID (configuration invalidations, prefetches, ATC_INV); `None`
+/// for any other opcode.
+fn rebuild_by_sid(op: u8, f: &Fields, sid: u32, stats: &mut ImportStats) -> Option<Command> {
+    Some(match op {
         opcode::CFGI_STE => {
             stats.approx(LEAF_APPROX);
             Command::CfgiSte {
@@ -774,28 +881,6 @@ fn rebuild(
             }
         }
         opcode::CFGI_CD_ALL => Command::CfgiCdAll { ssec: false, sid },
-        opcode::TLBI_NH_ALL => Command::TlbiNhAll { vmid },
-        opcode::TLBI_NH_ASID => Command::TlbiNhAsid { vmid, asid },
-        opcode::TLBI_NH_VA => Command::TlbiNhVa {
-            vmid,
-            asid,
-            addr,
-            tg,
-            num,
-            scale,
-            ttl,
-            leaf,
-        },
-        opcode::TLBI_NH_VAA => Command::TlbiNhVaa {
-            vmid,
-            addr,
-            tg,
-            num,
-            scale,
-            ttl,
-            leaf,
-        },
-        opcode::TLBI_S12_VMALL => Command::TlbiS12Vmall { vmid },
         // QEMU does not model ATS: nothing of an ATC_INV is logged but its opcode. Invalidating
         // everything is the safe reading.
         opcode::ATC_INV => {
@@ -821,31 +906,7 @@ fn rebuild(
             size: 0,
             addr: 0,
         },
-        opcode::TLBI_S2_IPA => Command::TlbiS2Ipa {
-            vmid,
-            addr: addr & ((1 << 52) - 1),
-            tg,
-            num,
-            scale,
-            ttl,
-            leaf,
-        },
-        // Every other opcode: its fields are not in the log.
-        // TLBI_NSNH_ALL and TLBI_EL2_ALL have no fields: nothing is missing.
-        0x20 | 0x30 => return Ok(RawCommand::new(u64::from(op), 0)),
-        _ => {
-            if crate::command::opcode_name(op).is_some() {
-                stats.approx(
-                    "an opcode QEMU only names (PRI_RESP, RESUME, STALL_TERM, EL2/EL3 TLBIs): its fields written as 0",
-                );
-            }
-            return Ok(RawCommand::new(u64::from(op), 0));
-        }
-    };
-    cmd.try_encode().map_err(|e| ImportProblem::BadValue {
-        event: name_of(op).to_string(),
-        field: "command".into(),
-        value: format!("{e}"),
+        _ => return None,
     })
 }
 
@@ -916,6 +977,7 @@ impl Parser {
         self.stats.commands += 1;
     }
 
+    /// Takes in one `smmuv3_*` event; false if the import has no use for it.
     fn event(&mut self, ts: u64, name: &str, rest: &str) -> Result<bool, ImportProblem> {
         let a = Args {
             event: name,
@@ -928,91 +990,10 @@ impl Parser {
                 }
             }
         }
-        let pos = |idx: &[&'static str], wrap: &[&'static str]| -> Result<Pos, ImportProblem> {
-            let index = a.need(idx)?;
-            if !(0..1 << MAX_LOG2SIZE).contains(&index) {
-                return Err(ImportProblem::OutOfRange {
-                    event: name.to_string(),
-                    field: idx[0],
-                    value: index,
-                });
-            }
-            Ok(Pos {
-                index: index as u32,
-                wrap: a.need(wrap)? & 1 == 1,
-            })
-        };
         match name {
-            "smmuv3_cmdq_consume" => {
-                let prod = pos(&["prod"], &["prod.wrap"])?;
-                let cons = pos(&["cons"], &["cons.wrap"])?;
-                self.max_index = self.max_index.max(prod.index).max(cons.index);
-                self.finish_current();
-                if self.pass.is_none() {
-                    self.pass = Some(Pass {
-                        ts,
-                        prod,
-                        start: cons,
-                        obs: Vec::new(),
-                        error: None,
-                        end_ts: ts,
-                        line: self.line,
-                    });
-                }
-                self.cur = Some(Current {
-                    pos: cons,
-                    fields: Fields::default(),
-                    name: String::new(),
-                    seen_opcode: false,
-                    line: self.line,
-                });
-            }
-            "smmuv3_cmdq_opcode" => {
-                if let Some(cur) = self.cur.as_mut() {
-                    let n = rest.trim().trim_start_matches("<---").trim().to_string();
-                    if !cur.fields.exact_op {
-                        cur.fields.op = opcode_of(&n);
-                    }
-                    // QEMU logs PREFETCH_CONFIG without its SID. Linux writes one after
-                    // each STE it installs (CFGI_STE, CMD_SYNC, PREFETCH_CONFIG of that SID).
-                    if cur.fields.op == Some(opcode::PREFETCH_CONFIG) && cur.fields.sid.is_none() {
-                        if let Some(sid) = self.last_ste_sid {
-                            cur.fields.sid = Some(sid);
-                            cur.fields.sid_from_ste = true;
-                        }
-                    }
-                    cur.name = n;
-                    cur.seen_opcode = true;
-                    cur.line = self.line;
-                }
-            }
-            "smmuv3_cmdq_consume_error" => {
-                // "Error on SMMU_CMD_X command execution: N"
-                let code = rest
-                    .rsplit(':')
-                    .next()
-                    .and_then(|c| number(c.trim()))
-                    .ok_or_else(|| ImportProblem::BadValue {
-                        event: name.to_string(),
-                        field: "error".into(),
-                        value: rest.trim().to_string(),
-                    })?;
-                if !(1..=3).contains(&code) {
-                    return Err(ImportProblem::Invalid {
-                        event: name.to_string(),
-                        field: "error".into(),
-                        value: code,
-                        why: "QEMU's CONS.ERR codes are 1 (ILL), 2 (ABT) and 3 (ATC_INV_SYNC)",
-                    });
-                }
-                if let (Some(cur), Some(pass)) = (&self.cur, &mut self.pass) {
-                    if cur.seen_opcode {
-                        pass.error = Some((pass.obs.len(), code as u8));
-                    }
-                }
-                self.finish_current();
-                self.stats.errors += 1;
-            }
+            "smmuv3_cmdq_consume" => self.consume(ts, &a)?,
+            "smmuv3_cmdq_opcode" => self.opcode(rest),
+            "smmuv3_cmdq_consume_error" => self.consume_error(name, rest)?,
             "smmuv3_cmdq_consume_out" => {
                 self.finish_current();
                 if let Some(mut p) = self.pass.take() {
@@ -1033,122 +1014,149 @@ impl Parser {
                     _ => return Ok(false),
                 }
             }
-            "smmuv3_write_mmio" => {
-                // CMDQ_BASE (offset 0x90) holds LOG2SIZE in bits [4:0].
-                if a.get(&["addr"])? == Some(0x90) {
-                    let v = a.need(&["val"])?;
-                    self.cmdq_base = Some(v as u64 & 0x000f_ffff_ffff_ffe0);
-                    let log2size = (v & 0x1f) as u8;
-                    if log2size > MAX_LOG2SIZE {
-                        return Err(ImportProblem::Invalid {
-                            event: name.to_string(),
-                            field: "val".into(),
-                            value: v,
-                            why: "CMDQ_BASE.LOG2SIZE (bits [4:0]) is 0 to 19",
-                        });
-                    }
-                    self.base_log2size = Some(log2size);
+            "smmuv3_write_mmio" => self.write_mmio(name, &a)?,
+            _ => return self.command_field(name, &a),
+        }
+        Ok(true)
+    }
+
+    /// A consume line: QEMU reads the command at CONS (and starts a pass if none is open).
+    fn consume(&mut self, ts: u64, a: &Args<'_>) -> Result<(), ImportProblem> {
+        let prod = a.pos(&["prod"], &["prod.wrap"])?;
+        let cons = a.pos(&["cons"], &["cons.wrap"])?;
+        self.max_index = self.max_index.max(prod.index).max(cons.index);
+        self.finish_current();
+        if self.pass.is_none() {
+            self.pass = Some(Pass {
+                ts,
+                prod,
+                start: cons,
+                obs: Vec::new(),
+                error: None,
+                end_ts: ts,
+                line: self.line,
+            });
+        }
+        self.cur = Some(Current {
+            pos: cons,
+            fields: Fields::default(),
+            name: String::new(),
+            seen_opcode: false,
+            line: self.line,
+        });
+        Ok(())
+    }
+
+    fn opcode(&mut self, rest: &str) {
+        let Some(cur) = self.cur.as_mut() else {
+            return;
+        };
+        let n = rest.trim().trim_start_matches("<---").trim().to_string();
+        if !cur.fields.exact_op {
+            cur.fields.op = opcode_of(&n);
+        }
+        // QEMU logs PREFETCH_CONFIG without its SID. Linux writes one after
+        // each STE it installs (CFGI_STE, CMD_SYNC, PREFETCH_CONFIG of that SID).
+        if cur.fields.op == Some(opcode::PREFETCH_CONFIG) && cur.fields.sid.is_none() {
+            if let Some(sid) = self.last_ste_sid {
+                cur.fields.sid = Some(sid);
+                cur.fields.sid_from_ste = true;
+            }
+        }
+        cur.name = n;
+        cur.seen_opcode = true;
+        cur.line = self.line;
+    }
+
+    fn consume_error(&mut self, name: &str, rest: &str) -> Result<(), ImportProblem> {
+        // "Error on SMMU_CMD_X command execution: N"
+        let code = rest
+            .rsplit(':')
+            .next()
+            .and_then(|c| number(c.trim()))
+            .ok_or_else(|| ImportProblem::BadValue {
+                event: name.to_string(),
+                field: "error".into(),
+                value: rest.trim().to_string(),
+            })?;
+        if !(1..=3).contains(&code) {
+            return Err(ImportProblem::Invalid {
+                event: name.to_string(),
+                field: "error".into(),
+                value: code,
+                why: "QEMU's CONS.ERR codes are 1 (ILL), 2 (ABT) and 3 (ATC_INV_SYNC)",
+            });
+        }
+        if let (Some(cur), Some(pass)) = (&self.cur, &mut self.pass) {
+            if cur.seen_opcode {
+                pass.error = Some((pass.obs.len(), code as u8));
+            }
+        }
+        self.finish_current();
+        self.stats.errors += 1;
+        Ok(())
+    }
+
+    fn write_mmio(&mut self, name: &str, a: &Args<'_>) -> Result<(), ImportProblem> {
+        // CMDQ_BASE (offset 0x90) holds LOG2SIZE in bits [4:0].
+        if a.get(&["addr"])? != Some(0x90) {
+            return Ok(());
+        }
+        let v = a.need(&["val"])?;
+        self.cmdq_base = Some(v as u64 & 0x000f_ffff_ffff_ffe0);
+        let log2size = (v & 0x1f) as u8;
+        if log2size > MAX_LOG2SIZE {
+            return Err(ImportProblem::Invalid {
+                event: name.to_string(),
+                field: "val".into(),
+                value: v,
+                why: "CMDQ_BASE.LOG2SIZE (bits [4:0]) is 0 to 19",
+            });
+        }
+        self.base_log2size = Some(log2size);
+        Ok(())
+    }
+
+    /// A line that gives fields of the command being consumed; false if it gives none.
+    fn command_field(&mut self, name: &str, a: &Args<'_>) -> Result<bool, ImportProblem> {
+        let Some(cur) = self.cur.as_mut().filter(|c| c.seen_opcode) else {
+            return Ok(false);
+        };
+        let f = &mut cur.fields;
+        match name {
+            "smmuv3_cmdq_cfgi_ste" | "smmuv3_cmdq_cfgi_cd" => {
+                let sid = a.need_in(&["sid", "streamid"], 0, i64::from(u32::MAX), SID_RANGE)?;
+                f.sid = Some(sid as u32);
+                f.sid_from_ste = false;
+                if name == "smmuv3_cmdq_cfgi_ste" {
+                    self.last_ste_sid = Some(sid as u32);
                 }
             }
-            _ => {
-                let mut ste_sid = None;
-                let Some(cur) = self.cur.as_mut().filter(|c| c.seen_opcode) else {
-                    return Ok(false);
-                };
-                let f = &mut cur.fields;
-                let u32_max = i64::from(u32::MAX);
-                match name {
-                    "smmuv3_cmdq_cfgi_ste" | "smmuv3_cmdq_cfgi_cd" => {
-                        let sid = a.need_in(&["sid", "streamid"], 0, u32_max, SID_RANGE)? as u32;
-                        f.sid = Some(sid);
-                        f.sid_from_ste = false;
-                        if name == "smmuv3_cmdq_cfgi_ste" {
-                            ste_sid = Some(sid);
-                        }
-                    }
-                    "smmuv3_cmdq_cfgi_ste_range" => {
-                        let start = a.need_in(&["start"], 0, u32_max, SID_RANGE)?;
-                        let end = a.need_in(&["end"], 0, u32_max, SID_RANGE)?;
-                        // QEMU prints the block's first and last SID: 2^(RANGE+1) SIDs, aligned.
-                        let n = (end - start + 1) as u64;
-                        if end < start
-                            || n < 2
-                            || !n.is_power_of_two()
-                            || !(start as u64).is_multiple_of(n)
-                        {
-                            return Err(ImportProblem::Invalid {
-                                event: name.to_string(),
-                                field: "end".into(),
-                                value: end,
-                                why: "a CFGI_STE_RANGE block is an aligned power of two of at least 2 SIDs",
-                            });
-                        }
-                        f.sid = Some(start as u32);
-                        f.range = Some((n.trailing_zeros() - 1) as u8);
-                    }
-                    "smmuv3_cmdq_tlbi_nh_asid" => {
-                        a.need(&["asid"])?;
-                        f.asid_unknown = a.id16("asid")?.is_none();
-                        f.asid = a.id16("asid")?.unwrap_or(0);
-                        f.vmid = a.id16("vmid")?.unwrap_or(0);
-                    }
-                    "smmuv3_cmdq_tlbi_nh" | "smmuv3_cmdq_tlbi_s12_vmid" => {
-                        f.vmid = a.id16("vmid")?.unwrap_or(0);
-                    }
-                    "smmuv3_range_inval"
-                    | "smmuv3_s1_range_inval"
-                    | "smmuv3_cmdq_tlbi_nh_va"
-                    | "smmuv3_cmdq_tlbi_nh_vaa" => {
-                        // The range events print every field of the command; the older
-                        // per-opcode events (QEMU without range invalidation) print the address
-                        // and LEAF of a single-address TLBI, which is all such a QEMU executed.
-                        let range = matches!(name, "smmuv3_range_inval" | "smmuv3_s1_range_inval");
-                        let addr = a.need(&["addr"])? as u64;
-                        let leaf = a.need_in(&["leaf"], 0, 1, "LEAF is 0 or 1")? != 0;
-                        let (tg, ttl, pages) = if range {
-                            (
-                                a.need_in(&["tg"], 0, 3, "TG is 0 to 3")? as u8,
-                                a.need_in(&["ttl"], 0, 3, "TTL is 0 to 3")? as u8,
-                                a.need_in(
-                                    &["num_pages"],
-                                    1,
-                                    i64::from(u32::MAX),
-                                    "a chunk is 1 to 2^32 - 1 pages",
-                                )? as u64,
-                            )
-                        } else {
-                            (0, 0, 1)
-                        };
-                        // A range is traced once per power-of-two chunk: the first chunk gives
-                        // the start, the chunks add up to the whole.
-                        if f.addr.is_none() {
-                            f.addr = Some(addr);
-                            f.vmid = a.id16("vmid")?.unwrap_or(0);
-                            let asid = a.id16("asid")?;
-                            f.asid_unknown = asid.is_none();
-                            f.asid = asid.unwrap_or(0);
-                            f.tg = tg;
-                            f.ttl = ttl;
-                            f.leaf = leaf;
-                        }
-                        f.pages = f.pages.saturating_add(pages);
-                    }
-                    "smmuv3_unhandled_cmd" => {
-                        f.op = Some(a.need_in(&["type"], 0, 255, "an opcode is 0 to 255")? as u8);
-                        f.exact_op = true;
-                    }
-                    "smmuv3_trigger_irq" => {
-                        // SMMU_IRQ_CMD_SYNC is 2 in QEMU's numbering.
-                        if a.get(&["irq"])? == Some(2) && f.op == Some(opcode::CMD_SYNC) {
-                            f.irq = true;
-                        }
-                    }
-                    _ => return Ok(false),
-                }
-                if ste_sid.is_some() {
-                    self.last_ste_sid = ste_sid;
+            "smmuv3_cmdq_cfgi_ste_range" => ste_range(f, name, a)?,
+            "smmuv3_cmdq_tlbi_nh_asid" => {
+                a.need(&["asid"])?;
+                f.asid_unknown = a.id16("asid")?.is_none();
+                f.asid = a.id16("asid")?.unwrap_or(0);
+                f.vmid = a.id16("vmid")?.unwrap_or(0);
+            }
+            "smmuv3_cmdq_tlbi_nh" | "smmuv3_cmdq_tlbi_s12_vmid" => {
+                f.vmid = a.id16("vmid")?.unwrap_or(0);
+            }
+            "smmuv3_range_inval"
+            | "smmuv3_s1_range_inval"
+            | "smmuv3_cmdq_tlbi_nh_va"
+            | "smmuv3_cmdq_tlbi_nh_vaa" => tlbi_address(f, name, a)?,
+            "smmuv3_unhandled_cmd" => {
+                f.op = Some(a.need_in(&["type"], 0, 255, "an opcode is 0 to 255")? as u8);
+                f.exact_op = true;
+            }
+            "smmuv3_trigger_irq" => {
+                // SMMU_IRQ_CMD_SYNC is 2 in QEMU's numbering.
+                if a.get(&["irq"])? == Some(2) && f.op == Some(opcode::CMD_SYNC) {
+                    f.irq = true;
                 }
             }
+            _ => return Ok(false),
         }
         Ok(true)
     }
@@ -1173,6 +1181,63 @@ impl Parser {
         }
         Ok(())
     }
+}
+
+/// CFGI_STE_RANGE's block, which QEMU prints as its first and last SID.
+fn ste_range(f: &mut Fields, name: &str, a: &Args<'_>) -> Result<(), ImportProblem> {
+    let u32_max = i64::from(u32::MAX);
+    let start = a.need_in(&["start"], 0, u32_max, SID_RANGE)?;
+    let end = a.need_in(&["end"], 0, u32_max, SID_RANGE)?;
+    // QEMU prints the block's first and last SID: 2^(RANGE+1) SIDs, aligned.
+    let n = (end - start + 1) as u64;
+    if end < start || n < 2 || !n.is_power_of_two() || !(start as u64).is_multiple_of(n) {
+        return Err(ImportProblem::Invalid {
+            event: name.to_string(),
+            field: "end".into(),
+            value: end,
+            why: "a CFGI_STE_RANGE block is an aligned power of two of at least 2 SIDs",
+        });
+    }
+    f.sid = Some(start as u32);
+    f.range = Some((n.trailing_zeros() - 1) as u8);
+    Ok(())
+}
+
+/// A TLBI by address. The range events print every field of the command; the older
+/// per-opcode events (QEMU without range invalidation) print the address and LEAF of a
+/// single-address TLBI, which is all such a QEMU executed.
+fn tlbi_address(f: &mut Fields, name: &str, a: &Args<'_>) -> Result<(), ImportProblem> {
+    let range = matches!(name, "smmuv3_range_inval" | "smmuv3_s1_range_inval");
+    let addr = a.need(&["addr"])? as u64;
+    let leaf = a.need_in(&["leaf"], 0, 1, "LEAF is 0 or 1")? != 0;
+    let (tg, ttl, pages) = if range {
+        (
+            a.need_in(&["tg"], 0, 3, "TG is 0 to 3")? as u8,
+            a.need_in(&["ttl"], 0, 3, "TTL is 0 to 3")? as u8,
+            a.need_in(
+                &["num_pages"],
+                1,
+                i64::from(u32::MAX),
+                "a chunk is 1 to 2^32 - 1 pages",
+            )? as u64,
+        )
+    } else {
+        (0, 0, 1)
+    };
+    // A range is traced once per power-of-two chunk: the first chunk gives
+    // the start, the chunks add up to the whole.
+    if f.addr.is_none() {
+        f.addr = Some(addr);
+        f.vmid = a.id16("vmid")?.unwrap_or(0);
+        let asid = a.id16("asid")?;
+        f.asid_unknown = asid.is_none();
+        f.asid = asid.unwrap_or(0);
+        f.tg = tg;
+        f.ttl = ttl;
+        f.leaf = leaf;
+    }
+    f.pages = f.pages.saturating_add(pages);
+    Ok(())
 }
 
 /// Reads one line of at most [`MAX_LINE_BYTES`] into `buf` (without its newline): `None` at
