@@ -1280,97 +1280,8 @@ pub fn import_with<R: BufRead, W: Write + Seek>(
     out: W,
     limits: &ImportLimits,
 ) -> Result<(W, ImportStats), ImportError> {
-    let mut p = Parser {
-        items: Vec::new(),
-        pass: None,
-        cur: None,
-        base_log2size: None,
-        cmdq_base: None,
-        last_ste_sid: None,
-        max_index: 0,
-        sids: BTreeSet::new(),
-        stats: ImportStats::default(),
-        first_abs: None,
-        last_ts: 0,
-        line: 0,
-    };
-    let mut n = 0u64;
-    let mut buf = Vec::new();
-    loop {
-        let at = |line| move |problem| ImportError { line, problem };
-        let Some(terminated) = read_line(&mut log, &mut buf).map_err(at(n + 1))? else {
-            break;
-        };
-        n += 1;
-        p.line = n;
-        if !terminated {
-            // The last line without its newline: QEMU stopped mid-write, and what was written
-            // of it may parse as a line with fields missing or cut short.
-            p.stats.cut_last_line = Some(n);
-            break;
-        }
-        let line = match std::str::from_utf8(&buf) {
-            Ok(l) => l,
-            // A byte that is not UTF-8 in an unrelated line (a guest's console, another
-            // device) costs that line only; in an smmuv3 event it is a damaged log.
-            Err(_) if buf.windows(7).any(|w| w == b"smmuv3_") => {
-                return Err(at(n)(ImportProblem::NotUtf8))
-            }
-            Err(_) => {
-                p.stats.skip("not UTF-8 (and not an smmuv3_* event)");
-                continue;
-            }
-        };
-        let (abs, rest) = split_line(line).map_err(at(n))?;
-        let ts = match abs {
-            Some(abs) => abs.saturating_sub(*p.first_abs.get_or_insert(abs)),
-            None => {
-                if rest.starts_with("smmuv3_") {
-                    p.stats.untimed += 1;
-                }
-                n * 1000
-            }
-        };
-        let ts = ts.max(p.last_ts);
-        p.last_ts = ts;
-        if line.contains("Illegal command type:") {
-            p.guest_error(line).map_err(at(n))?;
-            p.stats.used += 1;
-            continue;
-        }
-        let (name, args) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
-        if !name.starts_with("smmuv3_") {
-            p.stats.skip("not an smmuv3_* event");
-            continue;
-        }
-        let used = p.event(ts, name, args).map_err(at(n))?;
-        if p.stats.commands + p.stats.acks > limits.max_commands {
-            return Err(at(n)(ImportProblem::TooMany {
-                what: "commands and acknowledgements",
-                limit: limits.max_commands,
-                flag: "--max-commands",
-            }));
-        }
-        if p.sids.len() as u64 > limits.max_sids {
-            return Err(at(n)(ImportProblem::TooMany {
-                what: "distinct StreamIDs",
-                limit: limits.max_sids,
-                flag: "--max-sids",
-            }));
-        }
-        if used {
-            p.stats.used += 1;
-        } else {
-            p.stats.skip("an smmuv3_* event the import does not use");
-        }
-    }
-    p.stats.lines = n;
-    p.finish_current();
-    if let Some(mut pass) = p.pass.take() {
-        pass.end_ts = p.last_ts;
-        p.items.push(Item::Pass(pass));
-        p.stats.passes += 1;
-    }
+    let mut p = Parser::new();
+    p.read(&mut log, limits)?;
     // Made in memory and validated before a byte reaches `out`: an import that would not
     // replay is refused like any other trace.
     let (bytes, stats) = emit(p, io::Cursor::new(Vec::new()), limits)?;
@@ -1385,219 +1296,489 @@ pub fn import_with<R: BufRead, W: Write + Seek>(
     Ok((out, stats))
 }
 
+impl Parser {
+    fn new() -> Parser {
+        Parser {
+            items: Vec::new(),
+            pass: None,
+            cur: None,
+            base_log2size: None,
+            cmdq_base: None,
+            last_ste_sid: None,
+            max_index: 0,
+            sids: BTreeSet::new(),
+            stats: ImportStats::default(),
+            first_abs: None,
+            last_ts: 0,
+            line: 0,
+        }
+    }
+
+    /// Reads the whole log, then closes the pass still open at its end.
+    fn read(&mut self, log: &mut impl BufRead, limits: &ImportLimits) -> Result<(), ImportError> {
+        let mut n = 0u64;
+        let mut buf = Vec::new();
+        loop {
+            let at = |line| move |problem| ImportError { line, problem };
+            let Some(terminated) = read_line(&mut *log, &mut buf).map_err(at(n + 1))? else {
+                break;
+            };
+            n += 1;
+            self.line = n;
+            if !terminated {
+                // The last line without its newline: QEMU stopped mid-write, and what was
+                // written of it may parse as a line with fields missing or cut short.
+                self.stats.cut_last_line = Some(n);
+                break;
+            }
+            self.take_line(&buf, limits).map_err(at(n))?;
+        }
+        self.stats.lines = n;
+        self.finish_current();
+        if let Some(mut pass) = self.pass.take() {
+            pass.end_ts = self.last_ts;
+            self.items.push(Item::Pass(pass));
+            self.stats.passes += 1;
+        }
+        Ok(())
+    }
+
+    /// One whole line of the log, line number `self.line`.
+    fn take_line(&mut self, buf: &[u8], limits: &ImportLimits) -> Result<(), ImportProblem> {
+        let line = match std::str::from_utf8(buf) {
+            Ok(l) => l,
+            // A byte that is not UTF-8 in an unrelated line (a guest's console, another
+            // device) costs that line only; in an smmuv3 event it is a damaged log.
+            Err(_) if buf.windows(7).any(|w| w == b"smmuv3_") => {
+                return Err(ImportProblem::NotUtf8)
+            }
+            Err(_) => {
+                self.stats.skip("not UTF-8 (and not an smmuv3_* event)");
+                return Ok(());
+            }
+        };
+        let (abs, rest) = split_line(line)?;
+        let ts = match abs {
+            Some(abs) => abs.saturating_sub(*self.first_abs.get_or_insert(abs)),
+            None => {
+                if rest.starts_with("smmuv3_") {
+                    self.stats.untimed += 1;
+                }
+                self.line * 1000
+            }
+        };
+        let ts = ts.max(self.last_ts);
+        self.last_ts = ts;
+        if line.contains("Illegal command type:") {
+            self.guest_error(line)?;
+            self.stats.used += 1;
+            return Ok(());
+        }
+        let (name, args) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+        if !name.starts_with("smmuv3_") {
+            self.stats.skip("not an smmuv3_* event");
+            return Ok(());
+        }
+        let used = self.event(ts, name, args)?;
+        self.check_limits(limits)?;
+        if used {
+            self.stats.used += 1;
+        } else {
+            self.stats.skip("an smmuv3_* event the import does not use");
+        }
+        Ok(())
+    }
+
+    fn check_limits(&self, limits: &ImportLimits) -> Result<(), ImportProblem> {
+        if self.stats.commands + self.stats.acks > limits.max_commands {
+            return Err(ImportProblem::TooMany {
+                what: "commands and acknowledgements",
+                limit: limits.max_commands,
+                flag: "--max-commands",
+            });
+        }
+        if self.sids.len() as u64 > limits.max_sids {
+            return Err(ImportProblem::TooMany {
+                what: "distinct StreamIDs",
+                limit: limits.max_sids,
+                flag: "--max-sids",
+            });
+        }
+        Ok(())
+    }
+}
+
 fn emit<W: Write + Seek>(
-    mut p: Parser,
+    p: Parser,
     out: W,
     limits: &ImportLimits,
 ) -> Result<(W, ImportStats), ImportError> {
-    let whole = |problem| ImportError { line: 0, problem };
-    let passes: Vec<&Pass> = p
-        .items
+    let Parser {
+        items,
+        mut stats,
+        mut sids,
+        base_log2size,
+        max_index,
+        cmdq_base,
+        ..
+    } = p;
+    let passes: Vec<&Pass> = items
         .iter()
         .filter_map(|i| match i {
             Item::Pass(x) => Some(x),
             Item::Ack(_) => None,
         })
         .collect();
+    let no_activity = ImportError {
+        line: 0,
+        problem: ImportProblem::NoActivity,
+    };
     let Some(first) = passes.first() else {
-        return Err(whole(ImportProblem::NoActivity));
+        return Err(no_activity);
     };
-    let (log2size, inferred) = match p.base_log2size {
-        Some(l) => (l, false),
-        None => (
-            ((32 - p.max_index.leading_zeros()) as u8).clamp(1, MAX_LOG2SIZE),
-            true,
-        ),
-    };
-    let shape = QueueShape::new(log2size).map_err(|_| whole(ImportProblem::NoActivity))?;
-    p.stats.log2size = log2size;
-    p.stats.log2size_inferred = inferred;
-    if inferred {
-        p.stats
-            .approx("LOG2SIZE (no CMDQ_BASE write in the log): from the highest index seen");
-    } else {
-        p.stats.read("LOG2SIZE (the CMDQ_BASE write)");
-    }
+    let shape = ring_shape(base_log2size, max_index, &mut stats).ok_or(no_activity)?;
     // Slots are renumbered so the first CONS seen is slot 0, where a new ring starts.
-    let base = first.start.ptr(shape);
-    let rebase = |pos: Pos| shape.advance(pos.ptr(shape), shape.ptr_mask() + 1 - base);
-
-    // Every observation in log order, and for each slot the observations' positions in it, to
-    // find what a slot held when PROD was written: its first consumption afterwards.
-    // A SID the log does not give is taken to be the lowest SID it shows (a device of this
-    // VM), or 0 bound to a placeholder device when it shows none, so that a command QEMU
-    // consumed without error is not refused on replay for want of a binding.
-    let needs_default = passes
-        .iter()
-        .flat_map(|p| &p.obs)
-        .any(|o| o.fields.sid.is_none() && uses_sid(o.fields.op));
-    if p.sids.is_empty() && needs_default {
-        p.sids.insert(0);
-    }
-    let ctx = Ctx {
-        default_sid: p.sids.iter().next().copied().unwrap_or(0),
-        idr0: p.stats.idr0,
-        cmdq_base: p.cmdq_base,
+    let rebase = Rebase {
+        shape,
+        base: first.start.ptr(shape),
     };
-    let mut all: Vec<(u32, RawCommand)> = Vec::new();
-    let mut pass_start = Vec::new();
-    let mut cmds_of: Vec<Vec<RawCommand>> = Vec::new();
-    for pass in &passes {
-        pass_start.push(all.len());
-        let mut cmds = Vec::with_capacity(pass.obs.len());
-        for o in &pass.obs {
-            let c = rebuild(&o.fields, &o.name, o.pos.index, &ctx, &mut p.stats).map_err(
-                |problem| ImportError {
-                    line: o.line,
-                    problem,
-                },
-            )?;
-            cmds.push(c);
-        }
-        all.extend(pass.obs.iter().zip(&cmds).map(|(o, c)| (rebase(o.pos), *c)));
-        cmds_of.push(cmds);
-    }
-    let mut by_slot: HashMap<u32, Vec<usize>> = HashMap::new();
-    for (i, (slot, _)) in all.iter().enumerate() {
-        by_slot.entry(*slot).or_default().push(i);
-    }
-    let first_from = |slot: u32, from: usize| -> Option<RawCommand> {
-        let v = by_slot.get(&slot)?;
-        let k = v.partition_point(|&i| i < from);
-        v.get(k).map(|&i| all[i].1)
-    };
-
+    let ctx = rebuild_ctx(&passes, &mut sids, stats.idr0, cmdq_base);
+    let observed = Observed::rebuild(&passes, &ctx, rebase, &mut stats)?;
     let meta = TraceMeta {
         // A guest of QEMU's SMMU waits for its CMD_SYNCs (that is what they are for).
         flags: FLAG_IMPORTED | FLAG_GUEST_WAITS_SYNC,
         created_unix_ns: 0,
     };
-    let mut w = TraceWriter::new(out, meta)?;
-    let sidsize = p
-        .sids
-        .iter()
-        .next_back()
-        .map_or(16, |&s| (32 - s.leading_zeros()).max(16) as u8);
-    // Range invalidation as the guest saw it offered (IDR3.RIL); QEMU 7.2 and later offer it.
-    let range_inv = match p.stats.idr3 {
-        Some(idr3) => {
-            p.stats
-                .read("range invalidation (IDR3.RIL read by the guest)");
-            idr3 >> 10 & 1 == 1
-        }
-        None => true,
+    let mut e = Emitter {
+        w: TraceWriter::new(out, meta)?,
+        rebase,
+        observed: &observed,
+        limits,
+        stats,
+        written: 0,
+        content: HashMap::new(),
     };
-    w.viommu_create(0, 0, 1, 0, Profile::Kernel, sidsize, range_inv)?;
-    for (k, &sid) in p.sids.iter().enumerate() {
-        let device = k as u32 + 1;
-        w.device_add(0, device, 0, sid)?;
-        w.bind(0, 0, device, sid)?;
-    }
-    p.stats.sids = p.sids.len() as u64;
-    w.ring_create(0, 0, 0, log2size)?;
+    e.control_plane(&sids)?;
+    e.passes(&items)?;
+    let out = e.w.finish_counted()?;
+    Ok((out, e.stats))
+}
 
-    let mut written = 0u32;
-    let mut content: HashMap<u32, RawCommand> = HashMap::new();
-    let mut ack: Option<u64> = None;
-    let mut pass_no = 0usize;
-    for item in &p.items {
-        let pass = match item {
-            Item::Ack(ts) => {
-                ack = Some(*ts);
-                continue;
-            }
-            Item::Pass(pass) => pass,
-        };
-        let from = pass_start[pass_no];
-        pass_no += 1;
-        let prod = rebase(pass.prod);
-        let new = shape.distance(prod, written).min(shape.entries());
-        let in_new = |slot: u32| shape.distance(slot, written) < new;
-        // The guest rewrote slots QEMU had stopped at: GuestFix, then its acknowledgement.
-        let fix_ts = ack.unwrap_or(pass.ts).max(w.last_timestamp());
-        for (o, &cmd) in pass.obs.iter().zip(&cmds_of[pass_no - 1]) {
-            let slot = rebase(o.pos);
-            if !in_new(slot) && content.get(&slot).is_some_and(|c| *c != cmd) {
-                w.guest_fix(fix_ts, 0, slot, cmd)?;
-                content.insert(slot, cmd);
-                p.stats.fixes += 1;
-            }
-        }
-        if ack.take().is_some() {
-            w.guest_ack(fix_ts, 0)?;
-        }
-        if new > 0 {
-            let ts = pass.ts.max(w.last_timestamp());
-            // Slots PROD covers that QEMU never read are filled: bounded, since a few lines of
-            // log with PROD far ahead of CONS would otherwise make megabytes of filler.
-            let filler = (0..new)
-                .filter(|&i| first_from(shape.advance(written, i), from).is_none())
-                .count() as u64;
-            let too_much = |filler, scope, limit, flag| ImportError {
-                line: pass.line,
-                problem: ImportProblem::TooMuchFiller {
-                    filler,
-                    scope,
-                    limit,
-                    flag,
-                },
-            };
-            if filler > limits.max_filler_per_pass {
-                return Err(too_much(
-                    filler,
-                    "in one pass",
-                    limits.max_filler_per_pass,
-                    "--max-filler-per-pass",
-                ));
-            }
-            if p.stats.unobserved + filler > limits.max_filler {
-                return Err(too_much(
-                    p.stats.unobserved + filler,
-                    "in all",
-                    limits.max_filler,
-                    "--max-filler",
-                ));
-            }
-            let mut cmds = Vec::with_capacity(new as usize);
-            for i in 0..new {
-                let slot = shape.advance(written, i);
-                let c = first_from(slot, from).unwrap_or_else(|| {
-                    p.stats.unobserved += 1;
-                    p.stats
-                        .approx("a slot written but never consumed: filled with CMD_SYNC");
-                    Command::CmdSync {
-                        cs: 0,
-                        msh: 0,
-                        msiattr: 0,
-                        msidata: 0,
-                        msiaddr: 0,
-                    }
-                    .encode()
-                });
-                content.insert(slot, c);
+/// The ring's size: CMDQ_BASE.LOG2SIZE as the guest wrote it or, without that write, the
+/// smallest that holds every index seen.
+fn ring_shape(
+    base_log2size: Option<u8>,
+    max_index: u32,
+    stats: &mut ImportStats,
+) -> Option<QueueShape> {
+    let (log2size, inferred) = match base_log2size {
+        Some(l) => (l, false),
+        None => (
+            ((32 - max_index.leading_zeros()) as u8).clamp(1, MAX_LOG2SIZE),
+            true,
+        ),
+    };
+    let shape = QueueShape::new(log2size).ok()?;
+    stats.log2size = log2size;
+    stats.log2size_inferred = inferred;
+    if inferred {
+        stats.approx("LOG2SIZE (no CMDQ_BASE write in the log): from the highest index seen");
+    } else {
+        stats.read("LOG2SIZE (the CMDQ_BASE write)");
+    }
+    Some(shape)
+}
+
+/// A SID the log does not give is taken to be the lowest SID it shows (a device of this VM),
+/// or 0 bound to a placeholder device when it shows none, so that a command QEMU consumed
+/// without error is not refused on replay for want of a binding.
+fn rebuild_ctx(
+    passes: &[&Pass],
+    sids: &mut BTreeSet<u32>,
+    idr0: Option<u32>,
+    cmdq_base: Option<u64>,
+) -> Ctx {
+    let needs_default = passes
+        .iter()
+        .flat_map(|p| &p.obs)
+        .any(|o| o.fields.sid.is_none() && uses_sid(o.fields.op));
+    if sids.is_empty() && needs_default {
+        sids.insert(0);
+    }
+    Ctx {
+        default_sid: sids.iter().next().copied().unwrap_or(0),
+        idr0,
+        cmdq_base,
+    }
+}
+
+/// QEMU's queue positions as slots of the trace's ring, whose slot 0 is the first CONS seen.
+#[derive(Clone, Copy)]
+struct Rebase {
+    shape: QueueShape,
+    base: u32,
+}
+
+impl Rebase {
+    fn slot(self, pos: Pos) -> u32 {
+        let shape = self.shape;
+        shape.advance(pos.ptr(shape), shape.ptr_mask() + 1 - self.base)
+    }
+}
+
+/// Every observation in log order, and for each slot the observations' positions in it, to
+/// find what a slot held when PROD was written: its first consumption afterwards.
+struct Observed {
+    all: Vec<(u32, RawCommand)>,
+    /// Index in `all` of each pass's first observation.
+    pass_start: Vec<usize>,
+    /// Each pass's commands, rebuilt.
+    cmds_of: Vec<Vec<RawCommand>>,
+    by_slot: HashMap<u32, Vec<usize>>,
+}
+
+impl Observed {
+    fn rebuild(
+        passes: &[&Pass],
+        ctx: &Ctx,
+        rebase: Rebase,
+        stats: &mut ImportStats,
+    ) -> Result<Observed, ImportError> {
+        let mut all: Vec<(u32, RawCommand)> = Vec::new();
+        let mut pass_start = Vec::new();
+        let mut cmds_of: Vec<Vec<RawCommand>> = Vec::new();
+        for pass in passes {
+            pass_start.push(all.len());
+            let mut cmds = Vec::with_capacity(pass.obs.len());
+            for o in &pass.obs {
+                let c =
+                    rebuild(&o.fields, &o.name, o.pos.index, ctx, stats).map_err(|problem| {
+                        ImportError {
+                            line: o.line,
+                            problem,
+                        }
+                    })?;
                 cmds.push(c);
             }
-            w.commands(ts, 0, written, &cmds)?;
-            w.doorbell(ts, 0, prod)?;
-            written = prod;
+            all.extend(
+                pass.obs
+                    .iter()
+                    .zip(&cmds)
+                    .map(|(o, c)| (rebase.slot(o.pos), *c)),
+            );
+            cmds_of.push(cmds);
         }
-        if let Some((i, code)) = pass.error {
-            if let Some(o) = pass.obs.get(i) {
-                let e = CError::from_code(code)
-                    .filter(|e| *e != CError::None)
-                    .unwrap_or(CError::Ill);
-                w.outcome(
-                    pass.end_ts.max(w.last_timestamp()),
-                    0,
-                    rebase(o.pos),
-                    Outcome::Refused(e),
-                )?;
+        let mut by_slot: HashMap<u32, Vec<usize>> = HashMap::new();
+        for (i, (slot, _)) in all.iter().enumerate() {
+            by_slot.entry(*slot).or_default().push(i);
+        }
+        Ok(Observed {
+            all,
+            pass_start,
+            cmds_of,
+            by_slot,
+        })
+    }
+
+    /// What `slot` held at observation `from`: its first consumption from then on.
+    fn first_from(&self, slot: u32, from: usize) -> Option<RawCommand> {
+        let v = self.by_slot.get(&slot)?;
+        let k = v.partition_point(|&i| i < from);
+        v.get(k).map(|&i| self.all[i].1)
+    }
+}
+
+/// Writes the imported trace: one vIOMMU, its devices, one ring, and the log's passes over it.
+struct Emitter<'a, W: Write + Seek> {
+    w: TraceWriter<W>,
+    rebase: Rebase,
+    observed: &'a Observed,
+    limits: &'a ImportLimits,
+    stats: ImportStats,
+    /// PROD as the trace's guest last wrote it.
+    written: u32,
+    /// What each slot of the trace's ring holds.
+    content: HashMap<u32, RawCommand>,
+}
+
+impl<W: Write + Seek> Emitter<'_, W> {
+    /// The vIOMMU as the guest saw it offered, a device bound for each SID seen, the ring.
+    fn control_plane(&mut self, sids: &BTreeSet<u32>) -> Result<(), ImportError> {
+        let sidsize = sids
+            .iter()
+            .next_back()
+            .map_or(16, |&s| (32 - s.leading_zeros()).max(16) as u8);
+        // Range invalidation as the guest saw it offered (IDR3.RIL); QEMU 7.2 and later offer it.
+        let range_inv = match self.stats.idr3 {
+            Some(idr3) => {
+                self.stats
+                    .read("range invalidation (IDR3.RIL read by the guest)");
+                idr3 >> 10 & 1 == 1
+            }
+            None => true,
+        };
+        self.w
+            .viommu_create(0, 0, 1, 0, Profile::Kernel, sidsize, range_inv)?;
+        for (k, &sid) in sids.iter().enumerate() {
+            let device = k as u32 + 1;
+            self.w.device_add(0, device, 0, sid)?;
+            self.w.bind(0, 0, device, sid)?;
+        }
+        self.stats.sids = sids.len() as u64;
+        self.w.ring_create(0, 0, 0, self.rebase.shape.log2size())?;
+        Ok(())
+    }
+
+    /// Each pass as the guest's doing: the slots it rewrote, its acknowledgement of the error
+    /// before, the slots PROD newly covers, and the command QEMU refused.
+    fn passes(&mut self, items: &[Item]) -> Result<(), ImportError> {
+        let shape = self.rebase.shape;
+        let observed = self.observed;
+        let mut ack: Option<u64> = None;
+        let mut pass_no = 0usize;
+        for item in items {
+            let pass = match item {
+                Item::Ack(ts) => {
+                    ack = Some(*ts);
+                    continue;
+                }
+                Item::Pass(pass) => pass,
+            };
+            let from = observed.pass_start[pass_no];
+            let cmds = &observed.cmds_of[pass_no];
+            pass_no += 1;
+            let prod = self.rebase.slot(pass.prod);
+            let new = shape.distance(prod, self.written).min(shape.entries());
+            // The guest rewrote slots QEMU had stopped at: GuestFix, then its acknowledgement.
+            let fix_ts = ack.unwrap_or(pass.ts).max(self.w.last_timestamp());
+            self.fixes(pass, cmds, new, fix_ts)?;
+            if ack.take().is_some() {
+                self.w.guest_ack(fix_ts, 0)?;
+            }
+            if new > 0 {
+                self.publish(pass, from, new, prod)?;
+            }
+            self.refusal(pass)?;
+        }
+        if let Some(ts) = ack {
+            self.w.guest_ack(ts.max(self.w.last_timestamp()), 0)?;
+        }
+        Ok(())
+    }
+
+    /// Slots outside the `new` ones PROD covers whose command differs from what they held.
+    fn fixes(
+        &mut self,
+        pass: &Pass,
+        cmds: &[RawCommand],
+        new: u32,
+        fix_ts: u64,
+    ) -> Result<(), ImportError> {
+        let shape = self.rebase.shape;
+        for (o, &cmd) in pass.obs.iter().zip(cmds) {
+            let slot = self.rebase.slot(o.pos);
+            let in_new = shape.distance(slot, self.written) < new;
+            if !in_new && self.content.get(&slot).is_some_and(|c| *c != cmd) {
+                self.w.guest_fix(fix_ts, 0, slot, cmd)?;
+                self.content.insert(slot, cmd);
+                self.stats.fixes += 1;
             }
         }
+        Ok(())
     }
-    if let Some(ts) = ack {
-        w.guest_ack(ts.max(w.last_timestamp()), 0)?;
+
+    /// The `new` slots up to `prod`, written and published with one doorbell.
+    fn publish(
+        &mut self,
+        pass: &Pass,
+        from: usize,
+        new: u32,
+        prod: u32,
+    ) -> Result<(), ImportError> {
+        let shape = self.rebase.shape;
+        let observed = self.observed;
+        let ts = pass.ts.max(self.w.last_timestamp());
+        let filler = (0..new)
+            .filter(|&i| {
+                observed
+                    .first_from(shape.advance(self.written, i), from)
+                    .is_none()
+            })
+            .count() as u64;
+        self.check_filler(pass, filler)?;
+        let mut cmds = Vec::with_capacity(new as usize);
+        for i in 0..new {
+            let slot = shape.advance(self.written, i);
+            let c = observed.first_from(slot, from).unwrap_or_else(|| {
+                self.stats.unobserved += 1;
+                self.stats
+                    .approx("a slot written but never consumed: filled with CMD_SYNC");
+                Command::CmdSync {
+                    cs: 0,
+                    msh: 0,
+                    msiattr: 0,
+                    msidata: 0,
+                    msiaddr: 0,
+                }
+                .encode()
+            });
+            self.content.insert(slot, c);
+            cmds.push(c);
+        }
+        self.w.commands(ts, 0, self.written, &cmds)?;
+        self.w.doorbell(ts, 0, prod)?;
+        self.written = prod;
+        Ok(())
     }
-    let out = w.finish_counted()?;
-    Ok((out, p.stats))
+
+    /// Slots PROD covers that QEMU never read are filled: bounded, since a few lines of log
+    /// with PROD far ahead of CONS would otherwise make megabytes of filler.
+    fn check_filler(&self, pass: &Pass, filler: u64) -> Result<(), ImportError> {
+        let too_much = |filler, scope, limit, flag| ImportError {
+            line: pass.line,
+            problem: ImportProblem::TooMuchFiller {
+                filler,
+                scope,
+                limit,
+                flag,
+            },
+        };
+        if filler > self.limits.max_filler_per_pass {
+            return Err(too_much(
+                filler,
+                "in one pass",
+                self.limits.max_filler_per_pass,
+                "--max-filler-per-pass",
+            ));
+        }
+        if self.stats.unobserved + filler > self.limits.max_filler {
+            return Err(too_much(
+                self.stats.unobserved + filler,
+                "in all",
+                self.limits.max_filler,
+                "--max-filler",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The command QEMU refused in the pass, with its CONS.ERR.
+    fn refusal(&mut self, pass: &Pass) -> Result<(), ImportError> {
+        let Some((i, code)) = pass.error else {
+            return Ok(());
+        };
+        let Some(o) = pass.obs.get(i) else {
+            return Ok(());
+        };
+        let e = CError::from_code(code)
+            .filter(|e| *e != CError::None)
+            .unwrap_or(CError::Ill);
+        self.w.outcome(
+            pass.end_ts.max(self.w.last_timestamp()),
+            0,
+            self.rebase.slot(o.pos),
+            Outcome::Refused(e),
+        )?;
+        Ok(())
+    }
 }
