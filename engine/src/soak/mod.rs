@@ -226,9 +226,15 @@ impl SoakReport {
     }
 }
 
-/// The control plane's view of an attached ring: its index in the plan, the sequence number of
-/// the stream's entry at its pointer 0, and its geometry.
-type Attached = (usize, u64, crate::queue::QueueShape);
+/// The control plane's view of an attached ring.
+#[derive(Clone, Copy)]
+struct Attached {
+    /// Its index in the plan.
+    ring: usize,
+    /// The sequence number of the stream's entry at its pointer 0.
+    base: u64,
+    shape: crate::queue::QueueShape,
+}
 
 /// Control-plane state per ring: the next trapped entry must come after this one.
 struct TrapCheck {
@@ -433,7 +439,14 @@ fn attach_rings(
         let g = GuestRing::open(host.path())?;
         let shape = g.shape();
         let id = engine.attach_ring(host)?;
-        ring_of_id.insert(id, (i, 0, shape));
+        ring_of_id.insert(
+            id,
+            Attached {
+                ring: i,
+                base: 0,
+                shape,
+            },
+        );
         ids.push(id);
         drivers[i % cfg.guests].push(guest::Driver::new(
             i,
@@ -697,7 +710,7 @@ fn check_trap(
     violations: &Violations,
     t: &crate::engine::TrapEvent,
 ) {
-    let Some(&(ring, base, shape)) = ring_of_id.get(&t.ring) else {
+    let Some(&Attached { ring, base, shape }) = ring_of_id.get(&t.ring) else {
         violations.report(format!(
             "control plane: a trap from unknown ring {:?}",
             t.ring
@@ -826,7 +839,7 @@ impl Control {
             // How far the engine had published the ring when the unbind returned: every batch
             // translated with the binding is below it.
             let id = self.ids[ring];
-            let base = self.ring_of_id[&id].1;
+            let base = self.ring_of_id[&id].base;
             let published = progress.ok_or_else(|| format!("ring {id:?} has no progress"))?;
             checker.unset_returned(ring, k, base + published);
             self.unbinds += 1;
@@ -846,8 +859,14 @@ impl Control {
             let shape = g.shape();
             let id = engine.attach_ring(host).map_err(|e| e.to_string())?;
             self.ids[ring] = id;
-            self.ring_of_id
-                .insert(id, (ring, k << cfg.mix.churn_log2, shape));
+            self.ring_of_id.insert(
+                id,
+                Attached {
+                    ring,
+                    base: k << cfg.mix.churn_log2,
+                    shape,
+                },
+            );
             *churn.mailbox[ring]
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()) = Some(g);
