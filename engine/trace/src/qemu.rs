@@ -506,6 +506,22 @@ struct Args<'a> {
 }
 
 impl Args<'_> {
+    /// A queue position given as an index field and a wrap field.
+    fn pos(&self, idx: &[&'static str], wrap: &[&'static str]) -> Result<Pos, ImportProblem> {
+        let index = self.need(idx)?;
+        if !(0..1 << MAX_LOG2SIZE).contains(&index) {
+            return Err(ImportProblem::OutOfRange {
+                event: self.event.to_string(),
+                field: idx[0],
+                value: index,
+            });
+        }
+        Ok(Pos {
+            index: index as u32,
+            wrap: self.need(wrap)? & 1 == 1,
+        })
+    }
+
     fn get(&self, keys: &[&str]) -> Result<Option<i64>, ImportProblem> {
         for (k, v) in &self.pairs {
             if keys.contains(&k.as_str()) {
@@ -606,11 +622,41 @@ fn rebuild(
     ctx: &Ctx,
     stats: &mut ImportStats,
 ) -> Result<RawCommand, ImportProblem> {
-    let default_sid = ctx.default_sid;
+    let op = rebuild_opcode(f, name, stats);
+    let sid = rebuild_sid(f, op, ctx.default_sid, stats);
+    let span = rebuild_span(f, op, stats)?;
+    let cmd = if op == opcode::CMD_SYNC {
+        rebuild_sync(f, index, ctx, stats)
+    } else if let Some(cmd) = rebuild_tlbi(op, f, &span) {
+        cmd
+    } else if let Some(cmd) = rebuild_by_sid(op, f, sid, stats) {
+        cmd
+    } else {
+        // Every other opcode: its fields are not in the log. TLBI_EL2_ALL (0x20) and
+        // TLBI_NSNH_ALL (0x30) have no fields: nothing is missing.
+        if !matches!(op, 0x20 | 0x30) && vcmdq::command::opcode_name(op).is_some() {
+            stats.approx(
+                "an opcode QEMU only names (PRI_RESP, RESUME, STALL_TERM, EL2/EL3 TLBIs): its fields written as 0",
+            );
+        }
+        return Ok(RawCommand::new(u64::from(op), 0));
+    };
+    cmd.try_encode().map_err(|e| ImportProblem::BadValue {
+        event: op_name(op).to_string(),
+        field: "command".into(),
+        value: format!("{e}"),
+    })
+}
+
+fn op_name(op: u8) -> &'static str {
+    vcmdq::command::opcode_name(op).unwrap_or("TLBI")
+}
+
+fn rebuild_opcode(f: &Fields, name: &str, stats: &mut ImportStats) -> u8 {
     if f.op.is_some() {
         stats.read("opcode (smmuv3_cmdq_opcode, or the guest-error line)");
     }
-    let op = match f.op {
+    match f.op {
         Some(op) => op,
         None => {
             stats.approx("opcode only named INVALID/UNKNOWN (no guest-error line): illegal opcode 0x00/0x08 written");
@@ -620,8 +666,11 @@ fn rebuild(
                 0x00
             }
         }
-    };
-    let sid = match f.sid {
+    }
+}
+
+fn rebuild_sid(f: &Fields, op: u8, default_sid: u32, stats: &mut ImportStats) -> u32 {
+    match f.sid {
         Some(sid) if f.sid_from_ste => {
             stats.derived(
                 "PREFETCH_CONFIG SID (not logged): the SID of the CFGI_STE before it, as Linux \
@@ -639,16 +688,26 @@ fn rebuild(
             }
             default_sid
         }
-    };
-    let vmid = f.vmid;
-    let asid = f.asid;
+    }
+}
+
+/// A TLBI's address and range as the command holds them.
+struct Span {
+    addr: u64,
+    tg: u8,
+    num: u8,
+    scale: u8,
+}
+
+/// The address and range of a TLBI by address (zero for any other command); a range no
+/// single TLBI expresses is refused.
+fn rebuild_span(f: &Fields, op: u8, stats: &mut ImportStats) -> Result<Span, ImportProblem> {
     let by_address = matches!(
         op,
         opcode::TLBI_NH_VA | opcode::TLBI_NH_VAA | opcode::TLBI_S2_IPA
     );
-    let name_of = |op| vcmdq::command::opcode_name(op).unwrap_or("TLBI");
     if by_address && f.addr.is_none() {
-        return Err(ImportProblem::NoAddress { op: name_of(op) });
+        return Err(ImportProblem::NoAddress { op: op_name(op) });
     }
     if f.asid_unknown && matches!(op, opcode::TLBI_NH_VA | opcode::TLBI_NH_ASID) {
         stats.approx("ASID printed as -1 (not applicable): written as 0");
@@ -657,88 +716,136 @@ fn rebuild(
         stats.read("TLBI address, TG, TTL, LEAF, VMID, ASID and page count (range lines)");
     }
     let addr = f.addr.unwrap_or(0) & !0xfff;
-    let (tg, num, scale) = if f.tg == 0 {
+    if f.tg == 0 {
         if by_address && f.pages > 1 {
             return Err(ImportProblem::Invalid {
-                event: name_of(op).to_string(),
+                event: op_name(op).to_string(),
                 field: "num_pages".into(),
                 value: f.pages as i64,
                 why: "with TG 0 (no range) a TLBI covers one address",
             });
         }
-        (0, 0, 0)
-    } else {
-        // NUM and SCALE as Linux chooses them: SCALE the lowest set bit of the page count.
-        let scale = f.pages.trailing_zeros();
-        let num = f.pages >> scale;
-        if scale > 31 || num > 32 {
-            return Err(ImportProblem::Invalid {
-                event: name_of(op).to_string(),
-                field: "num_pages".into(),
-                value: f.pages.min(i64::MAX as u64) as i64,
-                why: "the chunks add up to a page count no single TLBI expresses as (NUM+1) x 2^SCALE",
-            });
-        }
-        (f.tg, (num - 1) as u8, scale as u8)
+        return Ok(Span {
+            addr,
+            tg: 0,
+            num: 0,
+            scale: 0,
+        });
+    }
+    // NUM and SCALE as Linux chooses them: SCALE the lowest set bit of the page count.
+    let scale = f.pages.trailing_zeros();
+    let num = f.pages >> scale;
+    if scale > 31 || num > 32 {
+        return Err(ImportProblem::Invalid {
+            event: op_name(op).to_string(),
+            field: "num_pages".into(),
+            value: f.pages.min(i64::MAX as u64) as i64,
+            why: "the chunks add up to a page count no single TLBI expresses as (NUM+1) x 2^SCALE",
+        });
+    }
+    Ok(Span {
+        addr,
+        tg: f.tg,
+        num: (num - 1) as u8,
+        scale: scale as u8,
+    })
+}
+
+fn rebuild_sync(f: &Fields, index: u32, ctx: &Ctx, stats: &mut ImportStats) -> Command {
+    if f.irq {
+        stats.read("CMD_SYNC CS=IRQ (smmuv3_trigger_irq)");
+    }
+    let Some(idr0) = ctx.idr0 else {
+        stats.approx(
+            "CMD_SYNC: MSH/MSIATTR/MSIDATA/MSIADDR not in the log (and no IDR0 read \
+             to tell what the driver chose), written as 0",
+        );
+        return Command::CmdSync {
+            cs: u8::from(f.irq),
+            msh: 0,
+            msiattr: 0,
+            msidata: 0,
+            msiaddr: 0,
+        };
     };
-    let (ttl, leaf) = (f.ttl, f.leaf);
-    let cmd = match op {
-        opcode::CMD_SYNC => {
-            if f.irq {
-                stats.read("CMD_SYNC CS=IRQ (smmuv3_trigger_irq)");
-            }
-            match ctx.idr0 {
-                // What Linux's arm-smmu-v3 writes (arm_smmu_cmdq_build_sync_cmd): MSH=ISH,
-                // MSIATTR=OIWB, and CS=SEV unless it polls an MSI, which it does when IDR0
-                // has MSI and COHACC; the MSI then targets the CMD_SYNC's own slot.
-                Some(idr0) => {
-                    let polls_msi = idr0 >> 13 & 1 == 1 && idr0 >> 4 & 1 == 1;
-                    let (cs, msiaddr) = match (f.irq, polls_msi, ctx.cmdq_base) {
-                        (true, true, Some(base)) => {
-                            stats.derived(
-                                "CMD_SYNC MSH=3 MSIATTR=0xf MSIADDR=its own slot (not logged): \
-                                 IDR0.MSI=1 and COHACC=1, Linux's MSI polling",
-                            );
-                            (1, (base + u64::from(index) * 16) & ((1 << 52) - 1))
-                        }
-                        (true, _, _) => {
-                            stats.derived(
-                                "CMD_SYNC MSH=3 MSIATTR=0xf (not logged): as Linux writes them",
-                            );
-                            stats.approx("CMD_SYNC CS=IRQ MSIADDR unknown: written as 0");
-                            (1, 0)
-                        }
-                        (false, _, _) => {
-                            stats.derived(
-                                "CMD_SYNC CS=SEV MSH=3 MSIATTR=0xf (not logged): no IRQ line, \
-                                 and IDR0 read by the guest, as Linux's arm-smmu-v3 writes it",
-                            );
-                            (2, 0)
-                        }
-                    };
-                    Command::CmdSync {
-                        cs,
-                        msh: LINUX_SYNC_MSH,
-                        msiattr: LINUX_SYNC_MSIATTR,
-                        msidata: 0,
-                        msiaddr,
-                    }
-                }
-                None => {
-                    stats.approx(
-                        "CMD_SYNC: MSH/MSIATTR/MSIDATA/MSIADDR not in the log (and no IDR0 read \
-                         to tell what the driver chose), written as 0",
-                    );
-                    Command::CmdSync {
-                        cs: u8::from(f.irq),
-                        msh: 0,
-                        msiattr: 0,
-                        msidata: 0,
-                        msiaddr: 0,
-                    }
-                }
-            }
+    // What Linux's arm-smmu-v3 writes (arm_smmu_cmdq_build_sync_cmd): MSH=ISH,
+    // MSIATTR=OIWB, and CS=SEV unless it polls an MSI, which it does when IDR0
+    // has MSI and COHACC; the MSI then targets the CMD_SYNC's own slot.
+    let polls_msi = idr0 >> 13 & 1 == 1 && idr0 >> 4 & 1 == 1;
+    let (cs, msiaddr) = match (f.irq, polls_msi, ctx.cmdq_base) {
+        (true, true, Some(base)) => {
+            stats.derived(
+                "CMD_SYNC MSH=3 MSIATTR=0xf MSIADDR=its own slot (not logged): \
+                 IDR0.MSI=1 and COHACC=1, Linux's MSI polling",
+            );
+            (1, (base + u64::from(index) * 16) & ((1 << 52) - 1))
         }
+        (true, _, _) => {
+            stats.derived("CMD_SYNC MSH=3 MSIATTR=0xf (not logged): as Linux writes them");
+            stats.approx("CMD_SYNC CS=IRQ MSIADDR unknown: written as 0");
+            (1, 0)
+        }
+        (false, _, _) => {
+            stats.derived(
+                "CMD_SYNC CS=SEV MSH=3 MSIATTR=0xf (not logged): no IRQ line, \
+                 and IDR0 read by the guest, as Linux's arm-smmu-v3 writes it",
+            );
+            (2, 0)
+        }
+    };
+    Command::CmdSync {
+        cs,
+        msh: LINUX_SYNC_MSH,
+        msiattr: LINUX_SYNC_MSIATTR,
+        msidata: 0,
+        msiaddr,
+    }
+}
+
+/// The TLBIs whose fields the log gives; `None` for any other opcode.
+fn rebuild_tlbi(op: u8, f: &Fields, s: &Span) -> Option<Command> {
+    let (vmid, asid, addr, ttl, leaf) = (f.vmid, f.asid, s.addr, f.ttl, f.leaf);
+    let (tg, num, scale) = (s.tg, s.num, s.scale);
+    Some(match op {
+        opcode::TLBI_NH_ALL => Command::TlbiNhAll { vmid },
+        opcode::TLBI_NH_ASID => Command::TlbiNhAsid { vmid, asid },
+        opcode::TLBI_NH_VA => Command::TlbiNhVa {
+            vmid,
+            asid,
+            addr,
+            tg,
+            num,
+            scale,
+            ttl,
+            leaf,
+        },
+        opcode::TLBI_NH_VAA => Command::TlbiNhVaa {
+            vmid,
+            addr,
+            tg,
+            num,
+            scale,
+            ttl,
+            leaf,
+        },
+        opcode::TLBI_S12_VMALL => Command::TlbiS12Vmall { vmid },
+        opcode::TLBI_S2_IPA => Command::TlbiS2Ipa {
+            vmid,
+            addr: addr & ((1 << 52) - 1),
+            tg,
+            num,
+            scale,
+            ttl,
+            leaf,
+        },
+        _ => return None,
+    })
+}
+
+/// The commands naming a StreamID (configuration invalidations, prefetches, ATC_INV); `None`
+/// for any other opcode.
+fn rebuild_by_sid(op: u8, f: &Fields, sid: u32, stats: &mut ImportStats) -> Option<Command> {
+    Some(match op {
         opcode::CFGI_STE => {
             stats.approx(LEAF_APPROX);
             Command::CfgiSte {
@@ -774,28 +881,6 @@ fn rebuild(
             }
         }
         opcode::CFGI_CD_ALL => Command::CfgiCdAll { ssec: false, sid },
-        opcode::TLBI_NH_ALL => Command::TlbiNhAll { vmid },
-        opcode::TLBI_NH_ASID => Command::TlbiNhAsid { vmid, asid },
-        opcode::TLBI_NH_VA => Command::TlbiNhVa {
-            vmid,
-            asid,
-            addr,
-            tg,
-            num,
-            scale,
-            ttl,
-            leaf,
-        },
-        opcode::TLBI_NH_VAA => Command::TlbiNhVaa {
-            vmid,
-            addr,
-            tg,
-            num,
-            scale,
-            ttl,
-            leaf,
-        },
-        opcode::TLBI_S12_VMALL => Command::TlbiS12Vmall { vmid },
         // QEMU does not model ATS: nothing of an ATC_INV is logged but its opcode. Invalidating
         // everything is the safe reading.
         opcode::ATC_INV => {
@@ -821,31 +906,7 @@ fn rebuild(
             size: 0,
             addr: 0,
         },
-        opcode::TLBI_S2_IPA => Command::TlbiS2Ipa {
-            vmid,
-            addr: addr & ((1 << 52) - 1),
-            tg,
-            num,
-            scale,
-            ttl,
-            leaf,
-        },
-        // Every other opcode: its fields are not in the log.
-        // TLBI_NSNH_ALL and TLBI_EL2_ALL have no fields: nothing is missing.
-        0x20 | 0x30 => return Ok(RawCommand::new(u64::from(op), 0)),
-        _ => {
-            if vcmdq::command::opcode_name(op).is_some() {
-                stats.approx(
-                    "an opcode QEMU only names (PRI_RESP, RESUME, STALL_TERM, EL2/EL3 TLBIs): its fields written as 0",
-                );
-            }
-            return Ok(RawCommand::new(u64::from(op), 0));
-        }
-    };
-    cmd.try_encode().map_err(|e| ImportProblem::BadValue {
-        event: name_of(op).to_string(),
-        field: "command".into(),
-        value: format!("{e}"),
+        _ => return None,
     })
 }
 
@@ -916,6 +977,7 @@ impl Parser {
         self.stats.commands += 1;
     }
 
+    /// Takes in one `smmuv3_*` event; false if the import has no use for it.
     fn event(&mut self, ts: u64, name: &str, rest: &str) -> Result<bool, ImportProblem> {
         let a = Args {
             event: name,
@@ -928,91 +990,10 @@ impl Parser {
                 }
             }
         }
-        let pos = |idx: &[&'static str], wrap: &[&'static str]| -> Result<Pos, ImportProblem> {
-            let index = a.need(idx)?;
-            if !(0..1 << MAX_LOG2SIZE).contains(&index) {
-                return Err(ImportProblem::OutOfRange {
-                    event: name.to_string(),
-                    field: idx[0],
-                    value: index,
-                });
-            }
-            Ok(Pos {
-                index: index as u32,
-                wrap: a.need(wrap)? & 1 == 1,
-            })
-        };
         match name {
-            "smmuv3_cmdq_consume" => {
-                let prod = pos(&["prod"], &["prod.wrap"])?;
-                let cons = pos(&["cons"], &["cons.wrap"])?;
-                self.max_index = self.max_index.max(prod.index).max(cons.index);
-                self.finish_current();
-                if self.pass.is_none() {
-                    self.pass = Some(Pass {
-                        ts,
-                        prod,
-                        start: cons,
-                        obs: Vec::new(),
-                        error: None,
-                        end_ts: ts,
-                        line: self.line,
-                    });
-                }
-                self.cur = Some(Current {
-                    pos: cons,
-                    fields: Fields::default(),
-                    name: String::new(),
-                    seen_opcode: false,
-                    line: self.line,
-                });
-            }
-            "smmuv3_cmdq_opcode" => {
-                if let Some(cur) = self.cur.as_mut() {
-                    let n = rest.trim().trim_start_matches("<---").trim().to_string();
-                    if !cur.fields.exact_op {
-                        cur.fields.op = opcode_of(&n);
-                    }
-                    // QEMU logs PREFETCH_CONFIG without its SID. Linux writes one after
-                    // each STE it installs (CFGI_STE, CMD_SYNC, PREFETCH_CONFIG of that SID).
-                    if cur.fields.op == Some(opcode::PREFETCH_CONFIG) && cur.fields.sid.is_none() {
-                        if let Some(sid) = self.last_ste_sid {
-                            cur.fields.sid = Some(sid);
-                            cur.fields.sid_from_ste = true;
-                        }
-                    }
-                    cur.name = n;
-                    cur.seen_opcode = true;
-                    cur.line = self.line;
-                }
-            }
-            "smmuv3_cmdq_consume_error" => {
-                // "Error on SMMU_CMD_X command execution: N"
-                let code = rest
-                    .rsplit(':')
-                    .next()
-                    .and_then(|c| number(c.trim()))
-                    .ok_or_else(|| ImportProblem::BadValue {
-                        event: name.to_string(),
-                        field: "error".into(),
-                        value: rest.trim().to_string(),
-                    })?;
-                if !(1..=3).contains(&code) {
-                    return Err(ImportProblem::Invalid {
-                        event: name.to_string(),
-                        field: "error".into(),
-                        value: code,
-                        why: "QEMU's CONS.ERR codes are 1 (ILL), 2 (ABT) and 3 (ATC_INV_SYNC)",
-                    });
-                }
-                if let (Some(cur), Some(pass)) = (&self.cur, &mut self.pass) {
-                    if cur.seen_opcode {
-                        pass.error = Some((pass.obs.len(), code as u8));
-                    }
-                }
-                self.finish_current();
-                self.stats.errors += 1;
-            }
+            "smmuv3_cmdq_consume" => self.consume(ts, &a)?,
+            "smmuv3_cmdq_opcode" => self.opcode(rest),
+            "smmuv3_cmdq_consume_error" => self.consume_error(name, rest)?,
             "smmuv3_cmdq_consume_out" => {
                 self.finish_current();
                 if let Some(mut p) = self.pass.take() {
@@ -1033,122 +1014,149 @@ impl Parser {
                     _ => return Ok(false),
                 }
             }
-            "smmuv3_write_mmio" => {
-                // CMDQ_BASE (offset 0x90) holds LOG2SIZE in bits [4:0].
-                if a.get(&["addr"])? == Some(0x90) {
-                    let v = a.need(&["val"])?;
-                    self.cmdq_base = Some(v as u64 & 0x000f_ffff_ffff_ffe0);
-                    let log2size = (v & 0x1f) as u8;
-                    if log2size > MAX_LOG2SIZE {
-                        return Err(ImportProblem::Invalid {
-                            event: name.to_string(),
-                            field: "val".into(),
-                            value: v,
-                            why: "CMDQ_BASE.LOG2SIZE (bits [4:0]) is 0 to 19",
-                        });
-                    }
-                    self.base_log2size = Some(log2size);
+            "smmuv3_write_mmio" => self.write_mmio(name, &a)?,
+            _ => return self.command_field(name, &a),
+        }
+        Ok(true)
+    }
+
+    /// A consume line: QEMU reads the command at CONS (and starts a pass if none is open).
+    fn consume(&mut self, ts: u64, a: &Args<'_>) -> Result<(), ImportProblem> {
+        let prod = a.pos(&["prod"], &["prod.wrap"])?;
+        let cons = a.pos(&["cons"], &["cons.wrap"])?;
+        self.max_index = self.max_index.max(prod.index).max(cons.index);
+        self.finish_current();
+        if self.pass.is_none() {
+            self.pass = Some(Pass {
+                ts,
+                prod,
+                start: cons,
+                obs: Vec::new(),
+                error: None,
+                end_ts: ts,
+                line: self.line,
+            });
+        }
+        self.cur = Some(Current {
+            pos: cons,
+            fields: Fields::default(),
+            name: String::new(),
+            seen_opcode: false,
+            line: self.line,
+        });
+        Ok(())
+    }
+
+    fn opcode(&mut self, rest: &str) {
+        let Some(cur) = self.cur.as_mut() else {
+            return;
+        };
+        let n = rest.trim().trim_start_matches("<---").trim().to_string();
+        if !cur.fields.exact_op {
+            cur.fields.op = opcode_of(&n);
+        }
+        // QEMU logs PREFETCH_CONFIG without its SID. Linux writes one after
+        // each STE it installs (CFGI_STE, CMD_SYNC, PREFETCH_CONFIG of that SID).
+        if cur.fields.op == Some(opcode::PREFETCH_CONFIG) && cur.fields.sid.is_none() {
+            if let Some(sid) = self.last_ste_sid {
+                cur.fields.sid = Some(sid);
+                cur.fields.sid_from_ste = true;
+            }
+        }
+        cur.name = n;
+        cur.seen_opcode = true;
+        cur.line = self.line;
+    }
+
+    fn consume_error(&mut self, name: &str, rest: &str) -> Result<(), ImportProblem> {
+        // "Error on SMMU_CMD_X command execution: N"
+        let code = rest
+            .rsplit(':')
+            .next()
+            .and_then(|c| number(c.trim()))
+            .ok_or_else(|| ImportProblem::BadValue {
+                event: name.to_string(),
+                field: "error".into(),
+                value: rest.trim().to_string(),
+            })?;
+        if !(1..=3).contains(&code) {
+            return Err(ImportProblem::Invalid {
+                event: name.to_string(),
+                field: "error".into(),
+                value: code,
+                why: "QEMU's CONS.ERR codes are 1 (ILL), 2 (ABT) and 3 (ATC_INV_SYNC)",
+            });
+        }
+        if let (Some(cur), Some(pass)) = (&self.cur, &mut self.pass) {
+            if cur.seen_opcode {
+                pass.error = Some((pass.obs.len(), code as u8));
+            }
+        }
+        self.finish_current();
+        self.stats.errors += 1;
+        Ok(())
+    }
+
+    fn write_mmio(&mut self, name: &str, a: &Args<'_>) -> Result<(), ImportProblem> {
+        // CMDQ_BASE (offset 0x90) holds LOG2SIZE in bits [4:0].
+        if a.get(&["addr"])? != Some(0x90) {
+            return Ok(());
+        }
+        let v = a.need(&["val"])?;
+        self.cmdq_base = Some(v as u64 & 0x000f_ffff_ffff_ffe0);
+        let log2size = (v & 0x1f) as u8;
+        if log2size > MAX_LOG2SIZE {
+            return Err(ImportProblem::Invalid {
+                event: name.to_string(),
+                field: "val".into(),
+                value: v,
+                why: "CMDQ_BASE.LOG2SIZE (bits [4:0]) is 0 to 19",
+            });
+        }
+        self.base_log2size = Some(log2size);
+        Ok(())
+    }
+
+    /// A line that gives fields of the command being consumed; false if it gives none.
+    fn command_field(&mut self, name: &str, a: &Args<'_>) -> Result<bool, ImportProblem> {
+        let Some(cur) = self.cur.as_mut().filter(|c| c.seen_opcode) else {
+            return Ok(false);
+        };
+        let f = &mut cur.fields;
+        match name {
+            "smmuv3_cmdq_cfgi_ste" | "smmuv3_cmdq_cfgi_cd" => {
+                let sid = a.need_in(&["sid", "streamid"], 0, i64::from(u32::MAX), SID_RANGE)?;
+                f.sid = Some(sid as u32);
+                f.sid_from_ste = false;
+                if name == "smmuv3_cmdq_cfgi_ste" {
+                    self.last_ste_sid = Some(sid as u32);
                 }
             }
-            _ => {
-                let mut ste_sid = None;
-                let Some(cur) = self.cur.as_mut().filter(|c| c.seen_opcode) else {
-                    return Ok(false);
-                };
-                let f = &mut cur.fields;
-                let u32_max = i64::from(u32::MAX);
-                match name {
-                    "smmuv3_cmdq_cfgi_ste" | "smmuv3_cmdq_cfgi_cd" => {
-                        let sid = a.need_in(&["sid", "streamid"], 0, u32_max, SID_RANGE)? as u32;
-                        f.sid = Some(sid);
-                        f.sid_from_ste = false;
-                        if name == "smmuv3_cmdq_cfgi_ste" {
-                            ste_sid = Some(sid);
-                        }
-                    }
-                    "smmuv3_cmdq_cfgi_ste_range" => {
-                        let start = a.need_in(&["start"], 0, u32_max, SID_RANGE)?;
-                        let end = a.need_in(&["end"], 0, u32_max, SID_RANGE)?;
-                        // QEMU prints the block's first and last SID: 2^(RANGE+1) SIDs, aligned.
-                        let n = (end - start + 1) as u64;
-                        if end < start
-                            || n < 2
-                            || !n.is_power_of_two()
-                            || !(start as u64).is_multiple_of(n)
-                        {
-                            return Err(ImportProblem::Invalid {
-                                event: name.to_string(),
-                                field: "end".into(),
-                                value: end,
-                                why: "a CFGI_STE_RANGE block is an aligned power of two of at least 2 SIDs",
-                            });
-                        }
-                        f.sid = Some(start as u32);
-                        f.range = Some((n.trailing_zeros() - 1) as u8);
-                    }
-                    "smmuv3_cmdq_tlbi_nh_asid" => {
-                        a.need(&["asid"])?;
-                        f.asid_unknown = a.id16("asid")?.is_none();
-                        f.asid = a.id16("asid")?.unwrap_or(0);
-                        f.vmid = a.id16("vmid")?.unwrap_or(0);
-                    }
-                    "smmuv3_cmdq_tlbi_nh" | "smmuv3_cmdq_tlbi_s12_vmid" => {
-                        f.vmid = a.id16("vmid")?.unwrap_or(0);
-                    }
-                    "smmuv3_range_inval"
-                    | "smmuv3_s1_range_inval"
-                    | "smmuv3_cmdq_tlbi_nh_va"
-                    | "smmuv3_cmdq_tlbi_nh_vaa" => {
-                        // The range events print every field of the command; the older
-                        // per-opcode events (QEMU without range invalidation) print the address
-                        // and LEAF of a single-address TLBI, which is all such a QEMU executed.
-                        let range = matches!(name, "smmuv3_range_inval" | "smmuv3_s1_range_inval");
-                        let addr = a.need(&["addr"])? as u64;
-                        let leaf = a.need_in(&["leaf"], 0, 1, "LEAF is 0 or 1")? != 0;
-                        let (tg, ttl, pages) = if range {
-                            (
-                                a.need_in(&["tg"], 0, 3, "TG is 0 to 3")? as u8,
-                                a.need_in(&["ttl"], 0, 3, "TTL is 0 to 3")? as u8,
-                                a.need_in(
-                                    &["num_pages"],
-                                    1,
-                                    i64::from(u32::MAX),
-                                    "a chunk is 1 to 2^32 - 1 pages",
-                                )? as u64,
-                            )
-                        } else {
-                            (0, 0, 1)
-                        };
-                        // A range is traced once per power-of-two chunk: the first chunk gives
-                        // the start, the chunks add up to the whole.
-                        if f.addr.is_none() {
-                            f.addr = Some(addr);
-                            f.vmid = a.id16("vmid")?.unwrap_or(0);
-                            let asid = a.id16("asid")?;
-                            f.asid_unknown = asid.is_none();
-                            f.asid = asid.unwrap_or(0);
-                            f.tg = tg;
-                            f.ttl = ttl;
-                            f.leaf = leaf;
-                        }
-                        f.pages = f.pages.saturating_add(pages);
-                    }
-                    "smmuv3_unhandled_cmd" => {
-                        f.op = Some(a.need_in(&["type"], 0, 255, "an opcode is 0 to 255")? as u8);
-                        f.exact_op = true;
-                    }
-                    "smmuv3_trigger_irq" => {
-                        // SMMU_IRQ_CMD_SYNC is 2 in QEMU's numbering.
-                        if a.get(&["irq"])? == Some(2) && f.op == Some(opcode::CMD_SYNC) {
-                            f.irq = true;
-                        }
-                    }
-                    _ => return Ok(false),
-                }
-                if ste_sid.is_some() {
-                    self.last_ste_sid = ste_sid;
+            "smmuv3_cmdq_cfgi_ste_range" => ste_range(f, name, a)?,
+            "smmuv3_cmdq_tlbi_nh_asid" => {
+                a.need(&["asid"])?;
+                f.asid_unknown = a.id16("asid")?.is_none();
+                f.asid = a.id16("asid")?.unwrap_or(0);
+                f.vmid = a.id16("vmid")?.unwrap_or(0);
+            }
+            "smmuv3_cmdq_tlbi_nh" | "smmuv3_cmdq_tlbi_s12_vmid" => {
+                f.vmid = a.id16("vmid")?.unwrap_or(0);
+            }
+            "smmuv3_range_inval"
+            | "smmuv3_s1_range_inval"
+            | "smmuv3_cmdq_tlbi_nh_va"
+            | "smmuv3_cmdq_tlbi_nh_vaa" => tlbi_address(f, name, a)?,
+            "smmuv3_unhandled_cmd" => {
+                f.op = Some(a.need_in(&["type"], 0, 255, "an opcode is 0 to 255")? as u8);
+                f.exact_op = true;
+            }
+            "smmuv3_trigger_irq" => {
+                // SMMU_IRQ_CMD_SYNC is 2 in QEMU's numbering.
+                if a.get(&["irq"])? == Some(2) && f.op == Some(opcode::CMD_SYNC) {
+                    f.irq = true;
                 }
             }
+            _ => return Ok(false),
         }
         Ok(true)
     }
@@ -1173,6 +1181,63 @@ impl Parser {
         }
         Ok(())
     }
+}
+
+/// CFGI_STE_RANGE's block, which QEMU prints as its first and last SID.
+fn ste_range(f: &mut Fields, name: &str, a: &Args<'_>) -> Result<(), ImportProblem> {
+    let u32_max = i64::from(u32::MAX);
+    let start = a.need_in(&["start"], 0, u32_max, SID_RANGE)?;
+    let end = a.need_in(&["end"], 0, u32_max, SID_RANGE)?;
+    // QEMU prints the block's first and last SID: 2^(RANGE+1) SIDs, aligned.
+    let n = (end - start + 1) as u64;
+    if end < start || n < 2 || !n.is_power_of_two() || !(start as u64).is_multiple_of(n) {
+        return Err(ImportProblem::Invalid {
+            event: name.to_string(),
+            field: "end".into(),
+            value: end,
+            why: "a CFGI_STE_RANGE block is an aligned power of two of at least 2 SIDs",
+        });
+    }
+    f.sid = Some(start as u32);
+    f.range = Some((n.trailing_zeros() - 1) as u8);
+    Ok(())
+}
+
+/// A TLBI by address. The range events print every field of the command; the older
+/// per-opcode events (QEMU without range invalidation) print the address and LEAF of a
+/// single-address TLBI, which is all such a QEMU executed.
+fn tlbi_address(f: &mut Fields, name: &str, a: &Args<'_>) -> Result<(), ImportProblem> {
+    let range = matches!(name, "smmuv3_range_inval" | "smmuv3_s1_range_inval");
+    let addr = a.need(&["addr"])? as u64;
+    let leaf = a.need_in(&["leaf"], 0, 1, "LEAF is 0 or 1")? != 0;
+    let (tg, ttl, pages) = if range {
+        (
+            a.need_in(&["tg"], 0, 3, "TG is 0 to 3")? as u8,
+            a.need_in(&["ttl"], 0, 3, "TTL is 0 to 3")? as u8,
+            a.need_in(
+                &["num_pages"],
+                1,
+                i64::from(u32::MAX),
+                "a chunk is 1 to 2^32 - 1 pages",
+            )? as u64,
+        )
+    } else {
+        (0, 0, 1)
+    };
+    // A range is traced once per power-of-two chunk: the first chunk gives
+    // the start, the chunks add up to the whole.
+    if f.addr.is_none() {
+        f.addr = Some(addr);
+        f.vmid = a.id16("vmid")?.unwrap_or(0);
+        let asid = a.id16("asid")?;
+        f.asid_unknown = asid.is_none();
+        f.asid = asid.unwrap_or(0);
+        f.tg = tg;
+        f.ttl = ttl;
+        f.leaf = leaf;
+    }
+    f.pages = f.pages.saturating_add(pages);
+    Ok(())
 }
 
 /// Reads one line of at most [`MAX_LINE_BYTES`] into `buf` (without its newline): `None` at
@@ -1215,97 +1280,8 @@ pub fn import_with<R: BufRead, W: Write + Seek>(
     out: W,
     limits: &ImportLimits,
 ) -> Result<(W, ImportStats), ImportError> {
-    let mut p = Parser {
-        items: Vec::new(),
-        pass: None,
-        cur: None,
-        base_log2size: None,
-        cmdq_base: None,
-        last_ste_sid: None,
-        max_index: 0,
-        sids: BTreeSet::new(),
-        stats: ImportStats::default(),
-        first_abs: None,
-        last_ts: 0,
-        line: 0,
-    };
-    let mut n = 0u64;
-    let mut buf = Vec::new();
-    loop {
-        let at = |line| move |problem| ImportError { line, problem };
-        let Some(terminated) = read_line(&mut log, &mut buf).map_err(at(n + 1))? else {
-            break;
-        };
-        n += 1;
-        p.line = n;
-        if !terminated {
-            // The last line without its newline: QEMU stopped mid-write, and what was written
-            // of it may parse as a line with fields missing or cut short.
-            p.stats.cut_last_line = Some(n);
-            break;
-        }
-        let line = match std::str::from_utf8(&buf) {
-            Ok(l) => l,
-            // A byte that is not UTF-8 in an unrelated line (a guest's console, another
-            // device) costs that line only; in an smmuv3 event it is a damaged log.
-            Err(_) if buf.windows(7).any(|w| w == b"smmuv3_") => {
-                return Err(at(n)(ImportProblem::NotUtf8))
-            }
-            Err(_) => {
-                p.stats.skip("not UTF-8 (and not an smmuv3_* event)");
-                continue;
-            }
-        };
-        let (abs, rest) = split_line(line).map_err(at(n))?;
-        let ts = match abs {
-            Some(abs) => abs.saturating_sub(*p.first_abs.get_or_insert(abs)),
-            None => {
-                if rest.starts_with("smmuv3_") {
-                    p.stats.untimed += 1;
-                }
-                n * 1000
-            }
-        };
-        let ts = ts.max(p.last_ts);
-        p.last_ts = ts;
-        if line.contains("Illegal command type:") {
-            p.guest_error(line).map_err(at(n))?;
-            p.stats.used += 1;
-            continue;
-        }
-        let (name, args) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
-        if !name.starts_with("smmuv3_") {
-            p.stats.skip("not an smmuv3_* event");
-            continue;
-        }
-        let used = p.event(ts, name, args).map_err(at(n))?;
-        if p.stats.commands + p.stats.acks > limits.max_commands {
-            return Err(at(n)(ImportProblem::TooMany {
-                what: "commands and acknowledgements",
-                limit: limits.max_commands,
-                flag: "--max-commands",
-            }));
-        }
-        if p.sids.len() as u64 > limits.max_sids {
-            return Err(at(n)(ImportProblem::TooMany {
-                what: "distinct StreamIDs",
-                limit: limits.max_sids,
-                flag: "--max-sids",
-            }));
-        }
-        if used {
-            p.stats.used += 1;
-        } else {
-            p.stats.skip("an smmuv3_* event the import does not use");
-        }
-    }
-    p.stats.lines = n;
-    p.finish_current();
-    if let Some(mut pass) = p.pass.take() {
-        pass.end_ts = p.last_ts;
-        p.items.push(Item::Pass(pass));
-        p.stats.passes += 1;
-    }
+    let mut p = Parser::new();
+    p.read(&mut log, limits)?;
     // Made in memory and validated before a byte reaches `out`: an import that would not
     // replay is refused like any other trace.
     let (bytes, stats) = emit(p, io::Cursor::new(Vec::new()), limits)?;
@@ -1320,219 +1296,489 @@ pub fn import_with<R: BufRead, W: Write + Seek>(
     Ok((out, stats))
 }
 
+impl Parser {
+    fn new() -> Parser {
+        Parser {
+            items: Vec::new(),
+            pass: None,
+            cur: None,
+            base_log2size: None,
+            cmdq_base: None,
+            last_ste_sid: None,
+            max_index: 0,
+            sids: BTreeSet::new(),
+            stats: ImportStats::default(),
+            first_abs: None,
+            last_ts: 0,
+            line: 0,
+        }
+    }
+
+    /// Reads the whole log, then closes the pass still open at its end.
+    fn read(&mut self, log: &mut impl BufRead, limits: &ImportLimits) -> Result<(), ImportError> {
+        let mut n = 0u64;
+        let mut buf = Vec::new();
+        loop {
+            let at = |line| move |problem| ImportError { line, problem };
+            let Some(terminated) = read_line(&mut *log, &mut buf).map_err(at(n + 1))? else {
+                break;
+            };
+            n += 1;
+            self.line = n;
+            if !terminated {
+                // The last line without its newline: QEMU stopped mid-write, and what was
+                // written of it may parse as a line with fields missing or cut short.
+                self.stats.cut_last_line = Some(n);
+                break;
+            }
+            self.take_line(&buf, limits).map_err(at(n))?;
+        }
+        self.stats.lines = n;
+        self.finish_current();
+        if let Some(mut pass) = self.pass.take() {
+            pass.end_ts = self.last_ts;
+            self.items.push(Item::Pass(pass));
+            self.stats.passes += 1;
+        }
+        Ok(())
+    }
+
+    /// One whole line of the log, line number `self.line`.
+    fn take_line(&mut self, buf: &[u8], limits: &ImportLimits) -> Result<(), ImportProblem> {
+        let line = match std::str::from_utf8(buf) {
+            Ok(l) => l,
+            // A byte that is not UTF-8 in an unrelated line (a guest's console, another
+            // device) costs that line only; in an smmuv3 event it is a damaged log.
+            Err(_) if buf.windows(7).any(|w| w == b"smmuv3_") => {
+                return Err(ImportProblem::NotUtf8)
+            }
+            Err(_) => {
+                self.stats.skip("not UTF-8 (and not an smmuv3_* event)");
+                return Ok(());
+            }
+        };
+        let (abs, rest) = split_line(line)?;
+        let ts = match abs {
+            Some(abs) => abs.saturating_sub(*self.first_abs.get_or_insert(abs)),
+            None => {
+                if rest.starts_with("smmuv3_") {
+                    self.stats.untimed += 1;
+                }
+                self.line * 1000
+            }
+        };
+        let ts = ts.max(self.last_ts);
+        self.last_ts = ts;
+        if line.contains("Illegal command type:") {
+            self.guest_error(line)?;
+            self.stats.used += 1;
+            return Ok(());
+        }
+        let (name, args) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+        if !name.starts_with("smmuv3_") {
+            self.stats.skip("not an smmuv3_* event");
+            return Ok(());
+        }
+        let used = self.event(ts, name, args)?;
+        self.check_limits(limits)?;
+        if used {
+            self.stats.used += 1;
+        } else {
+            self.stats.skip("an smmuv3_* event the import does not use");
+        }
+        Ok(())
+    }
+
+    fn check_limits(&self, limits: &ImportLimits) -> Result<(), ImportProblem> {
+        if self.stats.commands + self.stats.acks > limits.max_commands {
+            return Err(ImportProblem::TooMany {
+                what: "commands and acknowledgements",
+                limit: limits.max_commands,
+                flag: "--max-commands",
+            });
+        }
+        if self.sids.len() as u64 > limits.max_sids {
+            return Err(ImportProblem::TooMany {
+                what: "distinct StreamIDs",
+                limit: limits.max_sids,
+                flag: "--max-sids",
+            });
+        }
+        Ok(())
+    }
+}
+
 fn emit<W: Write + Seek>(
-    mut p: Parser,
+    p: Parser,
     out: W,
     limits: &ImportLimits,
 ) -> Result<(W, ImportStats), ImportError> {
-    let whole = |problem| ImportError { line: 0, problem };
-    let passes: Vec<&Pass> = p
-        .items
+    let Parser {
+        items,
+        mut stats,
+        mut sids,
+        base_log2size,
+        max_index,
+        cmdq_base,
+        ..
+    } = p;
+    let passes: Vec<&Pass> = items
         .iter()
         .filter_map(|i| match i {
             Item::Pass(x) => Some(x),
             Item::Ack(_) => None,
         })
         .collect();
+    let no_activity = ImportError {
+        line: 0,
+        problem: ImportProblem::NoActivity,
+    };
     let Some(first) = passes.first() else {
-        return Err(whole(ImportProblem::NoActivity));
+        return Err(no_activity);
     };
-    let (log2size, inferred) = match p.base_log2size {
-        Some(l) => (l, false),
-        None => (
-            ((32 - p.max_index.leading_zeros()) as u8).clamp(1, MAX_LOG2SIZE),
-            true,
-        ),
-    };
-    let shape = QueueShape::new(log2size).map_err(|_| whole(ImportProblem::NoActivity))?;
-    p.stats.log2size = log2size;
-    p.stats.log2size_inferred = inferred;
-    if inferred {
-        p.stats
-            .approx("LOG2SIZE (no CMDQ_BASE write in the log): from the highest index seen");
-    } else {
-        p.stats.read("LOG2SIZE (the CMDQ_BASE write)");
-    }
+    let shape = ring_shape(base_log2size, max_index, &mut stats).ok_or(no_activity)?;
     // Slots are renumbered so the first CONS seen is slot 0, where a new ring starts.
-    let base = first.start.ptr(shape);
-    let rebase = |pos: Pos| shape.advance(pos.ptr(shape), shape.ptr_mask() + 1 - base);
-
-    // Every observation in log order, and for each slot the observations' positions in it, to
-    // find what a slot held when PROD was written: its first consumption afterwards.
-    // A SID the log does not give is taken to be the lowest SID it shows (a device of this
-    // VM), or 0 bound to a placeholder device when it shows none, so that a command QEMU
-    // consumed without error is not refused on replay for want of a binding.
-    let needs_default = passes
-        .iter()
-        .flat_map(|p| &p.obs)
-        .any(|o| o.fields.sid.is_none() && uses_sid(o.fields.op));
-    if p.sids.is_empty() && needs_default {
-        p.sids.insert(0);
-    }
-    let ctx = Ctx {
-        default_sid: p.sids.iter().next().copied().unwrap_or(0),
-        idr0: p.stats.idr0,
-        cmdq_base: p.cmdq_base,
+    let rebase = Rebase {
+        shape,
+        base: first.start.ptr(shape),
     };
-    let mut all: Vec<(u32, RawCommand)> = Vec::new();
-    let mut pass_start = Vec::new();
-    let mut cmds_of: Vec<Vec<RawCommand>> = Vec::new();
-    for pass in &passes {
-        pass_start.push(all.len());
-        let mut cmds = Vec::with_capacity(pass.obs.len());
-        for o in &pass.obs {
-            let c = rebuild(&o.fields, &o.name, o.pos.index, &ctx, &mut p.stats).map_err(
-                |problem| ImportError {
-                    line: o.line,
-                    problem,
-                },
-            )?;
-            cmds.push(c);
-        }
-        all.extend(pass.obs.iter().zip(&cmds).map(|(o, c)| (rebase(o.pos), *c)));
-        cmds_of.push(cmds);
-    }
-    let mut by_slot: HashMap<u32, Vec<usize>> = HashMap::new();
-    for (i, (slot, _)) in all.iter().enumerate() {
-        by_slot.entry(*slot).or_default().push(i);
-    }
-    let first_from = |slot: u32, from: usize| -> Option<RawCommand> {
-        let v = by_slot.get(&slot)?;
-        let k = v.partition_point(|&i| i < from);
-        v.get(k).map(|&i| all[i].1)
-    };
-
+    let ctx = rebuild_ctx(&passes, &mut sids, stats.idr0, cmdq_base);
+    let observed = Observed::rebuild(&passes, &ctx, rebase, &mut stats)?;
     let meta = TraceMeta {
         // A guest of QEMU's SMMU waits for its CMD_SYNCs (that is what they are for).
         flags: FLAG_IMPORTED | FLAG_GUEST_WAITS_SYNC,
         created_unix_ns: 0,
     };
-    let mut w = TraceWriter::new(out, meta)?;
-    let sidsize = p
-        .sids
-        .iter()
-        .next_back()
-        .map_or(16, |&s| (32 - s.leading_zeros()).max(16) as u8);
-    // Range invalidation as the guest saw it offered (IDR3.RIL); QEMU 7.2 and later offer it.
-    let range_inv = match p.stats.idr3 {
-        Some(idr3) => {
-            p.stats
-                .read("range invalidation (IDR3.RIL read by the guest)");
-            idr3 >> 10 & 1 == 1
-        }
-        None => true,
+    let mut e = Emitter {
+        w: TraceWriter::new(out, meta)?,
+        rebase,
+        observed: &observed,
+        limits,
+        stats,
+        written: 0,
+        content: HashMap::new(),
     };
-    w.viommu_create(0, 0, 1, 0, Profile::Kernel, sidsize, range_inv)?;
-    for (k, &sid) in p.sids.iter().enumerate() {
-        let device = k as u32 + 1;
-        w.device_add(0, device, 0, sid)?;
-        w.bind(0, 0, device, sid)?;
-    }
-    p.stats.sids = p.sids.len() as u64;
-    w.ring_create(0, 0, 0, log2size)?;
+    e.control_plane(&sids)?;
+    e.passes(&items)?;
+    let out = e.w.finish_counted()?;
+    Ok((out, e.stats))
+}
 
-    let mut written = 0u32;
-    let mut content: HashMap<u32, RawCommand> = HashMap::new();
-    let mut ack: Option<u64> = None;
-    let mut pass_no = 0usize;
-    for item in &p.items {
-        let pass = match item {
-            Item::Ack(ts) => {
-                ack = Some(*ts);
-                continue;
-            }
-            Item::Pass(pass) => pass,
-        };
-        let from = pass_start[pass_no];
-        pass_no += 1;
-        let prod = rebase(pass.prod);
-        let new = shape.distance(prod, written).min(shape.entries());
-        let in_new = |slot: u32| shape.distance(slot, written) < new;
-        // The guest rewrote slots QEMU had stopped at: GuestFix, then its acknowledgement.
-        let fix_ts = ack.unwrap_or(pass.ts).max(w.last_timestamp());
-        for (o, &cmd) in pass.obs.iter().zip(&cmds_of[pass_no - 1]) {
-            let slot = rebase(o.pos);
-            if !in_new(slot) && content.get(&slot).is_some_and(|c| *c != cmd) {
-                w.guest_fix(fix_ts, 0, slot, cmd)?;
-                content.insert(slot, cmd);
-                p.stats.fixes += 1;
-            }
-        }
-        if ack.take().is_some() {
-            w.guest_ack(fix_ts, 0)?;
-        }
-        if new > 0 {
-            let ts = pass.ts.max(w.last_timestamp());
-            // Slots PROD covers that QEMU never read are filled: bounded, since a few lines of
-            // log with PROD far ahead of CONS would otherwise make megabytes of filler.
-            let filler = (0..new)
-                .filter(|&i| first_from(shape.advance(written, i), from).is_none())
-                .count() as u64;
-            let too_much = |filler, scope, limit, flag| ImportError {
-                line: pass.line,
-                problem: ImportProblem::TooMuchFiller {
-                    filler,
-                    scope,
-                    limit,
-                    flag,
-                },
-            };
-            if filler > limits.max_filler_per_pass {
-                return Err(too_much(
-                    filler,
-                    "in one pass",
-                    limits.max_filler_per_pass,
-                    "--max-filler-per-pass",
-                ));
-            }
-            if p.stats.unobserved + filler > limits.max_filler {
-                return Err(too_much(
-                    p.stats.unobserved + filler,
-                    "in all",
-                    limits.max_filler,
-                    "--max-filler",
-                ));
-            }
-            let mut cmds = Vec::with_capacity(new as usize);
-            for i in 0..new {
-                let slot = shape.advance(written, i);
-                let c = first_from(slot, from).unwrap_or_else(|| {
-                    p.stats.unobserved += 1;
-                    p.stats
-                        .approx("a slot written but never consumed: filled with CMD_SYNC");
-                    Command::CmdSync {
-                        cs: 0,
-                        msh: 0,
-                        msiattr: 0,
-                        msidata: 0,
-                        msiaddr: 0,
-                    }
-                    .encode()
-                });
-                content.insert(slot, c);
+/// The ring's size: CMDQ_BASE.LOG2SIZE as the guest wrote it or, without that write, the
+/// smallest that holds every index seen.
+fn ring_shape(
+    base_log2size: Option<u8>,
+    max_index: u32,
+    stats: &mut ImportStats,
+) -> Option<QueueShape> {
+    let (log2size, inferred) = match base_log2size {
+        Some(l) => (l, false),
+        None => (
+            ((32 - max_index.leading_zeros()) as u8).clamp(1, MAX_LOG2SIZE),
+            true,
+        ),
+    };
+    let shape = QueueShape::new(log2size).ok()?;
+    stats.log2size = log2size;
+    stats.log2size_inferred = inferred;
+    if inferred {
+        stats.approx("LOG2SIZE (no CMDQ_BASE write in the log): from the highest index seen");
+    } else {
+        stats.read("LOG2SIZE (the CMDQ_BASE write)");
+    }
+    Some(shape)
+}
+
+/// A SID the log does not give is taken to be the lowest SID it shows (a device of this VM),
+/// or 0 bound to a placeholder device when it shows none, so that a command QEMU consumed
+/// without error is not refused on replay for want of a binding.
+fn rebuild_ctx(
+    passes: &[&Pass],
+    sids: &mut BTreeSet<u32>,
+    idr0: Option<u32>,
+    cmdq_base: Option<u64>,
+) -> Ctx {
+    let needs_default = passes
+        .iter()
+        .flat_map(|p| &p.obs)
+        .any(|o| o.fields.sid.is_none() && uses_sid(o.fields.op));
+    if sids.is_empty() && needs_default {
+        sids.insert(0);
+    }
+    Ctx {
+        default_sid: sids.iter().next().copied().unwrap_or(0),
+        idr0,
+        cmdq_base,
+    }
+}
+
+/// QEMU's queue positions as slots of the trace's ring, whose slot 0 is the first CONS seen.
+#[derive(Clone, Copy)]
+struct Rebase {
+    shape: QueueShape,
+    base: u32,
+}
+
+impl Rebase {
+    fn slot(self, pos: Pos) -> u32 {
+        let shape = self.shape;
+        shape.advance(pos.ptr(shape), shape.ptr_mask() + 1 - self.base)
+    }
+}
+
+/// Every observation in log order, and for each slot the observations' positions in it, to
+/// find what a slot held when PROD was written: its first consumption afterwards.
+struct Observed {
+    all: Vec<(u32, RawCommand)>,
+    /// Index in `all` of each pass's first observation.
+    pass_start: Vec<usize>,
+    /// Each pass's commands, rebuilt.
+    cmds_of: Vec<Vec<RawCommand>>,
+    by_slot: HashMap<u32, Vec<usize>>,
+}
+
+impl Observed {
+    fn rebuild(
+        passes: &[&Pass],
+        ctx: &Ctx,
+        rebase: Rebase,
+        stats: &mut ImportStats,
+    ) -> Result<Observed, ImportError> {
+        let mut all: Vec<(u32, RawCommand)> = Vec::new();
+        let mut pass_start = Vec::new();
+        let mut cmds_of: Vec<Vec<RawCommand>> = Vec::new();
+        for pass in passes {
+            pass_start.push(all.len());
+            let mut cmds = Vec::with_capacity(pass.obs.len());
+            for o in &pass.obs {
+                let c =
+                    rebuild(&o.fields, &o.name, o.pos.index, ctx, stats).map_err(|problem| {
+                        ImportError {
+                            line: o.line,
+                            problem,
+                        }
+                    })?;
                 cmds.push(c);
             }
-            w.commands(ts, 0, written, &cmds)?;
-            w.doorbell(ts, 0, prod)?;
-            written = prod;
+            all.extend(
+                pass.obs
+                    .iter()
+                    .zip(&cmds)
+                    .map(|(o, c)| (rebase.slot(o.pos), *c)),
+            );
+            cmds_of.push(cmds);
         }
-        if let Some((i, code)) = pass.error {
-            if let Some(o) = pass.obs.get(i) {
-                let e = CError::from_code(code)
-                    .filter(|e| *e != CError::None)
-                    .unwrap_or(CError::Ill);
-                w.outcome(
-                    pass.end_ts.max(w.last_timestamp()),
-                    0,
-                    rebase(o.pos),
-                    Outcome::Refused(e),
-                )?;
+        let mut by_slot: HashMap<u32, Vec<usize>> = HashMap::new();
+        for (i, (slot, _)) in all.iter().enumerate() {
+            by_slot.entry(*slot).or_default().push(i);
+        }
+        Ok(Observed {
+            all,
+            pass_start,
+            cmds_of,
+            by_slot,
+        })
+    }
+
+    /// What `slot` held at observation `from`: its first consumption from then on.
+    fn first_from(&self, slot: u32, from: usize) -> Option<RawCommand> {
+        let v = self.by_slot.get(&slot)?;
+        let k = v.partition_point(|&i| i < from);
+        v.get(k).map(|&i| self.all[i].1)
+    }
+}
+
+/// Writes the imported trace: one vIOMMU, its devices, one ring, and the log's passes over it.
+struct Emitter<'a, W: Write + Seek> {
+    w: TraceWriter<W>,
+    rebase: Rebase,
+    observed: &'a Observed,
+    limits: &'a ImportLimits,
+    stats: ImportStats,
+    /// PROD as the trace's guest last wrote it.
+    written: u32,
+    /// What each slot of the trace's ring holds.
+    content: HashMap<u32, RawCommand>,
+}
+
+impl<W: Write + Seek> Emitter<'_, W> {
+    /// The vIOMMU as the guest saw it offered, a device bound for each SID seen, the ring.
+    fn control_plane(&mut self, sids: &BTreeSet<u32>) -> Result<(), ImportError> {
+        let sidsize = sids
+            .iter()
+            .next_back()
+            .map_or(16, |&s| (32 - s.leading_zeros()).max(16) as u8);
+        // Range invalidation as the guest saw it offered (IDR3.RIL); QEMU 7.2 and later offer it.
+        let range_inv = match self.stats.idr3 {
+            Some(idr3) => {
+                self.stats
+                    .read("range invalidation (IDR3.RIL read by the guest)");
+                idr3 >> 10 & 1 == 1
+            }
+            None => true,
+        };
+        self.w
+            .viommu_create(0, 0, 1, 0, Profile::Kernel, sidsize, range_inv)?;
+        for (k, &sid) in sids.iter().enumerate() {
+            let device = k as u32 + 1;
+            self.w.device_add(0, device, 0, sid)?;
+            self.w.bind(0, 0, device, sid)?;
+        }
+        self.stats.sids = sids.len() as u64;
+        self.w.ring_create(0, 0, 0, self.rebase.shape.log2size())?;
+        Ok(())
+    }
+
+    /// Each pass as the guest's doing: the slots it rewrote, its acknowledgement of the error
+    /// before, the slots PROD newly covers, and the command QEMU refused.
+    fn passes(&mut self, items: &[Item]) -> Result<(), ImportError> {
+        let shape = self.rebase.shape;
+        let observed = self.observed;
+        let mut ack: Option<u64> = None;
+        let mut pass_no = 0usize;
+        for item in items {
+            let pass = match item {
+                Item::Ack(ts) => {
+                    ack = Some(*ts);
+                    continue;
+                }
+                Item::Pass(pass) => pass,
+            };
+            let from = observed.pass_start[pass_no];
+            let cmds = &observed.cmds_of[pass_no];
+            pass_no += 1;
+            let prod = self.rebase.slot(pass.prod);
+            let new = shape.distance(prod, self.written).min(shape.entries());
+            // The guest rewrote slots QEMU had stopped at: GuestFix, then its acknowledgement.
+            let fix_ts = ack.unwrap_or(pass.ts).max(self.w.last_timestamp());
+            self.fixes(pass, cmds, new, fix_ts)?;
+            if ack.take().is_some() {
+                self.w.guest_ack(fix_ts, 0)?;
+            }
+            if new > 0 {
+                self.publish(pass, from, new, prod)?;
+            }
+            self.refusal(pass)?;
+        }
+        if let Some(ts) = ack {
+            self.w.guest_ack(ts.max(self.w.last_timestamp()), 0)?;
+        }
+        Ok(())
+    }
+
+    /// Slots outside the `new` ones PROD covers whose command differs from what they held.
+    fn fixes(
+        &mut self,
+        pass: &Pass,
+        cmds: &[RawCommand],
+        new: u32,
+        fix_ts: u64,
+    ) -> Result<(), ImportError> {
+        let shape = self.rebase.shape;
+        for (o, &cmd) in pass.obs.iter().zip(cmds) {
+            let slot = self.rebase.slot(o.pos);
+            let in_new = shape.distance(slot, self.written) < new;
+            if !in_new && self.content.get(&slot).is_some_and(|c| *c != cmd) {
+                self.w.guest_fix(fix_ts, 0, slot, cmd)?;
+                self.content.insert(slot, cmd);
+                self.stats.fixes += 1;
             }
         }
+        Ok(())
     }
-    if let Some(ts) = ack {
-        w.guest_ack(ts.max(w.last_timestamp()), 0)?;
+
+    /// The `new` slots up to `prod`, written and published with one doorbell.
+    fn publish(
+        &mut self,
+        pass: &Pass,
+        from: usize,
+        new: u32,
+        prod: u32,
+    ) -> Result<(), ImportError> {
+        let shape = self.rebase.shape;
+        let observed = self.observed;
+        let ts = pass.ts.max(self.w.last_timestamp());
+        let filler = (0..new)
+            .filter(|&i| {
+                observed
+                    .first_from(shape.advance(self.written, i), from)
+                    .is_none()
+            })
+            .count() as u64;
+        self.check_filler(pass, filler)?;
+        let mut cmds = Vec::with_capacity(new as usize);
+        for i in 0..new {
+            let slot = shape.advance(self.written, i);
+            let c = observed.first_from(slot, from).unwrap_or_else(|| {
+                self.stats.unobserved += 1;
+                self.stats
+                    .approx("a slot written but never consumed: filled with CMD_SYNC");
+                Command::CmdSync {
+                    cs: 0,
+                    msh: 0,
+                    msiattr: 0,
+                    msidata: 0,
+                    msiaddr: 0,
+                }
+                .encode()
+            });
+            self.content.insert(slot, c);
+            cmds.push(c);
+        }
+        self.w.commands(ts, 0, self.written, &cmds)?;
+        self.w.doorbell(ts, 0, prod)?;
+        self.written = prod;
+        Ok(())
     }
-    let out = w.finish_counted()?;
-    Ok((out, p.stats))
+
+    /// Slots PROD covers that QEMU never read are filled: bounded, since a few lines of log
+    /// with PROD far ahead of CONS would otherwise make megabytes of filler.
+    fn check_filler(&self, pass: &Pass, filler: u64) -> Result<(), ImportError> {
+        let too_much = |filler, scope, limit, flag| ImportError {
+            line: pass.line,
+            problem: ImportProblem::TooMuchFiller {
+                filler,
+                scope,
+                limit,
+                flag,
+            },
+        };
+        if filler > self.limits.max_filler_per_pass {
+            return Err(too_much(
+                filler,
+                "in one pass",
+                self.limits.max_filler_per_pass,
+                "--max-filler-per-pass",
+            ));
+        }
+        if self.stats.unobserved + filler > self.limits.max_filler {
+            return Err(too_much(
+                self.stats.unobserved + filler,
+                "in all",
+                self.limits.max_filler,
+                "--max-filler",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The command QEMU refused in the pass, with its CONS.ERR.
+    fn refusal(&mut self, pass: &Pass) -> Result<(), ImportError> {
+        let Some((i, code)) = pass.error else {
+            return Ok(());
+        };
+        let Some(o) = pass.obs.get(i) else {
+            return Ok(());
+        };
+        let e = CError::from_code(code)
+            .filter(|e| *e != CError::None)
+            .unwrap_or(CError::Ill);
+        self.w.outcome(
+            pass.end_ts.max(self.w.last_timestamp()),
+            0,
+            self.rebase.slot(o.pos),
+            Outcome::Refused(e),
+        )?;
+        Ok(())
+    }
 }

@@ -333,182 +333,202 @@ fn zero_bytes(v: &[u8], what: &'static str) -> Result<(), Malformed> {
     Ok(())
 }
 
+/// The event of a record of `kind` and total length `len`, from its body.
 fn parse_body(kind: Kind, len: u32, body: &[u8]) -> Result<Event<'_>, Malformed> {
-    Ok(match kind {
-        Kind::ViommuCreate => {
-            let b: &ViommuCreateBody = fixed(kind, len, body)?;
-            let profile = Profile::from_code(b.profile).ok_or(Malformed::BadProfile(b.profile))?;
-            if b.sidsize > 32 {
-                return Err(Malformed::BadSidsize(b.sidsize));
-            }
-            if b.flags & !(format::VIOMMU_RANGE_INV | format::VIOMMU_SMMU_FEATURES) != 0 {
-                return Err(Malformed::BadViommuFlags(b.flags));
-            }
-            let range_inv = b.flags & format::VIOMMU_RANGE_INV != 0;
-            let features = if b.flags & format::VIOMMU_SMMU_FEATURES != 0 {
-                SmmuFeatures::from_trace_bytes(b.features, range_inv)
-                    .map_err(Malformed::BadSmmuFeatures)?
-            } else {
-                zero_bytes(&b.features, "ViommuCreate bytes 13..16 without flag bit 1")?;
-                SmmuFeatures {
-                    ril: range_inv,
-                    ..SmmuFeatures::ANY
-                }
-            };
-            Event::ViommuCreate {
-                viommu: b.viommu.get(),
-                vmid: b.vmid.get(),
-                smmu: b.smmu.get(),
-                profile,
-                sidsize: b.sidsize,
-                range_inv,
-                features,
+    match kind {
+        Kind::ViommuCreate => parse_viommu_create(kind, len, body),
+        Kind::DeviceAdd => parse_device_add(kind, len, body),
+        Kind::Bind => parse_bind(kind, len, body),
+        Kind::Unbind => parse_unbind(kind, len, body),
+        Kind::RingCreate => parse_ring_create(kind, len, body),
+        Kind::Commands => parse_commands(kind, len, body),
+        Kind::Doorbell => parse_doorbell(kind, len, body),
+        Kind::GuestAck => parse_guest_ack(kind, len, body),
+        Kind::GuestFix => parse_guest_fix(kind, len, body),
+        Kind::Outcome => parse_outcome(kind, len, body),
+    }
+}
+
+fn parse_viommu_create(kind: Kind, len: u32, body: &[u8]) -> Result<Event<'_>, Malformed> {
+    let b: &ViommuCreateBody = fixed(kind, len, body)?;
+    let profile = Profile::from_code(b.profile).ok_or(Malformed::BadProfile(b.profile))?;
+    if b.sidsize > 32 {
+        return Err(Malformed::BadSidsize(b.sidsize));
+    }
+    if b.flags & !(format::VIOMMU_RANGE_INV | format::VIOMMU_SMMU_FEATURES) != 0 {
+        return Err(Malformed::BadViommuFlags(b.flags));
+    }
+    let range_inv = b.flags & format::VIOMMU_RANGE_INV != 0;
+    let features = if b.flags & format::VIOMMU_SMMU_FEATURES != 0 {
+        SmmuFeatures::from_trace_bytes(b.features, range_inv).map_err(Malformed::BadSmmuFeatures)?
+    } else {
+        zero_bytes(&b.features, "ViommuCreate bytes 13..16 without flag bit 1")?;
+        SmmuFeatures {
+            ril: range_inv,
+            ..SmmuFeatures::ANY
+        }
+    };
+    Ok(Event::ViommuCreate {
+        viommu: b.viommu.get(),
+        vmid: b.vmid.get(),
+        smmu: b.smmu.get(),
+        profile,
+        sidsize: b.sidsize,
+        range_inv,
+        features,
+    })
+}
+
+fn parse_device_add(kind: Kind, len: u32, body: &[u8]) -> Result<Event<'_>, Malformed> {
+    let b: &DeviceAddBody = fixed(kind, len, body)?;
+    zero_u32(b.reserved, "DeviceAdd reserved word")?;
+    Ok(Event::DeviceAdd {
+        device: b.device.get(),
+        smmu: b.smmu.get(),
+        psid: b.psid.get(),
+    })
+}
+
+fn parse_bind(kind: Kind, len: u32, body: &[u8]) -> Result<Event<'_>, Malformed> {
+    let b: &BindBody = fixed(kind, len, body)?;
+    zero_u32(b.reserved, "Bind reserved word")?;
+    Ok(Event::Bind {
+        viommu: b.viommu.get(),
+        device: b.device.get(),
+        vsid: b.vsid.get(),
+    })
+}
+
+fn parse_unbind(kind: Kind, len: u32, body: &[u8]) -> Result<Event<'_>, Malformed> {
+    let b: &UnbindBody = fixed(kind, len, body)?;
+    Ok(Event::Unbind {
+        viommu: b.viommu.get(),
+        device: b.device.get(),
+    })
+}
+
+fn parse_ring_create(kind: Kind, len: u32, body: &[u8]) -> Result<Event<'_>, Malformed> {
+    let b: &RingCreateBody = fixed(kind, len, body)?;
+    if b.log2size > MAX_LOG2SIZE {
+        return Err(Malformed::BadLog2Size(b.log2size));
+    }
+    zero_bytes(&b.reserved, "RingCreate bytes 9..16")?;
+    Ok(Event::RingCreate {
+        ring: b.ring.get(),
+        viommu: b.viommu.get(),
+        log2size: b.log2size,
+    })
+}
+
+/// The commands are viewed in place: a record of a million commands costs no copy.
+fn parse_commands(kind: Kind, len: u32, body: &[u8]) -> Result<Event<'_>, Malformed> {
+    let Ok((head, payload)) = CommandsHead::ref_from_prefix(body) else {
+        return Err(Malformed::WrongLength {
+            kind,
+            len,
+            expected: PREFIX_LEN + kind.body_len() + RawCommand::SIZE,
+        });
+    };
+    zero_u32(head.reserved, "Commands reserved word")?;
+    let count = head.count.get();
+    if count == 0 {
+        return Err(Malformed::EmptyCommands);
+    }
+    let need = u64::from(count) * RawCommand::SIZE as u64;
+    let have = payload.len() as u64;
+    if need > have {
+        return Err(Malformed::CommandsOverrun {
+            count,
+            available: have,
+        });
+    }
+    if need < have {
+        return Err(Malformed::CommandsTrailing {
+            count,
+            extra: have - need,
+        });
+    }
+    let cmds = <[RawCommand]>::ref_from_bytes(payload).map_err(|_| Malformed::CommandsOverrun {
+        count,
+        available: have,
+    })?;
+    Ok(Event::Commands {
+        ring: head.ring.get(),
+        slot: head.slot.get(),
+        cmds,
+    })
+}
+
+fn parse_doorbell(kind: Kind, len: u32, body: &[u8]) -> Result<Event<'_>, Malformed> {
+    let b: &DoorbellBody = fixed(kind, len, body)?;
+    Ok(Event::Doorbell {
+        ring: b.ring.get(),
+        prod: b.prod.get(),
+    })
+}
+
+fn parse_guest_ack(kind: Kind, len: u32, body: &[u8]) -> Result<Event<'_>, Malformed> {
+    let b: &GuestAckBody = fixed(kind, len, body)?;
+    zero_u32(b.reserved, "GuestAck reserved word")?;
+    Ok(Event::GuestAck { ring: b.ring.get() })
+}
+
+fn parse_guest_fix(kind: Kind, len: u32, body: &[u8]) -> Result<Event<'_>, Malformed> {
+    let b: &GuestFixBody = fixed(kind, len, body)?;
+    Ok(Event::GuestFix {
+        ring: b.ring.get(),
+        slot: b.slot.get(),
+        cmd: b.cmd,
+    })
+}
+
+/// Each outcome carries only its own fields; the others must be zero.
+fn parse_outcome(kind: Kind, len: u32, body: &[u8]) -> Result<Event<'_>, Malformed> {
+    let b: &OutcomeBody = fixed(kind, len, body)?;
+    zero_bytes(&b.reserved, "Outcome bytes 10..16")?;
+    let no_cerror = || {
+        if b.cerror != 0 {
+            return Err(Malformed::ReservedNonZero {
+                what: "Outcome CONS.ERR unless refused",
+            });
+        }
+        Ok(())
+    };
+    let no_out = || {
+        if b.out != RawCommand::default() {
+            return Err(Malformed::ReservedNonZero {
+                what: "Outcome command unless forwarded",
+            });
+        }
+        Ok(())
+    };
+    let outcome = match b.outcome {
+        outcome::FORWARDED => {
+            no_cerror()?;
+            Outcome::Forwarded(b.out)
+        }
+        outcome::REFUSED => {
+            no_out()?;
+            match CError::from_code(b.cerror) {
+                Some(CError::None) | None => return Err(Malformed::BadCerror(b.cerror)),
+                Some(e) => Outcome::Refused(e),
             }
         }
-        Kind::DeviceAdd => {
-            let b: &DeviceAddBody = fixed(kind, len, body)?;
-            zero_u32(b.reserved, "DeviceAdd reserved word")?;
-            Event::DeviceAdd {
-                device: b.device.get(),
-                smmu: b.smmu.get(),
-                psid: b.psid.get(),
-            }
+        outcome::TRAPPED => {
+            no_cerror()?;
+            no_out()?;
+            Outcome::Trapped
         }
-        Kind::Bind => {
-            let b: &BindBody = fixed(kind, len, body)?;
-            zero_u32(b.reserved, "Bind reserved word")?;
-            Event::Bind {
-                viommu: b.viommu.get(),
-                device: b.device.get(),
-                vsid: b.vsid.get(),
-            }
+        outcome::DROPPED => {
+            no_cerror()?;
+            no_out()?;
+            Outcome::Dropped
         }
-        Kind::Unbind => {
-            let b: &UnbindBody = fixed(kind, len, body)?;
-            Event::Unbind {
-                viommu: b.viommu.get(),
-                device: b.device.get(),
-            }
-        }
-        Kind::RingCreate => {
-            let b: &RingCreateBody = fixed(kind, len, body)?;
-            if b.log2size > MAX_LOG2SIZE {
-                return Err(Malformed::BadLog2Size(b.log2size));
-            }
-            zero_bytes(&b.reserved, "RingCreate bytes 9..16")?;
-            Event::RingCreate {
-                ring: b.ring.get(),
-                viommu: b.viommu.get(),
-                log2size: b.log2size,
-            }
-        }
-        Kind::Commands => {
-            let Ok((head, payload)) = CommandsHead::ref_from_prefix(body) else {
-                return Err(Malformed::WrongLength {
-                    kind,
-                    len,
-                    expected: PREFIX_LEN + kind.body_len() + RawCommand::SIZE,
-                });
-            };
-            zero_u32(head.reserved, "Commands reserved word")?;
-            let count = head.count.get();
-            if count == 0 {
-                return Err(Malformed::EmptyCommands);
-            }
-            let need = u64::from(count) * RawCommand::SIZE as u64;
-            let have = payload.len() as u64;
-            if need > have {
-                return Err(Malformed::CommandsOverrun {
-                    count,
-                    available: have,
-                });
-            }
-            if need < have {
-                return Err(Malformed::CommandsTrailing {
-                    count,
-                    extra: have - need,
-                });
-            }
-            let cmds = <[RawCommand]>::ref_from_bytes(payload).map_err(|_| {
-                Malformed::CommandsOverrun {
-                    count,
-                    available: have,
-                }
-            })?;
-            Event::Commands {
-                ring: head.ring.get(),
-                slot: head.slot.get(),
-                cmds,
-            }
-        }
-        Kind::Doorbell => {
-            let b: &DoorbellBody = fixed(kind, len, body)?;
-            Event::Doorbell {
-                ring: b.ring.get(),
-                prod: b.prod.get(),
-            }
-        }
-        Kind::GuestAck => {
-            let b: &GuestAckBody = fixed(kind, len, body)?;
-            zero_u32(b.reserved, "GuestAck reserved word")?;
-            Event::GuestAck { ring: b.ring.get() }
-        }
-        Kind::GuestFix => {
-            let b: &GuestFixBody = fixed(kind, len, body)?;
-            Event::GuestFix {
-                ring: b.ring.get(),
-                slot: b.slot.get(),
-                cmd: b.cmd,
-            }
-        }
-        Kind::Outcome => {
-            let b: &OutcomeBody = fixed(kind, len, body)?;
-            zero_bytes(&b.reserved, "Outcome bytes 10..16")?;
-            let no_cerror = || {
-                if b.cerror != 0 {
-                    return Err(Malformed::ReservedNonZero {
-                        what: "Outcome CONS.ERR unless refused",
-                    });
-                }
-                Ok(())
-            };
-            let no_out = || {
-                if b.out != RawCommand::default() {
-                    return Err(Malformed::ReservedNonZero {
-                        what: "Outcome command unless forwarded",
-                    });
-                }
-                Ok(())
-            };
-            let outcome = match b.outcome {
-                outcome::FORWARDED => {
-                    no_cerror()?;
-                    Outcome::Forwarded(b.out)
-                }
-                outcome::REFUSED => {
-                    no_out()?;
-                    match CError::from_code(b.cerror) {
-                        Some(CError::None) | None => return Err(Malformed::BadCerror(b.cerror)),
-                        Some(e) => Outcome::Refused(e),
-                    }
-                }
-                outcome::TRAPPED => {
-                    no_cerror()?;
-                    no_out()?;
-                    Outcome::Trapped
-                }
-                outcome::DROPPED => {
-                    no_cerror()?;
-                    no_out()?;
-                    Outcome::Dropped
-                }
-                other => return Err(Malformed::BadOutcome(other)),
-            };
-            Event::Outcome {
-                ring: b.ring.get(),
-                slot: b.slot.get(),
-                outcome,
-            }
-        }
+        other => return Err(Malformed::BadOutcome(other)),
+    };
+    Ok(Event::Outcome {
+        ring: b.ring.get(),
+        slot: b.slot.get(),
+        outcome,
     })
 }

@@ -139,20 +139,7 @@ fn event_lines(out: &mut String, rings: &Rings, ts: u64, e: &Event<'_>) {
             log2size,
         } => writeln!(out, "@{ts} ring {ring} viommu={viommu} log2size={log2size}"),
         Event::Commands { ring, slot, cmds } => {
-            for (i, c) in cmds.iter().enumerate() {
-                // The record's own slot as written, even one beyond its ring (which validation
-                // refuses): masking it here would make a different trace of the text.
-                let s = match i {
-                    0 => slot,
-                    _ => rings.advance(ring, slot, i as u32),
-                };
-                let _ = writeln!(
-                    out,
-                    "@{ts} cmd ring={ring} slot={} {}",
-                    ptr(s),
-                    format_raw(c)
-                );
-            }
+            command_lines(out, rings, ts, ring, slot, cmds);
             Ok(())
         }
         Event::Doorbell { ring, prod } => {
@@ -169,16 +156,47 @@ fn event_lines(out: &mut String, rings: &Rings, ts: u64, e: &Event<'_>) {
             ring,
             slot,
             outcome,
-        } => {
-            let what = match outcome {
-                Outcome::Forwarded(c) => format!("forwarded {}", format_raw(&c)),
-                Outcome::Refused(e) => format!("refused {}", e.name()),
-                Outcome::Trapped => "trapped".to_string(),
-                Outcome::Dropped => "dropped".to_string(),
-            };
-            writeln!(out, "@{ts} outcome ring={ring} slot={} {what}", ptr(slot))
-        }
+        } => writeln!(
+            out,
+            "@{ts} outcome ring={ring} slot={} {}",
+            ptr(slot),
+            outcome_text(outcome)
+        ),
     };
+}
+
+/// One line per command of a Commands record.
+fn command_lines(
+    out: &mut String,
+    rings: &Rings,
+    ts: u64,
+    ring: u32,
+    slot: u32,
+    cmds: &[RawCommand],
+) {
+    for (i, c) in cmds.iter().enumerate() {
+        // The record's own slot as written, even one beyond its ring (which validation
+        // refuses): masking it here would make a different trace of the text.
+        let s = match i {
+            0 => slot,
+            _ => rings.advance(ring, slot, i as u32),
+        };
+        let _ = writeln!(
+            out,
+            "@{ts} cmd ring={ring} slot={} {}",
+            ptr(s),
+            format_raw(c)
+        );
+    }
+}
+
+fn outcome_text(outcome: Outcome) -> String {
+    match outcome {
+        Outcome::Forwarded(c) => format!("forwarded {}", format_raw(&c)),
+        Outcome::Refused(e) => format!("refused {}", e.name()),
+        Outcome::Trapped => "trapped".to_string(),
+        Outcome::Dropped => "dropped".to_string(),
+    }
 }
 
 /// Writes the text form of `trace` to `out`: the header line, then one line per event (one per
@@ -627,34 +645,9 @@ fn line<W: Write + Seek>(
     let rest: Vec<&str> = words.collect();
 
     if verb == "cmd" {
-        let (ring, slot, cmd) = ring_slot_rest("cmd", &rest)?;
-        let cmd = command(&cmd)?;
-        if let Some(p) = pending {
-            if p.ts == ts && p.ring == ring && p.next == slot && p.cmds.len() < rings.entries(ring)
-            {
-                p.cmds.push(cmd);
-                p.next = rings.advance(ring, slot, 1);
-                return Ok(());
-            }
-        }
-        if let Some(p) = pending.take() {
-            record_lines.push(p.line);
-            w.commands(p.ts, p.ring, p.slot, &p.cmds)?;
-        }
-        *pending = Some(Pending {
-            ts,
-            ring,
-            slot,
-            next: rings.advance(ring, slot, 1),
-            cmds: vec![cmd],
-            line: n,
-        });
-        return Ok(());
+        return cmd_line(w, rings, pending, record_lines, n, ts, &rest);
     }
-    if let Some(p) = pending.take() {
-        record_lines.push(p.line);
-        w.commands(p.ts, p.ring, p.slot, &p.cmds)?;
-    }
+    write_pending(w, pending, record_lines)?;
     let event = match verb {
         "fix" => {
             let (ring, slot, cmd) = ring_slot_rest("fix", &rest)?;
@@ -666,34 +659,10 @@ fn line<W: Write + Seek>(
         }
         "outcome" => {
             let (ring, slot, what) = ring_slot_rest("outcome", &rest)?;
-            let outcome = match what.split_first() {
-                Some((&"forwarded", cmd)) => Outcome::Forwarded(command(cmd)?),
-                Some((&"refused", [code])) => {
-                    match cerror_by_name(code).filter(|e| *e != CError::None) {
-                        Some(e) => Outcome::Refused(e),
-                        None => {
-                            return Err(BuildProblem::BadValue {
-                                field: "refused",
-                                value: code.to_string(),
-                                why: "the CONS.ERR is ILL, ABT, ATC_INV_SYNC or ILL_ACCESS".into(),
-                            })
-                        }
-                    }
-                }
-                Some((&"trapped", [])) => Outcome::Trapped,
-                Some((&"dropped", [])) => Outcome::Dropped,
-                _ => {
-                    return Err(BuildProblem::BadValue {
-                        field: "outcome",
-                        value: what.join(" "),
-                        why: "an outcome is `forwarded <command>`, `refused <CERROR>`, `trapped` or `dropped`".into(),
-                    })
-                }
-            };
             Event::Outcome {
                 ring,
                 slot,
-                outcome,
+                outcome: outcome_words(&what)?,
             }
         }
         other => {
@@ -707,4 +676,73 @@ fn line<W: Write + Seek>(
     record_lines.push(n);
     w.write(ts, &event)?;
     Ok(())
+}
+
+/// A `cmd` line: joins the pending Commands record if it continues it (same time and ring,
+/// the next slot, room in the ring), else starts a new one.
+fn cmd_line<W: Write + Seek>(
+    w: &mut TraceWriter<W>,
+    rings: &Rings,
+    pending: &mut Option<Pending>,
+    record_lines: &mut Vec<usize>,
+    n: usize,
+    ts: u64,
+    rest: &[&str],
+) -> Result<(), BuildProblem> {
+    let (ring, slot, cmd) = ring_slot_rest("cmd", rest)?;
+    let cmd = command(&cmd)?;
+    if let Some(p) = pending {
+        if p.ts == ts && p.ring == ring && p.next == slot && p.cmds.len() < rings.entries(ring) {
+            p.cmds.push(cmd);
+            p.next = rings.advance(ring, slot, 1);
+            return Ok(());
+        }
+    }
+    write_pending(w, pending, record_lines)?;
+    *pending = Some(Pending {
+        ts,
+        ring,
+        slot,
+        next: rings.advance(ring, slot, 1),
+        cmds: vec![cmd],
+        line: n,
+    });
+    Ok(())
+}
+
+fn write_pending<W: Write + Seek>(
+    w: &mut TraceWriter<W>,
+    pending: &mut Option<Pending>,
+    record_lines: &mut Vec<usize>,
+) -> Result<(), BuildProblem> {
+    if let Some(p) = pending.take() {
+        record_lines.push(p.line);
+        w.commands(p.ts, p.ring, p.slot, &p.cmds)?;
+    }
+    Ok(())
+}
+
+/// The words after `outcome ring=R slot=S`.
+fn outcome_words(what: &[&str]) -> Result<Outcome, BuildProblem> {
+    Ok(match what.split_first() {
+        Some((&"forwarded", cmd)) => Outcome::Forwarded(command(cmd)?),
+        Some((&"refused", [code])) => match cerror_by_name(code).filter(|e| *e != CError::None) {
+            Some(e) => Outcome::Refused(e),
+            None => {
+                return Err(BuildProblem::BadValue {
+                    field: "refused",
+                    value: code.to_string(),
+                    why: "the CONS.ERR is ILL, ABT, ATC_INV_SYNC or ILL_ACCESS".into(),
+                })
+            }
+        },
+        Some((&"trapped", [])) => Outcome::Trapped,
+        Some((&"dropped", [])) => Outcome::Dropped,
+        _ => return Err(BuildProblem::BadValue {
+            field: "outcome",
+            value: what.join(" "),
+            why: "an outcome is `forwarded <command>`, `refused <CERROR>`, `trapped` or `dropped`"
+                .into(),
+        }),
+    })
 }

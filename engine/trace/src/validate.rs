@@ -16,7 +16,7 @@ use super::{Event, Kind, Record, Trace, TraceError};
 use crate::ring_model::RingModel;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use vcmdq::command::opcode_name;
+use vcmdq::command::{opcode_name, RawCommand};
 use vcmdq::queue::QueueShape;
 use vcmdq::viommu::{check_vmid, DeviceId, Devices, GraceDomain, Viommu};
 
@@ -317,54 +317,8 @@ struct State {
 impl State {
     fn check(&mut self, r: &Record<'_>) -> Result<(), Invalid> {
         let kind = r.event.kind().name();
-        let refused = |e: vcmdq::viommu::ViommuError| Invalid::ControlPlane {
-            kind,
-            why: e.to_string(),
-        };
-        let unknown_viommu = |viommu| Invalid::UnknownViommu { kind, viommu };
-        let unknown_ring = |ring| Invalid::UnknownRing { kind, ring };
-        let slot_fits = |ring: u32, shape: QueueShape, slot: u32| {
-            if shape.ptr(slot) == slot {
-                Ok(())
-            } else {
-                Err(Invalid::SlotOutOfRange {
-                    kind,
-                    ring,
-                    slot,
-                    log2size: shape.log2size(),
-                })
-            }
-        };
         match r.event {
-            ev @ Event::ViommuCreate { viommu, .. } => {
-                if self.viommus.contains_key(&viommu) {
-                    return Err(Invalid::Duplicate {
-                        kind,
-                        what: "vIOMMU",
-                        id: viommu,
-                    });
-                }
-                let cfg = ev
-                    .viommu_config()
-                    .expect("a ViommuCreate")
-                    .map_err(|code| Invalid::ControlPlane {
-                        kind,
-                        why: format!("EINVAL: unknown profile {code}"),
-                    })?;
-                // The engine's own rule (one VMID per vIOMMU per SMMU), so that a trace that
-                // validates is one the engine's control plane accepts.
-                check_vmid(&cfg, self.viommus.values().map(|s| s.viommu.config()))
-                    .map_err(refused)?;
-                let v =
-                    Viommu::new(cfg, self.devices.clone(), self.grace.clone()).map_err(refused)?;
-                self.viommus.insert(
-                    viommu,
-                    ViommuState {
-                        viommu: v,
-                        bindings: HashMap::new(),
-                    },
-                );
-            }
+            ev @ Event::ViommuCreate { viommu, .. } => self.create_viommu(kind, viommu, ev),
             Event::DeviceAdd { device, smmu, psid } => {
                 if !self.device_ids.insert(device) {
                     return Err(Invalid::Duplicate {
@@ -375,127 +329,232 @@ impl State {
                 }
                 self.devices
                     .add_device(DeviceId(device), smmu, psid)
-                    .map_err(refused)?;
+                    .map_err(refused(kind))
             }
             Event::Bind {
                 viommu,
                 device,
                 vsid,
-            } => {
-                let v = self
-                    .viommus
-                    .get_mut(&viommu)
-                    .ok_or(unknown_viommu(viommu))?;
-                if !self.device_ids.contains(&device) {
-                    return Err(Invalid::UnknownDevice { kind, device });
-                }
-                v.viommu
-                    .set_dev_id(DeviceId(device), vsid)
-                    .map_err(refused)?;
-                let psid = v.viommu.lookup(vsid).unwrap_or_default();
-                v.bindings.insert(vsid, psid);
-            }
-            Event::Unbind { viommu, device } => {
-                let v = self
-                    .viommus
-                    .get_mut(&viommu)
-                    .ok_or(unknown_viommu(viommu))?;
-                if !self.device_ids.contains(&device) {
-                    return Err(Invalid::UnknownDevice { kind, device });
-                }
-                let vsid = v.viommu.unset_dev_id(DeviceId(device)).map_err(refused)?;
-                v.bindings.remove(&vsid);
-            }
+            } => self.bind(kind, viommu, device, vsid),
+            Event::Unbind { viommu, device } => self.unbind(kind, viommu, device),
             Event::RingCreate {
                 ring,
                 viommu,
                 log2size,
-            } => {
-                if !self.viommus.contains_key(&viommu) {
-                    return Err(unknown_viommu(viommu));
-                }
-                // The reader has already refused LOG2SIZE above 19.
-                let shape = QueueShape::new(log2size).map_err(|_| Invalid::SlotOutOfRange {
-                    kind,
-                    ring,
-                    slot: 0,
-                    log2size,
-                })?;
-                if self.rings.contains_key(&ring) {
-                    return Err(Invalid::Duplicate {
-                        kind,
-                        what: "ring",
-                        id: ring,
-                    });
-                }
-                let needed = self
-                    .ring_bytes
-                    .saturating_add(u64::from(shape.entries()) * 16);
-                if needed > self.limits.max_ring_memory {
-                    return Err(Invalid::RingMemory {
-                        ring,
-                        needed,
-                        limit: self.limits.max_ring_memory,
-                    });
-                }
-                self.ring_bytes = needed;
-                self.rings.insert(
-                    ring,
-                    RingState {
-                        viommu,
-                        shape,
-                        model: RingModel::without_history(shape),
-                    },
-                );
-            }
-            Event::Commands { ring, slot, cmds } => {
-                let rt = self.rings.get_mut(&ring).ok_or(unknown_ring(ring))?;
-                slot_fits(ring, rt.shape, slot)?;
-                if cmds.len() > rt.shape.entries() as usize {
-                    return Err(Invalid::TooManyCommands {
-                        ring,
-                        count: cmds.len(),
-                        entries: rt.shape.entries(),
-                    });
-                }
-                for (i, c) in cmds.iter().enumerate() {
-                    self.opcodes[c.opcode() as usize] += 1;
-                    rt.model.write(rt.shape.advance(slot, i as u32), *c);
-                }
-            }
+            } => self.create_ring(kind, ring, viommu, log2size),
+            Event::Commands { ring, slot, cmds } => self.write_commands(kind, ring, slot, cmds),
             Event::Doorbell { ring, prod } => {
-                let rt = self.rings.get_mut(&ring).ok_or(unknown_ring(ring))?;
+                let rt = self.rings.get_mut(&ring).ok_or(unknown_ring(kind, ring))?;
                 let v = &self.viommus[&rt.viommu];
                 rt.model.doorbell(prod, v.viommu.config(), &v.bindings);
+                Ok(())
             }
             Event::GuestAck { ring } => {
-                let rt = self.rings.get_mut(&ring).ok_or(unknown_ring(ring))?;
+                let rt = self.rings.get_mut(&ring).ok_or(unknown_ring(kind, ring))?;
                 if !rt.model.stopped() {
                     return Err(Invalid::NotStopped { kind, ring });
                 }
                 let v = &self.viommus[&rt.viommu];
                 rt.model.ack(v.viommu.config(), &v.bindings);
+                Ok(())
             }
-            Event::GuestFix { ring, slot, cmd } => {
-                let rt = self.rings.get_mut(&ring).ok_or(unknown_ring(ring))?;
-                slot_fits(ring, rt.shape, slot)?;
-                let Some(stopped) = rt.model.stopped_at() else {
-                    return Err(Invalid::NotStopped { kind, ring });
-                };
-                if stopped != slot {
-                    return Err(Invalid::FixElsewhere {
-                        ring,
-                        slot,
-                        stopped,
-                    });
-                }
-                rt.model.write(slot, cmd);
-            }
+            Event::GuestFix { ring, slot, cmd } => self.guest_fix(kind, ring, slot, cmd),
             Event::Outcome { ring, slot, .. } => {
-                let rt = self.rings.get(&ring).ok_or(unknown_ring(ring))?;
-                slot_fits(ring, rt.shape, slot)?;
+                let rt = self.rings.get(&ring).ok_or(unknown_ring(kind, ring))?;
+                slot_fits(kind, ring, rt.shape, slot)
             }
         }
+    }
+
+    fn create_viommu(
+        &mut self,
+        kind: &'static str,
+        viommu: u32,
+        ev: Event<'_>,
+    ) -> Result<(), Invalid> {
+        if self.viommus.contains_key(&viommu) {
+            return Err(Invalid::Duplicate {
+                kind,
+                what: "vIOMMU",
+                id: viommu,
+            });
+        }
+        let cfg = ev
+            .viommu_config()
+            .expect("a ViommuCreate")
+            .map_err(|code| Invalid::ControlPlane {
+                kind,
+                why: format!("EINVAL: unknown profile {code}"),
+            })?;
+        // The engine's own rule (one VMID per vIOMMU per SMMU), so that a trace that
+        // validates is one the engine's control plane accepts.
+        check_vmid(&cfg, self.viommus.values().map(|s| s.viommu.config()))
+            .map_err(refused(kind))?;
+        let v =
+            Viommu::new(cfg, self.devices.clone(), self.grace.clone()).map_err(refused(kind))?;
+        self.viommus.insert(
+            viommu,
+            ViommuState {
+                viommu: v,
+                bindings: HashMap::new(),
+            },
+        );
         Ok(())
+    }
+
+    fn bind(
+        &mut self,
+        kind: &'static str,
+        viommu: u32,
+        device: u32,
+        vsid: u32,
+    ) -> Result<(), Invalid> {
+        let v = self
+            .viommus
+            .get_mut(&viommu)
+            .ok_or(Invalid::UnknownViommu { kind, viommu })?;
+        if !self.device_ids.contains(&device) {
+            return Err(Invalid::UnknownDevice { kind, device });
+        }
+        v.viommu
+            .set_dev_id(DeviceId(device), vsid)
+            .map_err(refused(kind))?;
+        let psid = v.viommu.lookup(vsid).unwrap_or_default();
+        v.bindings.insert(vsid, psid);
+        Ok(())
+    }
+
+    fn unbind(&mut self, kind: &'static str, viommu: u32, device: u32) -> Result<(), Invalid> {
+        let v = self
+            .viommus
+            .get_mut(&viommu)
+            .ok_or(Invalid::UnknownViommu { kind, viommu })?;
+        if !self.device_ids.contains(&device) {
+            return Err(Invalid::UnknownDevice { kind, device });
+        }
+        let vsid = v
+            .viommu
+            .unset_dev_id(DeviceId(device))
+            .map_err(refused(kind))?;
+        v.bindings.remove(&vsid);
+        Ok(())
+    }
+
+    fn create_ring(
+        &mut self,
+        kind: &'static str,
+        ring: u32,
+        viommu: u32,
+        log2size: u8,
+    ) -> Result<(), Invalid> {
+        if !self.viommus.contains_key(&viommu) {
+            return Err(Invalid::UnknownViommu { kind, viommu });
+        }
+        // The reader has already refused LOG2SIZE above 19.
+        let shape = QueueShape::new(log2size).map_err(|_| Invalid::SlotOutOfRange {
+            kind,
+            ring,
+            slot: 0,
+            log2size,
+        })?;
+        if self.rings.contains_key(&ring) {
+            return Err(Invalid::Duplicate {
+                kind,
+                what: "ring",
+                id: ring,
+            });
+        }
+        let needed = self
+            .ring_bytes
+            .saturating_add(u64::from(shape.entries()) * 16);
+        if needed > self.limits.max_ring_memory {
+            return Err(Invalid::RingMemory {
+                ring,
+                needed,
+                limit: self.limits.max_ring_memory,
+            });
+        }
+        self.ring_bytes = needed;
+        self.rings.insert(
+            ring,
+            RingState {
+                viommu,
+                shape,
+                model: RingModel::without_history(shape),
+            },
+        );
+        Ok(())
+    }
+
+    fn write_commands(
+        &mut self,
+        kind: &'static str,
+        ring: u32,
+        slot: u32,
+        cmds: &[RawCommand],
+    ) -> Result<(), Invalid> {
+        let rt = self.rings.get_mut(&ring).ok_or(unknown_ring(kind, ring))?;
+        slot_fits(kind, ring, rt.shape, slot)?;
+        if cmds.len() > rt.shape.entries() as usize {
+            return Err(Invalid::TooManyCommands {
+                ring,
+                count: cmds.len(),
+                entries: rt.shape.entries(),
+            });
+        }
+        for (i, c) in cmds.iter().enumerate() {
+            self.opcodes[c.opcode() as usize] += 1;
+            rt.model.write(rt.shape.advance(slot, i as u32), *c);
+        }
+        Ok(())
+    }
+
+    fn guest_fix(
+        &mut self,
+        kind: &'static str,
+        ring: u32,
+        slot: u32,
+        cmd: RawCommand,
+    ) -> Result<(), Invalid> {
+        let rt = self.rings.get_mut(&ring).ok_or(unknown_ring(kind, ring))?;
+        slot_fits(kind, ring, rt.shape, slot)?;
+        let Some(stopped) = rt.model.stopped_at() else {
+            return Err(Invalid::NotStopped { kind, ring });
+        };
+        if stopped != slot {
+            return Err(Invalid::FixElsewhere {
+                ring,
+                slot,
+                stopped,
+            });
+        }
+        rt.model.write(slot, cmd);
+        Ok(())
+    }
+}
+
+/// The control plane's refusal of a record of `kind`, as the record's problem.
+fn refused(kind: &'static str) -> impl Fn(vcmdq::viommu::ViommuError) -> Invalid {
+    move |e| Invalid::ControlPlane {
+        kind,
+        why: e.to_string(),
+    }
+}
+
+fn unknown_ring(kind: &'static str, ring: u32) -> Invalid {
+    Invalid::UnknownRing { kind, ring }
+}
+
+/// A slot pointer must name a slot of the ring (no bits above the wrap bit).
+fn slot_fits(kind: &'static str, ring: u32, shape: QueueShape, slot: u32) -> Result<(), Invalid> {
+    if shape.ptr(slot) == slot {
+        Ok(())
+    } else {
+        Err(Invalid::SlotOutOfRange {
+            kind,
+            ring,
+            slot,
+            log2size: shape.log2size(),
+        })
     }
 }

@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vcmdq::command::{opcode, RawCommand};
-use vcmdq::engine::{AuditRecord, Engine, EngineConfig, EngineStats, RingId};
+use vcmdq::engine::{AuditRecord, Engine, EngineConfig, EngineReport, EngineStats, RingId};
 use vcmdq::pqueue::{HwConfig, OnCheckFailure};
 use vcmdq::queue::QueueShape;
 use vcmdq::ring::{GuestRing, HostRing, RingError};
@@ -32,7 +32,6 @@ use vcmdq::viommu::{DeviceId, ViommuConfig};
 use vcmdq_trace::format::FLAG_GUEST_WAITS_SYNC;
 use vcmdq_trace::ring_model::RingModel;
 use vcmdq_trace::{validate_with, Event, Limits, Summary, Trace, TraceError};
-
 /// How to replay.
 #[derive(Clone, Debug)]
 pub struct ReplayOptions {
@@ -401,22 +400,42 @@ pub fn replay_validated(
     opts: &ReplayOptions,
     mut progress: impl FnMut(u64),
 ) -> Result<ReplayReport, ReplayError> {
-    if let Some(speed) = opts.speed {
-        check_speed(speed).map_err(ReplayError::Refused)?;
-        let wall = summary.duration_ns() as f64 / speed / 1e9;
-        if wall > opts.max_paced_wall.as_secs_f64() {
-            return Err(ReplayError::Refused(format!(
-                "the trace spans {:.3} s of recorded time ({} ns); at --speed {speed} that is {wall:.3e} s \
-                 of wall time, above the limit of {} s (raise it with --max-wall, or replay \
-                 faster or without --speed)",
-                summary.duration_ns() as f64 / 1e9,
-                summary.duration_ns(),
-                opts.max_paced_wall.as_secs()
-            )));
-        }
-    }
+    check_pace(summary, opts)?;
     let (hw, isolation) = isolation_check(trace)?;
-    let engine = Engine::start(EngineConfig {
+    let engine = start_engine(opts, hw)?;
+    let mut rp = Replayer::new(&engine, opts, trace);
+    let start = Instant::now();
+    let commands = rp.play(trace, start, &mut progress)?;
+    rp.wait_all_idle("end of trace")?;
+    let wall = start.elapsed();
+    let played = rp.into_played();
+    let report = engine.shutdown();
+    Ok(judge(played, report, &isolation, commands, wall))
+}
+
+/// Refuses a paced replay that would take longer than the wall-time limit.
+fn check_pace(summary: &Summary, opts: &ReplayOptions) -> Result<(), ReplayError> {
+    let Some(speed) = opts.speed else {
+        return Ok(());
+    };
+    check_speed(speed).map_err(ReplayError::Refused)?;
+    let wall = summary.duration_ns() as f64 / speed / 1e9;
+    if wall > opts.max_paced_wall.as_secs_f64() {
+        return Err(ReplayError::Refused(format!(
+            "the trace spans {:.3} s of recorded time ({} ns); at --speed {speed} that is {wall:.3e} s \
+             of wall time, above the limit of {} s (raise it with --max-wall, or replay \
+             faster or without --speed)",
+            summary.duration_ns() as f64 / 1e9,
+            summary.duration_ns(),
+            opts.max_paced_wall.as_secs()
+        )));
+    }
+    Ok(())
+}
+
+/// An engine that audits every entry, behind hardware that runs the isolation check.
+fn start_engine(opts: &ReplayOptions, hw: HwConfig) -> Result<Engine, ReplayError> {
+    Engine::start(EngineConfig {
         workers: opts.workers,
         batch_limit: opts.batch_limit,
         hw,
@@ -427,71 +446,33 @@ pub fn replay_validated(
     .map_err(|e| ReplayError::Control {
         at: "start".into(),
         what: e.to_string(),
-    })?;
-    let mut rp = Replayer {
-        engine: &engine,
-        opts: opts.clone(),
-        rings: HashMap::new(),
-        by_engine_id: HashMap::new(),
-        viommus: HashMap::new(),
-        devices: HashMap::new(),
-        invariant_failures: Vec::new(),
-        closed_loop: opts
-            .closed_loop
-            .unwrap_or(trace.meta().flags & FLAG_GUEST_WAITS_SYNC != 0),
-        max_outstanding_syncs: 0,
-        sync_waits: 0,
-    };
-    let start = Instant::now();
-    let mut first_ts = None;
-    let mut commands = 0u64;
-    let mut next_progress = 0u64;
-    for (n, rec) in trace.records().enumerate() {
-        let rec = rec?;
-        let at = format!(
-            "{}offset {}",
-            trace.name().map(|n| format!("{n}: ")).unwrap_or_default(),
-            rec.offset
-        );
-        if let Some(speed) = opts.speed {
-            let t0 = *first_ts.get_or_insert(rec.timestamp_ns);
-            let due =
-                Duration::from_nanos((rec.timestamp_ns.saturating_sub(t0) as f64 / speed) as u64);
-            while let Some(pause) = pace_step(due, start.elapsed(), Duration::from_millis(1)) {
-                rp.pump();
-                std::thread::sleep(pause);
-            }
-        }
-        if n % 64 == 0 {
-            rp.pump();
-        }
-        if let Event::Commands { cmds, .. } = rec.event {
-            commands += cmds.len() as u64;
-            if commands >= next_progress {
-                progress(commands);
-                next_progress = commands + 4096;
-            }
-        }
-        rp.event(&at, rec.event)?;
-    }
-    progress(commands);
-    rp.wait_all_idle("end of trace")?;
-    let wall = start.elapsed();
-    let Replayer {
-        rings,
-        by_engine_id,
-        viommus,
-        mut invariant_failures,
-        closed_loop,
-        max_outstanding_syncs,
-        sync_waits,
-        ..
-    } = rp;
-    let report = engine.shutdown();
+    })
+}
+
+/// What the replayer learnt while playing, kept after the engine is shut down.
+struct Played {
+    rings: HashMap<u32, RingRt>,
+    by_engine_id: HashMap<RingId, u32>,
+    viommus: usize,
+    invariant_failures: Vec<String>,
+    closed_loop: bool,
+    max_outstanding_syncs: u64,
+    sync_waits: u64,
+}
+
+/// Checks the engine's audit and counters against the model and sums the verdict.
+fn judge(
+    played: Played,
+    report: EngineReport,
+    isolation: &IsolationLog,
+    commands: u64,
+    wall: Duration,
+) -> ReplayReport {
+    let mut invariant_failures = played.invariant_failures;
     if let Some(Err(why)) = &report.capture {
         invariant_failures.push(format!("capture failed: {why}"));
     }
-    let epoch_rings = rings.len();
+    let epoch_rings = played.rings.len();
     let (isolation_count, isolation) = {
         let g = isolation.lock().unwrap_or_else(|e| e.into_inner());
         (g.0, g.1.clone())
@@ -503,105 +484,153 @@ pub fn replay_validated(
             "the hardware consumed {hw_consumed} commands, the engine published {expected_hw}"
         ));
     }
-    // The audit, per trace ring, in order.
-    let mut got: HashMap<u32, Vec<(u64, SlotOutcome)>> = HashMap::new();
-    let mut published: HashMap<u32, Vec<(u64, u64, u64)>> = HashMap::new();
-    let mut synced: HashMap<u32, Vec<(u64, u64)>> = HashMap::new();
-    for rec in &report.audit {
-        match *rec {
-            AuditRecord::Slot { ring, seq, outcome } => got
-                .entry(by_engine_id[&ring])
-                .or_default()
-                .push((seq, outcome)),
-            AuditRecord::Published {
-                ring,
-                first,
-                end,
-                t,
-            } => published
-                .entry(by_engine_id[&ring])
-                .or_default()
-                .push((first, end, t)),
-            AuditRecord::SyncDone { ring, seq, t } => synced
-                .entry(by_engine_id[&ring])
-                .or_default()
-                .push((seq, t)),
-            AuditRecord::PhysFault { ring, seq, .. } => invariant_failures.push(format!(
-                "ring {}: an unexpected physical fault at entry {seq}",
-                by_engine_id[&ring]
-            )),
-        }
-    }
+    let audit = Audit::by_ring(&report.audit, &played.by_engine_id, &mut invariant_failures);
     // The comparison, ring by ring across cores (rings of different vIOMMUs are independent).
-    let mut per_ring: Vec<RingCheckInput> = rings
-        .into_iter()
-        .map(|(id, rt)| RingCheckInput {
-            id,
-            viommu: rt.viommu,
-            expected: rt.model.into_expected(),
-            doorbells: rt.doorbells,
-            got: got.remove(&id).unwrap_or_default(),
-            published: published.remove(&id).unwrap_or_default(),
-            synced: synced.remove(&id).unwrap_or_default(),
-        })
-        .collect();
-    per_ring.sort_unstable_by_key(|r| r.id);
+    let per_ring = audit.ring_inputs(played.rings);
     let checked: Vec<RingCheck> = per_ring.par_iter().map(check_ring).collect();
-    let mut mismatches = Vec::new();
-    let mut mismatch_count = 0u64;
-    let mut outcomes = Outcomes::default();
-    let mut per_viommu: BTreeMap<u32, Outcomes> = BTreeMap::new();
-    let mut per_viommu_latency: BTreeMap<u32, (Histogram<u64>, Histogram<u64>)> = BTreeMap::new();
-    let mut forwarded_digest = BTreeMap::new();
-    let mut publish_latency = latency_histogram();
-    let mut sync_latency = latency_histogram();
-    for (input, c) in per_ring.iter().zip(checked) {
-        outcomes.merge(&c.outcomes);
-        forwarded_digest.insert(input.id, c.digest.0);
-        per_viommu
-            .entry(input.viommu)
-            .or_default()
-            .merge(&c.outcomes);
-        let (p, y) = per_viommu_latency
-            .entry(input.viommu)
-            .or_insert_with(|| (latency_histogram(), latency_histogram()));
-        p.add(&c.publish_latency).expect("same histogram bounds");
-        y.add(&c.sync_latency).expect("same histogram bounds");
-        mismatch_count += c.mismatch_count;
-        mismatches.extend(
-            c.mismatches
-                .into_iter()
-                .take(100 - mismatches.len().min(100)),
-        );
-        publish_latency
-            .add(&c.publish_latency)
-            .expect("same histogram bounds");
-        sync_latency
-            .add(&c.sync_latency)
-            .expect("same histogram bounds");
-    }
-    Ok(ReplayReport {
+    let t = Totals::of(&per_ring, checked);
+    ReplayReport {
         commands,
         rings: epoch_rings,
-        viommus: viommus.len(),
-        outcomes,
-        per_viommu,
-        per_viommu_latency,
+        viommus: played.viommus,
+        outcomes: t.outcomes,
+        per_viommu: t.per_viommu,
+        per_viommu_latency: t.per_viommu_latency,
         stats: report.stats,
         hw_consumed,
         wall,
-        publish_latency,
-        sync_latency,
-        mismatches,
-        mismatch_count,
+        publish_latency: t.publish_latency,
+        sync_latency: t.sync_latency,
+        mismatches: t.mismatches,
+        mismatch_count: t.mismatch_count,
         isolation,
         isolation_count,
         invariant_failures,
-        forwarded_digest,
-        closed_loop,
-        max_outstanding_syncs,
-        sync_waits,
-    })
+        forwarded_digest: t.forwarded_digest,
+        closed_loop: played.closed_loop,
+        max_outstanding_syncs: played.max_outstanding_syncs,
+        sync_waits: played.sync_waits,
+    }
+}
+
+/// The engine's audit, per trace ring, in order.
+#[derive(Default)]
+struct Audit {
+    got: HashMap<u32, Vec<(u64, SlotOutcome)>>,
+    published: HashMap<u32, Vec<(u64, u64, u64)>>,
+    synced: HashMap<u32, Vec<(u64, u64)>>,
+}
+
+impl Audit {
+    /// Sorts `audit` by ring; a physical fault is an invariant failure (a replay injects none).
+    fn by_ring(
+        audit: &[AuditRecord],
+        by_engine_id: &HashMap<RingId, u32>,
+        invariant_failures: &mut Vec<String>,
+    ) -> Audit {
+        let mut a = Audit::default();
+        for rec in audit {
+            match *rec {
+                AuditRecord::Slot { ring, seq, outcome } => a
+                    .got
+                    .entry(by_engine_id[&ring])
+                    .or_default()
+                    .push((seq, outcome)),
+                AuditRecord::Published {
+                    ring,
+                    first,
+                    end,
+                    t,
+                } => a
+                    .published
+                    .entry(by_engine_id[&ring])
+                    .or_default()
+                    .push((first, end, t)),
+                AuditRecord::SyncDone { ring, seq, t } => a
+                    .synced
+                    .entry(by_engine_id[&ring])
+                    .or_default()
+                    .push((seq, t)),
+                AuditRecord::PhysFault { ring, seq, .. } => invariant_failures.push(format!(
+                    "ring {}: an unexpected physical fault at entry {seq}",
+                    by_engine_id[&ring]
+                )),
+            }
+        }
+        a
+    }
+
+    /// Pairs each ring's audit with its model's history, in ring order.
+    fn ring_inputs(mut self, rings: HashMap<u32, RingRt>) -> Vec<RingCheckInput> {
+        let mut per_ring: Vec<RingCheckInput> = rings
+            .into_iter()
+            .map(|(id, rt)| RingCheckInput {
+                id,
+                viommu: rt.viommu,
+                expected: rt.model.into_expected(),
+                doorbells: rt.doorbells,
+                got: self.got.remove(&id).unwrap_or_default(),
+                published: self.published.remove(&id).unwrap_or_default(),
+                synced: self.synced.remove(&id).unwrap_or_default(),
+            })
+            .collect();
+        per_ring.sort_unstable_by_key(|r| r.id);
+        per_ring
+    }
+}
+
+/// The rings' checks summed, overall and per vIOMMU.
+struct Totals {
+    outcomes: Outcomes,
+    per_viommu: BTreeMap<u32, Outcomes>,
+    per_viommu_latency: BTreeMap<u32, (Histogram<u64>, Histogram<u64>)>,
+    forwarded_digest: BTreeMap<u32, u64>,
+    publish_latency: Histogram<u64>,
+    sync_latency: Histogram<u64>,
+    mismatches: Vec<Mismatch>,
+    mismatch_count: u64,
+}
+
+impl Totals {
+    fn of(per_ring: &[RingCheckInput], checked: Vec<RingCheck>) -> Totals {
+        let mut t = Totals {
+            outcomes: Outcomes::default(),
+            per_viommu: BTreeMap::new(),
+            per_viommu_latency: BTreeMap::new(),
+            forwarded_digest: BTreeMap::new(),
+            publish_latency: latency_histogram(),
+            sync_latency: latency_histogram(),
+            mismatches: Vec::new(),
+            mismatch_count: 0,
+        };
+        for (input, c) in per_ring.iter().zip(checked) {
+            t.outcomes.merge(&c.outcomes);
+            t.forwarded_digest.insert(input.id, c.digest.0);
+            t.per_viommu
+                .entry(input.viommu)
+                .or_default()
+                .merge(&c.outcomes);
+            let (p, y) = t
+                .per_viommu_latency
+                .entry(input.viommu)
+                .or_insert_with(|| (latency_histogram(), latency_histogram()));
+            p.add(&c.publish_latency).expect("same histogram bounds");
+            y.add(&c.sync_latency).expect("same histogram bounds");
+            t.mismatch_count += c.mismatch_count;
+            t.mismatches.extend(
+                c.mismatches
+                    .into_iter()
+                    .take(100 - t.mismatches.len().min(100)),
+            );
+            t.publish_latency
+                .add(&c.publish_latency)
+                .expect("same histogram bounds");
+            t.sync_latency
+                .add(&c.sync_latency)
+                .expect("same histogram bounds");
+        }
+        t
+    }
 }
 
 /// What the check of one ring needs.
@@ -682,7 +711,80 @@ fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid histogram bounds")
 }
 
-impl Replayer<'_> {
+impl<'e> Replayer<'e> {
+    fn new(engine: &'e Engine, opts: &ReplayOptions, trace: &Trace<'_>) -> Self {
+        Replayer {
+            engine,
+            opts: opts.clone(),
+            rings: HashMap::new(),
+            by_engine_id: HashMap::new(),
+            viommus: HashMap::new(),
+            devices: HashMap::new(),
+            invariant_failures: Vec::new(),
+            closed_loop: opts
+                .closed_loop
+                .unwrap_or(trace.meta().flags & FLAG_GUEST_WAITS_SYNC != 0),
+            max_outstanding_syncs: 0,
+            sync_waits: 0,
+        }
+    }
+
+    /// Plays every record of `trace`, at its recorded pace with `opts.speed`; returns the
+    /// guest commands written.
+    fn play(
+        &mut self,
+        trace: &Trace<'_>,
+        start: Instant,
+        progress: &mut impl FnMut(u64),
+    ) -> Result<u64, ReplayError> {
+        let mut first_ts = None;
+        let mut commands = 0u64;
+        let mut next_progress = 0u64;
+        for (n, rec) in trace.records().enumerate() {
+            let rec = rec?;
+            let at = format!(
+                "{}offset {}",
+                trace.name().map(|n| format!("{n}: ")).unwrap_or_default(),
+                rec.offset
+            );
+            if let Some(speed) = self.opts.speed {
+                let t0 = *first_ts.get_or_insert(rec.timestamp_ns);
+                let due = Duration::from_nanos(
+                    (rec.timestamp_ns.saturating_sub(t0) as f64 / speed) as u64,
+                );
+                while let Some(pause) = pace_step(due, start.elapsed(), Duration::from_millis(1)) {
+                    self.pump();
+                    std::thread::sleep(pause);
+                }
+            }
+            if n % 64 == 0 {
+                self.pump();
+            }
+            if let Event::Commands { cmds, .. } = rec.event {
+                commands += cmds.len() as u64;
+                if commands >= next_progress {
+                    progress(commands);
+                    next_progress = commands + 4096;
+                }
+            }
+            self.event(&at, rec.event)?;
+        }
+        progress(commands);
+        Ok(commands)
+    }
+
+    fn into_played(self) -> Played {
+        Played {
+            rings: self.rings,
+            by_engine_id: self.by_engine_id,
+            viommus: self.viommus.len(),
+            invariant_failures: self.invariant_failures,
+            closed_loop: self.closed_loop,
+            max_outstanding_syncs: self.max_outstanding_syncs,
+            sync_waits: self.sync_waits,
+        }
+    }
+
     fn now(&self) -> u64 {
         self.engine.epoch().elapsed().as_nanos() as u64
     }
@@ -792,140 +894,176 @@ impl Replayer<'_> {
                 viommu,
                 device,
                 vsid,
-            } => {
-                self.quiesce(at, viommu)?;
-                self.engine
-                    .set_dev_id(viommu, DeviceId(device), vsid)
-                    .map_err(|e| Self::control_err(at, e))?;
-                let psid = self.devices[&device];
-                if let Some((_, b)) = self.viommus.get_mut(&viommu) {
-                    b.insert(vsid, psid);
-                }
-            }
-            Event::Unbind { viommu, device } => {
-                self.quiesce(at, viommu)?;
-                let vsid = self
-                    .engine
-                    .unset_dev_id(viommu, DeviceId(device))
-                    .map_err(|e| Self::control_err(at, e))?;
-                if let Some((_, b)) = self.viommus.get_mut(&viommu) {
-                    b.remove(&vsid);
-                }
-            }
+            } => self.bind(at, viommu, device, vsid)?,
+            Event::Unbind { viommu, device } => self.unbind(at, viommu, device)?,
             Event::RingCreate {
                 ring,
                 viommu,
                 log2size,
-            } => {
-                let host =
-                    HostRing::create_sealed(log2size, viommu).map_err(|err| ReplayError::Ring {
-                        at: at.to_string(),
-                        err,
-                    })?;
-                let guest = GuestRing::open(host.path()).map_err(|err| ReplayError::Ring {
-                    at: at.to_string(),
-                    err,
-                })?;
-                let shape = host.shape();
-                let guest_syncs = guest.sync_count();
-                let id = self
-                    .engine
-                    .attach_ring(host)
-                    .map_err(|e| Self::control_err(at, e))?;
-                self.by_engine_id.insert(id, ring);
-                self.rings.insert(
-                    ring,
-                    RingRt {
-                        guest,
-                        viommu,
-                        shape,
-                        prod: 0,
-                        prod_seq: 0,
-                        doorbells: Vec::new(),
-                        model: RingModel::new(shape),
-                        last_trap_seq: None,
-                        syncs_expected: 0,
-                        expected_counted: 0,
-                        sync_base: guest_syncs,
-                    },
-                );
-            }
-            Event::Commands { ring, slot, cmds } => {
-                let rt = self.ring(at, ring)?;
-                let shape = rt.shape;
-                let end = shape.advance(slot, cmds.len() as u32);
-                // A guest writes a slot only once CONS has freed it. Counted from PROD, which
-                // is within a lap of CONS, so a record two laps ahead of a slow engine cannot
-                // alias a free slot. A record reaching more than a ring past PROD rewrites old
-                // slots (a hostile guest): nothing to wait for.
-                let prod = self.ring(at, ring)?.prod;
-                let past_prod = shape.distance(end, prod);
-                if past_prod <= shape.entries() {
-                    self.wait(
-                        at,
-                        || format!("ring {ring}: slots up to {end:#x} to be free (is it stopped without an ack in the trace?)"),
-                        |rp| {
-                            let cons = rp.rings[&ring].guest.cons().0;
-                            shape.distance(prod, cons) + past_prod <= shape.entries()
-                        },
-                    )?;
-                }
-                let rt = self.ring(at, ring)?;
-                for (i, &cmd) in cmds.iter().enumerate() {
-                    let p = shape.advance(slot, i as u32);
-                    rt.guest.write_slot(p, cmd);
-                    rt.model.write(p, cmd);
-                }
-            }
-            Event::Doorbell { ring, prod } => {
-                let t = self.now();
-                let rt = self.ring(at, ring)?;
-                let masked = rt.shape.ptr(prod);
-                let d = rt.shape.distance(masked, rt.prod);
-                if d <= rt.shape.entries() {
-                    rt.prod_seq += u64::from(d);
-                    rt.prod = masked;
-                    rt.doorbells.push((rt.prod_seq, t));
-                }
-                rt.guest.write_prod_raw(prod);
-                let viommu = rt.viommu;
-                let (cfg, b) = &self.viommus[&viommu];
-                let (cfg, b) = (*cfg, b.clone());
-                self.ring(at, ring)?.model.doorbell(prod, &cfg, &b);
-                self.after_model_step(at, ring)?;
-            }
-            Event::GuestAck { ring } => {
-                // The guest acknowledged a stop it saw: wait for the engine's. An ack with no
-                // stop (a hostile or confused guest) goes straight in; the engine ignores it.
-                if self.ring(at, ring)?.model.stopped() {
-                    self.wait(
-                        at,
-                        || format!("ring {ring} to stop with CONS.ERR, as the guest saw it do"),
-                        |rp| rp.rings[&ring].guest.error().is_some(),
-                    )?;
-                }
-                let viommu = self.ring(at, ring)?.viommu;
-                let (cfg, b) = &self.viommus[&viommu];
-                let (cfg, b) = (*cfg, b.clone());
-                let rt = self.ring(at, ring)?;
-                rt.guest.ack_error();
-                rt.model.ack(&cfg, &b);
-                self.after_model_step(at, ring)?;
-            }
-            Event::GuestFix { ring, slot, cmd } => {
-                if self.ring(at, ring)?.model.stopped() {
-                    self.wait(
-                        at,
-                        || format!("ring {ring} to stop at {slot:#x}, as the guest saw it do"),
-                        |rp| rp.rings[&ring].guest.error().is_some(),
-                    )?;
-                }
-                let rt = self.ring(at, ring)?;
-                rt.guest.write_slot(slot, cmd);
-                rt.model.write(slot, cmd);
-            }
+            } => self.create_ring(at, ring, viommu, log2size)?,
+            Event::Commands { ring, slot, cmds } => self.write_commands(at, ring, slot, cmds)?,
+            Event::Doorbell { ring, prod } => self.doorbell(at, ring, prod)?,
+            Event::GuestAck { ring } => self.guest_ack(at, ring)?,
+            Event::GuestFix { ring, slot, cmd } => self.guest_fix(at, ring, slot, cmd)?,
             Event::Outcome { .. } => {}
         }
+        Ok(())
+    }
+
+    fn bind(&mut self, at: &str, viommu: u32, device: u32, vsid: u32) -> Result<(), ReplayError> {
+        self.quiesce(at, viommu)?;
+        self.engine
+            .set_dev_id(viommu, DeviceId(device), vsid)
+            .map_err(|e| Self::control_err(at, e))?;
+        let psid = self.devices[&device];
+        if let Some((_, b)) = self.viommus.get_mut(&viommu) {
+            b.insert(vsid, psid);
+        }
+        Ok(())
+    }
+
+    fn unbind(&mut self, at: &str, viommu: u32, device: u32) -> Result<(), ReplayError> {
+        self.quiesce(at, viommu)?;
+        let vsid = self
+            .engine
+            .unset_dev_id(viommu, DeviceId(device))
+            .map_err(|e| Self::control_err(at, e))?;
+        if let Some((_, b)) = self.viommus.get_mut(&viommu) {
+            b.remove(&vsid);
+        }
+        Ok(())
+    }
+
+    fn create_ring(
+        &mut self,
+        at: &str,
+        ring: u32,
+        viommu: u32,
+        log2size: u8,
+    ) -> Result<(), ReplayError> {
+        let host = HostRing::create_sealed(log2size, viommu).map_err(|err| ReplayError::Ring {
+            at: at.to_string(),
+            err,
+        })?;
+        let guest = GuestRing::open(host.path()).map_err(|err| ReplayError::Ring {
+            at: at.to_string(),
+            err,
+        })?;
+        let shape = host.shape();
+        let guest_syncs = guest.sync_count();
+        let id = self
+            .engine
+            .attach_ring(host)
+            .map_err(|e| Self::control_err(at, e))?;
+        self.by_engine_id.insert(id, ring);
+        self.rings.insert(
+            ring,
+            RingRt {
+                guest,
+                viommu,
+                shape,
+                prod: 0,
+                prod_seq: 0,
+                doorbells: Vec::new(),
+                model: RingModel::new(shape),
+                last_trap_seq: None,
+                syncs_expected: 0,
+                expected_counted: 0,
+                sync_base: guest_syncs,
+            },
+        );
+        Ok(())
+    }
+
+    fn write_commands(
+        &mut self,
+        at: &str,
+        ring: u32,
+        slot: u32,
+        cmds: &[RawCommand],
+    ) -> Result<(), ReplayError> {
+        let rt = self.ring(at, ring)?;
+        let shape = rt.shape;
+        let end = shape.advance(slot, cmds.len() as u32);
+        // A guest writes a slot only once CONS has freed it. Counted from PROD, which
+        // is within a lap of CONS, so a record two laps ahead of a slow engine cannot
+        // alias a free slot. A record reaching more than a ring past PROD rewrites old
+        // slots (a hostile guest): nothing to wait for.
+        let prod = self.ring(at, ring)?.prod;
+        let past_prod = shape.distance(end, prod);
+        if past_prod <= shape.entries() {
+            self.wait(
+                at,
+                || format!("ring {ring}: slots up to {end:#x} to be free (is it stopped without an ack in the trace?)"),
+                |rp| {
+                    let cons = rp.rings[&ring].guest.cons().0;
+                    shape.distance(prod, cons) + past_prod <= shape.entries()
+                },
+            )?;
+        }
+        let rt = self.ring(at, ring)?;
+        for (i, &cmd) in cmds.iter().enumerate() {
+            let p = shape.advance(slot, i as u32);
+            rt.guest.write_slot(p, cmd);
+            rt.model.write(p, cmd);
+        }
+        Ok(())
+    }
+
+    fn doorbell(&mut self, at: &str, ring: u32, prod: u32) -> Result<(), ReplayError> {
+        let t = self.now();
+        let rt = self.ring(at, ring)?;
+        let masked = rt.shape.ptr(prod);
+        let d = rt.shape.distance(masked, rt.prod);
+        if d <= rt.shape.entries() {
+            rt.prod_seq += u64::from(d);
+            rt.prod = masked;
+            rt.doorbells.push((rt.prod_seq, t));
+        }
+        rt.guest.write_prod_raw(prod);
+        let viommu = rt.viommu;
+        let (cfg, b) = &self.viommus[&viommu];
+        let (cfg, b) = (*cfg, b.clone());
+        self.ring(at, ring)?.model.doorbell(prod, &cfg, &b);
+        self.after_model_step(at, ring)
+    }
+
+    fn guest_ack(&mut self, at: &str, ring: u32) -> Result<(), ReplayError> {
+        // The guest acknowledged a stop it saw: wait for the engine's. An ack with no
+        // stop (a hostile or confused guest) goes straight in; the engine ignores it.
+        if self.ring(at, ring)?.model.stopped() {
+            self.wait(
+                at,
+                || format!("ring {ring} to stop with CONS.ERR, as the guest saw it do"),
+                |rp| rp.rings[&ring].guest.error().is_some(),
+            )?;
+        }
+        let viommu = self.ring(at, ring)?.viommu;
+        let (cfg, b) = &self.viommus[&viommu];
+        let (cfg, b) = (*cfg, b.clone());
+        let rt = self.ring(at, ring)?;
+        rt.guest.ack_error();
+        rt.model.ack(&cfg, &b);
+        self.after_model_step(at, ring)
+    }
+
+    fn guest_fix(
+        &mut self,
+        at: &str,
+        ring: u32,
+        slot: u32,
+        cmd: RawCommand,
+    ) -> Result<(), ReplayError> {
+        if self.ring(at, ring)?.model.stopped() {
+            self.wait(
+                at,
+                || format!("ring {ring} to stop at {slot:#x}, as the guest saw it do"),
+                |rp| rp.rings[&ring].guest.error().is_some(),
+            )?;
+        }
+        let rt = self.ring(at, ring)?;
+        rt.guest.write_slot(slot, cmd);
+        rt.model.write(slot, cmd);
         Ok(())
     }
 

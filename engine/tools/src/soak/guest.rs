@@ -419,40 +419,9 @@ impl Driver {
             self.guest.ack_error();
             return;
         };
-        if self.last_stop.0 == seq {
-            self.last_stop.1 += 1;
-            if self.last_stop.1 == 64 {
-                self.violation(
-                    ctx,
-                    format!("stopped at entry {seq} 64 times in a row ({cerror:?})"),
-                );
-            }
-        } else {
-            self.last_stop = (seq, 1);
-        }
-        if let Some(&(h, kind)) = self.hostiles.front() {
-            if seq == h {
-                if cerror != CError::Ill {
-                    self.violation(
-                        ctx,
-                        format!("refused entry {seq} ({kind:?}) stopped with {cerror:?}"),
-                    );
-                }
-                self.guest.write_slot(slot, FIX);
-                self.hostiles.pop_front();
-                self.stats.refused[hostile_index(kind)] += 1;
-                self.guest.ack_error();
-                return;
-            }
-            if seq > h {
-                self.violation(
-                    ctx,
-                    format!(
-                        "stopped at entry {seq} ({cerror:?}) past refused entry {h} ({kind:?}), \
-                         which was never reported"
-                    ),
-                );
-            }
+        self.count_stop(ctx, seq, cerror);
+        if self.fix_refused(ctx, slot, seq, cerror) {
+            return;
         }
         // A window entry naming the device being bound or unbound: refused, or failed in the
         // physical queue; the guest cannot tell which and fixes it either way (its command is
@@ -467,8 +436,57 @@ impl Driver {
             self.guest.ack_error();
             return;
         }
-        // A physical fault passed on. Entries before the first unfixed refusal that were
-        // refused are CMD_SYNCs now.
+        self.physical_stop(ctx, seq, cerror, fixed);
+    }
+
+    /// A ring that stops at the same entry again and again is not making progress.
+    fn count_stop(&mut self, ctx: &Ctx<'_>, seq: u64, cerror: CError) {
+        if self.last_stop.0 == seq {
+            self.last_stop.1 += 1;
+            if self.last_stop.1 == 64 {
+                self.violation(
+                    ctx,
+                    format!("stopped at entry {seq} 64 times in a row ({cerror:?})"),
+                );
+            }
+        } else {
+            self.last_stop = (seq, 1);
+        }
+    }
+
+    /// A stop at the next hostile entry: fixed and acknowledged; true if it was one.
+    fn fix_refused(&mut self, ctx: &Ctx<'_>, slot: u32, seq: u64, cerror: CError) -> bool {
+        let Some(&(h, kind)) = self.hostiles.front() else {
+            return false;
+        };
+        if seq == h {
+            if cerror != CError::Ill {
+                self.violation(
+                    ctx,
+                    format!("refused entry {seq} ({kind:?}) stopped with {cerror:?}"),
+                );
+            }
+            self.guest.write_slot(slot, FIX);
+            self.hostiles.pop_front();
+            self.stats.refused[hostile_index(kind)] += 1;
+            self.guest.ack_error();
+            return true;
+        }
+        if seq > h {
+            self.violation(
+                ctx,
+                format!(
+                    "stopped at entry {seq} ({cerror:?}) past refused entry {h} ({kind:?}), \
+                     which was never reported"
+                ),
+            );
+        }
+        false
+    }
+
+    /// A physical fault passed on: acknowledged without a fix. Entries before the first
+    /// unfixed refusal that were refused are CMD_SYNCs now.
+    fn physical_stop(&mut self, ctx: &Ctx<'_>, seq: u64, cerror: CError, fixed: bool) {
         let (sync, forward) = match ctx.stream.class(self.ring, seq) {
             _ if fixed => (true, false),
             Class::Sync { .. } | Class::Hostile(_) => (true, false),

@@ -226,9 +226,15 @@ impl SoakReport {
     }
 }
 
-/// The control plane's view of an attached ring: its index in the plan, the sequence number of
-/// the stream's entry at its pointer 0, and its geometry.
-type Attached = (usize, u64, vcmdq::queue::QueueShape);
+/// The control plane's view of an attached ring.
+#[derive(Clone, Copy)]
+struct Attached {
+    /// Its index in the plan.
+    ring: usize,
+    /// The sequence number of the stream's entry at its pointer 0.
+    base: u64,
+    shape: vcmdq::queue::QueueShape,
+}
 
 /// Control-plane state per ring: the next trapped entry must come after this one.
 struct TrapCheck {
@@ -236,9 +242,112 @@ struct TrapCheck {
     delivered: Vec<u64>,
 }
 
+impl TrapCheck {
+    fn new(rings: usize) -> Self {
+        TrapCheck {
+            next: vec![0; rings],
+            delivered: vec![0; rings],
+        }
+    }
+}
+
 /// Runs a soak; `progress` is called every [`SoakConfig::progress_every`] from the control
 /// thread (the caller's).
 pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<SoakReport, SoakError> {
+    check_config(cfg)?;
+    let checks = Checks::new(cfg)?;
+    let (plan, violations, checker) = (&checks.plan, &checks.violations, &checks.checker);
+    let (hw, faults_scheduled) = hardware_model(cfg, checker);
+    let engine = start_engine(cfg, plan, hw)?;
+    let (mut control, drivers) = attach_rings(cfg, plan, &engine)?;
+    let churn = guest::Churn::new(plan.rings.len());
+    let mut traps = TrapCheck::new(plan.rings.len());
+    let drive = Drive {
+        cfg,
+        plan,
+        engine: &engine,
+        ctx: checks.guest_ctx(cfg, &churn),
+    };
+    let start = Instant::now();
+    let (guests, traps_written) =
+        drive.until_done(drivers, &mut control, &mut traps, start, &mut progress);
+    let elapsed = start.elapsed();
+    let end = shut_down(engine, violations);
+    let tally = checker.finish();
+    // After a panic or a violation the counters no longer add up, and saying so would bury
+    // the first finding.
+    if end.clean && !violations.any() {
+        check_churn(violations, &control, &guests);
+        accounting(
+            violations,
+            &guests,
+            &tally,
+            &traps,
+            &traps_written,
+            &end.stats,
+            &end.hw,
+        );
+    }
+    Ok(SoakReport {
+        config: cfg.clone(),
+        elapsed,
+        guests,
+        tally,
+        traps: traps.delivered.iter().sum(),
+        engine: end.stats,
+        hw_consumed: end.hw.consumed,
+        hw_syncs: end.hw.syncs,
+        hw_errors: end.hw.errors,
+        hw_stalls: end.hw.stalls,
+        faults_scheduled,
+        unbinds: control.unbinds,
+        unbinds_held: control.unbinds_held,
+        rebinds: control.rebinds,
+        ring_swaps: control.swaps,
+        violation_count: violations.count(),
+        violations: violations.first(),
+    })
+}
+
+/// The layout and the checks that every thread of the run consults.
+struct Checks {
+    plan: Arc<Plan>,
+    stream: Arc<Stream>,
+    violations: Arc<Violations>,
+    checker: Arc<Checker>,
+}
+
+impl Checks {
+    fn new(cfg: &SoakConfig) -> Result<Self, SoakError> {
+        let plan = Arc::new(Plan::new(cfg.viommus, cfg.rings)?);
+        let stream = Arc::new(Stream::new(&plan, cfg.seed, cfg.mix));
+        let violations = Arc::new(Violations::default());
+        let checker = Arc::new(Checker::new(
+            plan.clone(),
+            stream.clone(),
+            violations.clone(),
+        ));
+        Ok(Checks {
+            plan,
+            stream,
+            violations,
+            checker,
+        })
+    }
+
+    fn guest_ctx<'a>(&'a self, cfg: &SoakConfig, churn: &'a guest::Churn) -> guest::Ctx<'a> {
+        guest::Ctx {
+            stream: &self.stream,
+            checker: &self.checker,
+            violations: &self.violations,
+            stall_timeout: cfg.stall_timeout,
+            churn,
+        }
+    }
+}
+
+/// Refuses a configuration the soak cannot run, before anything is set up.
+fn check_config(cfg: &SoakConfig) -> Result<(), SoakError> {
     if cfg.commands.is_none() && cfg.duration.is_none() {
         return Err(SoakError::Config(
             "give a command count, a duration, or both".into(),
@@ -256,15 +365,13 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
             cfg.guests, cfg.rings
         )));
     }
-    let plan = Arc::new(Plan::new(cfg.viommus, cfg.rings)?);
-    let stream = Arc::new(Stream::new(&plan, cfg.seed, cfg.mix));
-    let violations = Arc::new(Violations::default());
-    let checker = Arc::new(Checker::new(
-        plan.clone(),
-        stream.clone(),
-        violations.clone(),
-    ));
+    Ok(())
+}
 
+/// The modelled SMMU behind each physical queue: it checks every command it consumes against
+/// the oracle and raises the faults scheduled from the seed. Also returns the faults scheduled
+/// over all the queues.
+fn hardware_model(cfg: &SoakConfig, checker: &Arc<Checker>) -> (HwConfig, FaultCounts) {
     // Physical positions per queue: forwarded commands plus about one CMD_SYNC in twenty.
     let workers = cfg.workers.max(1) as u64;
     let horizon = match (cfg.commands, cfg.duration) {
@@ -291,7 +398,11 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
     hw.on_check_failure = OnCheckFailure::Record;
     hw.faults = faults;
     hw.slow = cfg.slow;
+    (hw, faults_scheduled)
+}
 
+/// Starts the engine and gives it the plan's vIOMMUs and devices, every device bound.
+fn start_engine(cfg: &SoakConfig, plan: &Plan, hw: HwConfig) -> Result<Engine, SoakError> {
     let engine = Engine::start(EngineConfig {
         workers: cfg.workers,
         batch_limit: cfg.batch_limit,
@@ -309,6 +420,16 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
         engine.add_device(DeviceId(device), smmu, psid)?;
         engine.set_dev_id(plan.viommus[v].cfg.id, DeviceId(device), vsid)?;
     }
+    Ok(engine)
+}
+
+/// Makes and attaches the plan's rings; returns the control plane that knows them and, per
+/// guest thread, the drivers of the rings it writes (round robin).
+fn attach_rings(
+    cfg: &SoakConfig,
+    plan: &Plan,
+    engine: &Engine,
+) -> Result<(Control, Vec<Vec<guest::Driver>>), SoakError> {
     let mut ring_of_id: std::collections::HashMap<RingId, Attached> =
         std::collections::HashMap::new();
     let mut ids = Vec::with_capacity(plan.rings.len());
@@ -318,7 +439,14 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
         let g = GuestRing::open(host.path())?;
         let shape = g.shape();
         let id = engine.attach_ring(host)?;
-        ring_of_id.insert(id, (i, 0, shape));
+        ring_of_id.insert(
+            id,
+            Attached {
+                ring: i,
+                base: 0,
+                shape,
+            },
+        );
         ids.push(id);
         drivers[i % cfg.guests].push(guest::Driver::new(
             i,
@@ -326,15 +454,7 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
             cfg.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         ));
     }
-    let churn = guest::Churn::new(plan.rings.len());
-    let ctx = guest::Ctx {
-        stream: &stream,
-        checker: &checker,
-        violations: &violations,
-        stall_timeout: cfg.stall_timeout,
-        churn: &churn,
-    };
-    let mut control = Control {
+    let control = Control {
         ids,
         ring_of_id,
         unbinds: 0,
@@ -342,24 +462,53 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
         rebinds: 0,
         swaps: 0,
     };
-    let mut traps = TrapCheck {
-        next: vec![0; plan.rings.len()],
-        delivered: vec![0; plan.rings.len()],
-    };
-    let start = Instant::now();
-    let deadline = cfg.duration.map(|d| start + d);
-    let finished = AtomicUsize::new(0);
-    let mut guest_stats = GuestStats::default();
-    let mut traps_written = vec![0u64; plan.rings.len()];
-    let nguests = cfg.guests as u64;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = drivers
+    Ok((control, drivers))
+}
+
+/// What the guest threads and the control plane share while the soak runs.
+struct Drive<'a> {
+    cfg: &'a SoakConfig,
+    plan: &'a Plan,
+    engine: &'a Engine,
+    ctx: guest::Ctx<'a>,
+}
+
+impl Drive<'_> {
+    /// Runs the guest threads to their end with this thread as the control plane; returns what
+    /// the guests did and each ring's trapped entries written.
+    fn until_done(
+        &self,
+        drivers: Vec<Vec<guest::Driver>>,
+        control: &mut Control,
+        traps: &mut TrapCheck,
+        start: Instant,
+        progress: &mut impl FnMut(&Progress),
+    ) -> (GuestStats, Vec<u64>) {
+        let deadline = self.cfg.duration.map(|d| start + d);
+        let finished = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            let handles = self.spawn_guests(s, drivers, &finished, deadline);
+            self.control_plane(control, traps, &finished, start, progress);
+            self.join_guests(handles)
+        })
+    }
+
+    /// One thread per entry of `drivers`, each writing its share of the command count.
+    fn spawn_guests<'s>(
+        &'s self,
+        s: &'s std::thread::Scope<'s, '_>,
+        drivers: Vec<Vec<guest::Driver>>,
+        finished: &'s AtomicUsize,
+        deadline: Option<Instant>,
+    ) -> Vec<std::thread::ScopedJoinHandle<'s, Vec<guest::Driver>>> {
+        let nguests = self.cfg.guests as u64;
+        drivers
             .into_iter()
             .enumerate()
             .map(|(g, mut ds)| {
-                let ctx = &ctx;
-                let finished = &finished;
-                let budget = cfg
+                let ctx = &self.ctx;
+                let budget = self
+                    .cfg
                     .commands
                     .map(|n| n / nguests + u64::from((g as u64) < n % nguests));
                 std::thread::Builder::new()
@@ -371,29 +520,35 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
                     })
                     .expect("spawn a guest thread")
             })
-            .collect();
-        // The control plane: trapped commands, progress.
-        let mut next_report = Instant::now() + cfg.progress_every;
+            .collect()
+    }
+
+    /// The control plane, until every guest thread has finished: trapped commands, segment
+    /// requests, progress.
+    fn control_plane(
+        &self,
+        control: &mut Control,
+        traps: &mut TrapCheck,
+        finished: &AtomicUsize,
+        start: Instant,
+        progress: &mut impl FnMut(&Progress),
+    ) {
+        let violations = self.ctx.violations;
+        let mut next_report = Instant::now() + self.cfg.progress_every;
         let mut idle = 0u32;
         loop {
-            let mut got = false;
-            while let Some(t) = engine.next_trap() {
-                got = true;
-                check_trap(
-                    &plan,
-                    &stream,
-                    &control.ring_of_id,
-                    &mut traps,
-                    &violations,
-                    &t,
-                );
-                if let Err(e) = engine.complete_trap(t.ring) {
-                    violations.report(format!("control plane: complete_trap: {e}"));
-                }
-            }
-            let all_finished = finished.load(Ordering::Acquire) == cfg.guests;
+            let mut got = self.complete_traps(&control.ring_of_id, traps);
+            let all_finished = finished.load(Ordering::Acquire) == self.cfg.guests;
             // After the guests' last requests too: a guest may finish with its request made.
-            got |= control.serve(&engine, &plan, &checker, &churn, cfg, &violations);
+            let (engine, plan, cfg) = (self.engine, self.plan, self.cfg);
+            got |= control.serve(
+                engine,
+                plan,
+                self.ctx.checker,
+                self.ctx.churn,
+                cfg,
+                violations,
+            );
             if all_finished {
                 break;
             }
@@ -405,14 +560,7 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
             }
             if Instant::now() >= next_report {
                 next_report += cfg.progress_every;
-                progress(&Progress {
-                    elapsed: start.elapsed(),
-                    submitted: (0..plan.rings.len()).map(|r| checker.submitted(r)).sum(),
-                    verified: checker.verified(),
-                    traps: traps.delivered.iter().sum(),
-                    engine: engine.stats(),
-                    violations: violations.count(),
-                });
+                progress(&self.snapshot(start, traps));
             }
             if got {
                 idle = 0;
@@ -425,90 +573,124 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
                 }
             }
         }
+    }
+
+    /// Checks and completes every trapped command waiting; true if there was one.
+    fn complete_traps(
+        &self,
+        ring_of_id: &std::collections::HashMap<RingId, Attached>,
+        traps: &mut TrapCheck,
+    ) -> bool {
+        let mut got = false;
+        while let Some(t) = self.engine.next_trap() {
+            got = true;
+            let violations = self.ctx.violations;
+            check_trap(
+                self.plan,
+                self.ctx.stream,
+                ring_of_id,
+                traps,
+                violations,
+                &t,
+            );
+            if let Err(e) = self.engine.complete_trap(t.ring) {
+                violations.report(format!("control plane: complete_trap: {e}"));
+            }
+        }
+        got
+    }
+
+    fn snapshot(&self, start: Instant, traps: &TrapCheck) -> Progress {
+        let checker = self.ctx.checker;
+        Progress {
+            elapsed: start.elapsed(),
+            submitted: (0..self.plan.rings.len())
+                .map(|r| checker.submitted(r))
+                .sum(),
+            verified: checker.verified(),
+            traps: traps.delivered.iter().sum(),
+            engine: self.engine.stats(),
+            violations: self.ctx.violations.count(),
+        }
+    }
+
+    /// Sums what the guest threads did; a thread that panicked is a violation.
+    fn join_guests(
+        &self,
+        handles: Vec<std::thread::ScopedJoinHandle<'_, Vec<guest::Driver>>>,
+    ) -> (GuestStats, Vec<u64>) {
+        let mut stats = GuestStats::default();
+        let mut traps_written = vec![0u64; self.plan.rings.len()];
         for h in handles {
             match h.join() {
                 Ok(ds) => {
                     for d in &ds {
-                        guest_stats.add(&d.stats);
+                        stats.add(&d.stats);
                         traps_written[d.ring()] = d.stats.traps;
                     }
                 }
-                Err(p) => violations.report(format!("a guest thread panicked: {}", panic_text(&p))),
+                Err(p) => self
+                    .ctx
+                    .violations
+                    .report(format!("a guest thread panicked: {}", panic_text(&p))),
             }
         }
-    });
-    let elapsed = start.elapsed();
+        (stats, traps_written)
+    }
+}
+
+/// The engine's counters at its end.
+struct End {
+    stats: EngineStats,
+    hw: HwTotals,
+    /// False if the shutdown panicked: then `stats` are as last read and `hw` is empty.
+    clean: bool,
+}
+
+/// The hardware counters summed over the physical queues.
+#[derive(Default)]
+struct HwTotals {
+    consumed: u64,
+    syncs: u64,
+    stalls: u64,
+    check_failures: u64,
+    errors: HwErrors,
+}
+
+impl HwTotals {
+    fn of(hw: &[vcmdq::pqueue::HwCounters]) -> Self {
+        let mut t = HwTotals::default();
+        for h in hw {
+            t.consumed += h.consumed;
+            t.syncs += h.syncs;
+            t.stalls += h.stalls;
+            t.check_failures += h.check_failures;
+            t.errors.ill += h.errors[CError::Ill.code() as usize & 7];
+            t.errors.abt += h.errors[CError::Abt.code() as usize & 7];
+            t.errors.atc_inv_sync += h.errors[CError::AtcInvSync.code() as usize & 7];
+        }
+        t
+    }
+}
+
+/// Shuts the engine down; a panic in it is a violation, not the end of the report.
+fn shut_down(engine: Engine, violations: &Violations) -> End {
     let last_stats = engine.stats();
-    let report = match std::panic::catch_unwind(AssertUnwindSafe(|| engine.shutdown())) {
-        Ok(r) => Some(r),
+    match std::panic::catch_unwind(AssertUnwindSafe(|| engine.shutdown())) {
+        Ok(r) => End {
+            stats: r.stats,
+            hw: HwTotals::of(&r.hardware),
+            clean: true,
+        },
         Err(p) => {
             violations.report(format!("the engine panicked: {}", panic_text(&p)));
-            None
-        }
-    };
-    let tally = checker.finish();
-    let (engine_stats, hw) = match &report {
-        Some(r) => (r.stats, r.hardware.clone()),
-        None => (last_stats, Vec::new()),
-    };
-    let mut hw_errors = HwErrors::default();
-    let (mut hw_consumed, mut hw_syncs, mut hw_stalls, mut check_failures) = (0, 0, 0, 0);
-    for h in &hw {
-        hw_consumed += h.consumed;
-        hw_syncs += h.syncs;
-        hw_stalls += h.stalls;
-        check_failures += h.check_failures;
-        hw_errors.ill += h.errors[CError::Ill.code() as usize & 7];
-        hw_errors.abt += h.errors[CError::Abt.code() as usize & 7];
-        hw_errors.atc_inv_sync += h.errors[CError::AtcInvSync.code() as usize & 7];
-    }
-    if report.is_some() && !violations.any() {
-        let expect = |what: &str, got: u64, want: u64| {
-            if got != want {
-                violations.report(format!("accounting: {what}: {got}, expected {want}"));
+            End {
+                stats: last_stats,
+                hw: HwTotals::default(),
+                clean: false,
             }
-        };
-        expect(
-            "unbinds and rebinds vs segment boundaries the guests crossed",
-            control.unbinds + control.rebinds,
-            guest_stats.boundaries,
-        );
-        expect(
-            "rings replaced vs boundaries the guests reached that replace one",
-            control.swaps,
-            guest_stats.ring_swaps,
-        );
-        accounting(
-            &violations,
-            &guest_stats,
-            &tally,
-            &traps,
-            &traps_written,
-            &engine_stats,
-            hw_consumed,
-            &hw_errors,
-            check_failures,
-        );
+        }
     }
-    Ok(SoakReport {
-        config: cfg.clone(),
-        elapsed,
-        guests: guest_stats,
-        tally,
-        traps: traps.delivered.iter().sum(),
-        engine: engine_stats,
-        hw_consumed,
-        hw_syncs,
-        hw_errors,
-        hw_stalls,
-        faults_scheduled,
-        unbinds: control.unbinds,
-        unbinds_held: control.unbinds_held,
-        rebinds: control.rebinds,
-        ring_swaps: control.swaps,
-        violation_count: violations.count(),
-        violations: violations.first(),
-    })
 }
 
 fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
@@ -528,7 +710,7 @@ fn check_trap(
     violations: &Violations,
     t: &vcmdq::engine::TrapEvent,
 ) {
-    let Some(&(ring, base, shape)) = ring_of_id.get(&t.ring) else {
+    let Some(&Attached { ring, base, shape }) = ring_of_id.get(&t.ring) else {
         violations.report(format!(
             "control plane: a trap from unknown ring {:?}",
             t.ring
@@ -657,7 +839,7 @@ impl Control {
             // How far the engine had published the ring when the unbind returned: every batch
             // translated with the binding is below it.
             let id = self.ids[ring];
-            let base = self.ring_of_id[&id].1;
+            let base = self.ring_of_id[&id].base;
             let published = progress.ok_or_else(|| format!("ring {id:?} has no progress"))?;
             checker.unset_returned(ring, k, base + published);
             self.unbinds += 1;
@@ -677,8 +859,14 @@ impl Control {
             let shape = g.shape();
             let id = engine.attach_ring(host).map_err(|e| e.to_string())?;
             self.ids[ring] = id;
-            self.ring_of_id
-                .insert(id, (ring, k << cfg.mix.churn_log2, shape));
+            self.ring_of_id.insert(
+                id,
+                Attached {
+                    ring,
+                    base: k << cfg.mix.churn_log2,
+                    shape,
+                },
+            );
             *churn.mailbox[ring]
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()) = Some(g);
@@ -688,9 +876,27 @@ impl Control {
     }
 }
 
+/// Every segment boundary a guest crossed was acted on once.
+fn check_churn(violations: &Violations, control: &Control, g: &GuestStats) {
+    let expect = |what: &str, got: u64, want: u64| {
+        if got != want {
+            violations.report(format!("accounting: {what}: {got}, expected {want}"));
+        }
+    };
+    expect(
+        "unbinds and rebinds vs segment boundaries the guests crossed",
+        control.unbinds + control.rebinds,
+        g.boundaries,
+    );
+    expect(
+        "rings replaced vs boundaries the guests reached that replace one",
+        control.swaps,
+        g.ring_swaps,
+    );
+}
+
 /// The final cross-checks between what the guests wrote and saw, what the checker verified,
 /// and the engine's and the hardware's counters.
-#[allow(clippy::too_many_arguments)]
 fn accounting(
     violations: &Violations,
     g: &GuestStats,
@@ -698,9 +904,7 @@ fn accounting(
     traps: &TrapCheck,
     traps_written: &[u64],
     e: &EngineStats,
-    hw_consumed: u64,
-    hw_errors: &HwErrors,
-    check_failures: u64,
+    hw: &HwTotals,
 ) {
     let expect = |what: &str, got: u64, want: u64| {
         if got != want {
@@ -744,15 +948,15 @@ fn accounting(
     );
     expect(
         "commands the hardware consumed vs forwarded + physical CMD_SYNCs",
-        hw_consumed,
+        hw.consumed,
         e.forwarded + e.phys_syncs,
     );
     expect(
         "physical errors recovered vs raised",
         e.phys_faults,
-        hw_errors.total(),
+        hw.errors.total(),
     );
-    expect("failed hardware checks", check_failures, 0);
+    expect("failed hardware checks", hw.check_failures, 0);
     if g.phys_stops_total() > e.phys_faults {
         violations.report(format!(
             "accounting: the guests saw {} physical-fault stops, the engine recovered {} faults",

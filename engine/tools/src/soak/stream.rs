@@ -422,84 +422,14 @@ impl Stream {
 
     fn forward(&self, r: &RingView, seq: u64, phase: Phase, rng: &mut Rng) -> RawCommand {
         use opcode::*;
-        let pick = rng.below(100);
-        let mut op = match phase {
-            Phase::Dma => TLBI_NH_VA,
-            Phase::Ats => [TLBI_NH_VA, ATC_INV][(pick % 2) as usize],
-            Phase::Sva => match pick {
-                0..30 => CFGI_CD,
-                30..60 => TLBI_NH_ASID,
-                60..80 => ATC_INV,
-                _ => TLBI_NH_VA,
-            },
-            Phase::Flood => match pick {
-                0..60 => TLBI_NH_VA,
-                60..80 => TLBI_NH_VAA,
-                80..95 => TLBI_NH_ASID,
-                _ => TLBI_NH_ALL,
-            },
-            Phase::Misc => *rng.pick(&[
-                TLBI_NH_VA,
-                TLBI_NH_VAA,
-                TLBI_NH_ASID,
-                TLBI_NH_ALL,
-                TLBI_NSNH_ALL,
-                ATC_INV,
-                CFGI_CD,
-                CFGI_CD_ALL,
-            ]),
-        };
-        if matches!(op, TLBI_NH_ALL | TLBI_NSNH_ALL) && !r.owner {
-            op = TLBI_NH_ASID;
-        }
-        if r.profile == Profile::Tegra241 {
-            op = match op {
-                TLBI_NH_VAA => TLBI_NH_VA,
-                TLBI_NH_ALL | TLBI_NSNH_ALL => TLBI_NH_ASID,
-                CFGI_CD | CFGI_CD_ALL => ATC_INV,
-                o => o,
-            };
-        }
+        let op = forward_opcode(r, phase, rng);
         // While the second device is unbound, well-formed traffic names only the first, but in
         // the window.
         let both = !self.unbound(seq) || self.in_window(seq);
         let sid = r.vsids[rng.below(2) as usize * usize::from(both)];
         let ssid = (seq & 0xf_ffff) as u32;
         let cmd = match op {
-            TLBI_NH_VA | TLBI_NH_VAA => {
-                let (tg, num, scale) = self.range(r, rng);
-                let vmid = self.vmid(r, rng);
-                let addr = ident_addr(r.ring, seq);
-                let (ttl, leaf) = (rng.below(4) as u8, rng.below(2) == 0);
-                // TTL is RES0 without a granule; TG with NUM = SCALE = TTL = 0 is reserved.
-                let ttl = match (tg, num | scale | ttl) {
-                    (0, _) => 0,
-                    (_, 0) => 3,
-                    _ => ttl,
-                };
-                if op == TLBI_NH_VA {
-                    Command::TlbiNhVa {
-                        vmid,
-                        asid: ident_asid(r.ring, seq),
-                        addr,
-                        tg,
-                        num,
-                        scale,
-                        ttl,
-                        leaf,
-                    }
-                } else {
-                    Command::TlbiNhVaa {
-                        vmid,
-                        addr,
-                        tg,
-                        num,
-                        scale,
-                        ttl,
-                        leaf,
-                    }
-                }
-            }
+            TLBI_NH_VA | TLBI_NH_VAA => self.tlbi_by_address(r, seq, op, rng),
             TLBI_NH_ASID => Command::TlbiNhAsid {
                 vmid: self.vmid(r, rng),
                 asid: ident_asid(r.ring, seq),
@@ -535,6 +465,42 @@ impl Stream {
             _ => Command::CfgiCdAll { ssec: false, sid },
         };
         cmd.encode()
+    }
+
+    /// TLBI_NH_VA or TLBI_NH_VAA (`op`) of the entry's own address.
+    fn tlbi_by_address(&self, r: &RingView, seq: u64, op: u8, rng: &mut Rng) -> Command {
+        let (tg, num, scale) = self.range(r, rng);
+        let vmid = self.vmid(r, rng);
+        let addr = ident_addr(r.ring, seq);
+        let (ttl, leaf) = (rng.below(4) as u8, rng.below(2) == 0);
+        // TTL is RES0 without a granule; TG with NUM = SCALE = TTL = 0 is reserved.
+        let ttl = match (tg, num | scale | ttl) {
+            (0, _) => 0,
+            (_, 0) => 3,
+            _ => ttl,
+        };
+        if op == opcode::TLBI_NH_VA {
+            Command::TlbiNhVa {
+                vmid,
+                asid: ident_asid(r.ring, seq),
+                addr,
+                tg,
+                num,
+                scale,
+                ttl,
+                leaf,
+            }
+        } else {
+            Command::TlbiNhVaa {
+                vmid,
+                addr,
+                tg,
+                num,
+                scale,
+                ttl,
+                leaf,
+            }
+        }
     }
 
     fn prefetch(&self, r: &RingView, seq: u64, rng: &mut Rng) -> RawCommand {
@@ -584,111 +550,10 @@ impl Stream {
     fn hostile(&self, r: &RingView, seq: u64, h: Hostile, rng: &mut Rng) -> RawCommand {
         let sid = r.vsids[0];
         let cmd = match h {
-            Hostile::IllegalOpcode => {
-                let op = loop {
-                    let op = rng.next_u64() as u8;
-                    if LAYOUTS[op as usize].is_none() {
-                        break op;
-                    }
-                };
-                return RawCommand::new(u64::from(op) | (rng.next_u64() << 8), rng.next_u64());
-            }
-            Hostile::Res0 => {
-                let mut raw = Command::TlbiNhVa {
-                    vmid: r.vmid,
-                    asid: ident_asid(r.ring, seq),
-                    addr: ident_addr(r.ring, seq),
-                    tg: 0,
-                    num: 0,
-                    scale: 0,
-                    ttl: 0,
-                    leaf: true,
-                }
-                .encode();
-                let allowed = LAYOUTS[opcode::TLBI_NH_VA as usize]
-                    .expect("TLBI_NH_VA is legal")
-                    .allowed;
-                loop {
-                    let bit = rng.below(128);
-                    let (w, b) = ((bit / 64) as usize, bit % 64);
-                    if allowed[w] & (1 << b) == 0 {
-                        if w == 0 {
-                            raw.set_d0(raw.d0() | 1 << b);
-                        } else {
-                            raw.set_d1(raw.d1() | 1 << b);
-                        }
-                        break Generated::Raw(raw);
-                    }
-                }
-            }
-            Hostile::UnknownVsid => {
-                let vsid = match rng.below(3) {
-                    0 => r.foreign_vsids[0],
-                    1 => r.foreign_vsids[1],
-                    // Outside SIDSIZE on a 16-bit vIOMMU, never bound on a 32-bit one.
-                    _ if r.sidsize < 32 => (1 << r.sidsize) | r.vsids[0],
-                    _ => 0xffff_fff0,
-                };
-                if r.profile == Profile::Kernel && rng.below(2) == 0 {
-                    Command::CfgiCd {
-                        ssec: false,
-                        ssid: 0,
-                        sid: vsid,
-                        leaf: true,
-                    }
-                } else {
-                    Command::AtcInv {
-                        sid: vsid,
-                        ssv: false,
-                        ssid: 0,
-                        global: false,
-                        addr: ident_addr(r.ring, seq),
-                        size: 0,
-                    }
-                }
-                .into()
-            }
-            Hostile::NotAllowed => {
-                let kernel_refuses = [
-                    Command::TlbiS12Vmall { vmid: r.other_vmid },
-                    Command::TlbiEl2All {},
-                    Command::TlbiEl2Asid { asid: 1 },
-                    Command::TlbiEl3All {},
-                    Command::PriResp {
-                        sid,
-                        ssv: false,
-                        ssid: 0,
-                        grpid: 1,
-                        resp: 0,
-                    },
-                    Command::Resume {
-                        sid,
-                        resp: 1,
-                        stag: 7,
-                    },
-                    Command::StallTerm { sid },
-                ];
-                let tegra_refuses = [
-                    Command::TlbiNhAll { vmid: r.vmid },
-                    Command::TlbiNsnhAll {},
-                    Command::CfgiCdAll { ssec: false, sid },
-                    Command::TlbiNhVaa {
-                        vmid: r.vmid,
-                        addr: ident_addr(r.ring, seq),
-                        tg: 0,
-                        num: 0,
-                        scale: 0,
-                        ttl: 0,
-                        leaf: false,
-                    },
-                ];
-                if r.profile == Profile::Tegra241 && rng.below(2) == 0 {
-                    *rng.pick(&tegra_refuses)
-                } else {
-                    *rng.pick(&kernel_refuses)
-                }
-                .into()
-            }
+            Hostile::IllegalOpcode => return illegal_opcode(rng),
+            Hostile::Res0 => return res0(r, seq, rng),
+            Hostile::UnknownVsid => unknown_vsid(r, seq, rng),
+            Hostile::NotAllowed => not_allowed(r, seq, rng),
             Hostile::Secure => {
                 if r.profile == Profile::Kernel && rng.below(2) == 0 {
                     Command::CfgiCd {
@@ -697,9 +562,8 @@ impl Stream {
                         sid,
                         leaf: false,
                     }
-                    .into()
                 } else {
-                    Generated::Raw(self.cfgi_ste(r, rng, true))
+                    return self.cfgi_ste(r, rng, true);
                 }
             }
             Hostile::AtcSize => Command::AtcInv {
@@ -709,16 +573,14 @@ impl Stream {
                 global: false,
                 addr: ident_addr(r.ring, seq),
                 size: rng.range(53, 63) as u8,
-            }
-            .into(),
+            },
             Hostile::SyncCs => Command::CmdSync {
                 cs: 3,
                 msh: 0,
                 msiattr: 0,
                 msidata: 0,
                 msiaddr: 0,
-            }
-            .into(),
+            },
             Hostile::Unbound => Command::AtcInv {
                 sid: r.vsids[1],
                 ssv: false,
@@ -726,51 +588,186 @@ impl Stream {
                 global: false,
                 addr: ident_addr(r.ring, seq),
                 size: 0,
-            }
-            .into(),
-            Hostile::RangeUnsupported | Hostile::MalformedRange => {
-                let (tg, num) = if h == Hostile::RangeUnsupported {
-                    (1, rng.below(32) as u8)
-                } else {
-                    (0, rng.range(1, 31) as u8)
-                };
-                Command::TlbiNhVa {
-                    vmid: r.vmid,
-                    asid: ident_asid(r.ring, seq),
-                    addr: ident_addr(r.ring, seq),
-                    tg,
-                    num,
-                    scale: 0,
-                    ttl: 0,
-                    leaf: true,
-                }
-                .into()
-            }
+            },
+            Hostile::RangeUnsupported | Hostile::MalformedRange => bad_range(r, seq, h, rng),
         };
-        match cmd {
-            Generated::Typed(c) => c.try_encode().unwrap_or_else(|e| {
-                unreachable!("soak stream: a hostile command's fields fit: {e}")
-            }),
-            Generated::Raw(raw) => raw,
+        cmd.try_encode()
+            .unwrap_or_else(|e| unreachable!("soak stream: a hostile command's fields fit: {e}"))
+    }
+}
+
+/// The opcode of a well-formed entry: by the ring's phase, then what its profile allows.
+fn forward_opcode(r: &RingView, phase: Phase, rng: &mut Rng) -> u8 {
+    use opcode::*;
+    let pick = rng.below(100);
+    let mut op = match phase {
+        Phase::Dma => TLBI_NH_VA,
+        Phase::Ats => [TLBI_NH_VA, ATC_INV][(pick % 2) as usize],
+        Phase::Sva => match pick {
+            0..30 => CFGI_CD,
+            30..60 => TLBI_NH_ASID,
+            60..80 => ATC_INV,
+            _ => TLBI_NH_VA,
+        },
+        Phase::Flood => match pick {
+            0..60 => TLBI_NH_VA,
+            60..80 => TLBI_NH_VAA,
+            80..95 => TLBI_NH_ASID,
+            _ => TLBI_NH_ALL,
+        },
+        Phase::Misc => *rng.pick(&[
+            TLBI_NH_VA,
+            TLBI_NH_VAA,
+            TLBI_NH_ASID,
+            TLBI_NH_ALL,
+            TLBI_NSNH_ALL,
+            ATC_INV,
+            CFGI_CD,
+            CFGI_CD_ALL,
+        ]),
+    };
+    if matches!(op, TLBI_NH_ALL | TLBI_NSNH_ALL) && !r.owner {
+        op = TLBI_NH_ASID;
+    }
+    if r.profile == Profile::Tegra241 {
+        op = match op {
+            TLBI_NH_VAA => TLBI_NH_VA,
+            TLBI_NH_ALL | TLBI_NSNH_ALL => TLBI_NH_ASID,
+            CFGI_CD | CFGI_CD_ALL => ATC_INV,
+            o => o,
+        };
+    }
+    op
+}
+
+/// An opcode no command has, with random bytes after it.
+fn illegal_opcode(rng: &mut Rng) -> RawCommand {
+    let op = loop {
+        let op = rng.next_u64() as u8;
+        if LAYOUTS[op as usize].is_none() {
+            break op;
+        }
+    };
+    RawCommand::new(u64::from(op) | (rng.next_u64() << 8), rng.next_u64())
+}
+
+/// A well-formed TLBI_NH_VA with one RES0 bit set (which no `Command` can encode).
+fn res0(r: &RingView, seq: u64, rng: &mut Rng) -> RawCommand {
+    let mut raw = Command::TlbiNhVa {
+        vmid: r.vmid,
+        asid: ident_asid(r.ring, seq),
+        addr: ident_addr(r.ring, seq),
+        tg: 0,
+        num: 0,
+        scale: 0,
+        ttl: 0,
+        leaf: true,
+    }
+    .encode();
+    let allowed = LAYOUTS[opcode::TLBI_NH_VA as usize]
+        .expect("TLBI_NH_VA is legal")
+        .allowed;
+    loop {
+        let bit = rng.below(128);
+        let (w, b) = ((bit / 64) as usize, bit % 64);
+        if allowed[w] & (1 << b) == 0 {
+            if w == 0 {
+                raw.set_d0(raw.d0() | 1 << b);
+            } else {
+                raw.set_d1(raw.d1() | 1 << b);
+            }
+            return raw;
         }
     }
 }
 
-/// A command made from fields or as bytes (RES0 bits set cannot be encoded from fields).
-enum Generated {
-    Typed(Command),
-    Raw(RawCommand),
-}
-
-impl From<Command> for Generated {
-    fn from(c: Command) -> Self {
-        Generated::Typed(c)
+/// A command naming a vSID the vIOMMU does not have.
+fn unknown_vsid(r: &RingView, seq: u64, rng: &mut Rng) -> Command {
+    let vsid = match rng.below(3) {
+        0 => r.foreign_vsids[0],
+        1 => r.foreign_vsids[1],
+        // Outside SIDSIZE on a 16-bit vIOMMU, never bound on a 32-bit one.
+        _ if r.sidsize < 32 => (1 << r.sidsize) | r.vsids[0],
+        _ => 0xffff_fff0,
+    };
+    if r.profile == Profile::Kernel && rng.below(2) == 0 {
+        Command::CfgiCd {
+            ssec: false,
+            ssid: 0,
+            sid: vsid,
+            leaf: true,
+        }
+    } else {
+        Command::AtcInv {
+            sid: vsid,
+            ssv: false,
+            ssid: 0,
+            global: false,
+            addr: ident_addr(r.ring, seq),
+            size: 0,
+        }
     }
 }
 
-impl From<RawCommand> for Generated {
-    fn from(r: RawCommand) -> Self {
-        Generated::Raw(r)
+/// A command the ring's profile refuses.
+fn not_allowed(r: &RingView, seq: u64, rng: &mut Rng) -> Command {
+    let sid = r.vsids[0];
+    let kernel_refuses = [
+        Command::TlbiS12Vmall { vmid: r.other_vmid },
+        Command::TlbiEl2All {},
+        Command::TlbiEl2Asid { asid: 1 },
+        Command::TlbiEl3All {},
+        Command::PriResp {
+            sid,
+            ssv: false,
+            ssid: 0,
+            grpid: 1,
+            resp: 0,
+        },
+        Command::Resume {
+            sid,
+            resp: 1,
+            stag: 7,
+        },
+        Command::StallTerm { sid },
+    ];
+    let tegra_refuses = [
+        Command::TlbiNhAll { vmid: r.vmid },
+        Command::TlbiNsnhAll {},
+        Command::CfgiCdAll { ssec: false, sid },
+        Command::TlbiNhVaa {
+            vmid: r.vmid,
+            addr: ident_addr(r.ring, seq),
+            tg: 0,
+            num: 0,
+            scale: 0,
+            ttl: 0,
+            leaf: false,
+        },
+    ];
+    if r.profile == Profile::Tegra241 && rng.below(2) == 0 {
+        *rng.pick(&tegra_refuses)
+    } else {
+        *rng.pick(&kernel_refuses)
+    }
+}
+
+/// A range TLBI the SMMU does not offer, or one without a granule that asks for a range.
+fn bad_range(r: &RingView, seq: u64, h: Hostile, rng: &mut Rng) -> Command {
+    let (tg, num) = if h == Hostile::RangeUnsupported {
+        (1, rng.below(32) as u8)
+    } else {
+        (0, rng.range(1, 31) as u8)
+    };
+    Command::TlbiNhVa {
+        vmid: r.vmid,
+        asid: ident_asid(r.ring, seq),
+        addr: ident_addr(r.ring, seq),
+        tg,
+        num,
+        scale: 0,
+        ttl: 0,
+        leaf: true,
     }
 }
 

@@ -296,27 +296,40 @@ fn attack(vm: &mut Vm, kernel: bool, vsid: u32, asid: u16, n: u64) -> RawCommand
     let k = if n < kinds { n } else { vm.rng.below(kinds) };
     let page = vm.iova(4096);
     let tlbi = linux::tlbi_va(0, asid, page, 4096, 4096, true, vm.cfg.range_inv)[0];
+    let t = Target {
+        vsid,
+        asid,
+        page,
+        tlbi,
+        other_vmid,
+    };
     match k {
-        // Illegal opcodes.
-        0 => {
-            let op = *vm.rng.pick(&[0x00u64, 0x07, 0x0f, 0x19, 0x47, 0x80, 0xff]);
-            RawCommand::new(op | (vm.rng.next_u64() << 8), vm.rng.next_u64())
-        }
-        // ATC_INV of a vSID this VM does not have.
-        1 => {
-            let ghost = vm.unknown_vsid();
-            linux::atc_inv(ghost, None, 0, 0)
-        }
-        // RES0 bits in an otherwise good TLBI_NH_VA.
-        2 => {
-            let mut c = tlbi;
-            if vm.rng.percent(50) {
-                c.set_d0(c.d0() | 1 << 8);
-            } else {
-                c.set_d1(c.d1() | 1 << 5);
-            }
-            c
-        }
+        3 | 4 | 5 | 7 | 8 | 10 => absorbed_attack(vm, k, &t),
+        _ => refused_attack(vm, kernel, k, &t),
+    }
+}
+
+/// What an attack aims at: the device's vSID and ASID, a page, a good TLBI of that page and
+/// another VM's VMID.
+struct Target {
+    vsid: u32,
+    asid: u16,
+    page: u64,
+    tlbi: RawCommand,
+    other_vmid: u16,
+}
+
+/// Attacks the engine absorbs without stopping the ring: a VMID it overwrites, a command it
+/// traps, drops or completes itself.
+fn absorbed_attack(vm: &mut Vm, k: u64, t: &Target) -> RawCommand {
+    let Target {
+        vsid,
+        asid,
+        page,
+        tlbi,
+        other_vmid,
+    } = *t;
+    match k {
         // VMID spoofing: another VM's VMID, which the engine overwrites.
         3 => linux::tlbi_asid(other_vmid, asid),
         // CFGI_STE: trapped to the control plane.
@@ -338,13 +351,6 @@ fn attack(vm: &mut Vm, kernel: bool, vsid: u32, asid: u16, n: u64) -> RawCommand
             }
             .encode()
         }
-        // Opcodes no guest may issue.
-        6 => *vm.rng.pick(&[
-            Command::TlbiEl2All {}.encode(),
-            Command::TlbiS12Vmall { vmid: other_vmid }.encode(),
-            Command::TlbiEl3All {}.encode(),
-            Command::StallTerm { sid: vsid }.encode(),
-        ]),
         // A guest CMD_SYNC whose MSI targets host memory: completed by the engine, never
         // forwarded.
         7 => Command::CmdSync {
@@ -361,11 +367,6 @@ fn attack(vm: &mut Vm, kernel: bool, vsid: u32, asid: u16, n: u64) -> RawCommand
             c.set_d0((c.d0() & !(0xffff << 32)) | u64::from(other_vmid) << 32);
             c
         }
-        // NUM with TG=0: malformed.
-        9 => RawCommand::new(
-            u64::from(opcode::TLBI_NH_VA) | 3 << 12 | u64::from(asid) << 48,
-            page | 1,
-        ),
         // CFGI_STE_RANGE: trapped.
         10 => Command::CfgiSteRange {
             ssec: false,
@@ -373,6 +374,52 @@ fn attack(vm: &mut Vm, kernel: bool, vsid: u32, asid: u16, n: u64) -> RawCommand
             range: 1,
         }
         .encode(),
+        _ => unreachable!("attack {k} is refused"),
+    }
+}
+
+/// Attacks the engine refuses: the ring stops at them.
+fn refused_attack(vm: &mut Vm, kernel: bool, k: u64, t: &Target) -> RawCommand {
+    let Target {
+        vsid,
+        asid,
+        page,
+        tlbi,
+        other_vmid,
+    } = *t;
+    match k {
+        // Illegal opcodes.
+        0 => {
+            let op = *vm.rng.pick(&[0x00u64, 0x07, 0x0f, 0x19, 0x47, 0x80, 0xff]);
+            RawCommand::new(op | (vm.rng.next_u64() << 8), vm.rng.next_u64())
+        }
+        // ATC_INV of a vSID this VM does not have.
+        1 => {
+            let ghost = vm.unknown_vsid();
+            linux::atc_inv(ghost, None, 0, 0)
+        }
+        // RES0 bits in an otherwise good TLBI_NH_VA.
+        2 => {
+            let mut c = tlbi;
+            if vm.rng.percent(50) {
+                c.set_d0(c.d0() | 1 << 8);
+            } else {
+                c.set_d1(c.d1() | 1 << 5);
+            }
+            c
+        }
+        // Opcodes no guest may issue.
+        6 => *vm.rng.pick(&[
+            Command::TlbiEl2All {}.encode(),
+            Command::TlbiS12Vmall { vmid: other_vmid }.encode(),
+            Command::TlbiEl3All {}.encode(),
+            Command::StallTerm { sid: vsid }.encode(),
+        ]),
+        // NUM with TG=0: malformed.
+        9 => RawCommand::new(
+            u64::from(opcode::TLBI_NH_VA) | 3 << 12 | u64::from(asid) << 48,
+            page | 1,
+        ),
         // Range fields on a vIOMMU without range invalidation (the hostile kernel VM has none).
         11 if kernel => linux::tlbi_va(0, asid, page, 4 * 4096, 4096, true, true)[0],
         // On a Tegra241 VCMDQ, CFGI_CD and TLBI_NH_ALL are not guest commands.
