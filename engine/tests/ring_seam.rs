@@ -200,7 +200,10 @@ fn a_queue_with_registers_and_slots_in_separate_memories_is_served_and_advances_
     let (engine, log) = engine();
     let (mut guest, regs, slots) = SplitGuest::new(2, 4);
     let page = (Arc::as_ptr(&guest.page) as usize, size_of::<Page>());
-    let buf = (guest.buf.slots.as_ptr() as usize, 16 * guest.buf.slots.len());
+    let buf = (
+        guest.buf.slots.as_ptr() as usize,
+        16 * guest.buf.slots.len(),
+    );
     assert!(apart(page, buf), "the registers and slots share memory");
     let host = HostRing::from_parts(regs, slots, 2, 1).unwrap();
     assert_eq!((host.shape().log2size(), host.viommu_id()), (2, 1));
@@ -275,13 +278,20 @@ fn a_bad_command_in_separate_slots_stops_the_queue_with_cons_err_in_its_register
     engine.until("both CMD_SYNCs completed after the acknowledgement", || {
         guest.syncs() == 2
     });
-    assert_eq!(guest.cons(), (4, 0), "CONS.ERR cleared, every entry consumed");
+    assert_eq!(
+        guest.cons(),
+        (4, 0),
+        "CONS.ERR cleared, every entry consumed"
+    );
     let report = engine.shutdown();
     assert_eq!(report.stats.refused, 1);
     let seen = log.lock().unwrap().clone();
     let n = |cmd: &str| seen.iter().filter(|&&x| x == c(cmd)).count();
     assert_eq!(
-        (n("TLBI_NH_ASID vmid=5 asid=1"), n("TLBI_NH_ASID vmid=5 asid=2")),
+        (
+            n("TLBI_NH_ASID vmid=5 asid=1"),
+            n("TLBI_NH_ASID vmid=5 asid=2")
+        ),
         (1, 1),
         "nothing lost, nothing doubled"
     );
@@ -407,4 +417,25 @@ fn the_heap_ring_format_round_trips_through_header_registers_and_memory_slots() 
 #[test]
 fn the_sealed_memfd_ring_format_round_trips_through_header_registers_and_memory_slots() {
     ring_format_round_trip(GuestRing::create_sealed(4, 1).unwrap());
+}
+
+#[test]
+fn a_dead_queue_keeps_reporting_the_slot_memory_that_failed_not_its_registers() {
+    let (mut guest, regs, slots) = SplitGuest::new(2, 4);
+    let mut host = HostRing::from_parts(regs, slots, 2, 1).unwrap();
+    guest.buf.unplugged.store(true, Ordering::Relaxed);
+    guest.submit(&[c("TLBI_NH_ASID asid=1")]);
+    let mut out = [RawCommand::new(0, 0); 4];
+    for poll in 0..3 {
+        let err = host.poll(&mut out).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(err, RingError::Io { op: "read", .. })
+                && msg.contains("test-slot-buffer")
+                && msg.contains("unplugged"),
+            "poll {poll}: {msg}"
+        );
+        assert!(host.failed());
+    }
+    assert_eq!(host.read_ptr(), 0, "nothing taken from a dead queue");
 }

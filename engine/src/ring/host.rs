@@ -63,6 +63,20 @@ pub struct RingStats {
     pub syncs: u64,
 }
 
+/// Why a ring is dead, kept to be reported again ([`RingError`] holds an `io::Error`, which
+/// cannot be cloned).
+#[derive(Debug)]
+enum Failure {
+    /// The memory is shorter than the ring: [`RingError::Shrunk`].
+    Shrunk { path: PathBuf, len: u64, need: u64 },
+    /// Any other error, as its memory, operation and message.
+    Other {
+        path: PathBuf,
+        op: &'static str,
+        why: String,
+    },
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Stop {
     at: u32,
@@ -106,9 +120,9 @@ pub struct HostRing {
     dead: bool,
     /// The error of a failed write, reported by the next poll.
     pending: Option<RingError>,
-    /// The memory, its length and the length it needed when the ring was found short: what
-    /// every poll of the dead ring reports, even once the file has grown back.
-    shrunk: Option<(PathBuf, u64, u64)>,
+    /// The first failure: what every poll of the dead ring reports, even once a file that
+    /// shrank has grown back.
+    failure: Option<Failure>,
     stats: RingStats,
 }
 
@@ -166,7 +180,10 @@ impl HostRing {
             source,
         })?;
         let path = mem.name().to_path_buf();
-        Self::attach_inner(HostMemory::File(Arc::new(FileRing::new(file, path))), Some(mem))
+        Self::attach_inner(
+            HostMemory::File(Arc::new(FileRing::new(file, path))),
+            Some(mem),
+        )
     }
 
     /// Builds the engine side of a guest queue from its two memories: `registers` (PROD, CONS
@@ -263,7 +280,7 @@ impl HostRing {
             syncs: 0,
             dead: false,
             pending: None,
-            shrunk: None,
+            failure: None,
             stats: RingStats::default(),
         };
         let snap = match ring.regs.snapshot() {
@@ -392,8 +409,24 @@ impl HostRing {
     #[cold]
     fn fail(&mut self, e: RingError) -> RingError {
         self.dead = true;
-        if let RingError::Shrunk { path, len, need } = &e {
-            self.shrunk.get_or_insert((path.clone(), *len, *need));
+        if self.failure.is_none() {
+            self.failure = Some(match &e {
+                RingError::Shrunk { path, len, need } => Failure::Shrunk {
+                    path: path.clone(),
+                    len: *len,
+                    need: *need,
+                },
+                RingError::Io { path, op, .. } => Failure::Other {
+                    path: path.clone(),
+                    op: *op,
+                    why: e.to_string(),
+                },
+                _ => Failure::Other {
+                    path: self.regs.name().to_path_buf(),
+                    op: "access",
+                    why: e.to_string(),
+                },
+            });
         }
         e
     }
@@ -404,12 +437,22 @@ impl HostRing {
         if let Some(e) = self.pending.take() {
             return e;
         }
-        if let Some((path, len, need)) = &self.shrunk {
-            return RingError::Shrunk {
-                path: path.clone(),
-                len: *len,
-                need: *need,
-            };
+        match &self.failure {
+            Some(Failure::Shrunk { path, len, need }) => {
+                return RingError::Shrunk {
+                    path: path.clone(),
+                    len: *len,
+                    need: *need,
+                }
+            }
+            Some(Failure::Other { path, op, why }) => {
+                return RingError::Io {
+                    path: path.clone(),
+                    op: *op,
+                    source: io::Error::other(format!("the ring failed earlier: {why}")),
+                }
+            }
+            None => {}
         }
         match self.check_size() {
             Err(e) => e,
