@@ -103,8 +103,10 @@ pub struct HostRing {
     // backing is a new implementation, not a change to the engine.
     regs: Box<dyn QueueRegisters>,
     slots: Box<dyn QueueSlots>,
-    /// Whether either memory can go away under the engine: then both are checked every poll.
-    may_shrink: bool,
+    /// Which memories can go away under the engine and are checked on every poll:
+    /// (registers, slots). Neither for sealed memory; for an unsealed ring file only the
+    /// slots, whose check covers the whole file (one `fstat` per poll, not two).
+    check: (bool, bool),
     /// The memory a same-process guest shares, kept only to hand back from
     /// [`HostRing::memory`]; the engine reaches it through `regs` and `slots` alone.
     shared: Option<Arc<dyn RingMemory>>,
@@ -253,7 +255,10 @@ impl HostRing {
         let regs = HeaderRegisters::over(mem.clone(), need)?;
         let entries = shape.entries().into();
         let slots = MemorySlots::over(mem, layout::HEADER_SIZE, entries, need);
-        Self::assemble(Box::new(regs), Box::new(slots), shape, viommu_id, shared)
+        let mut ring = Self::assemble(Box::new(regs), Box::new(slots), shape, viommu_id, shared)?;
+        // One file, one length: the slots' check (the whole ring) is the registers' too.
+        ring.check.0 = false;
+        Ok(ring)
     }
 
     /// The engine side over `regs` and `slots`, taking over where the registers are: CONS as
@@ -265,11 +270,11 @@ impl HostRing {
         viommu_id: u32,
         shared: Option<Arc<dyn RingMemory>>,
     ) -> Result<HostRing, RingError> {
-        let may_shrink = regs.may_shrink() || slots.may_shrink();
+        let check = (regs.may_shrink(), slots.may_shrink());
         let mut ring = HostRing {
             regs,
             slots,
-            may_shrink,
+            check,
             shared,
             shape,
             viommu_id,
@@ -360,7 +365,7 @@ impl HostRing {
     /// mapping; `false` for an unsealed file, read with system calls (or any registers or slots
     /// that say they may shrink).
     pub fn sealed(&self) -> bool {
-        !self.may_shrink
+        self.check == (false, false)
     }
 
     /// CONS as the engine last wrote it (index and wrap).
@@ -386,13 +391,10 @@ impl HostRing {
     /// Checks that the backing file still holds the ring: [`RingError::Shrunk`] when it was
     /// truncated, or an I/O error. Free for sealed memory.
     pub fn check_size(&self) -> Result<(), RingError> {
-        if !self.may_shrink {
-            return Ok(());
-        }
-        if self.regs.may_shrink() {
+        if self.check.0 {
             self.regs.check()?;
         }
-        if self.slots.may_shrink() {
+        if self.check.1 {
             self.slots.check()?;
         }
         Ok(())
@@ -418,7 +420,7 @@ impl HostRing {
                 },
                 RingError::Io { path, op, .. } => Failure::Other {
                     path: path.clone(),
-                    op: *op,
+                    op,
                     why: e.to_string(),
                 },
                 _ => Failure::Other {
@@ -448,7 +450,7 @@ impl HostRing {
             Some(Failure::Other { path, op, why }) => {
                 return RingError::Io {
                     path: path.clone(),
-                    op: *op,
+                    op,
                     source: io::Error::other(format!("the ring failed earlier: {why}")),
                 }
             }
@@ -486,7 +488,7 @@ impl HostRing {
         if self.dead {
             return Err(self.dead_error());
         }
-        if self.may_shrink {
+        if self.check != (false, false) {
             if let Err(e) = self.check_size() {
                 return Err(self.fail(e));
             }
