@@ -248,10 +248,10 @@ fn an_error_stops_the_guest_at_the_slot_and_the_fixed_slot_completes() {
             assert_eq!((err.pos, err.cerror, err.cmd), (0, CError::Ill, patched()));
             producer.recover().unwrap();
             // `HostRing::stop`: CONS with CONS.ERR (Release), then ERR against ERR_ACK
-            // (Release).
+            // (Acquire, `QueueRegisters::err_ack`) (Release).
             r.cons
                 .store(with_cons_err(0, CError::Ill.code()), Ordering::Release);
-            let ack = r.err_ack.load(Ordering::Relaxed) & 1;
+            let ack = r.err_ack.load(Ordering::Acquire) & 1;
             r.err.store(ack ^ 1, Ordering::Release);
             // `HostRing::poll` while stopped: ERR_ACK with Acquire, then CONS without the
             // error, then the slot again.

@@ -21,7 +21,7 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::layout::{self, SLOT_SIZE};
-use super::memory::{Region, RingMemory};
+use super::memory::Region;
 use super::{load_slot, RingError};
 use crate::command::RawCommand;
 
@@ -29,13 +29,14 @@ use crate::command::RawCommand;
 /// the caller asks for: 4096 slots (64 KiB).
 const FILE_READ_CHUNK: usize = 4096 * SLOT_SIZE;
 
-/// The engine's access to one ring's bytes.
-#[derive(Debug)]
+/// The engine's access to one ring's bytes. Cloning shares the same bytes: the ring's
+/// registers and its slots each hold one when they live in the same memory or file.
+#[derive(Clone, Debug)]
 pub(crate) enum HostMemory {
     /// Memory that cannot shrink: atomics through the mapping.
     Mapped(Region),
     /// An unsealed file: positioned reads and writes, never a mapping.
-    File(FileRing),
+    File(Arc<FileRing>),
 }
 
 /// An unsealed ring file the engine reads and writes with system calls.
@@ -43,11 +44,6 @@ pub(crate) enum HostMemory {
 pub(crate) struct FileRing {
     file: File,
     path: PathBuf,
-    /// The memory a same-process guest shares, kept only to hand back from `HostRing::memory`;
-    /// the engine never touches it.
-    shared: Option<Arc<dyn RingMemory>>,
-    /// Where slot runs are read before they are decoded (at most [`FILE_READ_CHUNK`] bytes).
-    buf: Vec<u8>,
 }
 
 /// Maps a short read to an error the caller turns into `RingError::Shrunk`.
@@ -59,13 +55,8 @@ fn short(off: usize, got: usize, want: usize) -> io::Error {
 }
 
 impl FileRing {
-    pub(crate) fn new(file: File, path: PathBuf, shared: Option<Arc<dyn RingMemory>>) -> Self {
-        FileRing {
-            file,
-            path,
-            shared,
-            buf: Vec::new(),
-        }
+    pub(crate) fn new(file: File, path: PathBuf) -> Self {
+        FileRing { file, path }
     }
 
     /// Fills `buf` from `off`; a short read (end of file) is an error.
@@ -108,14 +99,6 @@ impl HostMemory {
         matches!(self, HostMemory::Mapped(_))
     }
 
-    /// The memory behind a mapped ring, or the memory a same-process guest of a file ring shares.
-    pub(crate) fn memory(&self) -> Option<Arc<dyn RingMemory>> {
-        match self {
-            HostMemory::Mapped(r) => Some(r.memory().clone()),
-            HostMemory::File(f) => f.shared.clone(),
-        }
-    }
-
     /// The file backing the ring, if any: what the attachment lock is taken on.
     pub(crate) fn file(&self) -> Option<&File> {
         match self {
@@ -129,6 +112,41 @@ impl HostMemory {
         match self {
             HostMemory::Mapped(r) => r.memory().backing_len(),
             HostMemory::File(f) => Ok(f.file.metadata()?.len()),
+        }
+    }
+
+    /// [`RingError::Shrunk`] if the backing object is now shorter than `need` bytes; else an
+    /// I/O error for `op` (a `stat` that failed included). Sealed memory never shrinks.
+    pub(crate) fn check_len(&self, need: u64) -> Result<(), RingError> {
+        if self.sealed() {
+            return Ok(());
+        }
+        let len = self.backing_len().map_err(|source| RingError::Io {
+            path: self.name().to_path_buf(),
+            op: "stat",
+            source,
+        })?;
+        if len < need {
+            return Err(RingError::Shrunk {
+                path: self.name().to_path_buf(),
+                len,
+                need,
+            });
+        }
+        Ok(())
+    }
+
+    /// What a failed access `op` to a ring of `need` bytes means: [`RingError::Shrunk`] if the
+    /// file is now shorter (a short read is how a truncate shows), else the I/O error.
+    #[cold]
+    pub(crate) fn error(&self, e: io::Error, op: &'static str, need: u64) -> RingError {
+        match self.check_len(need) {
+            Err(shrunk @ RingError::Shrunk { .. }) => shrunk,
+            _ => RingError::Io {
+                path: self.name().to_path_buf(),
+                op,
+                source: e,
+            },
         }
     }
 
@@ -194,13 +212,19 @@ impl HostMemory {
     }
 
     /// Copies `out.len()` consecutive slots starting at byte `off` out of the ring: atomic
-    /// loads for mapped memory, one `pread` per [`FILE_READ_CHUNK`] for a file.
+    /// loads for mapped memory, one `pread` per [`FILE_READ_CHUNK`] for a file, through `buf`
+    /// (kept by the caller so it is allocated once).
     ///
     /// # Panics
     /// If the run leaves the ring (mapped: see [`Region::slots`]): offsets come from the ring's
     /// own shape, never from guest input.
     #[inline]
-    pub(crate) fn copy_slots(&mut self, off: usize, out: &mut [RawCommand]) -> io::Result<()> {
+    pub(crate) fn copy_slots(
+        &self,
+        off: usize,
+        out: &mut [RawCommand],
+        buf: &mut Vec<u8>,
+    ) -> io::Result<()> {
         match self {
             HostMemory::Mapped(r) => {
                 let n = out.len();
@@ -213,18 +237,13 @@ impl HostMemory {
                 let per = FILE_READ_CHUNK / SLOT_SIZE;
                 for (i, chunk) in out.chunks_mut(per).enumerate() {
                     let bytes = chunk.len() * SLOT_SIZE;
-                    let mut buf = std::mem::take(&mut f.buf);
                     buf.resize(bytes, 0);
-                    let read = f.read_exact_at(&mut buf, off + i * FILE_READ_CHUNK);
-                    if read.is_ok() {
-                        for (o, b) in chunk.iter_mut().zip(buf.chunks_exact(SLOT_SIZE)) {
-                            let d0 = u64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
-                            let d1 = u64::from_le_bytes(b[8..].try_into().expect("8 bytes"));
-                            *o = RawCommand::new(d0, d1);
-                        }
+                    f.read_exact_at(&mut buf[..bytes], off + i * FILE_READ_CHUNK)?;
+                    for (o, b) in chunk.iter_mut().zip(buf.chunks_exact(SLOT_SIZE)) {
+                        let d0 = u64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
+                        let d1 = u64::from_le_bytes(b[8..].try_into().expect("8 bytes"));
+                        *o = RawCommand::new(d0, d1);
                     }
-                    f.buf = buf;
-                    read?;
                 }
                 Ok(())
             }

@@ -5,15 +5,19 @@
 //!
 //! The engine never maps a file that can shrink (see `access.rs`): nothing a guest or any other
 //! process does to a ring file can raise a signal in the engine.
+//!
+//! A ring's registers and its slots are two memories ([`QueueRegisters`], [`QueueSlots`]); the
+//! ring format is one backing of both, the header as registers and the rest as slots.
 
 use std::io;
-use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::access::{Claim, FileRing, HostMemory};
-use super::layout::{self, slot_offset};
+use super::access::{FileRing, HostMemory};
+use super::layout;
 use super::memory::{self, HeapMemory, MmapMemory, Region, RingMemory};
+use super::regs::{HeaderRegisters, QueueRegisters};
+use super::slots::{MemorySlots, QueueSlots};
 use super::{identity_of, new_region, shape_for, validate, validate_identity, RingError};
 use crate::command::RawCommand;
 use crate::queue::{cons_err, with_cons_err, CError, QueueShape};
@@ -59,6 +63,20 @@ pub struct RingStats {
     pub syncs: u64,
 }
 
+/// Why a ring is dead, kept to be reported again ([`RingError`] holds an `io::Error`, which
+/// cannot be cloned).
+#[derive(Debug)]
+enum Failure {
+    /// The memory is shorter than the ring: [`RingError::Shrunk`].
+    Shrunk { path: PathBuf, len: u64, need: u64 },
+    /// Any other error, as its memory, operation and message.
+    Other {
+        path: PathBuf,
+        op: &'static str,
+        why: String,
+    },
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Stop {
     at: u32,
@@ -72,12 +90,26 @@ struct Stop {
 /// and belong to the engine until it [`complete`](HostRing::complete)s or
 /// [`stop`](HostRing::stop)s them; [read, PROD) are pending.
 ///
-/// A `HostRing` holds its ring's one-engine lock for as long as it lives: a second `HostRing`
-/// of the same ring, in this process or another, is refused with
+/// A `HostRing` of the ring format holds its ring's one-engine lock for as long as it lives: a
+/// second `HostRing` of the same ring, in this process or another, is refused with
 /// [`RingError::AlreadyAttached`]. Dropping it releases the lock.
 #[derive(Debug)]
 pub struct HostRing {
-    mem: HostMemory,
+    // Trait objects, not type parameters: the engine calls the registers once per poll (PROD),
+    // per batch (CONS) and per guest CMD_SYNC, and the slots at most twice per poll (one call
+    // per contiguous run copies the whole run), never once per command, so an indirect call
+    // costs a few nanoseconds per batch. In exchange `HostRing` stays one type: the engine,
+    // its workers and every caller hold any backing without being generic over it, and a new
+    // backing is a new implementation, not a change to the engine.
+    regs: Box<dyn QueueRegisters>,
+    slots: Box<dyn QueueSlots>,
+    /// Which memories can go away under the engine and are checked on every poll:
+    /// (registers, slots). Neither for sealed memory; for an unsealed ring file only the
+    /// slots, whose check covers the whole file (one `fstat` per poll, not two).
+    check: (bool, bool),
+    /// The memory a same-process guest shares, kept only to hand back from
+    /// [`HostRing::memory`]; the engine reaches it through `regs` and `slots` alone.
+    shared: Option<Arc<dyn RingMemory>>,
     shape: QueueShape,
     viommu_id: u32,
     read: u32,
@@ -90,11 +122,10 @@ pub struct HostRing {
     dead: bool,
     /// The error of a failed write, reported by the next poll.
     pending: Option<RingError>,
-    /// The file's length and the ring's size when the ring was found short: what every poll of
-    /// the dead ring reports, even once the file has grown back.
-    shrunk: Option<(u64, u64)>,
+    /// The first failure: what every poll of the dead ring reports, even once a file that
+    /// shrank has grown back.
+    failure: Option<Failure>,
     stats: RingStats,
-    _claim: Claim,
 }
 
 impl HostRing {
@@ -111,19 +142,17 @@ impl HostRing {
         let path = path.as_ref();
         let file = memory::open_rw(path)?;
         if memory::has_shrink_seal(&file) {
-            let mem = MmapMemory::from_file(file, path.to_path_buf())?;
-            return Self::attach_inner(HostMemory::Mapped(Region::new(Arc::new(mem))));
+            let mem: Arc<dyn RingMemory> =
+                Arc::new(MmapMemory::from_file(file, path.to_path_buf())?);
+            return Self::attach_inner(HostMemory::Mapped(Region::new(mem.clone())), Some(mem));
         }
         if !opts.allow_unsealed {
             return Err(RingError::Unsealed {
                 path: path.to_path_buf(),
             });
         }
-        Self::attach_inner(HostMemory::File(FileRing::new(
-            file,
-            path.to_path_buf(),
-            None,
-        )))
+        let file = FileRing::new(file, path.to_path_buf());
+        Self::attach_inner(HostMemory::File(Arc::new(file)), None)
     }
 
     /// Attaches a ring in memory another handle shares (a [`GuestRing::memory`](super::GuestRing::memory)).
@@ -137,7 +166,7 @@ impl HostRing {
         opts: AttachOptions,
     ) -> Result<HostRing, RingError> {
         if mem.sealed() {
-            return Self::attach_inner(HostMemory::Mapped(Region::new(mem)));
+            return Self::attach_inner(HostMemory::Mapped(Region::new(mem.clone())), Some(mem));
         }
         let unsealed = || RingError::Unsealed {
             path: mem.name().to_path_buf(),
@@ -153,10 +182,49 @@ impl HostRing {
             source,
         })?;
         let path = mem.name().to_path_buf();
-        Self::attach_inner(HostMemory::File(FileRing::new(file, path, Some(mem))))
+        Self::attach_inner(
+            HostMemory::File(Arc::new(FileRing::new(file, path))),
+            Some(mem),
+        )
     }
 
-    fn attach_inner(mem: HostMemory) -> Result<HostRing, RingError> {
+    /// Builds the engine side of a guest queue from its two memories: `registers` (PROD, CONS
+    /// and the error and completion words) and `slots` (at least 2^`log2size` of them), for
+    /// vIOMMU `viommu_id`. The two may live anywhere: a register page and guest RAM, two heap
+    /// blocks, or the header and the rest of one ring ([`HostRing::attach_memory`] does that).
+    ///
+    /// The engine takes over where the registers are, as [`HostRing::attach_memory`] does.
+    /// Refuses a LOG2SIZE above 19 ([`RingError::BadLog2Size`]) and slot memory that holds
+    /// fewer than 2^`log2size` slots ([`RingError::SlotsTooSmall`]). Whatever one-engine rule
+    /// the memories need is theirs to keep ([`HeaderRegisters`] holds the ring's lock).
+    pub fn from_parts(
+        registers: impl QueueRegisters + 'static,
+        slots: impl QueueSlots + 'static,
+        log2size: u8,
+        viommu_id: u32,
+    ) -> Result<HostRing, RingError> {
+        let shape = QueueShape::new(log2size).map_err(|_| RingError::BadLog2Size {
+            path: registers.name().to_path_buf(),
+            found: log2size.into(),
+        })?;
+        let (have, need) = (slots.capacity(), u64::from(shape.entries()));
+        if have < need {
+            return Err(RingError::SlotsTooSmall {
+                path: slots.name().to_path_buf(),
+                have,
+                log2size,
+                need,
+            });
+        }
+        Self::assemble(Box::new(registers), Box::new(slots), shape, viommu_id, None)
+    }
+
+    /// Validates a ring-format memory's header and builds its engine side: the header as
+    /// registers, the rest as slots. `shared` is what [`HostRing::memory`] hands back.
+    fn attach_inner(
+        mem: HostMemory,
+        shared: Option<Arc<dyn RingMemory>>,
+    ) -> Result<HostRing, RingError> {
         // The creator line first: a file that is no ring is refused as such, whoever holds it.
         // Nothing the engine owns is read or written before the lock is held.
         let (shape, viommu_id) = match &mem {
@@ -183,9 +251,31 @@ impl HostRing {
                 validate_identity(mem.name(), identity_of(&header), len)?
             }
         };
-        let claim = Claim::take(&mem)?;
+        let need = layout::ring_bytes(shape) as u64;
+        let regs = HeaderRegisters::over(mem.clone(), need)?;
+        let entries = shape.entries().into();
+        let slots = MemorySlots::over(mem, layout::HEADER_SIZE, entries, need);
+        let mut ring = Self::assemble(Box::new(regs), Box::new(slots), shape, viommu_id, shared)?;
+        // One file, one length: the slots' check (the whole ring) is the registers' too.
+        ring.check.0 = false;
+        Ok(ring)
+    }
+
+    /// The engine side over `regs` and `slots`, taking over where the registers are: CONS as
+    /// they hold it (masked), its error state, its sync count.
+    fn assemble(
+        regs: Box<dyn QueueRegisters>,
+        slots: Box<dyn QueueSlots>,
+        shape: QueueShape,
+        viommu_id: u32,
+        shared: Option<Arc<dyn RingMemory>>,
+    ) -> Result<HostRing, RingError> {
+        let check = (regs.may_shrink(), slots.may_shrink());
         let mut ring = HostRing {
-            mem,
+            regs,
+            slots,
+            check,
+            shared,
             shape,
             viommu_id,
             read: 0,
@@ -195,19 +285,15 @@ impl HostRing {
             syncs: 0,
             dead: false,
             pending: None,
-            shrunk: None,
+            failure: None,
             stats: RingStats::default(),
-            _claim: claim,
         };
-        let read = |ring: &mut HostRing, r: io::Result<u64>| r.map_err(|e| ring.fail(e, "read"));
-        let r = ring.mem.load_u32(layout::OFF_CONS, Ordering::Relaxed);
-        let cons_word = read(&mut ring, r.map(u64::from))? as u32;
-        let r = ring.mem.load_u32(layout::OFF_ERR, Ordering::Relaxed);
-        let err = read(&mut ring, r.map(u64::from))? as u32 & 1;
-        let r = ring.mem.load_u32(layout::OFF_ERR_ACK, Ordering::Acquire);
-        let ack = read(&mut ring, r.map(u64::from))? as u32 & 1;
-        let r = ring.mem.load_u64(layout::OFF_SYNC_COUNT, Ordering::Relaxed);
-        let syncs = read(&mut ring, r)?;
+        let snap = match ring.regs.snapshot() {
+            Ok(s) => s,
+            Err(e) => return Err(ring.fail(e)),
+        };
+        let (cons_word, err, ack, syncs) =
+            (snap.cons, snap.err & 1, snap.err_ack & 1, snap.sync_count);
         let cons = shape.ptr(cons_word);
         (ring.read, ring.cons, ring.err, ring.syncs) = (cons, cons, err, syncs);
         if err != ack {
@@ -252,14 +338,16 @@ impl HostRing {
     }
 
     /// The ring's memory, for a guest side in the same process; `None` for an unsealed file
-    /// attached by path, which the engine reads with system calls and never maps.
+    /// attached by path, which the engine reads with system calls and never maps, and for a
+    /// queue built [`from_parts`](HostRing::from_parts).
     pub fn memory(&self) -> Option<Arc<dyn RingMemory>> {
-        self.mem.memory()
+        self.shared.clone()
     }
 
-    /// The ring's file (`<heap>` for heap memory).
+    /// The ring's file (`<heap>` for heap memory); for a queue built from parts, the name of
+    /// its registers.
     pub fn path(&self) -> &Path {
-        self.mem.name()
+        self.regs.name()
     }
 
     /// The vIOMMU named in the header when the ring was attached (read once: a guest
@@ -274,9 +362,10 @@ impl HostRing {
     }
 
     /// Whether the ring's memory cannot shrink (sealed memfd or heap) and is accessed through a
-    /// mapping; `false` for an unsealed file, read with system calls.
+    /// mapping; `false` for an unsealed file, read with system calls (or any registers or slots
+    /// that say they may shrink).
     pub fn sealed(&self) -> bool {
-        self.mem.sealed()
+        self.check == (false, false)
     }
 
     /// CONS as the engine last wrote it (index and wrap).
@@ -302,21 +391,11 @@ impl HostRing {
     /// Checks that the backing file still holds the ring: [`RingError::Shrunk`] when it was
     /// truncated, or an I/O error. Free for sealed memory.
     pub fn check_size(&self) -> Result<(), RingError> {
-        if self.mem.sealed() {
-            return Ok(());
+        if self.check.0 {
+            self.regs.check()?;
         }
-        let need = layout::ring_bytes(self.shape) as u64;
-        let len = self.mem.backing_len().map_err(|source| RingError::Io {
-            path: self.mem.name().to_path_buf(),
-            op: "stat",
-            source,
-        })?;
-        if len < need {
-            return Err(RingError::Shrunk {
-                path: self.mem.name().to_path_buf(),
-                len,
-                need,
-            });
+        if self.check.1 {
+            self.slots.check()?;
         }
         Ok(())
     }
@@ -327,22 +406,31 @@ impl HostRing {
         self.dead
     }
 
-    /// Marks the ring dead after `e` on `op` and says why: [`RingError::Shrunk`] if the file is
-    /// now shorter than the ring (a short read is how a truncate shows), else the I/O error.
+    /// Marks the ring dead after `e` (the registers or slots already said why: a short read of
+    /// a truncated file is [`RingError::Shrunk`]) and hands `e` back.
     #[cold]
-    fn fail(&mut self, e: io::Error, op: &'static str) -> RingError {
+    fn fail(&mut self, e: RingError) -> RingError {
         self.dead = true;
-        match self.check_size() {
-            Err(RingError::Shrunk { path, len, need }) => {
-                self.shrunk.get_or_insert((len, need));
-                RingError::Shrunk { path, len, need }
-            }
-            _ => RingError::Io {
-                path: self.mem.name().to_path_buf(),
-                op,
-                source: e,
-            },
+        if self.failure.is_none() {
+            self.failure = Some(match &e {
+                RingError::Shrunk { path, len, need } => Failure::Shrunk {
+                    path: path.clone(),
+                    len: *len,
+                    need: *need,
+                },
+                RingError::Io { path, op, .. } => Failure::Other {
+                    path: path.clone(),
+                    op,
+                    why: e.to_string(),
+                },
+                _ => Failure::Other {
+                    path: self.regs.name().to_path_buf(),
+                    op: "access",
+                    why: e.to_string(),
+                },
+            });
         }
+        e
     }
 
     /// What a poll of a dead ring reports.
@@ -351,17 +439,27 @@ impl HostRing {
         if let Some(e) = self.pending.take() {
             return e;
         }
-        if let Some((len, need)) = self.shrunk {
-            return RingError::Shrunk {
-                path: self.mem.name().to_path_buf(),
-                len,
-                need,
-            };
+        match &self.failure {
+            Some(Failure::Shrunk { path, len, need }) => {
+                return RingError::Shrunk {
+                    path: path.clone(),
+                    len: *len,
+                    need: *need,
+                }
+            }
+            Some(Failure::Other { path, op, why }) => {
+                return RingError::Io {
+                    path: path.clone(),
+                    op,
+                    source: io::Error::other(format!("the ring failed earlier: {why}")),
+                }
+            }
+            None => {}
         }
         match self.check_size() {
             Err(e) => e,
             Ok(()) => RingError::Io {
-                path: self.mem.name().to_path_buf(),
+                path: self.regs.name().to_path_buf(),
                 op: "read",
                 source: io::Error::other("an earlier access to the ring's file failed"),
             },
@@ -390,13 +488,9 @@ impl HostRing {
         if self.dead {
             return Err(self.dead_error());
         }
-        if !self.mem.sealed() {
+        if self.check != (false, false) {
             if let Err(e) = self.check_size() {
-                self.dead = true;
-                if let RingError::Shrunk { len, need, .. } = e {
-                    self.shrunk = Some((len, need));
-                }
-                return Err(e);
+                return Err(self.fail(e));
             }
         }
         let idle = Polled {
@@ -405,9 +499,9 @@ impl HostRing {
         };
         if let Some(stop) = self.stop {
             // Acquire: the slot the guest fixed before acknowledging is visible to the re-read.
-            let ack = match self.mem.load_u32(layout::OFF_ERR_ACK, Ordering::Acquire) {
+            let ack = match self.regs.err_ack() {
                 Ok(a) => a,
-                Err(e) => return Err(self.fail(e, "read")),
+                Err(e) => return Err(self.fail(e)),
             };
             if ack & 1 != self.err {
                 return Ok(idle);
@@ -420,9 +514,9 @@ impl HostRing {
                 return Err(self.dead_error());
             }
         }
-        let prod = match self.mem.load_u32(layout::OFF_PROD, Ordering::Acquire) {
+        let prod = match self.regs.prod() {
             Ok(p) => self.shape.ptr(p),
-            Err(e) => return Err(self.fail(e, "read")),
+            Err(e) => return Err(self.fail(e)),
         };
         let ahead = self.shape.distance(prod, self.cons);
         let taken = self.shape.distance(self.read, self.cons);
@@ -439,18 +533,14 @@ impl HostRing {
             return Ok(idle);
         }
         // At most two contiguous runs: up to the end of the slots, then from slot 0.
-        let start = self.shape.index(self.read) as usize;
-        let first_run = n.min(self.shape.entries() as usize - start);
-        let mut copied = self
-            .mem
-            .copy_slots(slot_offset(self.shape, self.read), &mut out[..first_run]);
+        let start = self.shape.index(self.read);
+        let first_run = n.min((self.shape.entries() - start) as usize);
+        let mut copied = self.slots.copy_out(start, &mut out[..first_run]);
         if copied.is_ok() && n > first_run {
-            copied = self
-                .mem
-                .copy_slots(layout::HEADER_SIZE, &mut out[first_run..n]);
+            copied = self.slots.copy_out(0, &mut out[first_run..n]);
         }
         if let Err(e) = copied {
-            return Err(self.fail(e, "read"));
+            return Err(self.fail(e));
         }
         self.read = self.shape.advance(self.read, n as u32);
         self.stats.copied += n as u64;
@@ -542,10 +632,10 @@ impl HostRing {
         let ack = if self.dead {
             0
         } else {
-            match self.mem.load_u32(layout::OFF_ERR_ACK, Ordering::Relaxed) {
+            match self.regs.err_ack() {
                 Ok(a) => a & 1,
                 Err(e) => {
-                    let e = self.fail(e, "read");
+                    let e = self.fail(e);
                     self.pending.get_or_insert(e);
                     0
                 }
@@ -553,28 +643,25 @@ impl HostRing {
         };
         self.err = ack ^ 1;
         // Release: a guest that sees the flag (Acquire) sees CONS and CONS.ERR.
-        self.store_u32(layout::OFF_ERR, self.err, Ordering::Release);
+        if !self.dead {
+            let r = self.regs.set_err(self.err);
+            self.note(r);
+        }
     }
 
     /// Completes a guest CMD_SYNC: with CS=IRQ (1), MSIDATA goes into the completion word; for
     /// every CS the sync count goes up by one (Release). The MSI address is a guest address
     /// and is never written; nothing outside the ring is.
     pub fn signal_sync(&mut self, cs: u8, msidata: u32) {
-        if cs == CS_IRQ {
-            self.store_u32(layout::OFF_COMPLETION, msidata, Ordering::Relaxed);
-        }
-        // The count is taken over from the header at attach, so a guest chooses where it
+        // The count is taken over from the registers at attach, so a guest chooses where it
         // starts: it wraps, as a 64-bit hardware counter would.
         self.syncs = self.syncs.wrapping_add(1);
         self.stats.syncs += 1;
         if !self.dead {
-            if let Err(e) =
-                self.mem
-                    .store_u64(layout::OFF_SYNC_COUNT, self.syncs, Ordering::Release)
-            {
-                let e = self.fail(e, "write");
-                self.pending.get_or_insert(e);
-            }
+            let r = self
+                .regs
+                .sync_completed((cs == CS_IRQ).then_some(msidata), self.syncs);
+            self.note(r);
         }
     }
 
@@ -590,19 +677,20 @@ impl HostRing {
         self.syncs
     }
 
+    /// Stores CONS (with CONS.ERR); a dead ring is not written at all.
     fn store_cons(&mut self, value: u32) {
-        self.store_u32(layout::OFF_CONS, value, Ordering::Release);
+        if !self.dead {
+            let r = self.regs.set_cons(value);
+            self.note(r);
+        }
     }
 
-    /// Writes an engine-owned word; a failure (only possible for an unsealed file) makes the
-    /// ring dead and is reported by the next poll. A dead ring is not written at all.
+    /// Keeps the outcome of a write to the registers: a failure (an unsealed file that shrank,
+    /// say) makes the ring dead and is reported by the next poll.
     #[inline]
-    fn store_u32(&mut self, off: usize, value: u32, order: Ordering) {
-        if self.dead {
-            return;
-        }
-        if let Err(e) = self.mem.store_u32(off, value, order) {
-            let e = self.fail(e, "write");
+    fn note(&mut self, r: Result<(), RingError>) {
+        if let Err(e) = r {
+            let e = self.fail(e);
             self.pending.get_or_insert(e);
         }
     }

@@ -7,6 +7,11 @@
 //! copies each entry out exactly once with atomic loads, never reads back a word it owns, and
 //! turns a PROD moved backwards or past a full ring into an idle poll and a counter.
 //!
+//! The engine side takes a queue's registers and its slots as two memories,
+//! [`QueueRegisters`] and [`QueueSlots`] ([`HostRing::from_parts`]): a VMM's queue has PROD and
+//! CONS in a register page and the slots in guest RAM. The ring format is one backing of both:
+//! [`HeaderRegisters`] over the header, [`MemorySlots`] over the rest of the same memory.
+//!
 //! Both sides run over any [`RingMemory`]: a shared mapping ([`MmapMemory`]) or a heap block
 //! ([`HeapMemory`]) for tests, miri and single-process use. The engine side never maps memory
 //! that can shrink: an unsealed file is read and written with system calls (`access.rs`), so no
@@ -21,6 +26,8 @@ mod guest;
 mod host;
 pub mod layout;
 mod memory;
+mod regs;
+mod slots;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +37,8 @@ use std::time::Duration;
 pub use guest::GuestRing;
 pub use host::{AttachOptions, HostRing, Polled, RingStats};
 pub use memory::{HeapMemory, MmapMemory, RingMemory, RING_ALIGN};
+pub use regs::{HeaderRegisters, QueueRegisters, RegisterSnapshot};
+pub use slots::{MemorySlots, QueueSlots};
 
 use crate::command::RawCommand;
 use crate::queue::{CError, QueueShape};
@@ -121,6 +130,26 @@ pub enum RingError {
         len: u64,
         /// Bytes the ring needs.
         need: u64,
+    },
+    /// A queue's slot memory holds fewer slots than its LOG2SIZE needs.
+    #[error("ring slots {}: the memory holds {have} slots, LOG2SIZE {log2size} needs {need}; give the queue more slot memory or a smaller LOG2SIZE", path.display())]
+    SlotsTooSmall {
+        /// The slot memory.
+        path: PathBuf,
+        /// Slots it holds.
+        have: u64,
+        /// The queue's LOG2SIZE.
+        log2size: u8,
+        /// Slots needed: 2^LOG2SIZE.
+        need: u64,
+    },
+    /// Slot 0 is not 16-byte aligned in its memory.
+    #[error("ring slots {}: slot 0 at byte offset {offset} is not a multiple of 16 (the slot size)", path.display())]
+    SlotsMisaligned {
+        /// The slot memory.
+        path: PathBuf,
+        /// The offset asked for.
+        offset: u64,
     },
     /// A guest wait ended because the engine stopped the ring with an error at `slot`.
     #[error("ring stopped at slot {slot:#x} with {cerror}")]
