@@ -53,10 +53,10 @@ fn a_captured_replay_replays_to_the_same_outcomes() {
 
 mod common;
 
-use common::{c, outcomes, T};
+use common::{c, outcomes, start_engine, Model, T};
 use std::time::Instant;
 use vcmdq::command::RawCommand;
-use vcmdq::engine::{Engine, EngineConfig};
+use vcmdq::engine::EngineConfig;
 use vcmdq::replay::Outcomes;
 use vcmdq::ring::heap_pair;
 use vcmdq::trace::Event;
@@ -68,12 +68,14 @@ fn a_slot_rewritten_behind_a_trap_is_captured_as_the_engine_read_it_and_replays_
     let dir = std::env::temp_dir().join(format!("vcmdq-capture-rw-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("rewrite.vct");
-    let engine = Engine::start(EngineConfig {
-        audit: true,
-        capture: Some(path.clone()),
-        ..Default::default()
-    })
-    .unwrap();
+    let (engine, _) = start_engine(
+        EngineConfig {
+            audit: true,
+            capture: Some(path.clone()),
+            ..Default::default()
+        },
+        &Model::default(),
+    );
     engine.add_device(DeviceId(1), 0, 0x800).unwrap();
     engine.create_viommu(ViommuConfig::new(1, 5, 0)).unwrap();
     engine.set_dev_id(1, DeviceId(1), 0x10).unwrap();
@@ -168,12 +170,14 @@ fn a_slot_rewritten_while_the_ring_is_stopped_is_captured_as_the_engine_read_it(
     let dir = std::env::temp_dir().join(format!("vcmdq-capture-stop-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("stop.vct");
-    let engine = Engine::start(EngineConfig {
-        audit: true,
-        capture: Some(path.clone()),
-        ..Default::default()
-    })
-    .unwrap();
+    let (engine, _) = start_engine(
+        EngineConfig {
+            audit: true,
+            capture: Some(path.clone()),
+            ..Default::default()
+        },
+        &Model::default(),
+    );
     engine.add_device(DeviceId(1), 0, 0x800).unwrap();
     engine.create_viommu(ViommuConfig::new(1, 5, 0)).unwrap();
     engine.set_dev_id(1, DeviceId(1), 0x10).unwrap();

@@ -5,12 +5,12 @@
 
 mod common;
 
-use common::vcmdq;
+use common::{start_engine, vcmdq, Model};
 use vcmdq::engine::{Engine, EngineConfig, EngineError};
 use vcmdq::viommu::{DeviceId, ViommuConfig, ViommuError};
 
 fn engine() -> Engine {
-    Engine::start(EngineConfig::default()).unwrap()
+    start_engine(EngineConfig::default(), &Model::default()).0
 }
 
 fn sharing(id: u32, vmid: u16, smmu: u32, with: u32) -> ViommuConfig {
@@ -96,11 +96,13 @@ fn a_capture_refuses_a_shared_vmid_it_could_not_record() {
     let dir = std::env::temp_dir().join(format!("vcmdq-isolation-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("shared.vct");
-    let e = Engine::start(EngineConfig {
-        capture: Some(path.clone()),
-        ..Default::default()
-    })
-    .unwrap();
+    let (e, _) = start_engine(
+        EngineConfig {
+            capture: Some(path.clone()),
+            ..Default::default()
+        },
+        &Model::default(),
+    );
     e.create_viommu(ViommuConfig::new(1, 5, 0)).unwrap();
     let err = e.create_viommu(sharing(2, 5, 0, 1)).unwrap_err();
     assert!(

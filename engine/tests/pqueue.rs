@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vcmdq::command::{opcode, RawCommand};
-use vcmdq::pqueue::{Fault, Full, HwConfig, OnCheckFailure, PhysQueue};
+use vcmdq::engine::phys::Full;
+use vcmdq::pqueue::{Fault, HwConfig, OnCheckFailure, PhysQueue};
 use vcmdq::queue::CError;
 
 /// A legal TLBI_NH_ASID whose ASID and VMID number it.
@@ -39,16 +40,16 @@ fn publish_and_consume() {
     let (cfg, log) = logging();
     let (mut p, mut hw) = PhysQueue::new(4, cfg).unwrap();
     let cmds: Vec<_> = (0..10).map(tlbi).chain([sync()]).collect();
-    assert_eq!(p.free(), 16);
+    assert_eq!(p.room(), 16);
     assert_eq!(p.publish(&cmds), Ok(11));
-    assert_eq!(p.free(), 5);
+    assert_eq!(p.room(), 5);
     assert_eq!(p.consumed(), 0);
     assert_eq!(hw.step(4), 4);
     assert_eq!(p.consumed(), 4);
     assert_eq!(hw.step(100), 7);
     assert_eq!(hw.step(100), 0);
     assert_eq!(p.consumed(), 11);
-    assert_eq!(p.free(), 16);
+    assert_eq!(p.room(), 16);
     assert_eq!(*log.lock().unwrap(), cmds);
     let c = hw.counters();
     assert_eq!(c.per_opcode[opcode::TLBI_NH_ASID as usize], 10);
@@ -65,7 +66,7 @@ fn wraps_over_many_laps() {
         let mut sent = 0u64;
         let total = if cfg!(miri) { 50 } else { 5000 };
         while sent < total {
-            let n = (p.free() as u64).min(total - sent).min(3);
+            let n = (p.room() as u64).min(total - sent).min(3);
             let batch: Vec<_> = (sent..sent + n).map(tlbi).collect();
             assert_eq!(p.publish(&batch), Ok(sent + n));
             sent += n;
@@ -83,13 +84,13 @@ fn wraps_over_many_laps() {
 fn a_full_queue_pushes_back() {
     let (mut p, mut hw) = PhysQueue::new(2, HwConfig::default()).unwrap();
     assert_eq!(p.publish(&[tlbi(0), tlbi(1), tlbi(2), tlbi(3)]), Ok(4));
-    assert_eq!(p.publish(&[tlbi(4)]), Err(Full { free: 0, wanted: 1 }));
+    assert_eq!(p.publish(&[tlbi(4)]), Err(Full { room: 0, wanted: 1 }));
     assert_eq!(hw.step(2), 2);
-    assert_eq!(p.free(), 2);
+    assert_eq!(p.room(), 2);
     // All or nothing.
     assert_eq!(
         p.publish(&[tlbi(4), tlbi(5), tlbi(6)]),
-        Err(Full { free: 2, wanted: 3 })
+        Err(Full { room: 2, wanted: 3 })
     );
     assert_eq!(p.published(), 4);
     assert_eq!(p.publish(&[tlbi(4), tlbi(5)]), Ok(6));
@@ -326,7 +327,7 @@ fn two_threads_with_faults() {
         if let Some(e) = p.recover() {
             errors.push(e);
         }
-        let n = (p.free() as u64).min(total - sent).min(24);
+        let n = (p.room() as u64).min(total - sent).min(24);
         if n > 0 {
             let batch: Vec<_> = (sent..sent + n).map(cmd_at).collect();
             p.publish(&batch).unwrap();

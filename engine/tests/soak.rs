@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vcmdq::command::{opcode, RawCommand};
-use vcmdq::engine::HwPlacement;
+use vcmdq::pqueue::HwPlacement;
 use vcmdq::oracle;
 use vcmdq::soak::{run, Checker, Hostile, Mix, Plan, SoakConfig, Stream, Violations};
 use vcmdq::translate::SlotOutcome;

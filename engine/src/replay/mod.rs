@@ -21,7 +21,7 @@ pub(crate) mod model;
 
 use crate::command::{opcode, RawCommand};
 use crate::engine::{AuditRecord, Engine, EngineConfig, EngineStats, RingId};
-use crate::pqueue::{HwConfig, OnCheckFailure};
+use crate::pqueue::{HwConfig, HwPlacement, ModelQueue, OnCheckFailure, DEFAULT_LOG2SIZE};
 use crate::queue::QueueShape;
 use crate::ring::{GuestRing, HostRing, RingError};
 use crate::trace::format::FLAG_GUEST_WAITS_SYNC;
@@ -418,18 +418,24 @@ pub fn replay_validated(
         }
     }
     let (hw, isolation) = isolation_check(trace)?;
-    let engine = Engine::start(EngineConfig {
-        workers: opts.workers,
-        batch_limit: opts.batch_limit,
-        hw,
-        audit: true,
-        capture: opts.capture.clone(),
-        ..Default::default()
-    })
-    .map_err(|e| ReplayError::Control {
+    let start_failed = |what: String| ReplayError::Control {
         at: "start".into(),
-        what: e.to_string(),
-    })?;
+        what,
+    };
+    let (queues, model) =
+        ModelQueue::for_workers(opts.workers, DEFAULT_LOG2SIZE, &hw, HwPlacement::Inline)
+            .map_err(|e| start_failed(e.to_string()))?;
+    let engine = Engine::start(
+        EngineConfig {
+            workers: opts.workers,
+            batch_limit: opts.batch_limit,
+            audit: true,
+            capture: opts.capture.clone(),
+            ..Default::default()
+        },
+        queues,
+    )
+    .map_err(|e| start_failed(e.to_string()))?;
     let mut rp = Replayer {
         engine: &engine,
         opts: opts.clone(),
@@ -498,7 +504,7 @@ pub fn replay_validated(
         let g = isolation.lock().unwrap_or_else(|e| e.into_inner());
         (g.0, g.1.clone())
     };
-    let hw_consumed: u64 = report.hardware.iter().map(|h| h.consumed).sum();
+    let hw_consumed: u64 = model.collect().iter().map(|h| h.consumed).sum();
     let expected_hw = report.stats.forwarded + report.stats.phys_syncs;
     if hw_consumed != expected_hw {
         invariant_failures.push(format!(

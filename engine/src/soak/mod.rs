@@ -44,8 +44,8 @@ pub use guest::{GuestStats, PROD_GAMES};
 pub use plan::{Plan, PlanError, RingPlan, ViommuPlan, MAX_RINGS};
 pub use stream::{ident_addr, ident_asid, Class, Entry, Hostile, Mix, Stream, FIX};
 
-use crate::engine::{Engine, EngineConfig, EngineError, EngineStats, HwPlacement, RingId};
-use crate::pqueue::{HwConfig, OnCheckFailure};
+use crate::engine::{Engine, EngineConfig, EngineError, EngineStats, RingId};
+use crate::pqueue::{HwConfig, HwPlacement, ModelError, ModelQueue, OnCheckFailure};
 use crate::queue::CError;
 use crate::ring::{GuestRing, HostRing, RingError};
 use crate::viommu::DeviceId;
@@ -110,7 +110,7 @@ impl Default for SoakConfig {
             hardware: HwPlacement::Inline,
             batch_limit: 64,
             ring_budget: 256,
-            phys_log2size: 12,
+            phys_log2size: crate::pqueue::DEFAULT_LOG2SIZE,
             fault_every: 1_000_000,
             max_stall: Duration::from_micros(20),
             slow: None,
@@ -133,6 +133,9 @@ pub enum SoakError {
     /// The engine refused the setup.
     #[error("engine: {0}")]
     Engine(#[from] EngineError),
+    /// The physical queue model could not be built.
+    #[error("physical queue model: {0}")]
+    Model(#[from] ModelError),
     /// A ring could not be made.
     #[error("ring: {0}")]
     Ring(#[from] RingError),
@@ -292,16 +295,18 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
     hw.faults = faults;
     hw.slow = cfg.slow;
 
-    let engine = Engine::start(EngineConfig {
-        workers: cfg.workers,
-        batch_limit: cfg.batch_limit,
-        ring_budget: cfg.ring_budget,
-        phys_log2size: cfg.phys_log2size,
-        hw,
-        hardware: cfg.hardware,
-        audit: false,
-        capture: None,
-    })?;
+    let (queues, model) =
+        ModelQueue::for_workers(cfg.workers, cfg.phys_log2size, &hw, cfg.hardware)?;
+    let engine = Engine::start(
+        EngineConfig {
+            workers: cfg.workers,
+            batch_limit: cfg.batch_limit,
+            ring_budget: cfg.ring_budget,
+            audit: false,
+            capture: None,
+        },
+        queues,
+    )?;
     for v in &plan.viommus {
         engine.create_viommu(v.cfg)?;
     }
@@ -397,11 +402,13 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
             if all_finished {
                 break;
             }
-            if idle.is_multiple_of(256) && !violations.any() && engine.dead_threads() > 0 {
-                violations.report(format!(
-                    "{} engine thread(s) died (panicked) while the soak ran",
-                    engine.dead_threads()
-                ));
+            if idle.is_multiple_of(256) && !violations.any() {
+                let dead = engine.dead_threads() + model.dead_threads();
+                if dead > 0 {
+                    violations.report(format!(
+                        "{dead} engine thread(s) died (panicked) while the soak ran"
+                    ));
+                }
             }
             if Instant::now() >= next_report {
                 next_report += cfg.progress_every;
@@ -448,7 +455,7 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
     };
     let tally = checker.finish();
     let (engine_stats, hw) = match &report {
-        Some(r) => (r.stats, r.hardware.clone()),
+        Some(r) => (r.stats, model.collect()),
         None => (last_stats, Vec::new()),
     };
     let mut hw_errors = HwErrors::default();
