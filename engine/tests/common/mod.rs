@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vcmdq::command::{opcode, text, RawCommand};
-use vcmdq::engine::{AuditRecord, Engine, EngineConfig, EngineReport, RingId};
+use vcmdq::engine::{AuditRecord, Engine, EngineConfig, EngineReport, PhysicalQueue, RingId};
 use vcmdq::pqueue::{HwConfig, HwCounters, HwPlacement, ModelCounters, ModelQueue};
 use vcmdq::queue::CError;
 use vcmdq::ring::{AttachOptions, GuestRing, HostRing, RingError};
@@ -449,6 +449,15 @@ impl TestEngine {
         TestEngine {
             engine: Some(engine),
             model,
+        }
+    }
+
+    /// `Engine::start` on `queues`, unwrapped: an engine on physical queues that are not the
+    /// model (whose counters stay empty).
+    pub fn on_queues<Q: PhysicalQueue>(cfg: EngineConfig, queues: Vec<Q>) -> TestEngine {
+        TestEngine {
+            engine: Some(Engine::start(cfg, queues).expect("start the engine")),
+            model: ModelCounters::default(),
         }
     }
 
