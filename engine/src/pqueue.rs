@@ -291,16 +291,19 @@ pub struct PhysProducer {
 
 impl PhysProducer {
     /// The queue geometry.
+    #[inline]
     pub fn shape(&self) -> QueueShape {
         self.q.shape
     }
 
     /// Slots free for a batch.
+    #[inline]
     pub fn room(&self) -> u32 {
         self.q.shape.entries() - (self.prod - self.consumed()) as u32
     }
 
     /// The `n` slots after PROD, for [`PhysProducer::commit`]; [`Full`] if they are not free.
+    #[inline]
     pub fn reserve(&mut self, n: usize) -> Result<Slots<'_>, Full> {
         self.room_seen = self.room();
         if n > self.room_seen as usize {
@@ -315,6 +318,7 @@ impl PhysProducer {
 
     /// Publishes the first `n` slots after PROD (written through [`PhysProducer::reserve`])
     /// with one Release store of PROD. Returns the new free-running PROD.
+    #[inline]
     pub fn commit(&mut self, n: usize) -> Result<u64, Full> {
         if n > self.room_seen as usize {
             self.room_seen = self.room();
@@ -338,6 +342,7 @@ impl PhysProducer {
 
     /// Writes `cmds` and publishes them with one Release store of PROD: all or nothing.
     /// Returns the position just after the last command (the new free-running PROD).
+    #[inline]
     pub fn publish(&mut self, cmds: &[RawCommand]) -> Result<u64, Full> {
         if let Some(hook) = &self.before_publish.0 {
             hook(cmds);
@@ -347,12 +352,14 @@ impl PhysProducer {
     }
 
     /// The free-running PROD: entries published so far.
+    #[inline]
     pub fn published(&self) -> u64 {
         self.prod
     }
 
     /// Entries the hardware has consumed, free-running: from CONS (Acquire) and the producer's
     /// own PROD. Never above [`PhysProducer::published`].
+    #[inline]
     pub fn consumed(&self) -> u64 {
         let shape = self.q.shape;
         let cons = shape.ptr(self.q.cons.load(Ordering::Acquire));
@@ -360,6 +367,7 @@ impl PhysProducer {
     }
 
     /// The error the hardware is stopped on, if any.
+    #[inline]
     pub fn error(&self) -> Option<ConsError> {
         let gerror = self.q.gerror.load(Ordering::Acquire) & 1;
         if gerror == self.gerrorn {
@@ -933,35 +941,43 @@ impl Drop for ModelQueue {
 }
 
 impl PhysicalQueue for ModelQueue {
+    #[inline]
     fn shape(&self) -> QueueShape {
         self.producer.shape()
     }
 
+    #[inline]
     fn room(&self) -> u32 {
         self.producer.room()
     }
 
+    #[inline]
     fn reserve(&mut self, n: usize) -> Result<Slots<'_>, Full> {
         self.producer.reserve(n)
     }
 
+    #[inline]
     fn commit(&mut self, n: usize) -> Result<u64, Full> {
         self.producer.commit(n)
     }
 
+    #[inline]
     fn publish(&mut self, cmds: &[RawCommand]) -> Result<u64, Full> {
         // The model's own `publish`: it runs `HwConfig::before_publish` first.
         self.producer.publish(cmds)
     }
 
+    #[inline]
     fn published(&self) -> u64 {
         self.producer.published()
     }
 
+    #[inline]
     fn consumed(&self) -> u64 {
         self.producer.consumed()
     }
 
+    #[inline]
     fn error(&self) -> Option<ConsError> {
         self.producer.error()
     }
@@ -974,6 +990,7 @@ impl PhysicalQueue for ModelQueue {
         self.producer.recover()
     }
 
+    #[inline]
     fn progress(&mut self) -> bool {
         match &mut self.consumer {
             Consumer::Inline(hw) => hw.step(usize::MAX) > 0,
