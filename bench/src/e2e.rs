@@ -23,8 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vcmdq::command::{opcode, RawCommand};
-use vcmdq::engine::{Engine, EngineConfig, EngineStats, HwPlacement};
-use vcmdq::pqueue::HwConfig;
+use vcmdq::engine::{Engine, EngineConfig, EngineStats};
+use vcmdq::pqueue::{HwConfig, HwPlacement, ModelQueue, DEFAULT_LOG2SIZE};
 use vcmdq::ring::{AttachOptions, GuestRing, HostRing};
 use vcmdq::viommu::{DeviceId, ViommuConfig};
 
@@ -240,14 +240,22 @@ impl Pipeline {
 /// The engine a benchmark measures: one worker, the hardware inline and free
 /// ([`HwConfig::zero_cost`]), no audit, no capture; one vIOMMU per ring binding `VSIDS_PER_RING` vSIDs.
 fn start_engine(hosts: Vec<HostRing>) -> Engine {
-    let engine = Engine::start(EngineConfig {
-        workers: 1,
-        hardware: HwPlacement::Inline,
-        hw: HwConfig::zero_cost(),
-        audit: false,
-        capture: None,
-        ..EngineConfig::default()
-    })
+    let (queues, _) = ModelQueue::for_workers(
+        1,
+        DEFAULT_LOG2SIZE,
+        &HwConfig::zero_cost(),
+        HwPlacement::Inline,
+    )
+    .expect("a valid physical queue");
+    let engine = Engine::start(
+        EngineConfig {
+            workers: 1,
+            audit: false,
+            capture: None,
+            ..EngineConfig::default()
+        },
+        queues,
+    )
     .expect("a valid engine config");
     for (r, host) in hosts.into_iter().enumerate() {
         let r = r as u32;

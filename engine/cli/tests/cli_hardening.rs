@@ -9,6 +9,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use vcmdq::engine::{Engine, EngineConfig, EngineError, MAX_BATCH, MAX_BUDGET, MAX_WORKERS};
+use vcmdq::pqueue::{HwConfig, HwPlacement, ModelQueue, DEFAULT_LOG2SIZE};
 
 /// The binary under test; `VCMDQ_BIN` points these tests at another build (e.g. one without a
 /// fix, to see its test fail).
@@ -343,7 +344,8 @@ fn guest_ends_quietly_when_its_reader_is_gone() {
 // --- 2. Engine limits -----------------------------------------------------------------------
 
 fn start_err(cfg: EngineConfig) -> EngineError {
-    match Engine::start(cfg) {
+    // No physical queue: the settings are checked before the queue count.
+    match Engine::start(cfg, Vec::<ModelQueue>::new()) {
         Ok(e) => {
             e.shutdown();
             panic!("the engine started");
@@ -409,7 +411,14 @@ fn the_engine_refuses_workers_batch_and_budget_outside_its_limits_before_startin
         ring_budget: MAX_BUDGET,
         ..Default::default()
     };
-    Engine::start(max)
+    let (queues, _) = ModelQueue::for_workers(
+        2,
+        DEFAULT_LOG2SIZE,
+        &HwConfig::default(),
+        HwPlacement::Inline,
+    )
+    .unwrap();
+    Engine::start(max, queues)
         .expect("the limits themselves")
         .shutdown();
 }

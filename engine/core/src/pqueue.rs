@@ -13,6 +13,10 @@
 //! Positions are free-running u64 counts of entries since the queue was made: the engine keeps
 //! provenance by position, and a CMD_SYNC at position `p` has completed once
 //! [`PhysProducer::consumed`] is above `p`.
+//!
+//! [`ModelQueue`] is the engine's [`PhysicalQueue`] made of the two ends: the producer, and the
+//! hardware either stepped inline by the worker or on a thread of its own ([`HwPlacement`]).
+//! The model's counters reach the caller through [`ModelCounters`], not through the engine.
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -20,8 +24,10 @@ use std::time::{Duration, Instant};
 use crossbeam_utils::CachePadded;
 
 use crate::command::{opcode, res0_bits, RawCommand};
+use crate::engine::phys::{CmdSlot, ConsError, Full, PhysicalQueue, Slots};
+use crate::engine::{ConfigLimit, MAX_WORKERS};
 use crate::queue::{cons_err, with_cons_err, CError, QueueError, QueueShape};
-use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, Ordering};
+use crate::sync::{Arc, AtomicBool, AtomicU32, Ordering};
 
 /// A check the hardware model runs on every command it consumes: `Err` names what is wrong
 /// (a VMID or StreamID the host never handed out, ...). A failure is an engine bug. A std `Arc`
@@ -193,7 +199,7 @@ impl HwConfig {
 #[derive(Debug)]
 pub struct PhysQueue {
     shape: QueueShape,
-    slots: Box<[[AtomicU64; 2]]>,
+    slots: Box<[CmdSlot]>,
     /// Written by the producer (Release), read by the hardware (Acquire).
     prod: CachePadded<AtomicU32>,
     /// Written by the hardware (Release): index, wrap and CONS.ERR.
@@ -213,9 +219,7 @@ impl PhysQueue {
         let shape = QueueShape::new(log2size)?;
         let q = Arc::new(PhysQueue {
             shape,
-            slots: (0..shape.entries())
-                .map(|_| [AtomicU64::new(0), AtomicU64::new(0)])
-                .collect(),
+            slots: (0..shape.entries()).map(|_| CmdSlot::new()).collect(),
             prod: CachePadded::new(AtomicU32::new(0)),
             cons: CachePadded::new(AtomicU32::new(0)),
             gerror: CachePadded::new(AtomicU32::new(0)),
@@ -243,36 +247,19 @@ impl PhysQueue {
             before_publish,
             q,
             prod: 0,
+            room_seen: 0,
             gerrorn: 0,
         };
         Ok((producer, hw))
     }
 
-    fn slot(&self, ptr: u32) -> &[AtomicU64; 2] {
+    fn slot(&self, ptr: u32) -> &CmdSlot {
         &self.slots[self.shape.index(ptr) as usize]
     }
 }
 
-/// The producer's `publish` did not fit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("physical queue full: {free} free slots for {wanted} commands")]
-pub struct Full {
-    /// Free slots.
-    pub free: u32,
-    /// Commands offered.
-    pub wanted: usize,
-}
-
-/// An error the hardware stopped on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HwError {
-    /// Free-running position of the failing command (CONS points at it).
-    pub pos: u64,
-    /// CONS.ERR.
-    pub cerror: CError,
-    /// The failing command as it was in the queue.
-    pub cmd: RawCommand,
-}
+/// What a repair or a retraction leaves in a slot: a CMD_SYNC with CS=none, a no-op.
+const NOOP_SYNC: RawCommand = RawCommand::new(opcode::CMD_SYNC as u64, 0);
 
 /// [`HwConfig::before_publish`], printable.
 struct HookSlot(Option<PublishHook>);
@@ -294,64 +281,85 @@ pub struct PhysProducer {
     q: Arc<PhysQueue>,
     /// Free-running PROD.
     prod: u64,
+    /// Free slots as last read from CONS, less what was published since: a lower bound of
+    /// [`PhysProducer::room`] (CONS only moves on), so `commit` after `reserve` reads CONS no
+    /// second time.
+    room_seen: u32,
     /// GERRORN as last written.
     gerrorn: u32,
 }
 
 impl PhysProducer {
     /// The queue geometry.
+    #[inline]
     pub fn shape(&self) -> QueueShape {
         self.q.shape
     }
 
-    /// Slots free for `publish`.
-    pub fn free(&self) -> u32 {
+    /// Slots free for a batch.
+    #[inline]
+    pub fn room(&self) -> u32 {
         self.q.shape.entries() - (self.prod - self.consumed()) as u32
+    }
+
+    /// The `n` slots after PROD, for [`PhysProducer::commit`]; [`Full`] if they are not free.
+    #[inline]
+    pub fn reserve(&mut self, n: usize) -> Result<Slots<'_>, Full> {
+        self.room_seen = self.room();
+        if n > self.room_seen as usize {
+            return Err(Full {
+                room: self.room_seen,
+                wanted: n,
+            });
+        }
+        let start = self.q.shape.index(self.q.shape.ptr(self.prod as u32)) as usize;
+        Ok(Slots::of_ring(&self.q.slots, start, n))
+    }
+
+    /// Publishes the first `n` slots after PROD (written through [`PhysProducer::reserve`])
+    /// with one Release store of PROD. Returns the new free-running PROD.
+    #[inline]
+    pub fn commit(&mut self, n: usize) -> Result<u64, Full> {
+        if n > self.room_seen as usize {
+            self.room_seen = self.room();
+            if n > self.room_seen as usize {
+                return Err(Full {
+                    room: self.room_seen,
+                    wanted: n,
+                });
+            }
+        }
+        self.room_seen -= n as u32;
+        let shape = self.q.shape;
+        let ptr = shape.ptr(self.prod as u32);
+        self.prod += n as u64;
+        // Release: the Relaxed slot stores before it are visible to the hardware's Acquire.
+        self.q
+            .prod
+            .store(shape.advance(ptr, n as u32), Ordering::Release);
+        Ok(self.prod)
     }
 
     /// Writes `cmds` and publishes them with one Release store of PROD: all or nothing.
     /// Returns the position just after the last command (the new free-running PROD).
+    #[inline]
     pub fn publish(&mut self, cmds: &[RawCommand]) -> Result<u64, Full> {
         if let Some(hook) = &self.before_publish.0 {
             hook(cmds);
         }
-        let free = self.free();
-        if cmds.len() > free as usize {
-            return Err(Full {
-                free,
-                wanted: cmds.len(),
-            });
-        }
-        let shape = self.q.shape;
-        let ptr = shape.ptr(self.prod as u32);
-        // At most two contiguous runs: up to the end of the slots, then from slot 0.
-        let start = shape.index(ptr) as usize;
-        let first = cmds.len().min(self.q.slots.len() - start);
-        let runs = [
-            (&self.q.slots[start..start + first], &cmds[..first]),
-            (&self.q.slots[..cmds.len() - first], &cmds[first..]),
-        ];
-        for (slots, cmds) in runs {
-            for (slot, cmd) in slots.iter().zip(cmds) {
-                // Relaxed: the Release store of PROD below publishes them.
-                slot[0].store(cmd.d0(), Ordering::Relaxed);
-                slot[1].store(cmd.d1(), Ordering::Relaxed);
-            }
-        }
-        self.prod += cmds.len() as u64;
-        self.q
-            .prod
-            .store(shape.advance(ptr, cmds.len() as u32), Ordering::Release);
-        Ok(self.prod)
+        self.reserve(cmds.len())?.fill(cmds);
+        self.commit(cmds.len())
     }
 
     /// The free-running PROD: entries published so far.
+    #[inline]
     pub fn published(&self) -> u64 {
         self.prod
     }
 
     /// Entries the hardware has consumed, free-running: from CONS (Acquire) and the producer's
     /// own PROD. Never above [`PhysProducer::published`].
+    #[inline]
     pub fn consumed(&self) -> u64 {
         let shape = self.q.shape;
         let cons = shape.ptr(self.q.cons.load(Ordering::Acquire));
@@ -359,20 +367,17 @@ impl PhysProducer {
     }
 
     /// The error the hardware is stopped on, if any.
-    pub fn error(&self) -> Option<HwError> {
+    #[inline]
+    pub fn error(&self) -> Option<ConsError> {
         let gerror = self.q.gerror.load(Ordering::Acquire) & 1;
         if gerror == self.gerrorn {
             return None;
         }
         let cons = self.q.cons.load(Ordering::Acquire);
-        let slot = self.q.slot(cons);
-        Some(HwError {
+        Some(ConsError {
             pos: self.consumed(),
             cerror: CError::from_code(cons_err(cons)).unwrap_or(CError::Ill),
-            cmd: RawCommand::new(
-                slot[0].load(Ordering::Relaxed),
-                slot[1].load(Ordering::Relaxed),
-            ),
+            cmd: self.q.slot(cons).read(),
         })
     }
 
@@ -388,10 +393,8 @@ impl PhysProducer {
         if pos < err.pos || pos >= self.prod {
             return false;
         }
-        let slot = self.q.slot(self.q.shape.ptr(pos as u32));
         // Relaxed: the hardware reads it only after the Release of GERRORN in `recover`.
-        slot[0].store(u64::from(opcode::CMD_SYNC), Ordering::Relaxed);
-        slot[1].store(0, Ordering::Relaxed);
+        self.q.slot(self.q.shape.ptr(pos as u32)).write(NOOP_SYNC);
         true
     }
 
@@ -402,15 +405,13 @@ impl PhysProducer {
     /// still run. CERROR_ABT: the fetch is retried, command unchanged. CERROR_ATC_INV_SYNC:
     /// the CMD_SYNC is retried. Then GERRORN is toggled to match GERROR (Release, so the
     /// hardware sees the repaired slot) and the hardware restarts at CONS.
-    pub fn recover(&mut self) -> Option<HwError> {
+    pub fn recover(&mut self) -> Option<ConsError> {
         let err = self.error()?;
         match err.cerror {
             CError::Abt | CError::AtcInvSync => {}
             CError::None | CError::Ill | CError::IllAccess => {
                 let cons = self.q.cons.load(Ordering::Acquire);
-                let slot = self.q.slot(cons);
-                slot[0].store(u64::from(opcode::CMD_SYNC), Ordering::Relaxed);
-                slot[1].store(0, Ordering::Relaxed);
+                self.q.slot(cons).write(NOOP_SYNC);
             }
         }
         self.gerrorn ^= 1;
@@ -616,11 +617,7 @@ impl Hardware {
         let slow_ns = self.cfg.slow.map_or(0, |d| d.as_nanos() as u64);
         let mut done = 0;
         while done < n {
-            let slot = self.q.slot(self.cons);
-            let cmd = RawCommand::new(
-                slot[0].load(Ordering::Relaxed),
-                slot[1].load(Ordering::Relaxed),
-            );
+            let cmd = self.q.slot(self.cons).read();
             if self.pos >= self.next_fault_at {
                 match self.fire(&cmd) {
                     Some(Fired::Error(cerror)) => {
@@ -750,5 +747,254 @@ fn busy_wait(ns: u64) {
     let start = Instant::now();
     while (start.elapsed().as_nanos() as u64) < ns {
         std::hint::spin_loop();
+    }
+}
+
+/// LOG2SIZE of a model queue unless the caller says otherwise (`vcmdq serve --phys-log2size`,
+/// `SoakConfig::phys_log2size`): 4096 entries.
+pub const DEFAULT_LOG2SIZE: u8 = 12;
+
+/// Where the model's hardware consumer runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HwPlacement {
+    /// Stepped by the worker that owns the queue, once per pass ([`PhysicalQueue::progress`]):
+    /// no extra thread. The default: on a 2-core machine a third busy thread only steals time.
+    #[default]
+    Inline,
+    /// A thread per physical queue, stopped and joined when the queue is dropped.
+    Thread,
+}
+
+/// The model could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// The queue geometry is invalid.
+    #[error("physical queue: {0}")]
+    Queue(#[from] QueueError),
+    /// More queues than an engine has workers.
+    #[error(transparent)]
+    Workers(#[from] ConfigLimit),
+    /// A hardware thread could not be started (e.g. a thread limit); the queues already made
+    /// were dropped, their threads stopped.
+    #[error("cannot start thread {thread}: {why}")]
+    Spawn {
+        /// The thread's name.
+        thread: String,
+        /// What the system said.
+        why: std::io::Error,
+    },
+}
+
+/// The caller's view of the counters of the model queues made together by
+/// [`ModelQueue::for_workers`]. Each queue leaves its hardware's counters here when it is
+/// dropped, which the engine does as each worker ends: after `Engine::shutdown` they are all
+/// here. A std `Mutex`, touched only when a queue is dropped and when the caller reads.
+#[derive(Clone, Debug, Default)]
+pub struct ModelCounters {
+    counters: std::sync::Arc<std::sync::Mutex<Vec<Option<HwCounters>>>>,
+    dead: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl ModelCounters {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Option<HwCounters>>> {
+        // A panic while holding it cannot leave it half-written: one slot is set at a time.
+        self.counters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The counters of every queue dropped so far, in queue order.
+    pub fn collect(&self) -> Vec<HwCounters> {
+        self.lock().iter().flatten().cloned().collect()
+    }
+
+    /// Hardware threads ([`HwPlacement::Thread`]) that ended in a panic (a failed
+    /// [`OnCheckFailure::Panic`] check, a bad PROD): the worker that owns such a queue waits
+    /// for it forever. 0 while the model is healthy.
+    pub fn dead_threads(&self) -> usize {
+        self.dead.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// Counts its thread as dead if dropped while that thread unwinds.
+struct DeathNote(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for DeathNote {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Release);
+        }
+    }
+}
+
+// Unboxed: one per queue, made once, and the inline step reaches it without a pointer.
+#[allow(clippy::large_enum_variant)]
+enum Consumer {
+    Inline(Hardware),
+    Thread {
+        stop: Arc<AtomicBool>,
+        thread: Option<std::thread::JoinHandle<HwCounters>>,
+    },
+}
+
+/// The physical queue model as the engine's [`PhysicalQueue`]: a [`PhysProducer`] and its
+/// [`Hardware`], placed as [`HwPlacement`] says.
+pub struct ModelQueue {
+    producer: PhysProducer,
+    consumer: Consumer,
+    index: usize,
+    counters: ModelCounters,
+}
+
+impl fmt::Debug for ModelQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ModelQueue")
+            .field("index", &self.index)
+            .field("producer", &self.producer)
+            .field(
+                "placement",
+                &match self.consumer {
+                    Consumer::Inline(_) => HwPlacement::Inline,
+                    Consumer::Thread { .. } => HwPlacement::Thread,
+                },
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl ModelQueue {
+    /// `n` queues of 2^`log2size` entries, one per engine worker, each with a hardware model
+    /// configured by `cfg` and placed by `placement` (a thread named `vcmdq-hw{i}` each for
+    /// [`HwPlacement::Thread`]), and the handle their counters reach the caller through.
+    /// `n` is bounded like the engine's workers (1 to [`MAX_WORKERS`]), checked first.
+    pub fn for_workers(
+        n: usize,
+        log2size: u8,
+        cfg: &HwConfig,
+        placement: HwPlacement,
+    ) -> Result<(Vec<ModelQueue>, ModelCounters), ModelError> {
+        if !(1..=MAX_WORKERS).contains(&n) {
+            return Err(ModelError::Workers(ConfigLimit {
+                setting: "workers",
+                value: n,
+                max: MAX_WORKERS,
+                max_name: "MAX_WORKERS",
+            }));
+        }
+        let counters = ModelCounters {
+            counters: std::sync::Arc::new(std::sync::Mutex::new(vec![None; n])),
+            dead: Default::default(),
+        };
+        let mut queues = Vec::with_capacity(n);
+        for index in 0..n {
+            let (producer, mut hardware) = PhysQueue::new(log2size, cfg.clone())?;
+            let consumer = match placement {
+                HwPlacement::Inline => Consumer::Inline(hardware),
+                HwPlacement::Thread => {
+                    let stop = Arc::new(AtomicBool::new(false));
+                    let thread = format!("vcmdq-hw{index}");
+                    let note = DeathNote(counters.dead.clone());
+                    let stop2 = stop.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name(thread.clone())
+                        .spawn(move || {
+                            let _note = note;
+                            hardware.run(&stop2);
+                            hardware.counters().clone()
+                        })
+                        // The queues made so far stop their threads as they drop.
+                        .map_err(|why| ModelError::Spawn { thread, why })?;
+                    Consumer::Thread {
+                        stop,
+                        thread: Some(spawned),
+                    }
+                }
+            };
+            queues.push(ModelQueue {
+                producer,
+                consumer,
+                index,
+                counters: counters.clone(),
+            });
+        }
+        Ok((queues, counters))
+    }
+}
+
+impl Drop for ModelQueue {
+    fn drop(&mut self) {
+        let counters = match &mut self.consumer {
+            Consumer::Inline(hw) => Some(hw.counters().clone()),
+            Consumer::Thread { stop, thread } => {
+                stop.store(true, Ordering::Release);
+                match thread.take().map(std::thread::JoinHandle::join) {
+                    Some(Ok(c)) => Some(c),
+                    // The hardware thread's panic becomes the owner's (the engine reports a
+                    // worker's), unless the owner is unwinding already.
+                    Some(Err(p)) if !std::thread::panicking() => std::panic::resume_unwind(p),
+                    _ => None,
+                }
+            }
+        };
+        if let Some(c) = counters {
+            self.counters.lock()[self.index] = Some(c);
+        }
+    }
+}
+
+impl PhysicalQueue for ModelQueue {
+    #[inline]
+    fn shape(&self) -> QueueShape {
+        self.producer.shape()
+    }
+
+    #[inline]
+    fn room(&self) -> u32 {
+        self.producer.room()
+    }
+
+    #[inline]
+    fn reserve(&mut self, n: usize) -> Result<Slots<'_>, Full> {
+        self.producer.reserve(n)
+    }
+
+    #[inline]
+    fn commit(&mut self, n: usize) -> Result<u64, Full> {
+        self.producer.commit(n)
+    }
+
+    #[inline]
+    fn publish(&mut self, cmds: &[RawCommand]) -> Result<u64, Full> {
+        // The model's own `publish`: it runs `HwConfig::before_publish` first.
+        self.producer.publish(cmds)
+    }
+
+    #[inline]
+    fn published(&self) -> u64 {
+        self.producer.published()
+    }
+
+    #[inline]
+    fn consumed(&self) -> u64 {
+        self.producer.consumed()
+    }
+
+    #[inline]
+    fn error(&self) -> Option<ConsError> {
+        self.producer.error()
+    }
+
+    fn retract(&mut self, pos: u64) -> bool {
+        self.producer.retract(pos)
+    }
+
+    fn recover(&mut self) -> Option<ConsError> {
+        self.producer.recover()
+    }
+
+    #[inline]
+    fn progress(&mut self) -> bool {
+        match &mut self.consumer {
+            Consumer::Inline(hw) => hw.step(usize::MAX) > 0,
+            Consumer::Thread { .. } => false,
+        }
     }
 }

@@ -9,11 +9,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{bindings, c, hw, join_named, outcomes, TestEngine, T};
+use common::{bindings, c, hw, join_named, outcomes, start_engine, Model, TestEngine, T};
 use vcmdq::command::{opcode, RawCommand};
-use vcmdq::engine::{Engine, EngineConfig, HwPlacement, RingId};
+use vcmdq::engine::{Engine, EngineConfig, RingId};
 use vcmdq::oracle;
-use vcmdq::pqueue::{Fault, HwConfig};
+use vcmdq::pqueue::{Fault, HwConfig, HwPlacement, ModelCounters};
 use vcmdq::queue::CError;
 use vcmdq::ring::{heap_pair, AttachOptions, GuestRing, HostRing, RingError};
 use vcmdq::viommu::{DeviceId, ViommuConfig};
@@ -26,12 +26,19 @@ struct Vm {
 /// An engine with vIOMMU 1 (VMID 5) binding vSID 0x10 -> pSID 0x800 and vSID 0x11 -> 0x801,
 /// and vIOMMU 2 (VMID 6) binding vSID 0x10 -> pSID 0x900; one 2^log2 ring on each.
 fn setup(hwcfg: HwConfig, log2: u8) -> (Engine, Vm, Vm) {
-    let engine = Engine::start(EngineConfig {
-        hw: hwcfg,
-        audit: true,
-        ..Default::default()
-    })
-    .unwrap();
+    let (engine, _, a, b) = setup_model(hwcfg, log2);
+    (engine, a, b)
+}
+
+/// [`setup`], with the model's counters.
+fn setup_model(hwcfg: HwConfig, log2: u8) -> (Engine, ModelCounters, Vm, Vm) {
+    let (engine, model) = start_engine(
+        EngineConfig {
+            audit: true,
+            ..Default::default()
+        },
+        &Model::with(hwcfg),
+    );
     let d = engine.devices();
     d.add_device(DeviceId(1), 0, 0x800).unwrap();
     d.add_device(DeviceId(2), 0, 0x801).unwrap();
@@ -47,7 +54,7 @@ fn setup(hwcfg: HwConfig, log2: u8) -> (Engine, Vm, Vm) {
         Vm { ring, guest }
     };
     let (a, b) = (vm(1), vm(2));
-    (engine, a, b)
+    (engine, model, a, b)
 }
 
 #[test]
@@ -289,7 +296,7 @@ fn a_second_fault_on_a_repaired_slot_blames_no_ring() {
         let (hwcfg, log) = hw(&[5, 6], &[0x800, 0x801, 0x900]);
         let hwcfg = hwcfg.with_fault(first).with_fault(second);
         let second = (first, second);
-        let (engine, mut a, _b) = setup(hwcfg, 4);
+        let (engine, model, mut a, _b) = setup_model(hwcfg, 4);
         let cmds: Vec<_> = (1..=4)
             .map(|n| c(&format!("TLBI_NH_ASID asid={n}")))
             .collect();
@@ -318,7 +325,7 @@ fn a_second_fault_on_a_repaired_slot_blames_no_ring() {
             );
         }
         assert_eq!(report.stats.phys_faults, 2, "{second:?}");
-        assert_eq!(report.hardware[0].total_errors(), 2, "{second:?}");
+        assert_eq!(model.collect()[0].total_errors(), 2, "{second:?}");
     }
 }
 
@@ -409,13 +416,18 @@ impl Gate {
 
 /// vIOMMU 1 (VMID 5) with vSID 0x10 -> pSID 0x800 on an engine of one worker, and one ring.
 fn one_ring(hwcfg: HwConfig, hardware: HwPlacement) -> (TestEngine, Vm) {
-    let engine = TestEngine::start(EngineConfig {
-        workers: 1,
-        hw: hwcfg,
-        hardware,
-        audit: true,
-        ..Default::default()
-    });
+    let engine = TestEngine::with_model(
+        EngineConfig {
+            workers: 1,
+            audit: true,
+            ..Default::default()
+        },
+        Model {
+            hw: hwcfg,
+            placement: hardware,
+            ..Model::default()
+        },
+    );
     engine.devices().add_device(DeviceId(1), 0, 0x800).unwrap();
     let v = engine.create_viommu(ViommuConfig::new(1, 5, 0)).unwrap();
     v.set_dev_id(DeviceId(1), 0x10).unwrap();

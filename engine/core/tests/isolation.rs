@@ -5,12 +5,12 @@
 
 mod common;
 
-use common::KeptCapture;
+use common::{start_engine, KeptCapture, Model};
 use vcmdq::engine::{Engine, EngineConfig, EngineError};
 use vcmdq::viommu::{DeviceId, ViommuConfig, ViommuError};
 
 fn engine() -> Engine {
-    Engine::start(EngineConfig::default()).unwrap()
+    start_engine(EngineConfig::default(), &Model::default()).0
 }
 
 fn sharing(id: u32, vmid: u16, smmu: u32, with: u32) -> ViommuConfig {
@@ -93,11 +93,13 @@ fn removing_a_viommu_frees_its_vmid() {
 
 #[test]
 fn a_capture_refuses_a_shared_vmid_it_could_not_record() {
-    let e = Engine::start(EngineConfig {
-        capture: Some(KeptCapture::default().to()),
-        ..Default::default()
-    })
-    .unwrap();
+    let (e, _) = start_engine(
+        EngineConfig {
+            capture: Some(KeptCapture::default().to()),
+            ..Default::default()
+        },
+        &Model::default(),
+    );
     e.create_viommu(ViommuConfig::new(1, 5, 0)).unwrap();
     let err = e.create_viommu(sharing(2, 5, 0, 1)).unwrap_err();
     assert!(

@@ -55,7 +55,7 @@ fn publish_two_batches_through_a_two_entry_queue() {
             hw.counters().consumed
         });
         p.publish(&want[..2]).unwrap();
-        while p.free() < 2 {
+        while p.room() < 2 {
             assert!(p.consumed() <= p.published());
             thread::yield_now();
         }

@@ -20,12 +20,12 @@ use std::time::{Duration, Instant};
 
 use common::{
     backoff, bindings, c, fix_like_linux, forwarded, hw, join_named, outcomes, panic_text, retry,
-    ring_pair, syncs_done, Backing, Driver, Fixer, Log, Rng, SetOnDrop, TestEngine, T,
+    ring_pair, syncs_done, Backing, Driver, Fixer, Log, Model, Rng, SetOnDrop, TestEngine, T,
 };
 use vcmdq::command::{opcode, RawCommand};
-use vcmdq::engine::{AuditRecord, Engine, EngineConfig, EngineReport, HwPlacement, RingId};
+use vcmdq::engine::{AuditRecord, Engine, EngineConfig, EngineReport, RingId};
 use vcmdq::oracle;
-use vcmdq::pqueue::Fault;
+use vcmdq::pqueue::{Fault, HwPlacement};
 use vcmdq::queue::CError;
 use vcmdq::translate::{RefuseReason, SlotOutcome};
 use vcmdq::viommu::{DeviceId, Profile, ViommuConfig};
@@ -382,12 +382,17 @@ fn run_guests(
 fn many_guests_every_outcome_against_the_oracle() {
     let topo = Topology::new(4, 16, true);
     let (hwcfg, log) = hw(&topo.vmids(), &topo.psids());
-    let engine = TestEngine::start(EngineConfig {
-        workers: 2,
-        hw: hwcfg,
-        audit: true,
-        ..Default::default()
-    });
+    let engine = TestEngine::with_model(
+        EngineConfig {
+            workers: 2,
+            audit: true,
+            ..Default::default()
+        },
+        Model {
+            hw: hwcfg,
+            ..Model::default()
+        },
+    );
     topo.build(&engine);
     let mut drivers = topo.attach(&engine, fix_like_linux, |i| 6 + (i % 3) as u8);
     let traps = run_guests(&engine, &topo, &mut drivers, 30, true, || {});
@@ -464,21 +469,26 @@ fn faults(placement: HwPlacement, fix: Fixer, hostile: bool) {
         hwcfg = hwcfg.with_fault(f);
     }
     hwcfg.slow = Some(Duration::from_micros(1));
-    let engine = TestEngine::start(EngineConfig {
-        workers: 2,
-        hw: hwcfg,
-        hardware: placement,
-        audit: true,
-        ..Default::default()
-    });
+    let engine = TestEngine::with_model(
+        EngineConfig {
+            workers: 2,
+            audit: true,
+            ..Default::default()
+        },
+        Model {
+            hw: hwcfg,
+            placement,
+            ..Model::default()
+        },
+    );
     topo.build(&engine);
     let mut drivers = topo.attach(&engine, fix, |_| 7);
     run_guests(&engine, &topo, &mut drivers, 30, hostile, || {});
-    let report = engine.shutdown();
+    let (report, hardware) = engine.shutdown_with_hardware();
     topo.check(&report, &log, &drivers);
-    let hw_errors: u64 = report.hardware.iter().map(|h| h.total_errors()).sum();
+    let hw_errors: u64 = hardware.iter().map(|h| h.total_errors()).sum();
     assert_eq!(report.stats.phys_faults, hw_errors);
-    assert!(report.hardware.iter().all(|h| h.stalls == 1));
+    assert!(hardware.iter().all(|h| h.stalls == 1));
     let mut phys_stops = 0;
     for (g, d) in drivers.iter().enumerate() {
         // Where the ring stopped: each physical fault, and each refusal that a fault on an
@@ -512,10 +522,7 @@ fn faults(placement: HwPlacement, fix: Fixer, hostile: bool) {
     );
     for e in [CError::Ill, CError::Abt, CError::AtcInvSync] {
         assert!(
-            report
-                .hardware
-                .iter()
-                .any(|h| h.errors[e.code() as usize] > 0),
+            hardware.iter().any(|h| h.errors[e.code() as usize] > 0),
             "no {e} raised"
         );
     }
@@ -540,16 +547,20 @@ fn flood(placement: HwPlacement) {
     const BUDGET: usize = 32;
     let (mut hwcfg, _log) = hw(&[11, 12], &[]);
     hwcfg.slow = Some(Duration::from_micros(5));
-    let engine = TestEngine::start(EngineConfig {
-        workers: 1,
-        ring_budget: BUDGET,
-        batch_limit: BUDGET,
-        phys_log2size: 10,
-        hw: hwcfg,
-        hardware: placement,
-        audit: true,
-        capture: None,
-    });
+    let engine = TestEngine::with_model(
+        EngineConfig {
+            workers: 1,
+            ring_budget: BUDGET,
+            batch_limit: BUDGET,
+            audit: true,
+            capture: None,
+        },
+        Model {
+            log2size: 10,
+            hw: hwcfg,
+            placement,
+        },
+    );
     engine.create_viommu(ViommuConfig::new(1, 11, 0)).unwrap();
     engine.create_viommu(ViommuConfig::new(2, 12, 0)).unwrap();
     let (mut flooder, host) = ring_pair(Backing::Sealed, 12, 1);
@@ -654,14 +665,18 @@ fn a_tiny_physical_queue_applies_back_pressure() {
         let topo = Topology::new(2, 4, false);
         let (mut hwcfg, log) = hw(&topo.vmids(), &topo.psids());
         hwcfg.slow = Some(Duration::from_micros(1));
-        let engine = TestEngine::start(EngineConfig {
-            workers: 2,
-            phys_log2size: phys,
-            hw: hwcfg,
-            hardware: HwPlacement::Thread,
-            audit: true,
-            ..Default::default()
-        });
+        let engine = TestEngine::with_model(
+            EngineConfig {
+                workers: 2,
+                audit: true,
+                ..Default::default()
+            },
+            Model {
+                log2size: phys,
+                hw: hwcfg,
+                placement: HwPlacement::Thread,
+            },
+        );
         topo.build(&engine);
         let mut drivers = topo.attach(&engine, fix_like_linux, |_| 10);
         let big = std::thread::scope(|s| {
@@ -712,12 +727,17 @@ fn atc_inv(vsid: u32, g: usize, n: u64) -> RawCommand {
 fn unbind_is_a_barrier_while_guests_hammer_the_vsid() {
     const CYCLES: usize = 100;
     let (hwcfg, log) = hw(&[11], &[0x800, 0x801]);
-    let engine = TestEngine::start(EngineConfig {
-        workers: 2,
-        hw: hwcfg,
-        audit: true,
-        ..Default::default()
-    });
+    let engine = TestEngine::with_model(
+        EngineConfig {
+            workers: 2,
+            audit: true,
+            ..Default::default()
+        },
+        Model {
+            hw: hwcfg,
+            ..Model::default()
+        },
+    );
     let cfg = ViommuConfig::new(1, 11, 0);
     let v = engine.create_viommu(cfg).unwrap();
     engine.devices().add_device(DeviceId(1), 0, 0x800).unwrap();
@@ -901,12 +921,17 @@ fn viommus_and_bindings_come_and_go_while_traffic_flows() {
     let mut psids = topo.psids();
     psids.extend((0..ROUNDS).map(|i| 0x2000 + i));
     let (hwcfg, log) = hw(&vmids, &psids);
-    let engine = TestEngine::start(EngineConfig {
-        workers: 2,
-        hw: hwcfg,
-        audit: true,
-        ..Default::default()
-    });
+    let engine = TestEngine::with_model(
+        EngineConfig {
+            workers: 2,
+            audit: true,
+            ..Default::default()
+        },
+        Model {
+            hw: hwcfg,
+            ..Model::default()
+        },
+    );
     topo.build(&engine);
     let mut drivers = topo.attach(&engine, fix_like_linux, |_| 7);
     let engine_ref = &engine;
@@ -983,15 +1008,19 @@ fn shutdown_with_work_in_flight_completes_what_was_taken_and_nothing_more() {
     let topo = Topology::new(2, 4, false);
     let (mut hwcfg, log) = hw(&topo.vmids(), &topo.psids());
     hwcfg.slow = Some(Duration::from_micros(20));
-    let engine = TestEngine::start(EngineConfig {
-        workers: 2,
-        phys_log2size: 6,
-        ring_budget: 64,
-        hw: hwcfg,
-        hardware: HwPlacement::Thread,
-        audit: true,
-        ..Default::default()
-    });
+    let engine = TestEngine::with_model(
+        EngineConfig {
+            workers: 2,
+            ring_budget: 64,
+            audit: true,
+            ..Default::default()
+        },
+        Model {
+            log2size: 6,
+            hw: hwcfg,
+            placement: HwPlacement::Thread,
+        },
+    );
     topo.build(&engine);
     let mut drivers = topo.attach(&engine, fix_like_linux, |_| 12);
     for (g, d) in drivers.iter_mut().enumerate() {
@@ -1009,7 +1038,7 @@ fn shutdown_with_work_in_flight_completes_what_was_taken_and_nothing_more() {
     engine.until("the engine takes 200 entries", || {
         engine.stats().taken >= 200
     });
-    let report = engine.shutdown();
+    let (report, hardware) = engine.shutdown_with_hardware();
     let hw = topo.split(&log);
     let mut untaken = 0;
     let mut accounted = 0;
@@ -1042,7 +1071,7 @@ fn shutdown_with_work_in_flight_completes_what_was_taken_and_nothing_more() {
         report.stats.taken, accounted,
         "nothing taken twice or left half-done"
     );
-    let consumed: u64 = report.hardware.iter().map(|h| h.consumed).sum();
+    let consumed: u64 = hardware.iter().map(|h| h.consumed).sum();
     assert_eq!(consumed, report.stats.forwarded + report.stats.phys_syncs);
     assert!(
         untaken > 0,

@@ -8,7 +8,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vcmdq::command::{opcode, RawCommand};
-use vcmdq::pqueue::{Fault, Full, HwConfig, OnCheckFailure, PhysQueue};
+use vcmdq::engine::phys::{Full, PhysicalQueue};
+use vcmdq::engine::MAX_WORKERS;
+use vcmdq::pqueue::{
+    Fault, HwConfig, HwPlacement, ModelError, ModelQueue, OnCheckFailure, PhysQueue,
+};
 use vcmdq::queue::CError;
 
 /// A legal TLBI_NH_ASID whose ASID and VMID number it.
@@ -39,16 +43,16 @@ fn publish_and_consume() {
     let (cfg, log) = logging();
     let (mut p, mut hw) = PhysQueue::new(4, cfg).unwrap();
     let cmds: Vec<_> = (0..10).map(tlbi).chain([sync()]).collect();
-    assert_eq!(p.free(), 16);
+    assert_eq!(p.room(), 16);
     assert_eq!(p.publish(&cmds), Ok(11));
-    assert_eq!(p.free(), 5);
+    assert_eq!(p.room(), 5);
     assert_eq!(p.consumed(), 0);
     assert_eq!(hw.step(4), 4);
     assert_eq!(p.consumed(), 4);
     assert_eq!(hw.step(100), 7);
     assert_eq!(hw.step(100), 0);
     assert_eq!(p.consumed(), 11);
-    assert_eq!(p.free(), 16);
+    assert_eq!(p.room(), 16);
     assert_eq!(*log.lock().unwrap(), cmds);
     let c = hw.counters();
     assert_eq!(c.per_opcode[opcode::TLBI_NH_ASID as usize], 10);
@@ -65,7 +69,7 @@ fn wraps_over_many_laps() {
         let mut sent = 0u64;
         let total = if cfg!(miri) { 50 } else { 5000 };
         while sent < total {
-            let n = (p.free() as u64).min(total - sent).min(3);
+            let n = (p.room() as u64).min(total - sent).min(3);
             let batch: Vec<_> = (sent..sent + n).map(tlbi).collect();
             assert_eq!(p.publish(&batch), Ok(sent + n));
             sent += n;
@@ -83,13 +87,13 @@ fn wraps_over_many_laps() {
 fn a_full_queue_pushes_back() {
     let (mut p, mut hw) = PhysQueue::new(2, HwConfig::default()).unwrap();
     assert_eq!(p.publish(&[tlbi(0), tlbi(1), tlbi(2), tlbi(3)]), Ok(4));
-    assert_eq!(p.publish(&[tlbi(4)]), Err(Full { free: 0, wanted: 1 }));
+    assert_eq!(p.publish(&[tlbi(4)]), Err(Full { room: 0, wanted: 1 }));
     assert_eq!(hw.step(2), 2);
-    assert_eq!(p.free(), 2);
+    assert_eq!(p.room(), 2);
     // All or nothing.
     assert_eq!(
         p.publish(&[tlbi(4), tlbi(5), tlbi(6)]),
-        Err(Full { free: 2, wanted: 3 })
+        Err(Full { room: 2, wanted: 3 })
     );
     assert_eq!(p.published(), 4);
     assert_eq!(p.publish(&[tlbi(4), tlbi(5)]), Ok(6));
@@ -326,7 +330,7 @@ fn two_threads_with_faults() {
         if let Some(e) = p.recover() {
             errors.push(e);
         }
-        let n = (p.free() as u64).min(total - sent).min(24);
+        let n = (p.room() as u64).min(total - sent).min(24);
         if n > 0 {
             let batch: Vec<_> = (sent..sent + n).map(cmd_at).collect();
             p.publish(&batch).unwrap();
@@ -424,4 +428,109 @@ fn faults_fire_in_position_order_and_several_on_one_slot() {
     );
     assert_eq!(p.consumed(), 7);
     assert_eq!(hw.counters().total_errors(), 4);
+}
+
+/// Waits (bounded) until `done` holds; fails with `what` otherwise.
+fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within 10 s"
+        );
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn reserved_slots_reach_the_hardware_only_at_commit_with_one_prod_store() {
+    let (mut p, mut hw) = PhysQueue::new(2, HwConfig::default()).unwrap();
+    p.publish(&[tlbi(0), tlbi(1)]).unwrap();
+    assert_eq!(hw.step(usize::MAX), 2);
+    // Slots 2, 3, then 0: the reservation wraps.
+    let slots = p.reserve(3).unwrap();
+    assert_eq!(slots.runs().map(<[_]>::len), [2, 1]);
+    slots.fill(&[tlbi(2), tlbi(3), tlbi(4)]);
+    assert_eq!(hw.step(usize::MAX), 0, "written but not committed");
+    assert_eq!(
+        p.reserve(3).unwrap().len(),
+        3,
+        "a reservation moves nothing"
+    );
+    assert_eq!(p.commit(2), Ok(4));
+    assert_eq!(hw.step(usize::MAX), 2);
+    assert_eq!(p.commit(1), Ok(5));
+    assert_eq!(hw.step(usize::MAX), 1);
+    assert_eq!(p.reserve(5).err(), Some(Full { room: 4, wanted: 5 }));
+    assert_eq!(p.commit(5), Err(Full { room: 4, wanted: 5 }));
+    assert_eq!(p.published(), 5, "a refused commit publishes nothing");
+    assert_eq!(hw.counters().consumed, 5);
+}
+
+#[test]
+fn model_queues_are_bounded_like_the_engines_workers() {
+    for n in [0, MAX_WORKERS + 1] {
+        match ModelQueue::for_workers(n, 4, &HwConfig::default(), HwPlacement::Inline) {
+            Err(ModelError::Workers(limit)) => {
+                assert_eq!((limit.value, limit.max_name), (n, "MAX_WORKERS"))
+            }
+            other => panic!("{n} queues: {other:?}"),
+        }
+    }
+    assert!(matches!(
+        ModelQueue::for_workers(1, 20, &HwConfig::default(), HwPlacement::Inline),
+        Err(ModelError::Queue(_))
+    ));
+}
+
+#[test]
+fn a_model_queue_steps_its_hardware_inline_only_in_progress() {
+    let (mut qs, counters) =
+        ModelQueue::for_workers(1, 3, &HwConfig::default(), HwPlacement::Inline).unwrap();
+    let mut q = qs.pop().unwrap();
+    q.publish(&[tlbi(0), sync()]).unwrap();
+    assert_eq!(q.consumed(), 0);
+    assert!(q.progress());
+    assert_eq!(q.consumed(), 2);
+    assert!(
+        counters.collect().is_empty(),
+        "counters arrive when the queue is dropped"
+    );
+    drop(q);
+    let hw = counters.collect();
+    assert_eq!((hw[0].consumed, hw[0].syncs), (2, 1));
+}
+
+#[test]
+fn a_model_queue_on_a_thread_leaves_its_counters_when_dropped() {
+    let (mut qs, counters) =
+        ModelQueue::for_workers(2, 3, &HwConfig::default(), HwPlacement::Thread).unwrap();
+    for (i, q) in qs.iter_mut().enumerate() {
+        let cmds: Vec<_> = (0..=i as u64).map(tlbi).collect();
+        q.publish(&cmds).unwrap();
+        assert!(!q.progress(), "the thread consumes, not the owner");
+    }
+    until("both hardware threads consume", || {
+        qs.iter()
+            .enumerate()
+            .all(|(i, q)| q.consumed() == i as u64 + 1)
+    });
+    drop(qs);
+    let consumed: Vec<u64> = counters.collect().iter().map(|h| h.consumed).collect();
+    assert_eq!(consumed, [1, 2], "in queue order");
+    assert_eq!(counters.dead_threads(), 0);
+}
+
+#[test]
+fn a_hardware_thread_that_panics_is_counted_dead_and_its_panic_reaches_the_owner() {
+    let cfg = HwConfig::default().with_check(|_| Err("refused by the test".into()));
+    let (mut qs, counters) = ModelQueue::for_workers(1, 3, &cfg, HwPlacement::Thread).unwrap();
+    qs[0].publish(&[tlbi(0)]).unwrap();
+    until("the hardware thread dies", || counters.dead_threads() == 1);
+    let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(qs)));
+    assert!(
+        dropped.is_err(),
+        "dropping the queue re-raises its thread's panic"
+    );
+    assert!(counters.collect().is_empty());
 }

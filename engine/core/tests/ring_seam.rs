@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use common::{bindings, c, hw, outcomes, TestEngine, T};
+use common::{bindings, c, hw, outcomes, Model, TestEngine, T};
 use vcmdq::command::RawCommand;
 use vcmdq::engine::EngineConfig;
 use vcmdq::oracle;
@@ -183,11 +183,13 @@ fn apart(a: (usize, usize), b: (usize, usize)) -> bool {
 /// An engine with vIOMMU 1 (VMID 5) binding vSID 0x10 -> pSID 0x800, auditing every slot.
 fn engine() -> (TestEngine, common::Log) {
     let (hwcfg, log) = hw(&[5], &[0x800]);
-    let engine = TestEngine::start(EngineConfig {
-        hw: hwcfg,
-        audit: true,
-        ..Default::default()
-    });
+    let engine = TestEngine::with_model(
+        EngineConfig {
+            audit: true,
+            ..Default::default()
+        },
+        Model::with(hwcfg),
+    );
     engine.add_device(DeviceId(1), 0, 0x800).unwrap();
     engine.create_viommu(ViommuConfig::new(1, 5, 0)).unwrap();
     engine.set_dev_id(1, DeviceId(1), 0x10).unwrap();

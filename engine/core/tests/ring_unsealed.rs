@@ -6,6 +6,7 @@
 mod common;
 
 use common::file_ring::{ring_file, FileGuest, TempPath};
+use common::{start_engine, Model};
 use vcmdq::mock::Rng;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vcmdq::command::RawCommand;
-use vcmdq::engine::{Engine, EngineConfig};
+use vcmdq::engine::EngineConfig;
 use vcmdq::ring::layout;
 use vcmdq::ring::{heap_pair, AttachOptions, GuestRing, HostRing, RingError};
 use vcmdq::viommu::ViommuConfig;
@@ -160,7 +161,7 @@ fn an_unsealed_ring_attached_through_a_guests_memory_is_read_with_system_calls()
 /// to it goes on.
 #[test]
 fn an_engine_gives_up_a_truncated_ring_and_serves_the_others() {
-    let engine = Engine::start(EngineConfig::default()).unwrap();
+    let (engine, _) = start_engine(EngineConfig::default(), &Model::default());
     engine.create_viommu(ViommuConfig::new(1, 5, 0)).unwrap();
     let healthy = HostRing::create_sealed(4, 1).unwrap();
     let guest = GuestRing::open(healthy.path()).unwrap();
@@ -253,7 +254,7 @@ fn a_heap_ring_has_one_engine() {
 
 #[test]
 fn a_ring_detached_from_an_engine_can_be_attached_again() {
-    let engine = Engine::start(EngineConfig::default()).unwrap();
+    let (engine, _) = start_engine(EngineConfig::default(), &Model::default());
     engine.create_viommu(ViommuConfig::new(1, 5, 0)).unwrap();
     let path = ring_file("reattach", 3);
     let id = engine

@@ -7,11 +7,24 @@ mod common;
 
 use common::KeptCapture;
 use vcmdq::engine::{CaptureEvent, Engine, EngineConfig, EngineError};
+use vcmdq::pqueue::{HwConfig, HwPlacement, ModelQueue, DEFAULT_LOG2SIZE};
 use vcmdq::viommu::{DeviceId, ViommuConfig, ViommuError};
+
+/// `cfg` on the default physical queue model.
+fn engine(cfg: EngineConfig) -> Engine {
+    let (queues, _) = ModelQueue::for_workers(
+        cfg.workers,
+        DEFAULT_LOG2SIZE,
+        &HwConfig::default(),
+        HwPlacement::Inline,
+    )
+    .unwrap();
+    Engine::start(cfg, queues).unwrap()
+}
 
 #[test]
 fn the_engine_removes_a_bound_device_as_iommufd_does() {
-    let e = Engine::start(EngineConfig::default()).unwrap();
+    let e = engine(EngineConfig::default());
     e.create_viommu(ViommuConfig::new(1, 5, 0)).unwrap();
     e.add_device(DeviceId(7), 0, 0x800).unwrap();
     e.set_dev_id(1, DeviceId(7), 0x99).unwrap();
@@ -37,11 +50,10 @@ fn the_engine_removes_a_bound_device_as_iommufd_does() {
 #[test]
 fn a_capture_refuses_a_device_removal_it_could_not_record() {
     let kept = KeptCapture::default();
-    let e = Engine::start(EngineConfig {
+    let e = engine(EngineConfig {
         capture: Some(kept.to()),
         ..Default::default()
-    })
-    .unwrap();
+    });
     e.add_device(DeviceId(1), 0, 0x800).unwrap();
     let err = e.remove_device(DeviceId(1)).unwrap_err();
     assert!(matches!(err, EngineError::CaptureDeviceRemove(_)), "{err}");

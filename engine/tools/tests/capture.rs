@@ -54,10 +54,10 @@ fn a_captured_replay_replays_to_the_same_outcomes() {
 #[path = "../../core/tests/common/mod.rs"]
 mod common;
 
-use common::{c, outcomes, T};
+use common::{c, outcomes, start_engine, Model, T};
 use std::time::Instant;
 use vcmdq::command::RawCommand;
-use vcmdq::engine::{Engine, EngineConfig};
+use vcmdq::engine::EngineConfig;
 use vcmdq::ring::heap_pair;
 use vcmdq::translate::SlotOutcome;
 use vcmdq::viommu::{DeviceId, ViommuConfig};
@@ -69,12 +69,14 @@ fn a_slot_rewritten_behind_a_trap_is_captured_as_the_engine_read_it_and_replays_
     let dir = std::env::temp_dir().join(format!("vcmdq-capture-rw-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("rewrite.vct");
-    let engine = Engine::start(EngineConfig {
-        audit: true,
-        capture: Some(vcmdq_trace::capture_to_file(&path)),
-        ..Default::default()
-    })
-    .unwrap();
+    let (engine, _) = start_engine(
+        EngineConfig {
+            audit: true,
+            capture: Some(vcmdq_trace::capture_to_file(&path)),
+            ..Default::default()
+        },
+        &Model::default(),
+    );
     engine.add_device(DeviceId(1), 0, 0x800).unwrap();
     engine.create_viommu(ViommuConfig::new(1, 5, 0)).unwrap();
     engine.set_dev_id(1, DeviceId(1), 0x10).unwrap();
@@ -169,12 +171,14 @@ fn a_slot_rewritten_while_the_ring_is_stopped_is_captured_as_the_engine_read_it(
     let dir = std::env::temp_dir().join(format!("vcmdq-capture-stop-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("stop.vct");
-    let engine = Engine::start(EngineConfig {
-        audit: true,
-        capture: Some(vcmdq_trace::capture_to_file(&path)),
-        ..Default::default()
-    })
-    .unwrap();
+    let (engine, _) = start_engine(
+        EngineConfig {
+            audit: true,
+            capture: Some(vcmdq_trace::capture_to_file(&path)),
+            ..Default::default()
+        },
+        &Model::default(),
+    );
     engine.add_device(DeviceId(1), 0, 0x800).unwrap();
     engine.create_viommu(ViommuConfig::new(1, 5, 0)).unwrap();
     engine.set_dev_id(1, DeviceId(1), 0x10).unwrap();

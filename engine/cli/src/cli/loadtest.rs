@@ -30,8 +30,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vcmdq::command::{opcode, RawCommand};
-use vcmdq::engine::{Engine, EngineConfig, HwPlacement, RingProgress};
-use vcmdq::pqueue::HwConfig;
+use vcmdq::engine::{Engine, EngineConfig, RingProgress};
+use vcmdq::pqueue::{HwConfig, HwPlacement, ModelQueue, DEFAULT_LOG2SIZE};
 use vcmdq::ring::{AttachOptions, GuestRing, HostRing};
 use vcmdq::viommu::{DeviceId, ViommuConfig};
 use vcmdq_tools::plot::{percentile_svg, Series};
@@ -204,14 +204,21 @@ struct Rig {
 
 impl Rig {
     fn new(rings: u32, batch: usize) -> Result<Rig, CliError> {
-        let engine = Engine::start(EngineConfig {
-            workers: 1,
-            hardware: HwPlacement::Inline,
-            hw: HwConfig::zero_cost(),
-            audit: false,
-            capture: None,
-            ..EngineConfig::default()
-        })?;
+        let (queues, _) = ModelQueue::for_workers(
+            1,
+            DEFAULT_LOG2SIZE,
+            &HwConfig::zero_cost(),
+            HwPlacement::Inline,
+        )?;
+        let engine = Engine::start(
+            EngineConfig {
+                workers: 1,
+                audit: false,
+                capture: None,
+                ..EngineConfig::default()
+            },
+            queues,
+        )?;
         let mut v = Vec::new();
         for r in 0..rings {
             engine.create_viommu(ViommuConfig::new(r, r as u16 + 1, 0))?;

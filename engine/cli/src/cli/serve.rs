@@ -16,7 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vcmdq::command::text;
-use vcmdq::engine::{Engine, EngineConfig, EngineStats, HwPlacement, RingId};
+use vcmdq::engine::{Engine, EngineConfig, EngineStats, RingId};
+use vcmdq::pqueue::{HwConfig, HwPlacement, ModelQueue, DEFAULT_LOG2SIZE};
 use vcmdq::ring::{AttachOptions, HostRing, RingError, RingStats};
 use vcmdq::viommu::{DeviceId, ViommuConfig};
 
@@ -620,12 +621,6 @@ pub fn run(mut args: ServeArgs) -> Result<ExitCode, CliError> {
         workers,
         batch_limit: args.batch_limit.unwrap_or(defaults.batch_limit),
         ring_budget: args.ring_budget.unwrap_or(defaults.ring_budget),
-        phys_log2size: args.phys_log2size.unwrap_or(defaults.phys_log2size),
-        hardware: if args.hw_thread || args.hardware == Some(Hardware::Thread) {
-            HwPlacement::Thread
-        } else {
-            HwPlacement::Inline
-        },
         capture: args.capture.as_ref().map(vcmdq_trace::capture_to_file),
         ..defaults
     };
@@ -640,7 +635,18 @@ pub fn run(mut args: ServeArgs) -> Result<ExitCode, CliError> {
             ],
         )
     })?;
-    let engine = Engine::start(cfg)?;
+    let placement = if args.hw_thread || args.hardware == Some(Hardware::Thread) {
+        HwPlacement::Thread
+    } else {
+        HwPlacement::Inline
+    };
+    let (queues, _) = ModelQueue::for_workers(
+        workers,
+        args.phys_log2size.unwrap_or(DEFAULT_LOG2SIZE),
+        &HwConfig::default(),
+        placement,
+    )?;
+    let engine = Engine::start(cfg, queues)?;
     let attached = set_up(&engine, &args)?;
     let listed = (|| -> std::io::Result<()> {
         let mut out = out::stdout();

@@ -3,9 +3,9 @@
 //!
 //! Threads. `workers` translating threads; each owns one physical queue (so the publish path is
 //! single-producer: no lock, one PROD store per batch) and a set of guest rings (a ring is
-//! served by exactly one worker, so its order holds). The modelled hardware runs either inline,
-//! stepped by its worker between passes (the default: on a 2-core machine a third busy thread
-//! only steals time), or on a thread of its own per queue. The control plane (this type's
+//! served by exactly one worker, so its order holds). The caller hands [`Engine::start`] the
+//! physical queues, one per worker, as [`PhysicalQueue`]s: the modelled SMMU
+//! ([`crate::pqueue::ModelQueue`]) or anything else behind that seam. The control plane (this type's
 //! methods: vIOMMUs, devices, bindings, rings, traps) reaches a worker through a lock-free
 //! queue the worker drains once per pass.
 //!
@@ -27,14 +27,15 @@
 //! in the same queue are untouched.
 
 mod capture;
+pub mod phys;
 mod stats;
 mod worker;
 
 pub use capture::{CaptureError, CaptureEvent, CaptureSink, CaptureTo};
+pub use phys::PhysicalQueue;
 pub use stats::{AuditRecord, EngineStats, RingProgress};
 
 use crate::command::RawCommand;
-use crate::pqueue::{HwConfig, HwCounters, PhysQueue};
 use crate::ring::{HostRing, RingError, RingStats};
 use crate::viommu::{DeviceId, Devices, GraceDomain, Viommu, ViommuConfig, ViommuError};
 use capture::Capture;
@@ -49,16 +50,6 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RingId(pub u32);
 
-/// Where the modelled hardware consumer runs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum HwPlacement {
-    /// Stepped by its worker once per pass: no extra thread.
-    #[default]
-    Inline,
-    /// A thread per physical queue.
-    Thread,
-}
-
 /// How the engine runs.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -71,12 +62,6 @@ pub struct EngineConfig {
     /// waiting in its physical queue at most: a flooding guest gets its share and no more, even
     /// while the hardware (on its own thread) is slower than the worker's passes.
     pub ring_budget: usize,
-    /// LOG2SIZE of each physical queue.
-    pub phys_log2size: u8,
-    /// The hardware model of every physical queue.
-    pub hw: HwConfig,
-    /// Where the hardware model runs.
-    pub hardware: HwPlacement,
     /// Record what became of every guest slot, every batch and every sync completion, with
     /// times ([`EngineReport::audit`]): what replay checks against the oracle and measures
     /// latency from. Costs an allocation now and then on the hot path, so benchmarks leave it off.
@@ -138,9 +123,6 @@ impl Default for EngineConfig {
             workers: 1,
             batch_limit: 64,
             ring_budget: 256,
-            phys_log2size: 12,
-            hw: HwConfig::default(),
-            hardware: HwPlacement::Inline,
             audit: false,
             capture: None,
         }
@@ -215,14 +197,20 @@ pub enum EngineError {
     /// The capture sink could not be made or its thread started.
     #[error("capture: {0}")]
     Capture(String),
-    /// The physical queue geometry is invalid.
-    #[error("physical queue: {0}")]
-    PhysQueue(crate::queue::QueueError),
+    /// [`Engine::start`] was given a number of physical queues other than
+    /// [`EngineConfig::workers`]: each worker owns exactly one.
+    #[error("EINVAL: {given} physical queue(s) for {workers} worker(s): give one per worker")]
+    PhysQueueCount {
+        /// Queues given.
+        given: usize,
+        /// [`EngineConfig::workers`].
+        workers: usize,
+    },
     /// A setting is out of bounds.
     #[error(transparent)]
     Config(#[from] ConfigLimit),
-    /// A worker or hardware thread could not be started (e.g. a thread limit); the threads
-    /// already started were stopped.
+    /// A worker thread could not be started (e.g. a thread limit); the threads already started
+    /// were stopped.
     #[error("cannot start thread {thread}: {why}")]
     Spawn {
         /// The thread's name.
@@ -286,8 +274,6 @@ pub struct EngineReport {
     pub stats: EngineStats,
     /// Every worker's audit, concatenated (empty unless [`EngineConfig::audit`]).
     pub audit: Vec<AuditRecord>,
-    /// Each physical queue's hardware counters.
-    pub hardware: Vec<HwCounters>,
     /// When the engine started: the zero of every audit time.
     pub epoch: Option<Instant>,
     /// With [`EngineConfig::capture`]: the records written, or why the capture failed.
@@ -311,18 +297,28 @@ pub struct Engine {
     /// Counters of the rings `failed_rings` gave up, for the report.
     failed_stats: Mutex<Vec<(RingId, RingStats)>>,
     workers: Vec<JoinHandle<worker::Report>>,
-    hw_threads: Vec<JoinHandle<HwCounters>>,
-    /// The hardware model's stop flag: `crate::sync`'s type, which `Hardware::run` takes (loom's
-    /// under `--cfg loom`, where the engine is built but only the queue models run).
-    hw_stop: Arc<crate::sync::AtomicBool>,
     capture: Option<Capture>,
 }
 
 impl Engine {
-    /// Starts the workers (and hardware threads) with no vIOMMU and no ring.
-    pub fn start(cfg: EngineConfig) -> Result<Engine, EngineError> {
+    /// Starts the workers with no vIOMMU and no ring, giving worker `i` `queues[i]`: one
+    /// physical queue per worker ([`EngineError::PhysQueueCount`] otherwise). Each queue is
+    /// dropped on its worker's thread when the worker ends (at shutdown).
+    ///
+    /// Generic over the queue so that each worker calls its queue statically; queues of
+    /// different kinds go in as `Box<dyn PhysicalQueue>`.
+    pub fn start<Q: PhysicalQueue>(
+        cfg: EngineConfig,
+        queues: Vec<Q>,
+    ) -> Result<Engine, EngineError> {
         cfg.validate()?;
         let n = cfg.workers;
+        if queues.len() != n {
+            return Err(EngineError::PhysQueueCount {
+                given: queues.len(),
+                workers: n,
+            });
+        }
         let capture = match &cfg.capture {
             Some(to) => Some(Capture::start(to).map_err(EngineError::Capture)?),
             None => None,
@@ -337,50 +333,17 @@ impl Engine {
             epoch: Instant::now(),
             capture: capture.as_ref().map(|c| c.queue.clone()),
         });
-        let hw_stop = Arc::new(crate::sync::AtomicBool::new(false));
         let mut workers = Vec::with_capacity(n);
-        let mut hw_threads = Vec::new();
-        // Any failure below stops what was started, so a failed start leaves no thread behind.
-        let undo = |workers: Vec<JoinHandle<worker::Report>>,
-                    hw_threads: Vec<JoinHandle<HwCounters>>| {
+        // Any failure below stops what was started, so a failed start leaves no thread behind
+        // (the queues not yet handed to a worker drop here).
+        let undo = |workers: Vec<JoinHandle<worker::Report>>| {
             shared.stopping.store(true, Ordering::Release);
             for w in workers {
                 let _ = w.join();
             }
-            hw_stop.store(true, crate::sync::Ordering::Release);
-            for h in hw_threads {
-                let _ = h.join();
-            }
         };
-        for index in 0..n {
-            let (producer, mut hardware) = match PhysQueue::new(cfg.phys_log2size, cfg.hw.clone()) {
-                Ok(q) => q,
-                Err(e) => {
-                    undo(workers, hw_threads);
-                    return Err(EngineError::PhysQueue(e));
-                }
-            };
-            let inline = match cfg.hardware {
-                HwPlacement::Inline => Some(hardware),
-                HwPlacement::Thread => {
-                    let stop = hw_stop.clone();
-                    let thread = format!("vcmdq-hw{index}");
-                    match std::thread::Builder::new()
-                        .name(thread.clone())
-                        .spawn(move || {
-                            hardware.run(&stop);
-                            hardware.counters().clone()
-                        }) {
-                        Ok(h) => hw_threads.push(h),
-                        Err(why) => {
-                            undo(workers, hw_threads);
-                            return Err(EngineError::Spawn { thread, why });
-                        }
-                    }
-                    None
-                }
-            };
-            let w = worker::Worker::new(index, &cfg, shared.clone(), producer, inline);
+        for (index, queue) in queues.into_iter().enumerate() {
+            let w = worker::Worker::new(index, &cfg, shared.clone(), queue);
             let thread = format!("vcmdq-worker{index}");
             match std::thread::Builder::new()
                 .name(thread.clone())
@@ -388,7 +351,7 @@ impl Engine {
             {
                 Ok(h) => workers.push(h),
                 Err(why) => {
-                    undo(workers, hw_threads);
+                    undo(workers);
                     return Err(EngineError::Spawn { thread, why });
                 }
             }
@@ -402,8 +365,6 @@ impl Engine {
             next_ring: AtomicU32::new(0),
             failed_stats: Mutex::new(Vec::new()),
             workers,
-            hw_threads,
-            hw_stop,
             capture,
         })
     }
@@ -616,11 +577,12 @@ impl Engine {
         self.shared.epoch
     }
 
-    /// Worker and hardware threads that have ended before shutdown: each one a panic (an engine
-    /// bug), its rings no longer served. 0 while the engine is healthy.
+    /// Worker threads that have ended before shutdown: each one a panic (an engine bug, or
+    /// its physical queue's), its rings no longer served. 0 while the engine is healthy. A
+    /// physical queue's own threads are its implementation's to report
+    /// ([`crate::pqueue::ModelCounters::dead_threads`] for the model).
     pub fn dead_threads(&self) -> usize {
         self.workers.iter().filter(|h| h.is_finished()).count()
-            + self.hw_threads.iter().filter(|h| h.is_finished()).count()
     }
 
     /// Counters summed over workers, as of their last pass.
@@ -638,17 +600,7 @@ impl Engine {
         };
         for w in self.workers.drain(..) {
             match w.join() {
-                Ok(r) => {
-                    report.audit.extend(r.audit);
-                    report.hardware.extend(r.hardware);
-                }
-                Err(p) => std::panic::resume_unwind(p),
-            }
-        }
-        self.hw_stop.store(true, crate::sync::Ordering::Release);
-        for h in self.hw_threads.drain(..) {
-            match h.join() {
-                Ok(c) => report.hardware.push(c),
+                Ok(r) => report.audit.extend(r.audit),
                 Err(p) => std::panic::resume_unwind(p),
             }
         }
@@ -670,10 +622,6 @@ impl Drop for Engine {
         self.shared.stopping.store(true, Ordering::Release);
         for w in self.workers.drain(..) {
             let _ = w.join();
-        }
-        self.hw_stop.store(true, crate::sync::Ordering::Release);
-        for h in self.hw_threads.drain(..) {
-            let _ = h.join();
         }
         if let Some(c) = self.capture.as_mut() {
             let _ = c.finish();

@@ -1,9 +1,9 @@
 //! One translating worker: its rings, its physical queue, its pass loop.
 
+use super::phys::PhysicalQueue;
 use super::stats::{AuditRecord, EngineStats, RingProgress};
 use super::{lock, Ctrl, EngineConfig, RingId, Shared, TrapEvent};
 use crate::command::{opcode, RawCommand};
-use crate::pqueue::{Hardware, HwCounters, PhysProducer};
 use crate::queue::{CError, QueueShape};
 use crate::ring::{HostRing, RingError};
 use crate::translate::{translate, SlotOutcome, Stop};
@@ -110,12 +110,12 @@ struct Tag {
 
 /// Everything of a worker but its rings and its grace-period reader, so that a pass can borrow
 /// them apart.
-struct Lane {
+struct Lane<Q> {
     batch_limit: usize,
     ring_budget: usize,
     audit_on: bool,
     shared: Arc<Shared>,
-    producer: PhysProducer,
+    producer: Q,
     tags: Vec<Tag>,
     inbuf: Vec<RawCommand>,
     out: Vec<RawCommand>,
@@ -127,26 +127,20 @@ struct Lane {
 /// What a worker hands back when it ends.
 pub(super) struct Report {
     pub(super) audit: Vec<AuditRecord>,
-    pub(super) hardware: Option<HwCounters>,
 }
 
-pub(super) struct Worker {
+/// Generic over its physical queue, so that the queue's methods are called statically (see
+/// [`PhysicalQueue`]).
+pub(super) struct Worker<Q> {
     index: usize,
-    lane: Lane,
+    lane: Lane<Q>,
     reader: Reader,
-    hardware: Option<Hardware>,
     rings: Vec<RingState>,
     next_ring: usize,
 }
 
-impl Worker {
-    pub(super) fn new(
-        index: usize,
-        cfg: &EngineConfig,
-        shared: Arc<Shared>,
-        producer: PhysProducer,
-        hardware: Option<Hardware>,
-    ) -> Worker {
+impl<Q: PhysicalQueue> Worker<Q> {
+    pub(super) fn new(index: usize, cfg: &EngineConfig, shared: Arc<Shared>, producer: Q) -> Self {
         let entries = producer.shape().entries() as usize;
         let batch_limit = cfg.batch_limit.max(1);
         Worker {
@@ -165,13 +159,13 @@ impl Worker {
                 stats: EngineStats::default(),
                 audit: Vec::new(),
             },
-            hardware,
             rings: Vec::new(),
             next_ring: 0,
         }
     }
 
-    /// Runs passes until shutdown is asked and everything taken has completed.
+    /// Runs passes until shutdown is asked and everything taken has completed. The queue is
+    /// dropped on return, on this thread.
     pub(super) fn run(mut self) -> Report {
         let mut idle = 0u32;
         loop {
@@ -196,7 +190,6 @@ impl Worker {
         drop(detached);
         Report {
             audit: std::mem::take(&mut self.lane.audit),
-            hardware: self.hardware.map(|h| h.counters().clone()),
         }
     }
 
@@ -210,9 +203,7 @@ impl Worker {
     /// One pass over everything this worker owns; true if anything moved.
     fn pass(&mut self, stopping: bool) -> bool {
         let mut work = self.control();
-        if let Some(hw) = self.hardware.as_mut() {
-            work |= hw.step(usize::MAX) > 0;
-        }
+        work |= self.lane.producer.progress();
         work |= self.lane.physical_fault(&mut self.rings);
         let n = self.rings.len();
         for k in 0..n {
@@ -282,7 +273,7 @@ impl Worker {
     }
 }
 
-impl Lane {
+impl<Q: PhysicalQueue> Lane<Q> {
     fn now(&self) -> u64 {
         self.shared.epoch.elapsed().as_nanos() as u64
     }
@@ -341,7 +332,7 @@ impl Lane {
         // physical CMD_SYNC), so the free space bounds what may be taken; and so does what is
         // left of the ring's budget of entries in flight.
         let room =
-            (self.producer.free() as usize).min(self.ring_budget.saturating_sub(r.phys_inflight));
+            (self.producer.room() as usize).min(self.ring_budget.saturating_sub(r.phys_inflight));
         if room == 0 {
             return false;
         }
@@ -632,7 +623,7 @@ fn tag_batch(tags: &mut [Tag], pos0: u64, ring: u32, first: u32, shape: QueueSha
 }
 
 /// Publishes commands the caller made room for.
-fn publish(producer: &mut PhysProducer, cmds: &[RawCommand]) -> u64 {
+fn publish<Q: PhysicalQueue>(producer: &mut Q, cmds: &[RawCommand]) -> u64 {
     match producer.publish(cmds) {
         Ok(pos) => pos,
         // `serve` takes no more guest entries than the queue has free slots, and each becomes at

@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use vcmdq::command::{opcode, text, RawCommand};
 use vcmdq::engine::{
     AuditRecord, CaptureError, CaptureEvent, CaptureSink, CaptureTo, Engine, EngineConfig,
-    EngineReport, RingId,
+    EngineReport, PhysicalQueue, RingId,
 };
-use vcmdq::pqueue::HwConfig;
+use vcmdq::pqueue::{HwConfig, HwCounters, HwPlacement, ModelCounters, ModelQueue};
 use vcmdq::queue::CError;
 use vcmdq::ring::{AttachOptions, GuestRing, HostRing, RingError};
 use vcmdq::translate::SlotOutcome;
@@ -377,14 +377,81 @@ pub fn backoff(spins: u32) {
 /// to the [`Engine`].
 pub struct TestEngine {
     engine: Option<Engine>,
+    model: ModelCounters,
+}
+
+/// The physical queue model of a [`TestEngine`]: each worker's queue, made by
+/// `ModelQueue::for_workers`.
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub log2size: u8,
+    pub hw: HwConfig,
+    pub placement: HwPlacement,
+}
+
+impl Default for Model {
+    fn default() -> Model {
+        Model {
+            log2size: vcmdq::pqueue::DEFAULT_LOG2SIZE,
+            hw: HwConfig::default(),
+            placement: HwPlacement::Inline,
+        }
+    }
+}
+
+impl Model {
+    /// The default model with hardware configuration `hw`.
+    pub fn with(hw: HwConfig) -> Model {
+        Model {
+            hw,
+            ..Model::default()
+        }
+    }
+}
+
+/// One model queue per worker of `cfg`, and `Engine::start` on them, unwrapped.
+pub fn start_engine(cfg: EngineConfig, model: &Model) -> (Engine, ModelCounters) {
+    let (queues, counters) =
+        ModelQueue::for_workers(cfg.workers, model.log2size, &model.hw, model.placement)
+            .expect("make the physical queues");
+    (
+        Engine::start(cfg, queues).expect("start the engine"),
+        counters,
+    )
 }
 
 impl TestEngine {
-    /// `Engine::start`, unwrapped.
+    /// `Engine::start` on the default model, unwrapped.
     pub fn start(cfg: EngineConfig) -> TestEngine {
+        TestEngine::with_model(cfg, Model::default())
+    }
+
+    /// `Engine::start` on `model`, unwrapped.
+    pub fn with_model(cfg: EngineConfig, model: Model) -> TestEngine {
+        let (engine, model) = start_engine(cfg, &model);
         TestEngine {
-            engine: Some(Engine::start(cfg).expect("start the engine")),
+            engine: Some(engine),
+            model,
         }
+    }
+
+    /// `Engine::start` on `queues`, unwrapped: an engine on physical queues that are not the
+    /// model (whose counters stay empty).
+    pub fn on_queues<Q: PhysicalQueue>(cfg: EngineConfig, queues: Vec<Q>) -> TestEngine {
+        TestEngine {
+            engine: Some(Engine::start(cfg, queues).expect("start the engine")),
+            model: ModelCounters::default(),
+        }
+    }
+
+    /// The model's counters, one per physical queue: complete once the engine is shut down.
+    pub fn hardware(&self) -> ModelCounters {
+        self.model.clone()
+    }
+
+    /// Worker and hardware threads that died.
+    fn dead_threads(&self) -> usize {
+        self.engine.as_ref().map_or(0, Engine::dead_threads) + self.model.dead_threads()
     }
 
     fn engine(&self) -> &Engine {
@@ -394,7 +461,7 @@ impl TestEngine {
     /// Fails the test if a worker or hardware thread has died: each is a panic (an engine bug,
     /// or a hardware check that failed), whose message the test output shows above.
     pub fn check_alive(&self) {
-        let dead = self.engine().dead_threads();
+        let dead = self.dead_threads();
         assert!(
             dead == 0,
             "{dead} engine thread(s) died (a worker or hardware thread panicked: its message is \
@@ -417,7 +484,12 @@ impl TestEngine {
 
     /// `Engine::shutdown`, bounded by [`T`]: fails the test if an engine thread has died (its
     /// panic named), or if shutdown does not finish (everything taken must complete).
-    pub fn shutdown(mut self) -> EngineReport {
+    pub fn shutdown(self) -> EngineReport {
+        self.shutdown_with_hardware().0
+    }
+
+    /// [`TestEngine::shutdown`], with each physical queue's hardware counters.
+    pub fn shutdown_with_hardware(mut self) -> (EngineReport, Vec<HwCounters>) {
         self.check_alive();
         let engine = self.engine.take().expect("the engine is running");
         let (tx, rx) = std::sync::mpsc::channel();
@@ -430,7 +502,7 @@ impl TestEngine {
             })
             .expect("spawn the shutdown thread");
         match rx.recv_timeout(T) {
-            Ok(Ok(report)) => report,
+            Ok(Ok(report)) => (report, self.model.collect()),
             Ok(Err(p)) => std::panic::resume_unwind(p),
             Err(_) => panic!(
                 "engine shutdown did not finish within {T:?}: a worker is still waiting for \
@@ -450,16 +522,14 @@ impl std::ops::Deref for TestEngine {
 
 impl Drop for TestEngine {
     fn drop(&mut self) {
+        let dead = self.dead_threads();
         let Some(engine) = self.engine.take() else {
             return;
         };
-        if std::thread::panicking() || engine.dead_threads() > 0 {
+        if std::thread::panicking() || dead > 0 {
             // Joining could wait forever on a worker whose hardware died: leave the threads
             // to the end of the test process.
-            eprintln!(
-                "test engine abandoned with {} dead thread(s)",
-                engine.dead_threads()
-            );
+            eprintln!("test engine abandoned with {dead} dead thread(s)");
             std::mem::forget(engine);
         }
     }

@@ -24,7 +24,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vcmdq::command::{opcode, RawCommand};
 use vcmdq::engine::{AuditRecord, Engine, EngineConfig, EngineReport, EngineStats, RingId};
-use vcmdq::pqueue::{HwConfig, OnCheckFailure};
+use vcmdq::pqueue::{
+    HwConfig, HwPlacement, ModelCounters, ModelQueue, OnCheckFailure, DEFAULT_LOG2SIZE,
+};
 use vcmdq::queue::QueueShape;
 use vcmdq::ring::{GuestRing, HostRing, RingError};
 use vcmdq::translate::SlotOutcome;
@@ -402,7 +404,7 @@ pub fn replay_validated(
 ) -> Result<ReplayReport, ReplayError> {
     check_pace(summary, opts)?;
     let (hw, isolation) = isolation_check(trace)?;
-    let engine = start_engine(opts, hw)?;
+    let (engine, model) = start_engine(opts, hw)?;
     let mut rp = Replayer::new(&engine, opts, trace);
     let start = Instant::now();
     let commands = rp.play(trace, start, &mut progress)?;
@@ -410,7 +412,15 @@ pub fn replay_validated(
     let wall = start.elapsed();
     let played = rp.into_played();
     let report = engine.shutdown();
-    Ok(judge(played, report, &isolation, commands, wall))
+    let hw_consumed: u64 = model.collect().iter().map(|h| h.consumed).sum();
+    Ok(judge(
+        played,
+        report,
+        hw_consumed,
+        &isolation,
+        commands,
+        wall,
+    ))
 }
 
 /// Refuses a paced replay that would take longer than the wall-time limit.
@@ -433,20 +443,31 @@ fn check_pace(summary: &Summary, opts: &ReplayOptions) -> Result<(), ReplayError
     Ok(())
 }
 
-/// An engine that audits every entry, behind hardware that runs the isolation check.
-fn start_engine(opts: &ReplayOptions, hw: HwConfig) -> Result<Engine, ReplayError> {
-    Engine::start(EngineConfig {
-        workers: opts.workers,
-        batch_limit: opts.batch_limit,
-        hw,
-        audit: true,
-        capture: opts.capture.as_ref().map(vcmdq_trace::capture_to_file),
-        ..Default::default()
-    })
-    .map_err(|e| ReplayError::Control {
+/// An engine that audits every entry, on physical queue models whose hardware runs the
+/// isolation check; and the models' counters.
+fn start_engine(
+    opts: &ReplayOptions,
+    hw: HwConfig,
+) -> Result<(Engine, ModelCounters), ReplayError> {
+    let start_failed = |what: String| ReplayError::Control {
         at: "start".into(),
-        what: e.to_string(),
-    })
+        what,
+    };
+    let (queues, model) =
+        ModelQueue::for_workers(opts.workers, DEFAULT_LOG2SIZE, &hw, HwPlacement::Inline)
+            .map_err(|e| start_failed(e.to_string()))?;
+    let engine = Engine::start(
+        EngineConfig {
+            workers: opts.workers,
+            batch_limit: opts.batch_limit,
+            audit: true,
+            capture: opts.capture.as_ref().map(vcmdq_trace::capture_to_file),
+            ..Default::default()
+        },
+        queues,
+    )
+    .map_err(|e| start_failed(e.to_string()))?;
+    Ok((engine, model))
 }
 
 /// What the replayer learnt while playing, kept after the engine is shut down.
@@ -464,6 +485,7 @@ struct Played {
 fn judge(
     played: Played,
     report: EngineReport,
+    hw_consumed: u64,
     isolation: &IsolationLog,
     commands: u64,
     wall: Duration,
@@ -477,7 +499,6 @@ fn judge(
         let g = isolation.lock().unwrap_or_else(|e| e.into_inner());
         (g.0, g.1.clone())
     };
-    let hw_consumed: u64 = report.hardware.iter().map(|h| h.consumed).sum();
     let expected_hw = report.stats.forwarded + report.stats.phys_syncs;
     if hw_consumed != expected_hw {
         invariant_failures.push(format!(

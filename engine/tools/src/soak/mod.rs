@@ -48,8 +48,8 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vcmdq::engine::{Engine, EngineConfig, EngineError, EngineStats, HwPlacement, RingId};
-use vcmdq::pqueue::{HwConfig, OnCheckFailure};
+use vcmdq::engine::{Engine, EngineConfig, EngineError, EngineStats, RingId};
+use vcmdq::pqueue::{HwConfig, HwPlacement, ModelCounters, ModelError, ModelQueue, OnCheckFailure};
 use vcmdq::queue::CError;
 use vcmdq::ring::{GuestRing, HostRing, RingError};
 use vcmdq::viommu::DeviceId;
@@ -110,7 +110,7 @@ impl Default for SoakConfig {
             hardware: HwPlacement::Inline,
             batch_limit: 64,
             ring_budget: 256,
-            phys_log2size: 12,
+            phys_log2size: vcmdq::pqueue::DEFAULT_LOG2SIZE,
             fault_every: 1_000_000,
             max_stall: Duration::from_micros(20),
             slow: None,
@@ -133,6 +133,9 @@ pub enum SoakError {
     /// The engine refused the setup.
     #[error("engine: {0}")]
     Engine(#[from] EngineError),
+    /// The physical queue model could not be built.
+    #[error("physical queue model: {0}")]
+    Model(#[from] ModelError),
     /// A ring could not be made.
     #[error("ring: {0}")]
     Ring(#[from] RingError),
@@ -258,7 +261,7 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
     let checks = Checks::new(cfg)?;
     let (plan, violations, checker) = (&checks.plan, &checks.violations, &checks.checker);
     let (hw, faults_scheduled) = hardware_model(cfg, checker);
-    let engine = start_engine(cfg, plan, hw)?;
+    let (engine, model) = start_engine(cfg, plan, hw)?;
     let (mut control, drivers) = attach_rings(cfg, plan, &engine)?;
     let churn = guest::Churn::new(plan.rings.len());
     let mut traps = TrapCheck::new(plan.rings.len());
@@ -266,13 +269,14 @@ pub fn run(cfg: &SoakConfig, mut progress: impl FnMut(&Progress)) -> Result<Soak
         cfg,
         plan,
         engine: &engine,
+        model: &model,
         ctx: checks.guest_ctx(cfg, &churn),
     };
     let start = Instant::now();
     let (guests, traps_written) =
         drive.until_done(drivers, &mut control, &mut traps, start, &mut progress);
     let elapsed = start.elapsed();
-    let end = shut_down(engine, violations);
+    let end = shut_down(engine, &model, violations);
     let tally = checker.finish();
     // After a panic or a violation the counters no longer add up, and saying so would bury
     // the first finding.
@@ -401,18 +405,25 @@ fn hardware_model(cfg: &SoakConfig, checker: &Arc<Checker>) -> (HwConfig, FaultC
     (hw, faults_scheduled)
 }
 
-/// Starts the engine and gives it the plan's vIOMMUs and devices, every device bound.
-fn start_engine(cfg: &SoakConfig, plan: &Plan, hw: HwConfig) -> Result<Engine, SoakError> {
-    let engine = Engine::start(EngineConfig {
-        workers: cfg.workers,
-        batch_limit: cfg.batch_limit,
-        ring_budget: cfg.ring_budget,
-        phys_log2size: cfg.phys_log2size,
-        hw,
-        hardware: cfg.hardware,
-        audit: false,
-        capture: None,
-    })?;
+/// Starts the engine on physical queue models and gives it the plan's vIOMMUs and devices,
+/// every device bound; returns it with the models' counters.
+fn start_engine(
+    cfg: &SoakConfig,
+    plan: &Plan,
+    hw: HwConfig,
+) -> Result<(Engine, ModelCounters), SoakError> {
+    let (queues, model) =
+        ModelQueue::for_workers(cfg.workers, cfg.phys_log2size, &hw, cfg.hardware)?;
+    let engine = Engine::start(
+        EngineConfig {
+            workers: cfg.workers,
+            batch_limit: cfg.batch_limit,
+            ring_budget: cfg.ring_budget,
+            audit: false,
+            capture: None,
+        },
+        queues,
+    )?;
     for v in &plan.viommus {
         engine.create_viommu(v.cfg)?;
     }
@@ -420,7 +431,7 @@ fn start_engine(cfg: &SoakConfig, plan: &Plan, hw: HwConfig) -> Result<Engine, S
         engine.add_device(DeviceId(device), smmu, psid)?;
         engine.set_dev_id(plan.viommus[v].cfg.id, DeviceId(device), vsid)?;
     }
-    Ok(engine)
+    Ok((engine, model))
 }
 
 /// Makes and attaches the plan's rings; returns the control plane that knows them and, per
@@ -470,6 +481,7 @@ struct Drive<'a> {
     cfg: &'a SoakConfig,
     plan: &'a Plan,
     engine: &'a Engine,
+    model: &'a ModelCounters,
     ctx: guest::Ctx<'a>,
 }
 
@@ -552,11 +564,13 @@ impl Drive<'_> {
             if all_finished {
                 break;
             }
-            if idle.is_multiple_of(256) && !violations.any() && engine.dead_threads() > 0 {
-                violations.report(format!(
-                    "{} engine thread(s) died (panicked) while the soak ran",
-                    engine.dead_threads()
-                ));
+            if idle.is_multiple_of(256) && !violations.any() {
+                let dead = engine.dead_threads() + self.model.dead_threads();
+                if dead > 0 {
+                    violations.report(format!(
+                        "{dead} engine thread(s) died (panicked) while the soak ran"
+                    ));
+                }
             }
             if Instant::now() >= next_report {
                 next_report += cfg.progress_every;
@@ -674,12 +688,12 @@ impl HwTotals {
 }
 
 /// Shuts the engine down; a panic in it is a violation, not the end of the report.
-fn shut_down(engine: Engine, violations: &Violations) -> End {
+fn shut_down(engine: Engine, model: &ModelCounters, violations: &Violations) -> End {
     let last_stats = engine.stats();
     match std::panic::catch_unwind(AssertUnwindSafe(|| engine.shutdown())) {
         Ok(r) => End {
             stats: r.stats,
-            hw: HwTotals::of(&r.hardware),
+            hw: HwTotals::of(&model.collect()),
             clean: true,
         },
         Err(p) => {
