@@ -12,13 +12,21 @@
 //!   `doorbell`) is matched loosely: each figure, with the unit after it (ns, us, ms, s, k, M),
 //!   matches any figure and unit, and the spacing between words is not compared. Every other
 //!   line is compared exactly.
-//! - Commands that need a second terminal (`vcmdq serve`, `vcmdq guest`) are not run; the test
-//!   lists which it skipped and fails if that is anything else, so a new example is not skipped
-//!   unseen.
+//! - The two-terminal example (a `vcmdq serve` block, then a `vcmdq guest` block) is run as a
+//!   person runs it: serve in the background (with `--progress` added, since the test's standard
+//!   error is not a terminal, where serve prints its counters unasked), the guest against the
+//!   ring path serve printed (it stands for the README's `/proc/...` path, and a `path=` word
+//!   matches any path), then a `^C` line interrupts serve with SIGINT; the line before `^C`
+//!   stands for one or more lines (the counters repeat until the interrupt), and lines whose
+//!   first word is `serve:` or `guest:` report rates and times, so they are matched loosely.
+//!   Any other `serve` or `guest` example fails the test, so none is skipped unseen.
 #![cfg(not(loom))]
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 /// One `$` command and the output lines the README shows for it.
 struct Example {
@@ -67,7 +75,7 @@ fn examples(readme: &str) -> Vec<Example> {
 fn loose(line: &str) -> bool {
     matches!(
         line.split_whitespace().next(),
-        Some("throughput:" | "mode:" | "doorbell")
+        Some("throughput:" | "mode:" | "doorbell" | "serve:" | "guest:" | "ring")
     )
 }
 
@@ -76,9 +84,15 @@ fn shape(line: &str) -> Vec<String> {
     let mut words = Vec::new();
     let mut after_figure = false;
     for w in line.split_whitespace() {
+        if w.starts_with("path=") {
+            words.push("path=#".to_string());
+            continue;
+        }
         let bare = w.trim_start_matches('(').trim_end_matches([',', ';', ')']);
-        let figure = bare.starts_with(|c: char| c.is_ascii_digit())
-            && bare
+        // A figure may carry its unit ("1.0s").
+        let digits = bare.trim_end_matches(['n', 'u', 'm', 's']);
+        let figure = digits.starts_with(|c: char| c.is_ascii_digit())
+            && digits
                 .chars()
                 .all(|c| c.is_ascii_digit() || c == '.' || c == ',');
         if after_figure && matches!(bare, "ns" | "us" | "ms" | "s" | "k" | "M") {
@@ -121,11 +135,20 @@ fn words(line: &str) -> Vec<String> {
     line.split_whitespace().map(str::to_string).collect()
 }
 
-/// Whether `got` is `want` under the rule: `...` stands for any lines.
+/// What a line before `^C` becomes: it stands for one or more lines.
+const REPEATS: &str = "\u{0}repeats\u{0}";
+
+/// Whether `got` is `want` under the rule: `...` stands for any lines, a line marked as
+/// repeating (before `^C`) for one or more.
 fn matches(want: &[String], got: &[&str]) -> bool {
     match want.split_first() {
         None => got.is_empty(),
         Some((w, rest)) if w.trim() == "..." => (0..=got.len()).any(|k| matches(rest, &got[k..])),
+        Some((w, rest)) if w.starts_with(REPEATS) => {
+            let w = &w[REPEATS.len()..];
+            let n = got.iter().take_while(|g| line_matches(w, g)).count();
+            (1..=n).any(|k| matches(rest, &got[k..]))
+        }
         Some((w, rest)) => !got.is_empty() && line_matches(w, got[0]) && matches(rest, &got[1..]),
     }
 }
@@ -134,18 +157,22 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-fn run(command: &str, root: &Path) -> String {
+/// PATH with the built `vcmdq` first.
+fn path_with_vcmdq() -> String {
     let bin_dir = Path::new(env!("CARGO_BIN_EXE_vcmdq")).parent().unwrap();
-    let path = format!(
+    format!(
         "{}:{}",
         bin_dir.display(),
         std::env::var("PATH").unwrap_or_default()
-    );
+    )
+}
+
+fn run(command: &str, root: &Path) -> String {
     let out = Command::new("sh")
         .arg("-c")
         .arg(format!("{{ {command} ; }} 2>&1"))
         .current_dir(root)
-        .env("PATH", path)
+        .env("PATH", path_with_vcmdq())
         .env("CI", "1")
         .output()
         .expect("sh runs");
@@ -160,7 +187,11 @@ fn every_runnable_readme_example_prints_what_the_readme_shows() {
     let mut skipped = Vec::new();
     let mut failures = Vec::new();
     let mut ran = 0;
-    for e in &all {
+    let mut two_terminals = 0;
+    let mut i = 0;
+    while i < all.len() {
+        let e = &all[i];
+        i += 1;
         let sub = e
             .command
             .split('|')
@@ -168,8 +199,20 @@ fn every_runnable_readme_example_prints_what_the_readme_shows() {
             .find_map(|stage| stage.strip_prefix("vcmdq "))
             .and_then(|rest| rest.split_whitespace().next())
             .unwrap_or("");
+        if sub == "serve"
+            && all
+                .get(i)
+                .is_some_and(|g| g.command.starts_with("vcmdq guest "))
+        {
+            if let Err(why) = run_two_terminals(e, &all[i], &root) {
+                failures.push(why);
+            }
+            i += 1;
+            two_terminals += 1;
+            continue;
+        }
         if matches!(sub, "serve" | "guest") {
-            skipped.push(sub);
+            skipped.push(e.line);
             continue;
         }
         let got = run(&e.command, &root);
@@ -186,12 +229,135 @@ fn every_runnable_readme_example_prints_what_the_readme_shows() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
-    assert_eq!(
-        skipped,
-        ["serve", "guest"],
-        "only the two-terminal example is skipped"
+    assert!(
+        skipped.is_empty(),
+        "serve or guest examples at README.md lines {skipped:?} are neither a serve block \
+         followed by its guest block nor run otherwise"
     );
+    assert_eq!(two_terminals, 1, "the two-terminal serve/guest example ran");
     assert!(ran >= 7, "ran {ran} examples");
+}
+
+/// The README's serve output with its `^C` rule applied: the line before `^C` repeats.
+fn serve_want(output: &[String]) -> Vec<String> {
+    let mut want: Vec<String> = Vec::new();
+    for l in output {
+        if l.trim() == "^C" {
+            if let Some(last) = want.last_mut() {
+                *last = format!("{REPEATS}{last}");
+            }
+        } else {
+            want.push(l.clone());
+        }
+    }
+    want
+}
+
+/// The `path=` of the README's or serve's `ring 0` line.
+fn ring_path(lines: &[String]) -> Option<String> {
+    lines.iter().find_map(|l| {
+        l.strip_prefix("ring 0 ")?
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("path=").map(str::to_string))
+    })
+}
+
+/// Runs the serve example in the background and its guest against the ring it printed, then
+/// interrupts serve as `^C` does; compares both outputs with the README's.
+fn run_two_terminals(serve: &Example, guest: &Example, root: &Path) -> Result<(), String> {
+    const WAIT: Duration = Duration::from_secs(30);
+    let at = |what: &str| format!("README.md line {}: $ {}\n{what}", serve.line, serve.command);
+    let readme_path =
+        ring_path(&serve.output).ok_or_else(|| at("the README shows no ring path"))?;
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("exec {} --progress 2>&1", serve.command))
+        .current_dir(root)
+        .env("PATH", path_with_vcmdq())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| at(&format!("cannot start serve: {e}")))?;
+    let (tx, rx) = mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let mut got = Vec::new();
+    let next = |got: &mut Vec<String>, until: Instant| -> Option<()> {
+        let l = rx
+            .recv_timeout(until.saturating_duration_since(Instant::now()))
+            .ok()?;
+        got.push(l);
+        Some(())
+    };
+    let result = (|| {
+        let until = Instant::now() + WAIT;
+        while ring_path(&got).is_none() {
+            next(&mut got, until).ok_or_else(|| {
+                at(&format!(
+                    "serve printed no ring path within {WAIT:?}: {got:?}"
+                ))
+            })?;
+        }
+        let path = ring_path(&got).unwrap();
+        let guest_cmd = guest.command.replace(&readme_path, &path);
+        let guest_got = run(&guest_cmd, root);
+        let guest_lines: Vec<&str> = guest_got.lines().collect();
+        if !matches(&guest.output, &guest_lines) {
+            return Err(format!(
+                "README.md line {}: $ {guest_cmd}\n--- README shows:\n{}\n--- it printed:\n{guest_got}",
+                guest.line,
+                guest.output.join("\n")
+            ));
+        }
+        // The counters serve prints once a second: one after the guest's traffic.
+        let until = Instant::now() + WAIT;
+        let progress = |got: &Vec<String>| got.iter().filter(|l| l.starts_with("serve: ")).count();
+        let before = progress(&got);
+        while progress(&got) == before {
+            next(&mut got, until).ok_or_else(|| {
+                at(&format!(
+                    "serve printed no counters within {WAIT:?}: {got:?}"
+                ))
+            })?;
+        }
+        Ok(())
+    })();
+    // SAFETY: `kill` with a child's pid and a signal number has no memory-safety precondition.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let until = Instant::now() + WAIT;
+    let exited = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            _ if Instant::now() >= until => break None,
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    if exited.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    result?;
+    let status =
+        exited.ok_or_else(|| at(&format!("serve did not stop within {WAIT:?} of SIGINT")))?;
+    while let Ok(l) = rx.recv_timeout(WAIT) {
+        got.push(l);
+    }
+    let lines: Vec<&str> = got.iter().map(String::as_str).collect();
+    if !status.success() || !matches(&serve_want(&serve.output), &lines) {
+        return Err(at(&format!(
+            "--- README shows:\n{}\n--- it printed ({status}):\n{}",
+            serve.output.join("\n"),
+            got.join("\n")
+        )));
+    }
+    Ok(())
 }
 
 #[test]
