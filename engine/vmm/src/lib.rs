@@ -77,7 +77,7 @@ use std::time::Duration;
 
 use vcmdq::engine::{Engine, EngineConfig, EngineError, EngineReport, RingId, TrapEvent};
 use vcmdq::queue::{cons_err, CError};
-use vcmdq::ring::HostRing;
+use vcmdq::ring::{HostRing, RingStats};
 use vcmdq::viommu::{DeviceId, Viommu, ViommuConfig};
 use vm_memory::GuestMemory;
 
@@ -279,6 +279,8 @@ pub struct Vmm {
     events: Arc<Events>,
     queues: Mutex<HashMap<VcmdqId, Vcmdq>>,
     rings: Mutex<HashMap<RingId, VcmdqId>>,
+    /// Each VCMDQ's counters as of its last disable.
+    last_stats: Mutex<HashMap<VcmdqId, RingStats>>,
     detach_timeout: Duration,
 }
 
@@ -295,6 +297,7 @@ impl Vmm {
             }),
             queues: Mutex::new(HashMap::new()),
             rings: Mutex::new(HashMap::new()),
+            last_stats: Mutex::new(HashMap::new()),
             detach_timeout: cfg.detach_timeout,
         })
     }
@@ -459,7 +462,9 @@ impl Vmm {
     /// Detaches `ring`; `true` once it is off the engine (or gone already).
     fn disable(&self, id: VcmdqId, q: &mut Vcmdq, ring: RingId) -> bool {
         match self.engine.detach_ring(ring, self.detach_timeout) {
-            Ok(_host) => {}
+            Ok(host) => {
+                lock(&self.last_stats).insert(id, host.stats());
+            }
             Err(EngineError::DetachTimeout(_)) => {
                 self.events.push(VmmEvent::DisableTimedOut { vcmdq: id });
                 return false;
@@ -479,7 +484,8 @@ impl Vmm {
         let mut queues = lock(&self.queues);
         let q = queues.get_mut(&id).ok_or(VmmError::UnknownVcmdq(id))?;
         if let State::Enabled(ring) = q.state {
-            self.engine.detach_ring(ring, self.detach_timeout)?;
+            let host = self.engine.detach_ring(ring, self.detach_timeout)?;
+            lock(&self.last_stats).insert(id, host.stats());
             lock(&self.rings).remove(&ring);
         }
         let _ = q.page.write_page0(id.lidx, VCMDQ_STATUS, 0);
@@ -494,6 +500,12 @@ impl Vmm {
             State::Enabled(ring) => Some(ring),
             _ => None,
         }
+    }
+
+    /// VCMDQ `id`'s counters (hostile PROD values seen, stops, acknowledgements) as of the
+    /// last time it was disabled or detached.
+    pub fn last_ring_stats(&self, id: VcmdqId) -> Option<RingStats> {
+        lock(&self.last_stats).get(&id).copied()
     }
 
     /// The next error event, oldest first.
