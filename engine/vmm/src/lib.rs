@@ -401,10 +401,8 @@ impl Vmm {
                     self.enable(id, q);
                     changed += 1;
                 }
-                (State::Enabled(ring), false) => {
-                    if self.disable(id, q, ring) {
-                        changed += 1;
-                    }
+                (State::Enabled(ring), false) if self.disable(id, q, ring) => {
+                    changed += 1;
                 }
                 (State::Refused, false) => {
                     q.state = State::Disabled;

@@ -15,7 +15,7 @@ use vcmdq::queue::CError;
 use vcmdq::viommu::{DeviceId, ViommuConfig};
 use vcmdq_vmm::guest::LinuxVcmdq;
 use vcmdq_vmm::regs::{
-    VCMDQ_CONFIG, VCMDQ_CONS, VCMDQ_EN, VCMDQ_GERROR, VCMDQ_GERRORN, VCMDQ_PROD, VCMDQ_STATUS,
+    VCMDQ_CONFIG, VCMDQ_EN, VCMDQ_GERROR, VCMDQ_GERRORN, VCMDQ_PROD, VCMDQ_STATUS,
 };
 use vcmdq_vmm::{EnableError, VcmdqId, VcmdqRegisterPage, Vmm, VmmConfig, VmmEvent};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -326,7 +326,7 @@ fn disabling_a_vcmdq_while_commands_are_in_flight_loses_and_doubles_nothing() {
         }
         q.set_reg(VCMDQ_PROD, prod);
         q.disable(T).unwrap();
-        let (stopped_at, err) = q.cons();
+        let (_, err) = q.cons();
         assert_eq!(err, 0, "round {round}");
         // Enabled again with CONS and PROD as they are: the engine takes over at CONS.
         q.set_reg(VCMDQ_CONFIG, VCMDQ_EN);
@@ -336,7 +336,6 @@ fn disabling_a_vcmdq_while_commands_are_in_flight_loses_and_doubles_nothing() {
         until("CONS to reach PROD after re-enable", || {
             q.cons() == (prod, 0)
         });
-        let _ = stopped_at;
     }
     q.disable(T).unwrap();
     for asid in 0..next {
