@@ -440,9 +440,12 @@ impl Vmm {
                 return;
             }
         };
+        // The ring map stays locked until the new ring is in it: a command the engine traps
+        // the moment it serves the queue must find its VCMDQ in `next_trap`.
+        let mut rings = lock(&self.rings);
         match self.engine.attach_ring(host) {
             Ok(ring) => {
-                lock(&self.rings).insert(ring, id);
+                rings.insert(ring, id);
                 q.state = State::Enabled(ring);
                 // Release: a guest that sees ENABLED finds the engine serving the queue.
                 let _ = q.page.write_page0(id.lidx, VCMDQ_STATUS, VCMDQ_EN);
