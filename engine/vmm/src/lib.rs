@@ -531,7 +531,9 @@ impl Vmm {
     }
 
     /// The VMM is done with `trap` (it installed the STE, say): the VCMDQ's CONS moves past
-    /// it and the queue is served again.
+    /// it and the queue is served again. A VCMDQ the guest disabled while the trap was pending
+    /// was detached with CONS at the trapped command; completing it then is
+    /// [`EngineError::UnknownRing`].
     pub fn complete_trap(&self, trap: &VmmTrap) -> Result<(), VmmError> {
         Ok(self.engine.complete_trap(trap.trap.ring)?)
     }

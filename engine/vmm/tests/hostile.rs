@@ -496,3 +496,22 @@ fn a_queue_across_two_contiguous_regions_is_served() {
         );
     }
 }
+
+#[test]
+fn a_base_written_while_enabled_takes_effect_at_the_next_enable() {
+    let h = Harness::new();
+    let mut q = h.vcmdq(1, 0, 0x4000, 3);
+    q.init(T).unwrap();
+    // A new BASE (outside RAM, even) while enabled: the engine keeps the queue it checked.
+    h.pages[0].set_base(0, (5 << 20) | 3).unwrap();
+    q.batch(&[c("TLBI_NH_ASID asid=7")], T).unwrap();
+    assert_eq!(h.consumed("TLBI_NH_ASID vmid=5 asid=7"), 1);
+    // At the next enable it is checked, and refused.
+    q.disable(T).unwrap();
+    h.pages[0].write_page0(0, VCMDQ_CONFIG, VCMDQ_EN).unwrap();
+    let r = refusal(&h, VcmdqId { viommu: 1, lidx: 0 });
+    assert!(
+        matches!(r, EnableError::OutsideRam { base, .. } if base == 5 << 20),
+        "{r:?}"
+    );
+}
