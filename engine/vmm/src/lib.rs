@@ -222,7 +222,7 @@ impl<M: GuestMemory + Send + Sync + 'static> GuestRam for Ram<M> {
     ) -> Result<HostRing, EnableError> {
         let slots = GuestRamSlots::new(self.0.clone(), base, log2size)?;
         HostRing::from_parts(regs, slots, log2size, viommu)
-            .map_err(|e| EnableError::Page(e.to_string()))
+            .map_err(|e| EnableError::Engine(e.to_string()))
     }
 }
 
@@ -429,7 +429,7 @@ impl Vmm {
             })
         };
         let built = Tegra241Registers::new(q.page.clone(), id.lidx, on_error)
-            .map_err(|e| EnableError::Page(e.to_string()))
+            .map_err(|e| EnableError::Engine(e.to_string()))
             .and_then(|regs| q.ram.host_ring(regs, addr, log2size, id.viommu));
         let host = match built {
             Ok(h) => h,
@@ -454,7 +454,7 @@ impl Vmm {
                 q.state = State::Refused;
                 self.events.push(VmmEvent::EnableRefused {
                     vcmdq: id,
-                    reason: EnableError::Page(e.to_string()),
+                    reason: EnableError::Engine(e.to_string()),
                 });
             }
         }

@@ -80,9 +80,10 @@ pub enum EnableError {
         /// What vm-memory said.
         why: String,
     },
-    /// The logical VCMDQ index is past the VINTF's.
+    /// The engine or the register page refused the queue (a logical VCMDQ index past the
+    /// VINTF's, a vIOMMU removed meanwhile): the message says which.
     #[error("{0}")]
-    Page(String),
+    Engine(String),
 }
 
 /// The slots of one guest queue in guest RAM: 2^LOG2SIZE 16-byte commands from BASE on.
