@@ -9,7 +9,7 @@ LOOM_MAX_PREEMPTIONS ?= 4
 FUZZ_TARGETS = $(notdir $(basename $(wildcard fuzz/fuzz_targets/*.rs)))
 VCMDQ = target/release/vcmdq
 
-.PHONY: replay-check vmm-example expected help build release test test-plan fuzz-setup unit lint fmt clippy doc demo traces bench bench-quick ratios loadtest fuzz-build fuzz-smoke fuzz miri loom soak soak-smoke linux-trace clean
+.PHONY: replay-check vmm-example vmm-c-example expected help build release test test-plan fuzz-setup unit lint fmt clippy doc demo traces bench bench-quick ratios loadtest fuzz-build fuzz-smoke fuzz miri loom soak soak-smoke linux-trace clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -20,7 +20,7 @@ build: ## Debug build of the workspace.
 release: ## Optimised build of the vcmdq binary.
 	$(CARGO) build --release -p vcmdq-cli
 
-test: test-plan fuzz-setup lint unit doc loom replay-check vmm-example fuzz-smoke soak-smoke ## Everything CI checks (installs cargo-fuzz if missing).
+test: test-plan fuzz-setup lint unit doc loom replay-check vmm-example vmm-c-example fuzz-smoke soak-smoke ## Everything CI checks (installs cargo-fuzz if missing).
 	@echo "make test: all checks passed"
 
 test-plan:
@@ -62,6 +62,13 @@ TRACE_WORKLOADS = dma-unmap ats sva-churn noisy-neighbour hot-unplug hostile mix
 
 vmm-example: ## A small VMM: two Linux-like guests drive Tegra241 VCMDQs in guest RAM, checked against the oracle.
 	$(CARGO) run --release -q -p vcmdq-vmm --example vmm
+
+vmm-c-example: ## The C API: a C VMM built with the system compiler ($(CC)) serves a guest VCMDQ.
+	$(CARGO) build --release -q -p vcmdq-vmm-c
+	@mkdir -p target/vmm-c
+	$(CC) -std=c11 -D_DEFAULT_SOURCE -Wall -Wextra -Werror -O2 -Iengine/vmm-c/include engine/vmm-c/examples/vmm.c \
+	  -Ltarget/release -lvcmdq_vmm_c -Wl,-rpath,$(CURDIR)/target/release -o target/vmm-c/vmm
+	target/vmm-c/vmm
 
 replay-check: release ## Replay every bundled trace and compare with its expected summary.
 	@for t in traces/*.vct; do \
