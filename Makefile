@@ -25,7 +25,7 @@ test: test-plan fuzz-setup lint unit doc loom replay-check vmm-example vmm-c-exa
 
 test-plan:
 	@echo "make test: fmt, clippy, unit and integration tests, docs, loom models, every bundled trace replayed,"
-	@echo "           the VMM example, $(FUZZ_SMOKE_SECS) s of each fuzz target, a short soak. Cold on 2 cores: about 8 minutes (cargo-fuzz"
+	@echo "           the VMM examples (Rust, and C with $(CC)), $(FUZZ_SMOKE_SECS) s of each fuzz target, a short soak. Cold on 2 cores: about 8 minutes (cargo-fuzz"
 	@echo "           is installed from crates.io first if missing, about 1 minute); warm: about 4.5 minutes."
 
 unit: ## Unit, property and integration tests.
