@@ -63,7 +63,7 @@ TRACE_WORKLOADS = dma-unmap ats sva-churn noisy-neighbour hot-unplug hostile mix
 vmm-example: ## A small VMM: two Linux-like guests drive Tegra241 VCMDQs in guest RAM, checked against the oracle.
 	$(CARGO) run --release -q -p vcmdq-vmm --example vmm
 
-vmm-c-example: ## The C API: a C VMM built with the system compiler ($(CC)) serves a guest VCMDQ.
+vmm-c-example: ## The C API: a C VMM built with the system C compiler serves a guest VCMDQ.
 	$(CARGO) build --release -q -p vcmdq-vmm-c
 	@mkdir -p target/vmm-c
 	$(CC) -std=c11 -D_DEFAULT_SOURCE -Wall -Wextra -Werror -O2 -Iengine/vmm-c/include engine/vmm-c/examples/vmm.c \
