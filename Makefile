@@ -9,7 +9,7 @@ LOOM_MAX_PREEMPTIONS ?= 4
 FUZZ_TARGETS = $(notdir $(basename $(wildcard fuzz/fuzz_targets/*.rs)))
 VCMDQ = target/release/vcmdq
 
-.PHONY: replay-check expected help build release test test-plan fuzz-setup unit lint fmt clippy doc demo traces bench bench-quick ratios loadtest fuzz-build fuzz-smoke fuzz miri loom soak soak-smoke linux-trace clean
+.PHONY: replay-check vmm-example vmm-c-example expected help build release test test-plan fuzz-setup unit lint fmt clippy doc demo traces bench bench-quick ratios loadtest fuzz-build fuzz-smoke fuzz miri loom soak soak-smoke linux-trace clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -20,12 +20,12 @@ build: ## Debug build of the workspace.
 release: ## Optimised build of the vcmdq binary.
 	$(CARGO) build --release -p vcmdq-cli
 
-test: test-plan fuzz-setup lint unit doc loom replay-check fuzz-smoke soak-smoke ## Everything CI checks (installs cargo-fuzz if missing).
+test: test-plan fuzz-setup lint unit doc loom replay-check vmm-example vmm-c-example fuzz-smoke soak-smoke ## Everything CI checks (installs cargo-fuzz if missing).
 	@echo "make test: all checks passed"
 
 test-plan:
 	@echo "make test: fmt, clippy, unit and integration tests, docs, loom models, every bundled trace replayed,"
-	@echo "           $(FUZZ_SMOKE_SECS) s of each fuzz target, a short soak. Cold on 2 cores: about 8 minutes (cargo-fuzz"
+	@echo "           the VMM examples (Rust, and C with $(CC)), $(FUZZ_SMOKE_SECS) s of each fuzz target, a short soak. Cold on 2 cores: about 8 minutes (cargo-fuzz"
 	@echo "           is installed from crates.io first if missing, about 1 minute); warm: about 4.5 minutes."
 
 unit: ## Unit, property and integration tests.
@@ -59,6 +59,16 @@ demo: release ## Replay the bundled mixed trace, then a real Linux guest's strea
 # (linux-strict.vct and linux-lazy.vct are imports of real captures whose raw logs are not in the
 # repository: traces/README.md says how they were made.)
 TRACE_WORKLOADS = dma-unmap ats sva-churn noisy-neighbour hot-unplug hostile mixed
+
+vmm-example: ## A small VMM: two Linux-like guests drive Tegra241 VCMDQs in guest RAM, checked against the oracle.
+	$(CARGO) run --release -q -p vcmdq-vmm --example vmm
+
+vmm-c-example: ## The C API: a C VMM built with the system C compiler serves a guest VCMDQ.
+	$(CARGO) build --release -q -p vcmdq-vmm-c
+	@mkdir -p target/vmm-c
+	$(CC) -std=c11 -D_DEFAULT_SOURCE -Wall -Wextra -Werror -O2 -Iengine/vmm-c/include engine/vmm-c/examples/vmm.c \
+	  -Ltarget/release -lvcmdq_vmm_c -Wl,-rpath,$(CURDIR)/target/release -o target/vmm-c/vmm
+	target/vmm-c/vmm
 
 replay-check: release ## Replay every bundled trace and compare with its expected summary.
 	@for t in traces/*.vct; do \
