@@ -73,6 +73,8 @@ struct vcmdq_trap {
 
 const char *vcmdq_last_error(void);
 
+/* Starts an engine with `workers` workers, each on vcmdq's physical queue model (the C API
+ * does not take a VMM's own physical queue yet; the Rust API's Vmm::start does). */
 int vcmdq_vmm_start(uint32_t workers, vcmdq_vmm **out);
 int64_t vcmdq_vmm_shutdown(vcmdq_vmm *vmm); /* frees; returns commands forwarded */
 int vcmdq_vmm_create_viommu(const vcmdq_vmm *vmm, uint32_t id, uint16_t vmid, uint32_t smmu);

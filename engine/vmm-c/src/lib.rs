@@ -40,6 +40,7 @@ impl From<VmmError> for Error {
             VmmError::VcmdqExists(_) => libc::EEXIST,
             VmmError::Page(PageError::BadLvcmdq { .. }) => libc::EINVAL,
             VmmError::Page(_) => libc::ENOMEM,
+            VmmError::Model(_) => libc::EINVAL,
             VmmError::Engine(e) => match e {
                 EngineError::UnknownViommu(_) | EngineError::UnknownRing(_) => libc::ENOENT,
                 EngineError::ViommuExists(_) => libc::EEXIST,
@@ -166,7 +167,9 @@ pub unsafe extern "C" fn vcmdq_vmm_start(workers: u32, out: *mut *mut VcmdqVmm) 
             },
             ..Default::default()
         };
-        let vmm = Box::new(VcmdqVmm(Vmm::start(cfg)?));
+        // The C API has no physical queue of the VMM's yet: the model, as `vcmdq_vmm.h` says.
+        let (vmm, _) = Vmm::start_on_model(cfg, &Default::default())?;
+        let vmm = Box::new(VcmdqVmm(vmm));
         // SAFETY: the caller promises `out` is valid for a write; checked non-null above.
         unsafe { out.write(Box::into_raw(vmm)) };
         Ok(0)

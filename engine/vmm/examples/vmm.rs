@@ -141,14 +141,16 @@ fn main() -> ExitCode {
         log.lock().unwrap().push(*c);
         Ok(())
     });
-    let vmm = Vmm::start(VmmConfig {
-        engine: EngineConfig {
-            hw,
-            audit: true,
+    let (vmm, _) = Vmm::start_on_model(
+        VmmConfig {
+            engine: EngineConfig {
+                audit: true,
+                ..Default::default()
+            },
             ..Default::default()
         },
-        ..Default::default()
-    })
+        &hw,
+    )
     .expect("start the engine");
     let cfg = ViommuConfig::new(VIOMMU, VMID, 0);
     vmm.create_viommu(cfg).expect("create the vIOMMU");

@@ -33,7 +33,7 @@
 //! use vcmdq_vmm::{VcmdqId, VcmdqRegisterPage, Vmm, VmmConfig};
 //! use vm_memory::{GuestAddress, GuestMemoryMmap};
 //!
-//! let vmm = Vmm::start(VmmConfig::default()).unwrap();
+//! let (vmm, _) = Vmm::start_on_model(VmmConfig::default(), &Default::default()).unwrap();
 //! vmm.add_device(DeviceId(1), 0, 0x800).unwrap();
 //! vmm.create_viommu(ViommuConfig::new(1, 5, 0)).unwrap();
 //! vmm.set_dev_id(1, DeviceId(1), 0x10).unwrap();
@@ -75,7 +75,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use vcmdq::engine::{Engine, EngineConfig, EngineError, EngineReport, RingId, TrapEvent};
+use vcmdq::engine::{
+    Engine, EngineConfig, EngineError, EngineReport, PhysicalQueue, RingId, TrapEvent,
+};
+use vcmdq::pqueue::{
+    HwConfig, HwPlacement, ModelCounters, ModelError, ModelQueue, DEFAULT_LOG2SIZE,
+};
 use vcmdq::queue::{cons_err, CError};
 use vcmdq::ring::{HostRing, RingStats};
 use vcmdq::viommu::{DeviceId, Viommu, ViommuConfig};
@@ -184,6 +189,9 @@ pub enum VmmError {
     /// The engine refused it.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The physical queue model could not be built ([`Vmm::start_on_model`]).
+    #[error(transparent)]
+    Model(#[from] ModelError),
     /// The register page refused it (a logical VCMDQ index out of range).
     #[error(transparent)]
     Page(#[from] PageError),
@@ -266,11 +274,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Starts the engine underneath a [`Vmm`]: the one place that calls `Engine::start`.
-fn start_engine(cfg: &VmmConfig) -> Result<Engine, EngineError> {
-    Engine::start(cfg.engine.clone())
-}
-
 /// A VMM's view of the vcmdq engine: vIOMMUs, devices, and guest VCMDQs served from guest RAM
 /// through Tegra241 register pages. All methods take `&self`; call [`Vmm::poll`] from one
 /// control thread (see the crate documentation).
@@ -285,9 +288,23 @@ pub struct Vmm {
 }
 
 impl Vmm {
-    /// Starts the engine with `cfg`; no vIOMMU, no VCMDQ yet.
-    pub fn start(cfg: VmmConfig) -> Result<Vmm, VmmError> {
-        let engine = start_engine(&cfg)?;
+    /// [`Vmm::start`] on vcmdq's physical queue model (the modelled SMMU, stepped by each
+    /// worker), whose hardware checks every command with `hw`: for tests, examples and a VMM
+    /// without a physical VCMDQ of its own. Returns the models' counters too.
+    pub fn start_on_model(cfg: VmmConfig, hw: &HwConfig) -> Result<(Vmm, ModelCounters), VmmError> {
+        let (queues, model) = ModelQueue::for_workers(
+            cfg.engine.workers,
+            DEFAULT_LOG2SIZE,
+            hw,
+            HwPlacement::Inline,
+        )?;
+        Ok((Vmm::start(cfg, queues)?, model))
+    }
+
+    /// Starts the engine with `cfg` on the VMM's physical command queues, one per
+    /// [`EngineConfig::workers`] (each worker owns one); no vIOMMU, no VCMDQ yet.
+    pub fn start<Q: PhysicalQueue>(cfg: VmmConfig, queues: Vec<Q>) -> Result<Vmm, VmmError> {
+        let engine = Engine::start(cfg.engine.clone(), queues)?;
         Ok(Vmm {
             engine,
             events: Arc::new(Events {

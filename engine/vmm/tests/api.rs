@@ -24,7 +24,7 @@ fn ram() -> Arc<GuestMemoryMmap> {
 }
 
 fn vmm(cfg: VmmConfig) -> Vmm {
-    let vmm = Vmm::start(cfg).unwrap();
+    let (vmm, _) = Vmm::start_on_model(cfg, &Default::default()).unwrap();
     vmm.add_device(DeviceId(1), 0, 0x800).unwrap();
     vmm.create_viommu(ViommuConfig::new(1, 5, 0)).unwrap();
     vmm.set_dev_id(1, DeviceId(1), 0x10).unwrap();

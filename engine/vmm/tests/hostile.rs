@@ -9,7 +9,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vcmdq::command::{opcode, text, RawCommand};
-use vcmdq::engine::EngineConfig;
 use vcmdq::pqueue::HwConfig;
 use vcmdq::queue::CError;
 use vcmdq::viommu::{DeviceId, ViommuConfig};
@@ -61,16 +60,7 @@ impl Harness {
             log.lock().unwrap().push(*cmd);
             Ok(())
         });
-        let vmm = Arc::new(
-            Vmm::start(VmmConfig {
-                engine: EngineConfig {
-                    hw,
-                    ..Default::default()
-                },
-                ..Default::default()
-            })
-            .unwrap(),
-        );
+        let vmm = Arc::new(Vmm::start_on_model(VmmConfig::default(), &hw).unwrap().0);
         vmm.add_device(DeviceId(1), 0, 0x800).unwrap();
         vmm.add_device(DeviceId(2), 0, 0x900).unwrap();
         vmm.create_viommu(ViommuConfig::new(1, VMID, 0)).unwrap();
@@ -437,17 +427,11 @@ fn a_guest_that_never_acknowledges_an_error_stays_stopped_and_another_guests_que
 fn a_queue_across_two_contiguous_regions_is_served() {
     let consumed: Arc<Mutex<Vec<RawCommand>>> = Arc::default();
     let log = consumed.clone();
-    let vmm = Vmm::start(VmmConfig {
-        engine: EngineConfig {
-            hw: HwConfig::default().with_check(move |cmd| {
-                log.lock().unwrap().push(*cmd);
-                Ok(())
-            }),
-            ..Default::default()
-        },
-        ..Default::default()
-    })
-    .unwrap();
+    let hw = HwConfig::default().with_check(move |cmd| {
+        log.lock().unwrap().push(*cmd);
+        Ok(())
+    });
+    let (vmm, _) = Vmm::start_on_model(VmmConfig::default(), &hw).unwrap();
     vmm.create_viommu(ViommuConfig::new(1, VMID, 0)).unwrap();
     // Two regions, back to back at 64 KiB: a 2^13-slot (128 KiB) queue at 0 spans both.
     let ram = Arc::new(
