@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vcmdq::command::{opcode, RawCommand};
 use vcmdq::engine::{Engine, EngineConfig, HwPlacement, RingProgress};
+use vcmdq::mock::{guest_command, Rng};
 use vcmdq::pqueue::HwConfig;
 use vcmdq::ring::{AttachOptions, GuestRing, HostRing};
 use vcmdq::viommu::{DeviceId, ViommuConfig};
@@ -131,37 +132,13 @@ const INVOLUNTARY_PER_SEC_MAX: f64 = 50.0;
 /// Above 5% a stall of the hypervisor's making is in every percentile above the median.
 const STEAL_PERCENT_MAX: f64 = 5.0;
 
-/// A small deterministic generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        ((u128::from(self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)) * u128::from(n)) >> 64) as u64
-    }
-}
-
-/// A guest's invalidations: half TLBI_NH_VA, a quarter ATC_INV, TLBI_NH_ASID, CFGI_CD.
+/// A guest's invalidations ([`guest_command`]), in batches each ended by a CMD_SYNC.
 fn pool(batch: usize) -> Vec<RawCommand> {
-    let mut rng = Rng(0x5eed_1234_5678_9abd);
+    let mut rng = Rng::new(0x5eed_1234_5678_9abd);
+    let vsids: Vec<u32> = (0..VSIDS).collect();
     let mut v = Vec::with_capacity(POOL * (batch + 1));
     for _ in 0..POOL {
-        for _ in 0..batch {
-            let sid = rng.below(u64::from(VSIDS)) << 32;
-            let asid = rng.below(1 << 16) << 48;
-            let addr = rng.below(1 << 36) << 12;
-            v.push(match rng.below(20) {
-                0..=9 => RawCommand::new(
-                    u64::from(opcode::TLBI_NH_VA) | asid,
-                    addr | 1 << 10 | 3 << 8 | 1,
-                ),
-                10..=14 => RawCommand::new(u64::from(opcode::ATC_INV) | sid, addr | 2),
-                15..=17 => RawCommand::new(u64::from(opcode::TLBI_NH_ASID) | asid, 0),
-                _ => RawCommand::new(u64::from(opcode::CFGI_CD) | sid | 5 << 12, 1),
-            });
-        }
+        v.extend((0..batch).map(|_| guest_command(&vsids, &mut rng)));
         v.push(RawCommand::new(u64::from(opcode::CMD_SYNC), 0));
     }
     v
