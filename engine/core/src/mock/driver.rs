@@ -509,26 +509,32 @@ impl GuestDriver {
         done: impl Fn(&GuestDriver) -> bool,
         what: impl Fn(&GuestDriver) -> Awaited,
     ) -> Result<(), DriverError> {
-        // The clock is read only once the first look failed.
+        // The clock starts at the first look that failed.
         let mut start: Option<Instant> = None;
         let mut looks = 0u32;
+        let mut stops = 0u32;
         loop {
             if done(self) {
                 return Ok(());
             }
-            if self.handle_stop()? {
+            let stopped = self.handle_stop()?;
+            // The clock every 64 looks (a waiting guest spins on two loads, not on the clock),
+            // and every 64 stops: a ring that stops again and again times out too.
+            if (stopped && stops % 64 == 0) || (!stopped && looks % 64 == 0) {
+                let waited = start.get_or_insert_with(Instant::now).elapsed();
+                if waited >= self.timeout {
+                    return Err(DriverError::Timeout {
+                        what: what(self),
+                        waited,
+                        cons: self.ring.cons().0,
+                        prod: self.ring.prod(),
+                    });
+                }
+            }
+            if stopped {
+                stops = stops.wrapping_add(1);
                 looks = 0;
                 continue;
-            }
-            let t0 = *start.get_or_insert_with(Instant::now);
-            let waited = t0.elapsed();
-            if waited >= self.timeout {
-                return Err(DriverError::Timeout {
-                    what: what(self),
-                    waited,
-                    cons: self.ring.cons().0,
-                    prod: self.ring.prod(),
-                });
             }
             self.backoff.pause(looks);
             looks = looks.saturating_add(1);
