@@ -470,20 +470,16 @@ impl GuestDriver {
         }))
     }
 
-    /// Resolves a stop: writes `fix` (if any) over the failing command, counts it and
-    /// acknowledges, so that the engine resumes at CONS. `found` is what the slot held.
-    pub fn acknowledge(
-        &mut self,
-        slot: u32,
-        cerror: CError,
-        found: RawCommand,
-        fix: Option<RawCommand>,
-    ) {
+    /// Resolves a stop at `slot`: writes `fix` (if any) over the failing command, counts it and
+    /// acknowledges, so that the engine resumes at CONS (re-reading the slot).
+    pub fn acknowledge(&mut self, slot: u32, cerror: CError, fix: Option<RawCommand>) {
         if let Some(new) = fix {
+            let old = self.ring.read_slot(slot);
             self.ring.write_slot(slot, new);
             self.counters.fixes += 1;
+            // A command fixed into a CMD_SYNC is one more for the guest to wait for.
             self.counters.syncs =
-                self.counters.syncs + u64::from(is_sync(&new)) - u64::from(is_sync(&found));
+                self.counters.syncs + u64::from(is_sync(&new)) - u64::from(is_sync(&old));
         }
         self.counters.errors[usize::from(cerror.code()) & 7] += 1;
         self.ring.ack_error();
@@ -496,7 +492,7 @@ impl GuestDriver {
             return Ok(false);
         };
         stop.fixed = self.fix.fix(stop.cerror, stop.found);
-        self.acknowledge(stop.slot, stop.cerror, stop.found, stop.fixed);
+        self.acknowledge(stop.slot, stop.cerror, stop.fixed);
         if self.stops.len() < MAX_KEPT_STOPS {
             self.stops.push(stop);
         }
