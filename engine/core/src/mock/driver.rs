@@ -516,7 +516,7 @@ impl GuestDriver {
             let stopped = self.handle_stop()?;
             // The clock every 64 looks (a waiting guest spins on two loads, not on the clock),
             // and every 64 stops: a ring that stops again and again times out too.
-            if (stopped && stops % 64 == 0) || (!stopped && looks % 64 == 0) {
+            if (stopped && stops.is_multiple_of(64)) || (!stopped && looks.is_multiple_of(64)) {
                 let waited = start.get_or_insert_with(Instant::now).elapsed();
                 if waited >= self.timeout {
                     return Err(DriverError::Timeout {
