@@ -16,7 +16,7 @@ use vcmdq::engine::{EngineConfig, RingId};
 use vcmdq::mock::{Awaited, DriverError, FixPolicy, GuestDriver, Stop, FIX_SYNC};
 use vcmdq::pqueue::{Fault, HwConfig};
 use vcmdq::queue::{with_cons_err, CError};
-use vcmdq::ring::layout::{OFF_CONS, OFF_ERR};
+use vcmdq::ring::layout::{OFF_CONS, OFF_ERR, OFF_SYNC_COUNT};
 use vcmdq::ring::{heap_pair, GuestRing};
 use vcmdq::viommu::{DeviceId, ViommuConfig};
 
@@ -302,4 +302,38 @@ fn posting_a_batch_allocates_nothing() {
     COUNTING.with(|c| c.set(false));
     assert_eq!(ALLOCS.with(Cell::get), 0, "allocations while posting");
     assert_eq!(d.counters().submitted, 6500);
+}
+
+/// The guest plays the engine through a second handle on the ring: a fix into a CMD_SYNC is
+/// one more completion to wait for, so a driver whose wait counted only the CMD_SYNCs it wrote
+/// would return with the batch's own CMD_SYNC still pending.
+#[test]
+fn a_command_fixed_into_a_cmd_sync_is_one_more_completion_to_wait_for() {
+    let (guest, _host) = heap_pair(4, 1).unwrap();
+    let engine_side = GuestRing::from_memory(guest.memory()).unwrap();
+    // The fix completes at once (CONS past it, the sync count at 1); the batch's CMD_SYNC
+    // never does.
+    let policy = FixPolicy::Custom(Arc::new(move |cerror, _| {
+        engine_side.write_header_u32(OFF_CONS, 1);
+        engine_side.write_header_u64(OFF_SYNC_COUNT, 1);
+        (cerror == CError::Ill).then_some(FIX_SYNC)
+    }));
+    let mut d = GuestDriver::new(guest, policy).unwrap().with_timeout(SHORT);
+    d.post(&[c("ATC_INV sid=0x99 size=52"), c("CMD_SYNC")])
+        .unwrap();
+    fake_stop(d.ring(), 0, CError::Ill);
+    let e = d.complete().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            DriverError::Timeout {
+                what: Awaited::Syncs { want: 2, seen: 1 },
+                cons: 1,
+                prod: 2,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(d.counters().syncs, 2);
 }
