@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vcmdq::command::{opcode, RawCommand};
 use vcmdq::engine::{Engine, EngineConfig, HwPlacement, RingProgress};
-use vcmdq::mock::{guest_command, Rng};
+use vcmdq::mock::{guest_command, FixPolicy, GuestDriver, Rng};
 use vcmdq::pqueue::HwConfig;
 use vcmdq::ring::{AttachOptions, GuestRing, HostRing};
 use vcmdq::viommu::{DeviceId, ViommuConfig};
@@ -146,10 +146,9 @@ fn pool(batch: usize) -> Vec<RawCommand> {
 
 /// One guest ring as the generator sees it.
 struct Ring {
-    guest: GuestRing,
+    /// Writes and doorbells (never a wait: the generator keeps its own schedule).
+    drv: GuestDriver,
     progress: Arc<RingProgress>,
-    /// Entries submitted since attach.
-    seq: u64,
     /// CMD_SYNCs submitted.
     syncs: u64,
     /// Batches waiting for publication or completion, oldest first.
@@ -204,9 +203,8 @@ impl Rig {
                 .ring_progress(id)
                 .ok_or("the ring just attached has no progress counter")?;
             v.push(Ring {
-                guest,
+                drv: GuestDriver::new(guest, FixPolicy::Retry)?,
                 progress,
-                seq: 0,
                 syncs: 0,
                 inflight: VecDeque::new(),
             });
@@ -229,16 +227,14 @@ impl Rig {
     fn submit(&mut self, r: usize) -> Option<(u64, u64)> {
         let len = self.batch + 1;
         let ring = &mut self.rings[r];
-        if (ring.guest.free() as usize) < len {
+        if (ring.drv.ring().free() as usize) < len {
             return None;
         }
         let k = self.next;
         self.next = (k + 1) % POOL;
-        ring.guest.push(&self.pool[k * len..(k + 1) * len]);
-        ring.guest.doorbell();
-        ring.seq += len as u64;
+        ring.drv.post_now(&self.pool[k * len..(k + 1) * len]);
         ring.syncs += 1;
-        Some((ring.seq, ring.syncs))
+        Some((ring.drv.seq(), ring.syncs))
     }
 
     /// Closed loop for `secs`: the commands per second this rig sustains. The same loop as
@@ -319,7 +315,7 @@ impl Rig {
                     continue;
                 }
                 let published = ring.progress.published();
-                let synced = ring.guest.sync_count();
+                let synced = ring.drv.ring().sync_count();
                 while let Some(p) = ring.inflight.front_mut() {
                     if !p.published && published >= p.end {
                         p.published = true;
@@ -357,7 +353,7 @@ impl Rig {
                     .into());
                 }
             }
-            if let Some((slot, cerror)) = self.rings.iter().find_map(|r| r.guest.error()) {
+            if let Some((slot, cerror)) = self.rings.iter().find_map(|r| r.drv.ring().error()) {
                 return Err(format!("the engine stopped a ring at {slot:#x} with {cerror}").into());
             }
         }
@@ -681,7 +677,7 @@ pub fn run(a: LoadtestArgs) -> Result<ExitCode, CliError> {
     .flatten()
     .collect();
     let trusted = levels.iter().filter(|(_, _, r)| r.is_empty()).count();
-    let submitted: u64 = rig.rings.iter().map(|r| r.seq).sum();
+    let submitted: u64 = rig.rings.iter().map(|r| r.drv.seq()).sum();
     let syncs: u64 = rig.rings.iter().map(|r| r.syncs).sum();
     let report = rig.engine.shutdown();
     let s = report.stats;
