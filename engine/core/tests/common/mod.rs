@@ -226,13 +226,7 @@ impl Driver {
 
 /// Spin, then yield, then sleep: how the tests' busy-waits back off.
 pub fn backoff(spins: u32) {
-    if spins < 32 {
-        std::hint::spin_loop();
-    } else if spins < 64 {
-        std::thread::yield_now();
-    } else {
-        std::thread::sleep(Duration::from_micros(20));
-    }
+    Backoff::SHARED_CORES.pause(spins);
 }
 
 /// An engine under test. A test that fails while it runs (a guest's wait timed out, an
