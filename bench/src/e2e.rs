@@ -24,6 +24,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vcmdq::command::{opcode, RawCommand};
 use vcmdq::engine::{Engine, EngineConfig, EngineStats};
+use vcmdq::mock::{FixPolicy, GuestDriver};
 use vcmdq::pqueue::{HwConfig, HwPlacement, ModelQueue, DEFAULT_LOG2SIZE};
 use vcmdq::ring::{AttachOptions, GuestRing, HostRing};
 use vcmdq::viommu::{DeviceId, ViommuConfig};
@@ -37,6 +38,8 @@ pub const VSIDS_PER_RING: u32 = 16;
 const BUDGET: usize = 256;
 /// A guest CMD_SYNC, CS=none.
 const GUEST_SYNC: RawCommand = RawCommand::new(opcode::CMD_SYNC as u64, 0);
+/// How long the guest waits for room or for CONS before it calls the back end hung.
+const WAIT_LIMIT: Duration = Duration::from_secs(60);
 /// Batches in the guest's pre-generated pool (the pool is reused round and round).
 const POOL_BATCHES: usize = 1024;
 
@@ -75,9 +78,9 @@ pub fn e2e_vmid(ring: u32) -> u16 {
     ring as u16 + 1
 }
 
-/// The guest: its rings and the batches it writes into them.
+/// The guest: a driver per ring and the batches it writes into them.
 pub struct Guest {
-    rings: Vec<GuestRing>,
+    rings: Vec<GuestDriver>,
     /// `POOL_BATCHES` batches of `batch` commands and a CMD_SYNC, back to back.
     pool: Vec<RawCommand>,
     batch: usize,
@@ -94,6 +97,18 @@ impl Guest {
             pool.extend(guest_mix(batch, &vsids, &mut rng));
             pool.push(GUEST_SYNC);
         }
+        // No back end stops a ring of this mix: a stop is a bug, not a case to handle.
+        let stop: FixPolicy = FixPolicy::Custom(Arc::new(|cerror, cmd| {
+            panic!("the back end stopped a guest ring on {cmd:?} with {cerror}")
+        }));
+        let rings = rings
+            .into_iter()
+            .map(|r| {
+                GuestDriver::new(r, stop.clone())
+                    .expect("a fresh ring")
+                    .with_timeout(WAIT_LIMIT)
+            })
+            .collect();
         Guest {
             rings,
             pool,
@@ -111,35 +126,23 @@ impl Guest {
             self.next_batch = (k + 1) % POOL_BATCHES;
             let r = self.next_ring;
             self.next_ring = (r + 1) % self.rings.len();
-            let ring = &mut self.rings[r];
             let cmds = &self.pool[k * len..(k + 1) * len];
-            let mut spins = 0;
-            while ring.free() < len as u32 {
-                if let Some((slot, cerror)) = ring.error() {
-                    panic!("the back end stopped a guest ring at {slot:#x} with {cerror}");
-                }
-                wait(&mut spins);
-            }
-            ring.push(cmds);
-            ring.doorbell();
+            self.rings[r]
+                .post(cmds)
+                .unwrap_or_else(|e| panic!("guest ring {r}: {e}"));
         }
     }
 
     /// Waits until every ring's CONS has reached its PROD.
-    pub fn drain(&self) {
-        for ring in &self.rings {
-            let mut spins = 0;
-            while ring.cons().0 != ring.prod() {
-                if let Some((slot, cerror)) = ring.error() {
-                    panic!("the back end stopped a guest ring at {slot:#x} with {cerror}");
-                }
-                wait(&mut spins);
-            }
+    pub fn drain(&mut self) {
+        for (r, ring) in self.rings.iter_mut().enumerate() {
+            ring.drain()
+                .unwrap_or_else(|e| panic!("guest ring {r}: {e}"));
         }
     }
 
-    /// The guest rings.
-    pub fn rings(&self) -> &[GuestRing] {
+    /// The guest rings' drivers.
+    pub fn rings(&self) -> &[GuestDriver] {
         &self.rings
     }
 }
@@ -284,16 +287,6 @@ fn idle(spins: &mut u32) {
         std::thread::yield_now();
     } else {
         std::thread::sleep(Duration::from_micros(50));
-    }
-}
-
-/// How the guest waits (for room, for CONS): spin, then yield, as `GuestRing`'s waits do.
-fn wait(spins: &mut u32) {
-    *spins = spins.saturating_add(1);
-    if *spins < 64 {
-        std::hint::spin_loop();
-    } else {
-        std::thread::yield_now();
     }
 }
 

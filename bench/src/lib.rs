@@ -103,29 +103,10 @@ impl NaiveTranslator {
     }
 }
 
-/// A small, fast, deterministic generator (xorshift64*), so runs compare.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator from a non-zero seed.
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed | 1)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// A value below `n`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
-    }
-}
+/// The generator and the guest's invalidation traffic every benchmark draws its inputs from
+/// (`guest_mix`: 50% TLBI_NH_VA, 25% ATC_INV, 15% TLBI_NH_ASID, 10% CFGI_CD, no CMD_SYNC):
+/// the core's, which `vcmdq loadtest` sends too.
+pub use vcmdq::mock::{guest_mix, Rng};
 
 /// `n` distinct vSIDs: `0..n` when `sequential`, else drawn uniformly from `[0, 2^sidsize)`.
 pub fn vsids(n: usize, sequential: bool, sidsize: u8, rng: &mut Rng) -> Vec<u32> {
@@ -148,32 +129,11 @@ pub fn psid_of(vsid: u32) -> u32 {
     vsid ^ 0x00ab_cdef
 }
 
-/// A guest's invalidation traffic: 50% TLBI_NH_VA, 25% ATC_INV, 15% TLBI_NH_ASID, 10% CFGI_CD,
-/// SIDs drawn from `vsids`. No CMD_SYNC: the benchmarks measure the translation loop.
-pub fn guest_mix(len: usize, vsids: &[u32], rng: &mut Rng) -> Vec<RawCommand> {
-    (0..len)
-        .map(|_| {
-            let sid = u64::from(vsids[rng.below(vsids.len() as u64) as usize]) << 32;
-            let asid = rng.below(1 << 16) << 48;
-            let addr = rng.below(1 << 36) << 12;
-            match rng.below(20) {
-                0..=9 => RawCommand::new(
-                    u64::from(opcode::TLBI_NH_VA) | asid | 7 << 32,
-                    addr | 1 << 10 | 3 << 8 | 1,
-                ),
-                10..=14 => RawCommand::new(u64::from(opcode::ATC_INV) | sid, addr | 2),
-                15..=17 => RawCommand::new(u64::from(opcode::TLBI_NH_ASID) | asid, 0),
-                _ => RawCommand::new(u64::from(opcode::CFGI_CD) | sid | 5 << 12, 1),
-            }
-        })
-        .collect()
-}
-
 /// `len` ATC_INVs with SIDs drawn from `vsids`: every command needs a lookup.
 pub fn atc_only(len: usize, vsids: &[u32], rng: &mut Rng) -> Vec<RawCommand> {
     (0..len)
         .map(|_| {
-            let sid = u64::from(vsids[rng.below(vsids.len() as u64) as usize]) << 32;
+            let sid = u64::from(*rng.pick(vsids)) << 32;
             RawCommand::new(u64::from(opcode::ATC_INV) | sid, 52)
         })
         .collect()

@@ -199,17 +199,10 @@ fn serve_outlives_unsealed_rings_truncated_under_it_and_reports_each() {
     let need = layout::HEADER_SIZE as u64 + 16 * 16;
     // To 0, inside the header (before, in and after PROD and CONS), inside the slots.
     truncate_under_serve(&[0, 1, 64, 66, 100, 130, 255, 256, 300, need - 1]);
-    // More serve processes, cuts from a fixed xorshift sequence.
-    let mut x = 0x2545_f491_4f6c_dd1du64;
+    // More serve processes, cuts from a fixed seed.
+    let mut rng = vcmdq::mock::Rng::new(0x2545_f491_4f6c_dd1d);
     for _ in 0..6 {
-        let cuts: Vec<u64> = (0..8)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x % need
-            })
-            .collect();
+        let cuts: Vec<u64> = (0..8).map(|_| rng.below(need)).collect();
         truncate_under_serve(&cuts);
     }
 }

@@ -95,7 +95,12 @@ fn shape(line: &str) -> Vec<String> {
             && digits
                 .chars()
                 .all(|c| c.is_ascii_digit() || c == '.' || c == ',');
-        if after_figure && matches!(bare, "ns" | "us" | "ms" | "s" | "k" | "M") {
+        if after_figure
+            && matches!(
+                bare,
+                "ns" | "us" | "ms" | "s" | "k" | "M" | "/s" | "k/s" | "M/s" | "G/s"
+            )
+        {
             after_figure = false;
             if w != bare {
                 words.push(w.replacen(bare, "#", 1));
@@ -378,6 +383,13 @@ fn the_matching_rule_is_the_documented_one() {
         "  doorbell -> physical publish p50   60.2 us  p99  384.3 us  ...",
         "  doorbell -> physical publish p50 2903 ns  p99  554.5 us  ..."
     ));
+    assert!(
+        line_matches(
+            "serve: 6.00 s, 1 ring, 1 worker, 166.6 k/s forwarded over the run",
+            "serve: 2.10 s, 1 ring, 1 worker, 1.2 M/s forwarded over the run"
+        ),
+        "a rate's unit follows its size"
+    );
     assert!(!line_matches(
         "  doorbell -> physical publish p50 60.2 us",
         "  doorbell -> guest sync done p50 60.2 us"

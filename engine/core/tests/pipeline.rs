@@ -19,11 +19,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{
-    backoff, bindings, c, fix_like_linux, forwarded, hw, join_named, outcomes, panic_text, retry,
-    ring_pair, syncs_done, Backing, Driver, Fixer, Log, Model, Rng, SetOnDrop, TestEngine, T,
+    backoff, bindings, c, forwarded, hw, join_named, outcomes, panic_text, ring_pair, syncs_done,
+    Backing, Driver, Log, Model, SetOnDrop, TestEngine, T,
 };
 use vcmdq::command::{opcode, RawCommand};
 use vcmdq::engine::{AuditRecord, Engine, EngineConfig, EngineReport, RingId};
+use vcmdq::mock::{FixPolicy, Rng};
 use vcmdq::oracle;
 use vcmdq::pqueue::{Fault, HwPlacement};
 use vcmdq::queue::CError;
@@ -113,7 +114,7 @@ impl Topology {
 
     /// Attaches one ring per guest, alternating sealed memfds and plain files, of 2^6..2^8
     /// slots; guest `i` is ring `i` if the engine had no ring before.
-    fn attach(&self, engine: &Engine, fix: Fixer, log2: impl Fn(usize) -> u8) -> Vec<Driver> {
+    fn attach(&self, engine: &Engine, fix: FixPolicy, log2: impl Fn(usize) -> u8) -> Vec<Driver> {
         self.seats
             .iter()
             .enumerate()
@@ -125,7 +126,7 @@ impl Topology {
                 };
                 let (guest, host) = ring_pair(backing, log2(i), s.viommu);
                 let ring = engine.attach_ring(host).unwrap();
-                Driver::new(guest, ring, fix)
+                Driver::new(guest, ring, fix.clone())
             })
             .collect()
     }
@@ -199,7 +200,7 @@ impl Topology {
                     sync_seqs,
                     "guest {i}: every CMD_SYNC signalled once, in ring order"
                 );
-                assert_eq!(d.guest.sync_count(), sync_seqs.len() as u64);
+                assert_eq!(d.guest().sync_count(), sync_seqs.len() as u64);
                 got
             })
             .collect()
@@ -341,7 +342,7 @@ fn run_guests(
                 let seat = topo.seats[g];
                 let beside_done = &beside_done;
                 s.spawn(move || {
-                    let mut rng = Rng(0x5eed_0000 + g as u64);
+                    let mut rng = Rng::new(0x5eed_0000 + g as u64);
                     let mut n = 0;
                     let mut i = 0;
                     while i < batches || !beside_done.load(Ordering::Acquire) {
@@ -394,7 +395,7 @@ fn many_guests_every_outcome_against_the_oracle() {
         },
     );
     topo.build(&engine);
-    let mut drivers = topo.attach(&engine, fix_like_linux, |i| 6 + (i % 3) as u8);
+    let mut drivers = topo.attach(&engine, FixPolicy::LikeLinux, |i| 6 + (i % 3) as u8);
     let traps = run_guests(&engine, &topo, &mut drivers, 30, true, || {});
     assert!(engine.failed_rings().is_empty());
     let report = engine.shutdown();
@@ -450,7 +451,7 @@ fn many_guests_every_outcome_against_the_oracle() {
 /// in the mix: each fault stops the ring whose command failed, at that command; the guest
 /// acknowledges (retrying, or overwriting an ILL command with a CMD_SYNC as Linux does); every
 /// command still reaches the hardware exactly once, in ring order.
-fn faults(placement: HwPlacement, fix: Fixer, hostile: bool) {
+fn faults(placement: HwPlacement, fix: FixPolicy, hostile: bool) {
     let topo = Topology::new(2, 4, false);
     let (mut hwcfg, log) = hw(&topo.vmids(), &topo.psids());
     for f in [
@@ -530,12 +531,12 @@ fn faults(placement: HwPlacement, fix: Fixer, hostile: bool) {
 
 #[test]
 fn physical_faults_with_inline_hardware_lose_and_double_nothing() {
-    faults(HwPlacement::Inline, retry, false);
+    faults(HwPlacement::Inline, FixPolicy::Retry, false);
 }
 
 #[test]
 fn physical_faults_with_a_hardware_thread_and_a_hostile_guest_lose_and_double_nothing() {
-    faults(HwPlacement::Thread, fix_like_linux, true);
+    faults(HwPlacement::Thread, FixPolicy::LikeLinux, true);
 }
 
 /// A guest that keeps its ring full beside a quiet guest that sends one command and a
@@ -678,13 +679,13 @@ fn a_tiny_physical_queue_applies_back_pressure() {
             },
         );
         topo.build(&engine);
-        let mut drivers = topo.attach(&engine, fix_like_linux, |_| 10);
+        let mut drivers = topo.attach(&engine, FixPolicy::LikeLinux, |_| 10);
         let big = std::thread::scope(|s| {
             // One guest sends a batch far larger than the physical queue in one doorbell.
             let d = &mut drivers[0];
             let seat = topo.seats[0];
             let h = s.spawn(move || {
-                let mut rng = Rng(7);
+                let mut rng = Rng::new(7);
                 let mut cmds: Vec<RawCommand> = (0..900)
                     .map(|n| command(&mut rng, 0, seat, n, false))
                     .filter(|c| !matches!(c.opcode(), opcode::CFGI_STE | opcode::CFGI_STE_RANGE))
@@ -748,7 +749,11 @@ fn unbind_is_a_barrier_while_guests_hammer_the_vsid() {
         .into_iter()
         .map(|b| {
             let (guest, host) = ring_pair(b, 8, 1);
-            Driver::new(guest, engine.attach_ring(host).unwrap(), fix_like_linux)
+            Driver::new(
+                guest,
+                engine.attach_ring(host).unwrap(),
+                FixPolicy::LikeLinux,
+            )
         })
         .collect();
     let gone = AtomicBool::new(false);
@@ -933,7 +938,7 @@ fn viommus_and_bindings_come_and_go_while_traffic_flows() {
         },
     );
     topo.build(&engine);
-    let mut drivers = topo.attach(&engine, fix_like_linux, |_| 7);
+    let mut drivers = topo.attach(&engine, FixPolicy::LikeLinux, |_| 7);
     let engine_ref = &engine;
     run_guests(&engine, &topo, &mut drivers, 4, false, move || {
         let engine = engine_ref;
@@ -1022,7 +1027,7 @@ fn shutdown_with_work_in_flight_completes_what_was_taken_and_nothing_more() {
         },
     );
     topo.build(&engine);
-    let mut drivers = topo.attach(&engine, fix_like_linux, |_| 12);
+    let mut drivers = topo.attach(&engine, FixPolicy::LikeLinux, |_| 12);
     for (g, d) in drivers.iter_mut().enumerate() {
         let s = topo.seats[g];
         let cmds: Vec<RawCommand> = (0..4095u64)
@@ -1032,7 +1037,7 @@ fn shutdown_with_work_in_flight_completes_what_was_taken_and_nothing_more() {
                 _ => c(&format!("TLBI_NH_VA asid={g} addr={:#x}", n << 12)),
             })
             .collect();
-        assert_eq!(d.guest.submit(&cmds), cmds.len());
+        assert_eq!(d.drv.post_now(&cmds), cmds.len());
         d.written = cmds;
     }
     engine.until("the engine takes 200 entries", || {
@@ -1044,10 +1049,10 @@ fn shutdown_with_work_in_flight_completes_what_was_taken_and_nothing_more() {
     let mut accounted = 0;
     for (g, d) in drivers.iter().enumerate() {
         let got = outcomes(&report.audit, d.ring);
-        let cons = d.guest.cons();
+        let cons = d.guest().cons();
         assert_eq!(cons.1, CError::None);
         assert_eq!(
-            u64::from(d.guest.shape().distance(cons.0, 0)),
+            u64::from(d.guest().shape().distance(cons.0, 0)),
             got.len() as u64,
             "guest {g}: CONS is exactly past what the engine took"
         );
@@ -1063,7 +1068,7 @@ fn shutdown_with_work_in_flight_completes_what_was_taken_and_nothing_more() {
             .iter()
             .filter(|o| matches!(o, SlotOutcome::Sync { .. }))
             .count();
-        assert_eq!(d.guest.sync_count(), syncs as u64, "guest {g}");
+        assert_eq!(d.guest().sync_count(), syncs as u64, "guest {g}");
         accounted += got.len() as u64;
         untaken += d.written.len() - got.len();
     }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vcmdq::command::RawCommand;
+use vcmdq::mock::Rng;
 use vcmdq::queue::CError;
 use vcmdq::ring::layout::{self, OFF_CONS, OFF_ERR_ACK, OFF_LOG2SIZE, OFF_MAGIC, OFF_VERSION};
 use vcmdq::ring::{heap_pair, AttachOptions, GuestRing, HostRing, RingError};
@@ -128,13 +129,8 @@ fn sealed_memfd_made_by_the_guest_is_attached_strictly() {
 /// once, in order.
 fn laps(log2size: u8, total: u64, seed: u64) {
     let (mut guest, mut host) = heap_pair(log2size, 0).unwrap();
-    let mut rng = seed;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
+    let mut rng = Rng::new(seed);
+    let mut next = || rng.next_u64();
     let entries = guest.shape().entries() as u64;
     let (mut sent, mut got) = (0u64, 0u64);
     let mut out = vec![RawCommand::default(); entries as usize + 3];
@@ -472,12 +468,10 @@ fn a_scribbling_guest_cannot_break_the_engine() {
     let scribbler = {
         let stop = stop.clone();
         std::thread::spawn(move || {
-            let mut x = 0x1234_5678_9abc_def1u64;
+            let mut rng = Rng::new(0x1234_5678_9abc_def1);
             let mut writes = 0u64;
             while !stop.load(Ordering::Relaxed) || writes < 100 {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
+                let x = rng.next_u64();
                 guest.write_prod_raw(x as u32);
                 guest.write_slot((x >> 32) as u32, cmd(x));
                 if x.is_multiple_of(7) {

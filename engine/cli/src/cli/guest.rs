@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use vcmdq::command::{opcode, text, Command, RawCommand};
+use vcmdq::mock::{Awaited, Backoff, DriverError, FixPolicy, GuestDriver, Rng};
 use vcmdq::queue::CError;
 use vcmdq::ring::GuestRing;
 
@@ -115,22 +116,27 @@ and its CMD_SYNC take at most {entries} (--batch {max} at most)", max = entries 
         "CMD_SYNC {n} did not complete within {secs} s (is vcmdq serve running on this ring?)"
     )]
     Timeout { n: u64, secs: f64 },
+    #[error("ring {path}: {source}")]
+    Driver { path: String, source: DriverError },
 }
 
-/// splitmix64: reproducible workloads from --seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+impl GuestError {
+    fn of(path: &str, e: DriverError, timeout: Duration) -> GuestError {
+        let path = path.to_string();
+        match e {
+            DriverError::StoppedBefore { slot, cerror } => {
+                GuestError::Stopped { path, slot, cerror }
+            }
+            DriverError::Busy { cons, prod } => GuestError::Busy { path, cons, prod },
+            DriverError::Timeout {
+                what: Awaited::Syncs { want, .. },
+                ..
+            } => GuestError::Timeout {
+                n: want,
+                secs: timeout.as_secs_f64(),
+            },
+            source => GuestError::Driver { path, source },
+        }
     }
 }
 
@@ -146,8 +152,7 @@ struct Generator {
 
 impl Generator {
     fn vsid(&mut self) -> u32 {
-        let i = self.rng.below(self.vsids.len() as u64) as usize;
-        self.vsids[i]
+        *self.rng.pick(&self.vsids)
     }
 
     /// A 4 KiB-page range: its first address, and NUM/SCALE/ATC SIZE covering `pages`.
@@ -252,7 +257,7 @@ impl Generator {
             .encode(),
             1 => Command::TlbiEl2All {}.encode(),
             2 => RawCommand::new(u64::from(opcode::TLBI_NH_ASID) | (1 << 9), 0),
-            3 => RawCommand::new(0x42 | (self.rng.next() & !0xff), self.rng.next()),
+            3 => RawCommand::new(0x42 | (self.rng.next_u64() & !0xff), self.rng.next_u64()),
             4 => Command::CfgiCd {
                 ssec: true,
                 ssid: 0,
@@ -358,27 +363,21 @@ impl Report {
     }
 }
 
-fn is_sync(c: &RawCommand) -> bool {
-    c.opcode() == opcode::CMD_SYNC
-}
-
 /// Runs `vcmdq guest`.
 pub fn run(args: GuestArgs) -> Result<ExitCode, CliError> {
-    let mut ring = GuestRing::open(&args.path)?;
+    let ring = GuestRing::open(&args.path)?;
     let path = args.path.display().to_string();
-    if let Some((slot, cerror)) = ring.error() {
-        return Err(GuestError::Stopped { path, slot, cerror }.into());
-    }
-    let (cons, _) = ring.cons();
-    if cons != ring.prod() {
-        return Err(GuestError::Busy {
-            path,
-            cons,
-            prod: ring.prod(),
-        }
-        .into());
-    }
     let entries = ring.shape().entries();
+    let timeout = Duration::from_secs_f64(args.timeout);
+    let fail = |e| GuestError::of(&path, e, timeout);
+    // Linux's way with errors; spin a while before yielding, as a guest on a core of its own.
+    let mut drv = GuestDriver::new(ring, FixPolicy::LikeLinux)
+        .map_err(fail)?
+        .with_timeout(timeout)
+        .with_backoff(Backoff {
+            spins: 1024,
+            ..Backoff::SPIN_THEN_YIELD
+        });
     if entries < 2 {
         return Err(GuestError::TooSmall { path, entries }.into());
     }
@@ -391,10 +390,9 @@ pub fn run(args: GuestArgs) -> Result<ExitCode, CliError> {
         .into());
     }
     let batch = args.batch as usize;
-    let timeout = Duration::from_secs_f64(args.timeout);
     let mut gen = Generator {
         workload: args.workload,
-        rng: Rng(args.seed),
+        rng: Rng::new(args.seed),
         vsids: if args.vsids.is_empty() {
             vec![0x10]
         } else {
@@ -404,12 +402,7 @@ pub fn run(args: GuestArgs) -> Result<ExitCode, CliError> {
         pending: Vec::new(),
     };
     let mut latency = Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3)?;
-    let syncs0 = ring.sync_count();
-    // CMD_SYNCs in the ring since this guest started: the count the ring must reach.
-    let mut want = 0u64;
-    let mut report_errors = [0u64; 8];
     let mut sent = 0u64;
-    let mut entries_written = 0u64;
     let mut batches = 0u64;
     let mut cmds: Vec<RawCommand> = Vec::with_capacity(batch + 1);
     let start = Instant::now();
@@ -428,57 +421,20 @@ pub fn run(args: GuestArgs) -> Result<ExitCode, CliError> {
             }
             .encode(),
         );
-        // The previous batch completed, so CONS == PROD and the whole ring is free.
-        let first = ring.prod();
-        let pushed = ring.push(&cmds);
-        debug_assert_eq!(pushed, cmds.len());
-        want += cmds.iter().filter(|c| is_sync(c)).count() as u64;
+        // The previous batch completed, so the whole ring is free: post rings the doorbell at once.
+        drv.post(&cmds).map_err(fail)?;
         let t0 = Instant::now();
-        ring.doorbell();
-        let mut spins = 0u32;
-        loop {
-            if ring.sync_count() - syncs0 >= want {
-                break;
-            }
-            if let Some((slot, cerror)) = ring.error() {
-                report_errors[cerror.code() as usize & 7] += 1;
-                if cerror == CError::Ill {
-                    // As Linux does: the command becomes a CMD_SYNC, which then completes.
-                    let fix = RawCommand::new(u64::from(opcode::CMD_SYNC), 0);
-                    let i = ring.shape().distance(slot, first) as usize;
-                    if let Some(old) = cmds.get_mut(i) {
-                        want = want + 1 - u64::from(is_sync(old));
-                        *old = fix;
-                    }
-                    ring.write_slot(slot, fix);
-                }
-                ring.ack_error();
-                continue;
-            }
-            if t0.elapsed() > timeout {
-                return Err(GuestError::Timeout {
-                    n: want,
-                    secs: timeout.as_secs_f64(),
-                }
-                .into());
-            }
-            spins += 1;
-            if spins < 1024 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
-        }
+        drv.complete().map_err(fail)?;
         latency.saturating_record(t0.elapsed().as_nanos() as u64);
         sent += n as u64;
-        entries_written += cmds.len() as u64;
     }
+    let counters = drv.counters();
     let report = Report {
         commands: sent,
-        entries: entries_written,
+        entries: counters.submitted,
         batches,
-        syncs: ring.sync_count() - syncs0,
-        errors: report_errors,
+        syncs: counters.completed,
+        errors: counters.errors,
         secs: start.elapsed().as_secs_f64(),
         latency,
     };
@@ -500,7 +456,7 @@ mod tests {
     fn generator(workload: Workload) -> Generator {
         Generator {
             workload,
-            rng: Rng(3),
+            rng: Rng::new(3),
             vsids: vec![0x10, 0x11],
             asid: 9,
             pending: Vec::new(),

@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vcmdq::command::{opcode, RawCommand};
 use vcmdq::engine::{Engine, EngineConfig, RingProgress};
+use vcmdq::mock::{guest_command, FixPolicy, GuestDriver, Rng};
 use vcmdq::pqueue::{HwConfig, HwPlacement, ModelQueue, DEFAULT_LOG2SIZE};
 use vcmdq::ring::{AttachOptions, GuestRing, HostRing};
 use vcmdq::viommu::{DeviceId, ViommuConfig};
@@ -131,37 +132,13 @@ const INVOLUNTARY_PER_SEC_MAX: f64 = 50.0;
 /// Above 5% a stall of the hypervisor's making is in every percentile above the median.
 const STEAL_PERCENT_MAX: f64 = 5.0;
 
-/// A small deterministic generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        ((u128::from(self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)) * u128::from(n)) >> 64) as u64
-    }
-}
-
-/// A guest's invalidations: half TLBI_NH_VA, a quarter ATC_INV, TLBI_NH_ASID, CFGI_CD.
+/// A guest's invalidations ([`guest_command`]), in batches each ended by a CMD_SYNC.
 fn pool(batch: usize) -> Vec<RawCommand> {
-    let mut rng = Rng(0x5eed_1234_5678_9abd);
+    let mut rng = Rng::new(0x5eed_1234_5678_9abd);
+    let vsids: Vec<u32> = (0..VSIDS).collect();
     let mut v = Vec::with_capacity(POOL * (batch + 1));
     for _ in 0..POOL {
-        for _ in 0..batch {
-            let sid = rng.below(u64::from(VSIDS)) << 32;
-            let asid = rng.below(1 << 16) << 48;
-            let addr = rng.below(1 << 36) << 12;
-            v.push(match rng.below(20) {
-                0..=9 => RawCommand::new(
-                    u64::from(opcode::TLBI_NH_VA) | asid,
-                    addr | 1 << 10 | 3 << 8 | 1,
-                ),
-                10..=14 => RawCommand::new(u64::from(opcode::ATC_INV) | sid, addr | 2),
-                15..=17 => RawCommand::new(u64::from(opcode::TLBI_NH_ASID) | asid, 0),
-                _ => RawCommand::new(u64::from(opcode::CFGI_CD) | sid | 5 << 12, 1),
-            });
-        }
+        v.extend((0..batch).map(|_| guest_command(&vsids, &mut rng)));
         v.push(RawCommand::new(u64::from(opcode::CMD_SYNC), 0));
     }
     v
@@ -169,10 +146,9 @@ fn pool(batch: usize) -> Vec<RawCommand> {
 
 /// One guest ring as the generator sees it.
 struct Ring {
-    guest: GuestRing,
+    /// Writes and doorbells (never a wait: the generator keeps its own schedule).
+    drv: GuestDriver,
     progress: Arc<RingProgress>,
-    /// Entries submitted since attach.
-    seq: u64,
     /// CMD_SYNCs submitted.
     syncs: u64,
     /// Batches waiting for publication or completion, oldest first.
@@ -234,9 +210,8 @@ impl Rig {
                 .ring_progress(id)
                 .ok_or("the ring just attached has no progress counter")?;
             v.push(Ring {
-                guest,
+                drv: GuestDriver::new(guest, FixPolicy::Retry)?,
                 progress,
-                seq: 0,
                 syncs: 0,
                 inflight: VecDeque::new(),
             });
@@ -259,16 +234,14 @@ impl Rig {
     fn submit(&mut self, r: usize) -> Option<(u64, u64)> {
         let len = self.batch + 1;
         let ring = &mut self.rings[r];
-        if (ring.guest.free() as usize) < len {
+        if (ring.drv.ring().free() as usize) < len {
             return None;
         }
         let k = self.next;
         self.next = (k + 1) % POOL;
-        ring.guest.push(&self.pool[k * len..(k + 1) * len]);
-        ring.guest.doorbell();
-        ring.seq += len as u64;
+        ring.drv.post_now(&self.pool[k * len..(k + 1) * len]);
         ring.syncs += 1;
-        Some((ring.seq, ring.syncs))
+        Some((ring.drv.seq(), ring.syncs))
     }
 
     /// Closed loop for `secs`: the commands per second this rig sustains. The same loop as
@@ -349,7 +322,7 @@ impl Rig {
                     continue;
                 }
                 let published = ring.progress.published();
-                let synced = ring.guest.sync_count();
+                let synced = ring.drv.ring().sync_count();
                 while let Some(p) = ring.inflight.front_mut() {
                     if !p.published && published >= p.end {
                         p.published = true;
@@ -387,7 +360,7 @@ impl Rig {
                     .into());
                 }
             }
-            if let Some((slot, cerror)) = self.rings.iter().find_map(|r| r.guest.error()) {
+            if let Some((slot, cerror)) = self.rings.iter().find_map(|r| r.drv.ring().error()) {
                 return Err(format!("the engine stopped a ring at {slot:#x} with {cerror}").into());
             }
         }
@@ -711,7 +684,7 @@ pub fn run(a: LoadtestArgs) -> Result<ExitCode, CliError> {
     .flatten()
     .collect();
     let trusted = levels.iter().filter(|(_, _, r)| r.is_empty()).count();
-    let submitted: u64 = rig.rings.iter().map(|r| r.seq).sum();
+    let submitted: u64 = rig.rings.iter().map(|r| r.drv.seq()).sum();
     let syncs: u64 = rig.rings.iter().map(|r| r.syncs).sum();
     let report = rig.engine.shutdown();
     let s = report.stats;

@@ -18,9 +18,10 @@ use vcmdq::engine::{
     AuditRecord, CaptureError, CaptureEvent, CaptureSink, CaptureTo, Engine, EngineConfig,
     EngineReport, PhysicalQueue, RingId,
 };
+use vcmdq::mock::{Backoff, DriverError, FixPolicy, GuestDriver};
 use vcmdq::pqueue::{HwConfig, HwCounters, HwPlacement, ModelCounters, ModelQueue};
 use vcmdq::queue::CError;
-use vcmdq::ring::{AttachOptions, GuestRing, HostRing, RingError};
+use vcmdq::ring::{AttachOptions, GuestRing, HostRing};
 use vcmdq::translate::SlotOutcome;
 
 /// How long any single wait may take before a test calls the engine hung.
@@ -128,26 +129,6 @@ pub fn bindings(pairs: &[(u32, u32)]) -> HashMap<u32, u32> {
     pairs.iter().copied().collect()
 }
 
-/// A small deterministic generator (splitmix64): reproducible workloads without a crate.
-#[derive(Clone, Debug)]
-pub struct Rng(pub u64);
-
-impl Rng {
-    /// The next 64 random bits.
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// What a ring lives in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backing {
@@ -188,187 +169,64 @@ pub fn ring_pair(backing: Backing, log2size: u8, viommu: u32) -> (GuestRing, Hos
     }
 }
 
-/// What a guest does with a slot its ring stopped on: `Some(cmd)` writes `cmd` there before
-/// acknowledging, `None` acknowledges as is (the engine then reads it again).
-pub type Fixer = fn(CError, RawCommand) -> Option<RawCommand>;
-
-/// Linux's way: a CERROR_ILL command is overwritten with a CMD_SYNC; ABT and ATC_INV_SYNC are
-/// retried unchanged.
-pub fn fix_like_linux(cerror: CError, _cmd: RawCommand) -> Option<RawCommand> {
-    (cerror == CError::Ill).then_some(PHYS_SYNC)
-}
-
-/// Acknowledge without fixing: for commands that failed in the physical queue through no
-/// fault of their own.
-pub fn retry(_cerror: CError, _cmd: RawCommand) -> Option<RawCommand> {
-    None
-}
-
-fn is_sync(cmd: &RawCommand) -> bool {
-    cmd.opcode() == opcode::CMD_SYNC
-}
-
-/// A guest driver over one ring: submits batches that end in a CMD_SYNC, waits for each, and
-/// handles errors; keeps what the ring holds in the end (fixes applied), by sequence number.
+/// A guest driver over one ring ([`GuestDriver`]) that also keeps what the ring holds in the
+/// end (fixes applied) and every stop, by sequence number, for the checks against the oracle.
 pub struct Driver {
-    /// The guest side.
-    pub guest: GuestRing,
+    /// The driver.
+    pub drv: GuestDriver,
     /// The engine's id of the ring.
     pub ring: RingId,
     /// Every entry written, by sequence number, as the ring holds it now.
     pub written: Vec<RawCommand>,
-    /// Guest CMD_SYNCs in `written`: the sync count the ring reaches once all complete.
-    pub syncs: u64,
     /// Stops seen: the entry and CONS.ERR.
     pub stops: Vec<(u64, CError)>,
-    fix: Fixer,
 }
 
 impl Driver {
-    /// A driver for `guest`, attached to the engine as `ring`.
-    pub fn new(guest: GuestRing, ring: RingId, fix: Fixer) -> Driver {
+    /// A driver for `guest`, attached to the engine as `ring`, waits bounded by [`T`].
+    pub fn new(guest: GuestRing, ring: RingId, fix: FixPolicy) -> Driver {
+        let drv = GuestDriver::new(guest, fix)
+            .expect("a fresh ring")
+            .with_timeout(T)
+            .with_backoff(Backoff::SHARED_CORES);
         Driver {
-            guest,
+            drv,
             ring,
             written: Vec::new(),
-            syncs: 0,
             stops: Vec::new(),
-            fix,
         }
     }
 
-    fn ptr_of(&self, seq: u64) -> u32 {
-        self.guest.shape().ptr(seq as u32)
+    /// The guest side.
+    pub fn guest(&self) -> &GuestRing {
+        self.drv.ring()
     }
 
     /// Submits `cmds` (at most the ring's size) and waits until every CMD_SYNC among them has
     /// completed, acknowledging (and fixing) errors on the way. Returns how many stops it
-    /// handled. `cmds` should end in a CMD_SYNC: without one there is nothing to wait for.
-    pub fn batch(&mut self, cmds: &[RawCommand]) -> Result<usize, RingError> {
-        let start = self.written.len() as u64;
-        let mut pushed = 0;
-        // A full ring takes the rest once CONS moves.
-        while pushed < cmds.len() {
-            let n = self.guest.submit(&cmds[pushed..]);
-            self.written.extend_from_slice(&cmds[pushed..pushed + n]);
-            self.syncs += cmds[pushed..pushed + n]
-                .iter()
-                .filter(|c| is_sync(c))
-                .count() as u64;
-            pushed += n;
-            if pushed < cmds.len() {
-                self.wait_progress(start)?;
-            }
-        }
-        let mut stops = 0;
-        loop {
-            match self.wait_syncs() {
-                Ok(()) => break,
-                Err(RingError::Stopped { slot, cerror }) => {
-                    self.handle_stop(start, slot, cerror);
-                    stops += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        // The count was read with Acquire: CONS, stored before it, must be past the last sync.
-        if cmds.last().is_some_and(is_sync) {
-            let (cons, err) = self.guest.cons();
-            assert_eq!(err, CError::None, "ring {:?}", self.ring);
+    /// handled.
+    pub fn batch(&mut self, cmds: &[RawCommand]) -> Result<usize, DriverError> {
+        self.written.extend_from_slice(cmds);
+        let r = self.drv.submit(cmds);
+        for s in self.drv.stops() {
+            let old = &mut self.written[s.seq as usize];
             assert_eq!(
-                cons,
-                self.guest.prod(),
-                "ring {:?}: the sync count reached {} before CONS passed the CMD_SYNC",
-                self.ring,
-                self.syncs
+                s.found, *old,
+                "ring {:?}: entry {} as written",
+                self.ring, s.seq
             );
+            if let Some(new) = s.fixed {
+                *old = new;
+            }
+            self.stops.push((s.seq, s.cerror));
         }
-        Ok(stops)
-    }
-
-    /// `GuestRing::wait_syncs`, but sleeping between polls once it has spun a while: a test
-    /// runs many guests on few cores, and guests that only yield starve the engine's workers.
-    fn wait_syncs(&self) -> Result<(), RingError> {
-        let deadline = std::time::Instant::now() + T;
-        let mut spins = 0u32;
-        loop {
-            if self.guest.sync_count() >= self.syncs {
-                return Ok(());
-            }
-            if let Some((slot, cerror)) = self.guest.error() {
-                return Err(RingError::Stopped { slot, cerror });
-            }
-            if std::time::Instant::now() > deadline {
-                return Err(RingError::Timeout {
-                    what: "CMD_SYNC completions",
-                    waited: T,
-                });
-            }
-            spins += 1;
-            backoff(spins);
-        }
-    }
-
-    /// Waits for CONS to move (or a stop to handle) while a batch does not fit.
-    fn wait_progress(&mut self, start: u64) -> Result<(), RingError> {
-        let before = self.guest.free();
-        let deadline = std::time::Instant::now() + T;
-        let mut spins = 0u32;
-        loop {
-            if let Some((slot, cerror)) = self.guest.error() {
-                self.handle_stop(start, slot, cerror);
-                return Ok(());
-            }
-            if self.guest.free() > before {
-                return Ok(());
-            }
-            if std::time::Instant::now() > deadline {
-                return Err(RingError::Timeout {
-                    what: "ring space",
-                    waited: T,
-                });
-            }
-            spins += 1;
-            backoff(spins);
-        }
-    }
-
-    /// The entry a stop at `slot` names: the one pending at or after `start` with that pointer.
-    fn seq_at(&self, start: u64, slot: u32) -> u64 {
-        let shape = self.guest.shape();
-        let seq = start + u64::from(shape.distance(slot, self.ptr_of(start)));
-        assert!(
-            seq < self.written.len() as u64,
-            "ring {:?}: stopped at {slot:#x}, which is not pending (entries {start}..{})",
-            self.ring,
-            self.written.len()
-        );
-        seq
-    }
-
-    fn handle_stop(&mut self, start: u64, slot: u32, cerror: CError) {
-        let seq = self.seq_at(start, slot);
-        self.stops.push((seq, cerror));
-        let old = self.written[seq as usize];
-        assert_eq!(self.guest.read_slot(slot), old);
-        if let Some(new) = (self.fix)(cerror, old) {
-            self.guest.write_slot(slot, new);
-            self.written[seq as usize] = new;
-            self.syncs = self.syncs + u64::from(is_sync(&new)) - u64::from(is_sync(&old));
-        }
-        self.guest.ack_error();
+        r.map(|()| self.drv.stops().len())
     }
 }
 
 /// Spin, then yield, then sleep: how the tests' busy-waits back off.
 pub fn backoff(spins: u32) {
-    if spins < 32 {
-        std::hint::spin_loop();
-    } else if spins < 64 {
-        std::thread::yield_now();
-    } else {
-        std::thread::sleep(Duration::from_micros(20));
-    }
+    Backoff::SHARED_CORES.pause(spins);
 }
 
 /// An engine under test. A test that fails while it runs (a guest's wait timed out, an

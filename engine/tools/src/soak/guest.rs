@@ -37,6 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use vcmdq::command::{Command, RawCommand};
+use vcmdq::mock::{FixPolicy, GuestDriver, Rng};
 use vcmdq::queue::{CError, QueueShape};
 use vcmdq::ring::GuestRing;
 
@@ -165,7 +166,9 @@ pub(super) struct Ctx<'a> {
 /// One ring, guest side.
 pub(super) struct Driver {
     ring: usize,
-    guest: GuestRing,
+    /// The normal guest's part: writing, doorbells, fixes and acknowledgements. The hostile
+    /// extras below go to its ring directly.
+    drv: GuestDriver,
     shape: QueueShape,
     /// Entries written (the sequence number of the guest's PROD).
     prod_seq: u64,
@@ -189,7 +192,8 @@ pub(super) struct Driver {
     last_progress: Instant,
     /// Visits in a row that moved nothing.
     idle_visits: u32,
-    chunk_rng: u64,
+    /// Chunk sizes and PROD games.
+    rng: Rng,
     buf: Vec<RawCommand>,
     /// The segment the guest writes in.
     segment: u64,
@@ -201,11 +205,13 @@ pub(super) struct Driver {
 }
 
 impl Driver {
+    /// The guest of ring `ring` (of the plan), on a fresh ring.
     pub(super) fn new(ring: usize, guest: GuestRing, seed: u64) -> Driver {
         let shape = guest.shape();
         Driver {
             ring,
-            guest,
+            drv: GuestDriver::new(guest, FixPolicy::Retry)
+                .expect("the soak attaches fresh rings: CONS at PROD, no error"),
             shape,
             prod_seq: 0,
             cons_seq: 0,
@@ -219,7 +225,7 @@ impl Driver {
             last_stop: (u64::MAX, 0),
             last_progress: Instant::now(),
             idle_visits: 0,
-            chunk_rng: seed | 1,
+            rng: Rng::fork(seed, ring as u64),
             buf: Vec::with_capacity(MAX_CHUNK as usize),
             segment: 0,
             requested: false,
@@ -245,7 +251,7 @@ impl Driver {
 
     /// Sequence number of a pointer between CONS and PROD, or `None` if it is not one.
     fn seq_of(&self, ptr: u32) -> Option<u64> {
-        let d = u64::from(self.shape.distance(self.guest.prod(), ptr));
+        let d = u64::from(self.shape.distance(self.drv.ring().prod(), ptr));
         (d <= u64::from(self.shape.entries()) && d <= self.prod_seq).then(|| self.prod_seq - d)
     }
 
@@ -257,18 +263,18 @@ impl Driver {
             return false;
         }
         let mut progress = false;
-        if let Some((slot, cerror)) = self.guest.error() {
+        if let Some((slot, cerror)) = self.drv.ring().error() {
             self.on_stop(ctx, slot, cerror);
             progress = true;
         }
         // The sync count first, then CONS and the checker's cursor: the engine moves CONS
         // before it signals, and the hardware verified before it consumed the sync.
-        let count = self.guest.sync_count();
+        let count = self.drv.ring().sync_count();
         if count != self.syncs_seen {
             progress = true;
             self.on_syncs(ctx, count);
         }
-        let (cons, _) = self.guest.cons();
+        let (cons, _) = self.drv.ring().cons();
         match self.seq_of(cons) {
             Some(s) if s >= self.cons_seq => {
                 if s != self.cons_seq {
@@ -281,7 +287,7 @@ impl Driver {
                 format!(
                     "CONS {cons:#x} is behind the last CONS seen (entry {}) or past PROD {:#x}",
                     self.cons_seq,
-                    self.guest.prod()
+                    self.drv.ring().prod()
                 ),
             ),
         }
@@ -328,7 +334,7 @@ impl Driver {
                     self.cons_seq,
                     self.prod_seq,
                     self.pending_syncs.len(),
-                    self.guest.error()
+                    self.drv.ring().error()
                 ),
             );
             self.last_progress = Instant::now();
@@ -372,18 +378,18 @@ impl Driver {
     /// Every CMD_SYNC written has completed and nothing was written after the last.
     fn quiescent(&mut self, ctx: &Ctx<'_>) {
         self.stats.blocking_waits += 1;
-        let (cons, err) = self.guest.cons();
+        let (cons, err) = self.drv.ring().cons();
         if self.seq_of(cons) != Some(self.prod_seq) || err != CError::None {
             self.violation(
                 ctx,
                 format!(
                     "every CMD_SYNC completed but CONS is {cons:#x} ({err:?}), PROD {:#x}",
-                    self.guest.prod()
+                    self.drv.ring().prod()
                 ),
             );
         }
         if let Some(m) = self.last_irq {
-            let w = self.guest.completion();
+            let w = self.drv.ring().completion();
             if w != m {
                 self.violation(
                     ctx,
@@ -416,7 +422,7 @@ impl Driver {
                     self.cons_seq, self.prod_seq
                 ),
             );
-            self.guest.ack_error();
+            self.drv.acknowledge(slot, cerror, None);
             return;
         };
         self.count_stop(ctx, seq, cerror);
@@ -427,16 +433,15 @@ impl Driver {
         // physical queue; the guest cannot tell which and fixes it either way (its command is
         // then never executed, which the checker accepts for these entries only).
         // Once fixed, it is a CMD_SYNC: a fault on it is a physical one.
-        let fixed = ctx.stream.in_window(seq) && self.guest.read_slot(slot) == FIX;
+        let fixed = ctx.stream.in_window(seq) && self.drv.ring().read_slot(slot) == FIX;
         if cerror == CError::Ill && !fixed && ctx.checker.either(self.ring, seq) {
-            self.guest.write_slot(slot, FIX);
+            self.drv.acknowledge(slot, cerror, Some(FIX));
             let at = self.pending_syncs.partition_point(|&(s, _)| s < seq);
             self.pending_syncs.insert(at, (seq, None));
             self.stats.window_fixes += 1;
-            self.guest.ack_error();
             return;
         }
-        self.physical_stop(ctx, seq, cerror, fixed);
+        self.physical_stop(ctx, slot, seq, cerror, fixed);
     }
 
     /// A ring that stops at the same entry again and again is not making progress.
@@ -466,10 +471,9 @@ impl Driver {
                     format!("refused entry {seq} ({kind:?}) stopped with {cerror:?}"),
                 );
             }
-            self.guest.write_slot(slot, FIX);
+            self.drv.acknowledge(slot, cerror, Some(FIX));
             self.hostiles.pop_front();
             self.stats.refused[hostile_index(kind)] += 1;
-            self.guest.ack_error();
             return true;
         }
         if seq > h {
@@ -486,7 +490,7 @@ impl Driver {
 
     /// A physical fault passed on: acknowledged without a fix. Entries before the first
     /// unfixed refusal that were refused are CMD_SYNCs now.
-    fn physical_stop(&mut self, ctx: &Ctx<'_>, seq: u64, cerror: CError, fixed: bool) {
+    fn physical_stop(&mut self, ctx: &Ctx<'_>, slot: u32, seq: u64, cerror: CError, fixed: bool) {
         let (sync, forward) = match ctx.stream.class(self.ring, seq) {
             _ if fixed => (true, false),
             Class::Sync { .. } | Class::Hostile(_) => (true, false),
@@ -511,17 +515,11 @@ impl Driver {
                 ),
             );
         }
-        self.guest.ack_error();
+        self.drv.acknowledge(slot, cerror, None);
     }
 
     fn next_chunk(&mut self) -> u64 {
-        // xorshift64: chunk sizes need no reproducibility, just variety.
-        let mut x = self.chunk_rng;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.chunk_rng = x;
-        1 + x % MAX_CHUNK
+        1 + self.rng.below(MAX_CHUNK)
     }
 
     /// The first entry that may still be in the ring: the CONS last seen may be stale, and the
@@ -537,7 +535,7 @@ impl Driver {
     fn ptr_of(&self, seq: u64) -> u32 {
         let back = (self.prod_seq - seq) as u32;
         self.shape
-            .advance(self.guest.prod(), 2 * self.shape.entries() - back)
+            .advance(self.drv.ring().prod(), 2 * self.shape.entries() - back)
     }
 
     /// At a segment boundary: waits for the ring to be quiet and asks the control plane to
@@ -557,7 +555,7 @@ impl Driver {
             let quiet = self.cons_seq == self.prod_seq
                 && self.pending_syncs.is_empty()
                 && self.hostiles.is_empty()
-                && self.guest.error().is_none();
+                && self.drv.ring().error().is_none();
             if !quiet {
                 return (false, boundary);
             }
@@ -579,8 +577,14 @@ impl Driver {
             .take();
         if let Some(g) = swapped {
             // A fresh ring: PROD, CONS and the sync count start at 0 for entry `prod_seq`.
-            self.shape = g.shape();
-            self.guest = g;
+            let shape = g.shape();
+            match GuestDriver::new(g, FixPolicy::Retry) {
+                Ok(d) => self.drv = d,
+                Err(e) => {
+                    self.violation(ctx, format!("the ring attached in place of this one: {e}"))
+                }
+            }
+            self.shape = shape;
             self.syncs_seen = 0;
             self.last_irq = None;
             self.last_stop = (u64::MAX, 0);
@@ -594,9 +598,9 @@ impl Driver {
     fn prod_game(&mut self, ctx: &Ctx<'_>) {
         let game =
             ((self.stats.doorbells / u64::from(ctx.stream.mix().prod_game_every)) % 4) as usize;
-        let x = self.next_chunk().wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let x = self.rng.next_u64();
         let entries = self.shape.entries();
-        let prod = self.guest.prod();
+        let prod = self.drv.ring().prod();
         match game {
             0 => {
                 // Bits above the wrap bit: the engine masks them. Left until the next doorbell.
@@ -605,7 +609,7 @@ impl Driver {
                     return;
                 }
                 let junk = (x as u32 | 1) << wrap_bits;
-                self.guest.write_prod_raw(prod | junk);
+                self.drv.ring().write_prod_raw(prod | junk);
             }
             1 => {
                 let Some(back) =
@@ -613,16 +617,17 @@ impl Driver {
                 else {
                     return;
                 };
-                self.guest.write_prod_raw(self.ptr_of(back));
+                self.drv.ring().write_prod_raw(self.ptr_of(back));
                 std::thread::yield_now();
-                self.guest.doorbell();
+                self.drv.ring().doorbell();
             }
             2 => {
                 // More than a full ring ahead of any CONS between the one seen and PROD.
-                self.guest
+                self.drv
+                    .ring()
                     .write_prod_raw(self.shape.advance(prod, entries + 1));
                 std::thread::yield_now();
-                self.guest.doorbell();
+                self.drv.ring().doorbell();
             }
             _ => {
                 // Played at the next visit that finds entries taken and not yet completed.
@@ -637,7 +642,7 @@ impl Driver {
     /// has not passed yet with another command of this ring, which the checker would see out
     /// of order were the engine ever to read such a slot again.
     fn rewrite_taken(&mut self, ctx: &Ctx<'_>) {
-        if self.guest.error().is_some() {
+        if self.drv.ring().error().is_some() {
             return;
         }
         let cursor = ctx.checker.cursor(self.ring);
@@ -654,7 +659,7 @@ impl Driver {
                 vmid: 0,
                 asid: ident_asid(self.ring as u64, seq + 128),
             };
-            self.guest.write_slot(self.ptr_of(seq), other.encode());
+            self.drv.ring().write_slot(self.ptr_of(seq), other.encode());
             rewritten += 1;
         }
         if rewritten > 0 {
@@ -673,7 +678,7 @@ impl Driver {
                 return moved;
             }
         }
-        let free = u64::from(self.guest.free());
+        let free = u64::from(self.drv.ring().free());
         let mut n = free.min(self.next_chunk()).min(limit - self.prod_seq);
         if !finishing {
             n = n.min(*budget);
@@ -722,14 +727,13 @@ impl Driver {
             *budget -= n;
         }
         ctx.checker.set_submitted(self.ring, self.prod_seq + n);
-        let pushed = self.guest.push(&self.buf) as u64;
+        let pushed = self.drv.post_now(&self.buf) as u64;
         if pushed != n {
             self.violation(
                 ctx,
                 format!("{n} entries fit the free space but the ring took {pushed}"),
             );
         }
-        self.guest.doorbell();
         self.prod_seq += n;
         self.stats.submitted += n;
         self.stats.doorbells += 1;

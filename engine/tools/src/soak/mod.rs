@@ -459,11 +459,7 @@ fn attach_rings(
             },
         );
         ids.push(id);
-        drivers[i % cfg.guests].push(guest::Driver::new(
-            i,
-            g,
-            cfg.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        ));
+        drivers[i % cfg.guests].push(guest::Driver::new(i, g, cfg.seed));
     }
     let control = Control {
         ids,
