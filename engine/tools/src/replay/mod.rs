@@ -875,10 +875,7 @@ impl<'e> Replayer<'e> {
     fn event(&mut self, at: &str, ev: Event<'_>) -> Result<(), ReplayError> {
         match ev {
             ev @ Event::ViommuCreate { viommu, .. } => {
-                let cfg = ev
-                    .viommu_config()
-                    .expect("a ViommuCreate")
-                    .map_err(|code| Self::control_err(at, format!("unknown profile {code}")))?;
+                let cfg = ev.viommu_config().expect("a ViommuCreate");
                 self.engine
                     .create_viommu(cfg)
                     .map_err(|e| Self::control_err(at, e))?;
