@@ -7,6 +7,7 @@ pub mod report;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use vcmdq::command::{decode, opcode, Command, RawCommand};
+use vcmdq::sync::lock;
 
 /// The limit: copy 16-byte commands from one buffer to another, touching nothing.
 #[inline]
@@ -37,7 +38,7 @@ impl NaiveTranslator {
     pub fn translate(&self, input: &[RawCommand], out: &mut [RawCommand]) -> usize {
         let vmid = self.vmid;
         for (i, (raw, o)) in input.iter().zip(out.iter_mut()).enumerate() {
-            let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+            let map = lock(&self.map);
             let psid = |sid: u32| map.get(&sid).copied();
             let cmd = match decode(*raw) {
                 Ok(Command::TlbiNhAll { .. }) | Ok(Command::TlbiNsnhAll {}) => {

@@ -27,6 +27,7 @@ use vcmdq::engine::{AuditRecord, Engine, EngineConfig, EngineReport, EngineStats
 use vcmdq::pqueue::{HwConfig, OnCheckFailure};
 use vcmdq::queue::QueueShape;
 use vcmdq::ring::{GuestRing, HostRing, RingError};
+use vcmdq::sync::lock;
 use vcmdq::translate::SlotOutcome;
 use vcmdq::viommu::{DeviceId, ViommuConfig};
 use vcmdq_trace::format::FLAG_GUEST_WAITS_SYNC;
@@ -366,7 +367,7 @@ fn isolation_check(trace: &Trace<'_>) -> Result<(HwConfig, IsolationLog), TraceE
         match bad {
             None => Ok(()),
             Some(why) => {
-                let mut g = s.lock().unwrap_or_else(|e| e.into_inner());
+                let mut g = lock(&s);
                 g.0 += 1;
                 if g.1.len() < 100 {
                     g.1.push(format!("{cmd:?}: {why}"));
@@ -474,7 +475,7 @@ fn judge(
     }
     let epoch_rings = played.rings.len();
     let (isolation_count, isolation) = {
-        let g = isolation.lock().unwrap_or_else(|e| e.into_inner());
+        let g = lock(&isolation);
         (g.0, g.1.clone())
     };
     let hw_consumed: u64 = report.hardware.iter().map(|h| h.consumed).sum();
