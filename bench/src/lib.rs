@@ -6,6 +6,7 @@ pub mod report;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Duration;
 use vcmdq::command::{decode, opcode, Command, RawCommand};
 use vcmdq::sync::lock;
 
@@ -178,6 +179,15 @@ pub fn atc_only(len: usize, vsids: &[u32], rng: &mut Rng) -> Vec<RawCommand> {
             RawCommand::new(u64::from(opcode::ATC_INV) | sid, 52)
         })
         .collect()
+}
+
+/// The criterion settings of every suite: half a second of warm-up and two seconds of
+/// measurement per benchmark, in `samples` samples (fewer where an iteration is long).
+pub fn criterion_config(samples: usize) -> criterion::Criterion {
+    criterion::Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(samples)
 }
 
 #[cfg(test)]
