@@ -215,7 +215,7 @@ fn read_commands(input: Option<&PathBuf>) -> Result<Vec<(usize, RawCommand)>, Cl
     while let Some(line) = lines.next_str() {
         let (n, line) = line.map_err(|e| format!("{name}: {e}"))?;
         let n = n as usize;
-        let body = strip_comment(&line).trim();
+        let body = strip_comment(line).trim();
         if body.is_empty() {
             continue;
         }

@@ -475,7 +475,7 @@ fn judge(
     }
     let epoch_rings = played.rings.len();
     let (isolation_count, isolation) = {
-        let g = lock(&isolation);
+        let g = lock(isolation);
         (g.0, g.1.clone())
     };
     let hw_consumed: u64 = report.hardware.iter().map(|h| h.consumed).sum();
