@@ -7,6 +7,15 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use std::io::{self, Write};
 
+/// The longest latency a distribution holds, in nanoseconds (an hour); a longer sample is
+/// recorded as this (`saturating_record`).
+pub const MAX_LATENCY_NS: u64 = 3_600_000_000_000;
+
+/// An empty latency distribution: 1 ns to [`MAX_LATENCY_NS`], three significant digits.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_LATENCY_NS, 3).expect("valid histogram bounds")
+}
+
 /// The percentiles of a distribution, in nanoseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Percentiles {
@@ -148,7 +157,7 @@ mod tests {
     use super::*;
 
     fn hist(samples: &[u64]) -> Histogram<u64> {
-        let mut h = Histogram::new_with_bounds(1, 60_000_000_000, 3).unwrap();
+        let mut h = histogram();
         for &s in samples {
             h.record(s).unwrap();
         }

@@ -510,7 +510,7 @@ pub struct Level {
 
 impl Level {
     fn new(target: f64) -> Level {
-        let h = || Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds");
+        let h = crate::latency::histogram;
         Level {
             load_percent: 0.0,
             target,

@@ -599,8 +599,8 @@ impl Totals {
             per_viommu: BTreeMap::new(),
             per_viommu_latency: BTreeMap::new(),
             forwarded_digest: BTreeMap::new(),
-            publish_latency: latency_histogram(),
-            sync_latency: latency_histogram(),
+            publish_latency: crate::latency::histogram(),
+            sync_latency: crate::latency::histogram(),
             mismatches: Vec::new(),
             mismatch_count: 0,
         };
@@ -614,7 +614,7 @@ impl Totals {
             let (p, y) = t
                 .per_viommu_latency
                 .entry(input.viommu)
-                .or_insert_with(|| (latency_histogram(), latency_histogram()));
+                .or_insert_with(|| (crate::latency::histogram(), crate::latency::histogram()));
             p.add(&c.publish_latency).expect("same histogram bounds");
             y.add(&c.sync_latency).expect("same histogram bounds");
             t.mismatch_count += c.mismatch_count;
@@ -662,8 +662,8 @@ fn check_ring(r: &RingCheckInput) -> RingCheck {
         outcomes: Outcomes::default(),
         mismatches: Vec::new(),
         mismatch_count: 0,
-        publish_latency: latency_histogram(),
-        sync_latency: latency_histogram(),
+        publish_latency: crate::latency::histogram(),
+        sync_latency: crate::latency::histogram(),
         digest: Fnv1a::default(),
     };
     for (_, o) in &r.got {
@@ -706,10 +706,6 @@ fn check_ring(r: &RingCheckInput) -> RingCheck {
         }
     }
     c
-}
-
-fn latency_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid histogram bounds")
 }
 
 impl<'e> Replayer<'e> {
