@@ -822,6 +822,94 @@ mod tests {
     }
 
     #[test]
+    fn options_out_of_range_are_refused_naming_their_flag_before_an_engine_starts() {
+        let ok = LoadtestOptions {
+            rings: 1,
+            batch: 64,
+            secs: 3.0,
+            loads: vec![10.0, 50.0, 90.0],
+            saturation: None,
+        };
+        assert!(ok.check().is_ok());
+        for (bad, flag) in [
+            (
+                LoadtestOptions {
+                    secs: 0.0,
+                    ..ok.clone()
+                },
+                "--duration",
+            ),
+            (
+                LoadtestOptions {
+                    secs: f64::NAN,
+                    ..ok.clone()
+                },
+                "--duration",
+            ),
+            (
+                LoadtestOptions {
+                    secs: MAX_SECS + 1.0,
+                    ..ok.clone()
+                },
+                "--duration",
+            ),
+            (
+                LoadtestOptions {
+                    loads: vec![],
+                    ..ok.clone()
+                },
+                "--loads",
+            ),
+            (
+                LoadtestOptions {
+                    loads: vec![50.0, 101.0],
+                    ..ok.clone()
+                },
+                "--loads",
+            ),
+            (
+                LoadtestOptions {
+                    saturation: Some(5.0),
+                    ..ok.clone()
+                },
+                "--saturation",
+            ),
+            (
+                LoadtestOptions {
+                    rings: 0,
+                    ..ok.clone()
+                },
+                "--rings",
+            ),
+            (
+                LoadtestOptions {
+                    rings: MAX_RINGS + 1,
+                    ..ok.clone()
+                },
+                "--rings",
+            ),
+            (
+                LoadtestOptions {
+                    batch: 0,
+                    ..ok.clone()
+                },
+                "--batch",
+            ),
+            (
+                LoadtestOptions {
+                    batch: MAX_BATCH + 1,
+                    ..ok.clone()
+                },
+                "--batch",
+            ),
+        ] {
+            // `run` checks first: no engine, no ring, no pool for options out of range.
+            let e = run(&bad).expect_err(flag);
+            assert!(e.to_string().starts_with(flag), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
     fn a_clean_level_is_trustworthy() {
         assert_eq!(judge(&clean()), Vec::<String>::new());
     }
