@@ -11,7 +11,6 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
-use std::time::Duration;
 use vcmdq::command::{decode, res0_bits, RawCommand};
 use vcmdq::pqueue::{HwConfig, PhysQueue};
 use vcmdq::ring::heap_pair;
@@ -103,10 +102,7 @@ fn phys_publish(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(30);
+    config = vcmdq_bench::criterion_config(30);
     targets = decoding, ring_read, phys_publish
 }
 criterion_main!(benches);

@@ -8,7 +8,6 @@
 //! `Throughput::Elements(ITER_CMDS)`. See `vcmdq_bench::e2e`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use std::time::Duration;
 use vcmdq_bench::e2e::{Backend, Pipeline};
 
 /// Commands per iteration; a multiple of every batch size.
@@ -37,10 +36,7 @@ fn bench(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(20);
+    config = vcmdq_bench::criterion_config(20);
     targets = bench
 }
 criterion_main!(benches);

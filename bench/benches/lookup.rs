@@ -5,7 +5,6 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::collections::HashMap;
 use std::hint::black_box;
-use std::time::Duration;
 use vcmdq::viommu::SidTable;
 use vcmdq_bench::{psid_of, vsids, Rng};
 
@@ -88,10 +87,7 @@ fn lookup(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(30);
+    config = vcmdq_bench::criterion_config(30);
     targets = lookup
 }
 criterion_main!(benches);

@@ -14,7 +14,6 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::Duration;
 use vcmdq::command::RawCommand;
 use vcmdq::translate::translate;
 use vcmdq::viommu::{DeviceId, Devices, GraceDomain, Viommu, ViommuConfig};
@@ -143,10 +142,7 @@ fn bench(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(30);
+    config = vcmdq_bench::criterion_config(30);
     targets = bench
 }
 criterion_main!(benches);

@@ -6,7 +6,9 @@ pub mod report;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Duration;
 use vcmdq::command::{decode, opcode, Command, RawCommand};
+use vcmdq::sync::lock;
 
 /// The limit: copy 16-byte commands from one buffer to another, touching nothing.
 #[inline]
@@ -37,7 +39,7 @@ impl NaiveTranslator {
     pub fn translate(&self, input: &[RawCommand], out: &mut [RawCommand]) -> usize {
         let vmid = self.vmid;
         for (i, (raw, o)) in input.iter().zip(out.iter_mut()).enumerate() {
-            let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+            let map = lock(&self.map);
             let psid = |sid: u32| map.get(&sid).copied();
             let cmd = match decode(*raw) {
                 Ok(Command::TlbiNhAll { .. }) | Ok(Command::TlbiNsnhAll {}) => {
@@ -137,6 +139,15 @@ pub fn atc_only(len: usize, vsids: &[u32], rng: &mut Rng) -> Vec<RawCommand> {
             RawCommand::new(u64::from(opcode::ATC_INV) | sid, 52)
         })
         .collect()
+}
+
+/// The criterion settings of every suite: half a second of warm-up and two seconds of
+/// measurement per benchmark, in `samples` samples (fewer where an iteration is long).
+pub fn criterion_config(samples: usize) -> criterion::Criterion {
+    criterion::Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(samples)
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! A capture sink that writes what an engine reports as a trace file (the engine's
 //! [`CaptureEvent`]s turned into [`Event`]s), so `vcmdq replay` can read back what guests did.
 
-use crate::{Event, Profile, TraceMeta, TraceWriter, WriteError};
+use crate::{Event, TraceMeta, TraceWriter, WriteError};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use vcmdq::engine::{CaptureError, CaptureEvent, CaptureSink, CaptureTo};
@@ -52,7 +52,7 @@ impl FileSink {
                     viommu: c.id,
                     vmid: c.vmid,
                     smmu: c.smmu,
-                    profile: Profile::from_code(c.profile.code()).unwrap_or_default(),
+                    profile: c.profile,
                     sidsize: c.sidsize,
                     range_inv: c.range_inv,
                     features: c.features,

@@ -36,49 +36,9 @@ pub use writer::{to_vec, TraceMeta, TraceWriter, WriteError};
 use vcmdq::command::RawCommand;
 use vcmdq::queue::CError;
 
-/// The policy a vIOMMU applies to its guest's commands (see `docs/rules.md`, "Policy profiles").
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-#[repr(u8)]
-pub enum Profile {
-    /// The kernel's vIOMMU invalidation rules.
-    #[default]
-    Kernel = 0,
-    /// What a guest-owned Tegra241 VCMDQ accepts.
-    Tegra241 = 1,
-}
-
-impl Profile {
-    /// The profile of an on-disk code.
-    pub fn from_code(code: u8) -> Option<Profile> {
-        match code {
-            0 => Some(Profile::Kernel),
-            1 => Some(Profile::Tegra241),
-            _ => None,
-        }
-    }
-
-    /// The on-disk code.
-    pub fn code(self) -> u8 {
-        self as u8
-    }
-
-    /// `kernel` or `tegra241`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Profile::Kernel => "kernel",
-            Profile::Tegra241 => "tegra241",
-        }
-    }
-
-    /// The profile of a name, as [`Profile::name`] spells it.
-    pub fn from_name(name: &str) -> Option<Profile> {
-        match name {
-            "kernel" => Some(Profile::Kernel),
-            "tegra241" => Some(Profile::Tegra241),
-            _ => None,
-        }
-    }
-}
+/// The policy a vIOMMU applies to its guest's commands (see `docs/rules.md`, "Policy profiles"):
+/// the engine's own type, whose [`Profile::code`] is the byte a ViommuCreate record carries.
+pub use vcmdq::viommu::Profile;
 
 /// What a reference consumer did with one guest command.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -191,9 +151,8 @@ pub enum Event<'a> {
 
 impl Event<'_> {
     /// The vIOMMU a ViommuCreate asks for, as the engine is configured with it: `None` for any
-    /// other event, `Err(code)` for a profile code the engine does not know. A trace carries
-    /// no limits and no VMID sharing, so those keep their defaults.
-    pub fn viommu_config(&self) -> Option<Result<vcmdq::viommu::ViommuConfig, u8>> {
+    /// other event. A trace carries no limits and no VMID sharing, so those keep their defaults.
+    pub fn viommu_config(&self) -> Option<vcmdq::viommu::ViommuConfig> {
         let Event::ViommuCreate {
             viommu,
             vmid,
@@ -206,19 +165,16 @@ impl Event<'_> {
         else {
             return None;
         };
-        let Some(engine_profile) = vcmdq::viommu::Profile::from_code(profile.code()) else {
-            return Some(Err(profile.code()));
-        };
-        Some(Ok(vcmdq::viommu::ViommuConfig {
+        Some(vcmdq::viommu::ViommuConfig {
             id: viommu,
             vmid,
             smmu,
-            profile: engine_profile,
+            profile,
             sidsize,
             range_inv,
             features,
             ..Default::default()
-        }))
+        })
     }
 
     /// The record kind that carries this event.

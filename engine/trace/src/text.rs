@@ -441,7 +441,7 @@ fn keyed(a: &mut Words<'_>) -> Result<Event<'static>, BuildProblem> {
                 event: "viommu",
                 field: "profile",
             })?;
-            let profile = Profile::from_name(p).ok_or_else(|| BuildProblem::BadValue {
+            let profile = p.parse::<Profile>().map_err(|_| BuildProblem::BadValue {
                 field: "profile",
                 value: p.to_string(),
                 why: "profiles are kernel and tegra241".into(),

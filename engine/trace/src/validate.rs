@@ -379,13 +379,7 @@ impl State {
                 id: viommu,
             });
         }
-        let cfg = ev
-            .viommu_config()
-            .expect("a ViommuCreate")
-            .map_err(|code| Invalid::ControlPlane {
-                kind,
-                why: format!("EINVAL: unknown profile {code}"),
-            })?;
+        let cfg = ev.viommu_config().expect("a ViommuCreate");
         // The engine's own rule (one VMID per vIOMMU per SMMU), so that a trace that
         // validates is one the engine's control plane accepts.
         check_vmid(&cfg, self.viommus.values().map(|s| s.viommu.config()))

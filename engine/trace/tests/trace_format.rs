@@ -436,6 +436,35 @@ fn commands_count_that_overruns_is_refused() {
 }
 
 #[test]
+fn an_unknown_profile_code_is_refused_naming_its_record_offset() {
+    // A second record, so the offset is not the first record's by accident.
+    let mut b = single(|w| {
+        w.viommu_create(0, 1, 2, 3, Profile::Kernel, 16, false)
+            .unwrap();
+        w.viommu_create(0, 2, 3, 3, Profile::Tegra241, 16, false)
+            .unwrap();
+    });
+    // The first record's length is at bytes 4..8 of its prefix.
+    let second = 64 + u64::from(u32::from_le_bytes(b[68..72].try_into().unwrap()));
+    b[second as usize + 26] = 9;
+    let err = Trace::parse(&b)
+        .err()
+        .or_else(|| Trace::parse(&b).unwrap().records().find_map(Result::err))
+        .expect("the unknown profile is refused");
+    assert_eq!(err.malformed(), Some(&Malformed::BadProfile(9)));
+    assert_eq!(err.offset(), Some(second));
+    assert!(
+        err.to_string().contains(&format!("offset {second}"))
+            && err.to_string().contains("unknown profile 9"),
+        "{err}"
+    );
+    // The code on disk is the engine's own.
+    for p in Profile::ALL {
+        assert_eq!(Profile::from_code(p.code()), Some(p));
+    }
+}
+
+#[test]
 fn field_defects_are_refused() {
     let v = |f: &dyn Fn(&mut Vec<u8>)| {
         let mut b = single(|w| {

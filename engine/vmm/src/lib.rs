@@ -72,8 +72,9 @@ pub mod slots;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use vcmdq::sync::lock;
 
 use vcmdq::engine::{
     Engine, EngineConfig, EngineError, EngineReport, PhysicalQueue, RingId, TrapEvent,
@@ -267,11 +268,6 @@ impl Events {
         }
         q.push_back(ev);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section is a map or deque update that cannot be left half done.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A VMM's view of the vcmdq engine: vIOMMUs, devices, and guest VCMDQs served from guest RAM

@@ -44,17 +44,36 @@ enum Line {
     Malformed(String),
 }
 
-/// One 64-bit hex word: `0x` optional, `_` anywhere, nothing else.
-fn parse_hex_word(w: &str) -> Result<u64, String> {
+/// Why a word is not one of the two hex words of the `d0 d1` form.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum HexWordError {
+    /// Not hex digits (with an optional `0x` and `_` anywhere).
+    #[error("{0:?} is not a hex number")]
+    NotHex(String),
+    /// Hex digits, more than 64 bits of them.
+    #[error("{0:?} does not fit 64 bits")]
+    TooWide(String),
+}
+
+/// One 64-bit hex word of the `d0 d1` form: `0x` optional, `_` anywhere, nothing else.
+fn hex_word(w: &str) -> Result<u64, HexWordError> {
     let digits = w
         .strip_prefix("0x")
         .or_else(|| w.strip_prefix("0X"))
         .unwrap_or(w);
     let clean: String = digits.chars().filter(|&c| c != '_').collect();
     if clean.is_empty() || !clean.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(format!("{w:?} is not a hex number"));
+        return Err(HexWordError::NotHex(w.to_string()));
     }
-    u64::from_str_radix(&clean, 16).map_err(|_| format!("{w:?} does not fit 64 bits"))
+    u64::from_str_radix(&clean, 16).map_err(|_| HexWordError::TooWide(w.to_string()))
+}
+
+/// The command the two hex words `d0 d1` stand for (the form `decode` reads and `encode`
+/// prints); the error names the word at fault, `d0` or `d1`.
+pub(crate) fn hex_words(d0: &str, d1: &str) -> Result<RawCommand, (&'static str, HexWordError)> {
+    let d0 = hex_word(d0).map_err(|e| ("d0", e))?;
+    let d1 = hex_word(d1).map_err(|e| ("d1", e))?;
+    Ok(RawCommand::new(d0, d1))
 }
 
 /// `line` without its `#` comment.
@@ -67,10 +86,9 @@ fn parse_line(line: &str) -> Line {
     let words: Vec<&str> = strip_comment(line).split_whitespace().collect();
     match words[..] {
         [] => Line::Skip,
-        [d0, d1] => match (parse_hex_word(d0), parse_hex_word(d1)) {
-            (Ok(d0), Ok(d1)) => Line::Words(RawCommand::new(d0, d1)),
-            (Err(e), _) => Line::Malformed(format!("d0: {e}")),
-            (_, Err(e)) => Line::Malformed(format!("d1: {e}")),
+        [d0, d1] => match hex_words(d0, d1) {
+            Ok(raw) => Line::Words(raw),
+            Err((which, e)) => Line::Malformed(format!("{which}: {e}")),
         },
         _ => Line::Malformed(format!(
             "expected two 64-bit hex words `d0 d1`, got {} word{}",

@@ -3,13 +3,13 @@
 
 use super::{human, CliError};
 use clap::Args;
-use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use serde_json::{json, Value};
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use vcmdq_tools::latency;
 use vcmdq_tools::replay::{
     check_speed, replay_validated, Outcomes, ReplayOptions, ReplayReport, DEFAULT_MAX_PACED_WALL,
 };
@@ -130,7 +130,7 @@ pub fn run(a: ReplayArgs) -> Result<ExitCode, CliError> {
 
     if let Some(path) = &a.hgrm {
         let mut f = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        write_hgrm(&mut f, &report.publish_latency)?;
+        latency::write_hgrm(&mut f, &report.publish_latency)?;
     }
     let expected = deterministic(&report);
     if let Some(path) = &a.write_expected {
@@ -230,20 +230,6 @@ fn deterministic(r: &ReplayReport) -> Value {
     })
 }
 
-fn percentiles(h: &Histogram<u64>) -> Value {
-    if h.is_empty() {
-        return json!(null);
-    }
-    json!({
-        "count": h.len(),
-        "p50_ns": h.value_at_quantile(0.50),
-        "p90_ns": h.value_at_quantile(0.90),
-        "p99_ns": h.value_at_quantile(0.99),
-        "p999_ns": h.value_at_quantile(0.999),
-        "max_ns": h.max(),
-    })
-}
-
 fn full_json(r: &ReplayReport, name: &str) -> Value {
     let mut j = deterministic(r);
     j["trace"] = json!(name);
@@ -253,8 +239,8 @@ fn full_json(r: &ReplayReport, name: &str) -> Value {
     j["wall_s"] = json!(r.wall.as_secs_f64());
     j["commands_per_s"] = json!(r.rate());
     j["latency"] = json!({
-        "doorbell_to_publish": percentiles(&r.publish_latency),
-        "doorbell_to_sync_complete": percentiles(&r.sync_latency),
+        "doorbell_to_publish": latency::json(&r.publish_latency),
+        "doorbell_to_sync_complete": latency::json(&r.sync_latency),
     });
     j["latency_per_viommu"] = r
         .per_viommu_latency
@@ -262,7 +248,7 @@ fn full_json(r: &ReplayReport, name: &str) -> Value {
         .map(|(v, (p, s))| {
             (
                 v.to_string(),
-                json!({"doorbell_to_publish": percentiles(p), "doorbell_to_sync_complete": percentiles(s)}),
+                json!({"doorbell_to_publish": latency::json(p), "doorbell_to_sync_complete": latency::json(s)}),
             )
         })
         .collect::<serde_json::Map<_, _>>()
@@ -283,14 +269,6 @@ fn full_json(r: &ReplayReport, name: &str) -> Value {
     j
 }
 
-fn fmt_ns(ns: u64) -> String {
-    match ns {
-        0..=9_999 => format!("{ns} ns"),
-        10_000..=9_999_999 => format!("{:.1} us", ns as f64 / 1e3),
-        _ => format!("{:.1} ms", ns as f64 / 1e6),
-    }
-}
-
 fn print_outcomes(o: &Outcomes, indent: &str) {
     println!(
         "{indent}read {:>9}   forwarded {:>9}   guest CMD_SYNC {:>7}   dropped {:>6}   trapped {:>6}   refused {:>6}",
@@ -299,21 +277,6 @@ fn print_outcomes(o: &Outcomes, indent: &str) {
     for (reason, n) in &o.refused {
         println!("{indent}  refused {n:>6}  {reason}");
     }
-}
-
-fn latency_line(label: &str, h: &Histogram<u64>) {
-    if h.is_empty() {
-        println!("  {label:<28} (none)");
-        return;
-    }
-    println!(
-        "  {label:<28} p50 {:>9}  p99 {:>9}  p99.9 {:>9}  max {:>9}  ({} samples)",
-        fmt_ns(h.value_at_quantile(0.5)),
-        fmt_ns(h.value_at_quantile(0.99)),
-        fmt_ns(h.value_at_quantile(0.999)),
-        fmt_ns(h.max()),
-        h.len()
-    );
 }
 
 fn mode(r: &ReplayReport) -> &'static str {
@@ -348,8 +311,8 @@ fn print_human(r: &ReplayReport, name: &str, per_viommu: bool) {
             println!("  vIOMMU {v}:");
             print_outcomes(o, "    ");
             if let Some((p, s)) = r.per_viommu_latency.get(v) {
-                latency_line("  doorbell -> publish", p);
-                latency_line("  doorbell -> sync done", s);
+                println!("  {}", latency::summary_line("  doorbell -> publish", p));
+                println!("  {}", latency::summary_line("  doorbell -> sync done", s));
             }
         }
     }
@@ -362,8 +325,14 @@ fn print_human(r: &ReplayReport, name: &str, per_viommu: bool) {
         r.stats.phys_syncs
     );
     println!("  latency (one run on a shared machine; tails include the OS preempting threads):");
-    latency_line("doorbell -> physical publish", &r.publish_latency);
-    latency_line("doorbell -> guest sync done", &r.sync_latency);
+    println!(
+        "  {}",
+        latency::summary_line("doorbell -> physical publish", &r.publish_latency)
+    );
+    println!(
+        "  {}",
+        latency::summary_line("doorbell -> guest sync done", &r.sync_latency)
+    );
     let mut all = vcmdq_tools::replay::Fnv1a::default();
     for d in r.forwarded_digest.values() {
         all.write(&d.to_le_bytes());
@@ -399,41 +368,4 @@ fn print_human(r: &ReplayReport, name: &str, per_viommu: bool) {
             println!("    {s}");
         }
     }
-}
-
-/// The HdrHistogram percentile-distribution text (as Java's `outputPercentileDistribution`),
-/// values in microseconds.
-fn write_hgrm(w: &mut impl Write, h: &Histogram<u64>) -> std::io::Result<()> {
-    writeln!(
-        w,
-        "{:>12} {:>14} {:>10} {:>14}\n",
-        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
-    )?;
-    // TotalCount is cumulative: the samples at or below the row's value (HdrHistogram's
-    // plotters read it so), not the samples since the previous row.
-    let mut total = 0u64;
-    for v in h.iter_quantiles(1) {
-        let q = v.quantile_iterated_to();
-        total += v.count_since_last_iteration();
-        let value = v.value_iterated_to() as f64 / 1000.0;
-        if q < 1.0 {
-            writeln!(
-                w,
-                "{value:>12.3} {q:>14.12} {total:>10} {:>14.2}",
-                1.0 / (1.0 - q)
-            )?;
-        } else {
-            // As HdrHistogram writes the 100th percentile: no 1/(1-Percentile), it is infinite.
-            writeln!(w, "{value:>12.3} {q:>14.12} {total:>10}")?;
-        }
-    }
-    writeln!(
-        w,
-        "#[Mean    = {:>12.3}, StdDeviation   = {:>12.3}]\n#[Max     = {:>12.3}, Total count    = {:>12}]",
-        h.mean() / 1000.0,
-        h.stdev() / 1000.0,
-        h.max() as f64 / 1000.0,
-        h.len()
-    )?;
-    Ok(())
 }

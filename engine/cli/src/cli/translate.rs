@@ -1,6 +1,7 @@
 //! `vcmdq translate`: runs guest commands through one vIOMMU's translation policy and says what
 //! became of each, for people debugging a guest.
 
+use super::decode::{hex_words, strip_comment, HexWordError};
 use super::input::{read_small_file, Lines};
 use super::{out, CliError};
 use clap::Args;
@@ -142,7 +143,7 @@ fn read_bindings_file(path: &Path) -> Result<Vec<(Binding, String)>, CliError> {
         read_small_file(path).map_err(|e| format!("bindings file {}: {e}", path.display()))?;
     let mut v = Vec::new();
     for (n, line) in lines {
-        let line = line.split('#').next().unwrap_or("").trim();
+        let line = strip_comment(&line).trim();
         if line.is_empty() {
             continue;
         }
@@ -179,31 +180,16 @@ fn binding_error(e: &ViommuError, here: &str, binds: &[(Binding, String)], sidsi
     format!("{here}: {}: {why}", e.errno())
 }
 
-fn is_hex_word(s: &str) -> bool {
-    let digits = s
-        .strip_prefix("0x")
-        .or_else(|| s.strip_prefix("0X"))
-        .unwrap_or(s);
-    !digits.is_empty() && digits.chars().all(|c| c.is_ascii_hexdigit() || c == '_')
-}
-
-fn hex_word(s: &str) -> Result<u64, String> {
-    let digits: String = s
-        .strip_prefix("0x")
-        .or_else(|| s.strip_prefix("0X"))
-        .unwrap_or(s)
-        .chars()
-        .filter(|&c| c != '_')
-        .collect();
-    u64::from_str_radix(&digits, 16).map_err(|e| format!("{s:?}: {e}"))
-}
-
 /// One input line: `d0 d1` in hex, or the text form.
 fn parse_command(line: &str) -> Result<RawCommand, String> {
     let words: Vec<&str> = line.split_whitespace().collect();
     if let [d0, d1] = words[..] {
-        if is_hex_word(d0) && is_hex_word(d1) {
-            return Ok(RawCommand::new(hex_word(d0)?, hex_word(d1)?));
+        match hex_words(d0, d1) {
+            Ok(raw) => return Ok(raw),
+            // Hex digits too many for a word: a mistyped pair, which the text form would only
+            // call an unknown command.
+            Err((which, e @ HexWordError::TooWide(_))) => return Err(format!("{which}: {e}")),
+            Err((_, HexWordError::NotHex(_))) => {}
         }
     }
     text::parse(line).map_err(|e| e.to_string())
@@ -229,7 +215,7 @@ fn read_commands(input: Option<&PathBuf>) -> Result<Vec<(usize, RawCommand)>, Cl
     while let Some(line) = lines.next_str() {
         let (n, line) = line.map_err(|e| format!("{name}: {e}"))?;
         let n = n as usize;
-        let body = line.split('#').next().unwrap_or("").trim();
+        let body = strip_comment(line).trim();
         if body.is_empty() {
             continue;
         }
@@ -438,5 +424,21 @@ mod tests {
         assert!(parse_command("0x12").is_err());
         assert!(parse_command("0x1_0000_0000_0000_0000 0").is_err());
         assert!(parse_command("TLBI_NH_ALL bogus=1").is_err());
+    }
+
+    #[test]
+    fn a_pair_too_wide_is_a_hex_error_and_a_non_hex_pair_is_the_text_form() {
+        assert_eq!(
+            parse_command("0 0x1_0000_0000_0000_0000").unwrap_err(),
+            "d1: \"0x1_0000_0000_0000_0000\" does not fit 64 bits"
+        );
+        // Same words as decode reads them: `0X`, `_` anywhere.
+        assert_eq!(
+            parse_command("0X4_6 0_0").unwrap(),
+            RawCommand::new(0x46, 0)
+        );
+        assert!(parse_command("zz 0")
+            .unwrap_err()
+            .starts_with("unknown command \"zz\""));
     }
 }

@@ -37,12 +37,13 @@ pub use stats::{AuditRecord, EngineStats, RingProgress};
 
 use crate::command::RawCommand;
 use crate::ring::{HostRing, RingError, RingStats};
+use crate::sync::lock;
 use crate::viommu::{DeviceId, Devices, GraceDomain, Viommu, ViommuConfig, ViommuError};
 use capture::Capture;
 use crossbeam_queue::SegQueue;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -259,12 +260,6 @@ impl Shared {
             q.push(ev(self.now()));
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panicking worker cannot leave these maps half-updated: every critical section is one
-    // insert or remove.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What [`Engine::shutdown`] returns.

@@ -2,10 +2,11 @@
 
 use super::phys::PhysicalQueue;
 use super::stats::{AuditRecord, EngineStats, RingProgress};
-use super::{lock, Ctrl, EngineConfig, RingId, Shared, TrapEvent};
+use super::{Ctrl, EngineConfig, RingId, Shared, TrapEvent};
 use crate::command::{opcode, RawCommand};
 use crate::queue::{CError, QueueShape};
 use crate::ring::{HostRing, RingError};
+use crate::sync::lock;
 use crate::translate::{translate, SlotOutcome, Stop};
 use crate::viommu::{Reader, Viommu};
 use std::collections::VecDeque;

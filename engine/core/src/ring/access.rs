@@ -24,6 +24,7 @@ use super::layout::{self, SLOT_SIZE};
 use super::memory::Region;
 use super::{load_slot, RingError};
 use crate::command::RawCommand;
+use crate::sync::lock;
 
 /// Bytes the file backend reads per system call at most, so its buffer stays small whatever
 /// the caller asks for: 4096 slots (64 KiB).
@@ -282,7 +283,7 @@ impl Claim {
                 unreachable!("a file ring has a file")
             };
             let addr = r.memory().base().as_ptr() as usize;
-            let mut claims = heap_claims().lock().unwrap_or_else(|e| e.into_inner());
+            let mut claims = lock(heap_claims());
             if !claims.insert(addr) {
                 return Err(RingError::AlreadyAttached {
                     path: path.to_path_buf(),
@@ -320,10 +321,7 @@ impl Claim {
 impl Drop for Claim {
     fn drop(&mut self) {
         if let Claim::Heap(addr) = self {
-            heap_claims()
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(addr);
+            lock(heap_claims()).remove(addr);
         }
     }
 }

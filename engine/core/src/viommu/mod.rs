@@ -40,6 +40,9 @@ pub use smmu::{SmmuError, SmmuFeatures};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+// Every update under these locks leaves the maps consistent at each step.
+use crate::sync::lock;
+
 /// A host device (an endpoint behind one physical SMMU).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeviceId(pub u32);
@@ -900,11 +903,6 @@ impl core::fmt::Debug for Viommu {
             .field("table", &self.table)
             .finish()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Every update under these locks leaves the maps consistent at each step.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -41,14 +41,12 @@ impl Wait {
     }
 }
 
-/// Locks `m`. Every structure guarded here is left consistent at every step, so a panic
-/// elsewhere while it was held does not stop the engine from using it.
+// Every structure guarded here is left consistent at every step, so a panic elsewhere while it
+// was held does not stop the engine from using it.
 #[cfg(not(loom))]
-pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub(crate) use crate::sync::lock;
 
-/// Locks `m` (loom model).
+/// Locks `m` whatever a panicking holder left (loom's mutex, for the models).
 #[cfg(loom)]
 pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> loom::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())

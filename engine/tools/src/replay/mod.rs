@@ -29,6 +29,7 @@ use vcmdq::pqueue::{
 };
 use vcmdq::queue::QueueShape;
 use vcmdq::ring::{GuestRing, HostRing, RingError};
+use vcmdq::sync::lock;
 use vcmdq::translate::SlotOutcome;
 use vcmdq::viommu::{DeviceId, ViommuConfig};
 use vcmdq_trace::format::FLAG_GUEST_WAITS_SYNC;
@@ -368,7 +369,7 @@ fn isolation_check(trace: &Trace<'_>) -> Result<(HwConfig, IsolationLog), TraceE
         match bad {
             None => Ok(()),
             Some(why) => {
-                let mut g = s.lock().unwrap_or_else(|e| e.into_inner());
+                let mut g = lock(&s);
                 g.0 += 1;
                 if g.1.len() < 100 {
                     g.1.push(format!("{cmd:?}: {why}"));
@@ -496,7 +497,7 @@ fn judge(
     }
     let epoch_rings = played.rings.len();
     let (isolation_count, isolation) = {
-        let g = isolation.lock().unwrap_or_else(|e| e.into_inner());
+        let g = lock(isolation);
         (g.0, g.1.clone())
     };
     let expected_hw = report.stats.forwarded + report.stats.phys_syncs;
@@ -619,8 +620,8 @@ impl Totals {
             per_viommu: BTreeMap::new(),
             per_viommu_latency: BTreeMap::new(),
             forwarded_digest: BTreeMap::new(),
-            publish_latency: latency_histogram(),
-            sync_latency: latency_histogram(),
+            publish_latency: crate::latency::histogram(),
+            sync_latency: crate::latency::histogram(),
             mismatches: Vec::new(),
             mismatch_count: 0,
         };
@@ -634,7 +635,7 @@ impl Totals {
             let (p, y) = t
                 .per_viommu_latency
                 .entry(input.viommu)
-                .or_insert_with(|| (latency_histogram(), latency_histogram()));
+                .or_insert_with(|| (crate::latency::histogram(), crate::latency::histogram()));
             p.add(&c.publish_latency).expect("same histogram bounds");
             y.add(&c.sync_latency).expect("same histogram bounds");
             t.mismatch_count += c.mismatch_count;
@@ -682,8 +683,8 @@ fn check_ring(r: &RingCheckInput) -> RingCheck {
         outcomes: Outcomes::default(),
         mismatches: Vec::new(),
         mismatch_count: 0,
-        publish_latency: latency_histogram(),
-        sync_latency: latency_histogram(),
+        publish_latency: crate::latency::histogram(),
+        sync_latency: crate::latency::histogram(),
         digest: Fnv1a::default(),
     };
     for (_, o) in &r.got {
@@ -726,10 +727,6 @@ fn check_ring(r: &RingCheckInput) -> RingCheck {
         }
     }
     c
-}
-
-fn latency_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid histogram bounds")
 }
 
 impl<'e> Replayer<'e> {
@@ -896,10 +893,7 @@ impl<'e> Replayer<'e> {
     fn event(&mut self, at: &str, ev: Event<'_>) -> Result<(), ReplayError> {
         match ev {
             ev @ Event::ViommuCreate { viommu, .. } => {
-                let cfg = ev
-                    .viommu_config()
-                    .expect("a ViommuCreate")
-                    .map_err(|code| Self::control_err(at, format!("unknown profile {code}")))?;
+                let cfg = ev.viommu_config().expect("a ViommuCreate");
                 self.engine
                     .create_viommu(cfg)
                     .map_err(|e| Self::control_err(at, e))?;

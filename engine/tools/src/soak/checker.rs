@@ -25,9 +25,11 @@ use super::plan::Plan;
 use super::stream::{Class, Stream, FIX, SEQ_BITS};
 use crossbeam_utils::CachePadded;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use vcmdq::command::{opcode, text, RawCommand};
 use vcmdq::oracle;
+// Every critical section leaves the state whole (counters and a cursor).
+use vcmdq::sync::lock;
 use vcmdq::translate::SlotOutcome;
 
 /// Violations kept with their text; the rest are only counted.
@@ -67,11 +69,6 @@ impl Violations {
     pub fn first(&self) -> Vec<String> {
         lock(&self.first).clone()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section leaves the state whole (counters and a cursor).
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What the checker accounted for, per ring or summed.

@@ -52,6 +52,7 @@ use vcmdq::engine::{Engine, EngineConfig, EngineError, EngineStats, RingId};
 use vcmdq::pqueue::{HwConfig, HwPlacement, ModelCounters, ModelError, ModelQueue, OnCheckFailure};
 use vcmdq::queue::CError;
 use vcmdq::ring::{GuestRing, HostRing, RingError};
+use vcmdq::sync::lock;
 use vcmdq::viommu::DeviceId;
 
 /// How to soak.
@@ -877,9 +878,7 @@ impl Control {
                     shape,
                 },
             );
-            *churn.mailbox[ring]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some(g);
+            *lock(&churn.mailbox[ring]) = Some(g);
             self.swaps += 1;
         }
         Ok(())
