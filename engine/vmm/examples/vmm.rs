@@ -16,11 +16,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vcmdq::command::{opcode, text, RawCommand};
-use vcmdq::engine::{AuditRecord, EngineConfig, RingId};
+use vcmdq::engine::{slot_outcomes, EngineConfig, RingId};
 use vcmdq::mock::Rng;
 use vcmdq::oracle;
 use vcmdq::pqueue::HwConfig;
-use vcmdq::translate::SlotOutcome;
 use vcmdq::viommu::{DeviceId, ViommuConfig};
 use vcmdq_vmm::guest::LinuxVcmdq;
 use vcmdq_vmm::{VcmdqId, VcmdqRegisterPage, Vmm, VmmConfig, VmmEvent};
@@ -102,32 +101,6 @@ fn guest(
         });
     }
     Ok(())
-}
-
-/// The final outcome of each entry of `ring`, in order (a later record of the same entry, after
-/// the guest fixed it, replaces the earlier one).
-fn outcomes(audit: &[AuditRecord], ring: RingId) -> Vec<Option<SlotOutcome>> {
-    let mut by_seq: Vec<Option<SlotOutcome>> = Vec::new();
-    for rec in audit {
-        match *rec {
-            AuditRecord::Slot {
-                ring: r,
-                seq,
-                outcome,
-            } if r == ring => {
-                let seq = seq as usize;
-                if by_seq.len() <= seq {
-                    by_seq.resize(seq + 1, None);
-                }
-                by_seq[seq] = Some(outcome);
-            }
-            AuditRecord::PhysFault { ring: r, seq, .. } if r == ring => {
-                by_seq.truncate(seq as usize);
-            }
-            _ => {}
-        }
-    }
-    by_seq
 }
 
 fn main() -> ExitCode {
@@ -236,7 +209,7 @@ fn main() -> ExitCode {
     let mut checked = 0usize;
     for s in &sessions {
         let want = oracle::translate_all(&cfg, &bindings, &s.written, false);
-        let got = outcomes(&report.audit, s.ring);
+        let got = slot_outcomes(&report.audit, s.ring);
         if got.len() != want.len() {
             failures.push(format!(
                 "{:?} ring {:?}: {} outcomes for {} commands written",

@@ -33,7 +33,7 @@ mod worker;
 
 pub use capture::{CaptureError, CaptureEvent, CaptureSink, CaptureTo};
 pub use phys::PhysicalQueue;
-pub use stats::{AuditRecord, EngineStats, RingProgress};
+pub use stats::{slot_outcomes, AuditRecord, EngineStats, RingProgress};
 
 use crate::command::RawCommand;
 use crate::ring::{HostRing, RingError, RingStats};

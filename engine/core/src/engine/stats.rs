@@ -147,3 +147,31 @@ pub enum AuditRecord {
         cerror: CError,
     },
 }
+
+/// The final outcome of each entry of `ring` in an audit trail, by sequence number: a later
+/// record of an entry (read again after a stop) replaces the earlier one, and a physical fault
+/// voids the entries from its own on (they are read again after the acknowledgement). `None`
+/// for an entry the audit has no outcome for (yet).
+pub fn slot_outcomes(audit: &[AuditRecord], ring: RingId) -> Vec<Option<SlotOutcome>> {
+    let mut by_seq: Vec<Option<SlotOutcome>> = Vec::new();
+    for rec in audit {
+        match *rec {
+            AuditRecord::Slot {
+                ring: r,
+                seq,
+                outcome,
+            } if r == ring => {
+                let seq = seq as usize;
+                if by_seq.len() <= seq {
+                    by_seq.resize(seq + 1, None);
+                }
+                by_seq[seq] = Some(outcome);
+            }
+            AuditRecord::PhysFault { ring: r, seq, .. } if r == ring => {
+                by_seq.truncate(seq as usize);
+            }
+            _ => {}
+        }
+    }
+    by_seq
+}

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use vcmdq::command::{opcode, text, RawCommand};
 use vcmdq::engine::{
-    AuditRecord, CaptureError, CaptureEvent, CaptureSink, CaptureTo, Engine, EngineConfig,
-    EngineReport, PhysicalQueue, RingId,
+    slot_outcomes, AuditRecord, CaptureError, CaptureEvent, CaptureSink, CaptureTo, Engine,
+    EngineConfig, EngineReport, PhysicalQueue, RingId,
 };
 use vcmdq::mock::{Backoff, DriverError, FixPolicy, GuestDriver};
 use vcmdq::pqueue::{HwConfig, HwCounters, HwPlacement, ModelCounters, ModelQueue};
@@ -74,27 +74,7 @@ pub fn hw(vmids: &[u16], psids: &[u32]) -> (HwConfig, Log) {
 /// The final outcome of each entry of `ring`, in ring order, after physical faults voided
 /// what followed them.
 pub fn outcomes(audit: &[AuditRecord], ring: RingId) -> Vec<SlotOutcome> {
-    let mut by_seq: Vec<Option<SlotOutcome>> = Vec::new();
-    for rec in audit {
-        match *rec {
-            AuditRecord::Slot {
-                ring: r,
-                seq,
-                outcome,
-            } if r == ring => {
-                let seq = seq as usize;
-                if by_seq.len() <= seq {
-                    by_seq.resize(seq + 1, None);
-                }
-                by_seq[seq] = Some(outcome);
-            }
-            AuditRecord::PhysFault { ring: r, seq, .. } if r == ring => {
-                by_seq.truncate(seq as usize);
-            }
-            _ => {}
-        }
-    }
-    by_seq
+    slot_outcomes(audit, ring)
         .into_iter()
         .enumerate()
         .map(|(i, o)| o.unwrap_or_else(|| panic!("ring {ring:?}: no outcome for entry {i}")))
