@@ -409,14 +409,20 @@ fn translate_and_log(
 }
 
 /// Waits until the translators have published `n` more commands, or one of them died (its
-/// join then reports why).
+/// join then reports why); fails if they publish nothing for a minute.
 fn wait_published(
     seq: &AtomicU64,
     translators: &[std::thread::JoinHandle<Vec<(u64, u32)>>],
     n: u64,
 ) {
     let target = seq.load(Ordering::SeqCst) + n;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while seq.load(Ordering::SeqCst) < target && !translators.iter().any(|t| t.is_finished()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the translators did not publish {n} more commands within 60 s (at {} of {target})",
+            seq.load(Ordering::SeqCst)
+        );
         std::thread::yield_now();
     }
 }
