@@ -409,7 +409,7 @@ fn translate_and_log(
 }
 
 /// Waits until the translators have published `n` more commands, or one of them died (its
-/// join then reports why); fails if they publish nothing for a minute.
+/// join then reports why); fails if they have not within a minute.
 fn wait_published(
     seq: &AtomicU64,
     translators: &[std::thread::JoinHandle<Vec<(u64, u32)>>],
