@@ -285,6 +285,22 @@ mod tests {
     // The model: free-running u64 counters, pending = prod - cons, registers derived by masking.
     proptest! {
         #[test]
+        fn runs_cover_the_n_slots_from_start_in_ring_order(
+            log2 in 0u32..=8,
+            start_seed: usize,
+            n_seed: usize,
+        ) {
+            let len = 1usize << log2;
+            let (start, n) = (start_seed % len, n_seed % (len + 1));
+            let [head, tail] = runs(len, start, n);
+            let walked: Vec<usize> = head.clone().chain(tail.clone()).collect();
+            let want: Vec<usize> = (0..n).map(|i| (start + i) % len).collect();
+            prop_assert_eq!(walked, want);
+            // The second run only when the first reaches the end of the ring.
+            prop_assert!(tail.is_empty() || head.end == len);
+        }
+
+        #[test]
         fn matches_counter_model(
             log2 in 0u8..=19,
             ops in proptest::collection::vec((any::<bool>(), 0u32..=(1 << 19), any::<u32>()), 1..64),
