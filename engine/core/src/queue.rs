@@ -200,9 +200,10 @@ impl QueueShape {
 
 /// The `n` slots of a ring of `len` from index `start` on, wrapping to slot 0, as at most two
 /// contiguous runs of indices: up to the end of the ring, then from slot 0 (empty when they do
-/// not wrap). Every reader or writer of a batch of slots (a guest ring's push and poll, the physical
-/// queue's reservation, the worker's provenance tags) walks a batch this way. `start` must be
-/// below `len` and `n` at most `len` (a caller bug otherwise: the runs would be out of range).
+/// not wrap). Every reader or writer of a batch of slots (a guest ring's push and poll, the
+/// physical queue's reservation, the worker's provenance tags) walks a batch this way. `start`
+/// must be below `len` and `n` at most `len` (a caller bug otherwise: the runs would be out of
+/// range).
 #[inline]
 pub fn runs(len: usize, start: usize, n: usize) -> [core::ops::Range<usize>; 2] {
     let first = n.min(len - start);
