@@ -62,86 +62,89 @@ pub fn translate_one(
     let Some(layout) = LAYOUTS[op as usize] else {
         return refuse(RefuseReason::IllegalOpcode { opcode: op });
     };
+    if let Some(refused) = res0_refusal(layout, &cmd) {
+        return refused;
+    }
+    if let Some(outcome) = not_forwarded(cfg, layout, &cmd) {
+        return outcome;
+    }
+    match forwarded(cfg, bindings, layout, &cmd) {
+        Ok(w) => SlotOutcome::Forwarded(RawCommand::new(w[0], w[1])),
+        Err(refused) => refused,
+    }
+}
 
-    // RES0: every bit that is neither the opcode byte nor inside one of the opcode's fields.
+/// The refusal of a command with a RES0 bit set: one that is neither the opcode byte nor
+/// inside one of the opcode's fields.
+fn res0_refusal(layout: &OpLayout, cmd: &RawCommand) -> Option<SlotOutcome> {
     let mut named = [0xffu64, 0];
     for f in layout.fields {
         named[f.word as usize] |= f.mask();
     }
     let (x0, x1) = (cmd.d0() & !named[0], cmd.d1() & !named[1]);
-    if x0 != 0 || x1 != 0 {
-        return refuse(RefuseReason::Res0 {
-            opcode: op,
+    (x0 != 0 || x1 != 0).then(|| {
+        refuse(RefuseReason::Res0 {
+            opcode: cmd.opcode(),
             d0: x0,
             d1: x1,
-        });
-    }
+        })
+    })
+}
 
-    let name = layout.name;
+/// The outcome of a legal command the profile does not forward: trapped, dropped, a guest
+/// CMD_SYNC or refused. `None` for one it forwards.
+fn not_forwarded(cfg: &ViommuConfig, layout: &OpLayout, cmd: &RawCommand) -> Option<SlotOutcome> {
+    let op = cmd.opcode();
     let forwards = match cfg.profile {
         Profile::Kernel => KERNEL_FORWARDS,
         Profile::Tegra241 => TEGRA241_FORWARDS,
     };
+    Some(match layout.name {
+        "CFGI_STE" | "CFGI_STE_RANGE" if get(layout, cmd, "ssec") != 0 => {
+            refuse(RefuseReason::Secure { opcode: op })
+        }
+        "CFGI_STE" | "CFGI_STE_RANGE" => SlotOutcome::Trapped(*cmd),
+        "PREFETCH_CONFIG" | "PREFETCH_ADDR" => SlotOutcome::Dropped,
+        "CMD_SYNC" => {
+            let cs = get(layout, cmd, "cs") as u8;
+            if cs == 3 {
+                return Some(refuse(RefuseReason::ReservedSyncCs));
+            }
+            SlotOutcome::Sync {
+                cs,
+                msidata: get(layout, cmd, "msidata") as u32,
+                msiaddr: get(layout, cmd, "msiaddr"),
+            }
+        }
+        name if !forwards.contains(&name) => {
+            refuse(RefuseReason::NotAllowedByProfile { opcode: op })
+        }
+        _ => return None,
+    })
+}
+
+/// The two words a command the profile forwards becomes (VMID inserted, vSID replaced by its
+/// pSID), or its refusal.
+fn forwarded(
+    cfg: &ViommuConfig,
+    bindings: &HashMap<u32, u32>,
+    layout: &OpLayout,
+    cmd: &RawCommand,
+) -> Result<[u64; 2], SlotOutcome> {
+    let op = cmd.opcode();
+    let name = layout.name;
     let mut w = [cmd.d0(), cmd.d1()];
     let vmid = u64::from(cfg.vmid);
-    let translate_sid = |w: &mut [u64; 2]| -> Result<(), SlotOutcome> {
-        let vsid = get(layout, &cmd, "sid") as u32;
-        let fits = u64::from(vsid) < (1u64 << cfg.sidsize);
-        match bindings.get(&vsid) {
-            Some(&psid) if fits => {
-                put(layout, w, "sid", u64::from(psid));
-                Ok(())
-            }
-            _ => Err(refuse(RefuseReason::UnknownVsid { opcode: op, vsid })),
-        }
-    };
-
     match name {
-        "CFGI_STE" | "CFGI_STE_RANGE" => {
-            if get(layout, &cmd, "ssec") != 0 {
-                return refuse(RefuseReason::Secure { opcode: op });
-            }
-            return SlotOutcome::Trapped(cmd);
-        }
-        "PREFETCH_CONFIG" | "PREFETCH_ADDR" => return SlotOutcome::Dropped,
-        "CMD_SYNC" => {
-            let cs = get(layout, &cmd, "cs") as u8;
-            if cs == 3 {
-                return refuse(RefuseReason::ReservedSyncCs);
-            }
-            return SlotOutcome::Sync {
-                cs,
-                msidata: get(layout, &cmd, "msidata") as u32,
-                msiaddr: get(layout, &cmd, "msiaddr"),
-            };
-        }
-        _ if !forwards.contains(&name) => {
-            return refuse(RefuseReason::NotAllowedByProfile { opcode: op });
-        }
         "TLBI_NH_ALL" => put(layout, &mut w, "vmid", vmid),
         "TLBI_NH_ASID" => {
-            if let Some(o) = asid_check(cfg, layout, &cmd) {
-                return o;
+            if let Some(refused) = asid_check(cfg, layout, cmd) {
+                return Err(refused);
             }
             put(layout, &mut w, "vmid", vmid);
         }
         "TLBI_NH_VA" | "TLBI_NH_VAA" => {
-            let tg = get(layout, &cmd, "tg") as u8;
-            let ttl = get(layout, &cmd, "ttl") as u8;
-            let num = get(layout, &cmd, "num");
-            let scale = get(layout, &cmd, "scale");
-            // Without RIL, TG, TTL, NUM and SCALE are RES0.
-            if !cfg.range_inv && (tg != 0 || ttl != 0 || num != 0 || scale != 0) {
-                return refuse(RefuseReason::RangeUnsupported { opcode: op });
-            }
-            if name == "TLBI_NH_VA" {
-                if let Some(o) = asid_check(cfg, layout, &cmd) {
-                    return o;
-                }
-            }
-            if let Some(reason) = range_rule(&cfg.features, op, tg, ttl, num, scale) {
-                return refuse(reason);
-            }
+            tlbi_va_check(cfg, layout, cmd)?;
             put(layout, &mut w, "vmid", vmid);
         }
         "TLBI_NSNH_ALL" => {
@@ -150,39 +153,90 @@ pub fn translate_one(
             put(nh_all, &mut w, "vmid", vmid);
         }
         "ATC_INV" => {
-            if !cfg.features.ats {
-                return refuse(RefuseReason::AtsUnsupported);
-            }
-            let substream_flags = get(layout, &cmd, "ssv") | get(layout, &cmd, "global");
-            let ssid = get(layout, &cmd, "ssid");
-            if let Some(reason) = substream_rule(cfg.features.ssidsize, op, substream_flags, ssid) {
-                return refuse(reason);
-            }
-            let size = get(layout, &cmd, "size");
-            if size > 52 {
-                return refuse(RefuseReason::AtcSizeTooLarge { size: size as u8 });
-            }
-            if let Err(o) = translate_sid(&mut w) {
-                return o;
-            }
+            atc_inv_check(cfg, layout, cmd)?;
+            translate_sid(cfg, bindings, layout, cmd, &mut w)?;
         }
         "CFGI_CD" | "CFGI_CD_ALL" => {
-            if get(layout, &cmd, "ssec") != 0 {
-                return refuse(RefuseReason::Secure { opcode: op });
+            if get(layout, cmd, "ssec") != 0 {
+                return Err(refuse(RefuseReason::Secure { opcode: op }));
             }
             if name == "CFGI_CD" {
-                let ssid = get(layout, &cmd, "ssid");
-                if let Some(reason) = substream_rule(cfg.features.ssidsize, op, 0, ssid) {
-                    return refuse(reason);
-                }
+                let ssid = get(layout, cmd, "ssid");
+                substream_rule(cfg.features.ssidsize, op, 0, ssid)
+                    .map_or(Ok(()), |r| Err(refuse(r)))?;
             }
-            if let Err(o) = translate_sid(&mut w) {
-                return o;
-            }
+            translate_sid(cfg, bindings, layout, cmd, &mut w)?;
         }
         other => unreachable!("oracle: {other} is forwarded but has no rule"),
     }
-    SlotOutcome::Forwarded(RawCommand::new(w[0], w[1]))
+    Ok(w)
+}
+
+/// TLBI_NH_VA and TLBI_NH_VAA: the range fields (RES0 without RIL), the ASID, the range rules.
+fn tlbi_va_check(
+    cfg: &ViommuConfig,
+    layout: &OpLayout,
+    cmd: &RawCommand,
+) -> Result<(), SlotOutcome> {
+    let op = cmd.opcode();
+    let tg = get(layout, cmd, "tg") as u8;
+    let ttl = get(layout, cmd, "ttl") as u8;
+    let num = get(layout, cmd, "num");
+    let scale = get(layout, cmd, "scale");
+    // Without RIL, TG, TTL, NUM and SCALE are RES0.
+    if !cfg.range_inv && (tg != 0 || ttl != 0 || num != 0 || scale != 0) {
+        return Err(refuse(RefuseReason::RangeUnsupported { opcode: op }));
+    }
+    if layout.name == "TLBI_NH_VA" {
+        if let Some(refused) = asid_check(cfg, layout, cmd) {
+            return Err(refused);
+        }
+    }
+    range_rule(&cfg.features, op, tg, ttl, num, scale).map_or(Ok(()), |r| Err(refuse(r)))
+}
+
+/// ATC_INV: ATS, the substream fields, SIZE.
+fn atc_inv_check(
+    cfg: &ViommuConfig,
+    layout: &OpLayout,
+    cmd: &RawCommand,
+) -> Result<(), SlotOutcome> {
+    if !cfg.features.ats {
+        return Err(refuse(RefuseReason::AtsUnsupported));
+    }
+    let substream_flags = get(layout, cmd, "ssv") | get(layout, cmd, "global");
+    let ssid = get(layout, cmd, "ssid");
+    if let Some(reason) = substream_rule(cfg.features.ssidsize, cmd.opcode(), substream_flags, ssid)
+    {
+        return Err(refuse(reason));
+    }
+    let size = get(layout, cmd, "size");
+    if size > 52 {
+        return Err(refuse(RefuseReason::AtcSizeTooLarge { size: size as u8 }));
+    }
+    Ok(())
+}
+
+/// Replaces the command's vSID by its pSID, refusing a vSID that is unbound or beyond SIDSIZE.
+fn translate_sid(
+    cfg: &ViommuConfig,
+    bindings: &HashMap<u32, u32>,
+    layout: &OpLayout,
+    cmd: &RawCommand,
+    w: &mut [u64; 2],
+) -> Result<(), SlotOutcome> {
+    let vsid = get(layout, cmd, "sid") as u32;
+    let fits = u64::from(vsid) < (1u64 << cfg.sidsize);
+    match bindings.get(&vsid) {
+        Some(&psid) if fits => {
+            put(layout, w, "sid", u64::from(psid));
+            Ok(())
+        }
+        _ => Err(refuse(RefuseReason::UnknownVsid {
+            opcode: cmd.opcode(),
+            vsid,
+        })),
+    }
 }
 
 /// An ASID with its upper byte set on an SMMU with 8-bit ASIDs.

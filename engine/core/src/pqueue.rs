@@ -106,12 +106,13 @@ pub struct HwConfig {
     pub slow: Option<Duration>,
     /// Faults to inject.
     pub faults: Vec<Fault>,
-    /// A consumer that costs nothing: it takes whatever is published without reading it (no
+    /// The zero-cost consumer, which consumes unread (not the producer's free slots, which are
+    /// [`PhysProducer::room`]): it takes whatever is published without reading it (no
     /// legality check, no per-opcode or CMD_SYNC counts; [`HwCounters::consumed`] still
     /// counts). What the end-to-end benchmarks model: the SMMU's own work is not the engine's
     /// CPU time, even when the model is stepped inline by a worker. Has no effect when a
     /// check, a cost, a slow consumer or a fault is configured.
-    pub free: bool,
+    pub consume_unread: bool,
     /// For tests and the soak only: run by the producer's `publish` before it writes anything,
     /// so that a test can hold a worker between translating a batch and publishing it (inside
     /// its grace-period pin) and see what the unbind barrier does then. `None` costs one branch
@@ -128,7 +129,7 @@ impl Default for HwConfig {
             cost_ns: Box::new([0; 256]),
             slow: None,
             faults: Vec::new(),
-            free: false,
+            consume_unread: false,
             before_publish: None,
         }
     }
@@ -150,23 +151,23 @@ impl fmt::Debug for HwConfig {
             )
             .field("slow", &self.slow)
             .field("faults", &self.faults)
-            .field("free", &self.free)
+            .field("consume_unread", &self.consume_unread)
             .finish()
     }
 }
 
 impl HwConfig {
-    /// The zero-cost consumer ([`HwConfig::free`]).
+    /// The zero-cost consumer ([`HwConfig::consume_unread`]).
     pub fn zero_cost() -> Self {
         HwConfig {
-            free: true,
+            consume_unread: true,
             ..HwConfig::default()
         }
     }
 
     /// Whether the consumer may take commands without reading them.
-    fn is_free(&self) -> bool {
-        self.free
+    fn consumes_unread(&self) -> bool {
+        self.consume_unread
             && self.check.is_none()
             && self.slow.is_none()
             && self.faults.is_empty()
@@ -238,7 +239,7 @@ impl PhysQueue {
             next_fault_at: faults.first().map_or(u64::MAX, Fault::at),
             faults: faults.into_iter().map(|f| (f, false)).collect(),
             first_unfired: 0,
-            free: cfg.is_free(),
+            consume_unread: cfg.consumes_unread(),
             cfg,
             counters: HwCounters::default(),
             failures: Vec::new(),
@@ -515,8 +516,8 @@ pub struct Hardware {
     /// Smallest position of an unfired fault.
     next_fault_at: u64,
     cfg: HwConfig,
-    /// [`HwConfig::free`] in effect.
-    free: bool,
+    /// [`HwConfig::consume_unread`] in effect.
+    consume_unread: bool,
     counters: HwCounters,
     failures: Vec<CheckFailure>,
 }
@@ -578,24 +579,8 @@ impl Hardware {
     /// Consumes at most `max` commands; the count consumed. 0 while halted on an error,
     /// stalled, or with nothing published.
     pub fn step(&mut self, max: usize) -> usize {
-        // No Arc clone here: its count shares a line with what the producer reads.
-        if self.halted {
-            // Acquire: the slot the producer repaired before acknowledging is visible.
-            let gerrorn = self.q.gerrorn.load(Ordering::Acquire) & 1;
-            if gerrorn != self.q.gerror.load(Ordering::Relaxed) & 1 {
-                return 0;
-            }
-            self.halted = false;
-            self.q.cons.store(self.cons, Ordering::Release);
-        }
-        if self.q.stall.load(Ordering::Acquire) {
+        if !self.acknowledged() || self.stalled() {
             return 0;
-        }
-        if let Some(until) = self.stalled_until {
-            if Instant::now() < until {
-                return 0;
-            }
-            self.stalled_until = None;
         }
         let shape = self.q.shape;
         let prod = shape.ptr(self.q.prod.load(Ordering::Acquire));
@@ -604,62 +589,11 @@ impl Hardware {
             Err(e) => panic!("physical queue: the engine wrote a bad PROD: {e}"),
         };
         let n = pending.min(max);
-        if self.free {
-            if n > 0 {
-                self.cons = shape.advance(self.cons, n as u32);
-                self.pos += n as u64;
-                self.counters.consumed += n as u64;
-                // Release: the producer that sees CONS past a slot may overwrite it.
-                self.q.cons.store(self.cons, Ordering::Release);
-            }
+        if self.consume_unread {
+            self.skip(n);
             return n;
         }
-        let slow_ns = self.cfg.slow.map_or(0, |d| d.as_nanos() as u64);
-        let mut done = 0;
-        while done < n {
-            let cmd = self.q.slot(self.cons).read();
-            if self.pos >= self.next_fault_at {
-                match self.fire(&cmd) {
-                    Some(Fired::Error(cerror)) => {
-                        self.raise(cerror);
-                        break;
-                    }
-                    Some(Fired::Stall(d)) => {
-                        self.counters.stalls += 1;
-                        self.stalled_until = Some(Instant::now() + d);
-                        break;
-                    }
-                    Some(Fired::Hold) => {
-                        self.counters.stalls += 1;
-                        self.q.stall.store(true, Ordering::Release);
-                        break;
-                    }
-                    None => {}
-                }
-            }
-            if !matches!(res0_bits(&cmd), Some([0, 0])) {
-                // An illegal opcode or a RES0 bit set: what the SMMU refuses.
-                self.raise(CError::Ill);
-                break;
-            }
-            if let Some(check) = &self.cfg.check {
-                if let Err(message) = check(&cmd) {
-                    self.check_failed(cmd, message);
-                }
-            }
-            let op = cmd.opcode();
-            let cost = u64::from(self.cfg.cost_ns[op as usize]) + slow_ns;
-            if cost > 0 {
-                busy_wait(cost);
-            }
-            self.counters.per_opcode[op as usize] += 1;
-            if op == opcode::CMD_SYNC {
-                self.counters.syncs += 1;
-            }
-            self.cons = shape.advance(self.cons, 1);
-            self.pos += 1;
-            done += 1;
-        }
+        let done = self.consume(shape, n);
         self.counters.consumed += done as u64;
         // After an error, `raise` has published CONS (with CONS.ERR) already.
         if done > 0 && !self.halted {
@@ -668,6 +602,112 @@ impl Hardware {
             self.q.cons.store(self.cons, Ordering::Release);
         }
         done
+    }
+
+    /// False while halted on an error the producer has not acknowledged (GERRORN); once it
+    /// has, leaves the halt and publishes CONS without CONS.ERR.
+    #[inline]
+    fn acknowledged(&mut self) -> bool {
+        // No Arc clone here: its count shares a line with what the producer reads.
+        if self.halted {
+            // Acquire: the slot the producer repaired before acknowledging is visible.
+            let gerrorn = self.q.gerrorn.load(Ordering::Acquire) & 1;
+            if gerrorn != self.q.gerror.load(Ordering::Relaxed) & 1 {
+                return false;
+            }
+            self.halted = false;
+            self.q.cons.store(self.cons, Ordering::Release);
+        }
+        true
+    }
+
+    /// Whether the consumer is held ([`StallSwitch`], [`Fault::Hold`]) or in an injected stall
+    /// that has not run out.
+    #[inline]
+    fn stalled(&mut self) -> bool {
+        if self.q.stall.load(Ordering::Acquire) {
+            return true;
+        }
+        if let Some(until) = self.stalled_until {
+            if Instant::now() < until {
+                return true;
+            }
+            self.stalled_until = None;
+        }
+        false
+    }
+
+    /// The zero-cost consumer ([`HwConfig::consume_unread`]): takes `n` published commands
+    /// without reading them.
+    #[inline]
+    fn skip(&mut self, n: usize) {
+        if n > 0 {
+            self.cons = self.q.shape.advance(self.cons, n as u32);
+            self.pos += n as u64;
+            self.counters.consumed += n as u64;
+            // Release: the producer that sees CONS past a slot may overwrite it.
+            self.q.cons.store(self.cons, Ordering::Release);
+        }
+    }
+
+    /// Reads and executes at most `n` published commands, stopping early at an injected fault
+    /// or stall or an illegal command; the count consumed. CONS is left to the caller.
+    fn consume(&mut self, shape: QueueShape, n: usize) -> usize {
+        let slow_ns = self.cfg.slow.map_or(0, |d| d.as_nanos() as u64);
+        let mut done = 0;
+        while done < n {
+            let cmd = self.q.slot(self.cons).read();
+            if self.pos >= self.next_fault_at && self.injected(&cmd) {
+                break;
+            }
+            if !matches!(res0_bits(&cmd), Some([0, 0])) {
+                // An illegal opcode or a RES0 bit set: what the SMMU refuses.
+                self.raise(CError::Ill);
+                break;
+            }
+            self.execute(cmd, slow_ns);
+            self.cons = shape.advance(self.cons, 1);
+            self.pos += 1;
+            done += 1;
+        }
+        done
+    }
+
+    /// Fires the fault due at `cmd`, if any; true if it stops consumption here.
+    #[cold]
+    fn injected(&mut self, cmd: &RawCommand) -> bool {
+        match self.fire(cmd) {
+            Some(Fired::Error(cerror)) => self.raise(cerror),
+            Some(Fired::Stall(d)) => {
+                self.counters.stalls += 1;
+                self.stalled_until = Some(Instant::now() + d);
+            }
+            Some(Fired::Hold) => {
+                self.counters.stalls += 1;
+                self.q.stall.store(true, Ordering::Release);
+            }
+            None => return false,
+        }
+        true
+    }
+
+    /// Runs the configured check on a legal command, charges its cost and counts it.
+    #[inline]
+    fn execute(&mut self, cmd: RawCommand, slow_ns: u64) {
+        if let Some(check) = &self.cfg.check {
+            if let Err(message) = check(&cmd) {
+                self.check_failed(cmd, message);
+            }
+        }
+        let op = cmd.opcode();
+        let cost = u64::from(self.cfg.cost_ns[op as usize]) + slow_ns;
+        if cost > 0 {
+            busy_wait(cost);
+        }
+        self.counters.per_opcode[op as usize] += 1;
+        if op == opcode::CMD_SYNC {
+            self.counters.syncs += 1;
+        }
     }
 
     fn raise(&mut self, cerror: CError) {

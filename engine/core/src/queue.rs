@@ -198,6 +198,18 @@ impl QueueShape {
     }
 }
 
+/// The `n` slots of a ring of `len` from index `start` on, wrapping to slot 0, as at most two
+/// contiguous runs of indices: up to the end of the ring, then from slot 0 (empty when they do
+/// not wrap). Every reader or writer of a batch of slots (a guest ring's push and poll, the
+/// physical queue's reservation, the worker's provenance tags) walks a batch this way. `start`
+/// must be below `len` and `n` at most `len` (a caller bug otherwise: the runs would be out of
+/// range).
+#[inline]
+pub fn runs(len: usize, start: usize, n: usize) -> [core::ops::Range<usize>; 2] {
+    let first = n.min(len - start);
+    [start..start + first, 0..n - first]
+}
+
 /// CONS.ERR of a CONS register value (7 bits).
 #[inline]
 pub const fn cons_err(cons: u32) -> u8 {
@@ -273,6 +285,22 @@ mod tests {
 
     // The model: free-running u64 counters, pending = prod - cons, registers derived by masking.
     proptest! {
+        #[test]
+        fn runs_cover_the_n_slots_from_start_in_ring_order(
+            log2 in 0u32..=8,
+            start_seed: usize,
+            n_seed: usize,
+        ) {
+            let len = 1usize << log2;
+            let (start, n) = (start_seed % len, n_seed % (len + 1));
+            let [head, tail] = runs(len, start, n);
+            let walked: Vec<usize> = head.clone().chain(tail.clone()).collect();
+            let want: Vec<usize> = (0..n).map(|i| (start + i) % len).collect();
+            prop_assert_eq!(walked, want);
+            // The second run only when the first reaches the end of the ring.
+            prop_assert!(tail.is_empty() || head.end == len);
+        }
+
         #[test]
         fn matches_counter_model(
             log2 in 0u8..=19,

@@ -305,6 +305,44 @@ pub enum SlotOutcome {
     NotReached,
 }
 
+impl BatchEnd {
+    /// What became of each input command the [`translate`] call that returned this handled, in
+    /// input order: the consumed ones, then the refused one if it stopped on a refusal. `out`
+    /// and `prov` are what that call wrote.
+    pub fn outcomes<'a>(
+        &'a self,
+        out: &'a [RawCommand],
+        prov: &'a [u32],
+    ) -> impl Iterator<Item = SlotOutcome> + 'a {
+        let mut j = 0;
+        let consumed = (0..self.consumed).map(move |i| {
+            if j < self.produced && prov[j] as usize == i {
+                j += 1;
+                return SlotOutcome::Forwarded(out[j - 1]);
+            }
+            match self.stop {
+                Stop::Sync {
+                    slot,
+                    cs,
+                    msidata,
+                    msiaddr,
+                } if slot == i => SlotOutcome::Sync {
+                    cs,
+                    msidata,
+                    msiaddr,
+                },
+                Stop::Trap { slot, cmd } if slot == i => SlotOutcome::Trapped(cmd),
+                _ => SlotOutcome::Dropped,
+            }
+        });
+        let refused = match self.stop {
+            Stop::Refused { cerror, reason, .. } => Some(SlotOutcome::Refused { cerror, reason }),
+            _ => None,
+        };
+        consumed.chain(refused)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Action {
     Illegal,
@@ -852,31 +890,9 @@ pub fn translate_all(
     let mut start = 0;
     while start < input.len() {
         let end = translate(v, &input[start..], &mut out, &mut prov);
-        let mut j = 0;
-        for k in 0..end.consumed {
-            if j < end.produced && prov[j] as usize == k {
-                res.push(SlotOutcome::Forwarded(out[j]));
-                j += 1;
-                continue;
-            }
-            res.push(match end.stop {
-                Stop::Sync {
-                    slot,
-                    cs,
-                    msidata,
-                    msiaddr,
-                } if slot == k => SlotOutcome::Sync {
-                    cs,
-                    msidata,
-                    msiaddr,
-                },
-                Stop::Trap { slot, cmd } if slot == k => SlotOutcome::Trapped(cmd),
-                _ => SlotOutcome::Dropped,
-            });
-        }
+        res.extend(end.outcomes(&out, &prov));
         start += end.consumed;
-        if let Stop::Refused { cerror, reason, .. } = end.stop {
-            res.push(SlotOutcome::Refused { cerror, reason });
+        if let Stop::Refused { .. } = end.stop {
             start += 1;
             if !continue_after_refuse {
                 res.resize(input.len(), SlotOutcome::NotReached);

@@ -26,10 +26,26 @@ use vcmdq::command::{opcode, RawCommand};
 use vcmdq::engine::{AuditRecord, Engine, EngineConfig, EngineReport, RingId};
 use vcmdq::mock::{FixPolicy, Rng};
 use vcmdq::oracle;
-use vcmdq::pqueue::{Fault, HwPlacement};
+use vcmdq::pqueue::{Fault, HwConfig, HwPlacement};
 use vcmdq::queue::CError;
 use vcmdq::translate::{RefuseReason, SlotOutcome};
 use vcmdq::viommu::{DeviceId, Profile, ViommuConfig};
+
+/// The engine every test here runs: two workers with the audit on (every check reads it), on
+/// model queues whose hardware is `hw`; `tune` changes what a test needs otherwise.
+fn start_engine(hw: HwConfig, tune: impl FnOnce(&mut EngineConfig, &mut Model)) -> TestEngine {
+    let mut cfg = EngineConfig {
+        workers: 2,
+        audit: true,
+        ..Default::default()
+    };
+    let mut model = Model {
+        hw,
+        ..Model::default()
+    };
+    tune(&mut cfg, &mut model);
+    TestEngine::with_model(cfg, model)
+}
 
 /// The pSID of the device a test binds as `vsid` in vIOMMU `viommu`.
 fn psid(viommu: u32, vsid: u32) -> u32 {
@@ -383,17 +399,7 @@ fn run_guests(
 fn many_guests_every_outcome_against_the_oracle() {
     let topo = Topology::new(4, 16, true);
     let (hwcfg, log) = hw(&topo.vmids(), &topo.psids());
-    let engine = TestEngine::with_model(
-        EngineConfig {
-            workers: 2,
-            audit: true,
-            ..Default::default()
-        },
-        Model {
-            hw: hwcfg,
-            ..Model::default()
-        },
-    );
+    let engine = start_engine(hwcfg, |_, _| {});
     topo.build(&engine);
     let mut drivers = topo.attach(&engine, FixPolicy::LikeLinux, |i| 6 + (i % 3) as u8);
     let traps = run_guests(&engine, &topo, &mut drivers, 30, true, || {});
@@ -470,18 +476,7 @@ fn faults(placement: HwPlacement, fix: FixPolicy, hostile: bool) {
         hwcfg = hwcfg.with_fault(f);
     }
     hwcfg.slow = Some(Duration::from_micros(1));
-    let engine = TestEngine::with_model(
-        EngineConfig {
-            workers: 2,
-            audit: true,
-            ..Default::default()
-        },
-        Model {
-            hw: hwcfg,
-            placement,
-            ..Model::default()
-        },
-    );
+    let engine = start_engine(hwcfg, |_, m| m.placement = placement);
     topo.build(&engine);
     let mut drivers = topo.attach(&engine, fix, |_| 7);
     run_guests(&engine, &topo, &mut drivers, 30, hostile, || {});
@@ -548,20 +543,13 @@ fn flood(placement: HwPlacement) {
     const BUDGET: usize = 32;
     let (mut hwcfg, _log) = hw(&[11, 12], &[]);
     hwcfg.slow = Some(Duration::from_micros(5));
-    let engine = TestEngine::with_model(
-        EngineConfig {
-            workers: 1,
-            ring_budget: BUDGET,
-            batch_limit: BUDGET,
-            audit: true,
-            capture: None,
-        },
-        Model {
-            log2size: 10,
-            hw: hwcfg,
-            placement,
-        },
-    );
+    let engine = start_engine(hwcfg, |cfg, m| {
+        cfg.workers = 1;
+        cfg.ring_budget = BUDGET;
+        cfg.batch_limit = BUDGET;
+        m.log2size = 10;
+        m.placement = placement;
+    });
     engine.create_viommu(ViommuConfig::new(1, 11, 0)).unwrap();
     engine.create_viommu(ViommuConfig::new(2, 12, 0)).unwrap();
     let (mut flooder, host) = ring_pair(Backing::Sealed, 12, 1);
@@ -666,18 +654,10 @@ fn a_tiny_physical_queue_applies_back_pressure() {
         let topo = Topology::new(2, 4, false);
         let (mut hwcfg, log) = hw(&topo.vmids(), &topo.psids());
         hwcfg.slow = Some(Duration::from_micros(1));
-        let engine = TestEngine::with_model(
-            EngineConfig {
-                workers: 2,
-                audit: true,
-                ..Default::default()
-            },
-            Model {
-                log2size: phys,
-                hw: hwcfg,
-                placement: HwPlacement::Thread,
-            },
-        );
+        let engine = start_engine(hwcfg, |_, m| {
+            m.log2size = phys;
+            m.placement = HwPlacement::Thread;
+        });
         topo.build(&engine);
         let mut drivers = topo.attach(&engine, FixPolicy::LikeLinux, |_| 10);
         let big = std::thread::scope(|s| {
@@ -728,17 +708,7 @@ fn atc_inv(vsid: u32, g: usize, n: u64) -> RawCommand {
 fn unbind_is_a_barrier_while_guests_hammer_the_vsid() {
     const CYCLES: usize = 100;
     let (hwcfg, log) = hw(&[11], &[0x800, 0x801]);
-    let engine = TestEngine::with_model(
-        EngineConfig {
-            workers: 2,
-            audit: true,
-            ..Default::default()
-        },
-        Model {
-            hw: hwcfg,
-            ..Model::default()
-        },
-    );
+    let engine = start_engine(hwcfg, |_, _| {});
     let cfg = ViommuConfig::new(1, 11, 0);
     let v = engine.create_viommu(cfg).unwrap();
     engine.devices().add_device(DeviceId(1), 0, 0x800).unwrap();
@@ -926,17 +896,7 @@ fn viommus_and_bindings_come_and_go_while_traffic_flows() {
     let mut psids = topo.psids();
     psids.extend((0..ROUNDS).map(|i| 0x2000 + i));
     let (hwcfg, log) = hw(&vmids, &psids);
-    let engine = TestEngine::with_model(
-        EngineConfig {
-            workers: 2,
-            audit: true,
-            ..Default::default()
-        },
-        Model {
-            hw: hwcfg,
-            ..Model::default()
-        },
-    );
+    let engine = start_engine(hwcfg, |_, _| {});
     topo.build(&engine);
     let mut drivers = topo.attach(&engine, FixPolicy::LikeLinux, |_| 7);
     let engine_ref = &engine;
@@ -1013,19 +973,11 @@ fn shutdown_with_work_in_flight_completes_what_was_taken_and_nothing_more() {
     let topo = Topology::new(2, 4, false);
     let (mut hwcfg, log) = hw(&topo.vmids(), &topo.psids());
     hwcfg.slow = Some(Duration::from_micros(20));
-    let engine = TestEngine::with_model(
-        EngineConfig {
-            workers: 2,
-            ring_budget: 64,
-            audit: true,
-            ..Default::default()
-        },
-        Model {
-            log2size: 6,
-            hw: hwcfg,
-            placement: HwPlacement::Thread,
-        },
-    );
+    let engine = start_engine(hwcfg, |cfg, m| {
+        cfg.ring_budget = 64;
+        m.log2size = 6;
+        m.placement = HwPlacement::Thread;
+    });
     topo.build(&engine);
     let mut drivers = topo.attach(&engine, FixPolicy::LikeLinux, |_| 12);
     for (g, d) in drivers.iter_mut().enumerate() {

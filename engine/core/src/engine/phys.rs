@@ -72,10 +72,10 @@ impl<'a> Slots<'a> {
     /// `ring.len()` and `n` at most `ring.len()` (a caller bug otherwise: panics).
     #[inline]
     pub fn of_ring(ring: &'a [CmdSlot], start: usize, n: usize) -> Slots<'a> {
-        let first = n.min(ring.len() - start);
+        let [head, tail] = crate::queue::runs(ring.len(), start, n);
         Slots {
-            head: &ring[start..start + first],
-            tail: &ring[..n - first],
+            head: &ring[head],
+            tail: &ring[tail],
         }
     }
 

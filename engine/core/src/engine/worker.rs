@@ -4,10 +4,10 @@ use super::phys::PhysicalQueue;
 use super::stats::{AuditRecord, EngineStats, RingProgress};
 use super::{Ctrl, EngineConfig, RingId, Shared, TrapEvent};
 use crate::command::{opcode, RawCommand};
-use crate::queue::{CError, QueueShape};
+use crate::queue::{runs, CError, QueueShape};
 use crate::ring::{HostRing, RingError};
 use crate::sync::lock;
-use crate::translate::{translate, SlotOutcome, Stop};
+use crate::translate::{translate, BatchEnd, Stop};
 use crate::viommu::{Reader, Viommu};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -102,6 +102,21 @@ impl RingState {
 /// The ring of a physical slot that carries nothing of a guest.
 const NO_RING: u32 = u32::MAX;
 
+/// A batch just published for a ring, as [`Issuer::settle`] needs it.
+#[derive(Clone, Copy)]
+struct Batch {
+    /// Guest pointer of its first input entry.
+    first: u32,
+    /// Free-running physical position it starts at.
+    pos0: u64,
+    /// Free-running physical position after it (and its CMD_SYNC).
+    phys: u64,
+    /// Sequence number of its first input entry.
+    seq0: u64,
+    /// Entries of the poll before it.
+    done: usize,
+}
+
 /// Provenance of one physical slot: the ring and the guest pointer it came from.
 #[derive(Clone, Copy, Default)]
 struct Tag {
@@ -109,9 +124,13 @@ struct Tag {
     ptr: u32,
 }
 
-/// Everything of a worker but its rings and its grace-period reader, so that a pass can borrow
-/// them apart.
-struct Lane<Q> {
+/// The part of a worker that issues commands to its physical command queue: it translates what
+/// a guest ring holds, writes the batches after PROD and publishes them, and follows CONS
+/// until they are consumed (then completes the guest's CONS and CMD_SYNC), or until the queue
+/// stops on an error at one of them. Named for what SMMUv3 software does to a command queue,
+/// issue commands to it. It holds everything of a worker but its rings and its grace-period
+/// reader, so that a pass can lend it one ring at a time.
+struct Issuer<Q> {
     batch_limit: usize,
     ring_budget: usize,
     audit_on: bool,
@@ -134,7 +153,7 @@ pub(super) struct Report {
 /// [`PhysicalQueue`]).
 pub(super) struct Worker<Q> {
     index: usize,
-    lane: Lane<Q>,
+    issuer: Issuer<Q>,
     reader: Reader,
     rings: Vec<RingState>,
     next_ring: usize,
@@ -147,7 +166,7 @@ impl<Q: PhysicalQueue> Worker<Q> {
         Worker {
             index,
             reader: shared.grace.register(),
-            lane: Lane {
+            issuer: Issuer {
                 batch_limit,
                 ring_budget: cfg.ring_budget.max(1),
                 audit_on: cfg.audit,
@@ -170,11 +189,11 @@ impl<Q: PhysicalQueue> Worker<Q> {
     pub(super) fn run(mut self) -> Report {
         let mut idle = 0u32;
         loop {
-            let stopping = self.lane.shared.stopping.load(Ordering::Acquire);
+            let stopping = self.issuer.shared.stopping.load(Ordering::Acquire);
             let work = self.pass(stopping);
             if work {
                 idle = 0;
-                self.lane.shared.stats[self.index].store(&self.lane.stats);
+                self.issuer.shared.stats[self.index].store(&self.issuer.stats);
             } else {
                 if stopping && self.quiescent() {
                     break;
@@ -183,19 +202,19 @@ impl<Q: PhysicalQueue> Worker<Q> {
                 backoff(idle);
             }
         }
-        self.lane.shared.stats[self.index].store(&self.lane.stats);
-        let mut detached = lock(&self.lane.shared.detached);
+        self.issuer.shared.stats[self.index].store(&self.issuer.stats);
+        let mut detached = lock(&self.issuer.shared.detached);
         for r in self.rings.drain(..) {
             detached.insert(r.id, (r.host, None));
         }
         drop(detached);
         Report {
-            audit: std::mem::take(&mut self.lane.audit),
+            audit: std::mem::take(&mut self.issuer.audit),
         }
     }
 
     fn quiescent(&self) -> bool {
-        let p = &self.lane.producer;
+        let p = &self.issuer.producer;
         p.error().is_none()
             && p.consumed() == p.published()
             && self.rings.iter().all(|r| r.inflight.is_empty())
@@ -204,14 +223,14 @@ impl<Q: PhysicalQueue> Worker<Q> {
     /// One pass over everything this worker owns; true if anything moved.
     fn pass(&mut self, stopping: bool) -> bool {
         let mut work = self.control();
-        work |= self.lane.producer.progress();
-        work |= self.lane.physical_fault(&mut self.rings);
+        work |= self.issuer.producer.progress();
+        work |= self.issuer.physical_fault(&mut self.rings);
         let n = self.rings.len();
         for k in 0..n {
             let r = &mut self.rings[(self.next_ring + k) % n];
-            work |= self.lane.retire(r);
+            work |= self.issuer.retire(r);
             if !stopping {
-                work |= self.lane.serve(r, &mut self.reader);
+                work |= self.issuer.serve(r, &mut self.reader);
             }
         }
         if n > 0 {
@@ -223,7 +242,7 @@ impl<Q: PhysicalQueue> Worker<Q> {
     /// Applies the control plane's messages; lets go of rings that finished detaching.
     fn control(&mut self) -> bool {
         let mut work = false;
-        while let Some(msg) = self.lane.shared.ctrl[self.index].pop() {
+        while let Some(msg) = self.issuer.shared.ctrl[self.index].pop() {
             work = true;
             match msg {
                 Ctrl::Attach {
@@ -264,7 +283,7 @@ impl<Q: PhysicalQueue> Worker<Q> {
         while i < self.rings.len() {
             if self.rings[i].detach && self.rings[i].inflight.is_empty() {
                 let r = self.rings.swap_remove(i);
-                lock(&self.lane.shared.detached).insert(r.id, (r.host, r.failed));
+                lock(&self.issuer.shared.detached).insert(r.id, (r.host, r.failed));
                 work = true;
             } else {
                 i += 1;
@@ -274,7 +293,7 @@ impl<Q: PhysicalQueue> Worker<Q> {
     }
 }
 
-impl<Q: PhysicalQueue> Lane<Q> {
+impl<Q: PhysicalQueue> Issuer<Q> {
     fn now(&self) -> u64 {
         self.shared.epoch.elapsed().as_nanos() as u64
     }
@@ -326,28 +345,13 @@ impl<Q: PhysicalQueue> Lane<Q> {
 
     /// Reads ring `r` once, translates what it holds in batches and publishes them.
     fn serve(&mut self, r: &mut RingState, reader: &mut Reader) -> bool {
-        if r.pause != Pause::Running || r.detach || r.inflight.len() + 2 >= MAX_INFLIGHT {
+        let Some(room) = self.room_for(r) else {
             return false;
-        }
-        // Each guest entry becomes at most one physical entry (a guest CMD_SYNC becomes the
-        // physical CMD_SYNC), so the free space bounds what may be taken; and so does what is
-        // left of the ring's budget of entries in flight.
-        let room =
-            (self.producer.room() as usize).min(self.ring_budget.saturating_sub(r.phys_inflight));
-        if room == 0 {
-            return false;
-        }
+        };
         let polled = match r.host.poll(&mut self.inbuf[..room]) {
             Ok(p) => p,
             Err(e) => {
-                // The ring's memory failed (an unsealed file shrank): give it up, nothing of it
-                // in flight is lost (the physical queue completes it regardless).
-                // Its CONS can no longer be written safely, so what is in flight of it completes
-                // in the physical queue without a word to the guest.
-                self.stats.ring_failures += 1;
-                r.detach = true;
-                r.failed = Some(e);
-                r.clear_inflight();
+                self.ring_failed(r, e);
                 return true;
             }
         };
@@ -355,99 +359,12 @@ impl<Q: PhysicalQueue> Lane<Q> {
             return false;
         }
         self.stats.taken += polled.n as u64;
-        let shape = r.host.shape();
         let seq0 = r.read_seq;
         r.read_seq += polled.n as u64;
         // One pin per pass: lookups and publication of every batch below happen inside it, so
         // an unbind that returns has seen them all published (rule 5).
         let pin = reader.pin();
-        // Capture: entries of this poll the engine acted on (judged), as this poll read them.
-        let mut acted = polled.n;
-        let mut done = 0usize;
-        while done < polled.n {
-            let chunk = (polled.n - done).min(self.batch_limit);
-            let input = &self.inbuf[done..done + chunk];
-            let end = translate(&r.viommu, input, &mut self.out, &mut self.prov);
-            let first = shape.advance(polled.first, done as u32);
-            let pos0 = self.producer.published();
-            // A batch that ends in a guest CMD_SYNC carries its physical CMD_SYNC: one PROD
-            // store for both. There is room: the guest's sync took an input slot, so fewer
-            // than `batch_limit` commands were produced.
-            let mut n = end.produced;
-            if let Stop::Sync { slot, .. } = end.stop {
-                self.out[n] = PHYS_SYNC;
-                self.prov[n] = slot as u32;
-                n += 1;
-                self.stats.phys_syncs += 1;
-            }
-            tag_batch(&mut self.tags, pos0, r.id.0, first, shape, &self.prov[..n]);
-            let phys = if n > 0 {
-                publish(&mut self.producer, &self.out[..n])
-            } else {
-                pos0
-            };
-            self.stats.forwarded += end.produced as u64;
-            if self.audit_on {
-                self.record(r.id, seq0, done, &end);
-            }
-            let guest_end = shape.advance(first, end.consumed as u32);
-            // A guest CMD_SYNC or trapped command is consumed but neither forwarded nor dropped.
-            let special = matches!(end.stop, Stop::Sync { .. } | Stop::Trap { .. });
-            self.stats.dropped += (end.consumed - end.produced - usize::from(special)) as u64;
-            self.stats.batches += 1;
-            match end.stop {
-                Stop::Drained | Stop::OutputFull => r.track(Pending {
-                    phys,
-                    guest_end,
-                    entries: (phys - pos0) as u32,
-                    action: Action::Advance,
-                }),
-                Stop::Sync { cs, msidata, .. } => {
-                    r.track(Pending {
-                        phys,
-                        guest_end,
-                        entries: (phys - pos0) as u32,
-                        action: Action::Sync { cs, msidata },
-                    });
-                }
-                Stop::Trap { slot, cmd } => {
-                    // The ring pauses at the trapped slot: what was read after it is given
-                    // back and read again once the control plane is done.
-                    self.stats.trapped += 1;
-                    r.track(Pending {
-                        phys,
-                        guest_end: shape.advance(first, slot as u32),
-                        entries: (phys - pos0) as u32,
-                        action: Action::Trap { cmd },
-                    });
-                    r.host.rewind(guest_end);
-                    acted = done + end.consumed;
-                    r.read_seq = seq0 + (done + end.consumed) as u64;
-                    r.pause = Pause::Draining;
-                    r.progress.advance(seq0 + (done + slot) as u64);
-                    break;
-                }
-                Stop::Refused { slot, cerror, .. } => {
-                    self.stats.refused += 1;
-                    let at = shape.advance(first, slot as u32);
-                    r.track(Pending {
-                        phys,
-                        guest_end: at,
-                        entries: (phys - pos0) as u32,
-                        action: Action::Stop { cerror },
-                    });
-                    r.host.rewind(at);
-                    // The refused entry was acted on too (its refusal is what the guest sees).
-                    acted = done + slot + 1;
-                    r.read_seq = seq0 + (done + slot) as u64;
-                    r.pause = Pause::Draining;
-                    r.progress.advance(seq0 + (done + slot) as u64);
-                    break;
-                }
-            }
-            done += end.consumed;
-            r.progress.advance(seq0 + done as u64);
-        }
+        let acted = self.forward(r, polled.first, polled.n, seq0);
         if self.shared.capture.is_some() {
             self.capture(r, polled.first, acted, seq0);
         }
@@ -462,6 +379,146 @@ impl<Q: PhysicalQueue> Lane<Q> {
         }
         drop(pin);
         true
+    }
+
+    /// How many entries ring `r` may be read for now; `None` if it may not be read at all.
+    #[inline]
+    fn room_for(&self, r: &RingState) -> Option<usize> {
+        if r.pause != Pause::Running || r.detach || r.inflight.len() + 2 >= MAX_INFLIGHT {
+            return None;
+        }
+        // Each guest entry becomes at most one physical entry (a guest CMD_SYNC becomes the
+        // physical CMD_SYNC), so the free space bounds what may be taken; and so does what is
+        // left of the ring's budget of entries in flight.
+        let room =
+            (self.producer.room() as usize).min(self.ring_budget.saturating_sub(r.phys_inflight));
+        (room > 0).then_some(room)
+    }
+
+    /// The ring's memory failed (an unsealed file shrank): give it up. Its CONS can no longer
+    /// be written safely, so what is in flight of it completes in the physical queue without a
+    /// word to the guest.
+    #[cold]
+    fn ring_failed(&mut self, r: &mut RingState, e: RingError) {
+        self.stats.ring_failures += 1;
+        r.detach = true;
+        r.failed = Some(e);
+        r.clear_inflight();
+    }
+
+    /// Translates and publishes, batch by batch, the `n` entries of a poll that read from guest
+    /// pointer `first` (they are `inbuf[..n]`, the first with sequence number `seq0`). Returns
+    /// how many of them the engine acted on: all, unless a trapped or refused entry paused the
+    /// ring and what was read after it was given back.
+    #[inline]
+    fn forward(&mut self, r: &mut RingState, first: u32, n: usize, seq0: u64) -> usize {
+        let shape = r.host.shape();
+        let mut done = 0usize;
+        while done < n {
+            let batch_first = shape.advance(first, done as u32);
+            let chunk = (n - done).min(self.batch_limit);
+            let (end, pos0, phys) = self.publish_batch(r, batch_first, done, chunk);
+            if self.audit_on {
+                self.record(r.id, seq0, done, &end);
+            }
+            let batch = Batch {
+                first: batch_first,
+                pos0,
+                phys,
+                seq0: seq0 + done as u64,
+                done,
+            };
+            if let Some(acted) = self.settle(r, &end, batch) {
+                return acted;
+            }
+            done += end.consumed;
+            r.progress.advance(seq0 + done as u64);
+        }
+        n
+    }
+
+    /// Translates `inbuf[done..done + chunk]`, read from guest pointer `first` of ring `r`,
+    /// tags and publishes what it produced. Returns what `translate` did and the free-running
+    /// physical positions the batch starts and ends at.
+    #[inline]
+    fn publish_batch(
+        &mut self,
+        r: &RingState,
+        first: u32,
+        done: usize,
+        chunk: usize,
+    ) -> (BatchEnd, u64, u64) {
+        let input = &self.inbuf[done..done + chunk];
+        let end = translate(&r.viommu, input, &mut self.out, &mut self.prov);
+        let pos0 = self.producer.published();
+        // A batch that ends in a guest CMD_SYNC carries its physical CMD_SYNC: one PROD
+        // store for both. There is room: the guest's sync took an input slot, so fewer
+        // than `batch_limit` commands were produced.
+        let mut n = end.produced;
+        if let Stop::Sync { slot, .. } = end.stop {
+            self.out[n] = PHYS_SYNC;
+            self.prov[n] = slot as u32;
+            n += 1;
+            self.stats.phys_syncs += 1;
+        }
+        let shape = r.host.shape();
+        tag_batch(&mut self.tags, pos0, r.id.0, first, shape, &self.prov[..n]);
+        let phys = if n > 0 {
+            publish(&mut self.producer, &self.out[..n])
+        } else {
+            pos0
+        };
+        self.stats.forwarded += end.produced as u64;
+        // A guest CMD_SYNC or trapped command is consumed but neither forwarded nor dropped.
+        let special = matches!(end.stop, Stop::Sync { .. } | Stop::Trap { .. });
+        self.stats.dropped += (end.consumed - end.produced - usize::from(special)) as u64;
+        self.stats.batches += 1;
+        (end, pos0, phys)
+    }
+
+    /// Records what ring `r` waits for from the published batch `b`: its CONS to move, its
+    /// CMD_SYNC to complete, or a pause at a trapped or refused entry. On a pause, gives back
+    /// what was read after that entry and returns how many entries of the poll were acted on;
+    /// `None` while the poll goes on.
+    #[inline]
+    fn settle(&mut self, r: &mut RingState, end: &BatchEnd, b: Batch) -> Option<usize> {
+        let shape = r.host.shape();
+        let guest_end = shape.advance(b.first, end.consumed as u32);
+        let entries = (b.phys - b.pos0) as u32;
+        let (action, at, paused) = match end.stop {
+            Stop::Drained | Stop::OutputFull => (Action::Advance, guest_end, None),
+            Stop::Sync { cs, msidata, .. } => (Action::Sync { cs, msidata }, guest_end, None),
+            Stop::Trap { slot, cmd } => {
+                // The ring pauses at the trapped slot: what was read after it is given back
+                // and read again once the control plane is done.
+                self.stats.trapped += 1;
+                let at = shape.advance(b.first, slot as u32);
+                let paused = (slot, guest_end, end.consumed, b.done + end.consumed);
+                (Action::Trap { cmd }, at, Some(paused))
+            }
+            Stop::Refused { slot, cerror, .. } => {
+                self.stats.refused += 1;
+                let at = shape.advance(b.first, slot as u32);
+                // The refused entry was acted on too (its refusal is what the guest sees), but
+                // it is read again after the guest's acknowledgement.
+                let paused = (slot, at, slot, b.done + slot + 1);
+                (Action::Stop { cerror }, at, Some(paused))
+            }
+        };
+        r.track(Pending {
+            phys: b.phys,
+            guest_end: at,
+            entries,
+            action,
+        });
+        // The entry at `slot` of the batch paused the ring; the ring reads again from `resume`,
+        // the entry `read` of the batch; `acted` entries of the poll were acted on.
+        let (slot, resume, read, acted) = paused?;
+        r.host.rewind(resume);
+        r.read_seq = b.seq0 + read as u64;
+        r.pause = Pause::Draining;
+        r.progress.advance(b.seq0 + slot as u64);
+        Some(acted)
     }
 
     /// Capture: what the guest did that this poll shows, for the first `n` entries it read:
@@ -504,46 +561,13 @@ impl<Q: PhysicalQueue> Lane<Q> {
     }
 
     /// Audit: what became of each input entry `translate` handled.
-    fn record(&mut self, ring: RingId, seq0: u64, done: usize, end: &crate::translate::BatchEnd) {
+    fn record(&mut self, ring: RingId, seq0: u64, done: usize, end: &BatchEnd) {
         let seq0 = seq0 + done as u64;
-        let mut j = 0;
-        for i in 0..end.consumed {
-            let cmd = self.inbuf[done + i];
-            let outcome = if j < end.produced && self.prov[j] as usize == i {
-                j += 1;
-                SlotOutcome::Forwarded(self.out[j - 1])
-            } else {
-                match end.stop {
-                    Stop::Sync {
-                        slot,
-                        cs,
-                        msidata,
-                        msiaddr,
-                    } if slot == i => SlotOutcome::Sync {
-                        cs,
-                        msidata,
-                        msiaddr,
-                    },
-                    Stop::Trap { slot, .. } if slot == i => SlotOutcome::Trapped(cmd),
-                    _ => SlotOutcome::Dropped,
-                }
-            };
+        for (i, outcome) in end.outcomes(&self.out, &self.prov).enumerate() {
             self.audit.push(AuditRecord::Slot {
                 ring,
                 seq: seq0 + i as u64,
                 outcome,
-            });
-        }
-        if let Stop::Refused {
-            slot,
-            cerror,
-            reason,
-        } = end.stop
-        {
-            self.audit.push(AuditRecord::Slot {
-                ring,
-                seq: seq0 + slot as u64,
-                outcome: SlotOutcome::Refused { cerror, reason },
             });
         }
     }
@@ -607,23 +631,25 @@ impl<Q: PhysicalQueue> Lane<Q> {
 
 /// Provenance of a batch about to be published at physical position `pos0`: the physical slot
 /// of output j came from guest pointer `first + prov[j]` of `ring`.
+#[inline]
 fn tag_batch(tags: &mut [Tag], pos0: u64, ring: u32, first: u32, shape: QueueShape, prov: &[u32]) {
-    // At most two contiguous runs, as in the physical queue itself.
     let start = (pos0 & (tags.len() as u64 - 1)) as usize;
-    let (a, b) = prov.split_at(prov.len().min(tags.len() - start));
+    let [head, tail] = runs(tags.len(), start, prov.len());
+    let (a, b) = prov.split_at(head.len());
     let tag = |&p: &u32| Tag {
         ring,
         ptr: shape.advance(first, p),
     };
-    for (t, p) in tags[start..start + a.len()].iter_mut().zip(a) {
+    for (t, p) in tags[head].iter_mut().zip(a) {
         *t = tag(p);
     }
-    for (t, p) in tags[..b.len()].iter_mut().zip(b) {
+    for (t, p) in tags[tail].iter_mut().zip(b) {
         *t = tag(p);
     }
 }
 
 /// Publishes commands the caller made room for.
+#[inline]
 fn publish<Q: PhysicalQueue>(producer: &mut Q, cmds: &[RawCommand]) -> u64 {
     match producer.publish(cmds) {
         Ok(pos) => pos,

@@ -10,7 +10,7 @@ use super::layout::{self, slot_offset};
 use super::memory::{HeapMemory, MmapMemory, Region, RingMemory};
 use super::{load_slot, new_region, shape_for, store_slot, validate, RingError};
 use crate::command::RawCommand;
-use crate::queue::{cons_err, CError, QueueShape};
+use crate::queue::{cons_err, runs, CError, QueueShape};
 
 /// The producer end of a guest ring. One `GuestRing` per ring: two producers on one ring race
 /// on PROD exactly as two CPUs without a lock would.
@@ -116,18 +116,15 @@ impl GuestRing {
     /// written. [`GuestRing::doorbell`] publishes.
     pub fn push(&mut self, cmds: &[RawCommand]) -> usize {
         let n = (self.free() as usize).min(cmds.len());
-        // At most two contiguous runs: up to the end of the slots, then from slot 0.
-        let start = self.shape.index(self.prod) as usize;
-        let first_run = n.min(self.shape.entries() as usize - start);
-        let slots = self
-            .region
-            .slots(slot_offset(self.shape, self.prod), first_run);
-        for (s, c) in slots.iter().zip(&cmds[..first_run]) {
-            store_slot(s, c);
-        }
-        let slots = self.region.slots(layout::HEADER_SIZE, n - first_run);
-        for (s, c) in slots.iter().zip(&cmds[first_run..n]) {
-            store_slot(s, c);
+        let entries = self.shape.entries() as usize;
+        let mut cmds = &cmds[..n];
+        for run in runs(entries, self.shape.index(self.prod) as usize, n) {
+            let offset = slot_offset(self.shape, run.start as u32);
+            let (now, rest) = cmds.split_at(run.len());
+            for (s, c) in self.region.slots(offset, run.len()).iter().zip(now) {
+                store_slot(s, c);
+            }
+            cmds = rest;
         }
         self.prod = self.shape.advance(self.prod, n as u32);
         n

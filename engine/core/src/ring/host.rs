@@ -20,7 +20,7 @@ use super::regs::{HeaderRegisters, QueueRegisters};
 use super::slots::{MemorySlots, QueueSlots};
 use super::{identity_of, new_region, shape_for, validate, validate_identity, RingError};
 use crate::command::RawCommand;
-use crate::queue::{cons_err, with_cons_err, CError, QueueShape};
+use crate::queue::{cons_err, runs, with_cons_err, CError, QueueShape};
 
 /// How [`HostRing::attach_with`] treats a file it did not create.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -532,12 +532,16 @@ impl HostRing {
         if n == 0 {
             return Ok(idle);
         }
-        // At most two contiguous runs: up to the end of the slots, then from slot 0.
-        let start = self.shape.index(self.read);
-        let first_run = n.min((self.shape.entries() - start) as usize);
-        let mut copied = self.slots.copy_out(start, &mut out[..first_run]);
-        if copied.is_ok() && n > first_run {
-            copied = self.slots.copy_out(0, &mut out[first_run..n]);
+        let entries = self.shape.entries() as usize;
+        let [head, tail] = runs(entries, self.shape.index(self.read) as usize, n);
+        let first_run = head.len();
+        let mut copied = self
+            .slots
+            .copy_out(head.start as u32, &mut out[..first_run]);
+        if copied.is_ok() && !tail.is_empty() {
+            copied = self
+                .slots
+                .copy_out(tail.start as u32, &mut out[first_run..n]);
         }
         if let Err(e) = copied {
             return Err(self.fail(e));

@@ -745,6 +745,31 @@ impl Viommu {
             .by_id
             .get_mut(&device)
             .ok_or(ViommuError::NoDevice { device })?;
+        self.check_bindable(device, st, vsid)?;
+        self.check_vsid_free(&bound, vsid)?;
+        // The limits, before the insert allocates anything; under this vIOMMU's lock, so the
+        // table cannot grow between the check and the insert.
+        self.check_limits(&bound, vsid)?;
+        // Both checks above ran under this vIOMMU's lock: the insert cannot fail.
+        if let Err(e) = self.table.insert(vsid, st.psid) {
+            unreachable!("checked under the lock: {e}");
+        }
+        st.binding = Binding::Bound { viommu, vsid };
+        bound.insert(device, vsid);
+        // A new vdevice of a device id that had one here before it was removed.
+        lock(&self.tombstones).remove(&device);
+        Ok(())
+    }
+
+    /// Whether `device` may be bound here at `vsid`: it sits behind this vIOMMU's SMMU, `vsid`
+    /// is within SIDSIZE, and the device is not bound (or being unbound) already.
+    fn check_bindable(
+        &self,
+        device: DeviceId,
+        st: &DeviceState,
+        vsid: u32,
+    ) -> Result<(), ViommuError> {
+        let viommu = self.cfg.id;
         if st.smmu != self.cfg.smmu {
             return Err(ViommuError::WrongSmmu {
                 device,
@@ -777,6 +802,16 @@ impl Viommu {
                 })
             }
         }
+        Ok(())
+    }
+
+    /// Whether `vsid` is free here: not bound to another device.
+    fn check_vsid_free(
+        &self,
+        bound: &HashMap<DeviceId, u32>,
+        vsid: u32,
+    ) -> Result<(), ViommuError> {
+        let viommu = self.cfg.id;
         if self.table.get(vsid).is_some() {
             let holder = bound
                 .iter()
@@ -788,8 +823,13 @@ impl Viommu {
                 device: holder,
             });
         }
-        // The limits, before the insert allocates anything; under this vIOMMU's lock, so the
-        // table cannot grow between the check and the insert.
+        Ok(())
+    }
+
+    /// Whether one more binding (of `vsid`) fits the configured limits: the Tegra241 SID slots,
+    /// `max_vsids`, `max_table_bytes`.
+    fn check_limits(&self, bound: &HashMap<DeviceId, u32>, vsid: u32) -> Result<(), ViommuError> {
+        let viommu = self.cfg.id;
         if self.cfg.profile == Profile::Tegra241
             && bound.len() >= self.cfg.tegra241_sid_slots as usize
         {
@@ -815,14 +855,6 @@ impl Viommu {
                 max: self.cfg.max_table_bytes,
             });
         }
-        // Both checks above ran under this vIOMMU's lock: the insert cannot fail.
-        if let Err(e) = self.table.insert(vsid, st.psid) {
-            unreachable!("checked under the lock: {e}");
-        }
-        st.binding = Binding::Bound { viommu, vsid };
-        bound.insert(device, vsid);
-        // A new vdevice of a device id that had one here before it was removed.
-        lock(&self.tombstones).remove(&device);
         Ok(())
     }
 

@@ -320,11 +320,10 @@ fn atc_inv(vsid: u32) -> RawCommand {
 /// of the device (whose sequence number is taken before `set_dev_id` starts).
 #[test]
 fn unbind_is_a_barrier_under_racing_translators() {
-    const DEVICES: u32 = 4;
     const CYCLES: usize = 200;
     let h = host_with_devices();
     let v = Arc::new(h.viommu(1, 5, SMMU, 16));
-    for d in 0..DEVICES {
+    for d in 0..BARRIER_DEVICES {
         v.set_dev_id(DeviceId(d), 0x10 + d).unwrap();
     }
     let seq = Arc::new(AtomicU64::new(0));
@@ -332,76 +331,110 @@ fn unbind_is_a_barrier_under_racing_translators() {
     let translators: Vec<_> = (0..2)
         .map(|t| {
             let (v, seq, stop) = (v.clone(), seq.clone(), stop.clone());
-            let mut reader = h.grace.register();
-            std::thread::spawn(move || {
-                // Every vSID the devices are ever bound to.
-                let input: Vec<RawCommand> = (0..DEVICES * 2).map(|i| atc_inv(0x10 + i)).collect();
-                let mut out = vec![RawCommand::default(); input.len()];
-                let mut prov = vec![0u32; input.len()];
-                let mut log: Vec<(u64, u32)> = Vec::new();
-                let mut round = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let guard = reader.pin();
-                    let mut start = 0;
-                    while start < input.len() {
-                        let end = translate(&v, &input[start..], &mut out, &mut prov);
-                        // Widen the window between lookup and publication now and then (give the
-                        // core away while pinned), so a missing barrier shows.
-                        round += 1;
-                        if (round + t).is_multiple_of(2) {
-                            std::thread::yield_now();
-                        }
-                        for c in &out[..end.produced] {
-                            log.push((seq.fetch_add(1, Ordering::SeqCst), (c.d0() >> 32) as u32));
-                        }
-                        start += end.consumed;
-                        if let Stop::Refused { .. } = end.stop {
-                            start += 1; // an unbound vSID: skip it
-                        }
-                    }
-                    drop(guard);
-                    // Two cores, three busy threads: let the unbinder run.
-                    std::thread::yield_now();
-                }
-                log
-            })
+            let reader = h.grace.register();
+            std::thread::spawn(move || translate_and_log(&v, reader, &seq, &stop, t))
         })
         .collect();
 
-    // Waits until the translators have published `n` more commands (or one of them died).
-    let progress = |n: u64| {
-        let target = seq.load(Ordering::SeqCst) + n;
-        while seq.load(Ordering::SeqCst) < target && !translators.iter().any(|t| t.is_finished()) {
-            std::thread::yield_now();
-        }
-    };
     // (pSID, unbind returned at, next bind started at)
     let mut windows: Vec<(u32, u64, u64)> = Vec::new();
     for c in 0..CYCLES {
         // Every unbind races with live batches.
-        progress(u64::from(DEVICES));
-        let d = (c as u32) % DEVICES;
+        wait_published(&seq, &translators, u64::from(BARRIER_DEVICES));
+        let d = (c as u32) % BARRIER_DEVICES;
         let vsid = v.unset_dev_id(DeviceId(d)).unwrap();
         let returned = seq.fetch_add(1, Ordering::SeqCst);
         // Keep the device unbound while the translators publish a few batches: a stale pSID
         // would land in this window.
-        progress(u64::from(DEVICES) * 4);
+        wait_published(&seq, &translators, u64::from(BARRIER_DEVICES) * 4);
         let rebind = seq.fetch_add(1, Ordering::SeqCst);
         // Rebind to the other vSID of the pair so lookups of the old vSID keep failing.
-        let next_vsid = if vsid < 0x10 + DEVICES {
-            vsid + DEVICES
+        let next_vsid = if vsid < 0x10 + BARRIER_DEVICES {
+            vsid + BARRIER_DEVICES
         } else {
-            vsid - DEVICES
+            vsid - BARRIER_DEVICES
         };
         v.set_dev_id(DeviceId(d), next_vsid).unwrap();
         windows.push((0x800 + d, returned, rebind));
     }
     stop.store(true, Ordering::Relaxed);
     let logs: Vec<Vec<(u64, u32)>> = translators.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_no_psid_published_while_unbound(&windows, &logs);
+}
+
+/// Devices the barrier test binds, each to vSID 0x10 + d or 0x10 + d + this, in turn.
+const BARRIER_DEVICES: u32 = 4;
+
+/// A translator of the barrier test: until `stop`, pins, translates an ATC_INV of every vSID
+/// the devices are ever bound to, logs each command it publishes with a global sequence number
+/// and the pSID it carries, unpins. Returns the log.
+fn translate_and_log(
+    v: &Viommu,
+    mut reader: Reader,
+    seq: &AtomicU64,
+    stop: &AtomicBool,
+    t: u64,
+) -> Vec<(u64, u32)> {
+    let input: Vec<RawCommand> = (0..BARRIER_DEVICES * 2)
+        .map(|i| atc_inv(0x10 + i))
+        .collect();
+    let mut out = vec![RawCommand::default(); input.len()];
+    let mut prov = vec![0u32; input.len()];
+    let mut log: Vec<(u64, u32)> = Vec::new();
+    let mut round = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let guard = reader.pin();
+        let mut start = 0;
+        while start < input.len() {
+            let end = translate(v, &input[start..], &mut out, &mut prov);
+            // Widen the window between lookup and publication now and then (give the core away
+            // while pinned), so a missing barrier shows.
+            round += 1;
+            if (round + t).is_multiple_of(2) {
+                std::thread::yield_now();
+            }
+            for c in &out[..end.produced] {
+                log.push((seq.fetch_add(1, Ordering::SeqCst), (c.d0() >> 32) as u32));
+            }
+            start += end.consumed;
+            if let Stop::Refused { .. } = end.stop {
+                start += 1; // an unbound vSID: skip it
+            }
+        }
+        drop(guard);
+        // Two cores, three busy threads: let the unbinder run.
+        std::thread::yield_now();
+    }
+    log
+}
+
+/// Waits until the translators have published `n` more commands, or one of them died (its
+/// join then reports why); fails if they have not within a minute.
+fn wait_published(
+    seq: &AtomicU64,
+    translators: &[std::thread::JoinHandle<Vec<(u64, u32)>>],
+    n: u64,
+) {
+    let target = seq.load(Ordering::SeqCst) + n;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while seq.load(Ordering::SeqCst) < target && !translators.iter().any(|t| t.is_finished()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the translators did not publish {n} more commands within 60 s (at {} of {target})",
+            seq.load(Ordering::SeqCst)
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// No command carrying a pSID was published between its device's unbind returning and its next
+/// bind starting. `windows` holds (pSID, unbind returned at, rebind started at); `logs` each
+/// translator's (sequence number, pSID) of what it published.
+fn assert_no_psid_published_while_unbound(windows: &[(u32, u64, u64)], logs: &[Vec<(u64, u32)>]) {
     let published: usize = logs.iter().map(Vec::len).sum();
     assert!(published > 0, "the translators never published");
     let mut by_psid: std::collections::HashMap<u32, Vec<(u64, u64)>> = Default::default();
-    for &(p, returned, rebind) in &windows {
+    for &(p, returned, rebind) in windows {
         by_psid.entry(p).or_default().push((returned, rebind));
     }
     for &(s, psid) in logs.iter().flatten() {
