@@ -116,12 +116,22 @@ fn a_short_run_reports_every_level_and_draws_it() {
     let plot = std::fs::read_to_string(&svg).unwrap();
     std::fs::remove_file(&svg).unwrap();
     assert!(plot.starts_with("<svg"));
+    // A level that measured nothing (a machine that gave the generator no CPU) has no curve.
+    let measured: Vec<bool> = levels
+        .iter()
+        .map(|l| l["batches"].as_u64() > Some(0))
+        .collect();
     assert_eq!(
         plot.matches("<polyline").count(),
-        4,
-        "publish and sync per level"
+        2 * measured.iter().filter(|&&m| m).count(),
+        "publish and sync per level that measured: {measured:?}"
     );
-    assert!(plot.contains("20% load: publish") && plot.contains("60% load: CMD_SYNC done"));
+    if measured[0] {
+        assert!(plot.contains("20% load: publish"), "{plot}");
+    }
+    if measured[1] {
+        assert!(plot.contains("60% load: CMD_SYNC done"), "{plot}");
+    }
 }
 
 #[test]
