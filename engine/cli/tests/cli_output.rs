@@ -364,3 +364,35 @@ fn the_traces_readme_table_agrees_with_the_traces_and_their_expected_summaries()
     }
     assert_eq!(rows, 10, "every bundled trace has its row");
 }
+
+#[test]
+fn soak_and_loadtest_count_threads_rings_and_workers_with_plurals() {
+    let (code, out, err) = stdout_of(&[
+        "soak",
+        "--commands",
+        "2000",
+        "--guests",
+        "1",
+        "--workers",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let first = out.lines().next().unwrap();
+    assert!(
+        first.starts_with("soak: 1 guest thread, ")
+            && first.contains(" rings on ")
+            && first.contains(", 1 worker, ")
+            && !first.contains("(s)"),
+        "{first}"
+    );
+    let (code, out, err) = stdout_of(&[
+        "loadtest", "--secs", "0.2", "--loads", "20", "--rings", "1", "--batch", "8",
+    ]);
+    assert!(code == 0 || code == 1, "{err}");
+    let first = out.lines().next().unwrap();
+    assert!(
+        first.starts_with("loadtest: 1 ring, batches of 8 commands + CMD_SYNC, ")
+            && !first.contains("(s)"),
+        "{first}"
+    );
+}

@@ -369,3 +369,22 @@ fn gen_trace_build_and_import_write_the_trace_to_standard_output_with_o_dash_or_
     .unwrap();
     assert_eq!(o.stdout, want, "trace import-qemu without -o");
 }
+
+#[test]
+fn sizes_in_bytes_take_binary_units_and_refuse_decimal_ones() {
+    let t = concat!(env!("CARGO_MANIFEST_DIR"), "/../../traces/mixed.vct");
+    // Its rings need less than 64 KiB: 1KiB is refused naming the limit, 64KiB replays.
+    let o = vcmdq(&["replay", t, "--max-ring-memory", "1KiB"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "1KiB accepted: {err}");
+    assert!(err.contains("1024"), "{err}");
+    let o = vcmdq(&["replay", t, "--max-ring-memory", "64KiB"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = vcmdq(&["replay", t, "--max-ring-memory", "256MB"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("say KiB, MiB, GiB"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

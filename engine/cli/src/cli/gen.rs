@@ -49,7 +49,8 @@ pub struct GenArgs {
     #[arg(long)]
     seed: Option<u64>,
     /// Bytes of ring slots the trace may declare (VMs x rings x 2^LOG2SIZE x 16).
-    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_RING_MEMORY)]
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_RING_MEMORY,
+          value_parser = super::units::bytes)]
     max_ring_memory: u64,
     /// Ring entries the generation may write (at most 100000000).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_GEN_COMMANDS,

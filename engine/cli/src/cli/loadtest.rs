@@ -3,6 +3,7 @@
 //! [`vcmdq_tools::loadtest`]; this module takes the flags and prints what it reports, as text or
 //! JSON, and the SVG plot.
 
+use super::human::count;
 use super::CliError;
 use clap::Args;
 use serde_json::json;
@@ -126,8 +127,13 @@ fn print_json(a: &LoadtestArgs, r: &LoadtestReport) -> Result<(), CliError> {
 
 fn print_text(a: &LoadtestArgs, r: &LoadtestReport) {
     println!(
-        "loadtest: {} ring(s), batches of {} commands + CMD_SYNC, {} s per level; {} CPUs, load average {} before, {} after",
-        a.rings, a.batch, a.secs, r.nproc, r.loadavg_before, r.loadavg_after
+        "loadtest: {}, batches of {} + CMD_SYNC, {} s per level; {}, load average {} before, {} after",
+        count(a.rings, "ring"),
+        count(a.batch, "command"),
+        a.secs,
+        count(r.nproc as u64, "CPU"),
+        r.loadavg_before,
+        r.loadavg_after
     );
     println!(
         "  saturation ({}): {:.1} M commands/s",
@@ -224,8 +230,8 @@ fn write_svg(path: &std::path::Path, a: &LoadtestArgs, r: &LoadtestReport) -> Re
         });
     }
     let title = format!(
-        "vcmdq: latency from guest doorbell, {} ring(s), {}-command batches, saturation {:.1} M cmd/s",
-        a.rings,
+        "vcmdq: latency from guest doorbell, {}, {}-command batches, saturation {:.1} M cmd/s",
+        count(a.rings, "ring"),
         a.batch,
         r.saturation / 1e6
     );

@@ -43,7 +43,8 @@ pub struct ReplayArgs {
           value_parser = super::units::duration, default_value = "1h")]
     max_wall: Duration,
     /// Bytes of guest ring slots the trace may declare in all (2^LOG2SIZE x 16 per ring).
-    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_RING_MEMORY)]
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_RING_MEMORY,
+          value_parser = super::units::bytes)]
     max_ring_memory: u64,
     /// Engine workers (translating threads).
     #[arg(long, default_value_t = 1)]

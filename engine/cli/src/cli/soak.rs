@@ -1,6 +1,7 @@
 //! `vcmdq soak`: a long run of mixed, partly hostile traffic with physical faults injected,
 //! every forwarded command checked online against the oracle (see `vcmdq_tools::soak`).
 
+use super::human::count;
 use super::units::{self, Hardware};
 use super::CliError;
 use clap::Args;
@@ -322,8 +323,13 @@ fn print_human(r: &SoakReport) {
     let e = &r.engine;
     let t = &r.tally;
     println!(
-        "soak: {} guest thread(s), {} rings on {} vIOMMUs (kernel/tegra241), {} worker(s), hardware {:?}, seed {}",
-        c.guests, c.rings, c.viommus, c.workers, c.hardware, c.seed
+        "soak: {}, {} on {} (kernel/tegra241), {}, hardware {:?}, seed {}",
+        count(c.guests as u64, "guest thread"),
+        count(c.rings as u64, "ring"),
+        count(c.viommus as u64, "vIOMMU"),
+        count(c.workers as u64, "worker"),
+        c.hardware,
+        c.seed
     );
     println!(
         "  written   {:>14} entries in {:.1} s: {:.2} M entries/s ({} doorbells)",
@@ -407,7 +413,10 @@ fn print_human(r: &SoakReport) {
     if r.ok() {
         println!("  result: every check held");
     } else {
-        println!("  result: {} violation(s); the first:", r.violation_count);
+        println!(
+            "  result: {}; the first:",
+            count(r.violation_count, "violation")
+        );
         for v in &r.violations {
             println!("    {v}");
         }

@@ -29,7 +29,8 @@ enum TraceCmd {
         /// The trace file.
         file: PathBuf,
         /// Bytes of guest ring slots the trace may declare in all.
-        #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_RING_MEMORY)]
+        #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_RING_MEMORY,
+          value_parser = super::units::bytes)]
         max_ring_memory: u64,
     },
     /// Build a trace from its text form (what `dump` prints, or written by hand).
@@ -41,7 +42,8 @@ enum TraceCmd {
         #[arg(short, long)]
         output: Option<PathBuf>,
         /// Bytes of guest ring slots the trace may declare in all.
-        #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_RING_MEMORY)]
+        #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_RING_MEMORY,
+          value_parser = super::units::bytes)]
         max_ring_memory: u64,
         /// Bytes of text read at most.
         #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_TEXT_BYTES)]
@@ -56,7 +58,8 @@ enum TraceCmd {
         #[arg(long)]
         json: bool,
         /// Bytes of guest ring slots the trace may declare in all.
-        #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_RING_MEMORY)]
+        #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_RING_MEMORY,
+          value_parser = super::units::bytes)]
         max_ring_memory: u64,
     },
     /// Import a QEMU log taken with `-trace 'smmuv3_*'` (see traces/FORMAT.md for what is

@@ -46,6 +46,57 @@ pub fn count(s: &str) -> Result<u64, String> {
     }
 }
 
+/// The forms a size in bytes takes, for error messages.
+pub const BYTES_FORMS: &str =
+    "a whole number of bytes (268435456, 256_000, 0x1000_0000) or with a binary unit KiB, MiB, GiB, TiB (256MiB, 1.5GiB)";
+
+/// A size in bytes: `268435456`, `0x1000_0000`, or with a binary unit `256MiB`, `1.5GiB`,
+/// `64KiB`, `1TiB` (an optional space before the unit). Decimal units (`MB`, `k`) are refused:
+/// whether `MB` means 10^6 or 2^20 is exactly what a limit must not leave open.
+pub fn bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim().replace('_', "");
+    let bad = |why: &str| {
+        format!(
+            "{:?} is not a size{why} ({BYTES_FORMS})",
+            super::clip(s, 40)
+        )
+    };
+    if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        return u64::from_str_radix(hex, 16).map_err(|_| bad(""));
+    }
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = (t[..split].trim(), &t[split..]);
+    let shift = match unit {
+        "" | "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        "TiB" => 40,
+        "k" | "K" | "KB" | "kB" | "M" | "MB" | "G" | "GB" | "T" | "TB" => {
+            return Err(bad(
+                ": say KiB, MiB, GiB (powers of 2) or write the bytes out",
+            ))
+        }
+        _ => return Err(bad("")),
+    };
+    if num.is_empty() {
+        return Err(bad(""));
+    }
+    if let Ok(n) = num.parse::<u64>() {
+        return n
+            .checked_mul(1u64 << shift)
+            .ok_or_else(|| bad(": above 2^64 bytes"));
+    }
+    let scale = (1u64 << shift) as f64;
+    match num.parse::<f64>() {
+        Ok(f) if f >= 0.0 && (f * scale).fract() == 0.0 && f * scale < 1.8e19 => {
+            Ok((f * scale) as u64)
+        }
+        Ok(f) if f >= 0.0 && f * scale < 1.8e19 => Err(bad(": not a whole number of bytes")),
+        _ => Err(bad("")),
+    }
+}
+
 /// A duration above 0 and at most [`MAX_DURATION_SECS`]: `500ms`, `10s`, `2m`, `1h`, or a bare
 /// number of seconds (`0.5`).
 pub fn duration(s: &str) -> Result<Duration, String> {
@@ -171,5 +222,33 @@ mod tests {
         assert_eq!(duration_or_off("0"), Ok(Duration::ZERO));
         assert_eq!(duration_or_off("5"), Ok(Duration::from_secs(5)));
         assert!(duration_or_off("-1").is_err());
+    }
+
+    #[test]
+    fn sizes_take_bytes_hex_or_binary_units_and_refuse_decimal_ones() {
+        assert_eq!(bytes("268435456"), Ok(256 << 20));
+        assert_eq!(bytes("256_000"), Ok(256_000));
+        assert_eq!(bytes("0x1000_0000"), Ok(256 << 20));
+        assert_eq!(bytes("256MiB"), Ok(256 << 20));
+        assert_eq!(bytes("256 MiB"), Ok(256 << 20));
+        assert_eq!(bytes("1.5GiB"), Ok(3 << 29));
+        assert_eq!(bytes("64KiB"), Ok(64 << 10));
+        assert_eq!(bytes("1TiB"), Ok(1 << 40));
+        assert_eq!(bytes("100B"), Ok(100));
+        for bad in [
+            "256MB",
+            "1G",
+            "5k",
+            "-1",
+            "MiB",
+            "1.3B",
+            "99999999TiB",
+            "0xg",
+            "",
+        ] {
+            let e = bytes(bad).unwrap_err();
+            assert!(e.contains("is not a size"), "{bad}: {e}");
+        }
+        assert!(bytes("256MB").unwrap_err().contains("say KiB, MiB, GiB"));
     }
 }
