@@ -27,6 +27,9 @@
 //! in the same queue are untouched.
 
 mod capture;
+#[cfg(feature = "mock")]
+#[doc(hidden)]
+pub mod hooks;
 pub mod phys;
 mod stats;
 mod worker;
@@ -34,6 +37,7 @@ mod worker;
 pub use capture::{CaptureError, CaptureEvent, CaptureSink, CaptureTo};
 pub use phys::PhysicalQueue;
 pub use stats::{slot_outcomes, AuditRecord, EngineStats, RingProgress};
+pub use worker::{IDLE_SPIN, SLEEP_TIMEOUT};
 
 use crate::command::RawCommand;
 use crate::ring::{HostRing, RingError, RingStats};
@@ -245,6 +249,9 @@ struct Shared {
     /// Rings handed back by workers (detached, or failed), by id.
     detached: Mutex<HashMap<RingId, (HostRing, Option<RingError>)>>,
     stopping: AtomicBool,
+    /// Per worker: the word it sleeps on besides its rings' SLEEPING words, set to 1 when it
+    /// announces sleep; the control plane kicks it after each message and at shutdown.
+    wake: Vec<AtomicU32>,
     stats: Vec<stats::Shared>,
     epoch: Instant,
     capture: Option<Arc<SegQueue<CaptureEvent>>>,
@@ -253,6 +260,20 @@ struct Shared {
 impl Shared {
     fn now(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Hands `msg` to `worker` and wakes it if it sleeps.
+    fn send(&self, worker: usize, msg: Ctrl) {
+        self.ctrl[worker].push(msg);
+        crate::ring::wake::kick(&self.wake[worker]);
+    }
+
+    /// Asks every worker to stop, waking those that sleep.
+    fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        for w in &self.wake {
+            crate::ring::wake::kick(w);
+        }
     }
 
     fn capture(&self, ev: impl FnOnce(u64) -> CaptureEvent) {
@@ -324,6 +345,7 @@ impl Engine {
             traps: SegQueue::new(),
             detached: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
+            wake: (0..n).map(|_| AtomicU32::new(0)).collect(),
             stats: (0..n).map(|_| stats::Shared::default()).collect(),
             epoch: Instant::now(),
             capture: capture.as_ref().map(|c| c.queue.clone()),
@@ -332,7 +354,7 @@ impl Engine {
         // Any failure below stops what was started, so a failed start leaves no thread behind
         // (the queues not yet handed to a worker drop here).
         let undo = |workers: Vec<JoinHandle<worker::Report>>| {
-            shared.stopping.store(true, Ordering::Release);
+            shared.stop();
             for w in workers {
                 let _ = w.join();
             }
@@ -496,12 +518,15 @@ impl Engine {
             viommu: viommu_id,
             log2size,
         });
-        self.shared.ctrl[worker].push(Ctrl::Attach {
-            id,
-            host: Box::new(host),
-            viommu,
-            progress,
-        });
+        self.shared.send(
+            worker,
+            Ctrl::Attach {
+                id,
+                host: Box::new(host),
+                viommu,
+                progress,
+            },
+        );
         Ok(id)
     }
 
@@ -516,7 +541,7 @@ impl Engine {
         let (worker, _) = *lock(&self.rings)
             .get(&id)
             .ok_or(EngineError::UnknownRing(id))?;
-        self.shared.ctrl[worker].push(Ctrl::Detach { id });
+        self.shared.send(worker, Ctrl::Detach { id });
         let deadline = Instant::now() + timeout;
         loop {
             if let Some((host, _)) = lock(&self.shared.detached).remove(&id) {
@@ -563,7 +588,7 @@ impl Engine {
         let (worker, _) = *lock(&self.rings)
             .get(&ring)
             .ok_or(EngineError::UnknownRing(ring))?;
-        self.shared.ctrl[worker].push(Ctrl::TrapDone { id: ring });
+        self.shared.send(worker, Ctrl::TrapDone { id: ring });
         Ok(())
     }
 
@@ -588,7 +613,7 @@ impl Engine {
     /// Stops taking new guest entries, publishes and completes everything already taken, and
     /// stops the threads.
     pub fn shutdown(mut self) -> EngineReport {
-        self.shared.stopping.store(true, Ordering::Release);
+        self.shared.stop();
         let mut report = EngineReport {
             epoch: Some(self.shared.epoch),
             ..Default::default()
@@ -614,7 +639,7 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        self.shared.stopping.store(true, Ordering::Release);
+        self.shared.stop();
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
