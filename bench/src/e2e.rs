@@ -294,8 +294,8 @@ fn memfd_rings(rings: usize) -> (Vec<GuestQueue>, Vec<HostRing>) {
 }
 
 /// The engine a benchmark measures: one worker, the hardware inline and free
-/// ([`HwConfig::zero_cost`]), no audit, no capture; one vIOMMU per ring binding `VSIDS_PER_RING` vSIDs.
-fn start_engine(hosts: Vec<HostRing>) -> Engine {
+/// ([`HwConfig::zero_cost`]), no audit, no capture; nothing attached.
+pub fn bench_engine() -> Engine {
     let (queues, _) = ModelQueue::for_workers(
         1,
         DEFAULT_LOG2SIZE,
@@ -303,16 +303,22 @@ fn start_engine(hosts: Vec<HostRing>) -> Engine {
         HwPlacement::Inline,
     )
     .expect("a valid physical queue");
-    let engine = Engine::start(
-        EngineConfig {
-            workers: 1,
-            audit: false,
-            capture: None,
-            ..EngineConfig::default()
-        },
-        queues,
-    )
-    .expect("a valid engine config");
+    Engine::start(bench_engine_config(), queues).expect("a valid engine config")
+}
+
+/// [`bench_engine`]'s configuration.
+pub fn bench_engine_config() -> EngineConfig {
+    EngineConfig {
+        workers: 1,
+        audit: false,
+        capture: None,
+        ..EngineConfig::default()
+    }
+}
+
+/// [`bench_engine`] with one vIOMMU per ring binding `VSIDS_PER_RING` vSIDs, the rings attached.
+fn start_engine(hosts: Vec<HostRing>) -> Engine {
+    let engine = bench_engine();
     for (r, host) in hosts.into_iter().enumerate() {
         let r = r as u32;
         engine

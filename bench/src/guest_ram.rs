@@ -29,8 +29,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 /// Guest RAM as the benchmark's VMM holds it.
 pub type Ram = GuestMemoryMmap<()>;
 
-/// The logical VCMDQ each ring is in its VINTF: every ring has a vIOMMU (so a VINTF and a
-/// register page) of its own, as the memfd rings do.
+/// The logical VCMDQ each ring of [`guest_ram_vcmdqs`] is in its VINTF: every ring has a
+/// vIOMMU (so a VINTF and a register page) of its own, as the memfd rings do.
 const LIDX: u16 = 0;
 
 /// Why the guest side of a guest-RAM VCMDQ gave up.
@@ -78,6 +78,7 @@ pub enum RamVcmdqError {
 /// in page 0, as Linux's tegra241-cmdqv guest does.
 pub struct RamVcmdq {
     page: VcmdqRegisterPage,
+    lidx: u16,
     mem: Arc<Ram>,
     base: u64,
     shape: QueueShape,
@@ -88,12 +89,39 @@ pub struct RamVcmdq {
 }
 
 impl RamVcmdq {
+    /// The guest side of logical VCMDQ `lidx` of `page`, its queue of 2^`log2size` slots at
+    /// guest-physical `base` in `mem`, PROD at 0; every wait bounded by `timeout`. Writes
+    /// nothing: the VCMDQ is enabled by whoever built it.
+    ///
+    /// # Panics
+    /// If `lidx` is past a VINTF's VCMDQs or `log2size` above 19.
+    pub fn new(
+        page: VcmdqRegisterPage,
+        lidx: u16,
+        mem: Arc<Ram>,
+        base: u64,
+        log2size: u8,
+        timeout: Duration,
+    ) -> RamVcmdq {
+        assert!(lidx < vcmdq_vmm::regs::MAX_LVCMDQS, "LVCMDQ {lidx} out of range");
+        RamVcmdq {
+            page,
+            lidx,
+            mem,
+            base,
+            shape: QueueShape::new(log2size).expect("LOG2SIZE at most 19"),
+            prod: 0,
+            timeout,
+            backoff: Backoff::default(),
+        }
+    }
+
     /// CONS as page 0 holds it: the pointer, or the stop.
     fn cons(&self) -> Result<u32, RamVcmdqError> {
         let cons = self
             .page
-            .read_page0(LIDX, VCMDQ_CONS)
-            .expect("LIDX is in range");
+            .read_page0(self.lidx, VCMDQ_CONS)
+            .expect("lidx checked at new");
         match cons_err(cons) {
             0 => Ok(self.shape.ptr(cons)),
             err => Err(RamVcmdqError::Stopped { cons, err }),
@@ -170,8 +198,8 @@ impl RamVcmdq {
         self.prod = p;
         // Release: the engine reads PROD with Acquire and then sees every slot written.
         self.page
-            .write_page0(LIDX, VCMDQ_PROD, p)
-            .expect("LIDX is in range");
+            .write_page0(self.lidx, VCMDQ_PROD, p)
+            .expect("lidx checked at new");
         Ok(())
     }
 
@@ -195,7 +223,6 @@ pub fn guest_ram_vcmdqs(
     log2size: u8,
     timeout: Duration,
 ) -> (Vec<RamVcmdq>, Vec<HostRing>) {
-    let shape = QueueShape::new(log2size).expect("a valid LOG2SIZE");
     let queue_bytes = SLOT_BYTES << log2size;
     let mem = Arc::new(
         Ram::from_ranges(&[(GuestAddress(0), rings * queue_bytes as usize)])
@@ -219,15 +246,14 @@ pub fn guest_ram_vcmdqs(
         );
         page.write_page0(LIDX, VCMDQ_STATUS, VCMDQ_EN)
             .expect("LIDX is in range");
-        guests.push(RamVcmdq {
+        guests.push(RamVcmdq::new(
             page,
-            mem: mem.clone(),
+            LIDX,
+            mem.clone(),
             base,
-            shape,
-            prod: 0,
+            log2size,
             timeout,
-            backoff: Backoff::default(),
-        });
+        ));
     }
     (guests, hosts)
 }
