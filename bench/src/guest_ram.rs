@@ -103,7 +103,10 @@ impl RamVcmdq {
         log2size: u8,
         timeout: Duration,
     ) -> RamVcmdq {
-        assert!(lidx < vcmdq_vmm::regs::MAX_LVCMDQS, "LVCMDQ {lidx} out of range");
+        assert!(
+            lidx < vcmdq_vmm::regs::MAX_LVCMDQS,
+            "LVCMDQ {lidx} out of range"
+        );
         RamVcmdq {
             page,
             lidx,

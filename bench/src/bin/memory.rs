@@ -71,7 +71,10 @@ unsafe impl GlobalAlloc for Counting {
         // SAFETY: `ptr` came from `System` with `layout`; the caller keeps `realloc`'s contract.
         let p = unsafe { System.realloc(ptr, layout, new_size) };
         if !p.is_null() {
-            LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+            LIVE.fetch_add(
+                new_size as isize - layout.size() as isize,
+                Ordering::Relaxed,
+            );
         }
         p
     }
@@ -240,7 +243,9 @@ fn memfd_rings() -> Result<MemfdRings, String> {
     engine.attach_ring(host).map_err(|e| e.to_string())?;
     serve_one(&mut driver(warm)?)?;
 
-    let guests = (0..RINGS).map(|_| new_ring()).collect::<Result<Vec<_>, _>>()?;
+    let guests = (0..RINGS)
+        .map(|_| new_ring())
+        .collect::<Result<Vec<_>, _>>()?;
     let mapped = guests[0].memory().mapped_len();
     let m0 = live();
     let hosts = guests
@@ -301,7 +306,7 @@ fn guest_ram_vcmdqs() -> Result<GuestRamVcmdqs, String> {
         })
         .collect();
     let enable = |(id, _): &(VcmdqId, RamVcmdq)| -> Result<(), String> {
-        let base = u64::from(id.lidx) * queue_bytes | u64::from(RING_LOG2);
+        let base = (u64::from(id.lidx) * queue_bytes) | u64::from(RING_LOG2);
         page.set_base(id.lidx, base).map_err(|e| e.to_string())?;
         page.write_page0(id.lidx, VCMDQ_CONFIG, VCMDQ_EN)
             .map_err(|e| e.to_string())
@@ -327,7 +332,7 @@ fn guest_ram_vcmdqs() -> Result<GuestRamVcmdqs, String> {
                 return Err(format!("VCMDQs not enabled after {WAIT_LIMIT:?}"));
             }
         }
-        gs.iter_mut().try_for_each(|q| serve(q))
+        gs.iter_mut().try_for_each(&serve)
     };
     let (warm, measured) = guests.split_at_mut(1);
     attach_all(warm)?;
