@@ -260,3 +260,71 @@ pub fn guest_ram_vcmdqs(
     }
     (guests, hosts)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vcmdq::command::opcode;
+
+    const SYNC: RawCommand = RawCommand::new(opcode::CMD_SYNC as u64, 0);
+
+    /// One VCMDQ of 8 slots with nobody serving it.
+    fn unserved(timeout: Duration) -> (RamVcmdq, HostRing) {
+        let (mut g, mut h) = guest_ram_vcmdqs(1, 3, timeout);
+        (g.pop().unwrap(), h.pop().unwrap())
+    }
+
+    #[test]
+    fn a_posted_batch_is_in_guest_ram_and_prod_moved_in_page_0() {
+        let (mut g, mut host) = unserved(Duration::from_secs(10));
+        let cmds = [RawCommand::new(0x11, 0x22), SYNC];
+        g.post(&cmds).unwrap();
+        assert_eq!(g.page.read_page0(LIDX, VCMDQ_PROD).unwrap(), 2);
+        let mut out = [RawCommand::default(); 8];
+        let p = host.poll(&mut out).unwrap();
+        assert_eq!(
+            &out[..p.n],
+            &cmds,
+            "the engine side reads what the guest wrote"
+        );
+    }
+
+    #[test]
+    fn a_stopped_vcmdq_is_an_error_naming_cons_err_not_a_hang() {
+        let (mut g, _host) = unserved(Duration::from_secs(10));
+        // CONS.ERR ILL (1) at slot 0, as the engine stores it.
+        g.page.write_page0(LIDX, VCMDQ_CONS, 1 << 24).unwrap();
+        let e = g.post(&[SYNC]).unwrap_err();
+        assert!(matches!(e, RamVcmdqError::Stopped { err: 1, .. }), "{e}");
+        assert!(g.drain().is_err(), "drain sees the stop too");
+    }
+
+    #[test]
+    fn waiting_for_room_nobody_makes_times_out_bounded() {
+        let (mut g, _host) = unserved(Duration::from_millis(20));
+        g.post(&[SYNC; 8]).unwrap();
+        let e = g.post(&[SYNC]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                RamVcmdqError::Timeout {
+                    what: "room in the queue",
+                    prod: 8,
+                    cons: 0,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_batch_longer_than_the_queue_is_refused() {
+        let (mut g, _host) = unserved(Duration::from_secs(10));
+        let e = g.post(&[SYNC; 9]).unwrap_err();
+        assert!(
+            matches!(e, RamVcmdqError::BatchTooLarge { len: 9, entries: 8 }),
+            "{e}"
+        );
+    }
+}
