@@ -159,9 +159,8 @@ pub(super) fn forwards_avx2(
     let shifts = _mm256_set_epi64x(8, 0, 8, 0);
     let fields = _mm256_set_epi64x(0xf, 0x3f, 0xf, 0x3f);
     let ns_mask = NUM_SCALE_MASK as i64;
-    let num_scale = _mm256_set_epi64x(0, ns_mask, 0, ns_mask);
+    let num_scale = _mm256_set_epi64x(ns_mask, 0, ns_mask, 0);
     let sixteen = _mm256_set_epi64x(16, 0, 16, 0);
-    let one = _mm256_set1_epi64x(1);
 
     let mut n = 0;
     for ((cmds, o), p) in input[..len]
@@ -170,24 +169,27 @@ pub(super) fn forwards_avx2(
         .zip(prov.chunks_exact_mut(2))
     {
         let (a, b) = (&cmds[0], &cmds[1]);
-        let ra = &t.rows[usize::from(t.class[usize::from(a.d0() as u8)])];
-        let rb = &t.rows[usize::from(t.class[usize::from(b.d0() as u8)])];
+        let ra = &t.rows[usize::from(t.class[usize::from(a.d0() as u8)] & 7)];
+        let rb = &t.rows[usize::from(t.class[usize::from(b.d0() as u8)] & 7)];
         assert!(cmds.len() == 2 && o.len() == 2 && p.len() == 2);
         // SAFETY: AVX2 was detected before this kernel was selected; `cmds` is 2 commands,
         // 32 readable bytes (asserted), and `loadu` needs no alignment.
         let x = unsafe { _mm256_loadu_si256(cmds.as_ptr().cast()) };
         let reject = pair(&ra.reject, &rb.reject);
-        // The value checks, as in the AVX-512 kernel; NUM/SCALE moves from the d0 lane to the
-        // d1 lane through a compare and an unpack.
+        // The value checks, as in the AVX-512 kernel; NUM/SCALE is tested on a copy of d0 in
+        // the d1 lane.
         let d1 = _mm256_unpackhi_epi64(x, x);
         let v = _mm256_and_si256(_mm256_srlv_epi64(d1, shifts), fields);
-        let no_ns = _mm256_cmpeq_epi64(_mm256_and_si256(x, num_scale), _mm256_setzero_si256());
-        let v = _mm256_or_si256(
-            v,
-            _mm256_andnot_si256(_mm256_unpacklo_epi64(no_ns, no_ns), sixteen),
-        );
+        let d0 = _mm256_unpacklo_epi64(x, x);
+        let no_ns = _mm256_cmpeq_epi64(_mm256_and_si256(d0, num_scale), _mm256_setzero_si256());
+        let v = _mm256_or_si256(v, _mm256_andnot_si256(no_ns, sixteen));
         let invalid = _mm256_srlv_epi64(pair(&ra.bad, &rb.bad), v);
-        if _mm256_testz_si256(x, reject) & _mm256_testz_si256(invalid, one) == 0 {
+        // Bit 0 of `invalid` moved to bit 63, so that one test covers both checks.
+        let bad = _mm256_or_si256(
+            _mm256_and_si256(x, reject),
+            _mm256_slli_epi64::<63>(invalid),
+        );
+        if _mm256_testz_si256(bad, bad) == 0 {
             break;
         }
         // VMID where the rule has one (the patch mask's bytes are all ones there).
