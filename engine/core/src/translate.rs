@@ -949,9 +949,8 @@ fn forwards_with(
 }
 
 /// Forwards commands from the start of `input` while each is forwarded as it is, input i to
-/// output i with provenance `base + i`; returns how many. A function of its own so that its
-/// loop gets the registers.
-#[inline(never)]
+/// output i with provenance `base + i`; returns how many.
+#[inline(always)]
 fn forwards(
     rules: &[Rule; 256],
     vmid: u64,
@@ -961,13 +960,33 @@ fn forwards(
     base: u32,
     lookup: &impl Fn(u32) -> Option<u32>,
 ) -> usize {
+    let n = forwards_at_0(rules, vmid, input, out, prov, lookup);
+    // Only after a command that is not a plain forward (and in the SIMD kernels' last few
+    // commands): the loop itself stays as lean as it was.
+    if base != 0 {
+        prov[..n].iter_mut().for_each(|p| *p += base);
+    }
+    n
+}
+
+/// [`forwards`] with provenance `i`. A function of its own so that its loop gets the
+/// registers.
+#[inline(never)]
+fn forwards_at_0(
+    rules: &[Rule; 256],
+    vmid: u64,
+    input: &[RawCommand],
+    out: &mut [RawCommand],
+    prov: &mut [u32],
+    lookup: &impl Fn(u32) -> Option<u32>,
+) -> usize {
     let mut n = 0;
     for ((cmd, o), p) in input.iter().zip(out).zip(prov) {
         let Some((o0, o1)) = forward(&rules[cmd.d0() as u8 as usize], cmd, vmid, lookup) else {
             break;
         };
         *o = RawCommand::new(o0, o1);
-        *p = base + n as u32;
+        *p = n as u32;
         n += 1;
     }
     n
