@@ -448,6 +448,7 @@ pub struct UnsupportedKernel {
 /// scalar [`Rule`]s, so the kernels cannot disagree with them on what a rule says.
 #[derive(Clone)]
 #[repr(C, align(64))]
+#[cfg_attr(not(all(target_arch = "x86_64", not(miri))), allow(dead_code))]
 struct SimdTables {
     /// AVX-512, by `opcode & 0x7f`: `class * 2`, plus [`SimdTables::SID`] for a SID command.
     cls: [u8; 128],
@@ -468,6 +469,7 @@ struct SimdTables {
 /// One class's rule, for the AVX2 kernel's two 16-byte loads per command.
 #[derive(Clone, Copy, Default)]
 #[repr(C, align(64))]
+#[cfg_attr(not(all(target_arch = "x86_64", not(miri))), allow(dead_code))]
 struct SimdRow {
     reject: [u64; 2],
     bad: [u64; 2],
@@ -478,7 +480,7 @@ struct SimdRow {
 
 impl SimdTables {
     /// The flag in `cls` of a class whose SID is a vSID (bit 4: above `class * 2 + word`).
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    #[cfg_attr(not(all(target_arch = "x86_64", not(miri))), allow(dead_code))]
     const SID: u8 = 0x10;
 
     fn new(rules: &[Rule; 256]) -> SimdTables {

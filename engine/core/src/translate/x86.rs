@@ -42,6 +42,8 @@ fn ld512<T>(t: &[T]) -> __m512i {
 /// Forwards commands from the start of `input` while each is forwarded as it is, input i to
 /// output i, with `base + i` as its provenance; returns how many. Four commands per step.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+// The scalar `forwards` arguments, plus the tables.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn forwards_avx512(
     rules: &[Rule; 256],
     t: &SimdTables,
@@ -144,6 +146,8 @@ fn pair(lo: &[u64; 2], hi: &[u64; 2]) -> __m256i {
 
 /// [`forwards_avx512`] with AVX2: two commands per step, their rules fetched by opcode.
 #[target_feature(enable = "avx2")]
+// The scalar `forwards` arguments, plus the tables.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn forwards_avx2(
     rules: &[Rule; 256],
     t: &SimdTables,
