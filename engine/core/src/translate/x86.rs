@@ -15,13 +15,36 @@ use super::{forwards, Rule, SimdTables, NUM_SCALE_MASK};
 use crate::command::RawCommand;
 use core::arch::x86_64::*;
 
-/// The CPU features the AVX-512 kernel uses (`vpermi2b` is AVX512_VBMI).
+/// The CPU features the AVX-512 kernel uses (`vpermi2b` is AVX512_VBMI, `pext` BMI2).
 pub(super) fn avx512_detected() -> bool {
     is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vl")
         && is_x86_feature_detected!("avx512vbmi")
+        && is_x86_feature_detected!("bmi2")
 }
+
+/// Commands per block: a block's SID commands are looked up after its checks.
+const BLOCK: usize = 64;
+
+/// For each 4-bit set of lanes, their indices packed into bytes, lowest first.
+const SID_LANES: [u32; 16] = {
+    let mut t = [0u32; 16];
+    let mut m = 0;
+    while m < 16 {
+        let (mut packed, mut shift, mut lane) = (0u32, 0, 0);
+        while lane < 4 {
+            if m & (1 << lane) != 0 {
+                packed |= lane << shift;
+                shift += 8;
+            }
+            lane += 1;
+        }
+        t[m] = packed;
+        m += 1;
+    }
+    t
+};
 
 /// The CPU features the AVX2 kernel uses.
 pub(super) fn avx2_detected() -> bool {
@@ -41,7 +64,7 @@ fn ld512<T>(t: &[T]) -> __m512i {
 
 /// Forwards commands from the start of `input` while each is forwarded as it is, input i to
 /// output i, with `base + i` as its provenance; returns how many. Four commands per step.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,bmi2")]
 // The scalar `forwards` arguments, plus the tables.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn forwards_avx512(
@@ -72,51 +95,75 @@ pub(super) fn forwards_avx512(
     let lanes = _mm_set_epi32(3, 2, 1, 0);
 
     let mut n = 0;
-    'groups: for ((cmds, o), p) in input[..len]
-        .chunks_exact(4)
-        .zip(out.chunks_exact_mut(4))
-        .zip(prov.chunks_exact_mut(4))
-    {
-        let x = ld512(cmds);
-        // Each command's class (byte 0 of its d0 lane; opcode bit 7 is a rejected bit), then
-        // `class * 2 + word` in every lane: the index into the per-class tables.
-        let c = _mm512_permutex2var_epi8(cls_lo, x, cls_hi);
-        let idx = _mm512_or_si512(_mm512_unpacklo_epi64(c, c), odd);
-        let reject = _mm512_permutex2var_epi64(rej_lo, idx, rej_hi);
-        // The value checks: bit `SIZE` (d0 lane) and bit `TG << 2 | TTL | NUM/SCALE << 4`
-        // (d1 lane) of the class's table of invalid values. Class 0 (not a plain forward) has
-        // every bit set.
-        let d1 = _mm512_unpackhi_epi64(x, x);
-        let v = _mm512_and_si512(_mm512_srlv_epi64(d1, shifts), fields);
-        let ns = _mm512_test_epi64_mask(x, num_scale) << 1;
-        let v = _mm512_mask_or_epi64(v, ns, v, sixteen);
-        let invalid = _mm512_srlv_epi64(_mm512_permutex2var_epi64(bad_lo, idx, bad_hi), v);
-        let bad = _mm512_test_epi64_mask(x, reject) | _mm512_test_epi64_mask(invalid, one);
-        if bad != 0 {
+    loop {
+        let end = (n + BLOCK).min(len & !3);
+        if n >= end {
             break;
         }
-        let patch = _mm512_permutex2var_epi64(pat_lo, idx, pat_hi);
-        // VMID where the class has one (0xCA: patch ? vmid : x).
-        let mut y = _mm512_ternarylogic_epi64(patch, vmidv, x, 0xca);
-        let mut sid = _mm512_mask_test_epi64_mask(0x55, idx, sid_flag);
-        while sid != 0 {
-            let lane = sid.trailing_zeros();
-            let vsid = (cmds[(lane as usize >> 1) & 3].d0() >> 32) as u32;
-            let Some(psid) = lookup(vsid) else {
-                break 'groups;
-            };
-            // SID is the upper half of the d0 lane: dword 2 * lane + 1.
-            y = _mm512_mask_set1_epi32(y, 1 << (2 * lane + 1), psid as i32);
-            sid &= sid - 1;
+        // The block's SID commands, by their index from `n`, collected without a branch.
+        let mut sids = [0u8; BLOCK + 4];
+        let mut count = 0;
+        let mut g = n;
+        let mut stopped = false;
+        for ((cmds, o), p) in input[n..end]
+            .chunks_exact(4)
+            .zip(out[n..end].chunks_exact_mut(4))
+            .zip(prov[n..end].chunks_exact_mut(4))
+        {
+            let x = ld512(cmds);
+            // Each command's class (byte 0 of its d0 lane; opcode bit 7 is a rejected bit),
+            // then `class * 2 + word` in every lane: the index into the per-class tables.
+            let c = _mm512_permutex2var_epi8(cls_lo, x, cls_hi);
+            let idx = _mm512_or_si512(_mm512_unpacklo_epi64(c, c), odd);
+            let reject = _mm512_permutex2var_epi64(rej_lo, idx, rej_hi);
+            // The value checks: bit `SIZE` (d0 lane) and bit `TG << 2 | TTL | NUM/SCALE << 4`
+            // (d1 lane) of the class's table of invalid values. Class 0 (not a plain forward)
+            // has every bit set.
+            let d1 = _mm512_unpackhi_epi64(x, x);
+            let v = _mm512_and_si512(_mm512_srlv_epi64(d1, shifts), fields);
+            let ns = _mm512_test_epi64_mask(x, num_scale) << 1;
+            let v = _mm512_mask_or_epi64(v, ns, v, sixteen);
+            let invalid = _mm512_srlv_epi64(_mm512_permutex2var_epi64(bad_lo, idx, bad_hi), v);
+            let bad = _mm512_test_epi64_mask(x, reject) | _mm512_test_epi64_mask(invalid, one);
+            if bad != 0 {
+                stopped = true;
+                break;
+            }
+            let patch = _mm512_permutex2var_epi64(pat_lo, idx, pat_hi);
+            // VMID where the class has one (0xCA: patch ? vmid : x).
+            let y = _mm512_ternarylogic_epi64(patch, vmidv, x, 0xca);
+            assert!(o.len() == 4 && p.len() == 4);
+            // SAFETY: AVX512F was detected before this kernel was selected; `o` is 4
+            // commands, 64 writable bytes (asserted), and `storeu` needs no alignment.
+            unsafe { _mm512_storeu_si512(o.as_mut_ptr().cast(), y) };
+            let at = _mm_add_epi32(_mm_set1_epi32((base as usize + g) as i32), lanes);
+            // SAFETY: SSE2 is part of x86_64; `p` is 4 u32s, 16 writable bytes (asserted).
+            unsafe { _mm_storeu_si128(p.as_mut_ptr().cast(), at) };
+            // The SID lanes (d0 lanes with the class's SID flag), as 4 bits, then their
+            // indices appended to `sids`.
+            let sid = _pext_u32(
+                u32::from(_mm512_mask_test_epi64_mask(0x55, idx, sid_flag)),
+                0x55,
+            );
+            let at = (g - n) as u32 * 0x0101_0101 + SID_LANES[sid as usize & 15];
+            sids[count..count + 4].copy_from_slice(&at.to_le_bytes());
+            count += sid.count_ones() as usize;
+            g += 4;
         }
-        assert!(o.len() == 4 && p.len() == 4);
-        // SAFETY: AVX512F was detected before this kernel was selected; `o` is 4 commands,
-        // 64 writable bytes (asserted), and `storeu` needs no alignment.
-        unsafe { _mm512_storeu_si512(o.as_mut_ptr().cast(), y) };
-        let at = _mm_add_epi32(_mm_set1_epi32((base as usize + n) as i32), lanes);
-        // SAFETY: SSE2 is part of x86_64; `p` is 4 u32s, 16 writable bytes (asserted).
-        unsafe { _mm_storeu_si128(p.as_mut_ptr().cast(), at) };
-        n += 4;
+        // Then their pSIDs, in order; an unbound vSID ends the forwards there (what was
+        // written after it is not produced).
+        for &k in &sids[..count] {
+            let i = n + usize::from(k);
+            let (d0, d1) = (input[i].d0(), input[i].d1());
+            let Some(psid) = lookup((d0 >> 32) as u32) else {
+                return i;
+            };
+            out[i] = RawCommand::new(d0 & 0xffff_ffff | u64::from(psid) << 32, d1);
+        }
+        n = g;
+        if stopped {
+            break;
+        }
     }
     n + forwards(
         rules,
