@@ -214,56 +214,73 @@ pub(super) fn forwards_avx2(
     let sixteen = _mm256_set_epi64x(16, 0, 16, 0);
 
     let mut n = 0;
-    for ((cmds, o), p) in input[..len]
-        .chunks_exact(2)
-        .zip(out.chunks_exact_mut(2))
-        .zip(prov.chunks_exact_mut(2))
-    {
-        let (a, b) = (&cmds[0], &cmds[1]);
-        let ra = &t.rows[usize::from(t.class[usize::from(a.d0() as u8)] & 7)];
-        let rb = &t.rows[usize::from(t.class[usize::from(b.d0() as u8)] & 7)];
-        assert!(cmds.len() == 2 && o.len() == 2 && p.len() == 2);
-        // SAFETY: AVX2 was detected before this kernel was selected; `cmds` is 2 commands,
-        // 32 readable bytes (asserted), and `loadu` needs no alignment.
-        let x = unsafe { _mm256_loadu_si256(cmds.as_ptr().cast()) };
-        let reject = pair(&ra.reject, &rb.reject);
-        // The value checks, as in the AVX-512 kernel; NUM/SCALE is tested on a copy of d0 in
-        // the d1 lane.
-        let d1 = _mm256_unpackhi_epi64(x, x);
-        let v = _mm256_and_si256(_mm256_srlv_epi64(d1, shifts), fields);
-        let d0 = _mm256_unpacklo_epi64(x, x);
-        let no_ns = _mm256_cmpeq_epi64(_mm256_and_si256(d0, num_scale), _mm256_setzero_si256());
-        let v = _mm256_or_si256(v, _mm256_andnot_si256(no_ns, sixteen));
-        let invalid = _mm256_srlv_epi64(pair(&ra.bad, &rb.bad), v);
-        // Bit 0 of `invalid` moved to bit 63, so that one test covers both checks.
-        let bad = _mm256_or_si256(
-            _mm256_and_si256(x, reject),
-            _mm256_slli_epi64::<63>(invalid),
-        );
-        if _mm256_testz_si256(bad, bad) == 0 {
+    loop {
+        let end = (n + BLOCK).min(len & !1);
+        if n >= end {
             break;
         }
-        // VMID where the rule has one (the patch mask's bytes are all ones there).
-        let mut y = _mm256_blendv_epi8(x, vmidv, pair(&ra.patch, &rb.patch));
-        if ra.sid != 0 {
-            let Some(psid) = lookup((a.d0() >> 32) as u32) else {
+        // As in the AVX-512 kernel: the block's SID commands, looked up after its checks.
+        let mut sids = [0u8; BLOCK + 2];
+        let mut count = 0;
+        let mut g = n;
+        let mut stopped = false;
+        for ((cmds, o), p) in input[n..end]
+            .chunks_exact(2)
+            .zip(out[n..end].chunks_exact_mut(2))
+            .zip(prov[n..end].chunks_exact_mut(2))
+        {
+            let (a, b) = (&cmds[0], &cmds[1]);
+            let ra = &t.rows[usize::from(t.class[usize::from(a.d0() as u8)] & 7)];
+            let rb = &t.rows[usize::from(t.class[usize::from(b.d0() as u8)] & 7)];
+            assert!(cmds.len() == 2 && o.len() == 2 && p.len() == 2);
+            // SAFETY: AVX2 was detected before this kernel was selected; `cmds` is 2
+            // commands, 32 readable bytes (asserted), and `loadu` needs no alignment.
+            let x = unsafe { _mm256_loadu_si256(cmds.as_ptr().cast()) };
+            let reject = pair(&ra.reject, &rb.reject);
+            // The value checks, as in the AVX-512 kernel; NUM/SCALE is tested on a copy of d0
+            // in the d1 lane.
+            let d1 = _mm256_unpackhi_epi64(x, x);
+            let v = _mm256_and_si256(_mm256_srlv_epi64(d1, shifts), fields);
+            let d0 = _mm256_unpacklo_epi64(x, x);
+            let no_ns = _mm256_cmpeq_epi64(_mm256_and_si256(d0, num_scale), _mm256_setzero_si256());
+            let v = _mm256_or_si256(v, _mm256_andnot_si256(no_ns, sixteen));
+            let invalid = _mm256_srlv_epi64(pair(&ra.bad, &rb.bad), v);
+            // Bit 0 of `invalid` moved to bit 63, so that one test covers both checks.
+            let bad = _mm256_or_si256(
+                _mm256_and_si256(x, reject),
+                _mm256_slli_epi64::<63>(invalid),
+            );
+            if _mm256_testz_si256(bad, bad) == 0 {
+                stopped = true;
                 break;
-            };
-            y = _mm256_blend_epi32::<0b0000_0010>(y, _mm256_set1_epi32(psid as i32));
+            }
+            // VMID where the rule has one (the patch mask's bytes are all ones there).
+            let y = _mm256_blendv_epi8(x, vmidv, pair(&ra.patch, &rb.patch));
+            // SAFETY: AVX2 was detected before this kernel was selected; `o` is 2 commands,
+            // 32 writable bytes (asserted), and `storeu` needs no alignment.
+            unsafe { _mm256_storeu_si256(o.as_mut_ptr().cast(), y) };
+            let at = (base as usize + g) as u32;
+            p[0] = at;
+            p[1] = at + 1;
+            let k = (g - n) as u8;
+            sids[count] = k;
+            count += ra.sid as usize;
+            sids[count] = k + 1;
+            count += rb.sid as usize;
+            g += 2;
         }
-        if rb.sid != 0 {
-            let Some(psid) = lookup((b.d0() >> 32) as u32) else {
-                break;
+        for &k in &sids[..count] {
+            let i = n + usize::from(k);
+            let (d0, d1) = (input[i].d0(), input[i].d1());
+            let Some(psid) = lookup((d0 >> 32) as u32) else {
+                return i;
             };
-            y = _mm256_blend_epi32::<0b0010_0000>(y, _mm256_set1_epi32(psid as i32));
+            out[i] = RawCommand::new(d0 & 0xffff_ffff | u64::from(psid) << 32, d1);
         }
-        // SAFETY: AVX2 was detected before this kernel was selected; `o` is 2 commands, 32
-        // writable bytes (asserted), and `storeu` needs no alignment.
-        unsafe { _mm256_storeu_si256(o.as_mut_ptr().cast(), y) };
-        let at = (base as usize + n) as u32;
-        p[0] = at;
-        p[1] = at + 1;
-        n += 2;
+        n = g;
+        if stopped {
+            break;
+        }
     }
     n + forwards(
         rules,
