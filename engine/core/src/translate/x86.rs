@@ -102,6 +102,8 @@ pub(super) fn forwards_avx512(
         }
         // The block's SID commands, by their index from `n`, collected without a branch.
         let mut sids = [0u8; BLOCK + 4];
+        // A group starts with `count <= g - n <= BLOCK - 4`: `count & (BLOCK - 1)` below is
+        // `count`, the mask only spares the bounds checks.
         let mut count = 0;
         let mut g = n;
         let mut stopped = false;
@@ -146,7 +148,8 @@ pub(super) fn forwards_avx512(
                 0x55,
             );
             let at = (g - n) as u32 * 0x0101_0101 + SID_LANES[sid as usize & 15];
-            sids[count..count + 4].copy_from_slice(&at.to_le_bytes());
+            let c = count & (BLOCK - 1);
+            sids[c..c + 4].copy_from_slice(&at.to_le_bytes());
             count += sid.count_ones() as usize;
             g += 4;
         }
@@ -220,7 +223,7 @@ pub(super) fn forwards_avx2(
             break;
         }
         // As in the AVX-512 kernel: the block's SID commands, looked up after its checks.
-        let mut sids = [0u8; BLOCK + 2];
+        let mut sids = [0u8; BLOCK];
         let mut count = 0;
         let mut g = n;
         let mut stopped = false;
@@ -263,9 +266,10 @@ pub(super) fn forwards_avx2(
             p[0] = at;
             p[1] = at + 1;
             let k = (g - n) as u8;
-            sids[count] = k;
+            // `& (BLOCK - 1)` only spares the bounds checks: `count < g - n + 2 <= BLOCK`.
+            sids[count & (BLOCK - 1)] = k;
             count += ra.sid as usize;
-            sids[count] = k + 1;
+            sids[count & (BLOCK - 1)] = k + 1;
             count += rb.sid as usize;
             g += 2;
         }
