@@ -95,78 +95,61 @@ pub(super) fn forwards_avx512(
     let lanes = _mm_set_epi32(3, 2, 1, 0);
 
     let mut n = 0;
-    loop {
-        let end = (n + BLOCK).min(len & !3);
-        if n >= end {
+    for ((cmds, o), p) in input[..len]
+        .chunks_exact(4)
+        .zip(out.chunks_exact_mut(4))
+        .zip(prov.chunks_exact_mut(4))
+    {
+        let x = ld512(cmds);
+        // Each command's class (byte 0 of its d0 lane; opcode bit 7 is a rejected bit), then
+        // `class * 2 + word` in every lane: the index into the per-class tables.
+        let c = _mm512_permutex2var_epi8(cls_lo, x, cls_hi);
+        let idx = _mm512_or_si512(_mm512_unpacklo_epi64(c, c), odd);
+        let reject = _mm512_permutex2var_epi64(rej_lo, idx, rej_hi);
+        // The value checks: bit `SIZE` (d0 lane) and bit `TG << 2 | TTL | NUM/SCALE << 4`
+        // (d1 lane) of the class's table of invalid values. Class 0 (not a plain forward) has
+        // every bit set.
+        let d1 = _mm512_unpackhi_epi64(x, x);
+        let v = _mm512_and_si512(_mm512_srlv_epi64(d1, shifts), fields);
+        let ns = _mm512_test_epi64_mask(x, num_scale) << 1;
+        let v = _mm512_mask_or_epi64(v, ns, v, sixteen);
+        let invalid = _mm512_srlv_epi64(_mm512_permutex2var_epi64(bad_lo, idx, bad_hi), v);
+        let bad = _mm512_test_epi64_mask(x, reject) | _mm512_test_epi64_mask(invalid, one);
+        if bad != 0 {
             break;
         }
-        // The block's SID commands, by their index from `n`, collected without a branch.
-        let mut sids = [0u8; BLOCK + 4];
-        // A group starts with `count <= g - n <= BLOCK - 4`: `count & (BLOCK - 1)` below is
-        // `count`, the mask only spares the bounds checks.
-        let mut count = 0;
-        let mut g = n;
-        let mut stopped = false;
-        for ((cmds, o), p) in input[n..end]
-            .chunks_exact(4)
-            .zip(out[n..end].chunks_exact_mut(4))
-            .zip(prov[n..end].chunks_exact_mut(4))
-        {
-            let x = ld512(cmds);
-            // Each command's class (byte 0 of its d0 lane; opcode bit 7 is a rejected bit),
-            // then `class * 2 + word` in every lane: the index into the per-class tables.
-            let c = _mm512_permutex2var_epi8(cls_lo, x, cls_hi);
-            let idx = _mm512_or_si512(_mm512_unpacklo_epi64(c, c), odd);
-            let reject = _mm512_permutex2var_epi64(rej_lo, idx, rej_hi);
-            // The value checks: bit `SIZE` (d0 lane) and bit `TG << 2 | TTL | NUM/SCALE << 4`
-            // (d1 lane) of the class's table of invalid values. Class 0 (not a plain forward)
-            // has every bit set.
-            let d1 = _mm512_unpackhi_epi64(x, x);
-            let v = _mm512_and_si512(_mm512_srlv_epi64(d1, shifts), fields);
-            let ns = _mm512_test_epi64_mask(x, num_scale) << 1;
-            let v = _mm512_mask_or_epi64(v, ns, v, sixteen);
-            let invalid = _mm512_srlv_epi64(_mm512_permutex2var_epi64(bad_lo, idx, bad_hi), v);
-            let bad = _mm512_test_epi64_mask(x, reject) | _mm512_test_epi64_mask(invalid, one);
-            if bad != 0 {
-                stopped = true;
-                break;
-            }
+        let sid = _mm512_mask_test_epi64_mask(0x55, idx, sid_flag);
+        assert!(o.len() == 4 && p.len() == 4);
+        if sid == 0 {
             let patch = _mm512_permutex2var_epi64(pat_lo, idx, pat_hi);
             // VMID where the class has one (0xCA: patch ? vmid : x).
             let y = _mm512_ternarylogic_epi64(patch, vmidv, x, 0xca);
-            assert!(o.len() == 4 && p.len() == 4);
             // SAFETY: AVX512F was detected before this kernel was selected; `o` is 4
             // commands, 64 writable bytes (asserted), and `storeu` needs no alignment.
             unsafe { _mm512_storeu_si512(o.as_mut_ptr().cast(), y) };
-            let at = _mm_add_epi32(_mm_set1_epi32((base as usize + g) as i32), lanes);
+            let at = _mm_add_epi32(_mm_set1_epi32((base as usize + n) as i32), lanes);
             // SAFETY: SSE2 is part of x86_64; `p` is 4 u32s, 16 writable bytes (asserted).
             unsafe { _mm_storeu_si128(p.as_mut_ptr().cast(), at) };
-            // The SID lanes (d0 lanes with the class's SID flag), as 4 bits, then their
-            // indices appended to `sids`.
-            let sid = _pext_u32(
-                u32::from(_mm512_mask_test_epi64_mask(0x55, idx, sid_flag)),
-                0x55,
-            );
-            let at = (g - n) as u32 * 0x0101_0101 + SID_LANES[sid as usize & 15];
-            let c = count & (BLOCK - 1);
-            sids[c..c + 4].copy_from_slice(&at.to_le_bytes());
-            count += sid.count_ones() as usize;
-            g += 4;
+        } else {
+            // Checked: each lane is written as the scalar loop writes a forward, its vSID
+            // looked up, without the checks.
+            for (lane, ((cmd, o), p)) in cmds.iter().zip(o.iter_mut()).zip(p.iter_mut()).enumerate()
+            {
+                let (d0, d1) = (cmd.d0(), cmd.d1());
+                let o0 = if sid & (1 << (2 * lane)) != 0 {
+                    let Some(psid) = lookup((d0 >> 32) as u32) else {
+                        return n + lane;
+                    };
+                    d0 & 0xffff_ffff | u64::from(psid) << 32
+                } else {
+                    let m = rules[usize::from(d0 as u8)].vmid_mask;
+                    (d0 & !m) | (vmid & m)
+                };
+                *o = RawCommand::new(o0, d1);
+                *p = base + (n + lane) as u32;
+            }
         }
-        // Then their pSIDs, in order; an unbound vSID ends the forwards there (what was
-        // written after it is not produced).
-        for &k in &sids[..count] {
-            let i = n + usize::from(k);
-            let (d0, d1) = (input[i].d0(), input[i].d1());
-            let Some(psid) = lookup((d0 >> 32) as u32) else {
-                return i;
-            };
-            out[i] = RawCommand::new(d0 & 0xffff_ffff | u64::from(psid) << 32, d1);
-        }
-        n = g;
-        if stopped {
-            break;
-        }
+        n += 4;
     }
     n + forwards(
         rules,
