@@ -385,7 +385,7 @@ pub enum Kernel {
     Scalar,
     /// Two commands per 256-bit register (x86_64 with AVX2).
     Avx2,
-    /// Four commands per 512-bit register (x86_64 with AVX-512 F, BW, VL and VBMI, and BMI2).
+    /// Four commands per 512-bit register (x86_64 with AVX-512 F, BW, VL and VBMI).
     Avx512,
 }
 

@@ -2,49 +2,29 @@
 //!
 //! Each kernel does what [`forwards`](super::forwards) does, group by group (4 commands with
 //! AVX-512, 2 with AVX2): one mask test of every lane against its opcode's rejected bits (RES0,
-//! SSEC, what the physical SMMU lacks), the value checks as one variable shift into a table of
-//! invalid values (ATC_INV's SIZE, the range encoding of TLBI_NH_VA/VAA), the VMID patched with
-//! one blend, and the SID of each SID-carrying lane looked up in the radix table (scalar, per
-//! lane). A group with any lane that is not a plain forward (another opcode, a failed check, an
-//! unbound vSID) goes to the scalar loop, which stops at that lane with the same outcome it
-//! would have had alone; so do the last commands of a batch that do not fill a group.
+//! SSEC, what the physical SMMU lacks) and the value checks as one variable shift into a table
+//! of invalid values (ATC_INV's SIZE, the range encoding of TLBI_NH_VA/VAA), for every lane at
+//! once. A group of TLBIs is then patched with one VMID blend and stored with one vector store.
+//! A group with a SID command (ATC_INV, CFGI_CD, CFGI_CD_ALL) is written lane by lane, each
+//! vSID looked up in the radix table (scalar): a vector store followed by the SID lanes' own
+//! stores to the same lines measured slower than the scalar loop. A group with any lane that
+//! is not a plain forward (another opcode, a failed check) goes to the scalar loop, which stops
+//! at that lane with the outcome it would have had alone; so do the last commands of a batch
+//! that do not fill a group, and an unbound vSID ends the forwards at its lane.
 //!
 //! The tables are built from the scalar rules, so the two cannot disagree on what a rule says.
 
-use super::{forwards, Rule, SimdTables, NUM_SCALE_MASK};
+use super::{forwards, Rule, SimdRow, SimdTables, NUM_SCALE_MASK};
 use crate::command::RawCommand;
 use core::arch::x86_64::*;
 
-/// The CPU features the AVX-512 kernel uses (`vpermi2b` is AVX512_VBMI, `pext` BMI2).
+/// The CPU features the AVX-512 kernel uses (`vpermi2b` is AVX512_VBMI).
 pub(super) fn avx512_detected() -> bool {
     is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vl")
         && is_x86_feature_detected!("avx512vbmi")
-        && is_x86_feature_detected!("bmi2")
 }
-
-/// Commands per block: a block's SID commands are looked up after its checks.
-const BLOCK: usize = 64;
-
-/// For each 4-bit set of lanes, their indices packed into bytes, lowest first.
-const SID_LANES: [u32; 16] = {
-    let mut t = [0u32; 16];
-    let mut m = 0;
-    while m < 16 {
-        let (mut packed, mut shift, mut lane) = (0u32, 0, 0);
-        while lane < 4 {
-            if m & (1 << lane) != 0 {
-                packed |= lane << shift;
-                shift += 8;
-            }
-            lane += 1;
-        }
-        t[m] = packed;
-        m += 1;
-    }
-    t
-};
 
 /// The CPU features the AVX2 kernel uses.
 pub(super) fn avx2_detected() -> bool {
@@ -64,7 +44,7 @@ fn ld512<T>(t: &[T]) -> __m512i {
 
 /// Forwards commands from the start of `input` while each is forwarded as it is, input i to
 /// output i, with `base + i` as its provenance; returns how many. Four commands per step.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,bmi2")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
 // The scalar `forwards` arguments, plus the tables.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn forwards_avx512(
@@ -162,6 +142,17 @@ pub(super) fn forwards_avx512(
     )
 }
 
+/// d0 of a checked forward of row `r`: with its pSID (`None`: the vSID is not bound) or its
+/// VMID.
+#[inline(always)]
+fn patched(d0: u64, r: &SimdRow, vmid: u64, lookup: &impl Fn(u32) -> Option<u32>) -> Option<u64> {
+    if r.sid != 0 {
+        let psid = lookup((d0 >> 32) as u32)?;
+        return Some(d0 & 0xffff_ffff | u64::from(psid) << 32);
+    }
+    Some((d0 & !r.patch[0]) | (vmid & r.patch[0]))
+}
+
 /// 16 bytes of `t` as a vector.
 #[target_feature(enable = "avx2")]
 #[inline]
@@ -200,74 +191,54 @@ pub(super) fn forwards_avx2(
     let sixteen = _mm256_set_epi64x(16, 0, 16, 0);
 
     let mut n = 0;
-    loop {
-        let end = (n + BLOCK).min(len & !1);
-        if n >= end {
+    for ((cmds, o), p) in input[..len]
+        .chunks_exact(2)
+        .zip(out.chunks_exact_mut(2))
+        .zip(prov.chunks_exact_mut(2))
+    {
+        let (a, b) = (&cmds[0], &cmds[1]);
+        let ra = &t.rows[usize::from(t.class[usize::from(a.d0() as u8)] & 7)];
+        let rb = &t.rows[usize::from(t.class[usize::from(b.d0() as u8)] & 7)];
+        assert!(cmds.len() == 2 && o.len() == 2 && p.len() == 2);
+        // SAFETY: AVX2 was detected before this kernel was selected; `cmds` is 2 commands,
+        // 32 readable bytes (asserted), and `loadu` needs no alignment.
+        let x = unsafe { _mm256_loadu_si256(cmds.as_ptr().cast()) };
+        let reject = pair(&ra.reject, &rb.reject);
+        // The value checks, as in the AVX-512 kernel; NUM/SCALE is tested on a copy of d0 in
+        // the d1 lane.
+        let d1 = _mm256_unpackhi_epi64(x, x);
+        let v = _mm256_and_si256(_mm256_srlv_epi64(d1, shifts), fields);
+        let d0 = _mm256_unpacklo_epi64(x, x);
+        let no_ns = _mm256_cmpeq_epi64(_mm256_and_si256(d0, num_scale), _mm256_setzero_si256());
+        let v = _mm256_or_si256(v, _mm256_andnot_si256(no_ns, sixteen));
+        let invalid = _mm256_srlv_epi64(pair(&ra.bad, &rb.bad), v);
+        // Bit 0 of `invalid` moved to bit 63, so that one test covers both checks.
+        let bad = _mm256_or_si256(
+            _mm256_and_si256(x, reject),
+            _mm256_slli_epi64::<63>(invalid),
+        );
+        if _mm256_testz_si256(bad, bad) == 0 {
             break;
         }
-        // As in the AVX-512 kernel: the block's SID commands, looked up after its checks.
-        let mut sids = [0u8; BLOCK];
-        let mut count = 0;
-        let mut g = n;
-        let mut stopped = false;
-        for ((cmds, o), p) in input[n..end]
-            .chunks_exact(2)
-            .zip(out[n..end].chunks_exact_mut(2))
-            .zip(prov[n..end].chunks_exact_mut(2))
-        {
-            let (a, b) = (&cmds[0], &cmds[1]);
-            let ra = &t.rows[usize::from(t.class[usize::from(a.d0() as u8)] & 7)];
-            let rb = &t.rows[usize::from(t.class[usize::from(b.d0() as u8)] & 7)];
-            assert!(cmds.len() == 2 && o.len() == 2 && p.len() == 2);
-            // SAFETY: AVX2 was detected before this kernel was selected; `cmds` is 2
-            // commands, 32 readable bytes (asserted), and `loadu` needs no alignment.
-            let x = unsafe { _mm256_loadu_si256(cmds.as_ptr().cast()) };
-            let reject = pair(&ra.reject, &rb.reject);
-            // The value checks, as in the AVX-512 kernel; NUM/SCALE is tested on a copy of d0
-            // in the d1 lane.
-            let d1 = _mm256_unpackhi_epi64(x, x);
-            let v = _mm256_and_si256(_mm256_srlv_epi64(d1, shifts), fields);
-            let d0 = _mm256_unpacklo_epi64(x, x);
-            let no_ns = _mm256_cmpeq_epi64(_mm256_and_si256(d0, num_scale), _mm256_setzero_si256());
-            let v = _mm256_or_si256(v, _mm256_andnot_si256(no_ns, sixteen));
-            let invalid = _mm256_srlv_epi64(pair(&ra.bad, &rb.bad), v);
-            // Bit 0 of `invalid` moved to bit 63, so that one test covers both checks.
-            let bad = _mm256_or_si256(
-                _mm256_and_si256(x, reject),
-                _mm256_slli_epi64::<63>(invalid),
-            );
-            if _mm256_testz_si256(bad, bad) == 0 {
-                stopped = true;
-                break;
-            }
+        if ra.sid | rb.sid == 0 {
             // VMID where the rule has one (the patch mask's bytes are all ones there).
             let y = _mm256_blendv_epi8(x, vmidv, pair(&ra.patch, &rb.patch));
             // SAFETY: AVX2 was detected before this kernel was selected; `o` is 2 commands,
             // 32 writable bytes (asserted), and `storeu` needs no alignment.
             unsafe { _mm256_storeu_si256(o.as_mut_ptr().cast(), y) };
-            let at = (base as usize + g) as u32;
-            p[0] = at;
-            p[1] = at + 1;
-            let k = (g - n) as u8;
-            // `& (BLOCK - 1)` only spares the bounds checks: `count < g - n + 2 <= BLOCK`.
-            sids[count & (BLOCK - 1)] = k;
-            count += ra.sid as usize;
-            sids[count & (BLOCK - 1)] = k + 1;
-            count += rb.sid as usize;
-            g += 2;
+        } else {
+            // As in the AVX-512 kernel: lane by lane, the vSIDs looked up.
+            for (lane, (cmd, r)) in [(a, ra), (b, rb)].into_iter().enumerate() {
+                let Some(o0) = patched(cmd.d0(), r, vmid, lookup) else {
+                    return n + lane;
+                };
+                o[lane] = RawCommand::new(o0, cmd.d1());
+                p[lane] = base + (n + lane) as u32;
+            }
         }
-        for &k in &sids[..count] {
-            let i = n + usize::from(k);
-            let (d0, d1) = (input[i].d0(), input[i].d1());
-            let Some(psid) = lookup((d0 >> 32) as u32) else {
-                return i;
-            };
-            out[i] = RawCommand::new(d0 & 0xffff_ffff | u64::from(psid) << 32, d1);
-        }
-        n = g;
-        if stopped {
-            break;
-        }
+        p[0] = base + n as u32;
+        p[1] = base + n as u32 + 1;
+        n += 2;
     }
     n + forwards(
         rules,
