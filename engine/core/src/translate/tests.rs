@@ -1223,3 +1223,27 @@ fn an_unsupported_kernel_is_an_error_and_the_best_is_supported() {
         }
     }
 }
+
+/// A SIMD kernel checks a group in one go only when every opcode the profile forwards as it is
+/// has a class in its tables; one left out would silently take the scalar loop.
+#[test]
+fn every_opcode_forwarded_as_it_is_has_a_simd_class() {
+    for profile in [Profile::Kernel, Profile::Tegra241] {
+        let v = world(profile, true).v;
+        let t = v.rules();
+        let mut classes = HashSet::new();
+        for (op, r) in t.rules.iter().enumerate() {
+            let forwarded = r.flags & F_FORWARD != 0;
+            assert_eq!(t.simd.class[op] != 0, forwarded, "{profile:?} opcode {op:#04x}");
+            if op < 0x80 {
+                assert_eq!(t.simd.cls[op] != 0, forwarded, "{profile:?} opcode {op:#04x}");
+            }
+            if forwarded {
+                assert!(classes.insert(t.simd.class[op]), "{profile:?}: a class shared");
+                let row = &t.simd.rows[usize::from(t.simd.class[op])];
+                assert_eq!(row.sid != 0, r.flags & F_SID != 0, "opcode {op:#04x}");
+            }
+        }
+        assert!(!classes.is_empty());
+    }
+}
