@@ -1234,12 +1234,23 @@ fn every_opcode_forwarded_as_it_is_has_a_simd_class() {
         let mut classes = HashSet::new();
         for (op, r) in t.rules.iter().enumerate() {
             let forwarded = r.flags & F_FORWARD != 0;
-            assert_eq!(t.simd.class[op] != 0, forwarded, "{profile:?} opcode {op:#04x}");
+            assert_eq!(
+                t.simd.class[op] != 0,
+                forwarded,
+                "{profile:?} opcode {op:#04x}"
+            );
             if op < 0x80 {
-                assert_eq!(t.simd.cls[op] != 0, forwarded, "{profile:?} opcode {op:#04x}");
+                assert_eq!(
+                    t.simd.cls[op] != 0,
+                    forwarded,
+                    "{profile:?} opcode {op:#04x}"
+                );
             }
             if forwarded {
-                assert!(classes.insert(t.simd.class[op]), "{profile:?}: a class shared");
+                assert!(
+                    classes.insert(t.simd.class[op]),
+                    "{profile:?}: a class shared"
+                );
                 let row = &t.simd.rows[usize::from(t.simd.class[op])];
                 assert_eq!(row.sid != 0, r.flags & F_SID != 0, "opcode {op:#04x}");
             }
