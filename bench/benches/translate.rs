@@ -1,7 +1,8 @@
 //! Translation on one core, commands from memory: group `translate`, functions `copy_limit`
 //! (copy the 16-byte records, touching nothing), `naive` (lock + decode + SipHash HashMap +
 //! encode per command) and `vcmdq` (the engine's `translate` as a worker runs it: one grace
-//! period pin per 256-entry pass, `translate` in 64-entry batches). Every benchmark moves
+//! period pin per 256-entry pass, `translate` in 64-entry batches; the widest SIMD kernel the
+//! CPU has), `vcmdq_scalar` the same with the scalar kernel forced. Every benchmark moves
 //! `LEN` commands per iteration, `Throughput::Elements(LEN)`, so the estimates compare directly.
 //!
 //! Inputs (the benchmark's parameter): `mix` is a guest's invalidation traffic (`guest_mix`:
@@ -15,7 +16,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use std::hint::black_box;
 use std::sync::Arc;
 use vcmdq::command::RawCommand;
-use vcmdq::translate::translate;
+use vcmdq::translate::{translate_with, Kernel};
 use vcmdq::viommu::{DeviceId, Devices, GraceDomain, Viommu, ViommuConfig};
 use vcmdq_bench::{atc_only, copy_limit, guest_mix, psid_of, vsids, NaiveTranslator, Rng};
 
@@ -47,12 +48,25 @@ fn viommu(keys: &[u32], grace: Arc<GraceDomain>) -> Viommu {
     v
 }
 
-/// `input` through `translate` in batches of `BATCH`; commands produced.
-fn run(v: &Viommu, input: &[RawCommand], out: &mut [RawCommand], prov: &mut [u32]) -> usize {
+/// `input` through `translate` (with `kernel`) in batches of `BATCH`; commands produced.
+fn run(
+    kernel: Kernel,
+    v: &Viommu,
+    input: &[RawCommand],
+    out: &mut [RawCommand],
+    prov: &mut [u32],
+) -> usize {
     let mut start = 0;
     let mut total = 0;
     while start < input.len() {
-        let end = translate(v, &input[start..], &mut out[..BATCH], &mut prov[..BATCH]);
+        let end = translate_with(
+            kernel,
+            v,
+            &input[start..],
+            &mut out[..BATCH],
+            &mut prov[..BATCH],
+        )
+        .expect("Kernel::best() and the scalar kernel are supported");
         total += end.produced;
         start += end.consumed;
         black_box(&out[..end.produced]);
@@ -112,7 +126,7 @@ fn bench(c: &mut Criterion) {
         let mut out = vec![RawCommand::default(); LEN];
         let mut prov = vec![0u32; LEN];
         assert_eq!(
-            run(&v, &input.cmds, &mut out, &mut prov),
+            run(Kernel::best(), &v, &input.cmds, &mut out, &mut prov),
             LEN,
             "all forwarded"
         );
@@ -125,16 +139,18 @@ fn bench(c: &mut Criterion) {
             b.iter(|| naive.translate(i, &mut out))
         });
         let mut reader = grace.register();
-        g.bench_with_input(BenchmarkId::new("vcmdq", id), &input.cmds, |b, i| {
-            b.iter(|| {
-                let mut total = 0;
-                for pass in i.chunks(PASS) {
-                    let _pin = reader.pin();
-                    total += run(&v, pass, &mut out, &mut prov);
-                }
-                total
-            })
-        });
+        for (name, kernel) in [("vcmdq", Kernel::best()), ("vcmdq_scalar", Kernel::Scalar)] {
+            g.bench_with_input(BenchmarkId::new(name, id), &input.cmds, |b, i| {
+                b.iter(|| {
+                    let mut total = 0;
+                    for pass in i.chunks(PASS) {
+                        let _pin = reader.pin();
+                        total += run(kernel, &v, pass, &mut out, &mut prov);
+                    }
+                    total
+                })
+            });
+        }
         drop(reader);
     }
     g.finish();

@@ -1,15 +1,16 @@
 //! A fixed amount of hot-path work for a profiler (`valgrind --tool=callgrind`, `perf record`):
-//! `hotpath translate [N]` runs N commands of a guest's mix through `translate` as a worker
-//! does (pin per 256, batches of 64); `hotpath e2e RINGS BATCH [N]` runs N commands through
+//! `hotpath translate [N [KERNEL]]` runs N commands of a guest's mix through `translate` as a
+//! worker does (pin per 256, batches of 64), with the widest kernel the CPU has or KERNEL
+//! (`scalar`, `avx2`, `avx512`; valgrind's CPU has no AVX-512); `hotpath e2e RINGS BATCH [N]` runs N commands through
 //! the end-to-end vcmdq pipeline (`vcmdq_bench::e2e`), `e2e-copy` and `e2e-naive` through its
-//! baselines.
+//! baselines, `e2e-vmm` through vcmdq with the rings in guest RAM behind register pages.
 
 use std::hint::black_box;
 use std::sync::Arc;
 use vcmdq::command::RawCommand;
-use vcmdq::translate::translate;
+use vcmdq::translate::{translate_with, Kernel};
 use vcmdq::viommu::{DeviceId, Devices, GraceDomain, Viommu, ViommuConfig};
-use vcmdq_bench::e2e::{Backend, Pipeline};
+use vcmdq_bench::e2e::{Backend, Backing, Pipeline};
 use vcmdq_bench::{guest_mix, psid_of, vsids, Rng};
 
 fn arg(i: usize, default: u64) -> u64 {
@@ -22,6 +23,14 @@ fn main() {
     match std::env::args().nth(1).as_deref() {
         Some(which @ ("translate" | "translate-atc" | "translate-tlbi")) => {
             let n = arg(2, 1 << 20);
+            let kernel = match std::env::args().nth(3) {
+                None => Kernel::best(),
+                Some(k) => *Kernel::ALL
+                    .iter()
+                    .find(|c| c.name() == k)
+                    .expect("a kernel: scalar, avx2 or avx512"),
+            };
+            println!("kernel {kernel}");
             let mut rng = Rng::new(16);
             let keys = vsids(16, true, 24, &mut rng);
             let input = match which {
@@ -58,7 +67,8 @@ fn main() {
                     let _pin = reader.pin();
                     let mut start = 0;
                     while start < pass.len() {
-                        let end = translate(&v, &pass[start..], &mut out, &mut prov);
+                        let end = translate_with(kernel, &v, &pass[start..], &mut out, &mut prov)
+                            .expect("a kernel this CPU supports");
                         start += end.consumed;
                         total += end.produced as u64;
                         black_box(&out);
@@ -71,7 +81,7 @@ fn main() {
                 t.as_nanos() as f64 / total as f64
             );
         }
-        Some(which @ ("e2e" | "e2e-copy" | "e2e-naive")) => {
+        Some(which @ ("e2e" | "e2e-copy" | "e2e-naive" | "e2e-vmm")) => {
             let rings = arg(2, 1) as usize;
             let batch = arg(3, 64);
             let n = arg(4, 1 << 20);
@@ -80,7 +90,11 @@ fn main() {
                 "e2e-naive" => Backend::Naive,
                 _ => Backend::Vcmdq,
             };
-            let mut p = Pipeline::new(backend, rings, batch as usize);
+            let backing = match which {
+                "e2e-vmm" => Backing::GuestRam,
+                _ => Backing::Memfd,
+            };
+            let mut p = Pipeline::with_backing(backend, backing, rings, batch as usize);
             let t = p.run(n / batch);
             let d = p.finish();
             println!(
@@ -91,7 +105,7 @@ fn main() {
             );
         }
         _ => eprintln!(
-            "usage: hotpath translate [N] | hotpath e2e|e2e-copy|e2e-naive RINGS BATCH [N]"
+            "usage: hotpath translate [N] | hotpath e2e|e2e-copy|e2e-naive|e2e-vmm RINGS BATCH [N]"
         ),
     }
 }

@@ -15,7 +15,13 @@
 //! sync; [`Pipeline::run`] returns once every ring's CONS has caught up with its PROD, so the
 //! time covers every command reaching the physical side (for vcmdq: consumed by the hardware
 //! model, every guest CMD_SYNC signalled).
+//!
+//! The rings have one of two backings ([`Backing`]): the memfd ring format (header and slots in
+//! one memory, [`GuestRing`] and [`HostRing::attach_memory`]), or guest VCMDQs in guest RAM
+//! behind Tegra241 register pages ([`crate::guest_ram`]); the guest's mix, ring size, batches
+//! and the back ends are the same for both.
 
+use crate::guest_ram::{guest_ram_vcmdqs, RamVcmdq};
 use crate::{guest_mix, NaiveTranslator, Rng};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -68,6 +74,31 @@ impl Backend {
     }
 }
 
+/// Where the guest's rings are and how the engine reads them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backing {
+    /// vcmdq's ring format: PROD, CONS and the slots in one shared memory.
+    Memfd,
+    /// Guest VCMDQs: slots in guest RAM (`vm-memory`), PROD and CONS in a Tegra241 register page.
+    GuestRam,
+}
+
+impl Backing {
+    /// The prefix of the criterion parameter (`rings1_batch64`, `vmm_rings1_batch64`).
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Backing::Memfd => "",
+            Backing::GuestRam => "vmm_",
+        }
+    }
+}
+
+/// One guest ring's writer.
+enum GuestQueue {
+    Memfd(GuestDriver),
+    GuestRam(RamVcmdq),
+}
+
 /// The pSID vIOMMU `ring` binds its vSID `vsid` to: distinct over all rings.
 pub fn e2e_psid(ring: u32, vsid: u32) -> u32 {
     0x10_0000 + ring * VSIDS_PER_RING + vsid
@@ -80,7 +111,7 @@ pub fn e2e_vmid(ring: u32) -> u16 {
 
 /// The guest: a driver per ring and the batches it writes into them.
 pub struct Guest {
-    rings: Vec<GuestDriver>,
+    rings: Vec<GuestQueue>,
     /// `POOL_BATCHES` batches of `batch` commands and a CMD_SYNC, back to back.
     pool: Vec<RawCommand>,
     batch: usize,
@@ -89,7 +120,7 @@ pub struct Guest {
 }
 
 impl Guest {
-    fn new(rings: Vec<GuestRing>, batch: usize, seed: u64) -> Guest {
+    fn new(rings: Vec<GuestQueue>, batch: usize, seed: u64) -> Guest {
         let mut rng = Rng::new(seed);
         let vsids: Vec<u32> = (0..VSIDS_PER_RING).collect();
         let mut pool = Vec::with_capacity(POOL_BATCHES * (batch + 1));
@@ -97,18 +128,6 @@ impl Guest {
             pool.extend(guest_mix(batch, &vsids, &mut rng));
             pool.push(GUEST_SYNC);
         }
-        // No back end stops a ring of this mix: a stop is a bug, not a case to handle.
-        let stop: FixPolicy = FixPolicy::Custom(Arc::new(|cerror, cmd| {
-            panic!("the back end stopped a guest ring on {cmd:?} with {cerror}")
-        }));
-        let rings = rings
-            .into_iter()
-            .map(|r| {
-                GuestDriver::new(r, stop.clone())
-                    .expect("a fresh ring")
-                    .with_timeout(WAIT_LIMIT)
-            })
-            .collect();
         Guest {
             rings,
             pool,
@@ -127,23 +146,28 @@ impl Guest {
             let r = self.next_ring;
             self.next_ring = (r + 1) % self.rings.len();
             let cmds = &self.pool[k * len..(k + 1) * len];
-            self.rings[r]
-                .post(cmds)
-                .unwrap_or_else(|e| panic!("guest ring {r}: {e}"));
+            match &mut self.rings[r] {
+                GuestQueue::Memfd(d) => d.post(cmds).map_err(|e| e.to_string()),
+                GuestQueue::GuestRam(q) => q.post(cmds).map_err(|e| e.to_string()),
+            }
+            .unwrap_or_else(|e| panic!("guest ring {r}: {e}"));
         }
     }
 
     /// Waits until every ring's CONS has reached its PROD.
     pub fn drain(&mut self) {
         for (r, ring) in self.rings.iter_mut().enumerate() {
-            ring.drain()
-                .unwrap_or_else(|e| panic!("guest ring {r}: {e}"));
+            match ring {
+                GuestQueue::Memfd(d) => d.drain().map_err(|e| e.to_string()),
+                GuestQueue::GuestRam(q) => q.drain().map_err(|e| e.to_string()),
+            }
+            .unwrap_or_else(|e| panic!("guest ring {r}: {e}"));
         }
     }
 
-    /// The guest rings' drivers.
-    pub fn rings(&self) -> &[GuestDriver] {
-        &self.rings
+    /// The guest's rings.
+    pub fn rings(&self) -> usize {
+        self.rings.len()
     }
 }
 
@@ -174,18 +198,26 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// `rings` guest rings with `batch`-command batches, read by `backend`.
+    /// `rings` memfd-format guest rings with `batch`-command batches, read by `backend`.
     pub fn new(backend: Backend, rings: usize, batch: usize) -> Pipeline {
+        Pipeline::with_backing(backend, Backing::Memfd, rings, batch)
+    }
+
+    /// `rings` guest rings with `backing` and `batch`-command batches, read by `backend`.
+    pub fn with_backing(
+        backend: Backend,
+        backing: Backing,
+        rings: usize,
+        batch: usize,
+    ) -> Pipeline {
         assert!(rings > 0 && batch > 0 && batch < 1 << RING_LOG2);
-        let mut guests = Vec::with_capacity(rings);
-        let mut hosts = Vec::with_capacity(rings);
-        for r in 0..rings as u32 {
-            let g = GuestRing::heap(RING_LOG2, r).expect("a valid ring size");
-            let h = HostRing::attach_memory(g.memory(), AttachOptions::default())
-                .expect("a fresh heap ring");
-            guests.push(g);
-            hosts.push(h);
-        }
+        let (guests, hosts) = match backing {
+            Backing::Memfd => memfd_rings(rings),
+            Backing::GuestRam => {
+                let (g, h) = guest_ram_vcmdqs(rings, RING_LOG2, WAIT_LIMIT);
+                (g.into_iter().map(GuestQueue::GuestRam).collect(), h)
+            }
+        };
         let side = match backend {
             Backend::Vcmdq => Side::Engine(Box::new(start_engine(hosts))),
             Backend::CopyLimit | Backend::Naive => {
@@ -240,9 +272,30 @@ impl Pipeline {
     }
 }
 
+/// `rings` rings of vcmdq's format on the heap, their guest sides driven by [`GuestDriver`].
+fn memfd_rings(rings: usize) -> (Vec<GuestQueue>, Vec<HostRing>) {
+    // No back end stops a ring of this mix: a stop is a bug, not a case to handle.
+    let stop: FixPolicy = FixPolicy::Custom(Arc::new(|cerror, cmd| {
+        panic!("the back end stopped a guest ring on {cmd:?} with {cerror}")
+    }));
+    let mut guests = Vec::with_capacity(rings);
+    let mut hosts = Vec::with_capacity(rings);
+    for r in 0..rings as u32 {
+        let g = GuestRing::heap(RING_LOG2, r).expect("a valid ring size");
+        let h = HostRing::attach_memory(g.memory(), AttachOptions::default())
+            .expect("a fresh heap ring");
+        let d = GuestDriver::new(g, stop.clone())
+            .expect("a fresh ring")
+            .with_timeout(WAIT_LIMIT);
+        guests.push(GuestQueue::Memfd(d));
+        hosts.push(h);
+    }
+    (guests, hosts)
+}
+
 /// The engine a benchmark measures: one worker, the hardware inline and free
-/// ([`HwConfig::zero_cost`]), no audit, no capture; one vIOMMU per ring binding `VSIDS_PER_RING` vSIDs.
-fn start_engine(hosts: Vec<HostRing>) -> Engine {
+/// ([`HwConfig::zero_cost`]), no audit, no capture; nothing attached.
+pub fn bench_engine() -> Engine {
     let (queues, _) = ModelQueue::for_workers(
         1,
         DEFAULT_LOG2SIZE,
@@ -250,16 +303,22 @@ fn start_engine(hosts: Vec<HostRing>) -> Engine {
         HwPlacement::Inline,
     )
     .expect("a valid physical queue");
-    let engine = Engine::start(
-        EngineConfig {
-            workers: 1,
-            audit: false,
-            capture: None,
-            ..EngineConfig::default()
-        },
-        queues,
-    )
-    .expect("a valid engine config");
+    Engine::start(bench_engine_config(), queues).expect("a valid engine config")
+}
+
+/// [`bench_engine`]'s configuration.
+pub fn bench_engine_config() -> EngineConfig {
+    EngineConfig {
+        workers: 1,
+        audit: false,
+        capture: None,
+        ..EngineConfig::default()
+    }
+}
+
+/// [`bench_engine`] with one vIOMMU per ring binding `VSIDS_PER_RING` vSIDs, the rings attached.
+fn start_engine(hosts: Vec<HostRing>) -> Engine {
+    let engine = bench_engine();
     for (r, host) in hosts.into_iter().enumerate() {
         let r = r as u32;
         engine
@@ -387,28 +446,37 @@ fn naive_side(mut hosts: Vec<HostRing>, stop: &AtomicBool) -> Delivered {
 mod tests {
     use super::*;
 
-    /// Every back end takes every entry; naive and vcmdq deliver every command and signal every
-    /// sync, and vcmdq refuses nothing and adds one physical CMD_SYNC per guest one.
+    /// Every back end takes every entry from either backing; naive and vcmdq deliver every
+    /// command and signal every sync, and vcmdq refuses nothing and adds one physical CMD_SYNC
+    /// per guest one.
     #[test]
-    fn every_backend_delivers_everything() {
-        for backend in Backend::ALL {
+    fn every_backend_delivers_everything_from_either_backing() {
+        for (backing, backend) in [Backing::Memfd, Backing::GuestRam]
+            .into_iter()
+            .flat_map(|b| Backend::ALL.map(|e| (b, e)))
+        {
             for (rings, batch) in [(1usize, 1usize), (3, 8), (2, 64)] {
-                let mut p = Pipeline::new(backend, rings, batch);
+                let mut p = Pipeline::with_backing(backend, backing, rings, batch);
                 let batches = 50u64;
                 p.run(batches);
                 p.run(batches);
                 let d = p.finish();
                 let cmds = 2 * batches * batch as u64;
                 let syncs = 2 * batches;
+                let case = format!("{backend:?} on {backing:?}, {rings} rings, batch {batch}");
                 match backend {
-                    Backend::CopyLimit => assert_eq!(d.entries, cmds + syncs),
+                    Backend::CopyLimit => assert_eq!(d.entries, cmds + syncs, "{case}"),
                     Backend::Naive => {
-                        assert_eq!((d.entries, d.syncs), (cmds, syncs));
+                        assert_eq!((d.entries, d.syncs), (cmds, syncs), "{case}");
                     }
                     Backend::Vcmdq => {
-                        assert_eq!((d.entries, d.syncs), (cmds, syncs));
+                        assert_eq!((d.entries, d.syncs), (cmds, syncs), "{case}");
                         let s = d.engine.unwrap();
-                        assert_eq!((s.refused, s.dropped, s.phys_syncs), (0, 0, syncs));
+                        assert_eq!(
+                            (s.refused, s.dropped, s.phys_syncs),
+                            (0, 0, syncs),
+                            "{case}"
+                        );
                     }
                 }
             }

@@ -2,6 +2,7 @@
 //! inputs they share.
 
 pub mod e2e;
+pub mod guest_ram;
 pub mod report;
 
 use std::collections::HashMap;

@@ -1,7 +1,8 @@
 //! Reads criterion's results (`target/criterion/<group>/<function>/<parameter>/new/`) and puts
 //! vcmdq next to its baselines: per parameter, commands per second of `copy_limit`, `naive`
 //! and `vcmdq` from their median estimates, and the ratios vcmdq/copy_limit and vcmdq/naive;
-//! then the targets, each marked met or missed. `make bench` prints it at the end
+//! then the targets, each marked met or missed (among them the guest-RAM backing's
+//! `vmm_rings<N>_batch64` against the memfd ring's `rings<N>_batch64`, same run). `make bench` prints it at the end
 //! (`cargo run -p vcmdq-bench --bin ratios`). Nothing here asserts a timing: it reports.
 
 use serde_json::Value;
@@ -244,6 +245,26 @@ pub fn targets(all: &[Estimate]) -> Vec<Target> {
         measured: r.map_or("-".into(), |r| format!("{r:.2}x")),
         met: r.map(|r| r <= 2.0),
     });
+    for rings in [1, 16] {
+        let p = format!("rings{rings}_batch64");
+        let memfd = get(all, "end_to_end", "vcmdq", &p);
+        let vmm = get(all, "end_to_end", "vcmdq", &format!("vmm_{p}"));
+        let r = ratio(memfd.as_ref(), vmm.as_ref());
+        out.push(Target {
+            what: format!(
+                "end_to_end vmm_{p} (guest RAM + register page) costs at most 1.10 x {p} (memfd ring), ns/cmd"
+            ),
+            measured: match (r, vmm, memfd) {
+                (Some(r), Some(v), Some(m)) => format!(
+                    "{r:.3}x ({:.2} vs {:.2} ns/cmd)",
+                    v.ns_per_element(),
+                    m.ns_per_element()
+                ),
+                _ => "-".into(),
+            },
+            met: r.map(|r| r <= 1.10),
+        });
+    }
     let rings = ["rings1_batch64", "rings16_batch64", "rings256_batch64"];
     let s = spread(all, "end_to_end", "vcmdq", &rings);
     out.push(Target {
@@ -359,6 +380,8 @@ mod tests {
             est("end_to_end", "vcmdq", "rings1_batch64", 5_000.0),
             est("end_to_end", "vcmdq", "rings16_batch64", 5_500.0),
             est("end_to_end", "vcmdq", "rings256_batch64", 12_000.0),
+            est("end_to_end", "vcmdq", "vmm_rings1_batch64", 5_400.0),
+            est("end_to_end", "vcmdq", "vmm_rings16_batch64", 6_600.0),
         ];
         let table = baseline_table(&all, "translate");
         assert!(
@@ -380,6 +403,13 @@ mod tests {
             (within.measured.as_str(), within.met),
             ("2.50x", Some(false))
         );
+        let vmm1 = find("end_to_end vmm_rings1_batch64");
+        assert_eq!(
+            (vmm1.measured.as_str(), vmm1.met),
+            ("1.080x (5.40 vs 5.00 ns/cmd)", Some(true))
+        );
+        let vmm16 = find("end_to_end vmm_rings16_batch64");
+        assert_eq!(vmm16.met, Some(false), "{}", vmm16.measured);
         let flat = find("end_to_end vcmdq cost per command flat");
         assert_eq!(flat.met, Some(false), "{}", flat.measured);
         assert!(render(&all).contains("MISSED"));

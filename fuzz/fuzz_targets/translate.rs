@@ -2,15 +2,17 @@
 //! ASID size, ATS, SSIDSIZE, granules, DS), an arbitrary sequence of
 //! set/unset_dev_id and an arbitrary batch: the errnos match a model, the fast path matches the
 //! oracle slot by slot (whatever the output room), and nothing forwarded carries another VMID or
-//! an unbound pSID.
+//! an unbound pSID. Every translation kernel this CPU runs (scalar, AVX2, AVX-512) is checked
+//! in turn; the batch leans on the opcodes the SIMD kernels take several at a time.
 #![no_main]
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use std::collections::{HashMap, HashSet};
+use vcmdq::command::opcode;
 use vcmdq::command::{RawCommand, LAYOUTS};
 use vcmdq::oracle;
-use vcmdq::translate::{translate, translate_all, SlotOutcome, Stop};
+use vcmdq::translate::{translate_all_with, translate_with, Kernel, SlotOutcome, Stop};
 use vcmdq::viommu::{DeviceId, Devices, GraceDomain, Profile, SmmuFeatures, Viommu, ViommuConfig};
 
 const SMMU: u32 = 3;
@@ -35,7 +37,15 @@ impl<'a> Arbitrary<'a> for Cmd {
         let mut d1: u64 = u.arbitrary()?;
         if kind < 224 {
             let legal: Vec<_> = LAYOUTS.iter().flatten().collect();
-            let l = legal[kind as usize % legal.len()];
+            // Half of them one of the opcodes forwarded as they are, so that the SIMD kernels
+            // see runs of them.
+            let l = match kind & 1 {
+                0 => {
+                    let op = FORWARDED[usize::from(kind >> 1) % FORWARDED.len()];
+                    LAYOUTS[usize::from(op)].expect("legal")
+                }
+                _ => legal[usize::from(kind >> 1) % legal.len()],
+            };
             d0 = (d0 & !0xff) | u64::from(l.opcode);
             d0 = (d0 & 0xffff_ffff) | u64::from(sid((d0 >> 32) as u32)) << 32;
             if kind % 8 != 0 {
@@ -46,6 +56,17 @@ impl<'a> Arbitrary<'a> for Cmd {
         Ok(Cmd(RawCommand::new(d0, d1)))
     }
 }
+
+/// The opcodes a vIOMMU forwards with only their VMID or SID replaced.
+const FORWARDED: [u8; 7] = [
+    opcode::TLBI_NH_ALL,
+    opcode::TLBI_NH_ASID,
+    opcode::TLBI_NH_VA,
+    opcode::TLBI_NH_VAA,
+    opcode::ATC_INV,
+    opcode::CFGI_CD,
+    opcode::CFGI_CD_ALL,
+];
 
 #[derive(Debug, Arbitrary)]
 enum Op {
@@ -167,15 +188,33 @@ fuzz_target!(|input: Input| {
     assert_eq!(bound, map);
 
     let cmds: Vec<RawCommand> = input.cmds.iter().map(|c| c.0).collect();
-    let fast = translate_all(&v, &cmds, input.keep_going);
     let slow = oracle::translate_all(&cfg, &map, &cmds, input.keep_going);
-    assert_eq!(fast, slow);
-
     let psids: HashSet<u32> = map.values().copied().collect();
+    for kernel in Kernel::ALL {
+        if !kernel.is_supported() {
+            continue;
+        }
+        check(kernel, &v, &cmds, &slow, &psids, &input);
+    }
+});
+
+/// `kernel` against the oracle's `slow` outcomes, through `translate_all` and through
+/// `translate` with little output room.
+fn check(
+    kernel: Kernel,
+    v: &Viommu,
+    cmds: &[RawCommand],
+    slow: &[SlotOutcome],
+    psids: &HashSet<u32>,
+    input: &Input,
+) {
+    let fast = translate_all_with(kernel, v, cmds, input.keep_going).expect("supported");
+    assert_eq!(fast, slow, "kernel {kernel}");
+
     for o in &fast {
         if let SlotOutcome::Forwarded(c) = o {
-            if let Err(e) = oracle::check_isolation(&cfg, &psids, c) {
-                panic!("isolation: {e}");
+            if let Err(e) = oracle::check_isolation(v.config(), psids, c) {
+                panic!("isolation, kernel {kernel}: {e}");
             }
         }
     }
@@ -187,12 +226,17 @@ fuzz_target!(|input: Input| {
     let mut prov = vec![0u32; room];
     let mut start = 0;
     while start < cmds.len() {
-        let end = translate(&v, &cmds[start..], &mut out, &mut prov);
+        let end =
+            translate_with(kernel, v, &cmds[start..], &mut out, &mut prov).expect("supported");
         assert!(end.produced <= room && end.consumed <= cmds.len() - start);
         for j in 0..end.produced {
             let slot = start + prov[j] as usize;
             assert!(prov[j] as usize <= end.consumed);
-            assert_eq!(fast[slot], SlotOutcome::Forwarded(out[j]), "slot {slot}");
+            assert_eq!(
+                fast[slot],
+                SlotOutcome::Forwarded(out[j]),
+                "slot {slot}, kernel {kernel}"
+            );
         }
         start += end.consumed;
         match end.stop {
@@ -219,4 +263,4 @@ fuzz_target!(|input: Input| {
             }
         }
     }
-});
+}

@@ -394,13 +394,178 @@ const F_FORWARD: u8 = 1;
 const F_SID: u8 = 16;
 
 /// The translation rules of one vIOMMU: its profile on its physical SMMU, one `Rule` per
-/// opcode. Built once when the vIOMMU is created.
-pub struct RuleTable([Rule; 256]);
+/// opcode, the same rules as tables for the SIMD kernels, and the kernel this CPU runs. Built
+/// once when the vIOMMU is created.
+pub struct RuleTable {
+    rules: [Rule; 256],
+    simd: SimdTables,
+    kernel: Kernel,
+}
 
 impl RuleTable {
     /// The rules for a vIOMMU configured as `cfg`.
     pub(crate) fn new(cfg: &ViommuConfig) -> Box<RuleTable> {
-        Box::new(RuleTable(rules(cfg.profile, cfg.range_inv, &cfg.features)))
+        let rules = rules(cfg.profile, cfg.range_inv, &cfg.features);
+        Box::new(RuleTable {
+            simd: SimdTables::new(&rules),
+            rules,
+            kernel: Kernel::best(),
+        })
+    }
+}
+
+/// Which implementation of the forward loop (the common case: commands forwarded as they are,
+/// with their VMID or pSID) [`translate`] runs. Every kernel gives the same outcome for every
+/// input; they differ in how many commands they check at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// One command at a time; every CPU.
+    Scalar,
+    /// Two commands per 256-bit register (x86_64 with AVX2).
+    Avx2,
+    /// Four commands per 512-bit register (x86_64 with AVX-512 F, BW, VL and VBMI).
+    Avx512,
+}
+
+impl Kernel {
+    /// Every kernel, narrowest first.
+    pub const ALL: [Kernel; 3] = [Kernel::Scalar, Kernel::Avx2, Kernel::Avx512];
+
+    /// Whether this CPU can run the kernel (runtime feature detection; cached by std). Under
+    /// miri only the scalar kernel: miri does not implement the SIMD intrinsics they use.
+    pub fn is_supported(self) -> bool {
+        match self {
+            Kernel::Scalar => true,
+            #[cfg(all(target_arch = "x86_64", not(miri)))]
+            Kernel::Avx2 => x86::avx2_detected(),
+            #[cfg(all(target_arch = "x86_64", not(miri)))]
+            Kernel::Avx512 => x86::avx512_detected(),
+            #[cfg(not(all(target_arch = "x86_64", not(miri))))]
+            Kernel::Avx2 | Kernel::Avx512 => false,
+        }
+    }
+
+    /// The widest kernel this CPU supports: what [`translate`] runs.
+    pub fn best() -> Kernel {
+        Kernel::ALL
+            .into_iter()
+            .rev()
+            .find(|k| k.is_supported())
+            .unwrap_or(Kernel::Scalar)
+    }
+
+    /// Its name: `scalar`, `avx2`, `avx512`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Scalar => "scalar",
+            Kernel::Avx2 => "avx2",
+            Kernel::Avx512 => "avx512",
+        }
+    }
+}
+
+impl core::fmt::Display for Kernel {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// [`translate_with`] was asked for a kernel this CPU cannot run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the {kernel} translation kernel needs CPU features this machine lacks (see \
+     Kernel::is_supported; Kernel::best() names the widest it has)"
+)]
+pub struct UnsupportedKernel {
+    /// The kernel asked for.
+    pub kernel: Kernel,
+}
+
+/// The rules of the opcodes forwarded as they are, as tables the SIMD kernels index by class
+/// (1..=7; class 0 is every other opcode, which the scalar loop handles). Built from the
+/// scalar [`Rule`]s, so the kernels cannot disagree with them on what a rule says.
+#[derive(Clone)]
+#[repr(C, align(64))]
+#[cfg_attr(not(all(target_arch = "x86_64", not(miri))), allow(dead_code))]
+struct SimdTables {
+    /// AVX-512, by `opcode & 0x7f`: `class * 2`, plus [`SimdTables::SID`] for a SID command.
+    cls: [u8; 128],
+    /// AVX-512, by `class * 2 + word`: the rejected bits (with opcode bit 7: every class's
+    /// opcode is below 0x80, so the 7-bit index above is exact).
+    reject: [u64; 16],
+    /// AVX-512, by `class * 2 + word`: the invalid values, bit `SIZE` (`d1[5:0]`) for word 0
+    /// and bit `TG << 2 | TTL` (+ 16 with NUM/SCALE) for word 1. All ones for class 0.
+    bad: [u64; 16],
+    /// AVX-512, by `class * 2 + word`: the bits the VMID replaces.
+    patch: [u64; 16],
+    /// AVX2, by opcode: the class.
+    class: [u8; 256],
+    /// AVX2, by class: the same rule.
+    rows: [SimdRow; 8],
+}
+
+/// One class's rule, for the AVX2 kernel's two 16-byte loads per command.
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+#[cfg_attr(not(all(target_arch = "x86_64", not(miri))), allow(dead_code))]
+struct SimdRow {
+    reject: [u64; 2],
+    bad: [u64; 2],
+    patch: [u64; 2],
+    /// Non-zero for a SID command.
+    sid: u64,
+}
+
+impl SimdTables {
+    /// The flag in `cls` of a class whose SID is a vSID (bit 4: above `class * 2 + word`).
+    #[cfg_attr(not(all(target_arch = "x86_64", not(miri))), allow(dead_code))]
+    const SID: u8 = 0x10;
+
+    fn new(rules: &[Rule; 256]) -> SimdTables {
+        let mut rows = [SimdRow {
+            reject: [!0, !0],
+            bad: [!0, !0],
+            patch: [0, 0],
+            sid: 0,
+        }; 8];
+        let mut cls = [0u8; 128];
+        let mut class = [0u8; 256];
+        let mut next = 1;
+        for (op, r) in rules.iter().enumerate() {
+            // More than 7 such opcodes (none today) or one above 0x7f would be left to the
+            // scalar loop, still correct.
+            if r.flags & F_FORWARD == 0 || op >= 0x80 || next == rows.len() {
+                continue;
+            }
+            let size_bad = match r.size_max {
+                63.. => 0,
+                m => !0u64 << (m + 1),
+            };
+            let range_ok = u64::from(r.range_ok[0]) | u64::from(r.range_ok[1]) << 16;
+            rows[next] = SimdRow {
+                reject: [r.reject[0] | 0x80, r.reject[1]],
+                bad: [size_bad, !range_ok & 0xffff_ffff],
+                patch: [r.vmid_mask, 0],
+                sid: u64::from(r.flags & F_SID != 0),
+            };
+            cls[op] = (next as u8) << 1 | if r.flags & F_SID != 0 { Self::SID } else { 0 };
+            class[op] = next as u8;
+            next += 1;
+        }
+        let (mut reject, mut bad, mut patch) = ([0; 16], [0; 16], [0; 16]);
+        for (c, row) in rows.iter().enumerate() {
+            reject[2 * c..2 * c + 2].copy_from_slice(&row.reject);
+            bad[2 * c..2 * c + 2].copy_from_slice(&row.bad);
+            patch[2 * c..2 * c + 2].copy_from_slice(&row.patch);
+        }
+        SimdTables {
+            cls,
+            reject,
+            bad,
+            patch,
+            class,
+            rows,
+        }
     }
 }
 
@@ -524,7 +689,7 @@ const GLOBAL: u64 = 1 << 9;
 const SSID_MASK: u64 = 0xf_ffff << SSID_SHIFT;
 const SSID_SHIFT: u32 = 12;
 /// NUM `d0[16:12]` and SCALE `d0[24:20]`.
-const NUM_SCALE_MASK: u64 = (0x1f << 12) | (0x1f << 20);
+pub(crate) const NUM_SCALE_MASK: u64 = (0x1f << 12) | (0x1f << 20);
 /// TTL, `d1[9:8]`.
 const TTL_MASK: u64 = 0b11 << 8;
 /// TG, `d1[11:10]`.
@@ -631,14 +796,49 @@ fn field_reason(rule: &Rule, d0: u64, d1: u64) -> RefuseReason {
 ///
 /// The caller holds a [`Pinned`](crate::viommu::Pinned) guard of the engine's grace domain from
 /// before this call until `out` is published, so that unbinds are barriers (rule 5).
+///
+/// Runs the widest [`Kernel`] this CPU supports, chosen once when the vIOMMU was created.
 pub fn translate(
     v: &Viommu,
     input: &[RawCommand],
     out: &mut [RawCommand],
     prov: &mut [u32],
 ) -> BatchEnd {
+    #[cfg(test)]
+    if let Some(k) = tests::forced_kernel() {
+        return run_kernel(k, v, input, out, prov);
+    }
+    run_kernel(v.rules().kernel, v, input, out, prov)
+}
+
+/// [`translate`] with the forward loop of `kernel`, whichever this CPU would choose: for tests
+/// and benchmarks that check or measure each kernel. Every kernel gives the same result.
+pub fn translate_with(
+    kernel: Kernel,
+    v: &Viommu,
+    input: &[RawCommand],
+    out: &mut [RawCommand],
+    prov: &mut [u32],
+) -> Result<BatchEnd, UnsupportedKernel> {
+    if !kernel.is_supported() {
+        return Err(UnsupportedKernel { kernel });
+    }
+    Ok(run_kernel(kernel, v, input, out, prov))
+}
+
+/// `translate` with `kernel`, which the caller checked this CPU supports.
+fn run_kernel(
+    kernel: Kernel,
+    v: &Viommu,
+    input: &[RawCommand],
+    out: &mut [RawCommand],
+    prov: &mut [u32],
+) -> BatchEnd {
+    let t = v.rules();
     v.table().with_lookup(Batch {
-        rules: &v.rules().0,
+        rules: &t.rules,
+        simd: &t.simd,
+        kernel,
         vmid: u64::from(v.vmid()) << 32,
         input,
         out,
@@ -649,6 +849,9 @@ pub fn translate(
 /// One `translate` call, run with a lookup specialised to the vIOMMU's table.
 struct Batch<'a> {
     rules: &'a [Rule; 256],
+    simd: &'a SimdTables,
+    /// Supported by this CPU (checked by whoever chose it).
+    kernel: Kernel,
     vmid: u64,
     input: &'a [RawCommand],
     out: &'a mut [RawCommand],
@@ -662,6 +865,8 @@ impl WithLookup for Batch<'_> {
     fn run(self, lookup: impl Fn(u32) -> Option<u32>) -> BatchEnd {
         let Batch {
             rules,
+            simd,
+            kernel,
             vmid,
             input,
             out,
@@ -673,21 +878,41 @@ impl WithLookup for Batch<'_> {
         // fill the output: those loops need no room check (the engine's batches never go
         // further).
         let fits = input.len().min(cap);
-        // While every command is forwarded, input i becomes output i: the loop walks the
-        // three slices together, with no index to check. Anything else (a drop, a sync, a
-        // trap, a refusal, TLBI_NSNH_ALL) leaves it for the general loops below.
-        let mut produced = forwards(rules, vmid, &input[..fits], out, prov, &lookup);
-        let (o, p) = (&mut out[..fits], &mut prov[..fits]);
-        for (i, cmd) in input[..fits].iter().enumerate().skip(produced) {
+        // While every command is forwarded as it is, the kernel's forward loop runs: input i
+        // becomes output i, with no index to check (and several commands at once in the SIMD
+        // kernels). Anything else (a drop, a sync, a trap, a refusal, TLBI_NSNH_ALL) is one
+        // step of the general loop, after which the forward loop takes over again.
+        let (mut i, mut produced) = (0, 0);
+        loop {
+            let n = forwards_with(
+                kernel,
+                rules,
+                simd,
+                vmid,
+                &input[i..fits],
+                &mut out[produced..fits],
+                &mut prov[produced..fits],
+                i as u32,
+                &lookup,
+            );
+            i += n;
+            produced += n;
+            let Some(cmd) = input[..fits].get(i) else {
+                break;
+            };
             let (o0, o1) = match step(&rules[cmd.d0() as u8 as usize], cmd, vmid, &lookup) {
                 Ok(o) => o,
                 Err(Special::Nsnh) => (nsnh, 0),
-                Err(Special::Drop) => continue,
+                Err(Special::Drop) => {
+                    i += 1;
+                    continue;
+                }
                 Err(s) => return ended(i, produced, s, cmd),
             };
-            o[produced] = RawCommand::new(o0, o1);
-            p[produced] = i as u32;
+            out[produced] = RawCommand::new(o0, o1);
+            prov[produced] = i as u32;
             produced += 1;
+            i += 1;
         }
         for (i, cmd) in input.iter().enumerate().skip(fits) {
             let (o0, o1) = match step(&rules[cmd.d0() as u8 as usize], cmd, vmid, &lookup) {
@@ -730,10 +955,64 @@ enum Special {
     Refuse(RefuseReason),
 }
 
+/// [`forwards`] by `kernel`, which this CPU supports.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn forwards_with(
+    kernel: Kernel,
+    rules: &[Rule; 256],
+    simd: &SimdTables,
+    vmid: u64,
+    input: &[RawCommand],
+    out: &mut [RawCommand],
+    prov: &mut [u32],
+    base: u32,
+    lookup: &impl Fn(u32) -> Option<u32>,
+) -> usize {
+    match kernel {
+        #[cfg(all(target_arch = "x86_64", not(miri)))]
+        // SAFETY: `Batch::kernel` is supported by this CPU: `Kernel::best()` or
+        // `translate_with` checked `Kernel::is_supported` (AVX-512 F/BW/VL/VBMI detected).
+        Kernel::Avx512 => unsafe {
+            x86::forwards_avx512(rules, simd, vmid, input, out, prov, base, lookup)
+        },
+        #[cfg(all(target_arch = "x86_64", not(miri)))]
+        // SAFETY: as above, AVX2 was detected.
+        Kernel::Avx2 => unsafe {
+            x86::forwards_avx2(rules, simd, vmid, input, out, prov, base, lookup)
+        },
+        _ => {
+            let _ = simd;
+            forwards(rules, vmid, input, out, prov, base, lookup)
+        }
+    }
+}
+
 /// Forwards commands from the start of `input` while each is forwarded as it is, input i to
-/// output i; returns how many. A function of its own so that its loop gets the registers.
-#[inline(never)]
+/// output i with provenance `base + i`; returns how many.
+#[inline(always)]
 fn forwards(
+    rules: &[Rule; 256],
+    vmid: u64,
+    input: &[RawCommand],
+    out: &mut [RawCommand],
+    prov: &mut [u32],
+    base: u32,
+    lookup: &impl Fn(u32) -> Option<u32>,
+) -> usize {
+    let n = forwards_at_0(rules, vmid, input, out, prov, lookup);
+    // Only after a command that is not a plain forward (and in the SIMD kernels' last few
+    // commands): the loop itself stays as lean as it was.
+    if base != 0 {
+        prov[..n].iter_mut().for_each(|p| *p += base);
+    }
+    n
+}
+
+/// [`forwards`] with provenance `i`. A function of its own so that its loop gets the
+/// registers.
+#[inline(never)]
+fn forwards_at_0(
     rules: &[Rule; 256],
     vmid: u64,
     input: &[RawCommand],
@@ -884,12 +1163,38 @@ pub fn translate_all(
     input: &[RawCommand],
     continue_after_refuse: bool,
 ) -> Vec<SlotOutcome> {
+    outcomes(input, continue_after_refuse, |i, o, p| {
+        translate(v, i, o, p)
+    })
+}
+
+/// [`translate_all`] with the forward loop of `kernel` (see [`translate_with`]).
+pub fn translate_all_with(
+    kernel: Kernel,
+    v: &Viommu,
+    input: &[RawCommand],
+    continue_after_refuse: bool,
+) -> Result<Vec<SlotOutcome>, UnsupportedKernel> {
+    if !kernel.is_supported() {
+        return Err(UnsupportedKernel { kernel });
+    }
+    Ok(outcomes(input, continue_after_refuse, |i, o, p| {
+        run_kernel(kernel, v, i, o, p)
+    }))
+}
+
+/// Every slot's outcome, through `translate` in chunks of [`CHUNK`].
+fn outcomes(
+    input: &[RawCommand],
+    continue_after_refuse: bool,
+    translate: impl Fn(&[RawCommand], &mut [RawCommand], &mut [u32]) -> BatchEnd,
+) -> Vec<SlotOutcome> {
     let mut res = Vec::with_capacity(input.len());
     let mut out = [RawCommand::default(); CHUNK];
     let mut prov = [0u32; CHUNK];
     let mut start = 0;
     while start < input.len() {
-        let end = translate(v, &input[start..], &mut out, &mut prov);
+        let end = translate(&input[start..], &mut out, &mut prov);
         res.extend(end.outcomes(&out, &prov));
         start += end.consumed;
         if let Stop::Refused { .. } = end.stop {
@@ -905,3 +1210,5 @@ pub fn translate_all(
 
 #[cfg(test)]
 mod tests;
+#[cfg(all(target_arch = "x86_64", not(miri)))]
+mod x86;

@@ -1,0 +1,252 @@
+//! The SIMD kernels of the forward loop on x86_64: several commands classified at once.
+//!
+//! Each kernel does what [`forwards`](super::forwards) does, group by group (4 commands with
+//! AVX-512, 2 with AVX2): one mask test of every lane against its opcode's rejected bits (RES0,
+//! SSEC, what the physical SMMU lacks) and the value checks as one variable shift into a table
+//! of invalid values (ATC_INV's SIZE, the range encoding of TLBI_NH_VA/VAA), for every lane at
+//! once. A group of TLBIs is then patched with one VMID blend and stored with one vector store.
+//! A group with a SID command (ATC_INV, CFGI_CD, CFGI_CD_ALL) is written lane by lane, each
+//! vSID looked up in the radix table (scalar): a vector store followed by the SID lanes' own
+//! stores to the same lines measured slower than the scalar loop. A group with any lane that
+//! is not a plain forward (another opcode, a failed check) goes to the scalar loop, which stops
+//! at that lane with the outcome it would have had alone; so do the last commands of a batch
+//! that do not fill a group, and an unbound vSID ends the forwards at its lane.
+//!
+//! The tables are built from the scalar rules, so the two cannot disagree on what a rule says.
+
+use super::{forwards, Rule, SimdRow, SimdTables, NUM_SCALE_MASK};
+use crate::command::RawCommand;
+use core::arch::x86_64::*;
+
+/// The CPU features the AVX-512 kernel uses (`vpermi2b` is AVX512_VBMI).
+pub(super) fn avx512_detected() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vbmi")
+}
+
+/// The CPU features the AVX2 kernel uses.
+pub(super) fn avx2_detected() -> bool {
+    is_x86_feature_detected!("avx2")
+}
+
+/// 64 bytes of `t` as a vector.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn ld512<T>(t: &[T]) -> __m512i {
+    assert!(core::mem::size_of_val(t) >= 64);
+    // SAFETY: the caller runs with AVX512F (this fn's target feature, checked by
+    // `avx512_detected` before any kernel is selected); `t` has at least 64 readable bytes
+    // (asserted) and `loadu` needs no alignment.
+    unsafe { _mm512_loadu_si512(t.as_ptr().cast()) }
+}
+
+/// Forwards commands from the start of `input` while each is forwarded as it is, input i to
+/// output i, with `base + i` as its provenance; returns how many. Four commands per step.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+// The scalar `forwards` arguments, plus the tables.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn forwards_avx512(
+    rules: &[Rule; 256],
+    t: &SimdTables,
+    vmid: u64,
+    input: &[RawCommand],
+    out: &mut [RawCommand],
+    prov: &mut [u32],
+    base: u32,
+    lookup: &impl Fn(u32) -> Option<u32>,
+) -> usize {
+    let len = input.len().min(out.len()).min(prov.len());
+    let (cls_lo, cls_hi) = (ld512(&t.cls[..64]), ld512(&t.cls[64..]));
+    let (rej_lo, rej_hi) = (ld512(&t.reject[..8]), ld512(&t.reject[8..]));
+    let (bad_lo, bad_hi) = (ld512(&t.bad[..8]), ld512(&t.bad[8..]));
+    let (pat_lo, pat_hi) = (ld512(&t.patch[..8]), ld512(&t.patch[8..]));
+    let vmidv = _mm512_set1_epi64(vmid as i64);
+    // Per 16-byte command: (d0 lane, d1 lane).
+    let odd = _mm512_set_epi64(1, 0, 1, 0, 1, 0, 1, 0);
+    let shifts = _mm512_set_epi64(8, 0, 8, 0, 8, 0, 8, 0);
+    let fields = _mm512_set_epi64(0xf, 0x3f, 0xf, 0x3f, 0xf, 0x3f, 0xf, 0x3f);
+    let ns_mask = NUM_SCALE_MASK as i64;
+    let num_scale = _mm512_set_epi64(0, ns_mask, 0, ns_mask, 0, ns_mask, 0, ns_mask);
+    let sixteen = _mm512_set1_epi64(16);
+    let one = _mm512_set1_epi64(1);
+    let sid_flag = _mm512_set1_epi64(i64::from(SimdTables::SID));
+    let lanes = _mm_set_epi32(3, 2, 1, 0);
+
+    let mut n = 0;
+    for ((cmds, o), p) in input[..len]
+        .chunks_exact(4)
+        .zip(out.chunks_exact_mut(4))
+        .zip(prov.chunks_exact_mut(4))
+    {
+        let x = ld512(cmds);
+        // Each command's class (byte 0 of its d0 lane; opcode bit 7 is a rejected bit), then
+        // `class * 2 + word` in every lane: the index into the per-class tables.
+        let c = _mm512_permutex2var_epi8(cls_lo, x, cls_hi);
+        let idx = _mm512_or_si512(_mm512_unpacklo_epi64(c, c), odd);
+        let reject = _mm512_permutex2var_epi64(rej_lo, idx, rej_hi);
+        // The value checks: bit `SIZE` (d0 lane) and bit `TG << 2 | TTL | NUM/SCALE << 4`
+        // (d1 lane) of the class's table of invalid values. Class 0 (not a plain forward) has
+        // every bit set.
+        let d1 = _mm512_unpackhi_epi64(x, x);
+        let v = _mm512_and_si512(_mm512_srlv_epi64(d1, shifts), fields);
+        let ns = _mm512_test_epi64_mask(x, num_scale) << 1;
+        let v = _mm512_mask_or_epi64(v, ns, v, sixteen);
+        let invalid = _mm512_srlv_epi64(_mm512_permutex2var_epi64(bad_lo, idx, bad_hi), v);
+        let bad = _mm512_test_epi64_mask(x, reject) | _mm512_test_epi64_mask(invalid, one);
+        if bad != 0 {
+            break;
+        }
+        let sid = _mm512_mask_test_epi64_mask(0x55, idx, sid_flag);
+        assert!(o.len() == 4 && p.len() == 4);
+        if sid == 0 {
+            let patch = _mm512_permutex2var_epi64(pat_lo, idx, pat_hi);
+            // VMID where the class has one (0xCA: patch ? vmid : x).
+            let y = _mm512_ternarylogic_epi64(patch, vmidv, x, 0xca);
+            // SAFETY: AVX512F was detected before this kernel was selected; `o` is 4
+            // commands, 64 writable bytes (asserted), and `storeu` needs no alignment.
+            unsafe { _mm512_storeu_si512(o.as_mut_ptr().cast(), y) };
+            let at = _mm_add_epi32(_mm_set1_epi32((base as usize + n) as i32), lanes);
+            // SAFETY: SSE2 is part of x86_64; `p` is 4 u32s, 16 writable bytes (asserted).
+            unsafe { _mm_storeu_si128(p.as_mut_ptr().cast(), at) };
+        } else {
+            // Checked: each lane is written as the scalar loop writes a forward, its vSID
+            // looked up, without the checks.
+            for (lane, ((cmd, o), p)) in cmds.iter().zip(o.iter_mut()).zip(p.iter_mut()).enumerate()
+            {
+                let (d0, d1) = (cmd.d0(), cmd.d1());
+                let o0 = if sid & (1 << (2 * lane)) != 0 {
+                    let Some(psid) = lookup((d0 >> 32) as u32) else {
+                        return n + lane;
+                    };
+                    d0 & 0xffff_ffff | u64::from(psid) << 32
+                } else {
+                    let m = rules[usize::from(d0 as u8)].vmid_mask;
+                    (d0 & !m) | (vmid & m)
+                };
+                *o = RawCommand::new(o0, d1);
+                *p = base + (n + lane) as u32;
+            }
+        }
+        n += 4;
+    }
+    n + forwards(
+        rules,
+        vmid,
+        &input[n..len],
+        &mut out[n..len],
+        &mut prov[n..len],
+        base + n as u32,
+        lookup,
+    )
+}
+
+/// d0 of a checked forward of row `r`: with its pSID (`None`: the vSID is not bound) or its
+/// VMID.
+#[inline(always)]
+fn patched(d0: u64, r: &SimdRow, vmid: u64, lookup: &impl Fn(u32) -> Option<u32>) -> Option<u64> {
+    if r.sid != 0 {
+        let psid = lookup((d0 >> 32) as u32)?;
+        return Some(d0 & 0xffff_ffff | u64::from(psid) << 32);
+    }
+    Some((d0 & !r.patch[0]) | (vmid & r.patch[0]))
+}
+
+/// 16 bytes of `t` as a vector.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn ld128(t: &[u64; 2]) -> __m128i {
+    // SAFETY: `t` is 16 readable bytes; `loadu` needs no alignment; SSE2 is part of x86_64.
+    unsafe { _mm_loadu_si128(t.as_ptr().cast()) }
+}
+
+/// Two 16-byte halves as one vector.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn pair(lo: &[u64; 2], hi: &[u64; 2]) -> __m256i {
+    _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(ld128(lo)), ld128(hi))
+}
+
+/// [`forwards_avx512`] with AVX2: two commands per step, their rules fetched by opcode.
+#[target_feature(enable = "avx2")]
+// The scalar `forwards` arguments, plus the tables.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn forwards_avx2(
+    rules: &[Rule; 256],
+    t: &SimdTables,
+    vmid: u64,
+    input: &[RawCommand],
+    out: &mut [RawCommand],
+    prov: &mut [u32],
+    base: u32,
+    lookup: &impl Fn(u32) -> Option<u32>,
+) -> usize {
+    let len = input.len().min(out.len()).min(prov.len());
+    let vmidv = _mm256_set1_epi64x(vmid as i64);
+    let shifts = _mm256_set_epi64x(8, 0, 8, 0);
+    let fields = _mm256_set_epi64x(0xf, 0x3f, 0xf, 0x3f);
+    let ns_mask = NUM_SCALE_MASK as i64;
+    let num_scale = _mm256_set_epi64x(ns_mask, 0, ns_mask, 0);
+    let sixteen = _mm256_set_epi64x(16, 0, 16, 0);
+
+    let mut n = 0;
+    for ((cmds, o), p) in input[..len]
+        .chunks_exact(2)
+        .zip(out.chunks_exact_mut(2))
+        .zip(prov.chunks_exact_mut(2))
+    {
+        let (a, b) = (&cmds[0], &cmds[1]);
+        let ra = &t.rows[usize::from(t.class[usize::from(a.d0() as u8)] & 7)];
+        let rb = &t.rows[usize::from(t.class[usize::from(b.d0() as u8)] & 7)];
+        assert!(cmds.len() == 2 && o.len() == 2 && p.len() == 2);
+        // SAFETY: AVX2 was detected before this kernel was selected; `cmds` is 2 commands,
+        // 32 readable bytes (asserted), and `loadu` needs no alignment.
+        let x = unsafe { _mm256_loadu_si256(cmds.as_ptr().cast()) };
+        let reject = pair(&ra.reject, &rb.reject);
+        // The value checks, as in the AVX-512 kernel; NUM/SCALE is tested on a copy of d0 in
+        // the d1 lane.
+        let d1 = _mm256_unpackhi_epi64(x, x);
+        let v = _mm256_and_si256(_mm256_srlv_epi64(d1, shifts), fields);
+        let d0 = _mm256_unpacklo_epi64(x, x);
+        let no_ns = _mm256_cmpeq_epi64(_mm256_and_si256(d0, num_scale), _mm256_setzero_si256());
+        let v = _mm256_or_si256(v, _mm256_andnot_si256(no_ns, sixteen));
+        let invalid = _mm256_srlv_epi64(pair(&ra.bad, &rb.bad), v);
+        // Bit 0 of `invalid` moved to bit 63, so that one test covers both checks.
+        let bad = _mm256_or_si256(
+            _mm256_and_si256(x, reject),
+            _mm256_slli_epi64::<63>(invalid),
+        );
+        if _mm256_testz_si256(bad, bad) == 0 {
+            break;
+        }
+        if ra.sid | rb.sid == 0 {
+            // VMID where the rule has one (the patch mask's bytes are all ones there).
+            let y = _mm256_blendv_epi8(x, vmidv, pair(&ra.patch, &rb.patch));
+            // SAFETY: AVX2 was detected before this kernel was selected; `o` is 2 commands,
+            // 32 writable bytes (asserted), and `storeu` needs no alignment.
+            unsafe { _mm256_storeu_si256(o.as_mut_ptr().cast(), y) };
+        } else {
+            // As in the AVX-512 kernel: lane by lane, the vSIDs looked up.
+            for (lane, (cmd, r)) in [(a, ra), (b, rb)].into_iter().enumerate() {
+                let Some(o0) = patched(cmd.d0(), r, vmid, lookup) else {
+                    return n + lane;
+                };
+                o[lane] = RawCommand::new(o0, cmd.d1());
+                p[lane] = base + (n + lane) as u32;
+            }
+        }
+        p[0] = base + n as u32;
+        p[1] = base + n as u32 + 1;
+        n += 2;
+    }
+    n + forwards(
+        rules,
+        vmid,
+        &input[n..len],
+        &mut out[n..len],
+        &mut prov[n..len],
+        base + n as u32,
+        lookup,
+    )
+}
