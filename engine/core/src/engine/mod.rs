@@ -75,6 +75,11 @@ pub struct EngineConfig {
     /// starts (`vcmdq_trace::capture_to_file` writes a trace that `vcmdq replay` reads back).
     /// See [`CaptureEvent`] for what a capture can and cannot see.
     pub capture: Option<CaptureTo>,
+    /// The longest an idle worker sleeps before it polls its rings once more ([`SLEEP_TIMEOUT`]
+    /// by default): what a guest that moves PROD without the kick (`docs/ring-format.md`,
+    /// "Sleeping and the kick") waits at most. Shorter costs a wake-up per interval per idle
+    /// worker; a kick or a control-plane message wakes a worker at once whatever this is.
+    pub sleep_timeout: Duration,
 }
 
 /// The most workers (translating threads, each with its own physical queue) one engine runs.
@@ -130,6 +135,7 @@ impl Default for EngineConfig {
             ring_budget: 256,
             audit: false,
             capture: None,
+            sleep_timeout: SLEEP_TIMEOUT,
         }
     }
 }

@@ -21,8 +21,9 @@ use std::time::{Duration, Instant};
 /// futex wake (tens of microseconds).
 pub const IDLE_SPIN: Duration = Duration::from_micros(50);
 
-/// The longest a worker sleeps: it then polls every ring once and sleeps again, so a guest
-/// that never kicks (one written before SLEEPING existed) is still served, this late at most.
+/// The longest a worker sleeps unless [`EngineConfig::sleep_timeout`] says otherwise: it then
+/// polls every ring once and sleeps again, so a guest that never kicks (one written before
+/// SLEEPING existed) is still served, this late at most.
 pub const SLEEP_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// The physical CMD_SYNC the engine appends to a batch that ends in a guest CMD_SYNC. CS=none:
@@ -172,6 +173,8 @@ pub(super) struct Worker<Q> {
     /// `futex_waitv` failed with something other than a wake or a timeout (ENOSYS before Linux
     /// 5.16): this worker polls with the backoff from then on.
     no_futex: bool,
+    /// [`EngineConfig::sleep_timeout`].
+    sleep_timeout: Duration,
 }
 
 impl<Q: PhysicalQueue> Worker<Q> {
@@ -197,6 +200,7 @@ impl<Q: PhysicalQueue> Worker<Q> {
             rings: Vec::new(),
             next_ring: 0,
             no_futex: false,
+            sleep_timeout: cfg.sleep_timeout,
         }
     }
 
@@ -280,10 +284,10 @@ impl<Q: PhysicalQueue> Worker<Q> {
         }
         // No work, so no control message: the rings are those announced above.
         let own = &self.issuer.shared.wake[self.index];
-        let mut waits: Vec<(&AtomicU32, bool)> = Vec::with_capacity(self.rings.len() + 1);
-        waits.push((own, true));
-        waits.extend(self.rings.iter().filter_map(|r| r.host.wake_word()).map(|w| (w, false)));
-        let slept = wake::wait_any(&waits, SLEEP_TIMEOUT);
+        let mut waits: Vec<&AtomicU32> = Vec::with_capacity(self.rings.len() + 1);
+        waits.push(own);
+        waits.extend(self.rings.iter().filter_map(|r| r.host.wake_word()));
+        let slept = wake::wait_any(&waits, self.sleep_timeout);
         drop(waits);
         match slept {
             Wait::Woken => self.issuer.stats.sleeps += 1,

@@ -44,7 +44,9 @@ pub fn kick(word: &AtomicU32) {
 
 /// FUTEX_WAKE on `word` for every waiter (one engine per ring, but a waker cannot know). The
 /// futex is a shared one (not FUTEX_PRIVATE): the waiter may be another process mapping the
-/// same memory. Errors are ignored: the engine wakes on its timeout anyway.
+/// same memory, and a private wake would not find a shared waiter (the kernel keys the two
+/// differently), so [`wait_any`] waits shared too. Errors are ignored: the engine wakes on its
+/// timeout anyway.
 pub fn wake(word: &AtomicU32) {
     #[cfg(target_os = "linux")]
     // SAFETY: FUTEX_WAKE only reads the address to find the futex key; `word` is a live,
@@ -74,17 +76,19 @@ struct FutexWaitv {
     reserved: u32,
 }
 
-/// FUTEX2_SIZE_U32 of `<linux/futex.h>`: the words are 32 bits.
+/// FUTEX2_SIZE_U32 of `<linux/futex.h>`: the words are 32 bits. No FUTEX2_PRIVATE, even for a
+/// word only this process maps: [`wake`] is a shared wake, and must find the waiter.
 #[cfg(target_os = "linux")]
 const FUTEX2_SIZE_U32: u32 = 0x02;
-/// FUTEX2_PRIVATE: a word only this process maps (the worker's own).
-#[cfg(target_os = "linux")]
-const FUTEX2_PRIVATE: u32 = 128;
 
-/// Sleeps until one of `words` is woken, or no longer holds 1 when the kernel looks, or
-/// `timeout` passes. Each word is `(word, private)`: `private` for a word only this process
-/// maps. At most [`FUTEX_WAITV_MAX`] words (more: [`Wait::Unsupported`], the caller polls).
-pub fn wait_any(words: &[(&AtomicU32, bool)], timeout: Duration) -> Wait {
+/// The longest timeout [`wait_any`] honours (about 68 years): a longer one would overflow the
+/// kernel's deadline; nobody waits that long.
+pub const MAX_WAIT: Duration = Duration::from_secs(1 << 31);
+
+/// Sleeps until one of `words` is woken (a shared FUTEX_WAKE, [`wake`]), or no longer holds 1
+/// when the kernel looks, or `timeout` (at most [`MAX_WAIT`]) passes. At most
+/// [`FUTEX_WAITV_MAX`] words (more: [`Wait::Unsupported`], the caller polls).
+pub fn wait_any(words: &[&AtomicU32], timeout: Duration) -> Wait {
     #[cfg(target_os = "linux")]
     {
         if words.is_empty() || words.len() > FUTEX_WAITV_MAX {
@@ -98,10 +102,11 @@ pub fn wait_any(words: &[(&AtomicU32, bool)], timeout: Duration) -> Wait {
                 reserved: 0,
             }
         }; FUTEX_WAITV_MAX];
-        for (e, (w, private)) in v.iter_mut().zip(words) {
+        for (e, w) in v.iter_mut().zip(words) {
             e.uaddr = w.as_ptr() as u64;
-            e.flags = FUTEX2_SIZE_U32 | if *private { FUTEX2_PRIVATE } else { 0 };
+            e.flags = FUTEX2_SIZE_U32;
         }
+        let timeout = timeout.min(MAX_WAIT);
         let mut now = libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,
@@ -110,7 +115,9 @@ pub fn wait_any(words: &[(&AtomicU32, bool)], timeout: Duration) -> Wait {
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
         let ns = now.tv_nsec as u64 + u64::from(timeout.subsec_nanos());
         let deadline = libc::timespec {
-            tv_sec: now.tv_sec + timeout.as_secs() as libc::time_t + (ns / 1_000_000_000) as libc::time_t,
+            tv_sec: now.tv_sec
+                + timeout.as_secs() as libc::time_t
+                + (ns / 1_000_000_000) as libc::time_t,
             tv_nsec: (ns % 1_000_000_000) as _,
         };
         // SAFETY: `v[..words.len()]` are initialised entries naming live, aligned u32 words
