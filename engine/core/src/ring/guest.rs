@@ -140,6 +140,15 @@ impl GuestRing {
         self.kick();
     }
 
+    /// Publishes the guest's PROD as [`GuestRing::doorbell`] does, but without the kick: a guest
+    /// written before the kick existed, which the engine serves at its next poll (after at
+    /// most its sleep timeout). For tests of that guest, and of the engine's re-check.
+    pub fn doorbell_without_kick(&self) {
+        self.region
+            .u32_at(layout::OFF_PROD)
+            .store(self.prod, Ordering::Release);
+    }
+
     /// Wakes the engine if it sleeps on this ring (SLEEPING = 1): what [`GuestRing::doorbell`]
     /// and [`GuestRing::ack_error`] do after their store.
     pub fn kick(&self) {
