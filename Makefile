@@ -127,8 +127,8 @@ fuzz: fuzz-build ## Run every fuzz target for FUZZ_SECS seconds (long).
 	  fuzz/fuzz.sh run $$t corpus/$$t -- -max_total_time=$(FUZZ_SECS) || exit 1; \
 	done
 
-loom: ## loom models of PROD/CONS publication, the completion and error paths and the unbind barrier (--cfg loom).
-	RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=$(LOOM_MAX_PREEMPTIONS) $(CARGO) test -p vcmdq --release --test loom_pqueue --test loom_completion --test loom_grace --target-dir target/loom
+loom: ## loom models of PROD/CONS publication, the completion and error paths, the unbind barrier and the sleep handshake (--cfg loom).
+	RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=$(LOOM_MAX_PREEMPTIONS) $(CARGO) test -p vcmdq --release --test loom_pqueue --test loom_completion --test loom_grace --test loom_sleep --target-dir target/loom
 
 miri: ## Ring, physical-queue and codec tests under miri (nightly; installs the component).
 	rustup component list --toolchain nightly --installed | grep -q '^miri' || rustup component add miri rust-src --toolchain nightly
