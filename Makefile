@@ -9,7 +9,7 @@ LOOM_MAX_PREEMPTIONS ?= 4
 FUZZ_TARGETS = $(notdir $(basename $(wildcard fuzz/fuzz_targets/*.rs)))
 VCMDQ = target/release/vcmdq
 
-.PHONY: replay-check vmm-example vmm-c-example expected help build release test test-plan fuzz-setup unit lint fmt clippy doc demo traces bench bench-quick ratios loadtest fuzz-build fuzz-smoke fuzz miri loom soak soak-smoke linux-trace clean
+.PHONY: replay-check vmm-example vmm-c-example expected help build release test test-plan fuzz-setup unit lint fmt clippy doc demo traces bench bench-quick ratios idle loadtest fuzz-build fuzz-smoke fuzz miri loom soak soak-smoke linux-trace clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -98,6 +98,9 @@ bench-quick: ## The same suites with short warm-up and measurement (~2 min), the
 
 ratios: ## vcmdq against the copy limit and the naive floor, from the last criterion run.
 	$(CARGO) run --release -q -p vcmdq-bench --bin ratios
+
+idle: ## Idle CPU of 1 and 2 workers and the wake-up latency of a sleeping worker (~15 s; run it on a quiet machine).
+	$(CARGO) run --release -q -p vcmdq-bench --bin idle
 
 # Where `make loadtest` draws its plot: under target/, so a run does not rewrite the tracked
 # docs/latency.svg. `make loadtest LOADTEST_SVG=docs/latency.svg` refreshes that one on purpose.
