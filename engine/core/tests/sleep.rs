@@ -8,11 +8,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestEngine, T};
+use common::{c, join_named, TestEngine, T};
 use vcmdq::command::{opcode, RawCommand};
 use vcmdq::engine::{EngineConfig, RingId};
 use vcmdq::ring::{heap_pair, GuestRing};
-use vcmdq::viommu::ViommuConfig;
+use vcmdq::viommu::{DeviceId, ViommuConfig};
 
 /// Longer than any test runs: a worker that gets past a sleep did not get there by its timeout.
 const NEVER: Duration = Duration::from_secs(3600);
@@ -149,4 +149,36 @@ fn an_engine_with_no_ring_sleeps_and_stops() {
     // Both workers sleep for an hour unless the shutdown wakes them.
     let report = e.shutdown();
     assert_eq!(report.stats.sleep_timeouts, 0);
+}
+
+#[test]
+fn a_trap_wakes_a_control_plane_waiting_for_one() {
+    let (e, mut guest, id) = engine(NEVER);
+    e.devices().add_device(DeviceId(1), 0, 0x800).unwrap();
+    e.viommu(1)
+        .expect("vIOMMU 1")
+        .set_dev_id(DeviceId(1), 0x10)
+        .unwrap();
+    assert!(
+        !e.wait_for_trap(Duration::from_millis(1)),
+        "no trap yet: the wait ends on its timeout"
+    );
+    let ste = c("CFGI_STE sid=0x10 leaf");
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| e.wait_for_trap(NEVER));
+        // Most runs get the waiter asleep first; a run that does not still checks the result.
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(guest.submit(&[ste, SYNC]), 2);
+        let woken = join_named(
+            "a control plane waiting an hour for a trap (the worker's kick must wake it)",
+            T,
+            waiter,
+        );
+        assert!(woken, "the wait ended with a trap waiting");
+    });
+    let trap = e.next_trap().expect("the trap the wait announced");
+    assert_eq!((trap.ring, trap.cmd), (id, ste));
+    e.complete_trap(id).unwrap();
+    guest.wait_syncs(1, T).unwrap();
+    e.shutdown();
 }

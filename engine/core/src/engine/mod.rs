@@ -252,6 +252,9 @@ struct Shared {
     grace: Arc<GraceDomain>,
     ctrl: Vec<SegQueue<Ctrl>>,
     traps: SegQueue<TrapEvent>,
+    /// 1 while a control-plane thread sleeps in [`Engine::wait_for_trap`]: the worker that
+    /// pushes a trap kicks it.
+    trap_wake: AtomicU32,
     /// Rings handed back by workers (detached, or failed), by id.
     detached: Mutex<HashMap<RingId, (HostRing, Option<RingError>)>>,
     stopping: AtomicBool,
@@ -349,6 +352,7 @@ impl Engine {
             grace: GraceDomain::new(),
             ctrl: (0..n).map(|_| SegQueue::new()).collect(),
             traps: SegQueue::new(),
+            trap_wake: AtomicU32::new(0),
             detached: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
             wake: (0..n).map(|_| AtomicU32::new(0)).collect(),
@@ -586,6 +590,39 @@ impl Engine {
     /// The next trapped command, in the order each ring issued them.
     pub fn next_trap(&self) -> Option<TrapEvent> {
         self.shared.traps.pop()
+    }
+
+    /// Waits until a trapped command is waiting for [`Engine::next_trap`] (true) or `timeout`
+    /// passes (false), sleeping meanwhile: a control plane's loop that would otherwise poll
+    /// [`Engine::next_trap`] costs no CPU while nothing traps, and still hears of a trap at
+    /// once. The worker that traps a command wakes it with the protocol of the rings
+    /// (`docs/ring-format.md`, "Sleeping and the kick"). Where futexes cannot be used, it polls
+    /// every 200 us until `timeout`.
+    pub fn wait_for_trap(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let word = &self.shared.trap_wake;
+        loop {
+            if !self.shared.traps.is_empty() {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            word.store(1, Ordering::SeqCst);
+            // Pairs with the worker's kick after its push: either the check below sees the
+            // trap, or the worker sees the word set and wakes this thread.
+            std::sync::atomic::fence(Ordering::SeqCst);
+            let slept = if self.shared.traps.is_empty() {
+                crate::ring::wake::wait_any(&[word], left)
+            } else {
+                crate::ring::wake::Wait::Woken
+            };
+            word.store(0, Ordering::Relaxed);
+            if slept == crate::ring::wake::Wait::Unsupported {
+                std::thread::sleep(left.min(Duration::from_micros(200)));
+            }
+        }
     }
 
     /// The control plane is done with the trapped command of `ring`: its CONS moves past it and

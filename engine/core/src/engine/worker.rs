@@ -444,6 +444,7 @@ impl<Q: PhysicalQueue> Issuer<Q> {
                         seq: r.seq_of(p.guest_end),
                         cmd,
                     });
+                    wake::kick(&self.shared.trap_wake);
                 }
             }
         }
