@@ -165,12 +165,14 @@ fn a_trap_wakes_a_control_plane_waiting_for_one() {
     );
     let ste = c("CFGI_STE sid=0x10 leaf");
     std::thread::scope(|s| {
-        let waiter = s.spawn(|| e.wait_for_trap(NEVER));
+        // Far longer than T, so that a wait that ends within T was woken; yet bounded, since a
+        // scope joins its threads even when the test fails.
+        let waiter = s.spawn(|| e.wait_for_trap(3 * T));
         // Most runs get the waiter asleep first; a run that does not still checks the result.
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(guest.submit(&[ste, SYNC]), 2);
         let woken = join_named(
-            "a control plane waiting an hour for a trap (the worker's kick must wake it)",
+            "a control plane waiting 30 s for a trap (the worker's kick must wake it)",
             T,
             waiter,
         );
