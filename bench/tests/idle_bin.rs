@@ -21,6 +21,7 @@ fn idle_reports_cpu_and_wake_up_latency() {
         "| unsealed file (no SLEEPING word: the worker polls) | 1 |",
         "| asleep (futex wait) |",
         "| awake (polling) |",
+        "| no engine: a thread asleep the same way",
         "p99 us",
     ] {
         assert!(stdout.contains(want), "no {want:?} in:\n{stdout}");

@@ -12,18 +12,28 @@
 //!   (which kicks) until the guest sees the CMD_SYNC completed (SYNC_COUNT): the kick, the
 //!   wake-up, the translation, the publication into the physical queue (the zero-cost model,
 //!   consumed inline) and the completion. The same with the worker awake: each round submits at
-//!   once after the last completed, while the worker still polls (its `IDLE_SPIN`).
+//!   once after the last completed, while the worker still polls (its `IDLE_SPIN`). And, for
+//!   what the platform costs without the engine, a bare thread that sleeps with the same
+//!   protocol (`vcmdq::ring::wake`) and answers a kick by storing a counter: the kernel's
+//!   futex wake and the scheduler's wake-up of an idle CPU, which no engine can go below.
+//!
+//! The latency runs put the guest on CPU 0 and the worker (or the bare sleeper) on CPU 1, as a
+//! guest's vCPU and an engine worker would be on their own cores: left to the scheduler, a
+//! kicked worker is often woken on the CPU its guest spins on and waits for a scheduler tick
+//! (milliseconds). With fewer than two CPUs nothing is pinned.
 //!
 //! `cargo run --release -p vcmdq-bench --bin idle [-- --idle-secs S --rounds N]`; `make idle`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use vcmdq::command::{opcode, RawCommand};
 use vcmdq::engine::{Engine, EngineConfig, EngineStats};
 use vcmdq::pqueue::{HwConfig, HwPlacement, ModelQueue, DEFAULT_LOG2SIZE};
+use vcmdq::ring::wake::{self, Wait};
 use vcmdq::ring::{AttachOptions, GuestRing, HostRing};
 use vcmdq::viommu::ViommuConfig;
 
@@ -126,6 +136,17 @@ fn run(args: &Args) -> Result<(), String> {
     );
     println!("| worker | p50 us | p99 us | p99.9 us | max us | rounds it slept before | kicks that woke it |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
+    let bare = bare_futex(args.rounds)?;
+    let us = |q: f64| bare.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "| no engine: a thread asleep the same way (SLEEPING, fence, futex_waitv), kicked, answers | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} |",
+        us(0.5),
+        us(0.99),
+        us(0.999),
+        bare.max() as f64 / 1000.0,
+        args.rounds,
+        args.rounds,
+    );
     for asleep in [true, false] {
         let w = wake_latency(asleep, args.rounds)?;
         let us = |q: f64| w.hist.value_at_quantile(q) as f64 / 1000.0;
@@ -268,6 +289,9 @@ fn wake_latency(asleep: bool, rounds: u64) -> Result<Wake, String> {
     let mut guest = ring(&engine, Backing::Memfd, 0)?;
     let mut hist = Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3)
         .map_err(|e| format!("histogram: {e}"))?;
+    // The engine's only thread here (one worker, its hardware inline) is the one that is not
+    // this one.
+    pin_apart(other_threads()?)?;
     let mut slept = 0;
     let before = engine.stats();
     for round in 1..=rounds {
@@ -303,4 +327,122 @@ fn wake_latency(asleep: bool, rounds: u64) -> Result<Wake, String> {
     stats.sleeps -= before.sleeps;
     stats.sleep_timeouts -= before.sleep_timeouts;
     Ok(Wake { hist, slept, stats })
+}
+
+/// Kick to answer of a thread sleeping as a worker does, with nothing else to do: the floor
+/// under [`wake_latency`]'s sleeping figure.
+fn bare_futex(rounds: u64) -> Result<Histogram<u64>, String> {
+    let sleeping = AtomicU32::new(0);
+    let (req, resp) = (AtomicU64::new(0), AtomicU64::new(0));
+    let stop = AtomicBool::new(false);
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3)
+        .map_err(|e| format!("histogram: {e}"))?;
+    std::thread::scope(|s| {
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (sleeping, req, resp, stop) = (&sleeping, &req, &resp, &stop);
+        let sleeper = s.spawn(move || {
+            let _ = tid_tx.send(gettid());
+            loop {
+                sleeping.store(1, Ordering::SeqCst);
+                fence(Ordering::SeqCst);
+                let asked = req.load(Ordering::Acquire);
+                let done = stop.load(Ordering::Acquire);
+                if asked == resp.load(Ordering::Relaxed)
+                    && !done
+                    && wake::wait_any(&[sleeping], Duration::from_millis(100)) == Wait::Unsupported
+                {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                sleeping.store(0, Ordering::Relaxed);
+                resp.store(req.load(Ordering::Acquire), Ordering::Release);
+                if done {
+                    break;
+                }
+            }
+        });
+        let result = (|| {
+            let tid = tid_rx.recv().map_err(|_| "the sleeper thread died")?;
+            pin_apart(vec![tid])?;
+            for round in 1..=rounds {
+                let deadline = Instant::now() + WAIT_LIMIT;
+                while sleeping.load(Ordering::SeqCst) == 0 {
+                    if Instant::now() > deadline {
+                        return Err(format!("bare futex round {round}: the thread never slept"));
+                    }
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                std::thread::sleep(SETTLE);
+                let t0 = Instant::now();
+                req.store(round, Ordering::Release);
+                wake::kick(sleeping);
+                while resp.load(Ordering::Acquire) < round {
+                    if t0.elapsed() > WAIT_LIMIT {
+                        return Err(format!("bare futex round {round}: no answer"));
+                    }
+                    std::hint::spin_loop();
+                }
+                hist.record((t0.elapsed().as_nanos() as u64).max(1))
+                    .map_err(|e| format!("histogram: {e}"))?;
+            }
+            Ok(())
+        })();
+        stop.store(true, Ordering::Release);
+        wake::kick(sleeping);
+        let _ = sleeper.join();
+        result
+    })?;
+    Ok(hist)
+}
+
+/// The kernel's id of the calling thread.
+fn gettid() -> libc::pid_t {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// The threads of this process other than the calling one.
+fn other_threads() -> Result<Vec<libc::pid_t>, String> {
+    let me = gettid();
+    let dir = std::fs::read_dir("/proc/self/task").map_err(|e| format!("/proc/self/task: {e}"))?;
+    let mut tids = Vec::new();
+    for t in dir {
+        let t = t.map_err(|e| format!("/proc/self/task: {e}"))?;
+        if let Some(tid) = t.file_name().to_str().and_then(|s| s.parse().ok()) {
+            if tid != me {
+                tids.push(tid);
+            }
+        }
+    }
+    Ok(tids)
+}
+
+/// Pins the calling thread (the guest) to CPU 0 and `others` to CPU 1, if there are two CPUs.
+fn pin_apart(others: Vec<libc::pid_t>) -> Result<(), String> {
+    // Not available_parallelism: it counts the CPUs this thread may run on, one once pinned.
+    // SAFETY: sysconf only reads the configuration value named.
+    if unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } < 2 {
+        return Ok(());
+    }
+    pin(0, 0)?;
+    for tid in others {
+        pin(tid, 1)?;
+    }
+    Ok(())
+}
+
+fn pin(tid: libc::pid_t, cpu: usize) -> Result<(), String> {
+    // SAFETY: an all-zero cpu_set_t is the empty set; CPU_SET only writes inside it (cpu is 0
+    // or 1, below CPU_SETSIZE); sched_setaffinity reads `size_of` bytes of it.
+    let r = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if r != 0 {
+        return Err(format!(
+            "pin thread {tid} to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
 }
