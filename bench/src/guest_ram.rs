@@ -13,7 +13,6 @@
 //! queue, where the memfd guest keeps the ring full) and records every command it wrote in a
 //! growing vector, so the comparison would measure a different guest, not a different backing.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,7 +23,7 @@ use vcmdq::ring::HostRing;
 use vcmdq_vmm::regs::{VCMDQ_CONFIG, VCMDQ_CONS, VCMDQ_EN, VCMDQ_PROD, VCMDQ_STATUS};
 use vcmdq_vmm::slots::SLOT_BYTES;
 use vcmdq_vmm::{GuestRamSlots, Tegra241Registers, VcmdqRegisterPage};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileMemory};
 
 /// Guest RAM as the benchmark's VMM holds it.
 pub type Ram = GuestMemoryMmap<()>;
@@ -182,20 +181,20 @@ impl RamVcmdq {
             .mem
             .get_slice(GuestAddress(self.base), len)
             .map_err(|e| ram_err(self.base, e))?;
-        let store_err = |off: usize, e: vm_memory::volatile_memory::Error| RamVcmdqError::Ram {
-            addr: self.base + off as u64,
-            why: e.to_string(),
-        };
+        // One bounds and alignment check per batch; then volatile stores, as a guest's plain
+        // stores to its RAM (vm-memory's `Bytes::store` checked every word again).
+        let words = slots
+            .get_array_ref::<u64>(0, len / 8)
+            .map_err(|e| RamVcmdqError::Ram {
+                addr: self.base,
+                why: e.to_string(),
+            })?;
         let mut p = prod;
         for cmd in cmds {
             // Two 64-bit stores per slot, as a guest's `arm_smmu_cmdq_write_entries` does.
-            let off = shape.index(p) as usize * SLOT_BYTES as usize;
-            slots
-                .store(cmd.d0().to_le(), off, Ordering::Relaxed)
-                .map_err(|e| store_err(off, e))?;
-            slots
-                .store(cmd.d1().to_le(), off + 8, Ordering::Relaxed)
-                .map_err(|e| store_err(off + 8, e))?;
+            let word = shape.index(p) as usize * 2;
+            words.store(word, cmd.d0().to_le());
+            words.store(word + 1, cmd.d1().to_le());
             p = shape.advance(p, 1);
         }
         self.prod = p;

@@ -422,7 +422,9 @@ fn the_stated_minimum_rust_is_what_every_locked_dependency_needs() {
     .expect("rustc -vV names its host");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--offline"])
+        // Not --offline: `make loom`'s dependencies (generator) may not be fetched yet when the
+        // unit tests run, and cargo reads a package's rust-version from its manifest.
+        .args(["metadata", "--format-version", "1"])
         .args(["--filter-platform", &host])
         .env("RUSTFLAGS", "--cfg loom")
         .current_dir(root())

@@ -9,9 +9,9 @@
 //! guest-physical address space (no hole) and every boundary inside the queue falls between
 //! two slots; a queue across a hole, or a slot split between two regions, is refused.
 //!
-//! Each slot is copied out once, as two 64-bit atomic loads through `vm-memory`'s volatile
-//! slices ([`Bytes::load`]): the guest may rewrite it at any time, and the engine only looks at
-//! the copy.
+//! Each slot is copied out once, as two volatile 64-bit loads through `vm-memory`'s checked
+//! array view of the region (`VolatileSlice::get_array_ref`): the guest may rewrite it at any
+//! time, and the engine only looks at the copy.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use vcmdq::command::RawCommand;
 use vcmdq::ring::{QueueSlots, RingError};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions, VolatileMemory};
 
 use crate::regs::VCMDQ_LOG2SIZE_MAX;
 
@@ -27,6 +27,8 @@ use crate::regs::VCMDQ_LOG2SIZE_MAX;
 pub const SLOT_BYTES: u64 = 16;
 /// The alignment every queue base has at least: 32 bytes (BASE's address field starts at bit 5).
 pub const MIN_BASE_ALIGN: u64 = 32;
+/// 64-bit words copied out of guest RAM per step (a 1 KiB stack buffer, 64 slots).
+const COPY_WORDS: usize = 128;
 
 /// Why a guest queue was refused at enable: the reason names the register value that is wrong.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -232,21 +234,30 @@ impl<M: GuestMemory + Send + Sync> QueueSlots for GuestRamSlots<M> {
             .map_err(|e| read_err(first, e.to_string()))?;
         let mut next = out.iter_mut();
         let mut at = first;
+        let mut words = [0u64; COPY_WORDS];
         for slice in slices {
             let slice = slice.map_err(|e| read_err(at, e.to_string()))?;
             if !(slice.len() as u64).is_multiple_of(SLOT_BYTES) {
                 return Err(read_err(at, "a region boundary splits a slot".into()));
             }
-            for off in (0..slice.len()).step_by(SLOT_BYTES as usize) {
-                let d0 = slice.load::<u64>(off, Ordering::Relaxed);
-                let d1 = slice.load::<u64>(off + 8, Ordering::Relaxed);
-                let (d0, d1) = match (d0, d1) {
-                    (Ok(a), Ok(b)) => (a, b),
-                    (Err(e), _) | (_, Err(e)) => return Err(read_err(at, e.to_string())),
-                };
-                // Slots are little-endian; so is every host vcmdq builds for.
-                let slot = next.next().expect("the slices cover exactly the run");
-                *slot = RawCommand::new(u64::from_le(d0), u64::from_le(d1));
+            // One bounds and alignment check per region (`get_array_ref`), then a loop of
+            // volatile 64-bit loads into a stack buffer: per slot as cheap as the ring
+            // format's two atomic loads, where `Bytes::load` checked every word again.
+            let all = slice
+                .get_array_ref::<u64>(0, slice.len() / 8)
+                .map_err(|e| read_err(at, e.to_string()))?;
+            let mut word = 0;
+            while word < all.len() {
+                let n = (all.len() - word).min(COPY_WORDS);
+                for (i, w) in words[..n].iter_mut().enumerate() {
+                    *w = all.load(word + i);
+                }
+                for pair in words[..n].chunks_exact(2) {
+                    // Slots are little-endian; so is every host vcmdq builds for.
+                    let slot = next.next().expect("the slices cover exactly the run");
+                    *slot = RawCommand::new(u64::from_le(pair[0]), u64::from_le(pair[1]));
+                }
+                word += n;
             }
             at += slice.len() as u64;
         }

@@ -110,24 +110,9 @@ pub(super) fn forwards_avx512(
             let at = _mm_add_epi32(_mm_set1_epi32((base as usize + n) as i32), lanes);
             // SAFETY: SSE2 is part of x86_64; `p` is 4 u32s, 16 writable bytes (asserted).
             unsafe { _mm_storeu_si128(p.as_mut_ptr().cast(), at) };
-        } else {
-            // Checked: each lane is written as the scalar loop writes a forward, its vSID
-            // looked up, without the checks.
-            for (lane, ((cmd, o), p)) in cmds.iter().zip(o.iter_mut()).zip(p.iter_mut()).enumerate()
-            {
-                let (d0, d1) = (cmd.d0(), cmd.d1());
-                let o0 = if sid & (1 << (2 * lane)) != 0 {
-                    let Some(psid) = lookup((d0 >> 32) as u32) else {
-                        return n + lane;
-                    };
-                    d0 & 0xffff_ffff | u64::from(psid) << 32
-                } else {
-                    let m = rules[usize::from(d0 as u8)].vmid_mask;
-                    (d0 & !m) | (vmid & m)
-                };
-                *o = RawCommand::new(o0, d1);
-                *p = base + (n + lane) as u32;
-            }
+        } else if let Err(lane) = write_lanes(rules, vmid, cmds, o, p, sid, base + n as u32, lookup)
+        {
+            return n + lane;
         }
         n += 4;
     }
@@ -140,6 +125,37 @@ pub(super) fn forwards_avx512(
         base + n as u32,
         lookup,
     )
+}
+
+/// Writes a group that passed the vector checks lane by lane, as the scalar loop writes a
+/// forward, without the checks: a SID command (bit `2 * lane` of `sid`) with its vSID looked
+/// up, any other with its VMID; provenance from `first` on. `Err(lane)`: that lane's vSID is not
+/// bound (the lanes before it are written).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn write_lanes(
+    rules: &[Rule; 256],
+    vmid: u64,
+    cmds: &[RawCommand],
+    out: &mut [RawCommand],
+    prov: &mut [u32],
+    sid: u8,
+    first: u32,
+    lookup: &impl Fn(u32) -> Option<u32>,
+) -> Result<(), usize> {
+    for (lane, ((cmd, o), p)) in cmds.iter().zip(out).zip(prov).enumerate() {
+        let (d0, d1) = (cmd.d0(), cmd.d1());
+        let o0 = if sid & (1 << (2 * lane)) != 0 {
+            let psid = lookup((d0 >> 32) as u32).ok_or(lane)?;
+            d0 & 0xffff_ffff | u64::from(psid) << 32
+        } else {
+            let m = rules[usize::from(d0 as u8)].vmid_mask;
+            (d0 & !m) | (vmid & m)
+        };
+        *o = RawCommand::new(o0, d1);
+        *p = first + lane as u32;
+    }
+    Ok(())
 }
 
 /// d0 of a checked forward of row `r`: with its pSID (`None`: the vSID is not bound) or its
