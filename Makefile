@@ -9,7 +9,7 @@ LOOM_MAX_PREEMPTIONS ?= 4
 FUZZ_TARGETS = $(notdir $(basename $(wildcard fuzz/fuzz_targets/*.rs)))
 VCMDQ = target/release/vcmdq
 
-.PHONY: replay-check vmm-example vmm-c-example expected help build release test test-plan fuzz-setup unit lint fmt clippy doc demo traces bench bench-quick ratios loadtest fuzz-build fuzz-smoke fuzz miri loom soak soak-smoke linux-trace clean
+.PHONY: replay-check vmm-example vmm-c-example expected help build release test test-plan fuzz-setup unit lint fmt clippy doc demo traces bench bench-quick ratios idle loadtest fuzz-build fuzz-smoke fuzz miri loom soak soak-smoke linux-trace clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -99,6 +99,9 @@ bench-quick: ## The same suites with short warm-up and measurement (~2 min), the
 ratios: ## vcmdq against the copy limit and the naive floor, from the last criterion run.
 	$(CARGO) run --release -q -p vcmdq-bench --bin ratios
 
+idle: ## Idle CPU of 1 and 2 workers and the wake-up latency of a sleeping worker (~15 s; run it on a quiet machine).
+	$(CARGO) run --release -q -p vcmdq-bench --bin idle
+
 # Where `make loadtest` draws its plot: under target/, so a run does not rewrite the tracked
 # docs/latency.svg. `make loadtest LOADTEST_SVG=docs/latency.svg` refreshes that one on purpose.
 LOADTEST_SVG ?= target/loadtest/latency.svg
@@ -127,8 +130,8 @@ fuzz: fuzz-build ## Run every fuzz target for FUZZ_SECS seconds (long).
 	  fuzz/fuzz.sh run $$t corpus/$$t -- -max_total_time=$(FUZZ_SECS) || exit 1; \
 	done
 
-loom: ## loom models of PROD/CONS publication, the completion and error paths and the unbind barrier (--cfg loom).
-	RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=$(LOOM_MAX_PREEMPTIONS) $(CARGO) test -p vcmdq --release --test loom_pqueue --test loom_completion --test loom_grace --target-dir target/loom
+loom: ## loom models of PROD/CONS publication, the completion and error paths, the unbind barrier and the sleep handshake (--cfg loom).
+	RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=$(LOOM_MAX_PREEMPTIONS) $(CARGO) test -p vcmdq --release --test loom_pqueue --test loom_completion --test loom_grace --test loom_sleep --target-dir target/loom
 
 miri: ## Ring, physical-queue and codec tests under miri (nightly; installs the component).
 	rustup component list --toolchain nightly --installed | grep -q '^miri' || rustup component add miri rust-src --toolchain nightly

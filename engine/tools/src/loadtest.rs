@@ -126,8 +126,9 @@ pub enum LoadtestError {
         submitted: u64,
         /// CMD_SYNCs submitted.
         syncs: u64,
-        /// The engine's counters at shutdown.
-        stats: EngineStats,
+        /// The engine's counters at shutdown (boxed: they would make every `Result` of this
+        /// module as large as they are).
+        stats: Box<EngineStats>,
     },
 }
 
@@ -761,7 +762,7 @@ pub fn run(opts: &LoadtestOptions) -> Result<LoadtestReport, LoadtestError> {
         return Err(LoadtestError::LostTrack {
             submitted,
             syncs,
-            stats,
+            stats: Box::new(stats),
         });
     }
     Ok(LoadtestReport {

@@ -725,10 +725,18 @@ pub fn run(mut args: ServeArgs) -> Result<ExitCode, CliError> {
             }
             next_tick += every;
         }
-        // A trapped command pauses its ring until it is completed: poll often, and at once
-        // again after a trap (guests that trap tend to trap again).
+        // A trapped command pauses its ring until it is completed: the engine wakes this
+        // thread as soon as one comes, so it sleeps otherwise, yet no longer than the traffic
+        // sampling, the next progress line or the deadline allow (nor than a signal may wait).
         if traps == 0 {
-            std::thread::sleep(Duration::from_micros(200));
+            let mut wait = Traffic::EVERY;
+            if live {
+                wait = wait.min(next_tick.saturating_duration_since(now));
+            }
+            if let Some(d) = deadline {
+                wait = wait.min(d.saturating_duration_since(now));
+            }
+            engine.wait_for_trap(wait);
         }
     }
     if live && stderr_tty {

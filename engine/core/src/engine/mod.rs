@@ -27,6 +27,9 @@
 //! in the same queue are untouched.
 
 mod capture;
+#[cfg(feature = "mock")]
+#[doc(hidden)]
+pub mod hooks;
 pub mod phys;
 mod stats;
 mod worker;
@@ -34,6 +37,7 @@ mod worker;
 pub use capture::{CaptureError, CaptureEvent, CaptureSink, CaptureTo};
 pub use phys::PhysicalQueue;
 pub use stats::{slot_outcomes, AuditRecord, EngineStats, RingProgress};
+pub use worker::{IDLE_SPIN, SLEEP_TIMEOUT};
 
 use crate::command::RawCommand;
 use crate::ring::{HostRing, RingError, RingStats};
@@ -71,6 +75,11 @@ pub struct EngineConfig {
     /// starts (`vcmdq_trace::capture_to_file` writes a trace that `vcmdq replay` reads back).
     /// See [`CaptureEvent`] for what a capture can and cannot see.
     pub capture: Option<CaptureTo>,
+    /// The longest an idle worker sleeps before it polls its rings once more ([`SLEEP_TIMEOUT`]
+    /// by default): what a guest that moves PROD without the kick (`docs/ring-format.md`,
+    /// "Sleeping and the kick") waits at most. Shorter costs a wake-up per interval per idle
+    /// worker; a kick or a control-plane message wakes a worker at once whatever this is.
+    pub sleep_timeout: Duration,
 }
 
 /// The most workers (translating threads, each with its own physical queue) one engine runs.
@@ -126,6 +135,7 @@ impl Default for EngineConfig {
             ring_budget: 256,
             audit: false,
             capture: None,
+            sleep_timeout: SLEEP_TIMEOUT,
         }
     }
 }
@@ -242,9 +252,15 @@ struct Shared {
     grace: Arc<GraceDomain>,
     ctrl: Vec<SegQueue<Ctrl>>,
     traps: SegQueue<TrapEvent>,
+    /// 1 while a control-plane thread sleeps in [`Engine::wait_for_trap`]: the worker that
+    /// pushes a trap kicks it.
+    trap_wake: AtomicU32,
     /// Rings handed back by workers (detached, or failed), by id.
     detached: Mutex<HashMap<RingId, (HostRing, Option<RingError>)>>,
     stopping: AtomicBool,
+    /// Per worker: the word it sleeps on besides its rings' SLEEPING words, set to 1 when it
+    /// announces sleep; the control plane kicks it after each message and at shutdown.
+    wake: Vec<AtomicU32>,
     stats: Vec<stats::Shared>,
     epoch: Instant,
     capture: Option<Arc<SegQueue<CaptureEvent>>>,
@@ -253,6 +269,20 @@ struct Shared {
 impl Shared {
     fn now(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// Hands `msg` to `worker` and wakes it if it sleeps.
+    fn send(&self, worker: usize, msg: Ctrl) {
+        self.ctrl[worker].push(msg);
+        crate::ring::wake::kick(&self.wake[worker]);
+    }
+
+    /// Asks every worker to stop, waking those that sleep.
+    fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        for w in &self.wake {
+            crate::ring::wake::kick(w);
+        }
     }
 
     fn capture(&self, ev: impl FnOnce(u64) -> CaptureEvent) {
@@ -322,8 +352,10 @@ impl Engine {
             grace: GraceDomain::new(),
             ctrl: (0..n).map(|_| SegQueue::new()).collect(),
             traps: SegQueue::new(),
+            trap_wake: AtomicU32::new(0),
             detached: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
+            wake: (0..n).map(|_| AtomicU32::new(0)).collect(),
             stats: (0..n).map(|_| stats::Shared::default()).collect(),
             epoch: Instant::now(),
             capture: capture.as_ref().map(|c| c.queue.clone()),
@@ -332,7 +364,7 @@ impl Engine {
         // Any failure below stops what was started, so a failed start leaves no thread behind
         // (the queues not yet handed to a worker drop here).
         let undo = |workers: Vec<JoinHandle<worker::Report>>| {
-            shared.stopping.store(true, Ordering::Release);
+            shared.stop();
             for w in workers {
                 let _ = w.join();
             }
@@ -496,12 +528,15 @@ impl Engine {
             viommu: viommu_id,
             log2size,
         });
-        self.shared.ctrl[worker].push(Ctrl::Attach {
-            id,
-            host: Box::new(host),
-            viommu,
-            progress,
-        });
+        self.shared.send(
+            worker,
+            Ctrl::Attach {
+                id,
+                host: Box::new(host),
+                viommu,
+                progress,
+            },
+        );
         Ok(id)
     }
 
@@ -516,7 +551,7 @@ impl Engine {
         let (worker, _) = *lock(&self.rings)
             .get(&id)
             .ok_or(EngineError::UnknownRing(id))?;
-        self.shared.ctrl[worker].push(Ctrl::Detach { id });
+        self.shared.send(worker, Ctrl::Detach { id });
         let deadline = Instant::now() + timeout;
         loop {
             if let Some((host, _)) = lock(&self.shared.detached).remove(&id) {
@@ -557,13 +592,46 @@ impl Engine {
         self.shared.traps.pop()
     }
 
+    /// Waits until a trapped command is waiting for [`Engine::next_trap`] (true) or `timeout`
+    /// passes (false), sleeping meanwhile: a control plane's loop that would otherwise poll
+    /// [`Engine::next_trap`] costs no CPU while nothing traps, and still hears of a trap at
+    /// once. The worker that traps a command wakes it with the protocol of the rings
+    /// (`docs/ring-format.md`, "Sleeping and the kick"). Where futexes cannot be used, it polls
+    /// every 200 us until `timeout`.
+    pub fn wait_for_trap(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let word = &self.shared.trap_wake;
+        loop {
+            if !self.shared.traps.is_empty() {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            word.store(1, Ordering::SeqCst);
+            // Pairs with the worker's kick after its push: either the check below sees the
+            // trap, or the worker sees the word set and wakes this thread.
+            std::sync::atomic::fence(Ordering::SeqCst);
+            let slept = if self.shared.traps.is_empty() {
+                crate::ring::wake::wait_any(&[word], left)
+            } else {
+                crate::ring::wake::Wait::Woken
+            };
+            word.store(0, Ordering::Relaxed);
+            if slept == crate::ring::wake::Wait::Unsupported {
+                std::thread::sleep(left.min(Duration::from_micros(200)));
+            }
+        }
+    }
+
     /// The control plane is done with the trapped command of `ring`: its CONS moves past it and
     /// the ring is served again.
     pub fn complete_trap(&self, ring: RingId) -> Result<(), EngineError> {
         let (worker, _) = *lock(&self.rings)
             .get(&ring)
             .ok_or(EngineError::UnknownRing(ring))?;
-        self.shared.ctrl[worker].push(Ctrl::TrapDone { id: ring });
+        self.shared.send(worker, Ctrl::TrapDone { id: ring });
         Ok(())
     }
 
@@ -588,7 +656,7 @@ impl Engine {
     /// Stops taking new guest entries, publishes and completes everything already taken, and
     /// stops the threads.
     pub fn shutdown(mut self) -> EngineReport {
-        self.shared.stopping.store(true, Ordering::Release);
+        self.shared.stop();
         let mut report = EngineReport {
             epoch: Some(self.shared.epoch),
             ..Default::default()
@@ -614,7 +682,7 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        self.shared.stopping.store(true, Ordering::Release);
+        self.shared.stop();
         for w in self.workers.drain(..) {
             let _ = w.join();
         }

@@ -62,6 +62,14 @@ counters! {
     retracted,
     /// Rings detached because their memory failed.
     ring_failures,
+    /// Times a worker slept on its futexes (idle, every ring with a SLEEPING word).
+    sleeps,
+    /// Times a worker announced sleep and its re-check of every ring found work (a guest moved
+    /// PROD before it could see SLEEPING = 1): the worker went on without sleeping.
+    sleep_rechecks,
+    /// Sleeps that ended on their timeout ([`SLEEP_TIMEOUT`](super::SLEEP_TIMEOUT)), not on a
+    /// kick.
+    sleep_timeouts,
 }
 
 /// How far the engine has got with one ring, for an observer on another thread (a load test):

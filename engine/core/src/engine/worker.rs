@@ -5,13 +5,26 @@ use super::stats::{AuditRecord, EngineStats, RingProgress};
 use super::{Ctrl, EngineConfig, RingId, Shared, TrapEvent};
 use crate::command::{opcode, RawCommand};
 use crate::queue::{runs, CError, QueueShape};
+use crate::ring::wake::{self, Wait, FUTEX_WAITV_MAX};
 use crate::ring::{HostRing, RingError};
 use crate::sync::lock;
 use crate::translate::{translate, BatchEnd, Stop};
 use crate::viommu::{Reader, Viommu};
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{fence, AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a worker keeps polling after its last pass that found work before it announces
+/// that it sleeps: a guest that submits again within this time is served without a kick or a
+/// wake-up. Longer costs more CPU after each burst; shorter sends more guests through the
+/// futex wake (tens of microseconds).
+pub const IDLE_SPIN: Duration = Duration::from_micros(50);
+
+/// The longest a worker sleeps unless [`EngineConfig::sleep_timeout`] says otherwise: it then
+/// polls every ring once and sleeps again, so a guest that never kicks (one written before
+/// SLEEPING existed) is still served, this late at most.
+pub const SLEEP_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// The physical CMD_SYNC the engine appends to a batch that ends in a guest CMD_SYNC. CS=none:
 /// the worker polls CONS, as Linux does without MSIs; the guest's MSI address is never used.
@@ -157,6 +170,11 @@ pub(super) struct Worker<Q> {
     reader: Reader,
     rings: Vec<RingState>,
     next_ring: usize,
+    /// `futex_waitv` failed with something other than a wake or a timeout (ENOSYS before Linux
+    /// 5.16): this worker polls with the backoff from then on.
+    no_futex: bool,
+    /// [`EngineConfig::sleep_timeout`].
+    sleep_timeout: Duration,
 }
 
 impl<Q: PhysicalQueue> Worker<Q> {
@@ -181,35 +199,120 @@ impl<Q: PhysicalQueue> Worker<Q> {
             },
             rings: Vec::new(),
             next_ring: 0,
+            no_futex: false,
+            sleep_timeout: cfg.sleep_timeout,
         }
     }
 
     /// Runs passes until shutdown is asked and everything taken has completed. The queue is
     /// dropped on return, on this thread.
+    ///
+    /// Idle, it polls for [`IDLE_SPIN`], then sleeps on its futexes (see [`Worker::sleep`]) if
+    /// it can, and otherwise keeps polling with a backoff that ends in 50 us sleeps.
     pub(super) fn run(mut self) -> Report {
         let mut idle = 0u32;
+        let mut idle_since = Instant::now();
         loop {
             let stopping = self.issuer.shared.stopping.load(Ordering::Acquire);
             let work = self.pass(stopping);
             if work {
                 idle = 0;
                 self.issuer.shared.stats[self.index].store(&self.issuer.stats);
-            } else {
-                if stopping && self.quiescent() {
-                    break;
-                }
-                idle = idle.saturating_add(1);
-                backoff(idle);
+                continue;
             }
+            if stopping && self.quiescent() {
+                break;
+            }
+            if idle == 0 {
+                idle_since = Instant::now();
+            }
+            idle = idle.saturating_add(1);
+            // Sleeping needs nothing in flight: the physical queue moves without a kick.
+            let may_sleep = !stopping && !self.no_futex && self.quiescent();
+            if may_sleep && idle_since.elapsed() >= IDLE_SPIN {
+                if self.sleep() {
+                    idle = 0;
+                    self.issuer.shared.stats[self.index].store(&self.issuer.stats);
+                    continue;
+                }
+            } else if may_sleep {
+                spin(idle);
+                continue;
+            }
+            backoff(idle);
         }
         self.issuer.shared.stats[self.index].store(&self.issuer.stats);
         let mut detached = lock(&self.issuer.shared.detached);
         for r in self.rings.drain(..) {
+            if let Some(w) = r.host.wake_word() {
+                w.store(0, Ordering::Relaxed);
+            }
             detached.insert(r.id, (r.host, None));
         }
         drop(detached);
         Report {
             audit: std::mem::take(&mut self.issuer.audit),
+        }
+    }
+
+    /// Announces that this worker sleeps (SLEEPING = 1 on each ring and on its own word),
+    /// re-checks every ring with a pass, and only if that finds nothing sleeps in
+    /// `futex_waitv` until a guest kicks, the control plane sends a message, or
+    /// [`SLEEP_TIMEOUT`]. False if it cannot sleep: a ring without a SLEEPING word (a register
+    /// page, an unsealed file), more rings than `futex_waitv` takes, or no `futex_waitv`.
+    fn sleep(&mut self) -> bool {
+        let words = self.rings.iter().map(|r| r.host.wake_word());
+        if self.rings.len() >= FUTEX_WAITV_MAX || words.clone().any(|w| w.is_none()) {
+            return false;
+        }
+        let own = &self.issuer.shared.wake[self.index];
+        own.store(1, Ordering::SeqCst);
+        for w in words.flatten() {
+            w.store(1, Ordering::SeqCst);
+        }
+        // Pairs with the guest's fence between its PROD store and its load of SLEEPING (and the
+        // control plane's between its message and its load of the worker's word): either the
+        // pass below sees what they published, or they see SLEEPING = 1 and kick.
+        fence(Ordering::SeqCst);
+        #[cfg(feature = "mock")]
+        super::hooks::before_recheck();
+        let stopping = self.issuer.shared.stopping.load(Ordering::Acquire);
+        if self.pass(stopping) || stopping || !self.quiescent() {
+            self.issuer.stats.sleep_rechecks += 1;
+            self.awake();
+            return true;
+        }
+        // No work, so no control message: the rings are those announced above.
+        let own = &self.issuer.shared.wake[self.index];
+        let mut waits: Vec<&AtomicU32> = Vec::with_capacity(self.rings.len() + 1);
+        waits.push(own);
+        waits.extend(self.rings.iter().filter_map(|r| r.host.wake_word()));
+        let slept = wake::wait_any(&waits, self.sleep_timeout);
+        drop(waits);
+        match slept {
+            Wait::Woken => self.issuer.stats.sleeps += 1,
+            Wait::TimedOut => {
+                self.issuer.stats.sleeps += 1;
+                self.issuer.stats.sleep_timeouts += 1;
+            }
+            Wait::Unsupported => {
+                self.no_futex = true;
+                eprintln!(
+                    "vcmdq: worker {}: futex_waitv is not available (Linux >= 5.16 has it); \
+                     idle workers poll with a backoff instead of sleeping",
+                    self.index
+                );
+            }
+        }
+        self.awake();
+        true
+    }
+
+    /// Withdraws the announcement: guests need not kick while the worker polls.
+    fn awake(&self) {
+        self.issuer.shared.wake[self.index].store(0, Ordering::Relaxed);
+        for w in self.rings.iter().filter_map(|r| r.host.wake_word()) {
+            w.store(0, Ordering::Relaxed);
         }
     }
 
@@ -283,6 +386,10 @@ impl<Q: PhysicalQueue> Worker<Q> {
         while i < self.rings.len() {
             if self.rings[i].detach && self.rings[i].inflight.is_empty() {
                 let r = self.rings.swap_remove(i);
+                if let Some(w) = r.host.wake_word() {
+                    // The next engine of this ring starts awake.
+                    w.store(0, Ordering::Relaxed);
+                }
                 lock(&self.issuer.shared.detached).insert(r.id, (r.host, r.failed));
                 work = true;
             } else {
@@ -337,6 +444,7 @@ impl<Q: PhysicalQueue> Issuer<Q> {
                         seq: r.seq_of(p.guest_end),
                         cmd,
                     });
+                    wake::kick(&self.shared.trap_wake);
                 }
             }
         }
@@ -659,6 +767,16 @@ fn publish<Q: PhysicalQueue>(producer: &mut Q, cmds: &[RawCommand]) -> u64 {
     }
 }
 
+/// Between empty passes before sleeping: spin, then let other threads run.
+fn spin(idle: u32) {
+    if idle < 64 {
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
+    }
+}
+
+/// Between empty passes of a worker that cannot sleep on futexes.
 fn backoff(idle: u32) {
     if idle < 64 {
         std::hint::spin_loop();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::layout::{self, slot_offset};
 use super::memory::{HeapMemory, MmapMemory, Region, RingMemory};
-use super::{load_slot, new_region, shape_for, store_slot, validate, RingError};
+use super::{load_slot, new_region, shape_for, store_slot, validate, wake, RingError};
 use crate::command::RawCommand;
 use crate::queue::{cons_err, runs, CError, QueueShape};
 
@@ -131,11 +131,36 @@ impl GuestRing {
     }
 
     /// Publishes the guest's PROD: one Release store, so the engine that reads PROD with
-    /// Acquire sees every slot written before.
+    /// Acquire sees every slot written before; then kicks the engine if it announced that it
+    /// sleeps (SLEEPING, [`wake::kick`]).
     pub fn doorbell(&self) {
         self.region
             .u32_at(layout::OFF_PROD)
             .store(self.prod, Ordering::Release);
+        self.kick();
+    }
+
+    /// Publishes the guest's PROD as [`GuestRing::doorbell`] does, but without the kick: a guest
+    /// written before the kick existed, which the engine serves at its next poll (after at
+    /// most its sleep timeout). For tests of that guest, and of the engine's re-check.
+    pub fn doorbell_without_kick(&self) {
+        self.region
+            .u32_at(layout::OFF_PROD)
+            .store(self.prod, Ordering::Release);
+    }
+
+    /// Wakes the engine if it sleeps on this ring (SLEEPING = 1): what [`GuestRing::doorbell`]
+    /// and [`GuestRing::ack_error`] do after their store.
+    pub fn kick(&self) {
+        wake::kick(self.region.u32_at(layout::OFF_SLEEPING));
+    }
+
+    /// Whether the engine has announced that it sleeps on this ring (SLEEPING = 1).
+    pub fn engine_sleeping(&self) -> bool {
+        self.region
+            .u32_at(layout::OFF_SLEEPING)
+            .load(Ordering::SeqCst)
+            != 0
     }
 
     /// [`GuestRing::push`] then [`GuestRing::doorbell`]; the count written.
@@ -252,6 +277,7 @@ impl GuestRing {
         self.region
             .u32_at(layout::OFF_ERR_ACK)
             .store(err & 1, Ordering::Release);
+        self.kick();
     }
 
     /// Writes `cmd` into the slot `ptr` names: the way to fix a failing command (Linux
@@ -271,6 +297,7 @@ impl GuestRing {
         self.region
             .u32_at(layout::OFF_PROD)
             .store(value, Ordering::Release);
+        self.kick();
     }
 
     /// Stores `value` into the 32-bit header word at byte `offset`: for tests of guests that

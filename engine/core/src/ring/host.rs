@@ -368,6 +368,15 @@ impl HostRing {
         self.check == (false, false)
     }
 
+    /// The word the engine sleeps on for this ring ([`QueueRegisters::wake_word`]); `None` if
+    /// the ring has none and must be polled.
+    pub fn wake_word(&self) -> Option<&std::sync::atomic::AtomicU32> {
+        if self.dead {
+            return None;
+        }
+        self.regs.wake_word()
+    }
+
     /// CONS as the engine last wrote it (index and wrap).
     pub fn cons_ptr(&self) -> u32 {
         self.cons

@@ -37,6 +37,10 @@ pub const OFF_CONS: usize = 128;
 pub const OFF_ERR: usize = 132;
 /// Offset of COMPLETION (u32, engine): MSIDATA of the last completed CMD_SYNC with CS=IRQ.
 pub const OFF_COMPLETION: usize = 136;
+/// Offset of SLEEPING (u32, engine sets 1, guest clears): 1 while the engine sleeps and wants a
+/// kick after PROD or ERR_ACK moves (`ring::wake`); 0, as a ring is created, means no kick is
+/// needed.
+pub const OFF_SLEEPING: usize = 140;
 /// Offset of SYNC_COUNT (u64, engine): guest CMD_SYNCs completed since the ring was attached.
 pub const OFF_SYNC_COUNT: usize = 144;
 

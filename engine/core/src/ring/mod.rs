@@ -28,6 +28,7 @@ pub mod layout;
 mod memory;
 mod regs;
 mod slots;
+pub mod wake;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -12,7 +12,7 @@
 
 use std::fmt;
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use super::access::{Claim, HostMemory};
@@ -57,6 +57,16 @@ pub trait QueueRegisters: Send + Sync + fmt::Debug {
     /// A guest CMD_SYNC completed: `msidata` is its MSIDATA when CS=IRQ, `count` the number of
     /// guest CMD_SYNCs completed on this queue (wrapping), stored last with release.
     fn sync_completed(&self, msidata: Option<u32>, count: u64) -> Result<(), RingError>;
+
+    /// The SLEEPING word of these registers, if they have one the engine can sleep on: a u32 in
+    /// memory both sides map, which the engine sets to 1 before it sleeps and the guest clears
+    /// and wakes with a futex after it moved PROD or acknowledged an error (`ring::wake`).
+    /// `None` (the default: a register page with no such word, an unsealed file read with
+    /// system calls) keeps the worker that serves this queue polling with a bounded backoff
+    /// whenever it is idle: nobody would wake it.
+    fn wake_word(&self) -> Option<&AtomicU32> {
+        None
+    }
 
     /// Whether the memory can go away under the engine (an unsealed file): the engine then
     /// calls [`QueueRegisters::check`] on every poll. Asked once, at attach.
@@ -186,6 +196,13 @@ impl QueueRegisters for HeaderRegisters {
         self.mem
             .store_u64(layout::OFF_SYNC_COUNT, count, Ordering::Release)
             .map_err(|e| self.mem.error(e, "write", self.need))
+    }
+
+    fn wake_word(&self) -> Option<&AtomicU32> {
+        match &self.mem {
+            HostMemory::Mapped(r) => Some(r.u32_at(layout::OFF_SLEEPING)),
+            HostMemory::File(_) => None,
+        }
     }
 
     fn may_shrink(&self) -> bool {

@@ -422,6 +422,7 @@ fn start_engine(
             ring_budget: cfg.ring_budget,
             audit: false,
             capture: None,
+            ..Default::default()
         },
         queues,
     )?;
