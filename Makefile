@@ -131,11 +131,11 @@ fuzz: fuzz-build ## Run every fuzz target for FUZZ_SECS seconds (long).
 	done
 
 loom: ## loom models of PROD/CONS publication, the completion and error paths, the unbind barrier and the sleep handshake (--cfg loom).
-	RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=$(LOOM_MAX_PREEMPTIONS) $(CARGO) test -p vcmdq --release --test loom_pqueue --test loom_completion --test loom_grace --test loom_sleep --target-dir target/loom
+	RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=$(LOOM_MAX_PREEMPTIONS) $(CARGO) test -p vcmdq --release --test loom_hwmodel --test loom_completion --test loom_grace --test loom_sleep --target-dir target/loom
 
 miri: ## Ring, physical-queue and codec tests under miri (nightly; installs the component).
 	rustup component list --toolchain nightly --installed | grep -q '^miri' || rustup component add miri rust-src --toolchain nightly
-	$(CARGO) $(NIGHTLY) miri test -p vcmdq --test ring --test pqueue --test codec --target-dir target/miri
+	$(CARGO) $(NIGHTLY) miri test -p vcmdq --test ring --test hwmodel --test codec --target-dir target/miri
 	$(CARGO) $(NIGHTLY) miri test -p vcmdq-cli --bin vcmdq --target-dir target/miri
 	$(CARGO) $(NIGHTLY) miri test -p vcmdq --lib --target-dir target/miri -- command::
 

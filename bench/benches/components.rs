@@ -12,7 +12,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
 use vcmdq::command::{decode, res0_bits, RawCommand};
-use vcmdq::pqueue::{HwConfig, PhysQueue};
+use vcmdq::hwmodel::{HwConfig, PhysQueue};
 use vcmdq::ring::heap_pair;
 use vcmdq_bench::{guest_mix, vsids, Rng};
 

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use vcmdq::command::{opcode, RawCommand};
 use vcmdq::engine::{Engine, EngineConfig, EngineStats};
-use vcmdq::pqueue::{HwConfig, HwPlacement, ModelQueue, DEFAULT_LOG2SIZE};
+use vcmdq::hwmodel::{HwConfig, HwPlacement, ModelQueue, DEFAULT_LOG2SIZE};
 use vcmdq::ring::wake::{self, Wait};
 use vcmdq::ring::{AttachOptions, GuestRing, HostRing};
 use vcmdq::viommu::ViommuConfig;

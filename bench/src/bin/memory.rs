@@ -23,8 +23,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vcmdq::command::{opcode, RawCommand};
+use vcmdq::hwmodel::HwConfig;
 use vcmdq::mock::{FixPolicy, GuestDriver};
-use vcmdq::pqueue::HwConfig;
 use vcmdq::ring::{AttachOptions, GuestRing, HostRing};
 use vcmdq::viommu::{DeviceId, ViommuConfig};
 use vcmdq_bench::e2e::{bench_engine, bench_engine_config};

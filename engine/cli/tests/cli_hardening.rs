@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use vcmdq::engine::{Engine, EngineConfig, EngineError, MAX_BATCH, MAX_BUDGET, MAX_WORKERS};
-use vcmdq::pqueue::{HwConfig, HwPlacement, ModelQueue, DEFAULT_LOG2SIZE};
+use vcmdq::hwmodel::{HwConfig, HwPlacement, ModelQueue, DEFAULT_LOG2SIZE};
 
 /// The binary under test; `VCMDQ_BIN` points these tests at another build (e.g. one without a
 /// fix, to see its test fail).

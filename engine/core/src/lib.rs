@@ -11,10 +11,10 @@
 
 pub mod command;
 pub mod engine;
+pub mod hwmodel;
 #[cfg(feature = "mock")]
 pub mod mock;
 pub mod oracle;
-pub mod pqueue;
 pub mod queue;
 pub mod ring;
 pub mod sync;

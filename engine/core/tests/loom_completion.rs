@@ -29,7 +29,7 @@ use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use loom::sync::Arc;
 use loom::thread;
 use vcmdq::command::{opcode, RawCommand};
-use vcmdq::pqueue::{Fault, HwConfig, PhysQueue};
+use vcmdq::hwmodel::{Fault, HwConfig, PhysQueue};
 use vcmdq::queue::{with_cons_err, CError};
 
 /// `loom::model`, counting the executions in which `f` reached the end of the protocol (it
@@ -146,7 +146,7 @@ fn hw_config(done: Arc<AtomicBool>, allowed: Vec<RawCommand>) -> HwConfig {
 /// the worker had not yet published (a stale or torn command, CERROR_ILL) fails the model,
 /// even when the worker then gives up waiting for it.
 fn hardware(
-    mut hw: vcmdq::pqueue::Hardware,
+    mut hw: vcmdq::hwmodel::Hardware,
     steps: usize,
     injected: u64,
 ) -> thread::JoinHandle<()> {

@@ -16,7 +16,7 @@ use common::{c, until, TestEngine, PHYS_SYNC, T};
 use vcmdq::command::RawCommand;
 use vcmdq::engine::phys::{CmdSlot, ConsError, Full, PhysicalQueue, Slots};
 use vcmdq::engine::{Engine, EngineConfig, EngineError};
-use vcmdq::pqueue::{HwConfig, HwPlacement, ModelQueue};
+use vcmdq::hwmodel::{HwConfig, HwPlacement, ModelQueue};
 use vcmdq::queue::{CError, QueueShape};
 use vcmdq::ring::{heap_pair, GuestRing, RingError};
 use vcmdq::viommu::{DeviceId, ViommuConfig};

@@ -24,9 +24,9 @@ use common::{
 };
 use vcmdq::command::{opcode, RawCommand};
 use vcmdq::engine::{AuditRecord, Engine, EngineConfig, EngineReport, RingId};
+use vcmdq::hwmodel::{Fault, HwConfig, HwPlacement};
 use vcmdq::mock::{FixPolicy, Rng};
 use vcmdq::oracle;
-use vcmdq::pqueue::{Fault, HwConfig, HwPlacement};
 use vcmdq::queue::CError;
 use vcmdq::translate::{RefuseReason, SlotOutcome};
 use vcmdq::viommu::{DeviceId, Profile, ViommuConfig};

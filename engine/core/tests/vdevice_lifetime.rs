@@ -7,7 +7,7 @@ mod common;
 
 use common::KeptCapture;
 use vcmdq::engine::{CaptureEvent, Engine, EngineConfig, EngineError};
-use vcmdq::pqueue::{HwConfig, HwPlacement, ModelQueue, DEFAULT_LOG2SIZE};
+use vcmdq::hwmodel::{HwConfig, HwPlacement, ModelQueue, DEFAULT_LOG2SIZE};
 use vcmdq::viommu::{DeviceId, ViommuConfig, ViommuError};
 
 /// `cfg` on the default physical queue model.

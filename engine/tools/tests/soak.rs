@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vcmdq::command::{opcode, RawCommand};
+use vcmdq::hwmodel::HwPlacement;
 use vcmdq::oracle;
-use vcmdq::pqueue::HwPlacement;
 use vcmdq::translate::SlotOutcome;
 use vcmdq_tools::soak::{run, Checker, Hostile, Mix, Plan, SoakConfig, Stream, Violations};
 

@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use vcmdq::command::{opcode, text, RawCommand};
 use vcmdq::engine::{slot_outcomes, EngineConfig, RingId};
+use vcmdq::hwmodel::HwConfig;
 use vcmdq::mock::Rng;
 use vcmdq::oracle;
-use vcmdq::pqueue::HwConfig;
 use vcmdq::viommu::{DeviceId, ViommuConfig};
 use vcmdq_vmm::guest::LinuxVcmdq;
 use vcmdq_vmm::{VcmdqId, VcmdqRegisterPage, Vmm, VmmConfig, VmmEvent};

@@ -79,7 +79,7 @@ use vcmdq::sync::lock;
 use vcmdq::engine::{
     Engine, EngineConfig, EngineError, EngineReport, PhysicalQueue, RingId, TrapEvent,
 };
-use vcmdq::pqueue::{
+use vcmdq::hwmodel::{
     HwConfig, HwPlacement, ModelCounters, ModelError, ModelQueue, DEFAULT_LOG2SIZE,
 };
 use vcmdq::queue::{cons_err, CError};

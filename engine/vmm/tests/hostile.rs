@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vcmdq::command::{opcode, text, RawCommand};
-use vcmdq::pqueue::HwConfig;
+use vcmdq::hwmodel::HwConfig;
 use vcmdq::queue::CError;
 use vcmdq::viommu::{DeviceId, ViommuConfig};
 use vcmdq_vmm::guest::LinuxVcmdq;

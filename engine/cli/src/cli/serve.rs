@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vcmdq::command::text;
 use vcmdq::engine::{Engine, EngineConfig, EngineStats, RingId};
-use vcmdq::pqueue::{HwConfig, HwPlacement, ModelQueue, DEFAULT_LOG2SIZE};
+use vcmdq::hwmodel::{HwConfig, HwPlacement, ModelQueue, DEFAULT_LOG2SIZE};
 use vcmdq::ring::{AttachOptions, HostRing, RingError, RingStats};
 use vcmdq::viommu::{DeviceId, ViommuConfig};
 

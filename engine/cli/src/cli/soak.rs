@@ -8,7 +8,7 @@ use clap::Args;
 use serde_json::{json, Value};
 use std::process::ExitCode;
 use std::time::Duration;
-use vcmdq::pqueue::HwPlacement;
+use vcmdq::hwmodel::HwPlacement;
 use vcmdq_tools::soak::{run, Hostile, Mix, Progress, SoakConfig, SoakReport, PROD_GAMES};
 
 /// Arguments of `vcmdq soak`.

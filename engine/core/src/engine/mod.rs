@@ -5,7 +5,7 @@
 //! single-producer: no lock, one PROD store per batch) and a set of guest rings (a ring is
 //! served by exactly one worker, so its order holds). The caller hands [`Engine::start`] the
 //! physical queues, one per worker, as [`PhysicalQueue`]s: the modelled SMMU
-//! ([`crate::pqueue::ModelQueue`]) or anything else behind that seam. The control plane (this type's
+//! ([`crate::hwmodel::ModelQueue`]) or anything else behind that seam. The control plane (this type's
 //! methods: vIOMMUs, devices, bindings, rings, traps) reaches a worker through a lock-free
 //! queue the worker drains once per pass.
 //!
@@ -643,7 +643,7 @@ impl Engine {
     /// Worker threads that have ended before shutdown: each one a panic (an engine bug, or
     /// its physical queue's), its rings no longer served. 0 while the engine is healthy. A
     /// physical queue's own threads are its implementation's to report
-    /// ([`crate::pqueue::ModelCounters::dead_threads`] for the model).
+    /// ([`crate::hwmodel::ModelCounters::dead_threads`] for the model).
     pub fn dead_threads(&self) -> usize {
         self.workers.iter().filter(|h| h.is_finished()).count()
     }

@@ -12,7 +12,7 @@
 //! provenance by position, and a CMD_SYNC at position `p` has completed once
 //! [`PhysicalQueue::consumed`] is above `p`.
 //!
-//! The modelled SMMU (`crate::pqueue::ModelQueue`) is one implementation; `tests/phys_seam.rs`
+//! The modelled SMMU (`crate::hwmodel::ModelQueue`) is one implementation; `tests/phys_seam.rs`
 //! holds another. A new one is a new type implementing this trait, handed to
 //! [`Engine::start`](super::Engine::start): the worker does not change.
 

@@ -18,8 +18,8 @@ use vcmdq::engine::{
     slot_outcomes, AuditRecord, CaptureError, CaptureEvent, CaptureSink, CaptureTo, Engine,
     EngineConfig, EngineReport, PhysicalQueue, RingId,
 };
+use vcmdq::hwmodel::{HwConfig, HwCounters, HwPlacement, ModelCounters, ModelQueue};
 use vcmdq::mock::{Backoff, DriverError, FixPolicy, GuestDriver};
-use vcmdq::pqueue::{HwConfig, HwCounters, HwPlacement, ModelCounters, ModelQueue};
 use vcmdq::queue::CError;
 use vcmdq::ring::{AttachOptions, GuestRing, HostRing};
 use vcmdq::translate::SlotOutcome;
@@ -230,7 +230,7 @@ pub struct Model {
 impl Default for Model {
     fn default() -> Model {
         Model {
-            log2size: vcmdq::pqueue::DEFAULT_LOG2SIZE,
+            log2size: vcmdq::hwmodel::DEFAULT_LOG2SIZE,
             hw: HwConfig::default(),
             placement: HwPlacement::Inline,
         }

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vcmdq::command::{opcode, RawCommand};
 use vcmdq::engine::{AuditRecord, Engine, EngineConfig, EngineReport, EngineStats, RingId};
-use vcmdq::pqueue::{
+use vcmdq::hwmodel::{
     HwConfig, HwPlacement, ModelCounters, ModelQueue, OnCheckFailure, DEFAULT_LOG2SIZE,
 };
 use vcmdq::queue::QueueShape;

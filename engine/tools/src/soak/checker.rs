@@ -1,5 +1,5 @@
 //! The streaming check the modelled hardware runs on every command it consumes
-//! ([`HwConfig::check`](vcmdq::pqueue::HwConfig)), with O(rings) state instead of an audit log.
+//! ([`HwConfig::check`](vcmdq::hwmodel::HwConfig)), with O(rings) state instead of an audit log.
 //!
 //! Each forwarded command names its ring (see `stream.rs`). Per ring the checker keeps a cursor:
 //! the sequence number of the next entry it has not accounted for. For a command of ring `r` it

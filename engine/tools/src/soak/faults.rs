@@ -5,8 +5,8 @@
 //! fails again.
 
 use std::time::Duration;
+use vcmdq::hwmodel::Fault;
 use vcmdq::mock::Rng;
-use vcmdq::pqueue::Fault;
 
 /// Counts of scheduled faults by kind.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

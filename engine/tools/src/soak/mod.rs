@@ -49,7 +49,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vcmdq::engine::{Engine, EngineConfig, EngineError, EngineStats, RingId};
-use vcmdq::pqueue::{HwConfig, HwPlacement, ModelCounters, ModelError, ModelQueue, OnCheckFailure};
+use vcmdq::hwmodel::{
+    HwConfig, HwPlacement, ModelCounters, ModelError, ModelQueue, OnCheckFailure,
+};
 use vcmdq::queue::CError;
 use vcmdq::ring::{GuestRing, HostRing, RingError};
 use vcmdq::sync::lock;
@@ -111,7 +113,7 @@ impl Default for SoakConfig {
             hardware: HwPlacement::Inline,
             batch_limit: 64,
             ring_budget: 256,
-            phys_log2size: vcmdq::pqueue::DEFAULT_LOG2SIZE,
+            phys_log2size: vcmdq::hwmodel::DEFAULT_LOG2SIZE,
             fault_every: 1_000_000,
             max_stall: Duration::from_micros(20),
             slow: None,
@@ -670,7 +672,7 @@ struct HwTotals {
 }
 
 impl HwTotals {
-    fn of(hw: &[vcmdq::pqueue::HwCounters]) -> Self {
+    fn of(hw: &[vcmdq::hwmodel::HwCounters]) -> Self {
         let mut t = HwTotals::default();
         for h in hw {
             t.consumed += h.consumed;

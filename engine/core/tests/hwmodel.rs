@@ -10,7 +10,7 @@ use std::time::Duration;
 use vcmdq::command::{opcode, RawCommand};
 use vcmdq::engine::phys::{Full, PhysicalQueue};
 use vcmdq::engine::MAX_WORKERS;
-use vcmdq::pqueue::{
+use vcmdq::hwmodel::{
     Fault, HwConfig, HwPlacement, ModelError, ModelQueue, OnCheckFailure, PhysQueue,
 };
 use vcmdq::queue::CError;

@@ -5,7 +5,7 @@
 //! What loom cannot show: it never lets a load return a value from a store that comes later in
 //! program order on another thread (load buffering), so the Release on the hardware's CONS
 //! store (its slot loads finish before the producer may reuse the slots) is argued in
-//! `pqueue.rs`, not checked here. Weakening PROD's Release or either side of the
+//! `hwmodel.rs`, not checked here. Weakening PROD's Release or either side of the
 //! GERROR/GERRORN handshake makes these models fail.
 #![cfg(loom)]
 
@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64 as StdAtomicU64, Ordering as StdOrdering};
 
 use loom::thread;
 use vcmdq::command::{opcode, RawCommand};
-use vcmdq::pqueue::{Fault, HwConfig, PhysQueue};
+use vcmdq::hwmodel::{Fault, HwConfig, PhysQueue};
 use vcmdq::queue::CError;
 
 /// Command `i`: a legal TLBI_NH_ALL numbered by its VMID field.
