@@ -2,8 +2,11 @@
  * A C VMM through libvcmdq_vmm_c: guest RAM it maps itself, one vIOMMU, one VCMDQ driven the
  * way Linux's tegra241-cmdqv guest driver drives it (BASE, CONFIG.EN, wait for
  * STATUS.ENABLED; commands and a CMD_SYNC; poll CONS; on CONS.ERR, the bad command replaced by
- * a CMD_SYNC and GERRORN = GERROR), then disable, detach, shut down. The guest and the VMM's
- * control loop take turns on one thread. Exits 1 on anything unexpected.
+ * a CMD_SYNC and GERRORN = GERROR), then disable, detach, shut down. The register page is a
+ * memfd (vcmdq_page_new_memfd) that the VMM maps a second time as the guest's view, as it would
+ * map page 0 into the guest: every register access of the guest below goes through that
+ * mapping, none through the library. The guest and the VMM's control loop take turns on one
+ * thread. Exits 1 on anything unexpected.
  *
  * make vmm-c-example
  */
@@ -12,6 +15,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 #include <time.h>
 
 #include "vcmdq_vmm.h"
@@ -85,6 +89,8 @@ int main(void)
     vcmdq_vmm *vmm = NULL;
     vcmdq_guest_ram *gram = NULL;
     vcmdq_page *page = NULL;
+    void *guest_view = MAP_FAILED;
+    int page_fd = -1;
     int errors = 0;
     int64_t forwarded = -1;
     int i, r;
@@ -104,8 +110,11 @@ int main(void)
     r = vcmdq_vmm_create_viommu(vmm, VIOMMU, 6, 0);
     CHECK(r == -EEXIST && strstr(vcmdq_last_error(), "EEXIST"), "a second vIOMMU 1: %d", r);
     CHECK(vcmdq_guest_ram_new(&region, 1, &gram) == 0, "guest_ram_new");
-    CHECK(vcmdq_page_new(&page) == 0, "page_new");
-    words = vcmdq_page_words(page);
+    CHECK(vcmdq_page_new_memfd(&page, &page_fd) == 0, "page_new_memfd");
+    guest_view = mmap(NULL, VCMDQ_PAGE_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, page_fd, 0);
+    CHECK(guest_view != MAP_FAILED, "mapping the register page's memfd: %s", strerror(errno));
+    words = guest_view;
+    CHECK(words != vcmdq_page_words(page), "the guest's view is a mapping of its own");
     CHECK(vcmdq_vmm_attach_vcmdq(vmm, VIOMMU, LIDX, gram, page) == 0, "attach");
     r = vcmdq_vmm_attach_vcmdq(vmm, VIOMMU, 200, gram, page);
     CHECK(r == -EINVAL, "logical VCMDQ 200: %d", r);
@@ -175,6 +184,10 @@ out:
     if (vmm)
         forwarded = vcmdq_vmm_shutdown(vmm);
     vcmdq_page_free(page);
+    if (guest_view != MAP_FAILED)
+        munmap(guest_view, VCMDQ_PAGE_BYTES);
+    if (page_fd >= 0)
+        close(page_fd);
     vcmdq_guest_ram_free(gram);
     munmap(mem, RAM_BYTES);
     if (!failures && forwarded != 2) {

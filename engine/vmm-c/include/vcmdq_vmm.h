@@ -1,7 +1,8 @@
 /*
  * vcmdq_vmm.h: the C API of vcmdq-vmm (libvcmdq_vmm_c.so), for C VMMs.
  *
- * A guest's Tegra241 VINTF registers live in a register page (vcmdq_page_new); its VCMDQs'
+ * A guest's Tegra241 VINTF registers live in a register page (vcmdq_page_new, or
+ * vcmdq_page_new_memfd to map page 0 into the guest); its VCMDQs'
  * commands live in its RAM, which the VMM describes once (vcmdq_guest_ram_new). The VMM
  * creates vIOMMUs and binds devices, attaches each logical VCMDQ, then calls vcmdq_vmm_poll
  * from a control thread (it notices CONFIG.EN set and cleared), takes events (errors: raise
@@ -87,6 +88,8 @@ int vcmdq_guest_ram_new(const struct vcmdq_ram_region *regions, size_t n,
 void vcmdq_guest_ram_free(vcmdq_guest_ram *ram);
 
 int vcmdq_page_new(vcmdq_page **out);
+/* The page in a memfd: *fd (the caller's, to mmap MAP_SHARED into the guest and close). */
+int vcmdq_page_new_memfd(vcmdq_page **out, int *fd);
 volatile uint32_t *vcmdq_page_words(const vcmdq_page *page); /* VCMDQ_PAGE_BYTES / 4 words */
 void vcmdq_page_free(vcmdq_page *page);
 

@@ -376,12 +376,48 @@ pub unsafe extern "C" fn vcmdq_page_new(out: *mut *mut VcmdqPage) -> c_int {
     })
 }
 
+/// A zeroed register page in a memfd sealed against shrinking, for a VMM that maps page 0 into
+/// the guest so that PROD writes need no exit: `*fd` is a new descriptor of the memfd, which
+/// the caller owns (maps with `MAP_SHARED`, passes on, closes); the page stays valid while
+/// the page handle lives, whatever the caller does with its descriptor. `-ENOMEM` (with the
+/// reason) if the memfd cannot be made, `-EMFILE` and the like if the descriptor cannot be
+/// duplicated.
+///
+/// # Safety
+/// `out` and `fd` are valid for a write each.
+#[no_mangle]
+pub unsafe extern "C" fn vcmdq_page_new_memfd(out: *mut *mut VcmdqPage, fd: *mut c_int) -> c_int {
+    guard(|| {
+        if out.is_null() || fd.is_null() {
+            return Err(invalid("out or fd is NULL"));
+        }
+        let page = VcmdqRegisterPage::memfd().map_err(|e| Error::from(VmmError::Page(e)))?;
+        let file = page
+            .memory()
+            .file()
+            .ok_or_else(|| invalid("the page has no file"))?
+            .try_clone()
+            .map_err(|e| {
+                let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                Error(-errno, format!("duplicating the page's memfd: {e}"))
+            })?;
+        let page = Box::new(VcmdqPage(page));
+        // SAFETY: both checked non-null; the caller promises they are valid for a write.
+        unsafe {
+            fd.write(std::os::fd::IntoRawFd::into_raw_fd(file));
+            out.write(Box::into_raw(page));
+        }
+        Ok(0)
+    })
+}
+
 /// The page's 32-bit words (`VCMDQ_PAGE_BYTES` bytes): page 0, page 1, the VINTF's
 /// registers. The guest (or the VMM on its behalf) accesses them as volatile 32-bit words,
 /// never as bytes; NULL for a NULL page.
 ///
 /// # Safety
-/// `page` came from [`vcmdq_page_new`]; the words are valid while it lives.
+/// `page` came from [`vcmdq_page_new`] or [`vcmdq_page_new_memfd`]; the words are valid
+/// while it lives.
 #[no_mangle]
 pub unsafe extern "C" fn vcmdq_page_words(page: *const VcmdqPage) -> *mut AtomicU32 {
     // SAFETY: the caller's promise; null is refused by `as_ref`.
@@ -397,7 +433,8 @@ pub unsafe extern "C" fn vcmdq_page_words(page: *const VcmdqPage) -> *mut Atomic
 /// Frees a register page (VCMDQs attached with it keep what they need); NULL is a no-op.
 ///
 /// # Safety
-/// `page` came from [`vcmdq_page_new`] and is not used again (nor its words).
+/// `page` came from [`vcmdq_page_new`] or [`vcmdq_page_new_memfd`] and is not used again
+/// (nor its words; a mapping of the memfd stays valid).
 #[no_mangle]
 pub unsafe extern "C" fn vcmdq_page_free(page: *mut VcmdqPage) {
     if !page.is_null() {

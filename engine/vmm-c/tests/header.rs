@@ -131,3 +131,42 @@ fn errors_are_negative_errnos_with_a_message_on_the_calling_thread() {
 fn libc_enoent() -> i32 {
     2
 }
+
+#[test]
+fn a_memfd_page_hands_out_a_descriptor_of_the_memory_the_engine_reads() {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::fs::FileExt;
+    let (mut page, mut fd) = (std::ptr::null_mut(), -1);
+    // SAFETY: both are valid places for one write.
+    assert_eq!(
+        unsafe { vcmdq_vmm_c::vcmdq_page_new_memfd(&mut page, &mut fd) },
+        0
+    );
+    assert!(fd >= 0);
+    // SAFETY: the descriptor is new and ours (the function's contract); File closes it.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    assert!(
+        file.metadata().unwrap().len() >= vcmdq_vmm::regs::REGISTER_PAGE_BYTES as u64,
+        "the memfd holds the whole page"
+    );
+    // The guest's PROD of logical VCMDQ 1, written through the descriptor, is what the page's
+    // words show: one memory, not a copy.
+    let prod = vcmdq_vmm::regs::VCMDQ_STRIDE + vcmdq_vmm::regs::VCMDQ_PROD;
+    file.write_all_at(&0x1234u32.to_le_bytes(), prod as u64)
+        .unwrap();
+    // SAFETY: `page` came from vcmdq_page_new_memfd and lives; the index is inside the page.
+    let seen = unsafe {
+        (*vcmdq_vmm_c::vcmdq_page_words(page).add(prod / 4))
+            .load(std::sync::atomic::Ordering::Acquire)
+    };
+    assert_eq!(seen, 0x1234);
+    // SAFETY: the page is not used again; the descriptor stays valid on its own.
+    unsafe { vcmdq_vmm_c::vcmdq_page_free(page) };
+    assert!(
+        file.metadata().is_ok(),
+        "the caller's descriptor outlives the page"
+    );
+    // SAFETY: NULL places are refused, not written.
+    let r = unsafe { vcmdq_vmm_c::vcmdq_page_new_memfd(std::ptr::null_mut(), &mut fd) };
+    assert_eq!(r, -22);
+}
