@@ -138,10 +138,8 @@ fn a_memfd_page_hands_out_a_descriptor_of_the_memory_the_engine_reads() {
     use std::os::unix::fs::FileExt;
     let (mut page, mut fd) = (std::ptr::null_mut(), -1);
     // SAFETY: both are valid places for one write.
-    assert_eq!(
-        unsafe { vcmdq_vmm_c::vcmdq_page_new_memfd(&mut page, &mut fd) },
-        0
-    );
+    let r = unsafe { vcmdq_vmm_c::vcmdq_page_new_memfd(&mut page, &mut fd) };
+    assert_eq!(r, 0);
     assert!(fd >= 0);
     // SAFETY: the descriptor is new and ours (the function's contract); File closes it.
     let file = unsafe { std::fs::File::from_raw_fd(fd) };
