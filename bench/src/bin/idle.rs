@@ -36,6 +36,7 @@ use vcmdq::hwmodel::{HwConfig, HwPlacement, ModelQueue, DEFAULT_LOG2SIZE};
 use vcmdq::ring::wake::{self, Wait};
 use vcmdq::ring::{AttachOptions, GuestRing, HostRing};
 use vcmdq::viommu::ViommuConfig;
+use vcmdq_tools::affinity::{self, gettid, other_threads};
 
 /// Rings each worker serves in the idle measurement.
 const RINGS_PER_WORKER: usize = 4;
@@ -394,55 +395,13 @@ fn bare_futex(rounds: u64) -> Result<Histogram<u64>, String> {
     Ok(hist)
 }
 
-/// The kernel's id of the calling thread.
-fn gettid() -> libc::pid_t {
-    // SAFETY: gettid takes no arguments and cannot fail.
-    unsafe { libc::gettid() }
-}
-
-/// The threads of this process other than the calling one.
-fn other_threads() -> Result<Vec<libc::pid_t>, String> {
-    let me = gettid();
-    let dir = std::fs::read_dir("/proc/self/task").map_err(|e| format!("/proc/self/task: {e}"))?;
-    let mut tids = Vec::new();
-    for t in dir {
-        let t = t.map_err(|e| format!("/proc/self/task: {e}"))?;
-        if let Some(tid) = t.file_name().to_str().and_then(|s| s.parse().ok()) {
-            if tid != me {
-                tids.push(tid);
-            }
-        }
-    }
-    Ok(tids)
-}
-
-/// Pins the calling thread (the guest) to CPU 0 and `others` to CPU 1, if there are two CPUs.
+/// Pins the calling thread (the guest) and `others` apart, if there are two CPUs; one CPU
+/// runs unpinned.
 fn pin_apart(others: Vec<libc::pid_t>) -> Result<(), String> {
     // Not available_parallelism: it counts the CPUs this thread may run on, one once pinned.
     // SAFETY: sysconf only reads the configuration value named.
     if unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } < 2 {
         return Ok(());
     }
-    pin(0, 0)?;
-    for tid in others {
-        pin(tid, 1)?;
-    }
-    Ok(())
-}
-
-fn pin(tid: libc::pid_t, cpu: usize) -> Result<(), String> {
-    // SAFETY: an all-zero cpu_set_t is the empty set; CPU_SET only writes inside it (cpu is 0
-    // or 1, below CPU_SETSIZE); sched_setaffinity reads `size_of` bytes of it.
-    let r = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    if r != 0 {
-        return Err(format!(
-            "pin thread {tid} to CPU {cpu}: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(())
+    affinity::pin_apart(&others).map(|_| ())
 }

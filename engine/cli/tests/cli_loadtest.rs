@@ -73,6 +73,16 @@ fn a_short_run_reports_every_level_and_draws_it() {
     );
     assert_eq!(j["saturation_measured"], true);
     assert!(j["saturation_reasons"].is_array());
+    // Pinned by default: two different CPUs, or the reason it could not be done.
+    let pin = &j["pinning"];
+    match pin["pinned"].as_bool() {
+        Some(true) => assert_ne!(pin["generator_cpu"], pin["engine_cpu"], "{pin}"),
+        Some(false) => {
+            assert_eq!(pin["asked"], true, "{pin}");
+            assert!(!pin["why"].as_str().unwrap().is_empty(), "{pin}");
+        }
+        None => panic!("no pinning in the JSON: {pin}"),
+    }
     let sat = j["saturation_cmd_per_s"].as_f64().unwrap();
     assert!(sat > 0.0);
     let levels = j["levels"].as_array().unwrap();
@@ -136,8 +146,17 @@ fn a_short_run_reports_every_level_and_draws_it() {
 
 #[test]
 fn a_given_saturation_skips_the_closed_loop_and_text_output_has_the_table() {
-    let (code, out, err) = vcmdq(&["--secs", "0.1", "--loads", "50", "--saturation", "100000"]);
+    let (code, out, err) = vcmdq(&[
+        "--secs",
+        "0.1",
+        "--loads",
+        "50",
+        "--saturation",
+        "100000",
+        "--no-pin",
+    ]);
     assert!(code == 0 || code == 1, "stderr: {err}");
+    assert!(out.contains("  threads: not pinned (--no-pin)\n"), "{out}");
     // The verdict is said in words, and the status follows it.
     let refused = out.contains("level 50%: NOT the engine's latency: ");
     assert_eq!(code, i32::from(refused), "{out}");

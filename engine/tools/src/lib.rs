@@ -3,6 +3,7 @@
 //! asked and checks every command; [`loadtest`] measures latency under load; [`latency`] reports
 //! latency distributions as percentiles and [`plot`] draws them as SVG.
 
+pub mod affinity;
 pub mod latency;
 pub mod loadtest;
 pub mod plot;

@@ -47,6 +47,38 @@ pub struct LoadtestOptions {
     /// This saturation throughput (commands/s, [`MIN_SATURATION`] to [`MAX_SATURATION`])
     /// instead of measuring it.
     pub saturation: Option<f64>,
+    /// Pin the generator (the calling thread) and the engine's worker to two separate CPUs for
+    /// the run ([`crate::affinity`]); the caller's affinity is restored at the end.
+    pub pin: bool,
+}
+
+/// Where the generator and the engine ran.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pinning {
+    /// Not asked ([`LoadtestOptions::pin`] false): the scheduler placed the threads.
+    Off,
+    /// The generator on one CPU, the engine's threads on another.
+    Pinned {
+        /// The generator's CPU.
+        generator: usize,
+        /// The engine worker's CPU.
+        engine: usize,
+    },
+    /// Asked, but not possible here (fewer than two CPUs allowed, or the kernel refused): the
+    /// reason. The run goes on unpinned.
+    Unavailable(String),
+}
+
+impl std::fmt::Display for Pinning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Pinning::Off => write!(f, "not pinned (--no-pin)"),
+            Pinning::Pinned { generator, engine } => {
+                write!(f, "generator on CPU {generator}, engine on CPU {engine}")
+            }
+            Pinning::Unavailable(why) => write!(f, "not pinned: {why}"),
+        }
+    }
 }
 
 /// Why a load test did not run or did not finish. The option errors name the `vcmdq loadtest`
@@ -153,6 +185,8 @@ pub struct LoadtestReport {
     pub loadavg_before: String,
     /// See [`LoadtestReport::loadavg_before`].
     pub loadavg_after: String,
+    /// Where the generator and the engine ran.
+    pub pinning: Pinning,
 }
 
 impl LoadtestReport {
@@ -709,6 +743,15 @@ pub fn run(opts: &LoadtestOptions) -> Result<LoadtestReport, LoadtestError> {
     opts.check()?;
     let loadavg_before = loadavg();
     let mut rig = Rig::new(opts.rings, opts.batch as usize)?;
+    let restore = opts.pin.then(crate::affinity::Restore::save);
+    let pinning = match (opts.pin, crate::affinity::other_threads()) {
+        (false, _) => Pinning::Off,
+        (true, Err(why)) => Pinning::Unavailable(why),
+        (true, Ok(engine)) => match crate::affinity::pin_apart(&engine) {
+            Ok((generator, engine)) => Pinning::Pinned { generator, engine },
+            Err(why) => Pinning::Unavailable(why),
+        },
+    };
     let before = Probe::read();
     let (saturation, measured) = match opts.saturation {
         Some(s) => (s, false),
@@ -753,6 +796,7 @@ pub fn run(opts: &LoadtestOptions) -> Result<LoadtestReport, LoadtestError> {
     let submitted: u64 = rig.rings.iter().map(|r| r.drv.seq()).sum();
     let syncs: u64 = rig.rings.iter().map(|r| r.syncs).sum();
     let stats = rig.engine.shutdown().stats;
+    drop(restore);
     // Every command forwarded once, every sync signalled, nothing refused: a load test that
     // lost work would measure nothing.
     if stats.forwarded + stats.guest_syncs != submitted
@@ -774,6 +818,7 @@ pub fn run(opts: &LoadtestOptions) -> Result<LoadtestReport, LoadtestError> {
         nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
         loadavg_before,
         loadavg_after: loadavg(),
+        pinning,
     })
 }
 
@@ -814,6 +859,7 @@ mod tests {
             secs: 3.0,
             loads: vec![10.0, 50.0, 90.0],
             saturation: None,
+            pin: true,
         };
         assert!(ok.check().is_ok());
         for (bad, flag) in [

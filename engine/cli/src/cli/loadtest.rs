@@ -10,7 +10,7 @@ use serde_json::json;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use vcmdq_tools::latency;
-use vcmdq_tools::loadtest::{LoadtestOptions, LoadtestReport, MAX_BATCH, MAX_RINGS};
+use vcmdq_tools::loadtest::{LoadtestOptions, LoadtestReport, Pinning, MAX_BATCH, MAX_RINGS};
 use vcmdq_tools::plot::{percentile_svg, Series};
 
 /// Arguments of `vcmdq loadtest`.
@@ -59,6 +59,10 @@ pub struct LoadtestArgs {
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
+    /// Leave the generator and the engine worker where the scheduler puts them. By default
+    /// they are pinned to two separate CPUs (the output says which, or why it could not).
+    #[arg(long)]
+    no_pin: bool,
     /// Write the latency distributions as an SVG percentile plot here.
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
@@ -76,6 +80,7 @@ pub fn run(a: LoadtestArgs) -> Result<ExitCode, CliError> {
         secs: a.secs,
         loads: a.loads.clone(),
         saturation: a.saturation,
+        pin: !a.no_pin,
     })?;
     if a.json {
         print_json(&a, &r)?;
@@ -96,6 +101,13 @@ fn print_json(a: &LoadtestArgs, r: &LoadtestReport) -> Result<(), CliError> {
         "nproc": r.nproc,
         "loadavg_before": r.loadavg_before,
         "loadavg_after": r.loadavg_after,
+        "pinning": match &r.pinning {
+            Pinning::Off => json!({"pinned": false, "asked": false}),
+            Pinning::Pinned { generator, engine } => {
+                json!({"pinned": true, "generator_cpu": generator, "engine_cpu": engine})
+            }
+            Pinning::Unavailable(why) => json!({"pinned": false, "asked": true, "why": why}),
+        },
         "saturation_cmd_per_s": r.saturation,
         "saturation_measured": r.saturation_measured,
         "saturation_reasons": r.saturation_reasons,
@@ -135,6 +147,7 @@ fn print_text(a: &LoadtestArgs, r: &LoadtestReport) {
         r.loadavg_before,
         r.loadavg_after
     );
+    println!("  threads: {}", r.pinning);
     println!(
         "  saturation ({}): {:.1} M commands/s",
         if r.saturation_measured {
