@@ -403,5 +403,11 @@ fn pin_apart(others: Vec<libc::pid_t>) -> Result<(), String> {
     if unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } < 2 {
         return Ok(());
     }
-    affinity::pin_apart(&others).map(|_| ())
+    // CPUs 0 and 1, not `affinity::pin_apart`'s first two allowed ones: this thread is pinned
+    // more than once, and after the first time it is allowed one CPU only.
+    affinity::pin(0, 0)?;
+    for tid in others {
+        affinity::pin(tid, 1)?;
+    }
+    Ok(())
 }
