@@ -1049,12 +1049,27 @@ fn forward(
     if illegal | bad_range | bad_size | (rule.flags & F_FORWARD == 0) {
         return None;
     }
+    Some((patched_d0(rule, d0, vmid, lookup)?, d1))
+}
+
+/// d0 of a command forwarded under `rule` (its checks passed): the VMID where the rule has
+/// one, and a SID command's vSID replaced by its pSID (`None`: the vSID is not bound). The
+/// scalar loop and the policy step both patch with this. (The SIMD kernels' lane-by-lane
+/// paths keep their own, from the class the vector part found: one table load less per lane,
+/// 8-18% of the AVX-512 kernel's time when they called this.)
+#[inline(always)]
+fn patched_d0(
+    rule: &Rule,
+    d0: u64,
+    vmid: u64,
+    lookup: &impl Fn(u32) -> Option<u32>,
+) -> Option<u64> {
     let o0 = (d0 & !rule.vmid_mask) | (vmid & rule.vmid_mask);
     if rule.flags & F_SID == 0 {
-        return Some((o0, d1));
+        return Some(o0);
     }
     let psid = lookup((d0 >> SID_SHIFT) as u32)?;
-    Some(((o0 & 0xffff_ffff) | (u64::from(psid) << SID_SHIFT), d1))
+    Some((o0 & 0xffff_ffff) | (u64::from(psid) << SID_SHIFT))
 }
 
 /// The policy for one command under its opcode's `rule`: the physical command's two words, or
@@ -1073,19 +1088,14 @@ fn step(
     let illegal = (d0 & rule.reject[0]) | (d1 & rule.reject[1]) != 0;
     let bad_range = !range_valid(rule, d0, d1);
     let bad_size = d1 & ATC_SIZE_MASK > u64::from(rule.size_max);
-    let o0 = (d0 & !rule.vmid_mask) | (vmid & rule.vmid_mask);
     if illegal | bad_range | bad_size | (rule.flags & F_FORWARD == 0) {
         return Err(special(rule, d0, d1, illegal));
     }
-    if rule.flags & F_SID == 0 {
-        return Ok((o0, d1));
-    }
-    let vsid = (d0 >> SID_SHIFT) as u32;
-    match lookup(vsid) {
-        Some(psid) => Ok(((o0 & 0xffff_ffff) | (u64::from(psid) << SID_SHIFT), d1)),
+    match patched_d0(rule, d0, vmid, lookup) {
+        Some(o0) => Ok((o0, d1)),
         None => Err(Special::Refuse(RefuseReason::UnknownVsid {
             opcode: d0 as u8,
-            vsid,
+            vsid: (d0 >> SID_SHIFT) as u32,
         })),
     }
 }
