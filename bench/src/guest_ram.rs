@@ -17,9 +17,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vcmdq::command::RawCommand;
-use vcmdq::mock::Backoff;
 use vcmdq::queue::{cons_err, QueueShape};
 use vcmdq::ring::HostRing;
+use vcmdq::sync::Backoff;
 use vcmdq_vmm::regs::{VCMDQ_CONFIG, VCMDQ_CONS, VCMDQ_EN, VCMDQ_PROD, VCMDQ_STATUS};
 use vcmdq_vmm::slots::SLOT_BYTES;
 use vcmdq_vmm::{GuestRamSlots, Tegra241Registers, VcmdqRegisterPage};

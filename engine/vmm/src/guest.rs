@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use vcmdq::command::{opcode, RawCommand};
 use vcmdq::queue::{cons_err, CError, QueueShape};
+use vcmdq::sync::Backoff;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::regs::{
@@ -333,7 +334,7 @@ impl<M: GuestMemory> LinuxVcmdq<M> {
                 });
             }
             spins += 1;
-            backoff(spins);
+            BACKOFF.pause(spins);
         }
         for cmd in cmds.iter().chain(std::iter::once(&VCMDQ_SYNC)) {
             self.write_slot(self.prod, *cmd)?;
@@ -357,18 +358,15 @@ impl<M: GuestMemory> LinuxVcmdq<M> {
                 });
             }
             spins += 1;
-            backoff(spins);
+            BACKOFF.pause(spins);
         }
         Ok(self.handled[before..].to_vec())
     }
 }
 
-fn backoff(spins: u32) {
-    if spins < 64 {
-        std::hint::spin_loop();
-    } else if spins < 128 {
-        std::thread::yield_now();
-    } else {
-        std::thread::sleep(Duration::from_micros(20));
-    }
-}
+/// How the guest's waits pass time: spin, yield, then 20 µs asleep.
+const BACKOFF: Backoff = Backoff {
+    spins: 64,
+    yields: 64,
+    sleep: Duration::from_micros(20),
+};

@@ -12,9 +12,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use vcmdq::command::{opcode, text, Command, RawCommand};
-use vcmdq::mock::{Awaited, Backoff, DriverError, FixPolicy, GuestDriver, Rng};
+use vcmdq::mock::{Awaited, DriverError, FixPolicy, GuestDriver, Rng};
 use vcmdq::queue::CError;
 use vcmdq::ring::GuestRing;
+use vcmdq::sync::Backoff;
 
 /// What the guest sends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -7,7 +7,7 @@ use crate::command::{opcode, RawCommand};
 use crate::queue::{runs, CError, QueueShape};
 use crate::ring::wake::{self, Wait, FUTEX_WAITV_MAX};
 use crate::ring::{HostRing, RingError};
-use crate::sync::lock;
+use crate::sync::{lock, Backoff};
 use crate::translate::{translate, BatchEnd, Stop};
 use crate::viommu::{Reader, Viommu};
 use std::collections::VecDeque;
@@ -239,7 +239,7 @@ impl<Q: PhysicalQueue> Worker<Q> {
                 spin(idle);
                 continue;
             }
-            backoff(idle);
+            IDLE_BACKOFF.pause(idle);
         }
         self.issuer.shared.stats[self.index].store(&self.issuer.stats);
         let mut detached = lock(&self.issuer.shared.detached);
@@ -776,13 +776,10 @@ fn spin(idle: u32) {
     }
 }
 
-/// Between empty passes of a worker that cannot sleep on futexes.
-fn backoff(idle: u32) {
-    if idle < 64 {
-        std::hint::spin_loop();
-    } else if idle < 512 {
-        std::thread::yield_now();
-    } else {
-        std::thread::sleep(std::time::Duration::from_micros(50));
-    }
-}
+/// How an idle worker that cannot sleep (`run`) waits between passes: spin, then yield, then
+/// 50 µs asleep.
+const IDLE_BACKOFF: Backoff = Backoff {
+    spins: 64,
+    yields: 448,
+    sleep: std::time::Duration::from_micros(50),
+};

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use crate::command::{opcode, RawCommand};
 use crate::queue::CError;
 use crate::ring::GuestRing;
+use crate::sync::Backoff;
 
 /// How long a wait may take by default before it fails with [`DriverError::Timeout`].
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,51 +61,6 @@ impl fmt::Debug for FixPolicy {
             FixPolicy::Retry => "Retry",
             FixPolicy::Custom(_) => "Custom(..)",
         })
-    }
-}
-
-/// How a wait passes the time between looks at the ring: spin, then yield, then sleep.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Backoff {
-    /// Looks with a spin-loop hint between them.
-    pub spins: u32,
-    /// Then looks with a `yield_now` between them.
-    pub yields: u32,
-    /// Then this long asleep between looks.
-    pub sleep: Duration,
-}
-
-impl Backoff {
-    /// Spin a little, then yield forever: as [`GuestRing`]'s own waits; for a guest with a
-    /// core of its own.
-    pub const SPIN_THEN_YIELD: Backoff = Backoff {
-        spins: 64,
-        yields: u32::MAX,
-        sleep: Duration::ZERO,
-    };
-    /// Spin, yield, then sleep 20 µs: many guests on few cores, where guests that only yield
-    /// starve the engine's workers.
-    pub const SHARED_CORES: Backoff = Backoff {
-        spins: 32,
-        yields: 32,
-        sleep: Duration::from_micros(20),
-    };
-
-    /// Waits once, the `n`-th time in a row.
-    pub fn pause(&self, n: u32) {
-        if n < self.spins {
-            std::hint::spin_loop();
-        } else if n - self.spins < self.yields {
-            std::thread::yield_now();
-        } else {
-            std::thread::sleep(self.sleep);
-        }
-    }
-}
-
-impl Default for Backoff {
-    fn default() -> Backoff {
-        Backoff::SPIN_THEN_YIELD
     }
 }
 

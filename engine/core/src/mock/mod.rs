@@ -8,8 +8,8 @@ mod mix;
 mod rng;
 
 pub use driver::{
-    Awaited, Backoff, DriverCounters, DriverError, FixPolicy, GuestDriver, Stop, DEFAULT_TIMEOUT,
-    FIX_SYNC, MAX_KEPT_STOPS,
+    Awaited, DriverCounters, DriverError, FixPolicy, GuestDriver, Stop, DEFAULT_TIMEOUT, FIX_SYNC,
+    MAX_KEPT_STOPS,
 };
 pub use mix::{guest_command, guest_mix};
 pub use rng::Rng;

@@ -11,6 +11,7 @@ use super::memory::{HeapMemory, MmapMemory, Region, RingMemory};
 use super::{load_slot, new_region, shape_for, store_slot, validate, wake, RingError};
 use crate::command::RawCommand;
 use crate::queue::{cons_err, runs, CError, QueueShape};
+use crate::sync::Backoff;
 
 /// The producer end of a guest ring. One `GuestRing` per ring: two producers on one ring race
 /// on PROD exactly as two CPUs without a lock would.
@@ -242,11 +243,7 @@ impl GuestRing {
                 return Err(RingError::Timeout { what, waited });
             }
             spins += 1;
-            if spins < 64 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
+            Backoff::SPIN_THEN_YIELD.pause(spins);
         }
     }
 

@@ -19,9 +19,10 @@ use vcmdq::engine::{
     EngineConfig, EngineReport, PhysicalQueue, RingId,
 };
 use vcmdq::hwmodel::{HwConfig, HwCounters, HwPlacement, ModelCounters, ModelQueue};
-use vcmdq::mock::{Backoff, DriverError, FixPolicy, GuestDriver};
+use vcmdq::mock::{DriverError, FixPolicy, GuestDriver};
 use vcmdq::queue::CError;
 use vcmdq::ring::{AttachOptions, GuestRing, HostRing};
+use vcmdq::sync::Backoff;
 use vcmdq::translate::SlotOutcome;
 
 /// How long any single wait may take before a test calls the engine hung.
