@@ -33,18 +33,29 @@ fn main() {
             println!("kernel {kernel}");
             let mut rng = Rng::new(16);
             let keys = vsids(16, true, 24, &mut rng);
+            let len = std::env::var("LEN")
+                .map(|v| v.parse().unwrap())
+                .unwrap_or(4096);
             let input = match which {
-                "translate-atc" => vcmdq_bench::atc_only(4096, &keys, &mut rng),
-                "translate-tlbi" => guest_mix(4096, &keys, &mut rng)
+                "translate-atc" => vcmdq_bench::atc_only(len, &keys, &mut rng),
+                "translate-tlbi" => guest_mix(len * 2, &keys, &mut rng)
                     .into_iter()
                     .filter(|c| {
                         c.opcode() != vcmdq::command::opcode::ATC_INV
                             && c.opcode() != vcmdq::command::opcode::CFGI_CD
                     })
                     .cycle()
-                    .take(4096)
+                    .take(len)
                     .collect(),
-                _ => guest_mix(4096, &keys, &mut rng),
+                _ => guest_mix(len, &keys, &mut rng),
+            };
+            let input: Vec<RawCommand> = if std::env::var("SYNC").is_ok() {
+                input
+                    .chunks(64)
+                    .flat_map(|c| c.iter().copied().chain([RawCommand::new(0x46, 0)]))
+                    .collect()
+            } else {
+                input
             };
             let grace = GraceDomain::new();
             let devices = Devices::new();
@@ -62,7 +73,7 @@ fn main() {
             let mut prov = [0u32; 64];
             let mut total = 0u64;
             let t = std::time::Instant::now();
-            for _ in 0..n / 4096 {
+            for _ in 0..n / input.len() as u64 {
                 for pass in input.chunks(256) {
                     let _pin = reader.pin();
                     let mut start = 0;

@@ -141,7 +141,9 @@ fn hgrm_total_count_is_cumulative_as_hdrhistogram_writes_it() {
         (last_count, last_pct) = (count, pct);
         rows += 1;
     }
-    assert!(rows > 10, "{text}");
+    // How many rows depends on how spread the latencies were (a run whose samples fall in a
+    // few buckets writes few), not on the format: two at least, so that the order is checked.
+    assert!(rows >= 2, "{text}");
     assert_eq!(last_pct, 1.0, "the last row is the 100th percentile");
     assert_eq!(
         Some(last_count),

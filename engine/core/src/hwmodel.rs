@@ -113,10 +113,10 @@ pub struct HwConfig {
     /// CPU time, even when the model is stepped inline by a worker. Has no effect when a
     /// check, a cost, a slow consumer or a fault is configured.
     pub consume_unread: bool,
-    /// For tests and the soak only: run by the producer's `publish` before it writes anything,
-    /// so that a test can hold a worker between translating a batch and publishing it (inside
-    /// its grace-period pin) and see what the unbind barrier does then. `None` costs one branch
-    /// per publication.
+    /// For tests and the soak only: run by the producer's `commit` with the commands about to
+    /// be published, after they are written and before the PROD store, so that a test can hold
+    /// a worker between translating a batch and publishing it (inside its grace-period pin) and
+    /// see what the unbind barrier does then. `None` costs one branch per publication.
     #[doc(hidden)]
     pub before_publish: Option<PublishHook>,
 }
@@ -314,7 +314,12 @@ impl PhysProducer {
             });
         }
         let start = self.q.shape.index(self.q.shape.ptr(self.prod as u32)) as usize;
-        Ok(Slots::of_ring(&self.q.slots, start, n))
+        // SAFETY: these `n` slots are after PROD and free: the Acquire load of CONS in `room`
+        // saw the hardware finished reading them (it stores CONS with Release after its slot
+        // loads), and it reads none of them again before a PROD store covers them, which only
+        // `commit` (on this producer, `&mut self` like this borrow) makes. `retract` and
+        // `recover` write only slots below PROD.
+        Ok(unsafe { Slots::reserved(&self.q.slots, start, n) })
     }
 
     /// Publishes the first `n` slots after PROD (written through [`PhysProducer::reserve`])
@@ -329,6 +334,13 @@ impl PhysProducer {
                     wanted: n,
                 });
             }
+        }
+        if let Some(hook) = &self.before_publish.0 {
+            let shape = self.q.shape;
+            let start = shape.index(shape.ptr(self.prod as u32)) as usize;
+            let slots = Slots::of_ring(&self.q.slots, start, n);
+            let cmds: Vec<RawCommand> = (0..n).map(|i| slots.read(i)).collect();
+            hook(&cmds);
         }
         self.room_seen -= n as u32;
         let shape = self.q.shape;
@@ -345,9 +357,6 @@ impl PhysProducer {
     /// Returns the position just after the last command (the new free-running PROD).
     #[inline]
     pub fn publish(&mut self, cmds: &[RawCommand]) -> Result<u64, Full> {
-        if let Some(hook) = &self.before_publish.0 {
-            hook(cmds);
-        }
         self.reserve(cmds.len())?.fill(cmds);
         self.commit(cmds.len())
     }

@@ -804,11 +804,24 @@ pub fn translate(
     out: &mut [RawCommand],
     prov: &mut [u32],
 ) -> BatchEnd {
+    translate_numbered(v, input, 0, out, prov)
+}
+
+/// [`translate`] with input i numbered `first + i` (wrapping) in `prov` instead of `i`: the
+/// engine numbers each command by its guest sequence number, so that the provenance it keeps
+/// per physical slot is written by the translation itself. Same outcome otherwise.
+pub fn translate_numbered(
+    v: &Viommu,
+    input: &[RawCommand],
+    first: u32,
+    out: &mut [RawCommand],
+    prov: &mut [u32],
+) -> BatchEnd {
     #[cfg(test)]
     if let Some(k) = tests::forced_kernel() {
-        return run_kernel(k, v, input, out, prov);
+        return run_kernel(k, v, input, first, out, prov);
     }
-    run_kernel(v.rules().kernel, v, input, out, prov)
+    run_kernel(v.rules().kernel, v, input, first, out, prov)
 }
 
 /// [`translate`] with the forward loop of `kernel`, whichever this CPU would choose: for tests
@@ -823,7 +836,7 @@ pub fn translate_with(
     if !kernel.is_supported() {
         return Err(UnsupportedKernel { kernel });
     }
-    Ok(run_kernel(kernel, v, input, out, prov))
+    Ok(run_kernel(kernel, v, input, 0, out, prov))
 }
 
 /// `translate` with `kernel`, which the caller checked this CPU supports.
@@ -831,6 +844,7 @@ fn run_kernel(
     kernel: Kernel,
     v: &Viommu,
     input: &[RawCommand],
+    first: u32,
     out: &mut [RawCommand],
     prov: &mut [u32],
 ) -> BatchEnd {
@@ -841,6 +855,7 @@ fn run_kernel(
         kernel,
         vmid: u64::from(v.vmid()) << 32,
         input,
+        first,
         out,
         prov,
     })
@@ -854,6 +869,8 @@ struct Batch<'a> {
     kernel: Kernel,
     vmid: u64,
     input: &'a [RawCommand],
+    /// The number of input 0 in `prov`.
+    first: u32,
     out: &'a mut [RawCommand],
     prov: &'a mut [u32],
 }
@@ -869,6 +886,7 @@ impl WithLookup for Batch<'_> {
             kernel,
             vmid,
             input,
+            first,
             out,
             prov,
         } = self;
@@ -892,7 +910,7 @@ impl WithLookup for Batch<'_> {
                 &input[i..fits],
                 &mut out[produced..fits],
                 &mut prov[produced..fits],
-                i as u32,
+                first.wrapping_add(i as u32),
                 &lookup,
             );
             i += n;
@@ -910,7 +928,7 @@ impl WithLookup for Batch<'_> {
                 Err(s) => return ended(i, produced, s, cmd),
             };
             out[produced] = RawCommand::new(o0, o1);
-            prov[produced] = i as u32;
+            prov[produced] = first.wrapping_add(i as u32);
             produced += 1;
             i += 1;
         }
@@ -929,7 +947,7 @@ impl WithLookup for Batch<'_> {
                 };
             }
             out[produced] = RawCommand::new(o0, o1);
-            prov[produced] = i as u32;
+            prov[produced] = first.wrapping_add(i as u32);
             produced += 1;
         }
         BatchEnd {
@@ -1004,13 +1022,19 @@ fn forwards(
     // Only after a command that is not a plain forward (and in the SIMD kernels' last few
     // commands): the loop itself stays as lean as it was.
     if base != 0 {
-        prov[..n].iter_mut().for_each(|p| *p += base);
+        prov[..n].iter_mut().for_each(|p| *p = p.wrapping_add(base));
     }
     n
 }
 
 /// [`forwards`] with provenance `i`. A function of its own so that its loop gets the
 /// registers.
+///
+/// A block of commands at a time: each is checked and written with its VMID (a SID command's
+/// rule patches nothing, so its vSID stays), its position listed if it is a SID command, and
+/// then [`patch_sids`] gives the listed ones their pSIDs. A branch per command on whether it is
+/// a SID command mispredicted on a guest's mix (a third of them, in no order a predictor
+/// learns); the list is appended to without one.
 #[inline(never)]
 fn forwards_at_0(
     rules: &[Rule; 256],
@@ -1020,28 +1044,66 @@ fn forwards_at_0(
     prov: &mut [u32],
     lookup: &impl Fn(u32) -> Option<u32>,
 ) -> usize {
+    let len = input.len().min(out.len()).min(prov.len());
+    let mut sids = [0u32; SID_BLOCK];
     let mut n = 0;
-    for ((cmd, o), p) in input.iter().zip(out).zip(prov) {
-        let Some((o0, o1)) = forward(&rules[cmd.d0() as u8 as usize], cmd, vmid, lookup) else {
+    while n < len {
+        let end = len.min(n + SID_BLOCK);
+        let (mut cnt, mut stopped) = (0, false);
+        for ((cmd, o), p) in input[n..end]
+            .iter()
+            .zip(&mut out[n..end])
+            .zip(&mut prov[n..end])
+        {
+            let rule = &rules[cmd.d0() as u8 as usize];
+            let Some(d0) = checked_d0(rule, cmd, vmid) else {
+                stopped = true;
+                break;
+            };
+            *o = RawCommand::new(d0, cmd.d1());
+            *p = n as u32;
+            sids[cnt] = n as u32;
+            cnt += usize::from(rule.flags & F_SID != 0);
+            n += 1;
+        }
+        if let Err(j) = patch_sids(&sids[..cnt], out, lookup) {
+            return j;
+        }
+        if stopped {
             break;
-        };
-        *o = RawCommand::new(o0, o1);
-        *p = n as u32;
-        n += 1;
+        }
     }
     n
 }
 
-/// The physical command's two words when `cmd` is a well-formed command the profile forwards
-/// as it is (with its VMID or pSID), else `None`: the common case, in as few branches as
-/// possible (a guest's mix of opcodes would otherwise mispredict a dispatch per command).
+/// Commands the forward loops check and write before they patch the SID commands among them
+/// (at most this many).
+const SID_BLOCK: usize = 64;
+
+/// Gives each SID command at the positions `sids` (ascending) of `out` the pSID of the vSID it
+/// carries. `Err(j)`: the vSID at `j` is not bound; those before it are patched, and nothing
+/// from `j` on counts as forwarded.
 #[inline(always)]
-fn forward(
-    rule: &Rule,
-    cmd: &RawCommand,
-    vmid: u64,
+fn patch_sids(
+    sids: &[u32],
+    out: &mut [RawCommand],
     lookup: &impl Fn(u32) -> Option<u32>,
-) -> Option<(u64, u64)> {
+) -> Result<(), usize> {
+    for &j in sids {
+        let o = &mut out[j as usize];
+        let d0 = o.d0();
+        let psid = lookup((d0 >> SID_SHIFT) as u32).ok_or(j as usize)?;
+        *o = RawCommand::new(d0 & 0xffff_ffff | u64::from(psid) << SID_SHIFT, o.d1());
+    }
+    Ok(())
+}
+
+/// d0 of `cmd` with its VMID where `rule` has one, when it is a well-formed command the
+/// profile forwards as it is, else `None`: the checks of the common case, in as few branches
+/// as possible (a guest's mix of opcodes would otherwise mispredict a dispatch per command).
+/// A SID command comes back with its vSID, for [`patch_sids`].
+#[inline(always)]
+fn checked_d0(rule: &Rule, cmd: &RawCommand, vmid: u64) -> Option<u64> {
     let (d0, d1) = (cmd.d0(), cmd.d1());
     let illegal = (d0 & rule.reject[0]) | (d1 & rule.reject[1]) != 0;
     let bad_range = !range_valid(rule, d0, d1);
@@ -1049,27 +1111,7 @@ fn forward(
     if illegal | bad_range | bad_size | (rule.flags & F_FORWARD == 0) {
         return None;
     }
-    Some((patched_d0(rule, d0, vmid, lookup)?, d1))
-}
-
-/// d0 of a command forwarded under `rule` (its checks passed): the VMID where the rule has
-/// one, and a SID command's vSID replaced by its pSID (`None`: the vSID is not bound). The
-/// scalar loop and the policy step both patch with this. (The SIMD kernels' lane-by-lane
-/// paths keep their own, from the class the vector part found: one table load less per lane,
-/// 8-18% of the AVX-512 kernel's time when they called this.)
-#[inline(always)]
-fn patched_d0(
-    rule: &Rule,
-    d0: u64,
-    vmid: u64,
-    lookup: &impl Fn(u32) -> Option<u32>,
-) -> Option<u64> {
-    let o0 = (d0 & !rule.vmid_mask) | (vmid & rule.vmid_mask);
-    if rule.flags & F_SID == 0 {
-        return Some(o0);
-    }
-    let psid = lookup((d0 >> SID_SHIFT) as u32)?;
-    Some((o0 & 0xffff_ffff) | (u64::from(psid) << SID_SHIFT))
+    Some((d0 & !rule.vmid_mask) | (vmid & rule.vmid_mask))
 }
 
 /// The policy for one command under its opcode's `rule`: the physical command's two words, or
@@ -1082,17 +1124,14 @@ fn step(
     lookup: &impl Fn(u32) -> Option<u32>,
 ) -> Result<(u64, u64), Special> {
     let (d0, d1) = (cmd.d0(), cmd.d1());
-    // The common case (a well-formed command the profile forwards) costs one well-predicted
-    // branch, and a second for SID commands: a guest's mix of opcodes would otherwise
-    // mispredict a dispatch per command.
-    let illegal = (d0 & rule.reject[0]) | (d1 & rule.reject[1]) != 0;
-    let bad_range = !range_valid(rule, d0, d1);
-    let bad_size = d1 & ATC_SIZE_MASK > u64::from(rule.size_max);
-    if illegal | bad_range | bad_size | (rule.flags & F_FORWARD == 0) {
-        return Err(special(rule, d0, d1, illegal));
+    let Some(o0) = checked_d0(rule, cmd, vmid) else {
+        return Err(special(rule, d0, d1));
+    };
+    if rule.flags & F_SID == 0 {
+        return Ok((o0, d1));
     }
-    match patched_d0(rule, d0, vmid, lookup) {
-        Some(o0) => Ok((o0, d1)),
+    match lookup((d0 >> SID_SHIFT) as u32) {
+        Some(psid) => Ok(((o0 & 0xffff_ffff) | (u64::from(psid) << SID_SHIFT), d1)),
         None => Err(Special::Refuse(RefuseReason::UnknownVsid {
             opcode: d0 as u8,
             vsid: (d0 >> SID_SHIFT) as u32,
@@ -1102,9 +1141,9 @@ fn step(
 
 /// Everything but a well-formed forwarded command: refusals, TLBI_NSNH_ALL, traps, drops, syncs.
 #[inline(never)]
-fn special(rule: &Rule, d0: u64, d1: u64, illegal: bool) -> Special {
+fn special(rule: &Rule, d0: u64, d1: u64) -> Special {
     let opcode = d0 as u8;
-    if illegal {
+    if (d0 & rule.reject[0]) | (d1 & rule.reject[1]) != 0 {
         return Special::Refuse(rejected(rule, d0, d1));
     }
     match rule.action {
@@ -1189,7 +1228,7 @@ pub fn translate_all_with(
         return Err(UnsupportedKernel { kernel });
     }
     Ok(outcomes(input, continue_after_refuse, |i, o, p| {
-        run_kernel(kernel, v, i, o, p)
+        run_kernel(kernel, v, i, 0, o, p)
     }))
 }
 

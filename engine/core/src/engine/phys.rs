@@ -61,10 +61,17 @@ impl CmdSlot {
 /// The slots after PROD that [`PhysicalQueue::reserve`] hands out: at most two contiguous runs,
 /// up to the end of the ring and then from slot 0. Writing them publishes nothing; a
 /// [`PhysicalQueue::commit`] does.
-#[derive(Clone, Copy, Debug)]
+///
+/// Not `Clone`: a reservation is one writer's. One made with [`Slots::reserved`] (whose maker
+/// vouches that nobody else touches the slots until they are committed) can be written as plain
+/// memory through [`Slots::into_runs_mut`], so that the worker translates straight into the
+/// physical queue; one made with [`Slots::of_ring`] is written a command at a time.
+#[derive(Debug)]
 pub struct Slots<'a> {
     head: &'a [CmdSlot],
     tail: &'a [CmdSlot],
+    /// Made by [`Slots::reserved`]: nobody else reads or writes these slots while they live.
+    exclusive: bool,
 }
 
 impl<'a> Slots<'a> {
@@ -76,6 +83,25 @@ impl<'a> Slots<'a> {
         Slots {
             head: &ring[head],
             tail: &ring[tail],
+            exclusive: false,
+        }
+    }
+
+    /// [`Slots::of_ring`] for slots the caller hands out for the writer's sole use, which
+    /// [`Slots::into_runs_mut`] may then view as plain memory.
+    ///
+    /// # Safety
+    /// Until the returned `Slots` (and anything [`Slots::into_runs_mut`] made of it) is dropped,
+    /// nothing but it reads or writes these `n` slots: the consumer has finished with them (the
+    /// caller learnt that through an Acquire load of CONS, or the queue is stopped) and will
+    /// not read them before a Release store of PROD that covers them; no other `Slots` over
+    /// them exists. A queue's `reserve` from `&mut self`, on slots after PROD that CONS has
+    /// passed, meets this.
+    #[inline]
+    pub unsafe fn reserved(ring: &'a [CmdSlot], start: usize, n: usize) -> Slots<'a> {
+        Slots {
+            exclusive: true,
+            ..Slots::of_ring(ring, start, n)
         }
     }
 
@@ -107,6 +133,16 @@ impl<'a> Slots<'a> {
         }
     }
 
+    /// The command in reserved slot `i`, as written (Relaxed loads: only the writer reads
+    /// reserved slots). Panics if `i` is not below [`Slots::len`].
+    #[inline]
+    pub fn read(&self, i: usize) -> RawCommand {
+        match self.head.get(i) {
+            Some(slot) => slot.read(),
+            None => self.tail[i - self.head.len()].read(),
+        }
+    }
+
     /// Writes `cmds` into the first `cmds.len()` reserved slots. Panics if there are fewer.
     #[inline]
     pub fn fill(&self, cmds: &[RawCommand]) {
@@ -121,6 +157,40 @@ impl<'a> Slots<'a> {
         for (slot, cmd) in self.tail.iter().zip(b) {
             slot.write(*cmd);
         }
+    }
+
+    /// The two runs as plain commands the writer stores into directly (whole vectors at a
+    /// time, where the translation kernels write four commands with one store), for slots made
+    /// by [`Slots::reserved`]; `Err(self)` for slots made by [`Slots::of_ring`], under loom
+    /// (its atomics are not memory), and on a big-endian host (a slot's words are native
+    /// `u64`s, a `RawCommand`'s little-endian).
+    ///
+    /// A command stored here is read by the consumer's Relaxed loads after the Release store of
+    /// PROD in [`PhysicalQueue::commit`]: a plain store ordered before an atomic load by
+    /// happens-before, which the memory model allows (and miri checks:
+    /// `runs_mut_stores_reach_a_consumer_on_another_thread`).
+    #[inline]
+    pub fn into_runs_mut(self) -> Result<[&'a mut [RawCommand]; 2], Slots<'a>> {
+        #[cfg(all(not(loom), target_endian = "little"))]
+        if self.exclusive {
+            let view = |run: &'a [CmdSlot]| {
+                // SAFETY: a `CmdSlot` is two `AtomicU64`s (`repr(transparent)`), 16 bytes with
+                // the interior mutability of `UnsafeCell`, so writing through a pointer derived
+                // from the shared slice is allowed; a `RawCommand` is 16 bytes of alignment 1
+                // whose every bit pattern is valid, little-endian like the host's `u64`s. The
+                // `&mut` is unique: `exclusive` says the slots' maker vouched (the contract of
+                // `Slots::reserved`) that nothing else touches them while this borrow of 'a
+                // lives, and `self` is consumed, so no second view is made of them.
+                unsafe {
+                    core::slice::from_raw_parts_mut(
+                        run.as_ptr().cast::<RawCommand>().cast_mut(),
+                        run.len(),
+                    )
+                }
+            };
+            return Ok([view(self.head), view(self.tail)]);
+        }
+        Err(self)
     }
 }
 

@@ -4,11 +4,11 @@ use super::phys::PhysicalQueue;
 use super::stats::{AuditRecord, EngineStats, RingProgress};
 use super::{Ctrl, EngineConfig, RingId, Shared, TrapEvent};
 use crate::command::{opcode, RawCommand};
-use crate::queue::{runs, CError, QueueShape};
+use crate::queue::{runs, CError};
 use crate::ring::wake::{self, Wait, FUTEX_WAITV_MAX};
 use crate::ring::{HostRing, RingError};
 use crate::sync::{lock, Backoff};
-use crate::translate::{translate, BatchEnd, Stop};
+use crate::translate::{translate_numbered, BatchEnd, Stop};
 use crate::viommu::{Reader, Viommu};
 use std::collections::VecDeque;
 use std::sync::atomic::{fence, AtomicU32, Ordering};
@@ -110,6 +110,20 @@ impl RingState {
         let shape = self.host.shape();
         self.read_seq - u64::from(shape.distance(self.host.read_ptr(), ptr))
     }
+
+    /// The sequence number whose low 32 bits are `tag` (a physical slot's provenance), for an
+    /// entry read and not yet completed: at most a ring's entries below the read pointer.
+    fn seq_of_tag(&self, tag: u32) -> u64 {
+        self.read_seq - u64::from((self.read_seq as u32).wrapping_sub(tag))
+    }
+
+    /// The guest pointer of the entry with sequence number `seq`, read and not yet completed.
+    fn ptr_of_seq(&self, seq: u64) -> u32 {
+        let back = (self.read_seq - seq) as u32;
+        self.host
+            .shape()
+            .advance(self.host.read_ptr(), back.wrapping_neg())
+    }
 }
 
 /// The ring of a physical slot that carries nothing of a guest.
@@ -130,13 +144,6 @@ struct Batch {
     done: usize,
 }
 
-/// Provenance of one physical slot: the ring and the guest pointer it came from.
-#[derive(Clone, Copy, Default)]
-struct Tag {
-    ring: u32,
-    ptr: u32,
-}
-
 /// The part of a worker that issues commands to its physical command queue: it translates what
 /// a guest ring holds, writes the batches after PROD and publishes them, and follows CONS
 /// until they are consumed (then completes the guest's CONS and CMD_SYNC), or until the queue
@@ -149,9 +156,20 @@ struct Issuer<Q> {
     audit_on: bool,
     shared: Arc<Shared>,
     producer: Q,
-    tags: Vec<Tag>,
+    /// Provenance of each physical slot, by index: the ring it came from ([`NO_RING`] for
+    /// none)...
+    tag_ring: Vec<u32>,
+    /// ... and the low 32 bits of the guest entry's sequence number, which the translation
+    /// writes as it writes the slot.
+    tag_seq: Vec<u32>,
+    /// The one copy of what a poll read from the guest's slots (atomic loads, once per slot):
+    /// the engine judges this copy, never memory the guest can still write.
     inbuf: Vec<RawCommand>,
+    /// Where a batch is translated when the physical queue's slots cannot be written as plain
+    /// memory ([`Slots::into_runs_mut`](super::phys::Slots::into_runs_mut)), and where the
+    /// audit reads a batch's commands back.
     out: Vec<RawCommand>,
+    /// Provenance of `out`: input indices of the batch.
     prov: Vec<u32>,
     stats: EngineStats,
     audit: Vec<AuditRecord>,
@@ -190,10 +208,12 @@ impl<Q: PhysicalQueue> Worker<Q> {
                 audit_on: cfg.audit,
                 shared,
                 producer,
-                tags: vec![Tag::default(); entries],
+                tag_ring: vec![NO_RING; entries],
+                tag_seq: vec![0; entries],
                 inbuf: vec![RawCommand::default(); cfg.ring_budget.max(1)],
-                out: vec![RawCommand::default(); batch_limit],
-                prov: vec![0; batch_limit],
+                // The batch's commands and its physical CMD_SYNC.
+                out: vec![RawCommand::default(); batch_limit + 1],
+                prov: vec![0; batch_limit + 1],
                 stats: EngineStats::default(),
                 audit: Vec::new(),
             },
@@ -524,8 +544,7 @@ impl<Q: PhysicalQueue> Issuer<Q> {
         let mut done = 0usize;
         while done < n {
             let batch_first = shape.advance(first, done as u32);
-            let chunk = (n - done).min(self.batch_limit);
-            let (end, pos0, phys) = self.publish_batch(r, batch_first, done, chunk);
+            let (end, pos0, phys) = self.publish_batch(r, done, n - done, seq0 + done as u64);
             if self.audit_on {
                 self.record(r.id, seq0, done, &end);
             }
@@ -545,37 +564,88 @@ impl<Q: PhysicalQueue> Issuer<Q> {
         n
     }
 
-    /// Translates `inbuf[done..done + chunk]`, read from guest pointer `first` of ring `r`,
-    /// tags and publishes what it produced. Returns what `translate` did and the free-running
-    /// physical positions the batch starts and ends at.
+    /// The hot path, in one pass over what is left of the poll (`inbuf[done..done + left]`,
+    /// the first with sequence number `seq`): each command is checked and patched in registers
+    /// and written straight into its physical slot after PROD, with its provenance (the ring, and
+    /// the sequence number the translation writes) beside it, up to the end of a batch: a guest
+    /// CMD_SYNC (its physical CMD_SYNC goes in the next slot), a trapped or refused entry,
+    /// `batch_limit` commands forwarded, or the end of the poll. One PROD store publishes the
+    /// batch. Returns what the translation did and the free-running physical positions the
+    /// batch starts and ends at.
     #[inline]
     fn publish_batch(
         &mut self,
         r: &RingState,
-        first: u32,
         done: usize,
-        chunk: usize,
+        left: usize,
+        seq: u64,
     ) -> (BatchEnd, u64, u64) {
-        let input = &self.inbuf[done..done + chunk];
-        let end = translate(&r.viommu, input, &mut self.out, &mut self.prov);
         let pos0 = self.producer.published();
-        // A batch that ends in a guest CMD_SYNC carries its physical CMD_SYNC: one PROD
-        // store for both. There is room: the guest's sync took an input slot, so fewer
-        // than `batch_limit` commands were produced.
-        let mut n = end.produced;
-        if let Stop::Sync { slot, .. } = end.stop {
-            self.out[n] = PHYS_SYNC;
-            self.prov[n] = slot as u32;
-            n += 1;
-            self.stats.phys_syncs += 1;
-        }
-        let shape = r.host.shape();
-        tag_batch(&mut self.tags, pos0, r.id.0, first, shape, &self.prov[..n]);
+        let input = &self.inbuf[done..done + left];
+        let tag0 = seq as u32;
+        let cap = left.min(self.batch_limit);
+        let entries = self.tag_seq.len();
+        let [th, tt] = runs(entries, pos0 as usize & (entries - 1), left);
+        let (lo, hi) = self.tag_seq.split_at_mut(th.start);
+        let (tag_head, tag_tail) = (&mut hi[..th.len()], &mut lo[..tt.len()]);
+        // `serve` takes no more guest entries than the queue has free slots, and each becomes
+        // at most one physical entry: what is left of the poll fits.
+        let slots = match self.producer.reserve(left) {
+            Ok(s) => s,
+            Err(full) => unreachable!("physical queue full despite the room check: {full:?}"),
+        };
+        let (end, n) = match slots.into_runs_mut() {
+            Ok([head, tail]) => {
+                let outs = [&mut *head, &mut *tail];
+                let tags = [&mut *tag_head, &mut *tag_tail];
+                let end = translate_runs(&r.viommu, input, tag0, outs, tags, cap);
+                let mut n = end.produced;
+                if let Stop::Sync { slot, .. } = end.stop {
+                    // There is room: the guest's sync took an input slot.
+                    *at(head, tail, n) = PHYS_SYNC;
+                    *at(tag_head, tag_tail, n) = tag0.wrapping_add(slot as u32);
+                    n += 1;
+                }
+                if self.audit_on {
+                    // The audit reads the batch back as `translate` would have written it.
+                    for j in 0..end.produced {
+                        self.out[j] = *at(head, tail, j);
+                        self.prov[j] = at(tag_head, tag_tail, j).wrapping_sub(tag0);
+                    }
+                }
+                (end, n)
+            }
+            Err(slots) => {
+                let (out, prov) = (&mut self.out[..cap], &mut self.prov[..cap]);
+                let end = translate_numbered(&r.viommu, input, 0, out, prov);
+                let mut n = end.produced;
+                if let Stop::Sync { slot, .. } = end.stop {
+                    self.out[n] = PHYS_SYNC;
+                    self.prov[n] = slot as u32;
+                    n += 1;
+                }
+                slots.fill(&self.out[..n]);
+                let tags = tag_head.iter_mut().chain(tag_tail);
+                for (t, p) in tags.zip(&self.prov[..n]) {
+                    *t = tag0.wrapping_add(*p);
+                }
+                (end, n)
+            }
+        };
         let phys = if n > 0 {
-            publish(&mut self.producer, &self.out[..n])
+            let ring = r.id.0;
+            self.tag_ring[th.start..th.start + n.min(th.len())].fill(ring);
+            self.tag_ring[..n.saturating_sub(th.len())].fill(ring);
+            match self.producer.commit(n) {
+                Ok(pos) => pos,
+                Err(full) => unreachable!("physical queue full after its reservation: {full:?}"),
+            }
         } else {
             pos0
         };
+        if let Stop::Sync { .. } = end.stop {
+            self.stats.phys_syncs += 1;
+        }
         self.stats.forwarded += end.produced as u64;
         // A guest CMD_SYNC or trapped command is consumed but neither forwarded nor dropped.
         let special = matches!(end.stop, Stop::Sync { .. } | Stop::Trap { .. });
@@ -686,20 +756,16 @@ impl<Q: PhysicalQueue> Issuer<Q> {
         let Some(err) = self.producer.error() else {
             return false;
         };
-        let mask = self.tags.len() as u64 - 1;
+        let mask = self.tag_ring.len() as u64 - 1;
+        let slot = (err.pos & mask) as usize;
         // Whatever the repair leaves in the failing slot (a CMD_SYNC for CERROR_ILL, the retried
         // fetch or CMD_SYNC otherwise) carries nothing of the ring any more: its command is
         // read again after the guest's acknowledgement. A second fault on that slot must blame
         // no ring, or it would stop the ring again (or, still stopped, twice).
-        let tag = std::mem::replace(
-            &mut self.tags[(err.pos & mask) as usize],
-            Tag {
-                ring: NO_RING,
-                ptr: 0,
-            },
-        );
+        let ring = std::mem::replace(&mut self.tag_ring[slot], NO_RING);
+        let tag = self.tag_seq[slot];
         self.stats.phys_faults += 1;
-        if let Some(r) = rings.iter_mut().find(|r| r.id.0 == tag.ring) {
+        if let Some(r) = rings.iter_mut().find(|r| r.id.0 == ring) {
             // Everything before the failing command has been consumed: complete it first.
             self.retire(r);
             // CERROR_ABT is retried by the repair: take the failing command back too.
@@ -707,10 +773,10 @@ impl<Q: PhysicalQueue> Issuer<Q> {
                 self.stats.retracted += 1;
             }
             for pos in err.pos + 1..self.producer.published() {
-                let t = &mut self.tags[(pos & mask) as usize];
-                if t.ring == tag.ring && self.producer.retract(pos) {
+                let t = &mut self.tag_ring[(pos & mask) as usize];
+                if *t == ring && self.producer.retract(pos) {
                     // A no-op now: a later fault on it blames no ring.
-                    t.ring = NO_RING;
+                    *t = NO_RING;
                     self.stats.retracted += 1;
                 }
             }
@@ -718,12 +784,13 @@ impl<Q: PhysicalQueue> Issuer<Q> {
                 CError::None => CError::Ill,
                 e => e,
             };
+            let seq = r.seq_of_tag(tag);
+            let ptr = r.ptr_of_seq(seq);
             r.clear_inflight();
             r.pause = Pause::Running;
-            let seq = r.seq_of(tag.ptr);
             r.read_seq = seq;
-            r.host.stop(tag.ptr, cerror);
-            r.stopped_at = Some(tag.ptr);
+            r.host.stop(ptr, cerror);
+            r.stopped_at = Some(ptr);
             if self.audit_on {
                 self.audit.push(AuditRecord::PhysFault {
                     ring: r.id,
@@ -737,33 +804,69 @@ impl<Q: PhysicalQueue> Issuer<Q> {
     }
 }
 
-/// Provenance of a batch about to be published at physical position `pos0`: the physical slot
-/// of output j came from guest pointer `first + prov[j]` of `ring`.
+/// Translates `input` (numbered from `first` in `prov`) into the two runs of a reservation
+/// and the provenance of the same slots, `cap` commands forwarded at most: into the first run,
+/// then, if that filled before `cap`, the rest of the input into the second. The result is
+/// what one [`translate_numbered`] call over one run would have returned.
 #[inline]
-fn tag_batch(tags: &mut [Tag], pos0: u64, ring: u32, first: u32, shape: QueueShape, prov: &[u32]) {
-    let start = (pos0 & (tags.len() as u64 - 1)) as usize;
-    let [head, tail] = runs(tags.len(), start, prov.len());
-    let (a, b) = prov.split_at(head.len());
-    let tag = |&p: &u32| Tag {
-        ring,
-        ptr: shape.advance(first, p),
-    };
-    for (t, p) in tags[head].iter_mut().zip(a) {
-        *t = tag(p);
+fn translate_runs(
+    v: &Viommu,
+    input: &[RawCommand],
+    first: u32,
+    out: [&mut [RawCommand]; 2],
+    prov: [&mut [u32]; 2],
+    cap: usize,
+) -> BatchEnd {
+    let ([o0, o1], [p0, p1]) = (out, prov);
+    let h = o0.len().min(cap);
+    let a = translate_numbered(v, input, first, &mut o0[..h], &mut p0[..h]);
+    if a.stop != Stop::OutputFull || h == cap {
+        return a;
     }
-    for (t, p) in tags[tail].iter_mut().zip(b) {
-        *t = tag(p);
+    // The runs hold what is left of the poll, at least `cap`: the second has `cap - h`.
+    let (k, t) = (a.consumed, cap - h);
+    let next = first.wrapping_add(k as u32);
+    let b = translate_numbered(v, &input[k..], next, &mut o1[..t], &mut p1[..t]);
+    let stop = match b.stop {
+        Stop::Sync {
+            slot,
+            cs,
+            msidata,
+            msiaddr,
+        } => Stop::Sync {
+            slot: slot + k,
+            cs,
+            msidata,
+            msiaddr,
+        },
+        Stop::Trap { slot, cmd } => Stop::Trap {
+            slot: slot + k,
+            cmd,
+        },
+        Stop::Refused {
+            slot,
+            cerror,
+            reason,
+        } => Stop::Refused {
+            slot: slot + k,
+            cerror,
+            reason,
+        },
+        s => s,
+    };
+    BatchEnd {
+        consumed: k + b.consumed,
+        produced: a.produced + b.produced,
+        stop,
     }
 }
 
-/// Publishes commands the caller made room for.
+/// Element `j` of two runs taken as one sequence.
 #[inline]
-fn publish<Q: PhysicalQueue>(producer: &mut Q, cmds: &[RawCommand]) -> u64 {
-    match producer.publish(cmds) {
-        Ok(pos) => pos,
-        // `serve` takes no more guest entries than the queue has free slots, and each becomes at
-        // most one physical entry.
-        Err(full) => unreachable!("physical queue full despite the room check: {full:?}"),
+fn at<'s, T>(head: &'s mut [T], tail: &'s mut [T], j: usize) -> &'s mut T {
+    match j.checked_sub(head.len()) {
+        None => &mut head[j],
+        Some(k) => &mut tail[k],
     }
 }
 

@@ -14,7 +14,7 @@
 //!
 //! The tables are built from the scalar rules, so the two cannot disagree on what a rule says.
 
-use super::{forwards, Rule, SimdRow, SimdTables, NUM_SCALE_MASK};
+use super::{forwards, patch_sids, Rule, SimdTables, NUM_SCALE_MASK, SID_BLOCK};
 use crate::command::RawCommand;
 use core::arch::x86_64::*;
 
@@ -24,6 +24,7 @@ pub(super) fn avx512_detected() -> bool {
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vl")
         && is_x86_feature_detected!("avx512vbmi")
+        && is_x86_feature_detected!("bmi2")
 }
 
 /// The CPU features the AVX2 kernel uses.
@@ -44,7 +45,7 @@ fn ld512<T>(t: &[T]) -> __m512i {
 
 /// Forwards commands from the start of `input` while each is forwarded as it is, input i to
 /// output i, with `base + i` as its provenance; returns how many. Four commands per step.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,bmi2")]
 // The scalar `forwards` arguments, plus the tables.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn forwards_avx512(
@@ -73,48 +74,76 @@ pub(super) fn forwards_avx512(
     let one = _mm512_set1_epi64(1);
     let sid_flag = _mm512_set1_epi64(i64::from(SimdTables::SID));
     let lanes = _mm_set_epi32(3, 2, 1, 0);
+    let four = _mm_set1_epi32(4);
+    let basev = _mm_set1_epi32(base as i32);
 
+    // Positions of the SID commands written with their vSID still in place, patched by
+    // `patch_sids` after the groups that hold them: a branch per lane on whether it is a SID
+    // command mispredicted on a guest's mix (a third of them, in no order a predictor learns:
+    // 2.5 ns a command on a long random mix, against 0.2 ns on the 4,096 commands a
+    // benchmark repeats), while this list's loop mispredicts once per flush.
+    let mut sids = [0u32; SID_BLOCK + 4];
+    let whole = len - len % 4;
     let mut n = 0;
-    for ((cmds, o), p) in input[..len]
-        .chunks_exact(4)
-        .zip(out.chunks_exact_mut(4))
-        .zip(prov.chunks_exact_mut(4))
-    {
-        let x = ld512(cmds);
-        // Each command's class (byte 0 of its d0 lane; opcode bit 7 is a rejected bit), then
-        // `class * 2 + word` in every lane: the index into the per-class tables.
-        let c = _mm512_permutex2var_epi8(cls_lo, x, cls_hi);
-        let idx = _mm512_or_si512(_mm512_unpacklo_epi64(c, c), odd);
-        let reject = _mm512_permutex2var_epi64(rej_lo, idx, rej_hi);
-        // The value checks: bit `SIZE` (d0 lane) and bit `TG << 2 | TTL | NUM/SCALE << 4`
-        // (d1 lane) of the class's table of invalid values. Class 0 (not a plain forward) has
-        // every bit set.
-        let d1 = _mm512_unpackhi_epi64(x, x);
-        let v = _mm512_and_si512(_mm512_srlv_epi64(d1, shifts), fields);
-        let ns = _mm512_test_epi64_mask(x, num_scale) << 1;
-        let v = _mm512_mask_or_epi64(v, ns, v, sixteen);
-        let invalid = _mm512_srlv_epi64(_mm512_permutex2var_epi64(bad_lo, idx, bad_hi), v);
-        let bad = _mm512_test_epi64_mask(x, reject) | _mm512_test_epi64_mask(invalid, one);
-        if bad != 0 {
-            break;
-        }
-        let sid = _mm512_mask_test_epi64_mask(0x55, idx, sid_flag);
-        assert!(o.len() == 4 && p.len() == 4);
-        if sid == 0 {
+    while n < whole {
+        let end = whole.min(n + SID_BLOCK);
+        let (mut cnt, mut stopped) = (0, false);
+        let mut at = _mm_add_epi32(_mm_set1_epi32(n as i32), lanes);
+        for ((cmds, o), p) in input[n..end]
+            .chunks_exact(4)
+            .zip(out[n..end].chunks_exact_mut(4))
+            .zip(prov[n..end].chunks_exact_mut(4))
+        {
+            let x = ld512(cmds);
+            // Each command's class (byte 0 of its d0 lane; opcode bit 7 is a rejected bit),
+            // then `class * 2 + word` in every lane: the index into the per-class tables.
+            let c = _mm512_permutex2var_epi8(cls_lo, x, cls_hi);
+            let idx = _mm512_or_si512(_mm512_unpacklo_epi64(c, c), odd);
+            let reject = _mm512_permutex2var_epi64(rej_lo, idx, rej_hi);
+            // The value checks: bit `SIZE` (d0 lane) and bit `TG << 2 | TTL | NUM/SCALE << 4`
+            // (d1 lane) of the class's table of invalid values. Class 0 (not a plain forward)
+            // has every bit set.
+            let d1 = _mm512_unpackhi_epi64(x, x);
+            let v = _mm512_and_si512(_mm512_srlv_epi64(d1, shifts), fields);
+            let ns = _mm512_test_epi64_mask(x, num_scale) << 1;
+            let v = _mm512_mask_or_epi64(v, ns, v, sixteen);
+            let invalid = _mm512_srlv_epi64(_mm512_permutex2var_epi64(bad_lo, idx, bad_hi), v);
+            let bad = _mm512_test_epi64_mask(x, reject) | _mm512_test_epi64_mask(invalid, one);
+            if bad != 0 {
+                stopped = true;
+                break;
+            }
+            assert!(o.len() == 4 && p.len() == 4);
             let patch = _mm512_permutex2var_epi64(pat_lo, idx, pat_hi);
-            // VMID where the class has one (0xCA: patch ? vmid : x).
+            // VMID where the class has one (0xCA: patch ? vmid : x); a SID command's class
+            // patches nothing, so its vSID stays for `patch_sids`.
             let y = _mm512_ternarylogic_epi64(patch, vmidv, x, 0xca);
             // SAFETY: AVX512F was detected before this kernel was selected; `o` is 4
             // commands, 64 writable bytes (asserted), and `storeu` needs no alignment.
             unsafe { _mm512_storeu_si512(o.as_mut_ptr().cast(), y) };
-            let at = _mm_add_epi32(_mm_set1_epi32((base as usize + n) as i32), lanes);
+            let tags = _mm_add_epi32(at, basev);
             // SAFETY: SSE2 is part of x86_64; `p` is 4 u32s, 16 writable bytes (asserted).
-            unsafe { _mm_storeu_si128(p.as_mut_ptr().cast(), at) };
-        } else if let Err(lane) = write_lanes(rules, vmid, cmds, o, p, sid, base + n as u32, lookup)
-        {
-            return n + lane;
+            unsafe { _mm_storeu_si128(p.as_mut_ptr().cast(), tags) };
+            // The SID lanes' positions (bit `2 * lane`: the d0 lanes), appended without a
+            // branch. A block lists 64 at most, so `cnt + 4` fits.
+            let sid = _pext_u32(
+                u32::from(_mm512_mask_test_epi64_mask(0x55, idx, sid_flag)),
+                0x55,
+            );
+            let packed = _mm_maskz_compress_epi32(sid as __mmask8, at);
+            let slot = &mut sids[cnt..cnt + 4];
+            // SAFETY: SSE2; `slot` is 4 u32s, 16 writable bytes.
+            unsafe { _mm_storeu_si128(slot.as_mut_ptr().cast(), packed) };
+            cnt += sid.count_ones() as usize;
+            at = _mm_add_epi32(at, four);
+            n += 4;
         }
-        n += 4;
+        if let Err(j) = patch_sids(&sids[..cnt], out, lookup) {
+            return j;
+        }
+        if stopped {
+            break;
+        }
     }
     n + forwards(
         rules,
@@ -122,51 +151,9 @@ pub(super) fn forwards_avx512(
         &input[n..len],
         &mut out[n..len],
         &mut prov[n..len],
-        base + n as u32,
+        base.wrapping_add(n as u32),
         lookup,
     )
-}
-
-/// Writes a group that passed the vector checks lane by lane, as the scalar loop writes a
-/// forward, without the checks: a SID command (bit `2 * lane` of `sid`) with its vSID looked
-/// up, any other with its VMID; provenance from `first` on. `Err(lane)`: that lane's vSID is not
-/// bound (the lanes before it are written).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn write_lanes(
-    rules: &[Rule; 256],
-    vmid: u64,
-    cmds: &[RawCommand],
-    out: &mut [RawCommand],
-    prov: &mut [u32],
-    sid: u8,
-    first: u32,
-    lookup: &impl Fn(u32) -> Option<u32>,
-) -> Result<(), usize> {
-    for (lane, ((cmd, o), p)) in cmds.iter().zip(out).zip(prov).enumerate() {
-        let (d0, d1) = (cmd.d0(), cmd.d1());
-        let o0 = if sid & (1 << (2 * lane)) != 0 {
-            let psid = lookup((d0 >> 32) as u32).ok_or(lane)?;
-            d0 & 0xffff_ffff | u64::from(psid) << 32
-        } else {
-            let m = rules[usize::from(d0 as u8)].vmid_mask;
-            (d0 & !m) | (vmid & m)
-        };
-        *o = RawCommand::new(o0, d1);
-        *p = first + lane as u32;
-    }
-    Ok(())
-}
-
-/// d0 of a checked forward of row `r`: with its pSID (`None`: the vSID is not bound) or its
-/// VMID.
-#[inline(always)]
-fn patched(d0: u64, r: &SimdRow, vmid: u64, lookup: &impl Fn(u32) -> Option<u32>) -> Option<u64> {
-    if r.sid != 0 {
-        let psid = lookup((d0 >> 32) as u32)?;
-        return Some(d0 & 0xffff_ffff | u64::from(psid) << 32);
-    }
-    Some((d0 & !r.patch[0]) | (vmid & r.patch[0]))
 }
 
 /// 16 bytes of `t` as a vector.
@@ -206,55 +193,64 @@ pub(super) fn forwards_avx2(
     let num_scale = _mm256_set_epi64x(ns_mask, 0, ns_mask, 0);
     let sixteen = _mm256_set_epi64x(16, 0, 16, 0);
 
+    let mut sids = [0u32; SID_BLOCK];
+    let whole = len - len % 2;
     let mut n = 0;
-    for ((cmds, o), p) in input[..len]
-        .chunks_exact(2)
-        .zip(out.chunks_exact_mut(2))
-        .zip(prov.chunks_exact_mut(2))
-    {
-        let (a, b) = (&cmds[0], &cmds[1]);
-        let ra = &t.rows[usize::from(t.class[usize::from(a.d0() as u8)] & 7)];
-        let rb = &t.rows[usize::from(t.class[usize::from(b.d0() as u8)] & 7)];
-        assert!(cmds.len() == 2 && o.len() == 2 && p.len() == 2);
-        // SAFETY: AVX2 was detected before this kernel was selected; `cmds` is 2 commands,
-        // 32 readable bytes (asserted), and `loadu` needs no alignment.
-        let x = unsafe { _mm256_loadu_si256(cmds.as_ptr().cast()) };
-        let reject = pair(&ra.reject, &rb.reject);
-        // The value checks, as in the AVX-512 kernel; NUM/SCALE is tested on a copy of d0 in
-        // the d1 lane.
-        let d1 = _mm256_unpackhi_epi64(x, x);
-        let v = _mm256_and_si256(_mm256_srlv_epi64(d1, shifts), fields);
-        let d0 = _mm256_unpacklo_epi64(x, x);
-        let no_ns = _mm256_cmpeq_epi64(_mm256_and_si256(d0, num_scale), _mm256_setzero_si256());
-        let v = _mm256_or_si256(v, _mm256_andnot_si256(no_ns, sixteen));
-        let invalid = _mm256_srlv_epi64(pair(&ra.bad, &rb.bad), v);
-        // Bit 0 of `invalid` moved to bit 63, so that one test covers both checks.
-        let bad = _mm256_or_si256(
-            _mm256_and_si256(x, reject),
-            _mm256_slli_epi64::<63>(invalid),
-        );
-        if _mm256_testz_si256(bad, bad) == 0 {
-            break;
-        }
-        if ra.sid | rb.sid == 0 {
-            // VMID where the rule has one (the patch mask's bytes are all ones there).
+    while n < whole {
+        let end = whole.min(n + SID_BLOCK);
+        let (mut cnt, mut stopped) = (0, false);
+        for ((cmds, o), p) in input[n..end]
+            .chunks_exact(2)
+            .zip(out[n..end].chunks_exact_mut(2))
+            .zip(prov[n..end].chunks_exact_mut(2))
+        {
+            let (a, b) = (&cmds[0], &cmds[1]);
+            let ra = &t.rows[usize::from(t.class[usize::from(a.d0() as u8)] & 7)];
+            let rb = &t.rows[usize::from(t.class[usize::from(b.d0() as u8)] & 7)];
+            assert!(cmds.len() == 2 && o.len() == 2 && p.len() == 2);
+            // SAFETY: AVX2 was detected before this kernel was selected; `cmds` is 2 commands,
+            // 32 readable bytes (asserted), and `loadu` needs no alignment.
+            let x = unsafe { _mm256_loadu_si256(cmds.as_ptr().cast()) };
+            let reject = pair(&ra.reject, &rb.reject);
+            // The value checks, as in the AVX-512 kernel; NUM/SCALE is tested on a copy of d0
+            // in the d1 lane.
+            let d1 = _mm256_unpackhi_epi64(x, x);
+            let v = _mm256_and_si256(_mm256_srlv_epi64(d1, shifts), fields);
+            let d0 = _mm256_unpacklo_epi64(x, x);
+            let zero = _mm256_setzero_si256();
+            let no_ns = _mm256_cmpeq_epi64(_mm256_and_si256(d0, num_scale), zero);
+            let v = _mm256_or_si256(v, _mm256_andnot_si256(no_ns, sixteen));
+            let invalid = _mm256_srlv_epi64(pair(&ra.bad, &rb.bad), v);
+            // Bit 0 of `invalid` moved to bit 63, so that one test covers both checks.
+            let bad = _mm256_or_si256(
+                _mm256_and_si256(x, reject),
+                _mm256_slli_epi64::<63>(invalid),
+            );
+            if _mm256_testz_si256(bad, bad) == 0 {
+                stopped = true;
+                break;
+            }
+            // VMID where the rule has one (the patch mask's bytes are all ones there); a SID
+            // command's rule patches nothing, so its vSID stays for `patch_sids`.
             let y = _mm256_blendv_epi8(x, vmidv, pair(&ra.patch, &rb.patch));
             // SAFETY: AVX2 was detected before this kernel was selected; `o` is 2 commands,
             // 32 writable bytes (asserted), and `storeu` needs no alignment.
             unsafe { _mm256_storeu_si256(o.as_mut_ptr().cast(), y) };
-        } else {
-            // As in the AVX-512 kernel: lane by lane, the vSIDs looked up.
-            for (lane, (cmd, r)) in [(a, ra), (b, rb)].into_iter().enumerate() {
-                let Some(o0) = patched(cmd.d0(), r, vmid, lookup) else {
-                    return n + lane;
-                };
-                o[lane] = RawCommand::new(o0, cmd.d1());
-                p[lane] = base + (n + lane) as u32;
-            }
+            p[0] = base.wrapping_add(n as u32);
+            p[1] = base.wrapping_add(n as u32 + 1);
+            // The SID commands' positions, appended without a branch (as the AVX-512 kernel).
+            sids[cnt] = n as u32;
+            cnt += usize::from(ra.sid != 0);
+            sids[cnt] = n as u32 + 1;
+            cnt += usize::from(rb.sid != 0);
+            n += 2;
         }
-        p[0] = base + n as u32;
-        p[1] = base + n as u32 + 1;
-        n += 2;
+        if let Err(j) = patch_sids(&sids[..cnt], out, lookup) {
+            return j;
+        }
+        if stopped {
+            break;
+        }
     }
     n + forwards(
         rules,
@@ -262,7 +258,7 @@ pub(super) fn forwards_avx2(
         &input[n..len],
         &mut out[n..len],
         &mut prov[n..len],
-        base + n as u32,
+        base.wrapping_add(n as u32),
         lookup,
     )
 }
