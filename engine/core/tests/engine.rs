@@ -585,3 +585,63 @@ fn unset_dev_id_waits_for_a_batch_translated_with_the_binding_but_not_yet_publis
         .collect();
     assert_eq!(atc, vec![c("ATC_INV sid=0x800 size=0")]);
 }
+
+/// A guest's batch (commands and the CMD_SYNC that ends it, posted with one PROD store) goes to
+/// the physical queue as one batch: its commands and the physical CMD_SYNC behind them, one
+/// PROD store, not the commands and then the sync alone. Past `batch_limit` forwarded
+/// commands a batch closes, and the next carries the rest and the sync.
+#[test]
+fn a_guest_batch_and_its_cmd_sync_go_out_as_one_physical_batch() {
+    let (hwcfg, log) = hw(&[5], &[0x800]);
+    let engine = TestEngine::with_model(
+        EngineConfig {
+            workers: 1,
+            batch_limit: 64,
+            audit: true,
+            ..Default::default()
+        },
+        Model::with(hwcfg),
+    );
+    engine.devices().add_device(DeviceId(1), 0, 0x800).unwrap();
+    let v = engine.create_viommu(ViommuConfig::new(1, 5, 0)).unwrap();
+    v.set_dev_id(DeviceId(1), 0x10).unwrap();
+    let (mut guest, host) = heap_pair(8, 1).unwrap();
+    engine.attach_ring(host).unwrap();
+    let batch = |n: usize| -> Vec<RawCommand> {
+        let mut cmds: Vec<RawCommand> = (0..n)
+            .map(|i| c(&format!("TLBI_NH_ASID asid={i}")))
+            .collect();
+        cmds.push(c("CMD_SYNC"));
+        cmds
+    };
+    assert_eq!(guest.submit(&batch(64)), 65);
+    guest.wait_syncs(1, T).unwrap();
+    // The worker publishes its counters after the pass that signalled the sync.
+    engine.until("the counters show the first batch", || {
+        engine.stats().phys_syncs == 1
+    });
+    let s = engine.stats();
+    assert_eq!(
+        (s.batches, s.forwarded, s.phys_syncs),
+        (1, 64, 1),
+        "64 commands and their CMD_SYNC in one physical batch"
+    );
+    assert_eq!(guest.submit(&batch(100)), 101);
+    guest.wait_syncs(2, T).unwrap();
+    engine.until("the counters show the second sync", || {
+        engine.stats().phys_syncs == 2
+    });
+    let s = engine.stats();
+    assert_eq!(
+        (s.batches, s.forwarded, s.phys_syncs),
+        (3, 164, 2),
+        "100 commands: 64, then 36 and the CMD_SYNC"
+    );
+    engine.shutdown();
+    let log = log.lock().unwrap();
+    assert_eq!(log.len(), 166);
+    let syncs: Vec<usize> = (0..log.len())
+        .filter(|&i| log[i] == common::PHYS_SYNC)
+        .collect();
+    assert_eq!(syncs, [64, 165]);
+}

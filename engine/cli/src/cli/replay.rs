@@ -49,7 +49,8 @@ pub struct ReplayArgs {
     /// Engine workers (translating threads).
     #[arg(long, default_value_t = 1)]
     workers: usize,
-    /// The engine's cap: guest entries per batch at most (`--batch` is a retired spelling).
+    /// The engine's cap: commands forwarded per batch (one PROD store) at most (`--batch` is
+    /// a retired spelling).
     #[arg(long = "batch-limit", alias = "batch", default_value_t = 64)]
     batch: usize,
     /// Also show the outcomes of each vIOMMU.

@@ -74,7 +74,7 @@ pub struct ServeArgs {
     /// Translating threads, each with its own physical queue [default: 1].
     #[arg(long)]
     workers: Option<usize>,
-    /// The engine's cap: guest entries per batch at most [default: 64].
+    /// The engine's cap: commands forwarded per batch (one PROD store) at most [default: 64].
     #[arg(long = "batch-limit", alias = "batch")]
     batch_limit: Option<usize>,
     /// Guest entries taken from one ring per pass, and of its entries in a physical queue, at

@@ -50,7 +50,8 @@ pub struct SoakArgs {
     /// Where the hardware model runs.
     #[arg(long, value_enum, default_value_t = Hardware::Inline)]
     hardware: Hardware,
-    /// The engine's cap: guest entries per batch at most (`--batch` is a retired spelling).
+    /// The engine's cap: commands forwarded per batch (one PROD store) at most (`--batch` is
+    /// a retired spelling).
     #[arg(long = "batch-limit", alias = "batch", default_value_t = 64)]
     batch: usize,
     /// About one physical fault every this many physical positions (0: none).

@@ -11,9 +11,11 @@
 //!
 //! One pass of a worker, per ring: read PROD once and copy up to the ring budget (bounded by the
 //! physical free space: each guest entry becomes at most one physical entry, and by what is left
-//! of the ring's budget of physical entries in flight), translate the copy
-//! in batches of at most `batch_limit` under one grace-period pin, publish each batch with one
-//! PROD store, and queue a pending record per batch: the physical position that must be
+//! of the ring's budget of physical entries in flight), translate the copy under one
+//! grace-period pin straight into the physical slots after PROD (each slot's provenance beside
+//! it), in batches that end at a guest CMD_SYNC, a trapped or refused entry, or `batch_limit`
+//! commands forwarded, publish each batch with one PROD store, and queue a pending record per
+//! batch: the physical position that must be
 //! consumed before the guest's CONS may pass the batch, and what to do then (signal the guest's
 //! CMD_SYNC, stop the ring with CONS.ERR, hand a trapped command to the control plane). A batch
 //! that ends in a guest CMD_SYNC gets one physical CMD_SYNC; no other batch needs one, since a
@@ -60,8 +62,9 @@ pub struct RingId(pub u32);
 pub struct EngineConfig {
     /// Translating threads, each with its own physical queue.
     pub workers: usize,
-    /// Guest entries translated and published as one batch at most (a guest CMD_SYNC closes a
-    /// batch early).
+    /// Commands forwarded with one PROD store at most, besides the physical CMD_SYNC of a batch
+    /// that ends in a guest CMD_SYNC (a guest CMD_SYNC, a trapped or a refused command closes
+    /// a batch early).
     pub batch_limit: usize,
     /// Guest entries taken from one ring per pass at most, and physical entries of one ring
     /// waiting in its physical queue at most: a flooding guest gets its share and no more, even

@@ -1258,3 +1258,73 @@ fn every_opcode_forwarded_as_it_is_has_a_simd_class() {
         assert!(!classes.is_empty());
     }
 }
+
+/// `translate_numbered` numbers input i as `first + i`, wrapping past `u32::MAX` (the engine
+/// numbers by guest sequence number), with every kernel and through the SIMD groups, the
+/// scalar tail and the policy step (a TLBI_NSNH_ALL); the outcome is `translate`'s.
+#[test]
+fn numbered_provenance_wraps_past_u32_max_with_every_kernel() {
+    let v = kernel();
+    let mut input: Vec<RawCommand> = (0..70)
+        .map(|i| match i % 3 {
+            0 => cmd("TLBI_NH_ASID asid=3"),
+            1 => cmd("ATC_INV sid=0x10 size=52"),
+            _ => cmd("CFGI_CD sid=0x11"),
+        })
+        .collect();
+    input.insert(9, cmd("TLBI_NSNH_ALL"));
+    let first = u32::MAX - 4;
+    each_kernel(|| {
+        let (mut out, mut prov) = ([RawCommand::default(); 80], [0u32; 80]);
+        let plain = translate(&v, &input, &mut out, &mut prov);
+        let want = out;
+        let end = translate_numbered(&v, &input, first, &mut out, &mut prov);
+        assert_eq!(end, plain);
+        assert_eq!(end.produced, input.len(), "all forwarded");
+        assert_eq!(out[..end.produced], want[..end.produced]);
+        for (i, &p) in prov[..end.produced].iter().enumerate() {
+            assert_eq!(p, first.wrapping_add(i as u32), "input {i}");
+        }
+    });
+}
+
+/// A SID command with an unbound vSID after the first block of 64 (where the kernels patch
+/// SIDs a block at a time) ends the forwards exactly there: everything before it forwarded
+/// and patched, the slot refused with the oracle's reason, with every kernel.
+#[test]
+fn an_unbound_vsid_past_the_first_block_stops_at_its_slot_with_every_kernel() {
+    let v = kernel();
+    let mut input: Vec<RawCommand> = (0..100)
+        .map(|i| {
+            if i % 2 == 0 {
+                cmd("ATC_INV sid=0x11 size=52")
+            } else {
+                cmd("TLBI_NH_VA asid=1 addr=0x1000")
+            }
+        })
+        .collect();
+    input[77] = cmd("ATC_INV sid=0x12 size=52");
+    let map: HashMap<u32, u32> = v
+        .bindings()
+        .into_iter()
+        .map(|(_, vs, ps)| (vs, ps))
+        .collect();
+    let slow = oracle::translate_all(v.config(), &map, &input, false);
+    each_kernel(|| {
+        let (mut out, mut prov) = ([RawCommand::default(); 100], [0u32; 100]);
+        let end = translate(&v, &input, &mut out, &mut prov);
+        assert_eq!(end.produced, 77);
+        assert!(
+            matches!(end.stop, Stop::Refused { slot: 77, .. }),
+            "{:?}",
+            end.stop
+        );
+        let fast: Vec<SlotOutcome> = end.outcomes(&out, &prov).collect();
+        assert_eq!(fast[..], slow[..78]);
+        assert_eq!(
+            out[76].d0() >> 32,
+            0x801,
+            "the last SID before it has its pSID"
+        );
+    });
+}

@@ -4,10 +4,11 @@
 //! AVX-512, 2 with AVX2): one mask test of every lane against its opcode's rejected bits (RES0,
 //! SSEC, what the physical SMMU lacks) and the value checks as one variable shift into a table
 //! of invalid values (ATC_INV's SIZE, the range encoding of TLBI_NH_VA/VAA), for every lane at
-//! once. A group of TLBIs is then patched with one VMID blend and stored with one vector store.
-//! A group with a SID command (ATC_INV, CFGI_CD, CFGI_CD_ALL) is written lane by lane, each
-//! vSID looked up in the radix table (scalar): a vector store followed by the SID lanes' own
-//! stores to the same lines measured slower than the scalar loop. A group with any lane that
+//! once. Every group is then patched with one VMID blend and stored with one vector store; a SID
+//! command (ATC_INV, CFGI_CD, CFGI_CD_ALL) keeps its vSID there, and its position goes on a list
+//! without a branch. After a block of groups the listed commands get their pSIDs from the radix
+//! table (scalar, [`patch_sids`](super::patch_sids)): a branch per lane on whether it is a SID
+//! command mispredicted on a guest's random mix. A group with any lane that
 //! is not a plain forward (another opcode, a failed check) goes to the scalar loop, which stops
 //! at that lane with the outcome it would have had alone; so do the last commands of a batch
 //! that do not fill a group, and an unbound vSID ends the forwards at its lane.
