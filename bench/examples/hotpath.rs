@@ -1,9 +1,13 @@
 //! A fixed amount of hot-path work for a profiler (`valgrind --tool=callgrind`, `perf record`):
 //! `hotpath translate [N [KERNEL]]` runs N commands of a guest's mix through `translate` as a
 //! worker does (pin per 256, batches of 64), with the widest kernel the CPU has or KERNEL
-//! (`scalar`, `avx2`, `avx512`; valgrind's CPU has no AVX-512); `hotpath e2e RINGS BATCH [N]` runs N commands through
-//! the end-to-end vcmdq pipeline (`vcmdq_bench::e2e`), `e2e-copy` and `e2e-naive` through its
-//! baselines, `e2e-vmm` through vcmdq with the rings in guest RAM behind register pages.
+//! (`scalar`, `avx2`, `avx512`; valgrind's CPU has no AVX-512), over an input of `LEN` (65,536
+//! unless the environment says) commands round and round: a branch predictor learns a few
+//! thousand commands repeated, so a short `LEN` measures a stream no guest sends;
+//! `translate-atc` and `translate-tlbi` run only ATC_INVs or only TLBIs. `hotpath e2e RINGS
+//! BATCH [N]` runs N commands through the end-to-end vcmdq pipeline (`vcmdq_bench::e2e`),
+//! `e2e-copy` and `e2e-naive` through its baselines, `e2e-vmm` through vcmdq with the rings in
+//! guest RAM behind register pages.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -34,8 +38,7 @@ fn main() {
             let mut rng = Rng::new(16);
             let keys = vsids(16, true, 24, &mut rng);
             let len = std::env::var("LEN")
-                .map(|v| v.parse().unwrap())
-                .unwrap_or(4096);
+                .map_or(65_536, |v| v.parse().expect("LEN: a number of commands"));
             let input = match which {
                 "translate-atc" => vcmdq_bench::atc_only(len, &keys, &mut rng),
                 "translate-tlbi" => guest_mix(len * 2, &keys, &mut rng)
@@ -48,14 +51,6 @@ fn main() {
                     .take(len)
                     .collect(),
                 _ => guest_mix(len, &keys, &mut rng),
-            };
-            let input: Vec<RawCommand> = if std::env::var("SYNC").is_ok() {
-                input
-                    .chunks(64)
-                    .flat_map(|c| c.iter().copied().chain([RawCommand::new(0x46, 0)]))
-                    .collect()
-            } else {
-                input
             };
             let grace = GraceDomain::new();
             let devices = Devices::new();
@@ -116,7 +111,8 @@ fn main() {
             );
         }
         _ => eprintln!(
-            "usage: hotpath translate [N] | hotpath e2e|e2e-copy|e2e-naive|e2e-vmm RINGS BATCH [N]"
+            "usage: [LEN=n] hotpath translate|translate-atc|translate-tlbi [N [KERNEL]] | \
+             hotpath e2e|e2e-copy|e2e-naive|e2e-vmm RINGS BATCH [N]"
         ),
     }
 }

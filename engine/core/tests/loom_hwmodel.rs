@@ -68,6 +68,43 @@ fn publish_two_batches_through_a_two_entry_queue() {
     });
 }
 
+/// The worker's publication: reserve the slots after PROD, write them one by one (the
+/// translation writes them as it goes), commit with one PROD store; then the same slots again
+/// once CONS has passed them. The consumer never sees a slot before the commit that covers it,
+/// nor the second round's command in place of the first's. Under loom the reservation is
+/// written with the slots' Relaxed stores (`Slots::into_runs_mut` lends no plain memory over
+/// loom's atomics); the plain stores of the real path are checked under miri by
+/// `runs_mut_stores_reach_a_consumer_on_another_thread` in `tests/hwmodel.rs`.
+#[test]
+fn reserve_write_and_commit_publish_a_batch_and_reuse_its_slots() {
+    loom::model(|| {
+        let want = vec![cmd(0), cmd(1), cmd(2), cmd(3)];
+        let (mut p, mut hw) = PhysQueue::new(1, expecting(want.clone())).unwrap();
+        let consumer = thread::spawn(move || {
+            while hw.position() < 4 {
+                if hw.step(4) == 0 {
+                    thread::yield_now();
+                }
+            }
+        });
+        for round in want.chunks(2) {
+            while p.room() < 2 {
+                thread::yield_now();
+            }
+            let slots = p.reserve(2).unwrap();
+            let slots = slots
+                .into_runs_mut()
+                .expect_err("loom's atomics are not lent");
+            for (i, c) in round.iter().enumerate() {
+                slots.write(i, *c);
+            }
+            p.commit(2).unwrap();
+        }
+        consumer.join().unwrap();
+        assert_eq!(p.consumed(), 4);
+    });
+}
+
 /// The completion path of an error: the hardware stops on CERROR_ILL, the producer sees the
 /// flag, reads CONS and the failing command, overwrites it with a CMD_SYNC and acknowledges;
 /// the hardware must consume the CMD_SYNC, never the stale command.
