@@ -8,6 +8,11 @@
 //! consumed ([`PhysicalQueue::retract`]) and has the queue repaired and restarted
 //! ([`PhysicalQueue::recover`]).
 //!
+//! A queue whose `reserve` builds its [`Slots`] with [`Slots::reserved`] (it vouches that
+//! nothing else touches them until the commit) has them written as plain memory by the
+//! translation itself; one built with [`Slots::of_ring`] gets each command stored separately
+//! from a worker buffer. Both are correct; the first saves a copy per command.
+//!
 //! Positions are free-running u64 counts of entries since the queue was made: the worker keeps
 //! provenance by position, and a CMD_SYNC at position `p` has completed once
 //! [`PhysicalQueue::consumed`] is above `p`.
