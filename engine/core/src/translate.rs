@@ -33,6 +33,7 @@
 use crate::command::{opcode, RawCommand, LAYOUTS};
 use crate::queue::CError;
 use crate::viommu::{Profile, SmmuFeatures, Viommu, ViommuConfig, WithLookup};
+use std::sync::{Arc, Mutex, Weak};
 
 /// Why a command was refused. Every refusal is CERROR_ILL at that slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -393,24 +394,46 @@ const F_FORWARD: u8 = 1;
 /// SID is a vSID to replace with its pSID.
 const F_SID: u8 = 16;
 
-/// The translation rules of one vIOMMU: its profile on its physical SMMU, one `Rule` per
+/// The translation rules of a vIOMMU: its profile on its physical SMMU, one `Rule` per
 /// opcode, the same rules as tables for the SIMD kernels, and the kernel this CPU runs. Built
-/// once when the vIOMMU is created.
+/// when a vIOMMU with a new profile, range invalidation setting and SMMU is created, and shared
+/// by every vIOMMU with the same three ([`RuleTable::for_config`]).
 pub struct RuleTable {
     rules: [Rule; 256],
     simd: SimdTables,
     kernel: Kernel,
 }
 
+/// What a [`RuleTable`] is built from: all of a vIOMMU's configuration that the rules read.
+type RuleKey = (Profile, bool, SmmuFeatures);
+
 impl RuleTable {
-    /// The rules for a vIOMMU configured as `cfg`.
-    pub(crate) fn new(cfg: &ViommuConfig) -> Box<RuleTable> {
+    /// The rules for a vIOMMU configured as `cfg`: the table of every live vIOMMU with the same
+    /// profile, range invalidation and physical SMMU features, or a new one. Shared because a
+    /// worker serving many guests (a vIOMMU each, mostly alike) would otherwise walk a table
+    /// of its own per guest, 9 KiB each, which fall out of the caches between batches: with
+    /// 256 rings on 256 vIOMMUs they did. Control plane only (a lock and, the first time, an
+    /// allocation).
+    pub(crate) fn for_config(cfg: &ViommuConfig) -> Arc<RuleTable> {
+        static SHARED: Mutex<Vec<(RuleKey, Weak<RuleTable>)>> = Mutex::new(Vec::new());
+        let key = (cfg.profile, cfg.range_inv, cfg.features);
+        let mut shared = crate::sync::lock(&SHARED);
+        shared.retain(|(_, t)| t.strong_count() > 0);
+        if let Some(t) = shared
+            .iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, t)| t.upgrade())
+        {
+            return t;
+        }
         let rules = rules(cfg.profile, cfg.range_inv, &cfg.features);
-        Box::new(RuleTable {
+        let t = Arc::new(RuleTable {
             simd: SimdTables::new(&rules),
             rules,
             kernel: Kernel::best(),
-        })
+        });
+        shared.push((key, Arc::downgrade(&t)));
+        t
     }
 }
 

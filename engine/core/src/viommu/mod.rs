@@ -629,8 +629,9 @@ impl Devices {
 /// One VM's view of one physical SMMU.
 pub struct Viommu {
     cfg: ViommuConfig,
-    /// The translation rules for this vIOMMU's profile and SMMU, built once.
-    rules: Box<crate::translate::RuleTable>,
+    /// The translation rules for this vIOMMU's profile and SMMU, shared with every vIOMMU
+    /// configured alike.
+    rules: std::sync::Arc<crate::translate::RuleTable>,
     table: SidTable,
     devices: Arc<Devices>,
     grace: Arc<GraceDomain>,
@@ -670,7 +671,7 @@ impl Viommu {
         }
         Ok(Viommu {
             cfg,
-            rules: crate::translate::RuleTable::new(&cfg),
+            rules: crate::translate::RuleTable::for_config(&cfg),
             table,
             devices,
             grace,

@@ -817,3 +817,56 @@ fn removing_a_bound_device_is_an_unbind_barrier() {
     assert_eq!(remover.join().unwrap(), Ok(0x10));
     assert_eq!(h.devices.get(DeviceId(0)), None);
 }
+
+/// vIOMMUs configured alike (profile, range invalidation, SMMU features) share one rule table,
+/// whatever their VMID, SIDSIZE or SMMU; one that differs in any of the three gets its own, and
+/// translates by its own rules with its own VMID.
+#[test]
+fn viommus_configured_alike_share_one_rule_table() {
+    let h = Host::new();
+    let a = h.viommu(1, 5, SMMU, 16);
+    let b = h.viommu(2, 6, OTHER_SMMU, 20);
+    assert!(std::ptr::eq(a.rules(), b.rules()), "same profile and SMMU");
+    let mk = |id, cfg: ViommuConfig| Viommu::new(cfg, h.devices.clone(), h.grace.clone());
+    let tegra = mk(
+        3,
+        ViommuConfig {
+            profile: Profile::Tegra241,
+            tegra241_sid_slots: 8,
+            ..ViommuConfig::new(3, 7, SMMU)
+        },
+    )
+    .unwrap();
+    let no_ril = mk(
+        4,
+        ViommuConfig::new(4, 8, SMMU).with_smmu(SmmuFeatures {
+            ril: false,
+            ..SmmuFeatures::ANY
+        }),
+    )
+    .unwrap();
+    for other in [&tegra, &no_ril] {
+        assert!(!std::ptr::eq(a.rules(), other.rules()));
+    }
+    let tlbi = RawCommand::new(u64::from(opcode::TLBI_NH_ALL) | 0x1234 << 32, 0);
+    let (mut out, mut prov) = ([RawCommand::default(); 1], [0u32; 1]);
+    for (v, vmid) in [(&a, 5u64), (&b, 6)] {
+        assert_eq!(translate(v, &[tlbi], &mut out, &mut prov).produced, 1);
+        assert_eq!(
+            out[0].d0() >> 32,
+            vmid,
+            "the VMID is the vIOMMU's, not the table's"
+        );
+    }
+    assert_eq!(
+        translate(&tegra, &[tlbi], &mut out, &mut prov).stop,
+        Stop::Refused {
+            slot: 0,
+            cerror: crate::queue::CError::Ill,
+            reason: crate::translate::RefuseReason::NotAllowedByProfile {
+                opcode: opcode::TLBI_NH_ALL
+            },
+        },
+        "tegra241 does not forward TLBI_NH_ALL"
+    );
+}
