@@ -827,15 +827,12 @@ fn viommus_configured_alike_share_one_rule_table() {
     let a = h.viommu(1, 5, SMMU, 16);
     let b = h.viommu(2, 6, OTHER_SMMU, 20);
     assert!(std::ptr::eq(a.rules(), b.rules()), "same profile and SMMU");
-    let mk = |id, cfg: ViommuConfig| Viommu::new(cfg, h.devices.clone(), h.grace.clone());
-    let tegra = mk(
-        3,
-        ViommuConfig {
-            profile: Profile::Tegra241,
-            tegra241_sid_slots: 8,
-            ..ViommuConfig::new(3, 7, SMMU)
-        },
-    )
+    let mk = |cfg: ViommuConfig| Viommu::new(cfg, h.devices.clone(), h.grace.clone());
+    let tegra = mk(ViommuConfig {
+        profile: Profile::Tegra241,
+        tegra241_sid_slots: 8,
+        ..ViommuConfig::new(3, 7, SMMU)
+    })
     .unwrap();
     let no_ril = mk(
         4,
