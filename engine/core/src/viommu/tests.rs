@@ -834,13 +834,10 @@ fn viommus_configured_alike_share_one_rule_table() {
         ..ViommuConfig::new(3, 7, SMMU)
     })
     .unwrap();
-    let no_ril = mk(
-        4,
-        ViommuConfig::new(4, 8, SMMU).with_smmu(SmmuFeatures {
-            ril: false,
-            ..SmmuFeatures::ANY
-        }),
-    )
+    let no_ril = mk(ViommuConfig::new(4, 8, SMMU).with_smmu(SmmuFeatures {
+        ril: false,
+        ..SmmuFeatures::ANY
+    }))
     .unwrap();
     for other in [&tegra, &no_ril] {
         assert!(!std::ptr::eq(a.rules(), other.rules()));
