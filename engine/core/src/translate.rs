@@ -397,7 +397,7 @@ const F_SID: u8 = 16;
 /// The translation rules of a vIOMMU: its profile on its physical SMMU, one `Rule` per
 /// opcode, the same rules as tables for the SIMD kernels, and the kernel this CPU runs. Built
 /// when a vIOMMU with a new profile, range invalidation setting and SMMU is created, and shared
-/// by every vIOMMU with the same three ([`RuleTable::for_config`]).
+/// by every vIOMMU with the same three (`RuleTable::for_config`).
 pub struct RuleTable {
     rules: [Rule; 256],
     simd: SimdTables,

@@ -11,6 +11,7 @@ use crate::sync::{lock, Backoff};
 use crate::translate::{translate_numbered, BatchEnd, Stop};
 use crate::viommu::{Reader, Viommu};
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::atomic::{fence, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -637,17 +638,29 @@ impl<Q: PhysicalQueue> Issuer<Q> {
                 (end, n)
             }
         };
-        let phys = if n > 0 {
-            let ring = r.id.0;
-            self.tag_ring[th.start..th.start + n.min(th.len())].fill(ring);
-            self.tag_ring[..n.saturating_sub(th.len())].fill(ring);
-            match self.producer.commit(n) {
-                Ok(pos) => pos,
-                Err(full) => unreachable!("physical queue full after its reservation: {full:?}"),
-            }
-        } else {
-            pos0
-        };
+        let phys = self.commit_batch(r.id.0, th, n, pos0);
+        self.count_batch(&end);
+        (end, pos0, phys)
+    }
+
+    /// Tags the `n` slots written from physical index `head.start` on (wrapping) with `ring`
+    /// and publishes them with one PROD store; the new free-running PROD (`pos0` for none).
+    #[inline]
+    fn commit_batch(&mut self, ring: u32, head: Range<usize>, n: usize, pos0: u64) -> u64 {
+        if n == 0 {
+            return pos0;
+        }
+        self.tag_ring[head.start..head.start + n.min(head.len())].fill(ring);
+        self.tag_ring[..n.saturating_sub(head.len())].fill(ring);
+        match self.producer.commit(n) {
+            Ok(pos) => pos,
+            Err(full) => unreachable!("physical queue full after its reservation: {full:?}"),
+        }
+    }
+
+    /// The counters of one translated batch.
+    #[inline]
+    fn count_batch(&mut self, end: &BatchEnd) {
         if let Stop::Sync { .. } = end.stop {
             self.stats.phys_syncs += 1;
         }
@@ -656,7 +669,6 @@ impl<Q: PhysicalQueue> Issuer<Q> {
         let special = matches!(end.stop, Stop::Sync { .. } | Stop::Trap { .. });
         self.stats.dropped += (end.consumed - end.produced - usize::from(special)) as u64;
         self.stats.batches += 1;
-        (end, pos0, phys)
     }
 
     /// Records what ring `r` waits for from the published batch `b`: its CONS to move, its
