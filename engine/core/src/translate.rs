@@ -1030,28 +1030,8 @@ fn forwards_with(
 }
 
 /// Forwards commands from the start of `input` while each is forwarded as it is, input i to
-/// output i with provenance `base + i`; returns how many.
-#[inline(always)]
-fn forwards(
-    rules: &[Rule; 256],
-    vmid: u64,
-    input: &[RawCommand],
-    out: &mut [RawCommand],
-    prov: &mut [u32],
-    base: u32,
-    lookup: &impl Fn(u32) -> Option<u32>,
-) -> usize {
-    let n = forwards_at_0(rules, vmid, input, out, prov, lookup);
-    // Only after a command that is not a plain forward (and in the SIMD kernels' last few
-    // commands): the loop itself stays as lean as it was.
-    if base != 0 {
-        prov[..n].iter_mut().for_each(|p| *p = p.wrapping_add(base));
-    }
-    n
-}
-
-/// [`forwards`] with provenance `i`. A function of its own so that its loop gets the
-/// registers.
+/// output i with provenance `base + i` (wrapping); returns how many. A function of its own so
+/// that its loop gets the registers.
 ///
 /// A block of commands at a time: each is checked and written with its VMID (a SID command's
 /// rule patches nothing, so its vSID stays), its position listed if it is a SID command, and
@@ -1059,12 +1039,13 @@ fn forwards(
 /// a SID command mispredicted on a guest's mix (a third of them, in no order a predictor
 /// learns); the list is appended to without one.
 #[inline(never)]
-fn forwards_at_0(
+fn forwards(
     rules: &[Rule; 256],
     vmid: u64,
     input: &[RawCommand],
     out: &mut [RawCommand],
     prov: &mut [u32],
+    base: u32,
     lookup: &impl Fn(u32) -> Option<u32>,
 ) -> usize {
     let len = input.len().min(out.len()).min(prov.len());
@@ -1084,7 +1065,7 @@ fn forwards_at_0(
                 break;
             };
             *o = RawCommand::new(d0, cmd.d1());
-            *p = n as u32;
+            *p = base.wrapping_add(n as u32);
             sids[cnt] = n as u32;
             cnt += usize::from(rule.flags & F_SID != 0);
             n += 1;
