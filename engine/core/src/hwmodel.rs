@@ -303,6 +303,12 @@ impl PhysProducer {
         self.q.shape.entries() - (self.prod - self.consumed()) as u32
     }
 
+    /// The ring index of the slot at PROD.
+    #[inline]
+    fn prod_index(&self) -> usize {
+        self.q.shape.index(self.q.shape.ptr(self.prod as u32)) as usize
+    }
+
     /// The `n` slots after PROD, for [`PhysProducer::commit`]; [`Full`] if they are not free.
     #[inline]
     pub fn reserve(&mut self, n: usize) -> Result<Slots<'_>, Full> {
@@ -313,7 +319,7 @@ impl PhysProducer {
                 wanted: n,
             });
         }
-        let start = self.q.shape.index(self.q.shape.ptr(self.prod as u32)) as usize;
+        let start = self.prod_index();
         // SAFETY: these `n` slots are after PROD and free: the Acquire load of CONS in `room`
         // saw the hardware finished reading them (it stores CONS with Release after its slot
         // loads), and it reads none of them again before a PROD store covers them, which only
@@ -336,9 +342,7 @@ impl PhysProducer {
             }
         }
         if let Some(hook) = &self.before_publish.0 {
-            let shape = self.q.shape;
-            let start = shape.index(shape.ptr(self.prod as u32)) as usize;
-            let slots = Slots::of_ring(&self.q.slots, start, n);
+            let slots = Slots::of_ring(&self.q.slots, self.prod_index(), n);
             let cmds: Vec<RawCommand> = (0..n).map(|i| slots.read(i)).collect();
             hook(&cmds);
         }
@@ -346,7 +350,8 @@ impl PhysProducer {
         let shape = self.q.shape;
         let ptr = shape.ptr(self.prod as u32);
         self.prod += n as u64;
-        // Release: the Relaxed slot stores before it are visible to the hardware's Acquire.
+        // Release: the slot stores before it (Relaxed, or plain through a lent reservation)
+        // are visible to the hardware's Acquire.
         self.q
             .prod
             .store(shape.advance(ptr, n as u32), Ordering::Release);
