@@ -13,12 +13,25 @@ use std::sync::atomic::{AtomicU64 as StdAtomicU64, Ordering as StdOrdering};
 
 use loom::thread;
 use vcmdq::command::{opcode, RawCommand};
-use vcmdq::hwmodel::{Fault, HwConfig, PhysQueue};
+use vcmdq::hwmodel::{Fault, Hardware, HwConfig, PhysQueue};
 use vcmdq::queue::CError;
 
 /// Command `i`: a legal TLBI_NH_ALL numbered by its VMID field.
 fn cmd(i: u64) -> RawCommand {
     RawCommand::new(u64::from(opcode::TLBI_NH_ALL) | ((i + 1) << 32), 0)
+}
+
+/// The hardware on a thread of its own, stepping at most `per_step` commands at a time until it
+/// has consumed up to position `end`; joins to what it consumed.
+fn hardware_until(mut hw: Hardware, end: u64, per_step: usize) -> thread::JoinHandle<u64> {
+    thread::spawn(move || {
+        while hw.position() < end {
+            if hw.step(per_step) == 0 {
+                thread::yield_now();
+            }
+        }
+        hw.counters().consumed
+    })
 }
 
 fn sync() -> RawCommand {
@@ -45,15 +58,8 @@ fn expecting(want: Vec<RawCommand>) -> HwConfig {
 fn publish_two_batches_through_a_two_entry_queue() {
     loom::model(|| {
         let want = vec![cmd(0), cmd(1), cmd(2), cmd(3)];
-        let (mut p, mut hw) = PhysQueue::new(1, expecting(want.clone())).unwrap();
-        let consumer = thread::spawn(move || {
-            while hw.position() < 4 {
-                if hw.step(4) == 0 {
-                    thread::yield_now();
-                }
-            }
-            hw.counters().consumed
-        });
+        let (mut p, hw) = PhysQueue::new(1, expecting(want.clone())).unwrap();
+        let consumer = hardware_until(hw, 4, 4);
         p.publish(&want[..2]).unwrap();
         while p.room() < 2 {
             assert!(p.consumed() <= p.published());
@@ -79,14 +85,8 @@ fn publish_two_batches_through_a_two_entry_queue() {
 fn reserve_write_and_commit_publish_a_batch_and_reuse_its_slots() {
     loom::model(|| {
         let want = vec![cmd(0), cmd(1), cmd(2), cmd(3)];
-        let (mut p, mut hw) = PhysQueue::new(1, expecting(want.clone())).unwrap();
-        let consumer = thread::spawn(move || {
-            while hw.position() < 4 {
-                if hw.step(4) == 0 {
-                    thread::yield_now();
-                }
-            }
-        });
+        let (mut p, hw) = PhysQueue::new(1, expecting(want.clone())).unwrap();
+        let consumer = hardware_until(hw, 4, 4);
         for round in want.chunks(2) {
             while p.room() < 2 {
                 thread::yield_now();
@@ -112,14 +112,8 @@ fn reserve_write_and_commit_publish_a_batch_and_reuse_its_slots() {
 fn ill_recovery_hands_the_repaired_slot_to_the_hardware() {
     loom::model(|| {
         let cfg = expecting(vec![cmd(0), sync()]).with_fault(Fault::Ill { at: 1 });
-        let (mut p, mut hw) = PhysQueue::new(1, cfg).unwrap();
-        let consumer = thread::spawn(move || {
-            while hw.position() < 2 {
-                if hw.step(2) == 0 {
-                    thread::yield_now();
-                }
-            }
-        });
+        let (mut p, hw) = PhysQueue::new(1, cfg).unwrap();
+        let consumer = hardware_until(hw, 2, 2);
         p.publish(&[cmd(0), cmd(1)]).unwrap();
         let mut recovered = 0;
         while p.consumed() < 2 {
@@ -140,14 +134,8 @@ fn ill_recovery_hands_the_repaired_slot_to_the_hardware() {
 fn one_entry_queue_wraps() {
     loom::model(|| {
         let want = vec![cmd(0), cmd(1), cmd(2)];
-        let (mut p, mut hw) = PhysQueue::new(0, expecting(want.clone())).unwrap();
-        let consumer = thread::spawn(move || {
-            while hw.position() < 3 {
-                if hw.step(1) == 0 {
-                    thread::yield_now();
-                }
-            }
-        });
+        let (mut p, hw) = PhysQueue::new(0, expecting(want.clone())).unwrap();
+        let consumer = hardware_until(hw, 3, 1);
         for c in &want {
             while p.publish(std::slice::from_ref(c)).is_err() {
                 thread::yield_now();
