@@ -414,8 +414,9 @@ impl Gate {
     }
 }
 
-/// vIOMMU 1 (VMID 5) with vSID 0x10 -> pSID 0x800 on an engine of one worker, and one ring.
-fn one_ring(hwcfg: HwConfig, hardware: HwPlacement) -> (TestEngine, Vm) {
+/// vIOMMU 1 (VMID 5) with vSID 0x10 -> pSID 0x800 on an engine of one worker, and one ring of
+/// 2^`log2` slots.
+fn one_ring(hwcfg: HwConfig, hardware: HwPlacement, log2: u8) -> (TestEngine, Vm) {
     let engine = TestEngine::with_model(
         EngineConfig {
             workers: 1,
@@ -431,7 +432,7 @@ fn one_ring(hwcfg: HwConfig, hardware: HwPlacement) -> (TestEngine, Vm) {
     engine.devices().add_device(DeviceId(1), 0, 0x800).unwrap();
     let v = engine.create_viommu(ViommuConfig::new(1, 5, 0)).unwrap();
     v.set_dev_id(DeviceId(1), 0x10).unwrap();
-    let (guest, host) = heap_pair(4, 1).unwrap();
+    let (guest, host) = heap_pair(log2, 1).unwrap();
     let ring = engine.attach_ring(host).unwrap();
     (engine, Vm { ring, guest })
 }
@@ -451,7 +452,7 @@ fn a_guest_sync_stays_pending_while_the_hardware_holds_its_published_batch() {
         g.hold_once();
         check(cmd)
     });
-    let (engine, mut a) = one_ring(hwcfg, HwPlacement::Thread);
+    let (engine, mut a) = one_ring(hwcfg, HwPlacement::Thread, 4);
     let progress = engine.ring_progress(a.ring).unwrap();
     let cmds = [
         c("TLBI_NH_ASID vmid=9 asid=1"),
@@ -518,7 +519,7 @@ fn unset_dev_id_waits_for_a_batch_translated_with_the_binding_but_not_yet_publis
             }
         }));
     }
-    let (engine, mut a) = one_ring(hwcfg, HwPlacement::Inline);
+    let (engine, mut a) = one_ring(hwcfg, HwPlacement::Inline, 4);
     let v = engine.viommu(1).unwrap();
     assert_eq!(
         a.guest
@@ -592,21 +593,13 @@ fn unset_dev_id_waits_for_a_batch_translated_with_the_binding_but_not_yet_publis
 /// commands a batch closes, and the next carries the rest and the sync.
 #[test]
 fn a_guest_batch_and_its_cmd_sync_go_out_as_one_physical_batch() {
-    let (hwcfg, log) = hw(&[5], &[0x800]);
-    let engine = TestEngine::with_model(
-        EngineConfig {
-            workers: 1,
-            batch_limit: 64,
-            audit: true,
-            ..Default::default()
-        },
-        Model::with(hwcfg),
+    assert_eq!(
+        EngineConfig::default().batch_limit,
+        64,
+        "the batches counted below"
     );
-    engine.devices().add_device(DeviceId(1), 0, 0x800).unwrap();
-    let v = engine.create_viommu(ViommuConfig::new(1, 5, 0)).unwrap();
-    v.set_dev_id(DeviceId(1), 0x10).unwrap();
-    let (mut guest, host) = heap_pair(8, 1).unwrap();
-    engine.attach_ring(host).unwrap();
+    let (hwcfg, log) = hw(&[5], &[0x800]);
+    let (engine, Vm { mut guest, .. }) = one_ring(hwcfg, HwPlacement::Inline, 8);
     let batch = |n: usize| -> Vec<RawCommand> {
         let mut cmds: Vec<RawCommand> = (0..n)
             .map(|i| c(&format!("TLBI_NH_ASID asid={i}")))
